@@ -1,0 +1,45 @@
+// Plain-data parameters of the fused multistep update, shared by the CPU kernel and the CUDA launcher.
+// No torch or CUDA headers. Math (design.md section 2), per element i of sample b = i / per_sample, in fp32:
+//   m0 = p x + q out;  m0 = clamp(m0, -clip, clip) if clip > 0
+//   x' = a x + e out + b0 m0 + sum_{j<n_reads} b[j+1] read_j + c z
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DS_MAX_READS 3
+
+
+typedef enum { DS_FLOAT32 = 0, DS_FLOAT16 = 1, DS_BFLOAT16 = 2 } ds_dtype;
+
+// What one launch does.
+//   DS_PHASE_FULL:      convert (+clip), update; write x_next and m0 (when m0 != NULL).
+//   DS_PHASE_CONVERT:   first pass of thresholding: convert (+clip) and write m0 only.
+//   DS_PHASE_THRESHOLD: second pass: read m0, m0 = clamp(m0, -s_b, s_b) / s_b with s_b = thr_scale[b],
+//                       write it back, update, write x_next.
+typedef enum { DS_PHASE_FULL = 0, DS_PHASE_CONVERT = 1, DS_PHASE_THRESHOLD = 2 } ds_phase;
+
+typedef struct {
+  float p, q, a, e, c;
+  float b[DS_MAX_READS + 1];  // b[0] multiplies m0, b[j + 1] multiplies reads[j]
+  int n_reads;                // 0 .. DS_MAX_READS
+  float clip;                 // <= 0: off
+} ds_update_coeffs;
+
+typedef struct {
+  const void* x;
+  const void* out;
+  const void* reads[DS_MAX_READS];  // history slots read, n_reads of them
+  const void* noise;                // NULL: no noise term
+  void* m0;                         // history slot written (NULL: not stored; required by the threshold phases)
+  void* x_next;                     // unused in DS_PHASE_CONVERT
+  const float* thr_scale;           // B bounds (on the tensors' device), DS_PHASE_THRESHOLD only
+  int64_t n;                        // elements
+  int64_t per_sample;               // elements per sample (n / B)
+} ds_update_tensors;
+
+#ifdef __cplusplus
+}
+#endif

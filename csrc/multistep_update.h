@@ -1,0 +1,30 @@
+// Host side of the fused multistep update shared by the CPU and CUDA backends: argument checks, layout
+// (contiguous operands, history slots), the two-pass dynamic thresholding, and the write-back.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <vector>
+
+#include "cuda/update_params.h"
+
+namespace diffsampler {
+
+// Runs one kernel pass over prepared raw pointers; the backend supplies it.
+using UpdateLaunch = std::function<void(ds_dtype, ds_phase, const ds_update_tensors&, const ds_update_coeffs&)>;
+
+// Schema: multistep_update(Tensor x, Tensor model_out, Tensor(a!)? history, int write_slot, int[] read_slots,
+//                          float[] coeffs, Tensor? noise, float clip, float threshold_ratio,
+//                          float threshold_max) -> Tensor
+// coeffs = [p, q, a, e, c, b_0, b_1, ..., b_k], k = len(read_slots) <= DS_MAX_READS.
+at::Tensor run_multistep_update(const at::Tensor& x, const at::Tensor& model_out,
+                                const c10::optional<at::Tensor>& history, int64_t write_slot,
+                                at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
+                                const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
+                                double threshold_max, const UpdateLaunch& launch);
+
+// Per-sample dynamic-thresholding bound clamp(quantile(|m0_b|, ratio), 1, max_value) in float32, shape (B,);
+// the same order-statistic interpolation as reference.threshold_scale.
+at::Tensor threshold_scale(const at::Tensor& m0, double ratio, double max_value);
+
+}  // namespace diffsampler

@@ -1,0 +1,81 @@
+"""Torch references of every fused op: the ground truth of the tests and the fallback backend.
+
+Each function has the exact signature of the ``torch.ops.diffsampler.*`` schema it mirrors, computes in
+float64 for float64 inputs and in float32 otherwise (whatever the storage dtype), and returns in the
+storage dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Layout of the flat coefficient list shared by every backend of multistep_update:
+#   [p, q, a, e, c, b_0, b_1, ..., b_k]   with k = len(read_slots)
+COEFF_P, COEFF_Q, COEFF_A, COEFF_E, COEFF_C, COEFF_B0 = range(6)
+MAX_HISTORY_READS = 3
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float64 stays float64, every other float storage computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def threshold_scale(m0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Per-sample dynamic-thresholding bound s_b = clamp(quantile(|m0_b|, ratio), 1, max_value), shape (B,).
+
+    The quantile interpolates linearly between order statistics, as ``torch.quantile`` does
+    (position ratio * (n - 1)); written with ``kthvalue`` so it has no input-size limit.
+    """
+    flat = m0.reshape(m0.shape[0], -1).abs()
+    n = flat.shape[1]
+    pos = ratio * (n - 1)
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    v_lo = flat.kthvalue(lo + 1, dim=1).values
+    v_hi = flat.kthvalue(hi + 1, dim=1).values if hi != lo else v_lo
+    s = v_lo + (v_hi - v_lo) * (pos - lo)
+    return s.clamp(min=1.0, max=max_value)
+
+
+def multistep_update(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    history: torch.Tensor | None,
+    write_slot: int,
+    read_slots: list[int],
+    coeffs: list[float],
+    noise: torch.Tensor | None,
+    clip: float,
+    threshold_ratio: float,
+    threshold_max: float,
+) -> torch.Tensor:
+    """One fused solver step (design.md section 2).
+
+        m_0  = p x + q out                                   data prediction
+        m_0  = clamp(m_0, -clip, clip)                       if clip > 0
+        m_0  = clamp(m_0, -s_b, s_b) / s_b                   if threshold_ratio > 0 (s_b: threshold_scale)
+        x'   = a x + e out + sum_i b_i m_i + c z             m_i = history[read_slots[i-1]], i >= 1
+        history[write_slot] = m_0                            if history is given
+
+    Returns x'; writes history in place.
+    """
+    cd = compute_dtype(x.dtype)
+    p, q, a, e, c = coeffs[:COEFF_B0]
+    b = coeffs[COEFF_B0:]
+    xf, of = x.to(cd), model_out.to(cd)
+    m0 = p * xf + q * of
+    if clip > 0:
+        m0 = m0.clamp(-clip, clip)
+    if threshold_ratio > 0:
+        s = threshold_scale(m0, threshold_ratio, threshold_max).view(-1, *([1] * (m0.dim() - 1)))
+        m0 = torch.minimum(torch.maximum(m0, -s), s) / s
+    x_next = a * xf + b[0] * m0
+    if e != 0:
+        x_next = x_next + e * of
+    for bi, slot in zip(b[1:], read_slots):
+        x_next = x_next + bi * history[slot].to(cd)
+    if noise is not None:
+        x_next = x_next + c * noise.to(cd)
+    if history is not None:
+        history[write_slot].copy_(m0)
+    return x_next.to(x.dtype)

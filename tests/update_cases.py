@@ -1,0 +1,73 @@
+"""Random operands of the fused multistep update and the error bounds of design.md, shared by the backend tests."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from diffsampler import reference
+
+# ||out - ref|| / ||ref|| against the float64 reference (design.md section 1)
+BOUNDS = {torch.float32: 1e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+ODD_SHAPES = [(1,), (7,), (1023,), (65537,), (3, 5, 7, 11), (2, 4, 9, 9)]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in output"
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _operand(shape, dtype, gen, noncontig):
+    """A random tensor of `shape`; a strided view (every other column of a wider tensor) if noncontig."""
+    if not noncontig:
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    wide = torch.randn((*shape[:-1], 2 * shape[-1]), generator=gen, dtype=torch.float64).to(dtype)
+    view = wide[..., ::2]
+    assert not view.is_contiguous() or shape[-1] == 1
+    return view
+
+
+def make_case(shape, dtype, n_reads=2, noise=True, noncontig=False, clip=0.0, threshold=False, slots=None, seed=0):
+    """Operands and coefficients of one multistep_update call, as the positional arguments of the schema."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    slots = slots if slots is not None else n_reads + 1
+    x = _operand(shape, dtype, gen, noncontig)
+    out = _operand(shape, dtype, gen, noncontig)
+    history = torch.randn((slots, *shape), generator=gen, dtype=torch.float64).to(dtype)
+    write_slot = rng.randrange(slots)
+    read_slots = rng.sample([s for s in range(slots) if s != write_slot], n_reads)
+    coeffs = [rng.uniform(-1.5, 1.5) for _ in range(6 + n_reads)]
+    if threshold:
+        coeffs[reference.COEFF_P], coeffs[reference.COEFF_Q] = 1.0, 1.5  # push |m0| past 1 so the bound acts
+    z = _operand(shape, dtype, gen, noncontig) if noise else None
+    thr_ratio, thr_max = (0.9, 1.6) if threshold else (0.0, 1.0)
+    return [x, out, history, write_slot, read_slots, coeffs, z, clip, thr_ratio, thr_max]
+
+
+def reference_result(args):
+    """(x_next, history) of the float64 reference on a copy of `args` (the history is mutated)."""
+    a = list(args)
+    for i in (0, 1, 2, 6):
+        if a[i] is not None:
+            a[i] = a[i].double().clone()
+    x_next = reference.multistep_update(*a)
+    return x_next, a[2]
+
+
+def check_backend(fn, args, dtype):
+    """Run backend `fn` on a copy of `args` and assert x_next and the written slot meet the bound."""
+    ref_x, ref_h = reference_result(args)
+    a = list(args)
+    a[2] = a[2].clone() if a[2] is not None else None
+    got_x = fn(*a)
+    assert got_x.dtype == args[0].dtype and got_x.shape == args[0].shape
+    bound = BOUNDS[dtype]
+    assert rel_err(got_x, ref_x) < bound, rel_err(got_x, ref_x)
+    if a[2] is not None:
+        w = args[3]
+        assert rel_err(a[2][w], ref_h[w]) < bound
+        untouched = [s for s in range(a[2].shape[0]) if s != w]
+        assert torch.equal(a[2][untouched], args[2][untouched]), "a slot other than write_slot was modified"
