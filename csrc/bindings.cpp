@@ -1,0 +1,33 @@
+// The Python module diffsampler._C and the torch.library schema of every op. The CPU kernels register here;
+// the CUDA kernels register from multistep_update_cuda.cpp (built into this module, or JIT-compiled).
+#include <torch/extension.h>
+
+#include "multistep_update.h"
+
+namespace diffsampler {
+at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out,
+                                const c10::optional<at::Tensor>& history, int64_t write_slot,
+                                at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
+                                const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
+                                double threshold_max);
+}
+
+TORCH_LIBRARY(diffsampler, m) {
+  m.def(
+      "multistep_update(Tensor x, Tensor model_out, Tensor(a!)? history, int write_slot, int[] read_slots, "
+      "float[] coeffs, Tensor? noise, float clip, float threshold_ratio, float threshold_max) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(diffsampler, CPU, m) { m.impl("multistep_update", &diffsampler::multistep_update_cpu); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "diffsampler C++ kernels (ops are registered under torch.ops.diffsampler)";
+  m.def("built_with_cuda", [] {
+#ifdef DIFFSAMPLER_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.attr("MAX_HISTORY_READS") = DS_MAX_READS;
+}

@@ -1,0 +1,212 @@
+"""The public fused ops, their argument checks, and the one place that picks a backend.
+
+Dispatch: a CUDA tensor goes to the CUDA extension if built (or JIT-compiled), else Triton, else the torch
+reference; a CPU tensor goes to the C++ extension, else the reference. ``backend=`` forces one of
+``"reference" | "cpu" | "cuda" | "triton"`` and raises if it is not available for the input.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from . import reference
+
+BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STORAGE_DTYPES = FUSED_DTYPES + (torch.float64,)
+MAX_HISTORY_READS = reference.MAX_HISTORY_READS
+
+
+@functools.cache
+def _cpp_status() -> tuple[bool, str]:
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.diffsampler.*)
+    except ImportError as err:
+        return False, f"the C++ extension diffsampler._C is not built ({err})"
+    return True, "built"
+
+
+def _cuda_status() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (torch.cuda.is_available() is False)"
+    ok, why = _cpp_status()
+    if not ok:
+        return False, why
+    from . import _cuda_jit
+
+    return _cuda_jit.load()
+
+
+def _triton_status() -> tuple[bool, str]:
+    from . import triton_kernels
+
+    return triton_kernels.available()
+
+
+def backends() -> dict:
+    """Which backends can run here: ``{"reference": True, "cpu": ..., "cuda": ..., "triton": ..., "reasons": {...}}``.
+
+    A reason is given for every backend that is not available. Asking about "cuda" compiles the CUDA kernels
+    on first use when the package was installed without them (cached afterwards).
+    """
+    status = {"reference": (True, "torch ops"), "cpu": _cpp_status(), "cuda": _cuda_status(), "triton": _triton_status()}
+    result = {name: ok for name, (ok, _) in status.items()}
+    result["reasons"] = {name: why for name, (ok, why) in status.items() if not ok}
+    return result
+
+
+def _select_backend(backend: str, x: torch.Tensor) -> str:
+    if backend not in BACKEND_NAMES + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    if backend == "auto":
+        if x.dtype not in FUSED_DTYPES:
+            return "reference"
+        if x.is_cuda:
+            for name, status in (("cuda", _cuda_status), ("triton", _triton_status)):
+                if status()[0]:
+                    return name
+            return "reference"
+        return "cpu" if x.device.type == "cpu" and _cpp_status()[0] else "reference"
+    if backend == "reference":
+        return backend
+    if x.dtype not in FUSED_DTYPES:
+        raise ValueError(f"backend {backend!r} stores float32, float16 or bfloat16; x has dtype {x.dtype}")
+    if backend == "cpu" and x.device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors; x is on {x.device}")
+    if backend == "cuda" and not x.is_cuda:
+        raise ValueError(f"backend 'cuda' needs CUDA tensors; x is on {x.device}")
+    ok, why = {"cpu": _cpp_status, "cuda": _cuda_status, "triton": _triton_status}[backend]()
+    if not ok:
+        raise RuntimeError(f"backend {backend!r} is not available: {why}")
+    return backend
+
+
+@dataclass(frozen=True)
+class UpdateCoeffs:
+    """Host-side (float64) coefficients of one fused step.
+
+        m_0 = p x + q out,    x' = a x + e out + b[0] m_0 + sum_{i>=1} b[i] m_i + c z
+    """
+
+    p: float
+    q: float
+    a: float
+    b: tuple[float, ...]
+    e: float = 0.0
+    c: float = 0.0
+
+    def as_list(self) -> list[float]:
+        """The flat layout every backend takes: [p, q, a, e, c, b_0, ..., b_k]."""
+        return [float(v) for v in (self.p, self.q, self.a, self.e, self.c, *self.b)]
+
+
+def _check_like(name: str, t: torch.Tensor, x: torch.Tensor, shape: Sequence[int] | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    shape = tuple(x.shape) if shape is None else tuple(shape)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
+def _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, noise, clip, threshold_ratio,
+                       threshold_max, check_nan) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must have a non-empty batch dimension 0, got shape {tuple(x.shape)}")
+    _check_like("model_out", model_out, x)
+    if not isinstance(coeffs, UpdateCoeffs):
+        raise ValueError(f"coeffs must be an UpdateCoeffs, got {type(coeffs).__name__}")
+    if len(read_slots) > MAX_HISTORY_READS:
+        raise ValueError(f"read_slots: at most {MAX_HISTORY_READS} history terms are supported, got {len(read_slots)}")
+    if len(coeffs.b) != 1 + len(read_slots):
+        raise ValueError(f"coeffs.b must have 1 + len(read_slots) = {1 + len(read_slots)} entries, got {len(coeffs.b)}")
+    if history is None:
+        if read_slots:
+            raise ValueError("read_slots given without a history")
+    else:
+        if not isinstance(history, torch.Tensor) or history.dim() != x.dim() + 1:
+            raise ValueError(f"history must be a tensor of shape (slots, *x.shape), got "
+                             f"{tuple(history.shape) if isinstance(history, torch.Tensor) else type(history).__name__}")
+        _check_like("history", history, x, (history.shape[0], *x.shape))
+        slots = history.shape[0]
+        if not 0 <= write_slot < slots:
+            raise ValueError(f"write_slot must be in [0, {slots}), got {write_slot}")
+        for r in read_slots:
+            if not 0 <= r < slots or r == write_slot:
+                raise ValueError(f"read_slots must be in [0, {slots}) and differ from write_slot={write_slot}, "
+                                 f"got {list(read_slots)}")
+    if noise is not None:
+        _check_like("noise", noise, x)
+    elif coeffs.c != 0:
+        raise ValueError(f"noise is required: coeffs.c = {coeffs.c} != 0")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be > 0 or None, got {clip}")
+    if threshold_ratio is not None:
+        if not 0 < threshold_ratio <= 1:
+            raise ValueError(f"threshold_ratio must be in (0, 1], got {threshold_ratio}")
+        if not threshold_max >= 1:
+            raise ValueError(f"threshold_max must be >= 1, got {threshold_max}")
+    if check_nan and torch.isnan(model_out).any():
+        raise ValueError("model_out contains NaN (the model diverged or got bad input); "
+                         "pass check_nan=False to skip this check")
+
+
+def multistep_update(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    coeffs: UpdateCoeffs,
+    *,
+    history: torch.Tensor | None = None,
+    write_slot: int = 0,
+    read_slots: Sequence[int] = (),
+    noise: torch.Tensor | None = None,
+    clip: float | None = None,
+    threshold_ratio: float | None = None,
+    threshold_max: float = 1.0,
+    check_nan: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One fused solver step: convert, optionally clip / threshold, update, write history; returns x'.
+
+        m_0 = p x + q out                          (raw model output -> data prediction)
+        m_0 = clamp(m_0, -clip, clip)              (clip)
+        m_0 = clamp(m_0, -s, s) / s,  s = clamp(quantile(|m_0|, threshold_ratio), 1, threshold_max) per sample
+        x'  = a x + e out + b[0] m_0 + sum_i b[i] history[read_slots[i-1]] + c noise
+        history[write_slot] = m_0
+
+    All operands share x's shape, dtype and device; history has shape (slots, *x.shape) and is written in place.
+    Computes in float32 (float64 for float64 inputs, on the reference). ``check_nan`` scans model_out for NaN
+    (one reduction and a host sync per call); turn it off in graph-captured or compiled loops.
+    """
+    read_slots = [int(r) for r in read_slots]
+    _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, noise, clip, threshold_ratio,
+                       threshold_max, check_nan)
+    args = (x, model_out, history, int(write_slot), read_slots, coeffs.as_list(), noise,
+            float(clip or 0.0), float(threshold_ratio or 0.0), float(threshold_max))
+    name = _select_backend(backend, x)
+    if name == "reference":
+        return reference.multistep_update(*args)
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.multistep_update(*args)
+    return torch.ops.diffsampler.multistep_update(*args)
+
+
+if _cpp_status()[0]:
+
+    @torch.library.register_fake("diffsampler::multistep_update")
+    def _multistep_update_fake(x, model_out, history, write_slot, read_slots, coeffs, noise, clip,
+                               threshold_ratio, threshold_max):
+        return x.new_empty(x.shape)

@@ -1,0 +1,64 @@
+"""The sampling loop: one model call and one fused update per step."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import ops
+from .solvers import make_plan
+
+
+def sample(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    steps: int = 20,
+    solver: str = "dpmpp_2m",
+    schedule=None,
+    prediction: str = "eps",
+    *,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    backend: str = "auto",
+    clip: float | None = None,
+    threshold_ratio: float | None = None,
+    threshold_max: float = 1.0,
+    check_nan: bool = True,
+    **solver_options,
+) -> torch.Tensor:
+    """Integrate from x (pure noise at the first timestep) to a sample, calling ``model(x, t)`` once per step.
+
+    model: any callable ``model(x, t) -> tensor`` of x's shape; t is a 0-dim tensor on x's device (int64
+        training timesteps for discrete VP schedules, as diffusers passes them).
+    schedule: a ``diffsampler.schedules.VP`` (default: ``VP.scaled_linear()``, Stable Diffusion's).
+    prediction: what the model returns: "eps" | "x0" | "v" | "flow" | "score".
+    solver: "ddim" (options eta, timestep_spacing="leading", steps_offset, set_alpha_to_one) or "dpmpp_2m"
+        (options timestep_spacing="linspace", final_sigmas_type="zero", lower_order_final=True, euler_at_final);
+        defaults are those of diffusers' DDIMScheduler / DPMSolverMultistepScheduler.
+    clip / threshold_ratio, threshold_max: clamp the data prediction to [-clip, clip], or dynamic thresholding.
+    generator: the torch.Generator of the noise of stochastic steps (DDIM with eta > 0).
+    check_nan: raise ValueError when the model returns NaN (a host sync per step; off for speed).
+    """
+    from .schedules import VP
+
+    schedule = VP.scaled_linear() if schedule is None else schedule
+    plan = make_plan(solver, schedule, steps, prediction, **solver_options)
+    history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
+    t_dtype = torch.int64 if plan.discrete_time else torch.float32
+    times = torch.tensor(plan.timesteps, dtype=t_dtype, device=x.device)  # one upload; indexing it does not sync
+    steps_iter = plan.steps
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps_iter = tqdm(steps_iter, desc=f"diffsampler {solver}", total=len(plan.steps))
+    for i, step in enumerate(steps_iter):
+        out = model(x, times[i])
+        noise = None
+        if step.needs_noise:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
+                                 read_slots=step.read_slots, noise=noise, clip=clip,
+                                 threshold_ratio=threshold_ratio, threshold_max=threshold_max,
+                                 check_nan=check_nan, backend=backend)
+    return x

@@ -1,0 +1,34 @@
+"""Solvers: host-side float64 coefficient math that turns a schedule into a Plan of fused updates."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..models import check_prediction
+from ..schedules import VP
+from .ddim import ddim_plan
+from .dpmpp import dpmpp_plan
+from .plan import Plan, Step
+
+SOLVERS: dict[str, Callable[..., Plan]] = {
+    "ddim": ddim_plan,
+    "dpmpp_2m": lambda schedule, steps, prediction, **kw: dpmpp_plan(schedule, steps, prediction, order=2, **kw),
+}
+
+
+def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> Plan:
+    """The Plan of `solver` on `schedule` with `steps` model calls; options are the solver's keywords."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+    if not isinstance(schedule, VP):
+        raise ValueError(f"schedule must be a diffsampler.schedules.VP, got {type(schedule).__name__}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_prediction(prediction)
+    try:
+        return SOLVERS[solver](schedule, steps, prediction, **options)
+    except TypeError as err:  # an option the solver does not take
+        raise ValueError(f"solver {solver!r}: {err}") from None
+
+
+__all__ = ["SOLVERS", "Plan", "Step", "make_plan", "ddim_plan", "dpmpp_plan"]

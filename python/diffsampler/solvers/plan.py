@@ -1,0 +1,39 @@
+"""What a solver hands the sampling loop: per step, the model time and the fused update's coefficients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ops import UpdateCoeffs
+
+
+@dataclass(frozen=True)
+class Step:
+    """One model call followed by one fused update (ops.multistep_update)."""
+
+    t: float  # the time the model is given (an integer training timestep for discrete VP schedules)
+    coeffs: UpdateCoeffs
+    write_slot: int = 0
+    read_slots: tuple[int, ...] = ()
+
+    @property
+    def needs_noise(self) -> bool:
+        return self.coeffs.c != 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole loop, computed once on the host in float64 before any model call."""
+
+    steps: tuple[Step, ...]
+    history_slots: int  # 0: the solver keeps no history of data predictions
+    discrete_time: bool  # the model gets integer training timesteps (int64) rather than float times
+
+    @property
+    def timesteps(self) -> list[float]:
+        return [s.t for s in self.steps]
+
+
+def ring_slots(i: int, order: int, slots: int) -> tuple[int, tuple[int, ...]]:
+    """History ring of `slots` entries: step i writes slot i % slots and reads the order - 1 steps before it."""
+    return i % slots, tuple((i - j) % slots for j in range(1, order))
