@@ -7,7 +7,6 @@ reference; a CPU tensor goes to the C++ extension, else the reference. ``backend
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,8 +20,7 @@ STORAGE_DTYPES = FUSED_DTYPES + (torch.float64,)
 MAX_HISTORY_READS = reference.MAX_HISTORY_READS
 
 
-@functools.cache
-def _cpp_status() -> tuple[bool, str]:
+def _probe_cpp() -> tuple[bool, str]:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.diffsampler.*)
     except ImportError as err:
@@ -30,10 +28,10 @@ def _cpp_status() -> tuple[bool, str]:
     return True, "built"
 
 
-def _cuda_status() -> tuple[bool, str]:
+def _probe_cuda() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device (torch.cuda.is_available() is False)"
-    ok, why = _cpp_status()
+    ok, why = _status("cpu")
     if not ok:
         return False, why
     from . import _cuda_jit
@@ -41,10 +39,22 @@ def _cuda_status() -> tuple[bool, str]:
     return _cuda_jit.load()
 
 
-def _triton_status() -> tuple[bool, str]:
-    from . import triton_kernels
-
+def _probe_triton() -> tuple[bool, str]:
+    try:
+        from . import triton_kernels
+    except ImportError as err:
+        return False, f"diffsampler.triton_kernels does not import ({err})"
     return triton_kernels.available()
+
+
+_PROBES = {"reference": lambda: (True, "torch ops"), "cpu": _probe_cpp, "cuda": _probe_cuda, "triton": _probe_triton}
+_STATUS: dict[str, tuple[bool, str]] = {}  # filled once per backend (a plain dict: torch.compile reads it as a constant)
+
+
+def _status(name: str) -> tuple[bool, str]:
+    if name not in _STATUS:
+        _STATUS[name] = _PROBES[name]()
+    return _STATUS[name]
 
 
 def backends() -> dict:
@@ -53,7 +63,7 @@ def backends() -> dict:
     A reason is given for every backend that is not available. Asking about "cuda" compiles the CUDA kernels
     on first use when the package was installed without them (cached afterwards).
     """
-    status = {"reference": (True, "torch ops"), "cpu": _cpp_status(), "cuda": _cuda_status(), "triton": _triton_status()}
+    status = {name: _status(name) for name in BACKEND_NAMES}
     result = {name: ok for name, (ok, _) in status.items()}
     result["reasons"] = {name: why for name, (ok, why) in status.items() if not ok}
     return result
@@ -66,11 +76,11 @@ def _select_backend(backend: str, x: torch.Tensor) -> str:
         if x.dtype not in FUSED_DTYPES:
             return "reference"
         if x.is_cuda:
-            for name, status in (("cuda", _cuda_status), ("triton", _triton_status)):
-                if status()[0]:
+            for name in ("cuda", "triton"):
+                if _status(name)[0]:
                     return name
             return "reference"
-        return "cpu" if x.device.type == "cpu" and _cpp_status()[0] else "reference"
+        return "cpu" if x.device.type == "cpu" and _status("cpu")[0] else "reference"
     if backend == "reference":
         return backend
     if x.dtype not in FUSED_DTYPES:
@@ -79,7 +89,7 @@ def _select_backend(backend: str, x: torch.Tensor) -> str:
         raise ValueError(f"backend 'cpu' needs CPU tensors; x is on {x.device}")
     if backend == "cuda" and not x.is_cuda:
         raise ValueError(f"backend 'cuda' needs CUDA tensors; x is on {x.device}")
-    ok, why = {"cpu": _cpp_status, "cuda": _cuda_status, "triton": _triton_status}[backend]()
+    ok, why = _status(backend)
     if not ok:
         raise RuntimeError(f"backend {backend!r} is not available: {why}")
     return backend
@@ -204,7 +214,7 @@ def multistep_update(
     return torch.ops.diffsampler.multistep_update(*args)
 
 
-if _cpp_status()[0]:
+if _status("cpu")[0]:
 
     @torch.library.register_fake("diffsampler::multistep_update")
     def _multistep_update_fake(x, model_out, history, write_slot, read_slots, coeffs, noise, clip,

@@ -28,12 +28,15 @@ def dpmpp_timesteps(schedule: VP, steps: int, spacing: str, steps_offset: int = 
     except "trailing", which is the DDIM trailing grid."""
     n = schedule.num_train_timesteps
     if spacing == "trailing":
-        return discrete_timesteps(n, steps, spacing)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if spacing == "linspace":
-        return np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
-    return discrete_timesteps(n, steps + 1, spacing, steps_offset)[:-1].copy()
+        t = discrete_timesteps(n, steps, spacing)
+    elif spacing == "linspace":
+        discrete_timesteps(n, steps, spacing)  # checks steps and spacing
+        t = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+    else:
+        t = discrete_timesteps(n, steps + 1, spacing, steps_offset)[:-1].copy()
+    if len(np.unique(t)) != len(t):
+        raise ValueError(f"steps={steps} repeats timesteps on the {spacing!r} grid of {n}; use fewer steps")
+    return t
 
 
 def dpmpp_plan(schedule: VP, steps: int, prediction: str, *, order: int = 2, timestep_spacing: str = "linspace",

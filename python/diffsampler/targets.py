@@ -1,0 +1,109 @@
+"""Analytic targets: isotropic Gaussian mixtures, whose noised marginals are Gaussian mixtures too.
+
+For p(x0) = sum_k w_k N(mu_k, s_k^2 I) and x_t = alpha x0 + sigma eps, x_t ~ sum_k w_k N(alpha mu_k, v_k I) with
+v_k = alpha^2 s_k^2 + sigma^2, and the exact data prediction is
+
+    E[x0 | x_t] = sum_k r_k(x_t) (mu_k + alpha s_k^2 / v_k (x_t - alpha mu_k)),   r_k = posterior of component k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .models import check_prediction
+
+
+class GaussianMixture:
+    """sum_k weights[k] N(means[k], stds[k]^2 I) in float64."""
+
+    def __init__(self, weights: torch.Tensor, means: torch.Tensor, stds: torch.Tensor):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.stds = torch.as_tensor(stds, dtype=torch.float64)
+        k, self.dim = self.means.shape
+        if self.weights.shape != (k,) or self.stds.shape != (k,):
+            raise ValueError("weights and stds must have one entry per mean")
+        if not (self.weights > 0).all() or not (self.stds > 0).all():
+            raise ValueError("weights and stds must be positive")
+        self.weights = self.weights / self.weights.sum()
+
+    @classmethod
+    def ring(cls, modes: int = 8, radius: float = 0.8, std: float = 0.05) -> "GaussianMixture":
+        """`modes` equal components on a circle in 2-D."""
+        angle = torch.arange(modes, dtype=torch.float64) * (2 * math.pi / modes)
+        means = radius * torch.stack([angle.cos(), angle.sin()], dim=1)
+        return cls(torch.ones(modes), means, torch.full((modes,), std))
+
+    @classmethod
+    def random(cls, dim: int = 64, modes: int = 8, seed: int = 0) -> "GaussianMixture":
+        """`modes` components with random means (scale 1/sqrt(dim) per coordinate), weights and widths."""
+        g = torch.Generator().manual_seed(seed)
+        means = torch.randn(modes, dim, generator=g, dtype=torch.float64) / math.sqrt(dim) * 2
+        weights = torch.rand(modes, generator=g, dtype=torch.float64) + 0.5
+        stds = 0.05 + 0.15 * torch.rand(modes, generator=g, dtype=torch.float64)
+        return cls(weights, means, stds)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return self.means[k] + self.stds[k, None] * eps
+
+    def _noised_log_joint(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
+        """log w_k N(x; alpha mu_k, v_k I) per row and component, and v_k; alpha, sigma broadcast over rows."""
+        alpha, sigma = alpha.reshape(-1, 1), sigma.reshape(-1, 1)
+        var = alpha**2 * self.stds**2 + sigma**2  # (n or 1, K)
+        d2 = ((x[:, None, :] - alpha[..., None] * self.means) ** 2).sum(-1)
+        log_joint = self.weights.log() - 0.5 * d2 / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
+        return log_joint, var
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x0) per row of x (n, dim)."""
+        one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        log_joint, _ = self._noised_log_joint(x.double(), one, zero)
+        return torch.logsumexp(log_joint, dim=1)
+
+    def posterior_mean(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """E[x0 | x_t = x] in float64 for rows x (n, dim); alpha, sigma scalars or one per row."""
+        x = x.double()
+        alpha = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
+        log_joint, var = self._noised_log_joint(x, alpha, sigma)
+        r = torch.softmax(log_joint, dim=1)  # (n, K)
+        gain = alpha * self.stds**2 / var  # (n or 1, K)
+        resid = x[:, None, :] - alpha[..., None] * self.means  # (n, K, dim)
+        comp_mean = self.means + gain[..., None] * resid
+        return (r[..., None] * comp_mean).sum(1)
+
+    def model(self, schedule, prediction: str = "eps"):
+        """A denoiser model(x, t) -> prediction for integer timesteps t of a discrete VP schedule; x of shape
+        (n, dim) in any float dtype; computes in float64 and returns x's dtype."""
+        check_prediction(prediction)
+
+        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            alpha, sigma = schedule.alpha_sigma_at(t)
+            x0 = self.posterior_mean(x, alpha, sigma)
+            xd = x.double()
+            out = {
+                "x0": lambda: x0,
+                "eps": lambda: (xd - alpha * x0) / sigma,
+                "v": lambda: (alpha * xd - x0) / sigma,  # v = alpha eps - sigma x0
+                "score": lambda: -(xd - alpha * x0) / sigma**2,
+                "flow": lambda: (xd - x0) / sigma,  # v = eps - x0 with sigma = t (flow schedules)
+            }[prediction]()
+            return out.to(x.dtype)
+
+        return model
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
+    """Sliced Wasserstein-2 distance between two equal-size point clouds (n, dim), by sorting projections."""
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    pa, _ = (a.double() @ dirs).sort(dim=0)
+    pb, _ = (b.double() @ dirs).sort(dim=0)
+    return ((pa - pb) ** 2).mean().sqrt().item()

@@ -1,0 +1,12 @@
+import os
+import sys
+
+# Triton kernels run on CPU tensors through the interpreter; it must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(__file__))  # the shared helpers (update_cases) import as top-level modules
+
+import update_cases  # noqa: E402
+
+
+def pytest_report_header(config):
+    return f"diffsampler random inputs: DIFFSAMPLER_TEST_SEED={update_cases.SESSION_SEED}"

@@ -1,0 +1,186 @@
+"""The fused multistep update: the C++ CPU backend and the reference against the float64 truth, dispatch,
+torch.library registration, and bad input."""
+
+import pytest
+import torch
+
+import diffsampler as ds
+from diffsampler import reference
+from diffsampler.ops import UpdateCoeffs
+from update_cases import ODD_SHAPES, case_seed as _seed, check_backend, make_case, rel_err
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+cpu_op = torch.ops.diffsampler.multistep_update
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
+@pytest.mark.parametrize("n_reads", [0, 1, 2, 3])
+def test_cpu_matches_reference(shape, dtype, n_reads):
+    for noise in (True, False):
+        check_backend(cpu_op, make_case(shape, dtype, n_reads, noise=noise, seed=_seed(shape, dtype, n_reads, noise)),
+                      dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["noncontig", "clip", "threshold", "threshold_no_history", "no_history"])
+def test_cpu_variants(dtype, variant):
+    for shape in [(1,), (7,), (3, 5, 7, 11), (2, 4, 9, 9)]:
+        seed = _seed(shape, dtype, variant)
+        if variant == "noncontig":
+            args = make_case(shape, dtype, 2, noncontig=True, seed=seed)
+        elif variant == "clip":
+            args = make_case(shape, dtype, 2, clip=0.7, seed=seed)
+        elif variant == "threshold":
+            args = make_case(shape, dtype, 2, threshold=True, slots=4, seed=seed)
+        else:
+            args = make_case(shape, dtype, 0, threshold=variant == "threshold_no_history", seed=seed)
+            args[2] = None
+        check_backend(cpu_op, args, dtype)
+
+
+def test_threshold_acts_and_matches_diffusers_formula():
+    """The bound really changes m0 here, and equals diffusers' _threshold_sample (torch.quantile)."""
+    from diffusers import DDPMScheduler
+
+    args = make_case((4, 3, 8, 8), torch.float32, 0, threshold=True, noise=False, seed=1)
+    x, out = args[0], args[1]
+    history = torch.zeros(1, *x.shape)
+    coeffs = UpdateCoeffs(p=args[5][0], q=args[5][1], a=0.0, b=(1.0,))
+    got = ds.ops.multistep_update(x, out, coeffs, history=history, threshold_ratio=0.9, threshold_max=1.6)
+    sched = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.6)
+    expected = sched._threshold_sample(coeffs.p * x + coeffs.q * out)
+    assert rel_err(got, expected) < 1e-6
+    assert rel_err(got, coeffs.p * x + coeffs.q * out) > 1e-2  # thresholding changed the result
+    assert torch.equal(history[0], got)
+
+
+def test_reference_is_float64_capable():
+    args = make_case((5, 6), torch.float64, 2, seed=3)
+    out = reference.multistep_update(*args)
+    assert out.dtype == torch.float64
+    # auto dispatch sends float64 to the reference, bit for bit
+    a = list(args)
+    c = UpdateCoeffs(p=a[5][0], q=a[5][1], a=a[5][2], e=a[5][3], c=a[5][4], b=tuple(a[5][5:]))
+    h = a[2].clone()
+    got = ds.ops.multistep_update(a[0], a[1], c, history=h, write_slot=a[3], read_slots=a[4], noise=a[6])
+    assert torch.equal(got, out)
+
+
+def test_deterministic_run_to_run():
+    args = make_case((3, 1000), torch.float32, 3, threshold=True, slots=4, seed=5)
+    h1, h2 = args[2].clone(), args[2].clone()
+    a1, a2 = list(args), list(args)
+    a1[2], a2[2] = h1, h2
+    assert torch.equal(cpu_op(*a1), cpu_op(*a2))
+    assert torch.equal(h1, h2)
+
+
+def test_noncontiguous_history_slot_is_written_in_place():
+    x = torch.randn(2, 3, 5)
+    out = torch.randn(2, 3, 5)
+    base = torch.zeros(2, 3, 5, 2)  # slot axis last: every slot view is non-contiguous
+    history = base.movedim(-1, 0)
+    assert not history[0].is_contiguous()
+    coeffs = UpdateCoeffs(p=0.5, q=2.0, a=1.0, b=(1.0,))
+    ds.ops.multistep_update(x, out, coeffs, history=history, write_slot=1, backend="cpu")
+    assert torch.allclose(base[..., 1], 0.5 * x + 2.0 * out, rtol=1e-6, atol=1e-6)
+    assert torch.equal(base[..., 0], torch.zeros(2, 3, 5))
+
+
+def test_backends_reports_reasons():
+    b = ds.backends()
+    assert b["reference"] and b["cpu"]
+    for name in ("cuda", "triton"):
+        assert b[name] or name in b["reasons"]
+    if not torch.cuda.is_available():
+        assert not b["cuda"] and "CUDA" in b["reasons"]["cuda"]
+
+
+def test_forced_backend_errors():
+    x = torch.randn(4)
+    c = UpdateCoeffs(p=1.0, q=0.0, a=1.0, b=(0.0,))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ds.ops.multistep_update(x, x, c, backend="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA tensors"):
+            ds.ops.multistep_update(x, x, c, backend="cuda")
+    with pytest.raises(ValueError, match="float64"):
+        ds.ops.multistep_update(x.double(), x.double(), c, backend="cpu")
+
+
+def test_opcheck():
+    for kw in [dict(), dict(threshold=True, slots=4), dict(noise=False)]:
+        args = make_case((2, 3, 5), torch.float32, 2, seed=7, **kw)
+        torch.library.opcheck(cpu_op, args)
+    args = make_case((2, 3, 5), torch.float32, 0, seed=8)
+    args[2] = None
+    torch.library.opcheck(cpu_op, args)
+
+
+def test_compile_fullgraph_loop():
+    """torch.compile(fullgraph=True) traces a loop of fused updates (no graph break) and gives the eager numbers."""
+    coeffs = [UpdateCoeffs(p=1.0 + 0.1 * i, q=-0.5, a=0.9, b=(0.3, 0.1)) for i in range(4)]
+
+    def loop(x, history):
+        for i, c in enumerate(coeffs):
+            out = torch.tanh(x)
+            x = ds.ops.multistep_update(x, out, c, history=history, write_slot=i % 2, read_slots=[(i + 1) % 2],
+                                        check_nan=False)
+        return x
+
+    x = torch.randn(2, 4, 8)
+    h_eager, h_comp = torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 4, 8)
+    expected = loop(x, h_eager)
+    torch._dynamo.reset()
+    got = torch.compile(loop, fullgraph=True, backend="aot_eager")(x, h_comp)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(h_comp, h_eager, rtol=1e-6, atol=1e-6)
+
+
+# --- bad input: a ValueError that names the argument ---------------------------------------------------------
+
+
+def _good():
+    x = torch.randn(2, 3)
+    return dict(x=x, model_out=torch.randn(2, 3), coeffs=UpdateCoeffs(p=1.0, q=-0.5, a=0.9, b=(0.3, 0.1)),
+                history=torch.zeros(2, 2, 3), write_slot=0, read_slots=[1])
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(model_out=torch.randn(2, 4)), "model_out must have shape"),
+        (dict(model_out=torch.randn(2, 3, dtype=torch.float64)), "model_out must have x's dtype"),
+        (dict(model_out=torch.randn(2, 3, device="meta")), "model_out must be on x's device"),
+        (dict(history=torch.zeros(2, 2, 4)), "history must have shape"),
+        (dict(history=torch.zeros(2, 2, 3, dtype=torch.float16)), "history must have x's dtype"),
+        (dict(history=torch.zeros(2, 3)), "history must be a tensor of shape"),
+        (dict(history=torch.zeros(5, 2, 3), read_slots=[1, 2, 3, 4],
+              coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1, 1, 1, 1, 1))), "read_slots: at most 3"),
+        (dict(read_slots=[0]), "read_slots must be in"),
+        (dict(write_slot=2), "write_slot must be in"),
+        (dict(coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1,))), r"coeffs.b must have 1 \+ len\(read_slots\) = 2 entries"),
+        (dict(coeffs=(1.0, 0.0)), "coeffs must be an UpdateCoeffs"),
+        (dict(coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1, 1), c=0.5)), "noise is required"),
+        (dict(noise=torch.randn(3, 2)), "noise must have shape"),
+        (dict(history=None), "read_slots given without a history"),
+        (dict(x=torch.randn(2, 3).int()), "x must be float32"),
+        (dict(model_out=torch.tensor([[0.0, float("nan"), 1.0], [0.0, 0.0, 0.0]])), "model_out contains NaN"),
+        (dict(threshold_ratio=1.5), "threshold_ratio must be in"),
+        (dict(threshold_ratio=0.9, threshold_max=0.5), "threshold_max must be >= 1"),
+        (dict(clip=-1.0), "clip must be > 0"),
+    ],
+)
+def test_bad_input(change, match):
+    kw = _good()
+    kw.update(change)
+    with pytest.raises(ValueError, match=match):
+        ds.ops.multistep_update(kw.pop("x"), kw.pop("model_out"), kw.pop("coeffs"), **kw)
+
+
+def test_nan_check_can_be_skipped():
+    kw = _good()
+    kw["model_out"][0, 0] = float("nan")
+    out = ds.ops.multistep_update(kw.pop("x"), kw.pop("model_out"), kw.pop("coeffs"), check_nan=False, **kw)
+    assert torch.isnan(out[0, 0])  # documented: the caller opted out, NaN propagates

@@ -1,0 +1,159 @@
+"""diffsampler.sample against diffusers' schedulers (the anchors) and on the analytic Gaussian mixture."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+import diffsampler as ds
+from diffsampler.targets import GaussianMixture, sliced_wasserstein
+
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def make_model(channels=4, seed=0):
+    """A deterministic nonlinear 'denoiser' model(x, t) with diffusers' calling convention (t: int64 tensor)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(channels, channels, generator=g) * 0.4
+
+    def model(x, t):
+        s = t.float() / 1000
+        return torch.tanh(torch.einsum("bchw,cd->bdhw", x, w) * (1 + s)) + 0.1 * x * s
+
+    return model
+
+
+def run_diffusers(scheduler, model, x, steps, generator=None, **step_kw):
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t), t, x, generator=generator, **step_kw).prev_sample
+    return x
+
+
+def max_rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_dpmpp_2m_matches_diffusers_defaults(prediction, backend):
+    """A full 20-step loop: max relative difference <= 1e-5 in fp32 (design.md section 2)."""
+    model, x = make_model(), torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    sched = DPMSolverMultistepScheduler(**SD, prediction_type=DIFFUSERS_PREDICTION[prediction])
+    expected = run_diffusers(sched, model, x, 20)
+    got = ds.sample(model, x, steps=20, solver="dpmpp_2m", schedule=ds.schedules.VP.scaled_linear(),
+                    prediction=prediction, backend=backend)
+    assert max_rel(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "config, options",
+    [
+        (dict(final_sigmas_type="sigma_min", lower_order_final=False), dict(final_sigmas_type="sigma_min",
+                                                                            lower_order_final=False)),
+        (dict(timestep_spacing="leading", steps_offset=1), dict(timestep_spacing="leading", steps_offset=1)),
+        (dict(timestep_spacing="trailing"), dict(timestep_spacing="trailing")),
+        (dict(euler_at_final=True, final_sigmas_type="sigma_min"), dict(euler_at_final=True,
+                                                                        final_sigmas_type="sigma_min")),
+        (dict(solver_order=1), None),
+    ],
+)
+@pytest.mark.parametrize("steps", [7, 20])
+def test_dpmpp_options_match_diffusers(config, options, steps):
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    expected = run_diffusers(DPMSolverMultistepScheduler(**SD, **config), model, x, steps)
+    if options is None:  # solver_order=1: DPM-Solver++ 1 (no history), driven step by step through the op
+        got = x
+        for step in ds.solvers.dpmpp_plan(ds.schedules.VP.scaled_linear(), steps, "eps", order=1).steps:
+            got = ds.ops.multistep_update(got, model(got, torch.tensor(step.t)), step.coeffs)
+    else:
+        got = ds.sample(model, x, steps=steps, solver="dpmpp_2m", schedule=ds.schedules.VP.scaled_linear(), **options)
+    assert max_rel(got, expected) <= 1e-5
+
+
+def test_dpmpp_thresholding_matches_diffusers():
+    model, x = make_model(), 3 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    sched = DPMSolverMultistepScheduler(**SD, thresholding=True, dynamic_thresholding_ratio=0.9,
+                                        sample_max_value=1.5, prediction_type="sample")
+    expected = run_diffusers(sched, lambda x, t: 2 * model(x, t), x, 10)
+    got = ds.sample(lambda x, t: 2 * model(x, t), x, steps=10, schedule=ds.schedules.VP.scaled_linear(),
+                    prediction="x0", threshold_ratio=0.9, threshold_max=1.5)
+    assert max_rel(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_ddim_matches_diffusers(prediction, spacing):
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    sched = DDIMScheduler(prediction_type=DIFFUSERS_PREDICTION[prediction], clip_sample=False,
+                          timestep_spacing=spacing)
+    expected = run_diffusers(sched, model, x, 20)
+    got = ds.sample(model, x, steps=20, solver="ddim", schedule=ds.schedules.VP.linear(), prediction=prediction,
+                    timestep_spacing=spacing)
+    assert max_rel(got, expected) <= 1e-5
+
+
+def test_ddim_eta_clip_and_noise_match_diffusers():
+    """DDIM defaults (clip_sample=True) with eta = 1: the same noise from the same generator seed."""
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    sched = DDIMScheduler(set_alpha_to_one=False)
+    expected = run_diffusers(sched, model, x, 15, generator=torch.Generator().manual_seed(9), eta=1.0)
+    got = ds.sample(model, x, steps=15, solver="ddim", schedule=ds.schedules.VP.linear(), clip=1.0, eta=1.0,
+                    set_alpha_to_one=False, generator=torch.Generator().manual_seed(9))
+    assert max_rel(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_loop_close_to_fp32(dtype):
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    ref = ds.sample(model, x, steps=20)
+    got = ds.sample(lambda x, t: model(x.float(), t).to(dtype), x.to(dtype), steps=20)
+    assert got.dtype == dtype
+    assert ((got.float() - ref).norm() / ref.norm()).item() < 3e-2
+
+
+def test_gaussian_mixture_ode_converges():
+    """On the exact denoiser, error against a 1000-step float64 DDIM reference drops with NFE, and samples
+    are close to the exact distribution."""
+    target = GaussianMixture.random(dim=8, modes=4, seed=0)
+    schedule = ds.schedules.VP.scaled_linear()
+    model = target.model(schedule, "eps")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g, dtype=torch.float64)
+    truth = ds.sample(model, x, steps=1000, solver="ddim", schedule=schedule, timestep_spacing="trailing")
+    for solver in ("ddim", "dpmpp_2m"):
+        errs = [(ds.sample(model, x, steps=n, solver=solver, schedule=schedule, timestep_spacing="trailing")
+                 - truth).norm().item() for n in (10, 20, 50)]
+        assert errs[0] > errs[1] > errs[2], (solver, errs)
+    exact = target.sample(512, generator=g)
+    assert sliced_wasserstein(truth, exact) < 3 * sliced_wasserstein(target.sample(512, generator=g), exact)
+
+
+def test_progress_bar(capsys):
+    model, x = make_model(), torch.randn(1, 4, 4, 4)
+    ds.sample(model, x, steps=3, progress=True)
+    assert "3/3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(solver="dpm_9m"), r"solver must be one of \['ddim', 'dpmpp_2m'\]"),
+        (dict(prediction="noise"), "prediction must be one of"),
+        (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(steps=2000), "steps must be <= num_train_timesteps"),
+        (dict(schedule="cosine"), "schedule must be a diffsampler.schedules.VP"),
+        (dict(timestep_spacing="random"), "timestep_spacing must be one of"),
+        (dict(eta=-1.0, solver="ddim"), "eta must be >= 0"),
+        (dict(final_sigmas_type="one"), "final_sigmas_type must be one of"),
+        (dict(bogus_option=1), "unexpected keyword argument 'bogus_option'"),
+    ],
+)
+def test_sample_bad_input(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ds.sample(make_model(), torch.randn(1, 4, 4, 4), **kw)
+
+
+def test_sample_nan_model_output_names_it():
+    with pytest.raises(ValueError, match="model_out contains NaN"):
+        ds.sample(lambda x, t: x * float("nan"), torch.randn(1, 4, 4, 4), steps=3)
