@@ -32,7 +32,7 @@ def extension():
     cpu_sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_host = [s for s in cpu_sources if s.endswith("_cuda.cpp")]
     cpu_sources = [s for s in cpu_sources if s not in cuda_host]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp", "-std=c++17"] + ([] if os.environ.get("DIFFSAMPLER_PORTABLE") == "1" else ["-march=native"])
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(

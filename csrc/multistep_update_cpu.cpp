@@ -1,100 +1,110 @@
-// CPU kernel of the fused multistep update: one pass over memory, at::vec vectors of fp32 lanes whatever the
-// storage dtype, at::parallel_for over contiguous chunks. Math: csrc/cuda/update_params.h.
+// CPU kernel of the fused multistep update: one pass over memory in fp32 whatever the storage dtype, plain
+// loops specialised on the number of reads and the noise term so the compiler vectorizes them, and
+// at::parallel_for over contiguous chunks. Math: csrc/cuda/update_params.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 
-#include <type_traits>
+#include <algorithm>
 
 #include "multistep_update.h"
 
 namespace diffsampler {
 namespace {
 
-using fVec = at::vec::Vectorized<float>;
-
-// W = Vectorized<T>::size() elements of storage type T as NF vectors of floats.
-template <typename T>
-struct Lanes {
-  static constexpr int NF = std::is_same_v<T, float> ? 1 : 2;
-  static constexpr int64_t W = at::vec::Vectorized<T>::size();
-  fVec v[NF];
-
-  static Lanes load(const void* base, int64_t i, int64_t count) {
-    const T* p = static_cast<const T*>(base) + i;
-    auto raw = count == W ? at::vec::Vectorized<T>::loadu(p) : at::vec::Vectorized<T>::loadu(p, count);
-    Lanes l;
-    if constexpr (NF == 1) {
-      l.v[0] = raw;
-    } else {
-      std::tie(l.v[0], l.v[1]) = at::vec::convert_to_float<T>(raw);
-    }
-    return l;
-  }
-
-  void store(void* base, int64_t i, int64_t count) const {
-    T* p = static_cast<T*>(base) + i;
-    if constexpr (NF == 1) {
-      v[0].store(p, count);
-    } else {
-      at::vec::convert_from_float<T>(v[0], v[1]).store(p, count);
-    }
+// Storage <-> fp32 for each storage type; Raw is the element as the loops read and write it. bfloat16 is done
+// on the raw bits with integer ops (round to nearest even, NaN kept quiet) so its loops vectorize; float16
+// uses c10's conversion (scalar unless built with F16C).
+struct F32 {
+  using Raw = float;
+  static float load(Raw v) { return v; }
+  static Raw store(float v) { return v; }
+};
+struct BF16 {
+  using Raw = uint16_t;
+  static float load(Raw v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
+  static Raw store(float v) {
+    const uint32_t u = __builtin_bit_cast(uint32_t, v);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t quiet_nan = (u >> 16) | 0x40u;
+    return static_cast<Raw>((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded);
   }
 };
+struct F16 {
+  using Raw = at::Half;
+  static float load(Raw v) { return static_cast<float>(v); }
+  static Raw store(float v) { return static_cast<Raw>(v); }
+};
 
-// One block of `count` (<= W) elements starting at i, all in one sample with bound s (threshold phase).
-template <typename T>
-inline void update_block(ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs& k, int64_t i,
-                         int64_t count, float s) {
-  using L = Lanes<T>;
-  const L x = L::load(t.x, i, count);
-  const L out = L::load(t.out, i, count);
-  L m0;
-  if (phase == DS_PHASE_THRESHOLD) {
-    m0 = L::load(t.m0, i, count);
-    const fVec sv(s), inv(1.0f / s);
-    for (int j = 0; j < L::NF; ++j) m0.v[j] = at::vec::minimum(at::vec::maximum(m0.v[j], -sv), sv) * inv;
-  } else {
-    for (int j = 0; j < L::NF; ++j) {
-      m0.v[j] = at::vec::fmadd(fVec(k.q), out.v[j], fVec(k.p) * x.v[j]);
-      if (k.clip > 0) m0.v[j] = at::vec::minimum(at::vec::maximum(m0.v[j], fVec(-k.clip)), fVec(k.clip));
+// Elements [begin, end) with the phase's math; s = the threshold bound of the (single) sample they lie in.
+template <typename S, int kReads, bool kNoise, bool kWriteM0, ds_phase kPhase>
+void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end, float s) {
+  using T = typename S::Raw;
+  const T* __restrict__ x = static_cast<const T*>(t.x);
+  const T* __restrict__ out = static_cast<const T*>(t.out);
+  const T* __restrict__ r0 = static_cast<const T*>(t.reads[0]);
+  const T* __restrict__ r1 = static_cast<const T*>(t.reads[1]);
+  const T* __restrict__ r2 = static_cast<const T*>(t.reads[2]);
+  const T* __restrict__ z = static_cast<const T*>(t.noise);
+  T* __restrict__ m0_out = static_cast<T*>(t.m0);
+  T* __restrict__ x_next = static_cast<T*>(t.x_next);
+  // Locals, not k's fields: the stores below could alias k as far as the compiler knows.
+  const float p = k.p, q = k.q, a = k.a, e = k.e, c = k.c, b0 = k.b[0], b1 = k.b[1], b2 = k.b[2], b3 = k.b[3];
+  const float clip = k.clip > 0 ? k.clip : INFINITY;
+  const float inv_s = 1.0f / s;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const float xi = S::load(x[i]);
+    const float oi = S::load(out[i]);
+    float m0;
+    if constexpr (kPhase == DS_PHASE_THRESHOLD) {
+      m0 = std::min(std::max(S::load(m0_out[i]), -s), s) * inv_s;
+    } else {
+      m0 = std::min(std::max(p * xi + q * oi, -clip), clip);
+    }
+    if constexpr (kWriteM0) m0_out[i] = S::store(m0);
+    if constexpr (kPhase != DS_PHASE_CONVERT) {
+      float acc = a * xi + b0 * m0 + e * oi;
+      if constexpr (kReads > 0) acc += b1 * S::load(r0[i]);
+      if constexpr (kReads > 1) acc += b2 * S::load(r1[i]);
+      if constexpr (kReads > 2) acc += b3 * S::load(r2[i]);
+      if constexpr (kNoise) acc += c * S::load(z[i]);
+      x_next[i] = S::store(acc);
     }
   }
-  if (t.m0 != nullptr) m0.store(t.m0, i, count);
-  if (phase == DS_PHASE_CONVERT) return;
-
-  L acc;
-  for (int j = 0; j < L::NF; ++j) {
-    acc.v[j] = at::vec::fmadd(fVec(k.b[0]), m0.v[j], fVec(k.a) * x.v[j]);
-    if (k.e != 0) acc.v[j] = at::vec::fmadd(fVec(k.e), out.v[j], acc.v[j]);
-  }
-  for (int r = 0; r < k.n_reads; ++r) {
-    const L h = L::load(t.reads[r], i, count);
-    for (int j = 0; j < L::NF; ++j) acc.v[j] = at::vec::fmadd(fVec(k.b[r + 1]), h.v[j], acc.v[j]);
-  }
-  if (t.noise != nullptr) {
-    const L z = L::load(t.noise, i, count);
-    for (int j = 0; j < L::NF; ++j) acc.v[j] = at::vec::fmadd(fVec(k.c), z.v[j], acc.v[j]);
-  }
-  acc.store(t.x_next, i, count);
 }
 
-template <typename T>
-void update_range(ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin,
-                  int64_t end) {
-  constexpr int64_t W = Lanes<T>::W;
-  while (begin < end) {
-    // In the threshold phase a run must not cross a sample boundary: each sample has its own bound.
-    int64_t stop = end;
-    float s = 1.0f;
-    if (phase == DS_PHASE_THRESHOLD) {
+template <typename S, int kReads, bool kNoise, ds_phase kPhase>
+void update_range(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end) {
+  if constexpr (kPhase == DS_PHASE_FULL) {
+    if (t.m0 != nullptr) return update_run<S, kReads, kNoise, true, kPhase>(t, k, begin, end, 1.0f);
+    update_run<S, kReads, kNoise, false, kPhase>(t, k, begin, end, 1.0f);
+  } else if constexpr (kPhase == DS_PHASE_CONVERT) {
+    update_run<S, kReads, kNoise, true, kPhase>(t, k, begin, end, 1.0f);
+  } else {
+    while (begin < end) {  // a run must not cross a sample boundary: each sample has its own bound
       const int64_t b = begin / t.per_sample;
-      stop = std::min(end, (b + 1) * t.per_sample);
-      s = t.thr_scale[b];
+      const int64_t stop = std::min(end, (b + 1) * t.per_sample);
+      update_run<S, kReads, kNoise, true, kPhase>(t, k, begin, stop, t.thr_scale[b]);
+      begin = stop;
     }
-    for (int64_t i = begin; i < stop; i += W) update_block<T>(phase, t, k, i, std::min(W, stop - i), s);
-    begin = stop;
+  }
+}
+
+// Picks the specialisation for the runtime reads / noise / phase.
+template <typename S, int kReads = 0>
+void dispatch(ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end) {
+  if constexpr (kReads < DS_MAX_READS) {
+    if (k.n_reads > kReads) return dispatch<S, kReads + 1>(phase, t, k, begin, end);
+  }
+  const bool noise = t.noise != nullptr;
+  switch (phase) {
+    case DS_PHASE_FULL:
+      return noise ? update_range<S, kReads, true, DS_PHASE_FULL>(t, k, begin, end)
+                   : update_range<S, kReads, false, DS_PHASE_FULL>(t, k, begin, end);
+    case DS_PHASE_CONVERT: return update_range<S, 0, false, DS_PHASE_CONVERT>(t, k, begin, end);
+    case DS_PHASE_THRESHOLD:
+      return noise ? update_range<S, kReads, true, DS_PHASE_THRESHOLD>(t, k, begin, end)
+                   : update_range<S, kReads, false, DS_PHASE_THRESHOLD>(t, k, begin, end);
   }
 }
 
@@ -102,9 +112,9 @@ void launch_cpu(ds_dtype dtype, ds_phase phase, const ds_update_tensors& t, cons
   constexpr int64_t kGrain = 1 << 15;  // elements per task: well above the per-task overhead
   at::parallel_for(0, t.n, kGrain, [&](int64_t begin, int64_t end) {
     switch (dtype) {
-      case DS_FLOAT32: update_range<float>(phase, t, k, begin, end); break;
-      case DS_FLOAT16: update_range<at::Half>(phase, t, k, begin, end); break;
-      case DS_BFLOAT16: update_range<at::BFloat16>(phase, t, k, begin, end); break;
+      case DS_FLOAT32: dispatch<F32>(phase, t, k, begin, end); break;
+      case DS_FLOAT16: dispatch<F16>(phase, t, k, begin, end); break;
+      case DS_BFLOAT16: dispatch<BF16>(phase, t, k, begin, end); break;
     }
   });
 }

@@ -1,0 +1,19 @@
+"""python -m diffsampler.bench <subcommand> [options]; subcommands: step."""
+
+import sys
+
+from . import step
+
+SUBCOMMANDS = {"step": step.main}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in SUBCOMMANDS:
+        print(f"usage: python -m diffsampler.bench {{{','.join(SUBCOMMANDS)}}} [options]  (--help per subcommand)")
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    SUBCOMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Timing, the memory-bandwidth floor, and the machine record shared by the benchmarks."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_record(device: torch.device) -> dict:
+    """Device name, versions and date, stored beside every result."""
+    record = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    for pkg in ("diffsampler", "diffusers", "triton"):
+        try:
+            record[pkg] = __import__(pkg).__version__
+        except ImportError:
+            record[pkg] = None
+    if device.type == "cuda":
+        record["cuda"] = torch.version.cuda
+    return record
+
+
+def measure(fn: Callable[[], object], device: torch.device, min_time: float = 0.3, warmup: int = 3) -> float:
+    """Median seconds per call of fn(): warmed up, repeated for at least `min_time` seconds in 5 batches.
+    On CUDA, timed with events around each batch."""
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    once = max(time.perf_counter() - t0, 1e-6)
+    reps = max(1, int(min_time / 5 / once))
+    samples = []
+    for _ in range(5):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3 / reps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            samples.append((time.perf_counter() - t0) / reps)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Measured bytes/s of a large device-to-device copy, counting the read and the write."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    seconds = measure(lambda: dst.copy_(src), device, min_time=1.0)
+    return 2 * nbytes / seconds
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()

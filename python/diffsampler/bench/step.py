@@ -1,0 +1,116 @@
+"""`python -m diffsampler.bench step`: the solver update alone (no model), each backend against diffusers'
+scheduler step() and against the memory floor, in one run.
+
+Prediction: the fused update is memory-bound. A DPM-Solver++ 2M step reads x, the model output and one history
+slot and writes x' and m0 (5 tensors); a DDIM step reads x and the output and writes x' (3 tensors). The floor
+is those bytes over the measured copy bandwidth of the same device; `floor/t` is the fraction of it reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import diffsampler as ds
+from diffsampler.bench.common import copy_bandwidth, machine_record, measure, slug, write_json
+
+SIZES = [(1, 4, 64, 64), (8, 4, 128, 128), (64, 4, 128, 128)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+STEP_INDEX = 5  # a second-order step in the middle of a 20-step loop
+
+
+def _diffusers_step(solver: str, x, out, history):
+    """A callable running one diffusers step() on the same tensors (None if diffusers is missing)."""
+    try:
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    except ImportError:
+        return None
+    if solver == "ddim":
+        sched = DDIMScheduler(**SD, clip_sample=False)
+        sched.set_timesteps(20)
+        t = sched.timesteps[STEP_INDEX]
+        return lambda: sched.step(out, t, x)
+    sched = DPMSolverMultistepScheduler(**SD)
+    sched.set_timesteps(20)
+    for i in range(STEP_INDEX):  # fill its history: the timed step is second order
+        sched.step(out, sched.timesteps[i], x)
+    t = sched.timesteps[STEP_INDEX]
+
+    def step():
+        sched._step_index = STEP_INDEX
+        return sched.step(out, t, x)
+
+    return step
+
+
+def _fused_step(solver: str, backend: str, x, out, history):
+    schedule = ds.schedules.VP.scaled_linear()
+    plan = ds.solvers.make_plan(solver, schedule, 20, "eps")
+    step = plan.steps[STEP_INDEX]
+    h = history if plan.history_slots else None
+    return lambda: ds.ops.multistep_update(x, out, step.coeffs, history=h, write_slot=step.write_slot,
+                                           read_slots=step.read_slots, check_nan=False, backend=backend)
+
+
+def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_time: float) -> dict:
+    avail = ds.backends()
+    backends = ["reference"] + [b for b in ("cpu",) if device.type == "cpu" and avail[b]]
+    backends += [b for b in ("cuda", "triton") if device.type == "cuda" and avail[b]]
+    bandwidth = copy_bandwidth(device)
+    record = machine_record(device)
+    print(f"device: {record['device']} ({record['threads']} threads), torch {record['torch']}, "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    if "triton" not in backends:
+        print(f"triton: {'not timed on CPU (interpreter)' if device.type == 'cpu' else avail['reasons'].get('triton')}")
+    rows = []
+    header = f"{'size':<18}{'dtype':<6}{'solver':<10}{'impl':<11}{'time [us]':>11}{'floor [us]':>11}" \
+             f"{'floor/t':>9}{'vs diffusers':>14}"
+    print(header)
+    print("-" * len(header))
+    for size in sizes:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            g = torch.Generator(device=device).manual_seed(0)
+            x, out = (torch.randn(size, generator=g, device=device).to(dtype) for _ in range(2))
+            history = torch.randn((2, *size), generator=g, device=device).to(dtype)
+            for solver in solvers:
+                n_tensors = 3 if solver == "ddim" else 5
+                floor = n_tensors * x.numel() * x.element_size() / bandwidth
+                impls = {b: _fused_step(solver, b, x, out, history) for b in backends}
+                diffusers_fn = _diffusers_step(solver, x, out, history)
+                if diffusers_fn is not None:
+                    impls["diffusers"] = diffusers_fn
+                times = {name: measure(fn, device, min_time=min_time) for name, fn in impls.items()}
+                t_diff = times.get("diffusers")
+                for name, t in times.items():
+                    speedup = t_diff / t if t_diff else None
+                    rows.append(dict(size=list(size), dtype=dname, solver=solver, impl=name, seconds=t,
+                                     floor_seconds=floor, floor_fraction=floor / t, speedup_vs_diffusers=speedup))
+                    print(f"{str(size):<18}{dname:<6}{solver:<10}{name:<11}{t * 1e6:>11.1f}{floor * 1e6:>11.1f}"
+                          f"{floor / t:>9.2f}{(f'{speedup:.1f}x' if speedup else '-'):>14}")
+    result = dict(benchmark="step", machine=record, copy_bandwidth_bytes_per_s=bandwidth, step_index=STEP_INDEX,
+                  note="time of the solver update alone (model excluded); floor = bytes moved / copy bandwidth",
+                  rows=rows)
+    if out_dir is not None:
+        path = write_json(out_dir / f"step-{slug(record['device'])}.json", result)
+        print(f"wrote {path}")
+    return result
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m diffsampler.bench step", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", default=";".join(",".join(map(str, s)) for s in SIZES),
+                    help="semicolon-separated shapes, e.g. '8,4,128,128;1,4,64,64'")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--solvers", default="dpmpp_2m,ddim")
+    ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
+    ap.add_argument("--out", default="bench/results", help="directory of the JSON ('' for none)")
+    args = ap.parse_args(argv)
+    sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes.split(";") if s]
+    run(torch.device(args.device), sizes, args.dtypes.split(","), args.solvers.split(","),
+        Path(args.out) if args.out else None, args.min_time)
