@@ -78,12 +78,13 @@ def measure(fn: Callable[[], object], device: torch.device, min_time: float = 0.
     return statistics.median(samples)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
-    """Measured bytes/s of a large device-to-device copy, counting the read and the write."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, min_time: float = 1.0) -> float:
+    """Measured bytes/s of a device-to-device copy moving `nbytes` in all (nbytes / 2 read, nbytes / 2 written).
+    Measure it at the working-set size of the op it is a floor for: small sizes run from cache."""
+    src = torch.empty(max(nbytes // 8, 1), dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
-    seconds = measure(lambda: dst.copy_(src), device, min_time=1.0)
-    return 2 * nbytes / seconds
+    seconds = measure(lambda: dst.copy_(src), device, min_time=min_time)
+    return 2 * src.numel() * 4 / seconds
 
 
 def write_json(path: Path, payload: dict) -> Path:

@@ -3,7 +3,8 @@ scheduler step() and against the memory floor, in one run.
 
 Prediction: the fused update is memory-bound. A DPM-Solver++ 2M step reads x, the model output and one history
 slot and writes x' and m0 (5 tensors); a DDIM step reads x and the output and writes x' (3 tensors). The floor
-is those bytes over the measured copy bandwidth of the same device; `floor/t` is the fraction of it reached.
+is the time of a plain copy moving the same number of bytes on the same device (so the same cache level: the
+smaller sizes fit in a CPU's last-level cache); `floor/t` is the fraction of that bandwidth reached.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_
     bandwidth = copy_bandwidth(device)
     record = machine_record(device)
     print(f"device: {record['device']} ({record['threads']} threads), torch {record['torch']}, "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (256 MiB)")
     if "triton" not in backends:
         print(f"triton: {'not timed on CPU (interpreter)' if device.type == 'cpu' else avail['reasons'].get('triton')}")
     rows = []
@@ -77,8 +78,8 @@ def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_
             x, out = (torch.randn(size, generator=g, device=device).to(dtype) for _ in range(2))
             history = torch.randn((2, *size), generator=g, device=device).to(dtype)
             for solver in solvers:
-                n_tensors = 3 if solver == "ddim" else 5
-                floor = n_tensors * x.numel() * x.element_size() / bandwidth
+                n_bytes = (3 if solver == "ddim" else 5) * x.numel() * x.element_size()
+                floor = n_bytes / copy_bandwidth(device, n_bytes, min_time=min_time)
                 impls = {b: _fused_step(solver, b, x, out, history) for b in backends}
                 diffusers_fn = _diffusers_step(solver, x, out, history)
                 if diffusers_fn is not None:
@@ -88,11 +89,11 @@ def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_
                 for name, t in times.items():
                     speedup = t_diff / t if t_diff else None
                     rows.append(dict(size=list(size), dtype=dname, solver=solver, impl=name, seconds=t,
-                                     floor_seconds=floor, floor_fraction=floor / t, speedup_vs_diffusers=speedup))
+                                     bytes_moved=n_bytes, floor_seconds=floor, floor_fraction=floor / t, speedup_vs_diffusers=speedup))
                     print(f"{str(size):<18}{dname:<6}{solver:<10}{name:<11}{t * 1e6:>11.1f}{floor * 1e6:>11.1f}"
                           f"{floor / t:>9.2f}{(f'{speedup:.1f}x' if speedup else '-'):>14}")
     result = dict(benchmark="step", machine=record, copy_bandwidth_bytes_per_s=bandwidth, step_index=STEP_INDEX,
-                  note="time of the solver update alone (model excluded); floor = bytes moved / copy bandwidth",
+                  note="time of the solver update alone (model excluded); floor = time of a copy moving the same bytes",
                   rows=rows)
     if out_dir is not None:
         path = write_json(out_dir / f"step-{slug(record['device'])}.json", result)
