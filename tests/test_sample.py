@@ -64,7 +64,7 @@ def test_dpmpp_options_match_diffusers(config, options, steps):
     expected = run_diffusers(DPMSolverMultistepScheduler(**SD, **config), model, x, steps)
     if options is None:  # solver_order=1: DPM-Solver++ 1 (no history), driven step by step through the op
         got = x
-        for step in ds.solvers.dpmpp_plan(ds.schedules.VP.scaled_linear(), steps, "eps", order=1).steps:
+        for step in ds.solvers.dpm_plan(ds.schedules.VP.scaled_linear(), steps, "eps", order=1).steps:
             got = ds.ops.multistep_update(got, model(got, torch.tensor(step.t)), step.coeffs)
     else:
         got = ds.sample(model, x, steps=steps, solver="dpmpp_2m", schedule=ds.schedules.VP.scaled_linear(), **options)
@@ -138,7 +138,7 @@ def test_progress_bar(capsys):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(solver="dpm_9m"), r"solver must be one of \['ddim', 'dpmpp_2m'\]"),
+        (dict(solver="dpm_9m"), r"solver must be one of \['ddim', 'dpm_2m', .*'dpmpp_3m_sde'\]"),
         (dict(prediction="noise"), "prediction must be one of"),
         (dict(steps=0), "steps must be an integer >= 1"),
         (dict(steps=2000), "steps must be <= num_train_timesteps"),
@@ -157,3 +157,76 @@ def test_sample_bad_input(kw, match):
 def test_sample_nan_model_output_names_it():
     with pytest.raises(ValueError, match="model_out contains NaN"):
         ds.sample(lambda x, t: x * float("nan"), torch.randn(1, 4, 4, 4), steps=3)
+
+
+def _dpm_case(algorithm, order, solver_type, sigmas, final, steps, prediction="eps"):
+    """(diffusers scheduler, diffsampler options) of one DPM-Solver configuration."""
+    cfg = dict(algorithm_type=algorithm, solver_order=order, solver_type=solver_type, final_sigmas_type=final,
+               prediction_type=DIFFUSERS_PREDICTION[prediction])
+    if sigmas != "default":
+        cfg[f"use_{sigmas}_{'lambdas' if sigmas == 'lu' else 'sigmas'}"] = True
+    opts = dict(algorithm=algorithm, order=order, solver_type=solver_type, sigmas=sigmas, final_sigmas_type=final)
+    return DPMSolverMultistepScheduler(**SD, **cfg), opts
+
+
+DPM_CASES = [
+    (alg, order, st, "default", fin, steps)
+    for alg in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+    for order in (1, 2, 3)
+    for st in ("midpoint", "heun")
+    for fin in ("zero", "sigma_min")
+    for steps in (8, 20)
+    if (alg.endswith("++") or fin == "sigma_min") and not (alg == "sde-dpmsolver" and order == 3)
+    and not (order == 1 and st == "heun")
+] + [(alg, 2, "midpoint", sig, fin, 20) for alg in ("dpmsolver++", "sde-dpmsolver++")
+     for sig in ("karras", "exponential", "beta", "lu") for fin in ("zero", "sigma_min")]
+
+
+@pytest.mark.parametrize("case", DPM_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_dpm_family_matches_diffusers(case):
+    """Every DPM-Solver variant diffusers has: algorithm x order x solver_type x final sigma x sigma spacing,
+    SDE noise from the same generator seed.
+
+    Third-order SDE-DPM-Solver++: its phi_3 term ((1 - e^{-2h} - 2h) / (2h)^2 - 1/2) cancels badly in float32,
+    and diffusers evaluates its coefficients in float32 (1e-4 off at 20 steps); diffsampler computes them in
+    float64. There the anchor is diffusers with its sigmas in float64 (the same formulas, exact coefficients).
+    """
+    alg, order, st, sig, fin, steps = case
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    sched, opts = _dpm_case(*case)
+    sched.set_timesteps(steps)
+    if alg == "sde-dpmsolver++" and order == 3:
+        sched.sigmas = sched.sigmas.double()
+    g = torch.Generator().manual_seed(3)
+    expected = x
+    for t in sched.timesteps:
+        expected = sched.step(model(expected, t), t, expected, generator=g).prev_sample
+    plan = ds.solvers.dpm_plan(ds.schedules.VP.scaled_linear(), steps, "eps", **opts)
+    got, g = x, torch.Generator().manual_seed(3)
+    history = torch.empty(plan.history_slots, *x.shape) if plan.history_slots else None
+    for step in plan.steps:
+        noise = torch.randn(x.shape, generator=g) if alg.startswith("sde") else None
+        got = ds.ops.multistep_update(got, model(got, torch.tensor(step.t)), step.coeffs, history=history,
+                                      write_slot=step.write_slot, read_slots=step.read_slots, noise=noise)
+    assert max_rel(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpm_2m", "dpm_3m"])
+def test_dpm_solver_names_through_sample(solver):
+    alg, order = ds.solvers.SOLVERS[solver].keywords["algorithm"], ds.solvers.SOLVERS[solver].keywords["order"]
+    final = "zero" if alg.endswith("++") else "sigma_min"
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    sched, _ = _dpm_case(alg, order, "midpoint", "default", final, 20)
+    if order == 3 and alg.startswith("sde"):
+        sched.set_timesteps(20)
+        sched.sigmas = sched.sigmas.double()
+        sched.set_timesteps = lambda steps: None  # keep the float64 sigmas (see test_dpm_family_matches_diffusers)
+    expected = run_diffusers(sched, model, x, 20, generator=torch.Generator().manual_seed(4))
+    got = ds.sample(model, x, steps=20, solver=solver, schedule=ds.schedules.VP.scaled_linear(),
+                    generator=torch.Generator().manual_seed(4))
+    assert max_rel(got, expected) <= 1e-5
+
+
+def test_noise_prediction_solver_rejects_thresholding():
+    with pytest.raises(ValueError, match="keeps noise predictions"):
+        ds.sample(make_model(), torch.randn(1, 4, 4, 4), solver="dpm_2m", threshold_ratio=0.9)

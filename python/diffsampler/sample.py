@@ -33,17 +33,22 @@ def sample(
         training timesteps for discrete VP schedules, as diffusers passes them).
     schedule: a ``diffsampler.schedules.VP`` (default: ``VP.scaled_linear()``, Stable Diffusion's).
     prediction: what the model returns: "eps" | "x0" | "v" | "flow" | "score".
-    solver: "ddim" (options eta, timestep_spacing="leading", steps_offset, set_alpha_to_one) or "dpmpp_2m"
-        (options timestep_spacing="linspace", final_sigmas_type="zero", lower_order_final=True, euler_at_final);
-        defaults are those of diffusers' DDIMScheduler / DPMSolverMultistepScheduler.
+    solver: "ddim" (options eta, timestep_spacing="leading", steps_offset, set_alpha_to_one); the DPM-Solver
+        family "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde" (data prediction) and "dpm_2m", "dpm_3m"
+        (noise prediction) with options solver_type="midpoint"|"heun", timestep_spacing="linspace",
+        sigmas="default"|"karras"|"exponential"|"beta"|"lu", final_sigmas_type="zero"|"sigma_min",
+        lower_order_final=True, euler_at_final, steps_offset. Defaults are those of diffusers'
+        DDIMScheduler / DPMSolverMultistepScheduler.
     clip / threshold_ratio, threshold_max: clamp the data prediction to [-clip, clip], or dynamic thresholding.
-    generator: the torch.Generator of the noise of stochastic steps (DDIM with eta > 0).
+    generator: the torch.Generator of the noise of stochastic steps (DDIM with eta > 0, the SDE solvers).
     check_nan: raise ValueError when the model returns NaN (a host sync per step; off for speed).
     """
     from .schedules import VP
 
     schedule = VP.scaled_linear() if schedule is None else schedule
     plan = make_plan(solver, schedule, steps, prediction, **solver_options)
+    if (clip or threshold_ratio) and not plan.data_prediction:
+        raise ValueError(f"clip / threshold_ratio act on a data prediction; solver {solver!r} keeps noise predictions")
     history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
     t_dtype = torch.int64 if plan.discrete_time else torch.float32
     times = torch.tensor(plan.timesteps, dtype=t_dtype, device=x.device)  # one upload; indexing it does not sync
@@ -56,7 +61,8 @@ def sample(
         out = model(x, times[i])
         noise = None
         if step.needs_noise:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            # drawn in float32 as diffusers does, so a seed gives the same noise in every storage dtype
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
         x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
                                  read_slots=step.read_slots, noise=noise, clip=clip,
                                  threshold_ratio=threshold_ratio, threshold_max=threshold_max,

@@ -85,3 +85,68 @@ def sigma_to_alpha_sigma(ratio: float) -> tuple[float, float]:
     """VP (alpha, sigma) from the ratio sigma/alpha: alpha = 1 / sqrt(1 + ratio^2), sigma = ratio alpha."""
     alpha = 1.0 / math.sqrt(ratio * ratio + 1.0)
     return alpha, ratio * alpha
+
+
+SIGMA_SPACINGS = ("default", "karras", "exponential", "beta", "lu")
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma ratio: linear interpolation in log sigma between the two
+    neighbouring training sigmas (clamped to the grid)."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """Uniform in log sigma."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """sigma_min + ppf_Beta(alpha, beta)(1 - i/(n-1)) (sigma_max - sigma_min) (Lee et al. 2024); needs scipy."""
+    try:
+        from scipy.stats import beta as beta_dist
+    except ImportError as err:
+        raise ImportError("sigmas='beta' needs scipy (pip install scipy)") from err
+    return np.array([sigma_min + beta_dist.ppf(u, alpha, beta) * (sigma_max - sigma_min)
+                     for u in 1 - np.linspace(0, 1, n)])
+
+
+def sigma_grid(schedule: VP, timesteps: np.ndarray, kind: str = "default") -> tuple[np.ndarray, np.ndarray]:
+    """(model timesteps, sigma ratios) of `len(timesteps)` steps, as diffusers' multistep schedulers place them.
+
+    default: the training sigma ratios at `timesteps`. karras / exponential / beta: that spacing between the
+    smallest and largest training sigma, lu: uniform in lambda = -log sigma; the model is then given the
+    training timestep of each sigma (rounded for karras and lu, truncated otherwise, as diffusers does).
+    """
+    if kind not in SIGMA_SPACINGS:
+        raise ValueError(f"sigmas must be one of {SIGMA_SPACINGS}, got {kind!r}")
+    train = np.array(((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5)  # float32, as diffusers
+    if kind == "default":
+        return timesteps, np.interp(timesteps, np.arange(len(train)), train)
+    n = len(timesteps)
+    log_sigmas = np.log(train)
+    s_min, s_max = float(train[0]), float(train[-1])
+    if kind == "karras":
+        sigmas = karras_sigmas(s_min, s_max, n)
+    elif kind == "exponential":
+        sigmas = exponential_sigmas(s_min, s_max, n)
+    elif kind == "beta":
+        sigmas = beta_sigmas(s_min, s_max, n)
+    else:
+        lambdas = np.linspace(-math.log(s_max), -math.log(s_min), n)
+        sigmas = np.exp(-lambdas)
+    t = sigma_to_t(sigmas, log_sigmas)
+    if kind in ("karras", "lu"):
+        t = t.round()
+    return t.astype(np.int64), sigmas

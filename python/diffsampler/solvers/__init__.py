@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from ..models import check_prediction
 from ..schedules import VP
 from .ddim import ddim_plan
-from .dpmpp import dpmpp_plan
+from .dpm import dpm_plan
 from .plan import Plan, Step
 
 SOLVERS: dict[str, Callable[..., Plan]] = {
     "ddim": ddim_plan,
-    "dpmpp_2m": lambda schedule, steps, prediction, **kw: dpmpp_plan(schedule, steps, prediction, order=2, **kw),
+    "dpmpp_2m": functools.partial(dpm_plan, algorithm="dpmsolver++", order=2),
+    "dpmpp_3m": functools.partial(dpm_plan, algorithm="dpmsolver++", order=3),
+    "dpmpp_2m_sde": functools.partial(dpm_plan, algorithm="sde-dpmsolver++", order=2),
+    "dpmpp_3m_sde": functools.partial(dpm_plan, algorithm="sde-dpmsolver++", order=3),
+    "dpm_2m": functools.partial(dpm_plan, algorithm="dpmsolver", order=2, final_sigmas_type="sigma_min"),
+    "dpm_3m": functools.partial(dpm_plan, algorithm="dpmsolver", order=3, final_sigmas_type="sigma_min"),
 }
 
 
@@ -31,4 +37,4 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
         raise ValueError(f"solver {solver!r}: {err}") from None
 
 
-__all__ = ["SOLVERS", "Plan", "Step", "make_plan", "ddim_plan", "dpmpp_plan"]
+__all__ = ["SOLVERS", "Plan", "Step", "make_plan", "ddim_plan", "dpm_plan"]

@@ -28,6 +28,7 @@ class Plan:
     steps: tuple[Step, ...]
     history_slots: int  # 0: the solver keeps no history of data predictions
     discrete_time: bool  # the model gets integer training timesteps (int64) rather than float times
+    data_prediction: bool = True  # m0 is the data prediction (False: noise prediction, DPM-Solver's dpmsolver)
 
     @property
     def timesteps(self) -> list[float]:

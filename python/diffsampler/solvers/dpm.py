@@ -1,0 +1,139 @@
+"""DPM-Solver / DPM-Solver++ multistep (Lu et al. 2022), ODE and SDE variants, as diffusers'
+DPMSolverMultistepScheduler computes them.
+
+With sigma the ratio sigma_t / alpha_t, lambda = log(alpha_t / sigma_t), h = lambda_t - lambda_s and the
+divided differences of the history (r_i = h_i / h):
+    D0 = m0,  D1 = (m0 - m1) / r0                      (2nd order)
+    D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),  D2 = (D1_0 - D1_1) / (r0 + r1)   (3rd order)
+each variant is x_t = a x_s + c0 D0 + c1 D1 + c2 D2 + c z (see _update_terms); expanding the D's gives the
+fused update's b_i on m0, m1, m2. dpmsolver++ keeps data predictions in the history, dpmsolver noise
+predictions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..models import data_coeffs, noise_coeffs
+from ..ops import UpdateCoeffs
+from ..schedules import VP, discrete_timesteps, sigma_to_alpha_sigma, sigma_grid
+from .plan import Plan, Step, ring_slots
+
+ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+SOLVER_TYPES = ("midpoint", "heun")
+FINAL_SIGMAS = ("zero", "sigma_min")
+
+
+def dpm_timesteps(schedule: VP, steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
+    """DPMSolverMultistepScheduler's grid: the DDIM grid of steps + 1 points without its last (t = 0) point,
+    except "trailing", which is the DDIM trailing grid."""
+    n = schedule.num_train_timesteps
+    if spacing == "trailing":
+        t = discrete_timesteps(n, steps, spacing)
+    elif spacing == "linspace":
+        discrete_timesteps(n, steps, spacing)  # checks steps and spacing
+        t = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+    else:
+        t = discrete_timesteps(n, steps + 1, spacing, steps_offset)[:-1].copy()
+    if len(np.unique(t)) != len(t):
+        raise ValueError(f"steps={steps} repeats timesteps on the {spacing!r} grid of {n}; use fewer steps")
+    return t
+
+
+def _update_terms(algorithm: str, solver_type: str, order: int, alpha_s, sigma_s, alpha_t, sigma_t, h):
+    """(a, c0, c1, c2, c): x_t = a x_s + c0 D0 + c1 D1 + c2 D2 + c z for one step of the given order.
+
+    phi terms per variant (em = e^{-h} - 1, e2 = 1 - e^{-2h}, ep = e^{h} - 1); "heun" and order 3 use the
+    exact first-order phi for D1, "midpoint" half of the D0 weight."""
+    c1 = c2 = c = 0.0
+    if algorithm == "dpmsolver++":
+        em = math.expm1(-h)
+        a, c0 = sigma_t / sigma_s, -alpha_t * em
+        if order > 1:
+            c1 = 0.5 * c0 if order == 2 and solver_type == "midpoint" else alpha_t * (em / h + 1.0)
+        if order > 2:
+            c2 = -alpha_t * ((em + h) / h**2 - 0.5)
+    elif algorithm == "sde-dpmsolver++":
+        e2 = -math.expm1(-2.0 * h)
+        a, c0, c = sigma_t / sigma_s * math.exp(-h), alpha_t * e2, sigma_t * math.sqrt(e2)
+        if order > 1:
+            c1 = 0.5 * c0 if order == 2 and solver_type == "midpoint" else alpha_t * (e2 / (-2.0 * h) + 1.0)
+        if order > 2:
+            c2 = alpha_t * ((e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+    elif algorithm == "dpmsolver":
+        ep = math.expm1(h)
+        a, c0 = alpha_t / alpha_s, -sigma_t * ep
+        if order > 1:
+            c1 = 0.5 * c0 if order == 2 and solver_type == "midpoint" else -sigma_t * (ep / h - 1.0)
+        if order > 2:
+            c2 = -sigma_t * ((ep - h) / h**2 - 0.5)
+    else:  # sde-dpmsolver, orders 1 and 2
+        ep = math.expm1(h)
+        a, c0, c = alpha_t / alpha_s, -2.0 * sigma_t * ep, sigma_t * math.sqrt(math.expm1(2.0 * h))
+        if order > 1:
+            c1 = 0.5 * c0 if solver_type == "midpoint" else -2.0 * sigma_t * (ep / h - 1.0)
+    return a, c0, c1, c2, c
+
+
+def _history_weights(order: int, c0: float, c1: float, c2: float, r0: float, r1: float) -> tuple[float, ...]:
+    """b on (m0, m1, m2) of c0 D0 + c1 D1 + c2 D2 (the divided differences above)."""
+    if order == 1:
+        return (c0,)
+    if order == 2:
+        return (c0 + c1 / r0, -c1 / r0)
+    k = r0 / (r0 + r1)
+    u = c1 * (1 + k) + c2 / (r0 + r1)  # weight of D1_0 = (m0 - m1) / r0
+    w = -c1 * k - c2 / (r0 + r1)  # weight of D1_1 = (m1 - m2) / r1
+    return (c0 + u / r0, -u / r0 + w / r1, -w / r1)
+
+
+def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpmsolver++", order: int = 2,
+             solver_type: str = "midpoint", timestep_spacing: str = "linspace", steps_offset: int = 0,
+             sigmas: str = "default", final_sigmas_type: str = "zero", lower_order_final: bool = True,
+             euler_at_final: bool = False) -> Plan:
+    """The DPM-Solver multistep Plan. `sigmas`: "default" (the training sigmas at the spaced timesteps),
+    "karras", "exponential", "beta" or "lu" (uniform logSNR), as diffusers' use_*_sigmas options."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+    if solver_type not in SOLVER_TYPES:
+        raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+    if final_sigmas_type not in FINAL_SIGMAS:
+        raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS}, got {final_sigmas_type!r}")
+    if not algorithm.endswith("++") and final_sigmas_type == "zero":
+        raise ValueError(f"algorithm {algorithm!r} (noise prediction) needs final_sigmas_type='sigma_min'")
+    if order == 3 and algorithm == "sde-dpmsolver":
+        raise ValueError("sde-dpmsolver has no third-order update (diffusers neither); use order <= 2")
+    timesteps, ratios = sigma_grid(schedule, dpm_timesteps(schedule, steps, timestep_spacing, steps_offset),
+                                   sigmas)
+    ratios = list(ratios) + [0.0 if final_sigmas_type == "zero" else schedule.sigma_ratio(0)]
+    ratios = [float(np.float32(r)) for r in ratios]  # diffusers keeps its sigmas in float32
+    a_s = [sigma_to_alpha_sigma(r) for r in ratios]
+    lambdas = [math.inf if s == 0 else math.log(a) - math.log(s) for a, s in a_s]
+    convert = data_coeffs if algorithm.endswith("++") else noise_coeffs
+    n = len(timesteps)
+    plan = []
+    for i, t in enumerate(timesteps):
+        this_order = min(order, i + 1)
+        if i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_sigmas_type == "zero"):
+            this_order = 1
+        elif i == n - 2 and lower_order_final and n < 15:
+            this_order = min(this_order, 2)
+        (alpha_s, sigma_s), (alpha_t, sigma_t) = a_s[i], a_s[i + 1]
+        h = lambdas[i + 1] - lambdas[i]
+        p, q = convert(prediction, alpha_s, sigma_s)
+        write, reads = ring_slots(i, this_order, order)
+        if h == 0:  # a repeated sigma (sigma_min after a grid ending at sigma_min): the step is the identity
+            coeffs = UpdateCoeffs(p=p, q=q, a=1.0, b=(0.0,) * this_order)
+        else:
+            a, c0, c1, c2, c = _update_terms(algorithm, solver_type, this_order, alpha_s, sigma_s, alpha_t,
+                                             sigma_t, h)
+            r0 = (lambdas[i] - lambdas[i - 1]) / h if this_order > 1 else 0.0
+            r1 = (lambdas[i - 1] - lambdas[i - 2]) / h if this_order > 2 else 0.0
+            coeffs = UpdateCoeffs(p=p, q=q, a=a, b=_history_weights(this_order, c0, c1, c2, r0, r1), c=c)
+        plan.append(Step(t=int(t), coeffs=coeffs, write_slot=write, read_slots=reads))
+    return Plan(steps=tuple(plan), history_slots=order if order > 1 else 0, discrete_time=True,
+                data_prediction=algorithm.endswith("++"))
