@@ -138,11 +138,11 @@ def test_progress_bar(capsys):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(solver="dpm_9m"), r"solver must be one of \['ddim', 'dpm_2m', .*'dpmpp_3m_sde'\]"),
+        (dict(solver="dpm_9m"), r"solver must be one of \['ddim', 'dpm_2m', .*'flow_euler'\]"),
         (dict(prediction="noise"), "prediction must be one of"),
         (dict(steps=0), "steps must be an integer >= 1"),
         (dict(steps=2000), "steps must be <= num_train_timesteps"),
-        (dict(schedule="cosine"), "schedule must be a diffsampler.schedules.VP"),
+        (dict(schedule="cosine"), "needs a diffsampler.schedules.VP schedule"),
         (dict(timestep_spacing="random"), "timestep_spacing must be one of"),
         (dict(eta=-1.0, solver="ddim"), "eta must be >= 0"),
         (dict(final_sigmas_type="one"), "final_sigmas_type must be one of"),
@@ -230,3 +230,42 @@ def test_dpm_solver_names_through_sample(solver):
 def test_noise_prediction_solver_rejects_thresholding():
     with pytest.raises(ValueError, match="keeps noise predictions"):
         ds.sample(make_model(), torch.randn(1, 4, 4, 4), solver="dpm_2m", threshold_ratio=0.9)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("sigmas", ["default", "karras", "exponential"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_euler_matches_diffusers(spacing, sigmas, prediction):
+    """EulerDiscreteScheduler: VE-scale state, init_noise_sigma, scale_model_input, float timesteps."""
+    from diffusers import EulerDiscreteScheduler
+
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    cfg = dict(timestep_spacing=spacing, prediction_type=DIFFUSERS_PREDICTION[prediction])
+    if sigmas != "default":
+        cfg[f"use_{sigmas}_sigmas"] = True
+    sched = EulerDiscreteScheduler(**SD, **cfg)
+    sched.set_timesteps(12)
+    expected = x * sched.init_noise_sigma
+    for t in sched.timesteps:
+        expected = sched.step(model(sched.scale_model_input(expected, t), t), t, expected).prev_sample
+    got = ds.sample(model, x, steps=12, solver="euler", prediction=prediction, timestep_spacing=spacing,
+                    sigmas=sigmas)
+    assert max_rel(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [5, 28])
+def test_flow_euler_matches_diffusers(shift, steps):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    expected = run_diffusers(FlowMatchEulerDiscreteScheduler(shift=shift), model, x, steps)
+    got = ds.sample(model, x, steps=steps, solver="flow_euler", schedule=ds.schedules.Flow(shift=shift))
+    assert max_rel(got, expected) <= 1e-5
+
+
+def test_flow_solver_on_vp_schedule_is_an_error():
+    with pytest.raises(ValueError, match="solver 'flow_euler' needs a diffsampler.schedules.Flow schedule"):
+        ds.sample(make_model(), torch.randn(1, 4, 4, 4), solver="flow_euler", schedule=ds.schedules.VP.linear())
+    with pytest.raises(ValueError, match="solver 'dpmpp_2m' needs a diffsampler.schedules.VP schedule"):
+        ds.sample(make_model(), torch.randn(1, 4, 4, 4), solver="dpmpp_2m", schedule=ds.schedules.Flow())

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from . import ops
-from .solvers import make_plan
+from .solvers import FLOW_SOLVERS, make_plan
 
 
 def sample(
@@ -16,7 +16,7 @@ def sample(
     steps: int = 20,
     solver: str = "dpmpp_2m",
     schedule=None,
-    prediction: str = "eps",
+    prediction: str | None = None,
     *,
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -31,25 +31,35 @@ def sample(
 
     model: any callable ``model(x, t) -> tensor`` of x's shape; t is a 0-dim tensor on x's device (int64
         training timesteps for discrete VP schedules, as diffusers passes them).
-    schedule: a ``diffsampler.schedules.VP`` (default: ``VP.scaled_linear()``, Stable Diffusion's).
-    prediction: what the model returns: "eps" | "x0" | "v" | "flow" | "score".
+    x: standard normal noise; solvers that integrate in the VE scale (euler) multiply it by their
+        init_noise_sigma first, as diffusers pipelines do.
+    schedule: a ``diffsampler.schedules.VP`` (default: ``VP.scaled_linear()``, Stable Diffusion's), or a
+        ``diffsampler.schedules.Flow`` for the flow solvers (``flow_euler``).
+    prediction: what the model returns: "eps" | "x0" | "v" | "flow" | "score" (default "eps", "flow" for the
+        flow solvers).
     solver: "ddim" (options eta, timestep_spacing="leading", steps_offset, set_alpha_to_one); the DPM-Solver
         family "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde" (data prediction) and "dpm_2m", "dpm_3m"
         (noise prediction) with options solver_type="midpoint"|"heun", timestep_spacing="linspace",
         sigmas="default"|"karras"|"exponential"|"beta"|"lu", final_sigmas_type="zero"|"sigma_min",
         lower_order_final=True, euler_at_final, steps_offset. Defaults are those of diffusers'
-        DDIMScheduler / DPMSolverMultistepScheduler.
+        DDIMScheduler / DPMSolverMultistepScheduler. "euler" (EulerDiscreteScheduler: options timestep_spacing,
+        sigmas, final_sigmas_type; model input x / sqrt(sigma^2 + 1)); "flow_euler"
+        (FlowMatchEulerDiscreteScheduler, prediction "flow", the schedule's shift).
     clip / threshold_ratio, threshold_max: clamp the data prediction to [-clip, clip], or dynamic thresholding.
     generator: the torch.Generator of the noise of stochastic steps (DDIM with eta > 0, the SDE solvers).
     check_nan: raise ValueError when the model returns NaN (a host sync per step; off for speed).
     """
-    from .schedules import VP
+    from .schedules import VP, Flow
 
-    schedule = VP.scaled_linear() if schedule is None else schedule
+    flow = solver in FLOW_SOLVERS
+    schedule = (Flow() if flow else VP.scaled_linear()) if schedule is None else schedule
+    prediction = ("flow" if flow else "eps") if prediction is None else prediction
     plan = make_plan(solver, schedule, steps, prediction, **solver_options)
     if (clip or threshold_ratio) and not plan.data_prediction:
         raise ValueError(f"clip / threshold_ratio act on a data prediction; solver {solver!r} keeps noise predictions")
     history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
+    if plan.init_scale != 1.0:
+        x = x * plan.init_scale
     t_dtype = torch.int64 if plan.discrete_time else torch.float32
     times = torch.tensor(plan.timesteps, dtype=t_dtype, device=x.device)  # one upload; indexing it does not sync
     steps_iter = plan.steps
@@ -58,7 +68,7 @@ def sample(
 
         steps_iter = tqdm(steps_iter, desc=f"diffsampler {solver}", total=len(plan.steps))
     for i, step in enumerate(steps_iter):
-        out = model(x, times[i])
+        out = model(x * step.input_scale if step.input_scale != 1.0 else x, times[i])
         noise = None
         if step.needs_noise:
             # drawn in float32 as diffusers does, so a seed gives the same noise in every storage dtype

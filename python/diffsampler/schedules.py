@@ -122,21 +122,24 @@ def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, 
                      for u in 1 - np.linspace(0, 1, n)])
 
 
-def sigma_grid(schedule: VP, timesteps: np.ndarray, kind: str = "default") -> tuple[np.ndarray, np.ndarray]:
-    """(model timesteps, sigma ratios) of `len(timesteps)` steps, as diffusers' multistep schedulers place them.
+def sigma_grid(schedule: VP, timesteps: np.ndarray, kind: str = "default", *,
+               endpoints: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """(fractional model timesteps, sigma ratios) of `len(timesteps)` steps, as diffusers' schedulers place them.
 
-    default: the training sigma ratios at `timesteps`. karras / exponential / beta: that spacing between the
-    smallest and largest training sigma, lu: uniform in lambda = -log sigma; the model is then given the
-    training timestep of each sigma (rounded for karras and lu, truncated otherwise, as diffusers does).
+    default: the training sigma ratios at `timesteps` (interpolated). karras / exponential / beta: that
+    spacing between the smallest and largest sigma of the training schedule (endpoints="train", the
+    multistep schedulers) or of the default grid (endpoints="grid", EulerDiscreteScheduler); lu: uniform in
+    lambda = -log sigma over the training range. The timesteps are then those of each sigma on the training
+    grid, unrounded: each scheduler rounds or truncates them its own way.
     """
     if kind not in SIGMA_SPACINGS:
         raise ValueError(f"sigmas must be one of {SIGMA_SPACINGS}, got {kind!r}")
     train = np.array(((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5)  # float32, as diffusers
+    grid = np.interp(timesteps, np.arange(len(train)), train)
     if kind == "default":
-        return timesteps, np.interp(timesteps, np.arange(len(train)), train)
+        return timesteps, grid
     n = len(timesteps)
-    log_sigmas = np.log(train)
-    s_min, s_max = float(train[0]), float(train[-1])
+    s_min, s_max = (float(train[0]), float(train[-1])) if endpoints == "train" else (grid[-1], grid[0])
     if kind == "karras":
         sigmas = karras_sigmas(s_min, s_max, n)
     elif kind == "exponential":
@@ -144,9 +147,35 @@ def sigma_grid(schedule: VP, timesteps: np.ndarray, kind: str = "default") -> tu
     elif kind == "beta":
         sigmas = beta_sigmas(s_min, s_max, n)
     else:
-        lambdas = np.linspace(-math.log(s_max), -math.log(s_min), n)
-        sigmas = np.exp(-lambdas)
-    t = sigma_to_t(sigmas, log_sigmas)
-    if kind in ("karras", "lu"):
-        t = t.round()
-    return t.astype(np.int64), sigmas
+        sigmas = np.exp(-np.linspace(-math.log(s_max), -math.log(s_min), n))
+    return sigma_to_t(sigmas, np.log(train)), sigmas
+
+
+class Flow:
+    """Flow matching (rectified flow): x_t = (1 - t) x0 + t eps, so alpha_t = 1 - t, sigma_t = t, with the
+    timestep shift of SD3 / FLUX: t -> shift t / (1 + (shift - 1) t), as diffusers' FlowMatchEulerDiscreteScheduler."""
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
+        if num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        self.num_train_timesteps = num_train_timesteps
+        self.shift = float(shift)
+
+    def shifted(self, t: np.ndarray) -> np.ndarray:
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def sigmas(self, steps: int) -> np.ndarray:
+        """`steps` descending sigmas (= t) then a final 0, in float32 as diffusers holds them."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        n = self.num_train_timesteps
+        train = self.shifted(np.linspace(1, n, n, dtype=np.float32)[::-1] / n)  # float32, as diffusers
+        s_max, s_min = float(train[0]), float(train[-1])
+        # diffusers inverts its shift to get the grid's end points in training timesteps (sigma * n)
+        t = np.linspace(s_max * n, s_min * n, steps) / n
+        return np.append(self.shifted(t).astype(np.float32), np.float32(0.0))
+
+    def __repr__(self) -> str:
+        return f"Flow(num_train_timesteps={self.num_train_timesteps}, shift={self.shift})"

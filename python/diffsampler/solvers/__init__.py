@@ -6,9 +6,10 @@ import functools
 from typing import Callable
 
 from ..models import check_prediction
-from ..schedules import VP
+from ..schedules import VP, Flow
 from .ddim import ddim_plan
 from .dpm import dpm_plan
+from .euler import euler_plan, flow_euler_plan
 from .plan import Plan, Step
 
 SOLVERS: dict[str, Callable[..., Plan]] = {
@@ -19,15 +20,20 @@ SOLVERS: dict[str, Callable[..., Plan]] = {
     "dpmpp_3m_sde": functools.partial(dpm_plan, algorithm="sde-dpmsolver++", order=3),
     "dpm_2m": functools.partial(dpm_plan, algorithm="dpmsolver", order=2, final_sigmas_type="sigma_min"),
     "dpm_3m": functools.partial(dpm_plan, algorithm="dpmsolver", order=3, final_sigmas_type="sigma_min"),
+    "euler": euler_plan,
+    "flow_euler": flow_euler_plan,
 }
+FLOW_SOLVERS = ("flow_euler",)
 
 
 def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> Plan:
     """The Plan of `solver` on `schedule` with `steps` model calls; options are the solver's keywords."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
-    if not isinstance(schedule, VP):
-        raise ValueError(f"schedule must be a diffsampler.schedules.VP, got {type(schedule).__name__}")
+    want = Flow if solver in FLOW_SOLVERS else VP
+    if not isinstance(schedule, want):
+        raise ValueError(f"solver {solver!r} needs a diffsampler.schedules.{want.__name__} schedule, "
+                         f"got {type(schedule).__name__}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     check_prediction(prediction)
@@ -37,4 +43,4 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
         raise ValueError(f"solver {solver!r}: {err}") from None
 
 
-__all__ = ["SOLVERS", "Plan", "Step", "make_plan", "ddim_plan", "dpm_plan"]
+__all__ = ["SOLVERS", "Plan", "Step", "make_plan", "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan"]

@@ -109,6 +109,9 @@ def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpm
         raise ValueError("sde-dpmsolver has no third-order update (diffusers neither); use order <= 2")
     timesteps, ratios = sigma_grid(schedule, dpm_timesteps(schedule, steps, timestep_spacing, steps_offset),
                                    sigmas)
+    if sigmas in ("karras", "lu"):  # then cast to int64, as diffusers does (truncating the other spacings)
+        timesteps = timesteps.round()
+    timesteps = timesteps.astype(np.int64)
     ratios = list(ratios) + [0.0 if final_sigmas_type == "zero" else schedule.sigma_ratio(0)]
     ratios = [float(np.float32(r)) for r in ratios]  # diffusers keeps its sigmas in float32
     a_s = [sigma_to_alpha_sigma(r) for r in ratios]

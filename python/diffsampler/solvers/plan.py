@@ -15,6 +15,7 @@ class Step:
     coeffs: UpdateCoeffs
     write_slot: int = 0
     read_slots: tuple[int, ...] = ()
+    input_scale: float = 1.0  # the model is called on input_scale * x (Euler's scale_model_input)
 
     @property
     def needs_noise(self) -> bool:
@@ -29,6 +30,7 @@ class Plan:
     history_slots: int  # 0: the solver keeps no history of data predictions
     discrete_time: bool  # the model gets integer training timesteps (int64) rather than float times
     data_prediction: bool = True  # m0 is the data prediction (False: noise prediction, DPM-Solver's dpmsolver)
+    init_scale: float = 1.0  # x_T = init_scale * N(0, I) (diffusers' init_noise_sigma)
 
     @property
     def timesteps(self) -> list[float]:

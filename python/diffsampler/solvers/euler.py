@@ -1,0 +1,69 @@
+"""Euler steps: diffusers' EulerDiscreteScheduler (VP model, sampled in the VE scale x / alpha) and
+FlowMatchEulerDiscreteScheduler (flow matching).
+
+    VP Euler:   x' = x + (sigma' - sigma) (x - m0) / sigma,   model input x / sqrt(sigma^2 + 1),  x_T scaled by
+                init_noise_sigma;  m0 = x - sigma eps (eps), out (x0), -sigma/sqrt(sigma^2+1) v + x/(sigma^2+1) (v)
+    flow Euler: x' = x + (sigma' - sigma) v
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..ops import UpdateCoeffs
+from ..schedules import VP, Flow, discrete_timesteps, sigma_grid
+from .plan import Plan, Step
+
+
+def _euler_timesteps(schedule: VP, steps: int, spacing: str, steps_offset: int) -> np.ndarray:
+    """EulerDiscreteScheduler's float timesteps: linspace is not rounded, the others are the DDIM grids."""
+    n = schedule.num_train_timesteps
+    if spacing == "linspace":
+        discrete_timesteps(n, steps, spacing)  # checks steps
+        return np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
+    return discrete_timesteps(n, steps, spacing, steps_offset).astype(np.float32)
+
+
+def _ve_data_coeffs(prediction: str, sigma: float) -> tuple[float, float]:
+    """(p, q) of the data prediction in the VE scale (x = x_VP / alpha)."""
+    if prediction == "eps":
+        return 1.0, -sigma
+    if prediction == "x0":
+        return 0.0, 1.0
+    if prediction == "v":
+        return 1.0 / (sigma * sigma + 1), -sigma / math.sqrt(sigma * sigma + 1)
+    raise ValueError(f"solver 'euler' takes prediction 'eps', 'x0' or 'v', got {prediction!r}")
+
+
+def euler_plan(schedule: VP, steps: int, prediction: str, *, timestep_spacing: str = "linspace",
+               steps_offset: int = 0, sigmas: str = "default", final_sigmas_type: str = "zero") -> Plan:
+    if final_sigmas_type not in ("zero", "sigma_min"):
+        raise ValueError(f"final_sigmas_type must be one of ('zero', 'sigma_min'), got {final_sigmas_type!r}")
+    timesteps, ratios = sigma_grid(schedule, _euler_timesteps(schedule, steps, timestep_spacing, steps_offset),
+                                   sigmas, endpoints="grid")
+    timesteps = timesteps.astype(np.float32)
+    last = 0.0 if final_sigmas_type == "zero" else schedule.sigma_ratio(0)
+    ratios = [float(np.float32(r)) for r in list(ratios) + [last]]
+    init = max(ratios) if timestep_spacing in ("linspace", "trailing") else math.sqrt(max(ratios) ** 2 + 1)
+    plan = []
+    for i, t in enumerate(timesteps):
+        sigma, dt = ratios[i], ratios[i + 1] - ratios[i]
+        p, q = _ve_data_coeffs(prediction, sigma)
+        coeffs = UpdateCoeffs(p=p, q=q, a=1.0 + dt / sigma, b=(-dt / sigma,))
+        plan.append(Step(t=float(t), coeffs=coeffs, input_scale=1.0 / math.sqrt(sigma * sigma + 1)))
+    return Plan(steps=tuple(plan), history_slots=0, discrete_time=False, init_scale=init)
+
+
+def flow_euler_plan(schedule: Flow, steps: int, prediction: str) -> Plan:
+    if prediction != "flow":
+        raise ValueError(f"solver 'flow_euler' takes prediction 'flow' (the velocity eps - x0), got {prediction!r}")
+    sigmas = [float(s) for s in schedule.sigmas(steps)]
+    n = np.float32(schedule.num_train_timesteps)
+    plan = []
+    for i in range(steps):
+        sigma, dt = sigmas[i], sigmas[i + 1] - sigmas[i]
+        coeffs = UpdateCoeffs(p=1.0, q=-sigma, a=1.0, e=dt, b=(0.0,))  # x' = x + dt v, as diffusers adds it
+        plan.append(Step(t=float(np.float32(sigma) * n), coeffs=coeffs))
+    return Plan(steps=tuple(plan), history_slots=0, discrete_time=False)
