@@ -9,14 +9,11 @@ at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                 const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
-                                double threshold_max);
+                                double threshold_max, const c10::optional<at::Tensor>& state,
+                                at::ArrayRef<double> state_coeffs);
 }
 
-TORCH_LIBRARY(diffsampler, m) {
-  m.def(
-      "multistep_update(Tensor x, Tensor model_out, Tensor(a!)? history, int write_slot, int[] read_slots, "
-      "float[] coeffs, Tensor? noise, float clip, float threshold_ratio, float threshold_max) -> Tensor");
-}
+TORCH_LIBRARY(diffsampler, m) { m.def(diffsampler::kMultistepUpdateSchema); }
 
 TORCH_LIBRARY_IMPL(diffsampler, CPU, m) { m.impl("multistep_update", &diffsampler::multistep_update_cpu); }
 

@@ -42,7 +42,8 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                 const c10::optional<at::Tensor>& noise_in, double clip, double threshold_ratio,
-                                double threshold_max, const UpdateLaunch& launch) {
+                                double threshold_max, const c10::optional<at::Tensor>& state_in,
+                                at::ArrayRef<double> state_coeffs, const UpdateLaunch& launch) {
   const ds_dtype dtype = to_ds_dtype(x_in.scalar_type());
   check_operand(out_in, x_in, "model_out");
   const int64_t n_reads = static_cast<int64_t>(read_slots.size());
@@ -61,6 +62,19 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
   for (int64_t j = 0; j <= n_reads; ++j) k.b[j] = static_cast<float>(coeffs[5 + j]);
   k.n_reads = static_cast<int>(n_reads);
   k.clip = static_cast<float>(clip);
+  const int64_t n_state = static_cast<int64_t>(state_coeffs.size());
+  TORCH_CHECK(n_state == 0 || n_state == 1 || n_state == 6 + n_reads, "multistep_update: state_coeffs must have 0, 1 or ",
+              6 + n_reads, " entries [g, sa, se, sc, sg, sb_0..sb_k], got ", n_state);
+  TORCH_CHECK((n_state > 0) == state_in.has_value(), "multistep_update: state and state_coeffs go together");
+  if (n_state > 0) k.g = static_cast<float>(state_coeffs[0]);
+  if (n_state > 1) {
+    k.state_row = 1;
+    k.sa = static_cast<float>(state_coeffs[1]);
+    k.se = static_cast<float>(state_coeffs[2]);
+    k.sc = static_cast<float>(state_coeffs[3]);
+    k.sg = static_cast<float>(state_coeffs[4]);
+    for (int64_t j = 0; j <= n_reads; ++j) k.sb[j] = static_cast<float>(state_coeffs[5 + j]);
+  }
 
   auto x = x_in.contiguous();
   auto out = out_in.contiguous();
@@ -103,6 +117,13 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
     t.noise = noise.data_ptr();
   }
 
+  at::Tensor state;  // contiguous view or copy of the state, written back below when it is a copy
+  if (state_in.has_value()) {
+    check_operand(*state_in, x, "state");
+    state = state_in->contiguous();
+    t.state = state.data_ptr();
+  }
+
   auto x_next = at::empty_like(x);
   t.x_next = x_next.data_ptr();
   if (t.n > 0) {
@@ -116,6 +137,7 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
     }
   }
   if (m0_slot.defined() && !m0_slot.is_same(m0)) m0_slot.copy_(m0);
+  if (k.state_row && !state.is_same(*state_in)) state_in->copy_(state);
   return x_next;
 }
 

@@ -15,13 +15,21 @@ using UpdateLaunch = std::function<void(ds_dtype, ds_phase, const ds_update_tens
 
 // Schema: multistep_update(Tensor x, Tensor model_out, Tensor(a!)? history, int write_slot, int[] read_slots,
 //                          float[] coeffs, Tensor? noise, float clip, float threshold_ratio,
-//                          float threshold_max) -> Tensor
+//                          float threshold_max, Tensor(b!)? state=None, float[] state_coeffs=[]) -> Tensor
 // coeffs = [p, q, a, e, c, b_0, b_1, ..., b_k], k = len(read_slots) <= DS_MAX_READS.
+// state_coeffs = [] (no state), [g] (x' += g s, s read only) or [g, sa, se, sc, sg, sb_0, ..., sb_k] (s rewritten).
 at::Tensor run_multistep_update(const at::Tensor& x, const at::Tensor& model_out,
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                 const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
-                                double threshold_max, const UpdateLaunch& launch);
+                                double threshold_max, const c10::optional<at::Tensor>& state,
+                                at::ArrayRef<double> state_coeffs, const UpdateLaunch& launch);
+
+// The schema string of the op (one place for bindings.cpp).
+constexpr const char* kMultistepUpdateSchema =
+    "multistep_update(Tensor x, Tensor model_out, Tensor(a!)? history, int write_slot, int[] read_slots, "
+    "float[] coeffs, Tensor? noise, float clip, float threshold_ratio, float threshold_max, "
+    "Tensor(b!)? state=None, float[] state_coeffs=[]) -> Tensor";
 
 // Per-sample dynamic-thresholding bound clamp(quantile(|m0_b|, ratio), 1, max_value) in float32, shape (B,);
 // the same order-statistic interpolation as reference.threshold_scale.

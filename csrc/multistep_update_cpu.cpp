@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "multistep_update.h"
 
@@ -36,7 +37,8 @@ struct F16 {
 };
 
 // Elements [begin, end) with the phase's math; s = the threshold bound of the (single) sample they lie in.
-template <typename S, int kReads, bool kNoise, bool kWriteM0, ds_phase kPhase>
+// kState: 0 no state, 1 state read (x' += g s), 2 state read and rewritten with its own row.
+template <typename S, int kReads, bool kNoise, bool kWriteM0, int kState, ds_phase kPhase>
 void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end, float s) {
   using T = typename S::Raw;
   const T* __restrict__ x = static_cast<const T*>(t.x);
@@ -46,9 +48,13 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   const T* __restrict__ r2 = static_cast<const T*>(t.reads[2]);
   const T* __restrict__ z = static_cast<const T*>(t.noise);
   T* __restrict__ m0_out = static_cast<T*>(t.m0);
+  T* __restrict__ st = static_cast<T*>(t.state);
   T* __restrict__ x_next = static_cast<T*>(t.x_next);
   // Locals, not k's fields: the stores below could alias k as far as the compiler knows.
-  const float p = k.p, q = k.q, a = k.a, e = k.e, c = k.c, b0 = k.b[0], b1 = k.b[1], b2 = k.b[2], b3 = k.b[3];
+  const float p = k.p, q = k.q, a = k.a, e = k.e, c = k.c, g = k.g;
+  const float b0 = k.b[0], b1 = k.b[1], b2 = k.b[2], b3 = k.b[3];
+  const float sa = k.sa, se = k.se, sc = k.sc, sg = k.sg;
+  const float sb0 = k.sb[0], sb1 = k.sb[1], sb2 = k.sb[2], sb3 = k.sb[3];
   const float clip = k.clip > 0 ? k.clip : INFINITY;
   const float inv_s = 1.0f / s;
 #pragma omp simd
@@ -64,48 +70,78 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
     if constexpr (kWriteM0) m0_out[i] = S::store(m0);
     if constexpr (kPhase != DS_PHASE_CONVERT) {
       float acc = a * xi + b0 * m0 + e * oi;
-      if constexpr (kReads > 0) acc += b1 * S::load(r0[i]);
-      if constexpr (kReads > 1) acc += b2 * S::load(r1[i]);
-      if constexpr (kReads > 2) acc += b3 * S::load(r2[i]);
-      if constexpr (kNoise) acc += c * S::load(z[i]);
+      float sacc = sa * xi + sb0 * m0 + se * oi;
+      if constexpr (kReads > 0) {
+        const float h = S::load(r0[i]);
+        acc += b1 * h;
+        sacc += sb1 * h;
+      }
+      if constexpr (kReads > 1) {
+        const float h = S::load(r1[i]);
+        acc += b2 * h;
+        sacc += sb2 * h;
+      }
+      if constexpr (kReads > 2) {
+        const float h = S::load(r2[i]);
+        acc += b3 * h;
+        sacc += sb3 * h;
+      }
+      if constexpr (kNoise) {
+        const float zi = S::load(z[i]);
+        acc += c * zi;
+        sacc += sc * zi;
+      }
+      if constexpr (kState > 0) {
+        const float si = S::load(st[i]);
+        acc += g * si;
+        sacc += sg * si;
+      }
       x_next[i] = S::store(acc);
+      if constexpr (kState == 2) st[i] = S::store(sacc);
     }
   }
 }
 
-template <typename S, int kReads, bool kNoise, ds_phase kPhase>
+template <typename S, int kReads, bool kNoise, int kState, ds_phase kPhase>
 void update_range(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end) {
   if constexpr (kPhase == DS_PHASE_FULL) {
-    if (t.m0 != nullptr) return update_run<S, kReads, kNoise, true, kPhase>(t, k, begin, end, 1.0f);
-    update_run<S, kReads, kNoise, false, kPhase>(t, k, begin, end, 1.0f);
+    if (t.m0 != nullptr) return update_run<S, kReads, kNoise, true, kState, kPhase>(t, k, begin, end, 1.0f);
+    update_run<S, kReads, kNoise, false, kState, kPhase>(t, k, begin, end, 1.0f);
   } else if constexpr (kPhase == DS_PHASE_CONVERT) {
-    update_run<S, kReads, kNoise, true, kPhase>(t, k, begin, end, 1.0f);
+    update_run<S, 0, false, true, 0, kPhase>(t, k, begin, end, 1.0f);
   } else {
     while (begin < end) {  // a run must not cross a sample boundary: each sample has its own bound
       const int64_t b = begin / t.per_sample;
       const int64_t stop = std::min(end, (b + 1) * t.per_sample);
-      update_run<S, kReads, kNoise, true, kPhase>(t, k, begin, stop, t.thr_scale[b]);
+      update_run<S, kReads, kNoise, true, kState, kPhase>(t, k, begin, stop, t.thr_scale[b]);
       begin = stop;
     }
   }
 }
 
-// Picks the specialisation for the runtime reads / noise / phase.
+// Picks the specialisation for the runtime reads / noise / state / phase.
 template <typename S, int kReads = 0>
 void dispatch(ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end) {
   if constexpr (kReads < DS_MAX_READS) {
     if (k.n_reads > kReads) return dispatch<S, kReads + 1>(phase, t, k, begin, end);
   }
-  const bool noise = t.noise != nullptr;
-  switch (phase) {
-    case DS_PHASE_FULL:
-      return noise ? update_range<S, kReads, true, DS_PHASE_FULL>(t, k, begin, end)
-                   : update_range<S, kReads, false, DS_PHASE_FULL>(t, k, begin, end);
-    case DS_PHASE_CONVERT: return update_range<S, 0, false, DS_PHASE_CONVERT>(t, k, begin, end);
-    case DS_PHASE_THRESHOLD:
-      return noise ? update_range<S, kReads, true, DS_PHASE_THRESHOLD>(t, k, begin, end)
-                   : update_range<S, kReads, false, DS_PHASE_THRESHOLD>(t, k, begin, end);
-  }
+  if (phase == DS_PHASE_CONVERT) return update_range<S, 0, false, 0, DS_PHASE_CONVERT>(t, k, begin, end);
+  const int state = t.state == nullptr ? 0 : (k.state_row ? 2 : 1);
+  auto run = [&](auto noise, auto st) {
+    constexpr bool kNoise = decltype(noise)::value;
+    constexpr int kState = decltype(st)::value;
+    if (phase == DS_PHASE_FULL) return update_range<S, kReads, kNoise, kState, DS_PHASE_FULL>(t, k, begin, end);
+    update_range<S, kReads, kNoise, kState, DS_PHASE_THRESHOLD>(t, k, begin, end);
+  };
+  auto with_state = [&](auto noise) {
+    switch (state) {
+      case 0: return run(noise, std::integral_constant<int, 0>{});
+      case 1: return run(noise, std::integral_constant<int, 1>{});
+      default: return run(noise, std::integral_constant<int, 2>{});
+    }
+  };
+  if (t.noise != nullptr) return with_state(std::true_type{});
+  with_state(std::false_type{});
 }
 
 void launch_cpu(ds_dtype dtype, ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs& k) {
@@ -125,10 +161,11 @@ at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                 const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
-                                double threshold_max) {
+                                double threshold_max, const c10::optional<at::Tensor>& state,
+                                at::ArrayRef<double> state_coeffs) {
   TORCH_CHECK(x.device().is_cpu(), "multistep_update_cpu: x must be a CPU tensor, got ", x.device());
   return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio,
-                              threshold_max, launch_cpu);
+                              threshold_max, state, state_coeffs, launch_cpu);
 }
 
 }  // namespace diffsampler

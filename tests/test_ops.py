@@ -6,7 +6,7 @@ import torch
 
 import diffsampler as ds
 from diffsampler import reference
-from diffsampler.ops import UpdateCoeffs
+from diffsampler.ops import StateRow, UpdateCoeffs
 from update_cases import ODD_SHAPES, case_seed as _seed, check_backend, make_case, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -23,7 +23,8 @@ def test_cpu_matches_reference(shape, dtype, n_reads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", ["noncontig", "clip", "threshold", "threshold_no_history", "no_history"])
+@pytest.mark.parametrize("variant", ["noncontig", "clip", "threshold", "threshold_no_history", "no_history",
+                                     "state_read", "state_row", "state_row_threshold", "state_noncontig"])
 def test_cpu_variants(dtype, variant):
     for shape in [(1,), (7,), (3, 5, 7, 11), (2, 4, 9, 9)]:
         seed = _seed(shape, dtype, variant)
@@ -33,6 +34,9 @@ def test_cpu_variants(dtype, variant):
             args = make_case(shape, dtype, 2, clip=0.7, seed=seed)
         elif variant == "threshold":
             args = make_case(shape, dtype, 2, threshold=True, slots=4, seed=seed)
+        elif variant.startswith("state"):
+            args = make_case(shape, dtype, 3, state=1 if variant == "state_read" else 2, seed=seed,
+                             threshold=variant.endswith("threshold"), noncontig=variant.endswith("noncontig"))
         else:
             args = make_case(shape, dtype, 0, threshold=variant == "threshold_no_history", seed=seed)
             args[2] = None
@@ -116,6 +120,8 @@ def test_opcheck():
     args = make_case((2, 3, 5), torch.float32, 0, seed=8)
     args[2] = None
     torch.library.opcheck(cpu_op, args)
+    for state in (1, 2):
+        torch.library.opcheck(cpu_op, make_case((2, 3, 5), torch.float32, 2, seed=9, state=state))
 
 
 def test_compile_fullgraph_loop():
@@ -170,6 +176,13 @@ def _good():
         (dict(threshold_ratio=1.5), "threshold_ratio must be in"),
         (dict(threshold_ratio=0.9, threshold_max=0.5), "threshold_max must be >= 1"),
         (dict(clip=-1.0), "clip must be > 0"),
+        (dict(coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1, 1), g=0.5)), "state is required"),
+        (dict(state=torch.randn(2, 4), coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1, 1), g=0.5)), "state must have shape"),
+        (dict(state=torch.randn(2, 3), coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1, 1), state=StateRow(a=1, b=(1,)))),
+         "coeffs.state.b must have 2 entries"),
+        (dict(state=torch.randn(2, 3), coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1, 1), state=StateRow(a=1, b=(1, 0),
+                                                                                                   c=1.0))),
+         "noise is required"),
     ],
 )
 def test_bad_input(change, match):
@@ -177,6 +190,21 @@ def test_bad_input(change, match):
     kw.update(change)
     with pytest.raises(ValueError, match=match):
         ds.ops.multistep_update(kw.pop("x"), kw.pop("model_out"), kw.pop("coeffs"), **kw)
+
+
+def test_state_row_updates_state_in_place():
+    """UniPC-like use: x' and the state both from the old state and the history, in one call."""
+    x, out, st = torch.randn(3, 7), torch.randn(3, 7), torch.randn(3, 7)
+    history = torch.randn(2, 3, 7)
+    coeffs = UpdateCoeffs(p=0.5, q=-1.0, a=0.0, b=(0.2, 0.3), g=0.7, state=StateRow(a=0.1, b=(0.4, -0.2), g=0.9))
+    m0 = 0.5 * x - out
+    expected_x = 0.2 * m0 + 0.3 * history[1] + 0.7 * st
+    expected_s = 0.1 * x + 0.4 * m0 - 0.2 * history[1] + 0.9 * st
+    for backend in ("reference", "cpu"):
+        s, h = st.clone(), history.clone()
+        got = ds.ops.multistep_update(x, out, coeffs, history=h, write_slot=0, read_slots=[1], state=s,
+                                      backend=backend)
+        assert torch.allclose(got, expected_x, atol=1e-6) and torch.allclose(s, expected_s, atol=1e-6)
 
 
 def test_nan_check_can_be_skipped():

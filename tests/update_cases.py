@@ -40,8 +40,10 @@ def _operand(shape, dtype, gen, noncontig):
     return view
 
 
-def make_case(shape, dtype, n_reads=2, noise=True, noncontig=False, clip=0.0, threshold=False, slots=None, seed=0):
-    """Operands and coefficients of one multistep_update call, as the positional arguments of the schema."""
+def make_case(shape, dtype, n_reads=2, noise=True, noncontig=False, clip=0.0, threshold=False, slots=None, seed=0,
+              state=0):
+    """Operands and coefficients of one multistep_update call, as the positional arguments of the schema.
+    state: 0 none, 1 a state read (x' += g s), 2 a state read and rewritten with its own row."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     slots = slots if slots is not None else n_reads + 1
@@ -55,11 +57,14 @@ def make_case(shape, dtype, n_reads=2, noise=True, noncontig=False, clip=0.0, th
         coeffs[reference.COEFF_P], coeffs[reference.COEFF_Q] = 1.0, 1.5  # push |m0| past 1 so the bound acts
     z = _operand(shape, dtype, gen, noncontig) if noise else None
     thr_ratio, thr_max = (0.9, 1.6) if threshold else (0.0, 1.0)
-    return [x, out, history, write_slot, read_slots, coeffs, z, clip, thr_ratio, thr_max]
+    s = _operand(shape, dtype, gen, noncontig) if state else None
+    s_coeffs = [rng.uniform(-1.5, 1.5) for _ in range({0: 0, 1: 1, 2: 6 + n_reads}[state])]
+    return [x, out, history, write_slot, read_slots, coeffs, z, clip, thr_ratio, thr_max, s, s_coeffs]
 
 
 def reference_result(args):
-    """(x_next, history, scale, history_scale) of the float64 reference on a copy of `args` (the history is mutated).
+    """(x_next, history, scale, history_scale, state, state_scale) of the float64 reference on a copy of
+    `args` (the history and the state are mutated).
 
     scale = the same update on |operands| and |coeffs| without clip/threshold: elementwise, the sum of the
     magnitudes of the terms of x'. A kernel computing in fp32 is accurate relative to it, not to x' itself,
@@ -69,16 +74,18 @@ def reference_result(args):
     x_next = reference.multistep_update(*a)
     b = [t.double().abs() if isinstance(t, torch.Tensor) else t for t in args]
     b[5] = [abs(c) for c in args[5]]
-    b[7:] = [0.0, 0.0, 1.0]
+    b[7:10] = [0.0, 0.0, 1.0]
+    b[11] = [abs(c) for c in args[11]]
     scale = reference.multistep_update(*b)
-    return x_next, a[2], scale, b[2]
+    return x_next, a[2], scale, b[2], a[10], b[10]
 
 
 def check_backend(fn, args, dtype):
     """Run backend `fn` on a copy of `args` and assert x_next and the written slot meet the bound."""
-    ref_x, ref_h, scale, h_scale = reference_result(args)
+    ref_x, ref_h, scale, h_scale, ref_s, s_scale = reference_result(args)
     a = list(args)
-    a[2] = a[2].clone() if a[2] is not None else None
+    for i in (2, 10):
+        a[i] = a[i].clone() if a[i] is not None else None
     got_x = fn(*a)
     assert got_x.dtype == args[0].dtype and got_x.shape == args[0].shape
     bound = BOUNDS[dtype]
@@ -88,3 +95,7 @@ def check_backend(fn, args, dtype):
         assert rel_err(a[2][w], ref_h[w], h_scale[w]) < bound
         untouched = [s for s in range(a[2].shape[0]) if s != w]
         assert torch.equal(a[2][untouched], args[2][untouched]), "a slot other than write_slot was modified"
+    if len(args[11]) > 1:
+        assert rel_err(a[10], ref_s, s_scale) < bound
+    elif a[10] is not None:
+        assert torch.equal(a[10], args[10]), "a read-only state was modified"

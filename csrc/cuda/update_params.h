@@ -1,7 +1,9 @@
 // Plain-data parameters of the fused multistep update, shared by the CPU kernel and the CUDA launcher.
 // No torch or CUDA headers. Math (design.md section 2), per element i of sample b = i / per_sample, in fp32:
 //   m0 = p x + q out;  m0 = clamp(m0, -clip, clip) if clip > 0
-//   x' = a x + e out + b0 m0 + sum_{j<n_reads} b[j+1] read_j + c z
+//   x' = a x + e out + b0 m0 + sum_{j<n_reads} b[j+1] read_j + c z + g s
+//   s' = sa x + se out + sb0 m0 + sum_{j<n_reads} sb[j+1] read_j + sc z + sg s   (state_row; written over s)
+// s is an optional state tensor of x's shape (UniPC's last sample, Heun's step start, a momentum).
 #pragma once
 #include <stdint.h>
 
@@ -26,6 +28,10 @@ typedef struct {
   float b[DS_MAX_READS + 1];  // b[0] multiplies m0, b[j + 1] multiplies reads[j]
   int n_reads;                // 0 .. DS_MAX_READS
   float clip;                 // <= 0: off
+  float g;                    // weight of the state s in x' (s read when tensors.state != NULL)
+  int state_row;              // 1: s' (the sa..sg row) is computed and written over s
+  float sa, se, sc, sg;
+  float sb[DS_MAX_READS + 1];
 } ds_update_coeffs;
 
 typedef struct {
@@ -33,6 +39,7 @@ typedef struct {
   const void* out;
   const void* reads[DS_MAX_READS];  // history slots read, n_reads of them
   const void* noise;                // NULL: no noise term
+  void* state;                      // NULL: no state term; read, and written over when state_row
   void* m0;                         // history slot written (NULL: not stored; required by the threshold phases)
   void* x_next;                     // unused in DS_PHASE_CONVERT
   const float* thr_scale;           // B bounds (on the tensors' device), DS_PHASE_THRESHOLD only

@@ -96,10 +96,24 @@ def _select_backend(backend: str, x: torch.Tensor) -> str:
 
 
 @dataclass(frozen=True)
+class StateRow:
+    """The new state of a step: s' = a x + e out + b[0] m_0 + sum_{i>=1} b[i] m_i + c z + g s."""
+
+    a: float
+    b: tuple[float, ...]
+    e: float = 0.0
+    c: float = 0.0
+    g: float = 0.0
+
+
+@dataclass(frozen=True)
 class UpdateCoeffs:
     """Host-side (float64) coefficients of one fused step.
 
-        m_0 = p x + q out,    x' = a x + e out + b[0] m_0 + sum_{i>=1} b[i] m_i + c z
+        m_0 = p x + q out,    x' = a x + e out + b[0] m_0 + sum_{i>=1} b[i] m_i + c z + g s
+
+    s is the optional state tensor (UniPC's corrected sample, Heun's step start, a momentum); with a
+    `state` row it is rewritten in the same pass.
     """
 
     p: float
@@ -108,10 +122,21 @@ class UpdateCoeffs:
     b: tuple[float, ...]
     e: float = 0.0
     c: float = 0.0
+    g: float = 0.0
+    state: StateRow | None = None
 
     def as_list(self) -> list[float]:
         """The flat layout every backend takes: [p, q, a, e, c, b_0, ..., b_k]."""
         return [float(v) for v in (self.p, self.q, self.a, self.e, self.c, *self.b)]
+
+    def state_list(self, has_state: bool) -> list[float]:
+        """state_coeffs of the backends: [] (no state), [g] (state read) or [g, sa, se, sc, sg, sb_0..sb_k]."""
+        if not has_state:
+            return []
+        if self.state is None:
+            return [float(self.g)]
+        r = self.state
+        return [float(v) for v in (self.g, r.a, r.e, r.c, r.g, *r.b)]
 
 
 def _check_like(name: str, t: torch.Tensor, x: torch.Tensor, shape: Sequence[int] | None = None) -> None:
@@ -127,7 +152,7 @@ def _check_like(name: str, t: torch.Tensor, x: torch.Tensor, shape: Sequence[int
 
 
 def _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, noise, clip, threshold_ratio,
-                       threshold_max, check_nan) -> None:
+                       threshold_max, state, check_nan) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in STORAGE_DTYPES:
@@ -158,8 +183,14 @@ def _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, no
                                  f"got {list(read_slots)}")
     if noise is not None:
         _check_like("noise", noise, x)
-    elif coeffs.c != 0:
-        raise ValueError(f"noise is required: coeffs.c = {coeffs.c} != 0")
+    elif coeffs.c != 0 or (coeffs.state is not None and coeffs.state.c != 0):
+        raise ValueError("noise is required: the noise coefficient coeffs.c (or coeffs.state.c) is not 0")
+    if state is not None:
+        _check_like("state", state, x)
+    elif coeffs.g != 0 or coeffs.state is not None:
+        raise ValueError("state is required: coeffs.g != 0 or coeffs.state is set")
+    if coeffs.state is not None and len(coeffs.state.b) != len(coeffs.b):
+        raise ValueError(f"coeffs.state.b must have {len(coeffs.b)} entries like coeffs.b, got {len(coeffs.state.b)}")
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be > 0 or None, got {clip}")
     if threshold_ratio is not None:
@@ -184,6 +215,7 @@ def multistep_update(
     clip: float | None = None,
     threshold_ratio: float | None = None,
     threshold_max: float = 1.0,
+    state: torch.Tensor | None = None,
     check_nan: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -192,18 +224,21 @@ def multistep_update(
         m_0 = p x + q out                          (raw model output -> data prediction)
         m_0 = clamp(m_0, -clip, clip)              (clip)
         m_0 = clamp(m_0, -s, s) / s,  s = clamp(quantile(|m_0|, threshold_ratio), 1, threshold_max) per sample
-        x'  = a x + e out + b[0] m_0 + sum_i b[i] history[read_slots[i-1]] + c noise
+        x'  = a x + e out + b[0] m_0 + sum_i b[i] history[read_slots[i-1]] + c noise + g state
+        state = (coeffs.state row, the same terms)  if coeffs.state is set
         history[write_slot] = m_0
 
-    All operands share x's shape, dtype and device; history has shape (slots, *x.shape) and is written in place.
+    All operands share x's shape, dtype and device; history has shape (slots, *x.shape) and is written in
+    place, and so is `state` when coeffs.state is set.
     Computes in float32 (float64 for float64 inputs, on the reference). ``check_nan`` scans model_out for NaN
     (one reduction and a host sync per call); turn it off in graph-captured or compiled loops.
     """
     read_slots = [int(r) for r in read_slots]
     _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, noise, clip, threshold_ratio,
-                       threshold_max, check_nan)
+                       threshold_max, state, check_nan)
     args = (x, model_out, history, int(write_slot), read_slots, coeffs.as_list(), noise,
-            float(clip or 0.0), float(threshold_ratio or 0.0), float(threshold_max))
+            float(clip or 0.0), float(threshold_ratio or 0.0), float(threshold_max), state,
+            coeffs.state_list(state is not None))
     name = _select_backend(backend, x)
     if name == "reference":
         return reference.multistep_update(*args)
@@ -218,5 +253,5 @@ if _status("cpu")[0]:
 
     @torch.library.register_fake("diffsampler::multistep_update")
     def _multistep_update_fake(x, model_out, history, write_slot, read_slots, coeffs, noise, clip,
-                               threshold_ratio, threshold_max):
+                               threshold_ratio, threshold_max, state=None, state_coeffs=()):
         return x.new_empty(x.shape)

@@ -48,16 +48,20 @@ def multistep_update(
     clip: float,
     threshold_ratio: float,
     threshold_max: float,
+    state: torch.Tensor | None = None,
+    state_coeffs: list[float] = (),
 ) -> torch.Tensor:
     """One fused solver step (design.md section 2).
 
         m_0  = p x + q out                                   data prediction
         m_0  = clamp(m_0, -clip, clip)                       if clip > 0
         m_0  = clamp(m_0, -s_b, s_b) / s_b                   if threshold_ratio > 0 (s_b: threshold_scale)
-        x'   = a x + e out + sum_i b_i m_i + c z             m_i = history[read_slots[i-1]], i >= 1
+        x'   = a x + e out + sum_i b_i m_i + c z + g s       m_i = history[read_slots[i-1]], i >= 1
+        s'   = sa x + se out + sum_i sb_i m_i + sc z + sg s  written over the state s, if state_coeffs has the row
         history[write_slot] = m_0                            if history is given
 
-    Returns x'; writes history in place.
+    state_coeffs: [] (no state), [g] (state read) or [g, sa, se, sc, sg, sb_0, ..., sb_k].
+    Returns x'; writes history (and the state) in place.
     """
     cd = compute_dtype(x.dtype)
     p, q, a, e, c = coeffs[:COEFF_B0]
@@ -69,13 +73,27 @@ def multistep_update(
     if threshold_ratio > 0:
         s = threshold_scale(m0, threshold_ratio, threshold_max).view(-1, *([1] * (m0.dim() - 1)))
         m0 = torch.minimum(torch.maximum(m0, -s), s) / s
-    x_next = a * xf + b[0] * m0
-    if e != 0:
-        x_next = x_next + e * of
-    for bi, slot in zip(b[1:], read_slots):
-        x_next = x_next + bi * history[slot].to(cd)
-    if noise is not None:
-        x_next = x_next + c * noise.to(cd)
+    reads = [history[slot].to(cd) for slot in read_slots]
+    z = noise.to(cd) if noise is not None else None
+    s = state.to(cd) if state is not None else None
+
+    def row(a, e, c, g, b):
+        y = a * xf + b[0] * m0
+        if e != 0:
+            y = y + e * of
+        for bi, m in zip(b[1:], reads):
+            y = y + bi * m
+        if z is not None:
+            y = y + c * z
+        if s is not None:
+            y = y + g * s
+        return y
+
+    g = state_coeffs[0] if len(state_coeffs) else 0.0
+    x_next = row(a, e, c, g, b)
+    if len(state_coeffs) > 1:
+        sa, se, sc, sg = state_coeffs[1:5]
+        state.copy_(row(sa, se, sc, sg, state_coeffs[5:]))
     if history is not None:
         history[write_slot].copy_(m0)
     return x_next.to(x.dtype)
