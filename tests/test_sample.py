@@ -25,8 +25,10 @@ def make_model(channels=4, seed=0):
 
 def run_diffusers(scheduler, model, x, steps, generator=None, **step_kw):
     scheduler.set_timesteps(steps)
+    if generator is not None:
+        step_kw["generator"] = generator
     for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t), t, x, generator=generator, **step_kw).prev_sample
+        x = scheduler.step(model(x, t), t, x, **step_kw).prev_sample
     return x
 
 
@@ -138,7 +140,7 @@ def test_progress_bar(capsys):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(solver="dpm_9m"), r"solver must be one of \['ddim', 'dpm_2m', .*'flow_euler'\]"),
+        (dict(solver="dpm_9m"), r"solver must be one of \[.*'ddim'.*'dpmpp_2m'.*\], got 'dpm_9m'"),
         (dict(prediction="noise"), "prediction must be one of"),
         (dict(steps=0), "steps must be an integer >= 1"),
         (dict(steps=2000), "steps must be <= num_train_timesteps"),
@@ -269,3 +271,42 @@ def test_flow_solver_on_vp_schedule_is_an_error():
         ds.sample(make_model(), torch.randn(1, 4, 4, 4), solver="flow_euler", schedule=ds.schedules.VP.linear())
     with pytest.raises(ValueError, match="solver 'dpmpp_2m' needs a diffsampler.schedules.VP schedule"):
         ds.sample(make_model(), torch.randn(1, 4, 4, 4), solver="dpmpp_2m", schedule=ds.schedules.Flow())
+
+
+UNIPC_CASES = [
+    (order, variant, px0, final, steps, disable, sigmas)
+    for order in (1, 2, 3) for variant in ("bh1", "bh2") for px0 in (True, False)
+    for final in ("zero", "sigma_min") for steps in (6, 20) for disable in ((), (0, 3))
+    for sigmas in ("default", "karras")
+    if (px0 or final == "sigma_min") and not (variant == "bh1" and px0 and final == "zero")
+    and (steps == 20 or sigmas == "default")
+]
+
+
+@pytest.mark.parametrize("case", UNIPC_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_unipc_matches_diffusers(case):
+    """UniPC predictor-corrector, every order / variant / final sigma / disabled-corrector combination that
+    diffusers computes (bh1 with a zero final sigma is NaN there: see test_unipc_bh1_zero_final_is_finite)."""
+    from diffusers import UniPCMultistepScheduler
+
+    order, variant, px0, final, steps, disable, sigmas = case
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    sched = UniPCMultistepScheduler(**SD, solver_order=order, solver_type=variant, predict_x0=px0,
+                                    final_sigmas_type=final, disable_corrector=list(disable),
+                                    use_karras_sigmas=sigmas == "karras")
+    expected = run_diffusers(sched, model, x, steps)
+    got = ds.sample(model, x, steps=steps, solver="unipc", order=order, solver_type=variant, predict_x0=px0,
+                    final_sigmas_type=final, disable_corrector=disable, sigmas=sigmas)
+    assert max_rel(got, expected) <= 1e-5
+
+
+def test_unipc_bh1_zero_final_is_finite():
+    """diffusers returns NaN here (B(h) = h = -inf times a zero residual at the last, first-order step);
+    the limit is the data prediction, which is what diffsampler returns."""
+    from diffusers import UniPCMultistepScheduler
+
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert torch.isnan(run_diffusers(UniPCMultistepScheduler(**SD, solver_type="bh1"), model, x, 10)).all()
+    got = ds.sample(model, x, steps=10, solver="unipc", solver_type="bh1")
+    bh2 = ds.sample(model, x, steps=10, solver="unipc", solver_type="bh2")
+    assert torch.isfinite(got).all() and max_rel(got, bh2) < 0.05

@@ -58,6 +58,7 @@ def sample(
     if (clip or threshold_ratio) and not plan.data_prediction:
         raise ValueError(f"clip / threshold_ratio act on a data prediction; solver {solver!r} keeps noise predictions")
     history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
+    state = torch.zeros_like(x) if plan.uses_state else None
     if plan.init_scale != 1.0:
         x = x * plan.init_scale
     t_dtype = torch.int64 if plan.discrete_time else torch.float32
@@ -75,6 +76,6 @@ def sample(
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
         x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
                                  read_slots=step.read_slots, noise=noise, clip=clip,
-                                 threshold_ratio=threshold_ratio, threshold_max=threshold_max,
+                                 threshold_ratio=threshold_ratio, threshold_max=threshold_max, state=state,
                                  check_nan=check_nan, backend=backend)
     return x

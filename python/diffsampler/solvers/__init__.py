@@ -10,6 +10,7 @@ from ..schedules import VP, Flow
 from .ddim import ddim_plan
 from .dpm import dpm_plan
 from .euler import euler_plan, flow_euler_plan
+from .unipc import unipc_plan
 from .plan import Plan, Step
 
 SOLVERS: dict[str, Callable[..., Plan]] = {
@@ -20,6 +21,7 @@ SOLVERS: dict[str, Callable[..., Plan]] = {
     "dpmpp_3m_sde": functools.partial(dpm_plan, algorithm="sde-dpmsolver++", order=3),
     "dpm_2m": functools.partial(dpm_plan, algorithm="dpmsolver", order=2, final_sigmas_type="sigma_min"),
     "dpm_3m": functools.partial(dpm_plan, algorithm="dpmsolver", order=3, final_sigmas_type="sigma_min"),
+    "unipc": unipc_plan,
     "euler": euler_plan,
     "flow_euler": flow_euler_plan,
 }
@@ -43,4 +45,4 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
         raise ValueError(f"solver {solver!r}: {err}") from None
 
 
-__all__ = ["SOLVERS", "Plan", "Step", "make_plan", "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan"]
+__all__ = ["SOLVERS", "Plan", "Step", "make_plan", "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan"]

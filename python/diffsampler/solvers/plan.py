@@ -31,6 +31,7 @@ class Plan:
     discrete_time: bool  # the model gets integer training timesteps (int64) rather than float times
     data_prediction: bool = True  # m0 is the data prediction (False: noise prediction, DPM-Solver's dpmsolver)
     init_scale: float = 1.0  # x_T = init_scale * N(0, I) (diffusers' init_noise_sigma)
+    uses_state: bool = False  # the steps read / rewrite a state tensor (zeros at the start)
 
     @property
     def timesteps(self) -> list[float]:
