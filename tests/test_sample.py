@@ -310,3 +310,18 @@ def test_unipc_bh1_zero_final_is_finite():
     got = ds.sample(model, x, steps=10, solver="unipc", solver_type="bh1")
     bh2 = ds.sample(model, x, steps=10, solver="unipc", solver_type="bh2")
     assert torch.isfinite(got).all() and max_rel(got, bh2) < 0.05
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("steps", [6, 20])
+@pytest.mark.parametrize("sigmas", ["default", "karras"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_deis_matches_diffusers(order, steps, sigmas, prediction):
+    from diffusers import DEISMultistepScheduler
+
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    sched = DEISMultistepScheduler(**SD, solver_order=order, use_karras_sigmas=sigmas == "karras",
+                                   prediction_type=DIFFUSERS_PREDICTION[prediction])
+    expected = run_diffusers(sched, model, x, steps)
+    got = ds.sample(model, x, steps=steps, solver="deis", order=order, sigmas=sigmas, prediction=prediction)
+    assert max_rel(got, expected) <= 1e-5

@@ -8,6 +8,7 @@ from typing import Callable
 from ..models import check_prediction
 from ..schedules import VP, Flow
 from .ddim import ddim_plan
+from .deis import deis_plan
 from .dpm import dpm_plan
 from .euler import euler_plan, flow_euler_plan
 from .unipc import unipc_plan
@@ -22,6 +23,7 @@ SOLVERS: dict[str, Callable[..., Plan]] = {
     "dpm_2m": functools.partial(dpm_plan, algorithm="dpmsolver", order=2, final_sigmas_type="sigma_min"),
     "dpm_3m": functools.partial(dpm_plan, algorithm="dpmsolver", order=3, final_sigmas_type="sigma_min"),
     "unipc": unipc_plan,
+    "deis": deis_plan,
     "euler": euler_plan,
     "flow_euler": flow_euler_plan,
 }
@@ -45,4 +47,4 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
         raise ValueError(f"solver {solver!r}: {err}") from None
 
 
-__all__ = ["SOLVERS", "Plan", "Step", "make_plan", "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan"]
+__all__ = ["SOLVERS", "Plan", "Step", "make_plan", "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan"]

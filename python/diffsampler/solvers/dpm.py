@@ -14,32 +14,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from ..models import data_coeffs, noise_coeffs
 from ..ops import UpdateCoeffs
-from ..schedules import VP, discrete_timesteps, sigma_to_alpha_sigma, sigma_grid
+from ..schedules import VP
+from .grid import Grid, multistep_grid
 from .plan import Plan, Step, ring_slots
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 SOLVER_TYPES = ("midpoint", "heun")
-FINAL_SIGMAS = ("zero", "sigma_min")
-
-
-def dpm_timesteps(schedule: VP, steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
-    """DPMSolverMultistepScheduler's grid: the DDIM grid of steps + 1 points without its last (t = 0) point,
-    except "trailing", which is the DDIM trailing grid."""
-    n = schedule.num_train_timesteps
-    if spacing == "trailing":
-        t = discrete_timesteps(n, steps, spacing)
-    elif spacing == "linspace":
-        discrete_timesteps(n, steps, spacing)  # checks steps and spacing
-        t = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
-    else:
-        t = discrete_timesteps(n, steps + 1, spacing, steps_offset)[:-1].copy()
-    if len(np.unique(t)) != len(t):
-        raise ValueError(f"steps={steps} repeats timesteps on the {spacing!r} grid of {n}; use fewer steps")
-    return t
 
 
 def _update_terms(algorithm: str, solver_type: str, order: int, alpha_s, sigma_s, alpha_t, sigma_t, h):
@@ -93,40 +75,42 @@ def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpm
              solver_type: str = "midpoint", timestep_spacing: str = "linspace", steps_offset: int = 0,
              sigmas: str = "default", final_sigmas_type: str = "zero", lower_order_final: bool = True,
              euler_at_final: bool = False) -> Plan:
-    """The DPM-Solver multistep Plan. `sigmas`: "default" (the training sigmas at the spaced timesteps),
-    "karras", "exponential", "beta" or "lu" (uniform logSNR), as diffusers' use_*_sigmas options."""
+    """The DPM-Solver multistep Plan on a VP schedule. `sigmas`: "default" (the training sigmas at the spaced
+    timesteps), "karras", "exponential", "beta" or "lu" (uniform logSNR), as diffusers' use_*_sigmas options."""
+    if final_sigmas_type == "last":
+        raise ValueError("final_sigmas_type must be one of ('zero', 'sigma_min'), got 'last'")
+    grid = multistep_grid(schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+                          sigmas=sigmas, final_sigmas_type=final_sigmas_type)
+    return dpm_steps(grid, prediction, algorithm=algorithm, order=order, solver_type=solver_type,
+                     lower_order_final=lower_order_final, euler_at_final=euler_at_final,
+                     final_sigma_zero=final_sigmas_type == "zero")
+
+
+def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", order: int = 2,
+              solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
+              final_sigma_zero: bool = True) -> Plan:
+    """The DPM-Solver multistep Plan over any Grid (the drop-in scheduler passes diffusers' own grid)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
-    if final_sigmas_type not in FINAL_SIGMAS:
-        raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS}, got {final_sigmas_type!r}")
-    if not algorithm.endswith("++") and final_sigmas_type == "zero":
+    if not algorithm.endswith("++") and final_sigma_zero:
         raise ValueError(f"algorithm {algorithm!r} (noise prediction) needs final_sigmas_type='sigma_min'")
     if order == 3 and algorithm == "sde-dpmsolver":
         raise ValueError("sde-dpmsolver has no third-order update (diffusers neither); use order <= 2")
-    timesteps, ratios = sigma_grid(schedule, dpm_timesteps(schedule, steps, timestep_spacing, steps_offset),
-                                   sigmas)
-    if sigmas in ("karras", "lu"):  # then cast to int64, as diffusers does (truncating the other spacings)
-        timesteps = timesteps.round()
-    timesteps = timesteps.astype(np.int64)
-    ratios = list(ratios) + [0.0 if final_sigmas_type == "zero" else schedule.sigma_ratio(0)]
-    ratios = [float(np.float32(r)) for r in ratios]  # diffusers keeps its sigmas in float32
-    a_s = [sigma_to_alpha_sigma(r) for r in ratios]
-    lambdas = [math.inf if s == 0 else math.log(a) - math.log(s) for a, s in a_s]
     convert = data_coeffs if algorithm.endswith("++") else noise_coeffs
-    n = len(timesteps)
+    n = len(grid)
     plan = []
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(grid.timesteps):
         this_order = min(order, i + 1)
-        if i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_sigmas_type == "zero"):
+        if i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_sigma_zero):
             this_order = 1
         elif i == n - 2 and lower_order_final and n < 15:
             this_order = min(this_order, 2)
-        (alpha_s, sigma_s), (alpha_t, sigma_t) = a_s[i], a_s[i + 1]
-        h = lambdas[i + 1] - lambdas[i]
+        (alpha_s, sigma_s), (alpha_t, sigma_t) = grid.alpha_sigma(i), grid.alpha_sigma(i + 1)
+        h = grid.lam(i + 1) - grid.lam(i)
         p, q = convert(prediction, alpha_s, sigma_s)
         write, reads = ring_slots(i, this_order, order)
         if h == 0:  # a repeated sigma (sigma_min after a grid ending at sigma_min): the step is the identity
@@ -134,9 +118,9 @@ def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpm
         else:
             a, c0, c1, c2, c = _update_terms(algorithm, solver_type, this_order, alpha_s, sigma_s, alpha_t,
                                              sigma_t, h)
-            r0 = (lambdas[i] - lambdas[i - 1]) / h if this_order > 1 else 0.0
-            r1 = (lambdas[i - 1] - lambdas[i - 2]) / h if this_order > 2 else 0.0
+            r0 = (grid.lam(i) - grid.lam(i - 1)) / h if this_order > 1 else 0.0
+            r1 = (grid.lam(i - 1) - grid.lam(i - 2)) / h if this_order > 2 else 0.0
             coeffs = UpdateCoeffs(p=p, q=q, a=a, b=_history_weights(this_order, c0, c1, c2, r0, r1), c=c)
-        plan.append(Step(t=int(t), coeffs=coeffs, write_slot=write, read_slots=reads))
+        plan.append(Step(t=t, coeffs=coeffs, write_slot=write, read_slots=reads))
     return Plan(steps=tuple(plan), history_slots=order if order > 1 else 0, discrete_time=True,
                 data_prediction=algorithm.endswith("++"))

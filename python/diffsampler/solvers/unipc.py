@@ -21,8 +21,8 @@ import numpy as np
 
 from ..models import data_coeffs, noise_coeffs
 from ..ops import StateRow, UpdateCoeffs
-from ..schedules import VP, sigma_grid, sigma_to_alpha_sigma
-from .dpm import dpm_timesteps
+from ..schedules import VP
+from .grid import Grid, multistep_grid
 from .plan import Plan, Step
 
 SOLVER_TYPES = ("bh1", "bh2")
@@ -45,18 +45,17 @@ def _rhos(order: int, rks: list[float], hh: float, solver_type: str, corrector: 
     return np.array([0.5]) if order == 2 else np.linalg.solve(r[:-1, :-1], np.array(b[:-1]))
 
 
-class _Grid:
-    """alpha, sigma, lambda at the grid points, and the weights of one UniPC update from point s to t."""
+class _Updates:
+    """The weights of one UniPC update from grid point s to t."""
 
-    def __init__(self, ratios: list[float], predict_x0: bool, solver_type: str):
-        self.alpha_sigma = [sigma_to_alpha_sigma(r) for r in ratios]
-        self.lam = [math.inf if s == 0 else math.log(a) - math.log(s) for a, s in self.alpha_sigma]
-        self.predict_x0, self.solver_type = predict_x0, solver_type
+    def __init__(self, grid: Grid, predict_x0: bool, solver_type: str):
+        self.grid, self.predict_x0, self.solver_type = grid, predict_x0, solver_type
 
     def update(self, s: int, t: int, order: int, corrector: bool) -> tuple[float, dict[int, float]]:
         """(weight of the start sample, {grid index of a prediction (t for the new one): weight})."""
-        (alpha_s, sigma_s), (alpha_t, sigma_t) = self.alpha_sigma[s], self.alpha_sigma[t]
-        h = self.lam[t] - self.lam[s]
+        lam = self.grid.lam
+        (alpha_s, sigma_s), (alpha_t, sigma_t) = self.grid.alpha_sigma(s), self.grid.alpha_sigma(t)
+        h = lam(t) - lam(s)
         hh = -h if self.predict_x0 else h
         scale = alpha_t if self.predict_x0 else sigma_t
         a = sigma_t / sigma_s if self.predict_x0 else alpha_t / alpha_s
@@ -64,7 +63,7 @@ class _Grid:
         if order == 1 and not corrector:
             return a, w
         b_h = hh if self.solver_type == "bh1" else math.expm1(hh)
-        rks = [(self.lam[s - k] - self.lam[s]) / h for k in range(1, order)]
+        rks = [(lam(s - k) - lam(s)) / h for k in range(1, order)]
         rho = _rhos(order, rks, hh, self.solver_type, corrector)
         for k, (rk, rho_k) in enumerate(zip(rks, rho), start=1):  # rho_k (m_{s-k} - m_s) / r_k
             w[s - k] = w.get(s - k, 0.0) - scale * b_h * rho_k / rk
@@ -79,47 +78,50 @@ def unipc_plan(schedule: VP, steps: int, prediction: str, *, order: int = 2, sol
                predict_x0: bool = True, corrector: bool = True, disable_corrector: tuple[int, ...] = (),
                lower_order_final: bool = True, timestep_spacing: str = "linspace", steps_offset: int = 0,
                sigmas: str = "default", final_sigmas_type: str = "zero") -> Plan:
-    """UniPC Plan; `order` <= 3 (the history reads of the fused update), corrector on all steps but those
-    after the indices in `disable_corrector` (diffusers' meaning)."""
+    """UniPC Plan on a VP schedule; `order` <= 3 (the history reads of the fused update), the corrector on
+    every step but those after the indices in `disable_corrector` (diffusers' meaning), or none."""
+    if final_sigmas_type == "last":
+        raise ValueError("final_sigmas_type must be one of ('zero', 'sigma_min'), got 'last'")
+    grid = multistep_grid(schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+                          sigmas=sigmas, final_sigmas_type=final_sigmas_type)
+    return unipc_steps(grid, prediction, order=order, solver_type=solver_type, predict_x0=predict_x0,
+                       corrector=corrector, disable_corrector=disable_corrector, lower_order_final=lower_order_final)
+
+
+def unipc_steps(grid: Grid, prediction: str, *, order: int = 2, solver_type: str = "bh2", predict_x0: bool = True,
+                corrector: bool = True, disable_corrector: tuple[int, ...] = (),
+                lower_order_final: bool = True) -> Plan:
+    """The UniPC Plan over any Grid (the drop-in scheduler passes diffusers' own grid)."""
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3 for unipc, got {order}")
     if solver_type not in SOLVER_TYPES:
-        raise ValueError(f"variant must be one of {SOLVER_TYPES}, got {solver_type!r}")
-    if final_sigmas_type not in ("zero", "sigma_min"):
-        raise ValueError(f"final_sigmas_type must be one of ('zero', 'sigma_min'), got {final_sigmas_type!r}")
-    timesteps, ratios = sigma_grid(schedule, dpm_timesteps(schedule, steps, timestep_spacing, steps_offset), sigmas)
-    if sigmas in ("karras", "lu"):
-        timesteps = timesteps.round()
-    timesteps = timesteps.astype(np.int64)
-    ratios = list(ratios) + [0.0 if final_sigmas_type == "zero" else schedule.sigma_ratio(0)]
-    grid = _Grid([float(np.float32(r)) for r in ratios], predict_x0, solver_type)
+        raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+    updates = _Updates(grid, predict_x0, solver_type)
     convert = data_coeffs if predict_x0 else noise_coeffs
-    n, slots = len(timesteps), order + 1
+    n, slots = len(grid), order + 1
     orders, plan = [], []
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(grid.timesteps):
         p_order = min(order, n - i) if lower_order_final else order
         p_order = min(p_order, i + 1)
         use_corrector = corrector and i > 0 and (i - 1) not in disable_corrector
         # corrector x_c = c_a state + sum_j c_w[j] m_j (grid point i - 1 -> i, the previous step's order)
         if use_corrector:
-            c_a, c_w = grid.update(i - 1, i, orders[-1], corrector=True)
+            c_a, c_w = updates.update(i - 1, i, orders[-1], corrector=True)
         else:
             c_a, c_w = 0.0, {}
         # predictor x' = p_a x_c + sum_j p_w[j] m_j, x_c = the corrected sample (or x without corrector)
-        p_a, p_w = grid.update(i, i + 1, p_order, corrector=False)
+        p_a, p_w = updates.update(i, i + 1, p_order, corrector=False)
         orders.append(p_order)
         weights = {j: p_a * c_w.get(j, 0.0) + p_w.get(j, 0.0) for j in set(c_w) | set(p_w)}
         reads = sorted((j for j in weights if j != i), reverse=True)  # m_{i-1}, m_{i-2}, ...
         b = (weights.get(i, 0.0),) + tuple(weights[j] for j in reads)
-        alpha_s, sigma_s = grid.alpha_sigma[i]
-        pq = convert(prediction, alpha_s, sigma_s)
+        p, q = convert(prediction, *grid.alpha_sigma(i))
         if use_corrector:  # x' from the state: g = p_a c_a; the state becomes x_c
             state = StateRow(a=0.0, b=(c_w.get(i, 0.0),) + tuple(c_w.get(j, 0.0) for j in reads), g=c_a)
-            coeffs = UpdateCoeffs(p=pq[0], q=pq[1], a=0.0, b=b, g=p_a * c_a, state=state)
+            coeffs = UpdateCoeffs(p=p, q=q, a=0.0, b=b, g=p_a * c_a, state=state)
         else:  # x' from x; the state becomes x
             state = StateRow(a=1.0, b=(0.0,) * len(b))
-            coeffs = UpdateCoeffs(p=pq[0], q=pq[1], a=p_a, b=b, state=state)
-        plan.append(Step(t=int(t), coeffs=coeffs, write_slot=i % slots,
-                         read_slots=tuple(j % slots for j in reads)))
+            coeffs = UpdateCoeffs(p=p, q=q, a=p_a, b=b, state=state)
+        plan.append(Step(t=t, coeffs=coeffs, write_slot=i % slots, read_slots=tuple(j % slots for j in reads)))
     return Plan(steps=tuple(plan), history_slots=slots, discrete_time=True, data_prediction=predict_x0,
                 uses_state=True)
