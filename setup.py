@@ -53,7 +53,8 @@ def extension():
 
 
 setup(
-    packages=["diffsampler", "diffsampler.solvers", "diffsampler.bench", "diffsampler.triton_kernels",
+    packages=["diffsampler", "diffsampler.solvers", "diffsampler.bench", "diffsampler.integrations",
+              "diffsampler.triton_kernels",
               "diffsampler._csrc"],
     package_dir={
         "diffsampler": "python/diffsampler",

@@ -25,6 +25,9 @@ def data_coeffs(prediction: str, alpha: float, sigma: float) -> tuple[float, flo
         score: x0 = (x + sigma^2 score) / alpha
     """
     check_prediction(prediction)
+    if alpha == 0 and prediction in ("eps", "score"):
+        raise ValueError(f"prediction {prediction!r} gives no data prediction at alpha_t = 0 (zero terminal SNR); "
+                         "use a 'v' or 'x0' model there")
     if prediction == "eps":
         return 1.0 / alpha, -sigma / alpha
     if prediction == "x0":

@@ -51,13 +51,15 @@ def deis_plan(schedule: VP, steps: int, prediction: str, *, order: int = 2, lowe
     return deis_steps(grid, prediction, order=order, lower_order_final=lower_order_final)
 
 
-def deis_steps(grid: Grid, prediction: str, *, order: int = 2, lower_order_final: bool = True) -> Plan:
+def deis_steps(grid: Grid, prediction: str, *, order: int = 2, lower_order_final: bool = True,
+               start: int = 0) -> Plan:
+    """The DEIS Plan over any Grid; the loop starts at step `start` (img2img), where the history is empty."""
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3 for deis, got {order}")
     n = len(grid)
     plan = []
     for i, t in enumerate(grid.timesteps):
-        this_order = min(order, i + 1)
+        this_order = min(order, i - start + 1) if i >= start else 1
         if lower_order_final and n < 15 and i >= n - 2:
             this_order = min(this_order, n - i)
         (alpha_s, sigma_s), (alpha_t, sigma_t) = grid.alpha_sigma(i), grid.alpha_sigma(i + 1)

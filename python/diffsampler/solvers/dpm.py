@@ -88,8 +88,9 @@ def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpm
 
 def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", order: int = 2,
               solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
-              final_sigma_zero: bool = True) -> Plan:
-    """The DPM-Solver multistep Plan over any Grid (the drop-in scheduler passes diffusers' own grid)."""
+              final_sigma_zero: bool = True, start: int = 0) -> Plan:
+    """The DPM-Solver multistep Plan over any Grid (the drop-in scheduler passes diffusers' own grid); the
+    loop starts at step `start` (img2img), where the history is empty."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if order not in (1, 2, 3):
@@ -104,7 +105,7 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
     n = len(grid)
     plan = []
     for i, t in enumerate(grid.timesteps):
-        this_order = min(order, i + 1)
+        this_order = min(order, i - start + 1) if i >= start else 1
         if i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_sigma_zero):
             this_order = 1
         elif i == n - 2 and lower_order_final and n < 15:

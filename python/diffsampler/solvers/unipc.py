@@ -90,8 +90,9 @@ def unipc_plan(schedule: VP, steps: int, prediction: str, *, order: int = 2, sol
 
 def unipc_steps(grid: Grid, prediction: str, *, order: int = 2, solver_type: str = "bh2", predict_x0: bool = True,
                 corrector: bool = True, disable_corrector: tuple[int, ...] = (),
-                lower_order_final: bool = True) -> Plan:
-    """The UniPC Plan over any Grid (the drop-in scheduler passes diffusers' own grid)."""
+                lower_order_final: bool = True, start: int = 0) -> Plan:
+    """The UniPC Plan over any Grid (the drop-in scheduler passes diffusers' own grid); the loop starts at
+    step `start` (img2img), where the history is empty."""
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3 for unipc, got {order}")
     if solver_type not in SOLVER_TYPES:
@@ -102,8 +103,8 @@ def unipc_steps(grid: Grid, prediction: str, *, order: int = 2, solver_type: str
     orders, plan = [], []
     for i, t in enumerate(grid.timesteps):
         p_order = min(order, n - i) if lower_order_final else order
-        p_order = min(p_order, i + 1)
-        use_corrector = corrector and i > 0 and (i - 1) not in disable_corrector
+        p_order = min(p_order, i - start + 1) if i >= start else 1
+        use_corrector = corrector and i > start and (i - 1) not in disable_corrector
         # corrector x_c = c_a state + sum_j c_w[j] m_j (grid point i - 1 -> i, the previous step's order)
         if use_corrector:
             c_a, c_w = updates.update(i - 1, i, orders[-1], corrector=True)

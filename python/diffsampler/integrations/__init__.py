@@ -1,0 +1,1 @@
+"""Drop-ins for other libraries: diffusers schedulers (diffusers.py), k-diffusion samplers (kdiffusion.py)."""

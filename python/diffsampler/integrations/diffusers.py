@@ -1,0 +1,283 @@
+"""Drop-in diffusers schedulers whose step() is the fused multistep update.
+
+Each class subclasses diffusers' own (same config, `from_config(pipe.scheduler.config)`, same
+`set_timesteps` / `scale_model_input` / `add_noise`) and replaces `step()`: the per-step coefficients come
+from diffsampler's solver math (float64, on the host) over the scheduler's own timesteps and sigmas, and the
+tensor work is one `diffsampler.ops.multistep_update` call. The results equal diffusers' (fp32 max relative
+difference <= 1e-5 over full loops, `tests/test_integrations_diffusers.py`).
+
+`accelerate(pipe)` swaps a pipeline's scheduler for the fused equivalent and says which it chose.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import diffusers
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .. import ops
+from ..models import data_coeffs, noise_coeffs
+from ..ops import UpdateCoeffs
+from ..solvers.deis import deis_steps
+from ..solvers.dpm import dpm_steps
+from ..solvers.grid import Grid
+from ..solvers.unipc import unipc_steps
+
+PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
+
+
+def _prediction(config) -> str:
+    if config.prediction_type not in PREDICTIONS:
+        raise ValueError(f"prediction_type {config.prediction_type!r} is not supported; "
+                         f"expected one of {sorted(PREDICTIONS)}")
+    return PREDICTIONS[config.prediction_type]
+
+
+def _threshold_kwargs(config) -> dict:
+    if getattr(config, "thresholding", False):
+        return dict(threshold_ratio=config.dynamic_thresholding_ratio, threshold_max=config.sample_max_value)
+    return {}
+
+
+def _same_dtype(model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """diffusers returns the model output's dtype; the fused op takes one dtype for all operands."""
+    return sample if sample.dtype == model_output.dtype else sample.to(model_output.dtype)
+
+
+class _MultistepMixin:
+    """step() over a Plan built from the scheduler's own grid, from the step it starts at (img2img starts
+    late: the warm-up orders count from there, as diffusers' lower_order_nums does)."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fused_plan = self._fused_history = self._fused_state = None
+
+    def _grid(self) -> Grid:
+        flow = bool(getattr(self.config, "use_flow_sigmas", False))
+        return Grid(timesteps=tuple(self.timesteps.tolist()), sigmas=tuple(self.sigmas.double().tolist()),
+                    flow=flow)
+
+    def _fused_step(self, model_output, timestep, sample, noise=None):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
+                             "creating the scheduler")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self._fused_plan is None:
+            self._fused_plan = self._build_plan(start=self.step_index)
+        plan = self._fused_plan
+        step = plan.steps[self.step_index]
+        sample = _same_dtype(model_output, sample)
+        if self._fused_history is None and plan.history_slots:
+            self._fused_history = sample.new_empty((plan.history_slots, *sample.shape))
+        if self._fused_state is None and plan.uses_state:
+            self._fused_state = torch.zeros_like(sample)
+        if step.needs_noise and noise is not None:
+            noise = noise.to(device=sample.device, dtype=sample.dtype)
+        prev = ops.multistep_update(sample, model_output, step.coeffs, history=self._fused_history,
+                                    write_slot=step.write_slot, read_slots=step.read_slots,
+                                    noise=noise if step.needs_noise else None, state=self._fused_state,
+                                    **_threshold_kwargs(self.config))
+        self._step_index += 1
+        return prev
+
+
+class DPMSolverMultistepScheduler(_MultistepMixin, diffusers.DPMSolverMultistepScheduler):
+    """diffusers' DPMSolverMultistepScheduler (all algorithm types, orders 1-3, midpoint / heun, every sigma
+    spacing and final sigma) with the fused update."""
+
+    def _build_plan(self, start: int):
+        c = self.config
+        return dpm_steps(self._grid(), _prediction(c), algorithm=c.algorithm_type, order=c.solver_order,
+                         solver_type=c.solver_type, lower_order_final=c.lower_order_final,
+                         euler_at_final=c.euler_at_final, final_sigma_zero=c.final_sigmas_type == "zero",
+                         start=start)
+
+    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
+        if self.config.variance_type in ("learned", "learned_range") and self.config.prediction_type == "epsilon":
+            model_output = model_output[:, :3]
+        noise = None
+        if self.config.algorithm_type.startswith("sde"):
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+        prev = self._fused_step(model_output, timestep, sample, noise)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+class UniPCMultistepScheduler(_MultistepMixin, diffusers.UniPCMultistepScheduler):
+    """diffusers' UniPCMultistepScheduler (bh1 / bh2, orders 1-3, predict_x0 or not, disable_corrector) with the
+    predictor and the corrector in one fused call per step. A `solver_p` scheduler runs diffusers' own step."""
+
+    def _build_plan(self, start: int):
+        c = self.config
+        return unipc_steps(self._grid(), _prediction(c), order=c.solver_order, solver_type=c.solver_type,
+                           predict_x0=c.predict_x0, disable_corrector=tuple(c.disable_corrector),
+                           lower_order_final=c.lower_order_final, start=start)
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        if self.solver_p is not None:
+            warnings.warn("diffsampler UniPCMultistepScheduler: solver_p is set, running diffusers' own step()")
+            return super().step(model_output, timestep, sample, return_dict=return_dict)
+        prev = self._fused_step(model_output, timestep, sample)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+class DEISMultistepScheduler(_MultistepMixin, diffusers.DEISMultistepScheduler):
+    """diffusers' DEISMultistepScheduler (log-rho, orders 1-3) with the fused update."""
+
+    def _build_plan(self, start: int):
+        c = self.config
+        return deis_steps(self._grid(), _prediction(c), order=c.solver_order, lower_order_final=c.lower_order_final,
+                          start=start)
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        prev = self._fused_step(model_output, timestep, sample)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+def _with_prediction(sample, model_output, coeffs, noise=None, **kwargs):
+    """x' and the data prediction m0 (written into a fresh one-slot history: schedulers that return
+    pred_original_sample hand it to the caller)."""
+    m0 = sample.new_empty((1, *sample.shape))
+    prev = ops.multistep_update(sample, model_output, coeffs, history=m0, noise=noise, **kwargs)
+    return prev, m0[0]
+
+
+class DDIMScheduler(diffusers.DDIMScheduler):
+    """diffusers' DDIMScheduler (eta, clip_sample, thresholding, use_clipped_model_output) with the fused update."""
+
+    def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
+             variance_noise=None, return_dict=True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
+                             "creating the scheduler")
+        c = self.config
+        t = int(timestep)
+        prev_t = t - c.num_train_timesteps // self.num_inference_steps
+        ab_t = float(self.alphas_cumprod[t])
+        ab_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else float(self.final_alpha_cumprod)
+        alpha, sigma = math.sqrt(ab_t), math.sqrt(1 - ab_t)
+        std = eta * math.sqrt(float(self._get_variance(t, prev_t)))
+        direction = math.sqrt(max(1 - ab_prev - std * std, 0.0))
+        pred = _prediction(c)
+        p, q = data_coeffs(pred, alpha, sigma)
+        if use_clipped_model_output:  # eps from the clipped x0: eps = (x - alpha m0) / sigma
+            coeffs = UpdateCoeffs(p=p, q=q, a=direction / sigma,
+                                  b=(math.sqrt(ab_prev) - direction * alpha / sigma,), c=std)
+        else:
+            ep, eq = noise_coeffs(pred, alpha, sigma)
+            coeffs = UpdateCoeffs(p=p, q=q, a=direction * ep, e=direction * eq, b=(math.sqrt(ab_prev),), c=std)
+        noise = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
+                                 "`generator` or `variance_noise` stays `None`.")
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+            noise = noise.to(model_output.dtype)
+        clip = c.clip_sample_range if c.clip_sample and not c.thresholding else None
+        prev, x0 = _with_prediction(_same_dtype(model_output, sample), model_output, coeffs,
+                                    noise=noise if std != 0 else None, clip=clip, **_threshold_kwargs(c))
+        if not return_dict:
+            return prev, x0
+        return diffusers.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
+    """diffusers' EulerDiscreteScheduler (eps / x0 / v, every sigma spacing, s_churn) with the fused update."""
+
+    def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+             generator=None, return_dict=True):
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             "`EulerDiscreteScheduler.step()` is not supported. Make sure to pass one of the "
+                             "`scheduler.timesteps` as a timestep.")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma = float(self.sigmas[self.step_index])
+        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        sample = _same_dtype(model_output, sample)
+        if gamma > 0:  # churn: noise added before the conversion (a separate pass, as in diffusers)
+            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                                 generator=generator)
+            sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        pred = _prediction(self.config)
+        if pred == "eps":
+            p, q = 1.0, -sigma_hat
+        elif pred == "x0":
+            p, q = 0.0, 1.0
+        elif pred == "v":
+            p, q = 1.0 / (sigma * sigma + 1), -sigma / math.sqrt(sigma * sigma + 1)
+        else:
+            raise ValueError(f"prediction_type {self.config.prediction_type!r} is not supported by Euler")
+        dt = float(self.sigmas[self.step_index + 1]) - sigma_hat
+        coeffs = UpdateCoeffs(p=p, q=q, a=1.0 + dt / sigma_hat, b=(-dt / sigma_hat,))
+        prev, x0 = _with_prediction(sample, model_output, coeffs)
+        self._step_index += 1
+        if not return_dict:
+            return prev, x0
+        return diffusers.schedulers.scheduling_euler_discrete.EulerDiscreteSchedulerOutput(
+            prev_sample=prev, pred_original_sample=x0)
+
+
+class FlowMatchEulerDiscreteScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
+    """diffusers' FlowMatchEulerDiscreteScheduler (shift, dynamic shifting, stochastic_sampling) with the fused
+    update; per-token timesteps run diffusers' own step()."""
+
+    def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+             generator=None, per_token_timesteps=None, return_dict=True):
+        if per_token_timesteps is not None:
+            return super().step(model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                                s_noise=s_noise, generator=generator, per_token_timesteps=per_token_timesteps,
+                                return_dict=return_dict)
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             "`FlowMatchEulerDiscreteScheduler.step()` is not supported. Make sure to pass one of "
+                             "the `scheduler.timesteps` as a timestep.")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma, sigma_next = float(self.sigmas[self.step_index]), float(self.sigmas[self.step_index + 1])
+        sample = _same_dtype(model_output, sample)
+        noise = None
+        if self.config.stochastic_sampling:  # x' = (1 - s') (x - s v) + s' z
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            coeffs = UpdateCoeffs(p=1.0, q=-sigma, a=0.0, b=(1.0 - sigma_next,), c=sigma_next)
+        else:  # x' = x + (s' - s) v
+            coeffs = UpdateCoeffs(p=1.0, q=-sigma, a=1.0, e=sigma_next - sigma, b=(0.0,))
+        prev = ops.multistep_update(sample, model_output, coeffs, noise=noise)
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return diffusers.schedulers.scheduling_flow_match_euler_discrete.FlowMatchEulerDiscreteSchedulerOutput(
+            prev_sample=prev)
+
+
+FUSED = {cls.__bases__[-1].__name__: cls for cls in (
+    DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, DDIMScheduler,
+    EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)}
+
+
+def accelerate(pipe, verbose: bool = True):
+    """Replace `pipe.scheduler` by its fused drop-in (same config); returns the new scheduler, or the old one
+    (with a message) when there is none for its class."""
+    old = pipe.scheduler
+    name = type(old).__name__
+    if type(old) in FUSED.values():
+        message = f"diffsampler: {name} is already the fused scheduler"
+        new = old
+    elif name in FUSED:
+        new = FUSED[name].from_config(old.config)
+        pipe.scheduler = new
+        message = f"diffsampler: replaced diffusers.{name} by diffsampler.integrations.diffusers.{name}"
+    else:
+        new = old
+        message = (f"diffsampler: no fused drop-in for {name}; the pipeline keeps it "
+                   f"(fused: {', '.join(sorted(FUSED))})")
+    if verbose:
+        print(message)
+    return new

@@ -1,0 +1,163 @@
+"""The drop-in diffusers schedulers give diffusers' numbers, inside loops and inside real pipelines."""
+
+import diffusers
+import pytest
+import torch
+
+from diffsampler.integrations import diffusers as fused
+from test_sample import SD, make_model, max_rel
+
+
+def run(scheduler, model, x, steps, step_kw=None, scale_input=False, start=0):
+    """A denoising loop over scheduler.timesteps[start:] (img2img starts late)."""
+    scheduler.set_timesteps(steps)
+    if start:
+        scheduler.set_begin_index(start)
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+    for t in scheduler.timesteps[start:]:
+        inp = scheduler.scale_model_input(x, t) if scale_input else x
+        x = scheduler.step(model(inp, t), t, x, **(step_kw or {})).prev_sample
+    return x
+
+
+def both(name, config, model, x, steps, step_kw=None, seed=None, **kw):
+    """(ours, diffusers') results of the same loop; step_kw gets a fresh generator of `seed` per run."""
+    results = []
+    for cls in (getattr(fused, name), getattr(diffusers, name)):
+        kws = dict(step_kw or {})
+        if seed is not None:
+            kws["generator"] = torch.Generator().manual_seed(seed)
+        results.append(run(cls(**config), model, x, steps, kws, **kw))
+    return results
+
+
+X = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+DPM_CONFIGS = [
+    dict(),
+    dict(solver_order=3),
+    dict(algorithm_type="sde-dpmsolver++"),
+    dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+    dict(solver_type="heun", use_karras_sigmas=True),
+    dict(use_lu_lambdas=True, prediction_type="v_prediction"),
+    dict(use_exponential_sigmas=True, final_sigmas_type="sigma_min", lower_order_final=False),
+    dict(thresholding=True, prediction_type="sample", sample_max_value=1.5),
+    dict(timestep_spacing="trailing", rescale_betas_zero_snr=True),
+    dict(beta_schedule="squaredcos_cap_v2"),
+    dict(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"),
+]
+
+
+@pytest.mark.parametrize("config", DPM_CONFIGS, ids=str)
+@pytest.mark.parametrize("steps", [7, 20])
+def test_dpmsolver_multistep(config, steps):
+    cfg = {**SD, **config} if "beta_schedule" not in config else config
+    ours, theirs = both("DPMSolverMultistepScheduler", cfg, make_model(), X, steps, seed=1)
+    assert max_rel(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("config", [dict(), dict(solver_order=3), dict(solver_type="bh1", final_sigmas_type="sigma_min"),
+                                    dict(predict_x0=False, final_sigmas_type="sigma_min"),
+                                    dict(disable_corrector=[0, 2]), dict(use_karras_sigmas=True),
+                                    dict(use_flow_sigmas=True, prediction_type="flow_prediction")], ids=str)
+def test_unipc_multistep(config):
+    ours, theirs = both("UniPCMultistepScheduler", {**SD, **config}, make_model(), X, 12)
+    assert max_rel(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("config", [dict(), dict(solver_order=3), dict(use_karras_sigmas=True),
+                                    dict(prediction_type="v_prediction")], ids=str)
+def test_deis_multistep(config):
+    ours, theirs = both("DEISMultistepScheduler", {**SD, **config}, make_model(), X, 12)
+    assert max_rel(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("config, step_kw", [
+    (dict(), dict()),
+    (dict(clip_sample=False, prediction_type="v_prediction"), dict()),
+    (dict(set_alpha_to_one=False), dict(eta=1.0)),
+    (dict(), dict(eta=0.5, use_clipped_model_output=True)),
+    (dict(thresholding=True, prediction_type="sample"), dict(eta=0.3)),
+    (dict(timestep_spacing="trailing", rescale_betas_zero_snr=True, clip_sample=False,
+          prediction_type="v_prediction"), dict()),
+], ids=str)
+def test_ddim(config, step_kw):
+    ours, theirs = both("DDIMScheduler", config, make_model(), X, 15, step_kw, seed=2 if step_kw.get("eta") else None)
+    assert max_rel(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("config, step_kw", [
+    (dict(), dict()),
+    (dict(prediction_type="v_prediction", use_karras_sigmas=True), dict()),
+    (dict(timestep_spacing="leading", steps_offset=1), dict()),
+    (dict(), dict(s_churn=1.0)),
+], ids=str)
+def test_euler(config, step_kw):
+    ours, theirs = both("EulerDiscreteScheduler", {**SD, **config}, make_model(), X, 12, step_kw,
+                        seed=3 if step_kw else None, scale_input=True)
+    assert max_rel(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("config", [dict(), dict(shift=3.0), dict(stochastic_sampling=True)], ids=str)
+def test_flow_match_euler(config):
+    ours, theirs = both("FlowMatchEulerDiscreteScheduler", config, make_model(), X, 10, seed=4)
+    assert max_rel(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"])
+def test_img2img_start_late(name):
+    """set_begin_index: the warm-up orders count from the first step taken, as diffusers' do."""
+    ours, theirs = both(name, SD, make_model(), X, 20, start=8)
+    assert max_rel(ours, theirs) <= 1e-5
+
+
+def test_from_config_round_trip():
+    original = diffusers.DPMSolverMultistepScheduler(**SD, solver_order=3, use_karras_sigmas=True)
+    ours = fused.DPMSolverMultistepScheduler.from_config(original.config)
+    assert isinstance(ours, diffusers.DPMSolverMultistepScheduler)
+    assert dict(ours.config) == dict(original.config)
+
+
+def _tiny_unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+
+
+def test_inside_ddim_pipeline():
+    """A real pipeline (offline, a tiny random UNet2DModel): accelerate() swaps the scheduler, same images."""
+    pipe = diffusers.DDIMPipeline(unet=_tiny_unet(), scheduler=diffusers.DDIMScheduler())
+    expected = pipe(batch_size=2, num_inference_steps=10, eta=0.5, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+    new = fused.accelerate(pipe, verbose=False)
+    assert isinstance(new, fused.DDIMScheduler) and pipe.scheduler is new
+    got = pipe(batch_size=2, num_inference_steps=10, eta=0.5, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert abs(got - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("scheduler", [diffusers.DPMSolverMultistepScheduler(),
+                                       diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")],
+                         ids=["dpmpp_2m", "dpmpp_2m_sde"])
+def test_inside_ddpm_pipeline(scheduler):
+    pipe = diffusers.DDPMPipeline(unet=_tiny_unet(), scheduler=scheduler)
+    expected = pipe(batch_size=2, num_inference_steps=10, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+    fused.accelerate(pipe, verbose=False)
+    assert isinstance(pipe.scheduler, fused.DPMSolverMultistepScheduler)
+    got = pipe(batch_size=2, num_inference_steps=10, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert abs(got - expected).max() <= 1e-5
+
+
+def test_accelerate_reports_what_it_did(capsys):
+    pipe = diffusers.DDPMPipeline(unet=_tiny_unet(), scheduler=diffusers.DDPMScheduler())
+    assert fused.accelerate(pipe) is pipe.scheduler
+    assert "no fused drop-in for DDPMScheduler" in capsys.readouterr().out
+    pipe.scheduler = diffusers.UniPCMultistepScheduler()
+    fused.accelerate(pipe)
+    assert "replaced diffusers.UniPCMultistepScheduler" in capsys.readouterr().out
+    fused.accelerate(pipe)
+    assert "already the fused scheduler" in capsys.readouterr().out
