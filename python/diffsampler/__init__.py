@@ -1,6 +1,6 @@
 """diffsampler: fused kernels for diffusion and flow sampling behind a thin PyTorch API."""
 
-from . import models, ops, reference, schedules, solvers
+from . import models, ops, reference, schedules, solvers, targets
 from .ops import backends
 from .sample import sample
 

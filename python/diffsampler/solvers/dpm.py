@@ -24,11 +24,16 @@ ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 SOLVER_TYPES = ("midpoint", "heun")
 
 
-def _update_terms(algorithm: str, solver_type: str, order: int, alpha_s, sigma_s, alpha_t, sigma_t, h):
+def _update_terms(algorithm: str, solver_type: str, order: int, alpha_s, sigma_s, alpha_t, sigma_t, h,
+                  sde3_phi: str = "exact"):
     """(a, c0, c1, c2, c): x_t = a x_s + c0 D0 + c1 D1 + c2 D2 + c z for one step of the given order.
 
     phi terms per variant (em = e^{-h} - 1, e2 = 1 - e^{-2h}, ep = e^{h} - 1); "heun" and order 3 use the
-    exact first-order phi for D1, "midpoint" half of the D0 weight."""
+    exact first-order phi for D1, "midpoint" half of the D0 weight.
+
+    Third-order SDE-DPM-Solver++: the D2 weight is alpha_t int_0^h 2 e^{-2(h-u)} u^2/2 du / h^2
+    = alpha_t ((e2 - 2h) / (2h)^2 + 1/2) ("exact", as k-diffusion's sample_dpmpp_3m_sde); diffusers
+    (0.42) has -1/2 there ("diffusers", kept for its drop-in's identical numbers)."""
     c1 = c2 = c = 0.0
     if algorithm == "dpmsolver++":
         em = math.expm1(-h)
@@ -43,7 +48,7 @@ def _update_terms(algorithm: str, solver_type: str, order: int, alpha_s, sigma_s
         if order > 1:
             c1 = 0.5 * c0 if order == 2 and solver_type == "midpoint" else alpha_t * (e2 / (-2.0 * h) + 1.0)
         if order > 2:
-            c2 = alpha_t * ((e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+            c2 = alpha_t * ((e2 - 2.0 * h) / (2.0 * h) ** 2 + (0.5 if sde3_phi == "exact" else -0.5))
     elif algorithm == "dpmsolver":
         ep = math.expm1(h)
         a, c0 = alpha_t / alpha_s, -sigma_t * ep
@@ -74,21 +79,22 @@ def _history_weights(order: int, c0: float, c1: float, c2: float, r0: float, r1:
 def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpmsolver++", order: int = 2,
              solver_type: str = "midpoint", timestep_spacing: str = "linspace", steps_offset: int = 0,
              sigmas: str = "default", final_sigmas_type: str = "zero", lower_order_final: bool = True,
-             euler_at_final: bool = False) -> Plan:
+             euler_at_final: bool = False, sde3_phi: str = "exact") -> Plan:
     """The DPM-Solver multistep Plan on a VP schedule. `sigmas`: "default" (the training sigmas at the spaced
-    timesteps), "karras", "exponential", "beta" or "lu" (uniform logSNR), as diffusers' use_*_sigmas options."""
+    timesteps), "karras", "exponential", "beta" or "lu" (uniform logSNR), as diffusers' use_*_sigmas options.
+    `sde3_phi`: "exact" or "diffusers" (third-order SDE only, see _update_terms)."""
     if final_sigmas_type == "last":
         raise ValueError("final_sigmas_type must be one of ('zero', 'sigma_min'), got 'last'")
     grid = multistep_grid(schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
                           sigmas=sigmas, final_sigmas_type=final_sigmas_type)
     return dpm_steps(grid, prediction, algorithm=algorithm, order=order, solver_type=solver_type,
                      lower_order_final=lower_order_final, euler_at_final=euler_at_final,
-                     final_sigma_zero=final_sigmas_type == "zero")
+                     final_sigma_zero=final_sigmas_type == "zero", sde3_phi=sde3_phi)
 
 
 def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", order: int = 2,
               solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
-              final_sigma_zero: bool = True, start: int = 0) -> Plan:
+              final_sigma_zero: bool = True, start: int = 0, sde3_phi: str = "exact") -> Plan:
     """The DPM-Solver multistep Plan over any Grid (the drop-in scheduler passes diffusers' own grid); the
     loop starts at step `start` (img2img), where the history is empty."""
     if algorithm not in ALGORITHMS:
@@ -101,6 +107,8 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
         raise ValueError(f"algorithm {algorithm!r} (noise prediction) needs final_sigmas_type='sigma_min'")
     if order == 3 and algorithm == "sde-dpmsolver":
         raise ValueError("sde-dpmsolver has no third-order update (diffusers neither); use order <= 2")
+    if sde3_phi not in ("exact", "diffusers"):
+        raise ValueError(f"sde3_phi must be 'exact' or 'diffusers', got {sde3_phi!r}")
     convert = data_coeffs if algorithm.endswith("++") else noise_coeffs
     n = len(grid)
     plan = []
@@ -118,7 +126,7 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
             coeffs = UpdateCoeffs(p=p, q=q, a=1.0, b=(0.0,) * this_order)
         else:
             a, c0, c1, c2, c = _update_terms(algorithm, solver_type, this_order, alpha_s, sigma_s, alpha_t,
-                                             sigma_t, h)
+                                             sigma_t, h, sde3_phi)
             r0 = (grid.lam(i) - grid.lam(i - 1)) / h if this_order > 1 else 0.0
             r1 = (grid.lam(i - 1) - grid.lam(i - 2)) / h if this_order > 2 else 0.0
             coeffs = UpdateCoeffs(p=p, q=q, a=a, b=_history_weights(this_order, c0, c1, c2, r0, r1), c=c)
