@@ -1,0 +1,135 @@
+"""Triton kernel of the fused multistep update (math: python/diffsampler/reference.py).
+
+One program per BLOCK elements of the flattened (contiguous) operands, fp32 compute whatever the storage
+dtype; the operand set (reads, noise, state, m0 write) and the phase are constexpr, so each combination
+compiles to a kernel without dead loads. Thresholding runs two launches around the per-sample quantile
+(torch ops): CONVERT writes m0, THRESHOLD rescales it and updates.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from diffsampler import reference
+
+PHASE_FULL, PHASE_CONVERT, PHASE_THRESHOLD = 0, 1, 2
+BLOCK = 1024
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _multistep_update_kernel(
+    x_ptr, out_ptr, r0_ptr, r1_ptr, r2_ptr, z_ptr, s_ptr, m0_ptr, x_next_ptr, scale_ptr,
+    n, per_sample,
+    p, q, a, e, c, g, b0, b1, b2, b3, clip,
+    sa, se, sc, sg, sb0, sb1, sb2, sb3,
+    N_READS: tl.constexpr, HAS_NOISE: tl.constexpr, STATE: tl.constexpr, WRITE_M0: tl.constexpr,
+    CLIP: tl.constexpr, PHASE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    xv = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    ov = tl.load(out_ptr + offs, mask=mask).to(tl.float32)
+    if PHASE == 2:
+        s = tl.load(scale_ptr + offs // per_sample, mask=mask, other=1.0)
+        m0 = tl.load(m0_ptr + offs, mask=mask).to(tl.float32)
+        m0 = tl.minimum(tl.maximum(m0, -s), s) / s
+    else:
+        m0 = p * xv + q * ov
+        if CLIP:
+            m0 = tl.minimum(tl.maximum(m0, -clip), clip)
+    if WRITE_M0:
+        tl.store(m0_ptr + offs, m0.to(m0_ptr.dtype.element_ty), mask=mask)
+    if PHASE != 1:
+        acc = a * xv + b0 * m0 + e * ov
+        sacc = sa * xv + sb0 * m0 + se * ov
+        if N_READS > 0:
+            h = tl.load(r0_ptr + offs, mask=mask).to(tl.float32)
+            acc += b1 * h
+            sacc += sb1 * h
+        if N_READS > 1:
+            h = tl.load(r1_ptr + offs, mask=mask).to(tl.float32)
+            acc += b2 * h
+            sacc += sb2 * h
+        if N_READS > 2:
+            h = tl.load(r2_ptr + offs, mask=mask).to(tl.float32)
+            acc += b3 * h
+            sacc += sb3 * h
+        if HAS_NOISE:
+            zv = tl.load(z_ptr + offs, mask=mask).to(tl.float32)
+            acc += c * zv
+            sacc += sc * zv
+        if STATE > 0:
+            sv = tl.load(s_ptr + offs, mask=mask).to(tl.float32)
+            acc += g * sv
+            sacc += sg * sv
+        tl.store(x_next_ptr + offs, acc.to(x_next_ptr.dtype.element_ty), mask=mask)
+        if STATE == 2:
+            tl.store(s_ptr + offs, sacc.to(s_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, coeffs, state_coeffs, clip):
+    n = x.numel()
+    p, q, a, e, c = coeffs[:5]
+    b = list(coeffs[5:]) + [0.0] * (4 - len(coeffs[5:]))
+    g = state_coeffs[0] if state_coeffs else 0.0
+    sa, se, sc, sg = state_coeffs[1:5] if state_row else (0.0, 0.0, 0.0, 0.0)
+    sb = (list(state_coeffs[5:]) if state_row else []) + [0.0] * (4 - (len(state_coeffs) - 5 if state_row else 0))
+    dummy = x  # stands in for absent pointers; never dereferenced (the constexpr flags skip it)
+    ptrs = [*(reads + [dummy] * (3 - len(reads))), noise if noise is not None else dummy,
+            state if state is not None else dummy, m0 if m0 is not None else dummy, x_next,
+            scale if scale is not None else dummy]
+    grid = (triton.cdiv(n, BLOCK),)
+    torch.library.wrap_triton(_multistep_update_kernel)[grid](
+        x, out, *ptrs, n, max(n // x.shape[0], 1),
+        p, q, a, e, c, g, b[0], b[1], b[2], b[3], clip,
+        sa, se, sc, sg, sb[0], sb[1], sb[2], sb[3],
+        N_READS=len(reads), HAS_NOISE=noise is not None, STATE=0 if state is None else (2 if state_row else 1),
+        WRITE_M0=m0 is not None, CLIP=clip > 0, PHASE=phase, BLOCK=BLOCK,
+    )
+
+
+@torch.library.triton_op("diffsampler::multistep_update_triton", mutates_args={"history", "state"})
+def multistep_update_triton(
+    x: torch.Tensor, model_out: torch.Tensor, history: torch.Tensor | None, write_slot: int, read_slots: list[int],
+    coeffs: list[float], noise: torch.Tensor | None, clip: float, threshold_ratio: float, threshold_max: float,
+    state: torch.Tensor | None, state_coeffs: list[float],
+) -> torch.Tensor:
+    """The fused multistep update on Triton; the schema and semantics of reference.multistep_update."""
+    if x.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"the triton backend stores float32, float16 or bfloat16; x has dtype {x.dtype}")
+    x, out = x.contiguous(), model_out.contiguous()
+    reads = [history[r].contiguous() for r in read_slots] if history is not None else []
+    noise = noise.contiguous() if noise is not None else None
+    state_row = len(state_coeffs) > 1
+    s = state.contiguous() if state is not None else None
+    slot = history[write_slot] if history is not None else None
+    m0 = None
+    if slot is not None:
+        m0 = slot if slot.is_contiguous() else torch.empty_like(slot, memory_format=torch.contiguous_format)
+    elif threshold_ratio > 0:
+        m0 = torch.empty_like(x)  # scratch of the two-pass threshold
+    x_next = torch.empty_like(x)
+    common = (x, out, reads, noise, s, state_row, m0, x_next)
+    if x.numel() > 0:
+        if threshold_ratio > 0:
+            _launch(PHASE_CONVERT, *common, None, coeffs, state_coeffs, clip)
+            scale = reference.threshold_scale(m0.float(), threshold_ratio, threshold_max).float().contiguous()
+            _launch(PHASE_THRESHOLD, *common, scale, coeffs, state_coeffs, clip)
+        else:
+            _launch(PHASE_FULL, *common, None, coeffs, state_coeffs, clip)
+    if slot is not None and m0 is not slot:
+        slot.copy_(m0)
+    if state_row and s is not state:
+        state.copy_(s)
+    return x_next
+
+
+def multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio,
+                     threshold_max, state=None, state_coeffs=()):
+    """Entry point with the reference's signature (the registered op: torch.ops.diffsampler.multistep_update_triton)."""
+    return torch.ops.diffsampler.multistep_update_triton(x, model_out, history, write_slot, list(read_slots),
+                                                         list(coeffs), noise, clip, threshold_ratio, threshold_max,
+                                                         state, list(state_coeffs))
