@@ -32,7 +32,7 @@ def extension():
     cpu_sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_host = [s for s in cpu_sources if s.endswith("_cuda.cpp")]
     cpu_sources = [s for s in cpu_sources if s not in cuda_host]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"] + ([] if os.environ.get("DIFFSAMPLER_PORTABLE") == "1" else ["-march=native"])
+    cxx = ["-O3", "-fopenmp"] + ([] if os.environ.get("DIFFSAMPLER_PORTABLE") == "1" else ["-march=native"])
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(
@@ -40,7 +40,7 @@ def extension():
             cpu_sources + cuda_host + sorted(glob.glob("csrc/cuda/*.cu")),
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("DIFFSAMPLER_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"] + cuda_arch_flags()},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"] + cuda_arch_flags()},
             extra_link_args=["-fopenmp"],
         )
     return CppExtension(

@@ -1,0 +1,36 @@
+// CUDA registration of the fused multistep update: the shared host driver with a launch over the raw-pointer
+// kernels of csrc/cuda, on the current torch stream of x's device. Built into diffsampler._C when the package
+// is installed with CUDA, or JIT-compiled on first use (python/diffsampler/_cuda_jit.py).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/multistep_update.h"
+#include "multistep_update.h"
+
+namespace diffsampler {
+namespace {
+
+at::Tensor multistep_update_cuda(const at::Tensor& x, const at::Tensor& model_out,
+                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
+                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
+                                 const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
+                                 double threshold_max, const c10::optional<at::Tensor>& state,
+                                 at::ArrayRef<double> state_coeffs) {
+  TORCH_CHECK(x.is_cuda(), "multistep_update_cuda: x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [stream](ds_dtype dtype, ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs& k) {
+    const int err = ds_multistep_update_cuda(dtype, phase, t, k, stream);
+    TORCH_CHECK(err == 0, "multistep_update_cuda: kernel launch failed: ",
+                cudaGetErrorString(static_cast<cudaError_t>(err)));
+  };
+  return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio,
+                              threshold_max, state, state_coeffs, launch);
+}
+
+}  // namespace
+}  // namespace diffsampler
+
+TORCH_LIBRARY_IMPL(diffsampler, CUDA, m) { m.impl("multistep_update", &diffsampler::multistep_update_cuda); }
