@@ -42,7 +42,8 @@ def via_diffusers_form(x, algorithm, order, solver_type, noise=None):
     """The same sampler as diffusers' DPMSolverMultistepScheduler runs it (VP scale x_VP = alpha x), over the
     same sigmas: dpm_steps is checked against diffusers in test_sample.py."""
     grid = Grid(timesteps=tuple(range(len(SIGMAS) - 1)), sigmas=tuple(SIGMAS.tolist()))
-    plan = dpm_steps(grid, "x0", algorithm=algorithm, order=order, solver_type=solver_type, lower_order_final=False)
+    plan = dpm_steps(grid, "x0", algorithm=algorithm, order=order, solver_type=solver_type, lower_order_final=False,
+                     phi3="k-diffusion")
     y = x * grid.alpha_sigma(0)[0]
     history = torch.empty(order, *x.shape, dtype=x.dtype)
     for i, step in enumerate(plan.steps):
@@ -72,8 +73,8 @@ def test_dpmpp_2m_sde_is_diffusers_sde_dpmsolver_plus_plus_2m(solver_type):
 
 def test_dpmpp_3m_sde_is_diffusers_form_with_the_exact_phi3():
     """k-diffusion's 3M SDE = diffusers' third-order SDE-DPM-Solver++ with heun second-order steps, except the
-    phi_3 weight, where diffusers has the sign of 1/2 wrong (see solvers/dpm.py); diffsampler's default
-    ("exact") is the integral, which this also checks by quadrature."""
+    phi_3 weight, where diffusers flips the sign of the 1/2 (see solvers/dpm.py): diffsampler's default
+    ("k-diffusion") has the sign of the integral, which this also checks by quadrature."""
     from scipy.integrate import quad
 
     x = start()

@@ -168,7 +168,7 @@ def _dpm_case(algorithm, order, solver_type, sigmas, final, steps, prediction="e
     if sigmas != "default":
         cfg[f"use_{sigmas}_{'lambdas' if sigmas == 'lu' else 'sigmas'}"] = True
     opts = dict(algorithm=algorithm, order=order, solver_type=solver_type, sigmas=sigmas, final_sigmas_type=final,
-                sde3_phi="diffusers")
+                phi3="diffusers")
     return DPMSolverMultistepScheduler(**SD, **cfg), opts
 
 
@@ -225,7 +225,7 @@ def test_dpm_solver_names_through_sample(solver):
         sched.sigmas = sched.sigmas.double()
         sched.set_timesteps = lambda steps: None  # keep the float64 sigmas (see test_dpm_family_matches_diffusers)
     expected = run_diffusers(sched, model, x, 20, generator=torch.Generator().manual_seed(4))
-    options = dict(sde3_phi="diffusers") if solver == "dpmpp_3m_sde" else {}
+    options = dict(phi3="diffusers") if solver == "dpmpp_3m_sde" else {}
     got = ds.sample(model, x, steps=20, solver=solver, schedule=ds.schedules.VP.scaled_linear(),
                     generator=torch.Generator().manual_seed(4), **options)
     assert max_rel(got, expected) <= 1e-5

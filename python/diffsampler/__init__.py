@@ -2,7 +2,7 @@
 
 from . import models, ops, reference, schedules, solvers, targets
 from .ops import backends
-from .sample import sample
+from .sample import run_plan, sample
 
 __version__ = "0.1.0"
-__all__ = ["sample", "backends", "ops", "reference", "schedules", "solvers", "models"]
+__all__ = ["sample", "run_plan", "backends", "ops", "reference", "schedules", "solvers", "models"]

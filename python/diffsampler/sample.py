@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from . import ops
-from .solvers import FLOW_SOLVERS, make_plan
+from .solvers import FLOW_SOLVERS, Plan, make_plan
 
 
 def sample(
@@ -57,17 +57,30 @@ def sample(
     plan = make_plan(solver, schedule, steps, prediction, **solver_options)
     if (clip or threshold_ratio) and not plan.data_prediction:
         raise ValueError(f"clip / threshold_ratio act on a data prediction; solver {solver!r} keeps noise predictions")
+    return run_plan(model, x, plan, generator=generator, progress=progress, desc=f"diffsampler {solver}",
+                    clip=clip, threshold_ratio=threshold_ratio, threshold_max=threshold_max, check_nan=check_nan,
+                    backend=backend)
+
+
+def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
+             generator: torch.Generator | None = None, progress: bool = False, desc: str = "diffsampler",
+             **update_options) -> torch.Tensor:
+    """The loop of any Plan: per step, out = model(input_scale * x, t) and one fused update.
+
+    update_options go to every ops.multistep_update call (clip, threshold_ratio, threshold_max, check_nan,
+    backend). Continuous model times are float32 (float64 when x is float64); discrete ones int64.
+    """
     history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
     state = torch.zeros_like(x) if plan.uses_state else None
     if plan.init_scale != 1.0:
         x = x * plan.init_scale
-    t_dtype = torch.int64 if plan.discrete_time else torch.float32
+    t_dtype = torch.int64 if plan.discrete_time else (torch.float64 if x.dtype == torch.float64 else torch.float32)
     times = torch.tensor(plan.timesteps, dtype=t_dtype, device=x.device)  # one upload; indexing it does not sync
     steps_iter = plan.steps
     if progress:
         from tqdm.auto import tqdm
 
-        steps_iter = tqdm(steps_iter, desc=f"diffsampler {solver}", total=len(plan.steps))
+        steps_iter = tqdm(steps_iter, desc=desc, total=len(plan.steps))
     for i, step in enumerate(steps_iter):
         out = model(x * step.input_scale if step.input_scale != 1.0 else x, times[i])
         noise = None
@@ -75,7 +88,5 @@ def sample(
             # drawn in float32 as diffusers does, so a seed gives the same noise in every storage dtype
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
         x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
-                                 read_slots=step.read_slots, noise=noise, clip=clip,
-                                 threshold_ratio=threshold_ratio, threshold_max=threshold_max, state=state,
-                                 check_nan=check_nan, backend=backend)
+                                 read_slots=step.read_slots, noise=noise, state=state, **update_options)
     return x

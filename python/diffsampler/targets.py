@@ -76,13 +76,21 @@ class GaussianMixture:
         comp_mean = self.means + gain[..., None] * resid
         return (r[..., None] * comp_mean).sum(1)
 
-    def model(self, schedule, prediction: str = "eps"):
-        """A denoiser model(x, t) -> prediction for integer timesteps t of a discrete VP schedule; x of shape
-        (n, dim) in any float dtype; computes in float64 and returns x's dtype."""
+    def model(self, schedule=None, prediction: str = "eps"):
+        """The exact denoiser model(x, t) -> prediction, x of shape (n, dim) in any float dtype (computed in
+        float64, returned in x's dtype). t: integer timesteps of the discrete VP `schedule`, or with
+        schedule=None the VP sigma ratio sigma_t / alpha_t itself (continuous-time grids, Grid.from_sigmas)."""
         check_prediction(prediction)
 
+        def alpha_sigma(t: torch.Tensor):
+            if schedule is not None:
+                return schedule.alpha_sigma_at(t)
+            ratio = t.double()
+            alpha = 1 / (1 + ratio**2).sqrt()
+            return alpha, ratio * alpha
+
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            alpha, sigma = schedule.alpha_sigma_at(t)
+            alpha, sigma = alpha_sigma(t)
             x0 = self.posterior_mean(x, alpha, sigma)
             xd = x.double()
             out = {

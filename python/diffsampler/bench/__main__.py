@@ -1,10 +1,10 @@
-"""python -m diffsampler.bench <subcommand> [options]; subcommands: step."""
+"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, quality."""
 
 import sys
 
-from . import step
+from . import quality, step
 
-SUBCOMMANDS = {"step": step.main}
+SUBCOMMANDS = {"step": step.main, "quality": quality.main}
 
 
 def main(argv=None) -> None:

@@ -95,7 +95,7 @@ class DPMSolverMultistepScheduler(_MultistepMixin, diffusers.DPMSolverMultistepS
         return dpm_steps(self._grid(), _prediction(c), algorithm=c.algorithm_type, order=c.solver_order,
                          solver_type=c.solver_type, lower_order_final=c.lower_order_final,
                          euler_at_final=c.euler_at_final, final_sigma_zero=c.final_sigmas_type == "zero",
-                         start=start, sde3_phi="diffusers")
+                         start=start, phi3="diffusers")
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
         if self.config.variance_type in ("learned", "learned_range") and self.config.prediction_type == "epsilon":

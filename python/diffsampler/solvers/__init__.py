@@ -8,10 +8,11 @@ from typing import Callable
 from ..models import check_prediction
 from ..schedules import VP, Flow
 from .ddim import ddim_plan
-from .deis import deis_plan
-from .dpm import dpm_plan
+from .deis import deis_plan, deis_steps
+from .dpm import dpm_plan, dpm_steps
 from .euler import euler_plan, flow_euler_plan
-from .unipc import unipc_plan
+from .grid import Grid
+from .unipc import unipc_plan, unipc_steps
 from .plan import Plan, Step
 
 SOLVERS: dict[str, Callable[..., Plan]] = {
@@ -47,4 +48,5 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
         raise ValueError(f"solver {solver!r}: {err}") from None
 
 
-__all__ = ["SOLVERS", "Plan", "Step", "make_plan", "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan"]
+__all__ = ["SOLVERS", "Plan", "Step", "Grid", "make_plan", "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan",
+           "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps", "deis_steps"]

@@ -74,5 +74,5 @@ def deis_steps(grid: Grid, prediction: str, *, order: int = 2, lower_order_final
         write, reads = ring_slots(i, this_order, order)
         plan.append(Step(t=t, coeffs=UpdateCoeffs(p=p, q=q, a=alpha_t / alpha_s, b=b), write_slot=write,
                          read_slots=reads))
-    return Plan(steps=tuple(plan), history_slots=order if order > 1 else 0, discrete_time=True,
+    return Plan(steps=tuple(plan), history_slots=order if order > 1 else 0, discrete_time=grid.discrete,
                 data_prediction=False)

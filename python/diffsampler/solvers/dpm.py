@@ -24,16 +24,22 @@ ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 SOLVER_TYPES = ("midpoint", "heun")
 
 
+PHI3 = ("k-diffusion", "diffusers", "taylor")
+
+
 def _update_terms(algorithm: str, solver_type: str, order: int, alpha_s, sigma_s, alpha_t, sigma_t, h,
-                  sde3_phi: str = "exact"):
+                  phi3: str = "k-diffusion"):
     """(a, c0, c1, c2, c): x_t = a x_s + c0 D0 + c1 D1 + c2 D2 + c z for one step of the given order.
 
     phi terms per variant (em = e^{-h} - 1, e2 = 1 - e^{-2h}, ep = e^{h} - 1); "heun" and order 3 use the
     exact first-order phi for D1, "midpoint" half of the D0 weight.
 
-    Third-order SDE-DPM-Solver++: the D2 weight is alpha_t int_0^h 2 e^{-2(h-u)} u^2/2 du / h^2
-    = alpha_t ((e2 - 2h) / (2h)^2 + 1/2) ("exact", as k-diffusion's sample_dpmpp_3m_sde); diffusers
-    (0.42) has -1/2 there ("diffusers", kept for its drop-in's identical numbers)."""
+    The D2 weight of the third-order steps (`phi3`). D2 = (D1_0 - D1_1) / (r0 + r1) estimates h^2 x0''/2, so
+    the Taylor expansion of the exponential integrator asks for 2 alpha_t int_0^h w(u) u^2/2 du / h^2, with
+    w(u) = e^{-(h-u)} (ODE) or 2 e^{-2(h-u)} (SDE). "k-diffusion": half of that, as DPM-Solver's reference
+    code, k-diffusion and diffusers write it (the ODE 3M is then second order: bench/quality measures it);
+    "diffusers": the same but for the SDE's 1/2, whose sign diffusers 0.42 flips; "taylor": the full weight
+    (third order)."""
     c1 = c2 = c = 0.0
     if algorithm == "dpmsolver++":
         em = math.expm1(-h)
@@ -41,21 +47,22 @@ def _update_terms(algorithm: str, solver_type: str, order: int, alpha_s, sigma_s
         if order > 1:
             c1 = 0.5 * c0 if order == 2 and solver_type == "midpoint" else alpha_t * (em / h + 1.0)
         if order > 2:
-            c2 = -alpha_t * ((em + h) / h**2 - 0.5)
+            c2 = -alpha_t * ((em + h) / h**2 - 0.5) * (2.0 if phi3 == "taylor" else 1.0)
     elif algorithm == "sde-dpmsolver++":
         e2 = -math.expm1(-2.0 * h)
         a, c0, c = sigma_t / sigma_s * math.exp(-h), alpha_t * e2, sigma_t * math.sqrt(e2)
         if order > 1:
             c1 = 0.5 * c0 if order == 2 and solver_type == "midpoint" else alpha_t * (e2 / (-2.0 * h) + 1.0)
         if order > 2:
-            c2 = alpha_t * ((e2 - 2.0 * h) / (2.0 * h) ** 2 + (0.5 if sde3_phi == "exact" else -0.5))
+            c2 = alpha_t * ((e2 - 2.0 * h) / (2.0 * h) ** 2 + (-0.5 if phi3 == "diffusers" else 0.5))
+            c2 *= 2.0 if phi3 == "taylor" else 1.0
     elif algorithm == "dpmsolver":
         ep = math.expm1(h)
         a, c0 = alpha_t / alpha_s, -sigma_t * ep
         if order > 1:
             c1 = 0.5 * c0 if order == 2 and solver_type == "midpoint" else -sigma_t * (ep / h - 1.0)
         if order > 2:
-            c2 = -sigma_t * ((ep - h) / h**2 - 0.5)
+            c2 = -sigma_t * ((ep - h) / h**2 - 0.5) * (2.0 if phi3 == "taylor" else 1.0)
     else:  # sde-dpmsolver, orders 1 and 2
         ep = math.expm1(h)
         a, c0, c = alpha_t / alpha_s, -2.0 * sigma_t * ep, sigma_t * math.sqrt(math.expm1(2.0 * h))
@@ -79,22 +86,22 @@ def _history_weights(order: int, c0: float, c1: float, c2: float, r0: float, r1:
 def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpmsolver++", order: int = 2,
              solver_type: str = "midpoint", timestep_spacing: str = "linspace", steps_offset: int = 0,
              sigmas: str = "default", final_sigmas_type: str = "zero", lower_order_final: bool = True,
-             euler_at_final: bool = False, sde3_phi: str = "exact") -> Plan:
+             euler_at_final: bool = False, phi3: str = "k-diffusion") -> Plan:
     """The DPM-Solver multistep Plan on a VP schedule. `sigmas`: "default" (the training sigmas at the spaced
     timesteps), "karras", "exponential", "beta" or "lu" (uniform logSNR), as diffusers' use_*_sigmas options.
-    `sde3_phi`: "exact" or "diffusers" (third-order SDE only, see _update_terms)."""
+    `phi3`: the D2 weight of third-order steps, "k-diffusion" | "diffusers" | "taylor" (see _update_terms)."""
     if final_sigmas_type == "last":
         raise ValueError("final_sigmas_type must be one of ('zero', 'sigma_min'), got 'last'")
     grid = multistep_grid(schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
                           sigmas=sigmas, final_sigmas_type=final_sigmas_type)
     return dpm_steps(grid, prediction, algorithm=algorithm, order=order, solver_type=solver_type,
                      lower_order_final=lower_order_final, euler_at_final=euler_at_final,
-                     final_sigma_zero=final_sigmas_type == "zero", sde3_phi=sde3_phi)
+                     final_sigma_zero=final_sigmas_type == "zero", phi3=phi3)
 
 
 def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", order: int = 2,
               solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
-              final_sigma_zero: bool = True, start: int = 0, sde3_phi: str = "exact") -> Plan:
+              final_sigma_zero: bool = True, start: int = 0, phi3: str = "k-diffusion") -> Plan:
     """The DPM-Solver multistep Plan over any Grid (the drop-in scheduler passes diffusers' own grid); the
     loop starts at step `start` (img2img), where the history is empty."""
     if algorithm not in ALGORITHMS:
@@ -107,8 +114,8 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
         raise ValueError(f"algorithm {algorithm!r} (noise prediction) needs final_sigmas_type='sigma_min'")
     if order == 3 and algorithm == "sde-dpmsolver":
         raise ValueError("sde-dpmsolver has no third-order update (diffusers neither); use order <= 2")
-    if sde3_phi not in ("exact", "diffusers"):
-        raise ValueError(f"sde3_phi must be 'exact' or 'diffusers', got {sde3_phi!r}")
+    if phi3 not in PHI3:
+        raise ValueError(f"phi3 must be one of {PHI3}, got {phi3!r}")
     convert = data_coeffs if algorithm.endswith("++") else noise_coeffs
     n = len(grid)
     plan = []
@@ -126,10 +133,10 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
             coeffs = UpdateCoeffs(p=p, q=q, a=1.0, b=(0.0,) * this_order)
         else:
             a, c0, c1, c2, c = _update_terms(algorithm, solver_type, this_order, alpha_s, sigma_s, alpha_t,
-                                             sigma_t, h, sde3_phi)
+                                             sigma_t, h, phi3)
             r0 = (grid.lam(i) - grid.lam(i - 1)) / h if this_order > 1 else 0.0
             r1 = (grid.lam(i - 1) - grid.lam(i - 2)) / h if this_order > 2 else 0.0
             coeffs = UpdateCoeffs(p=p, q=q, a=a, b=_history_weights(this_order, c0, c1, c2, r0, r1), c=c)
         plan.append(Step(t=t, coeffs=coeffs, write_slot=write, read_slots=reads))
-    return Plan(steps=tuple(plan), history_slots=order if order > 1 else 0, discrete_time=True,
+    return Plan(steps=tuple(plan), history_slots=order if order > 1 else 0, discrete_time=grid.discrete,
                 data_prediction=algorithm.endswith("++"))

@@ -23,10 +23,24 @@ class Grid:
     timesteps: tuple
     sigmas: tuple[float, ...]
     flow: bool = False
+    discrete: bool = True  # the model gets integer training timesteps (else float times)
 
     def __post_init__(self):
         if len(self.sigmas) != len(self.timesteps) + 1:
             raise ValueError("a Grid has one sigma more than timesteps (the final one)")
+
+    @classmethod
+    def from_sigmas(cls, sigmas, flow: bool = False) -> "Grid":
+        """A continuous-time grid: the model is given each step's sigma ratio itself as its time."""
+        sigmas = tuple(float(s) for s in sigmas)
+        return cls(timesteps=sigmas[:-1], sigmas=sigmas, flow=flow, discrete=False)
+
+    @classmethod
+    def uniform_lambda(cls, sigma_max: float, sigma_min: float, steps: int) -> "Grid":
+        """`steps` steps uniform in lambda = -log sigma (VP) from sigma_max to sigma_min, continuous time."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        return cls.from_sigmas(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps + 1)))
 
     def __len__(self) -> int:
         return len(self.timesteps)

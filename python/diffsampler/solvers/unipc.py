@@ -124,5 +124,5 @@ def unipc_steps(grid: Grid, prediction: str, *, order: int = 2, solver_type: str
             state = StateRow(a=1.0, b=(0.0,) * len(b))
             coeffs = UpdateCoeffs(p=p, q=q, a=p_a, b=b, state=state)
         plan.append(Step(t=t, coeffs=coeffs, write_slot=i % slots, read_slots=tuple(j % slots for j in reads)))
-    return Plan(steps=tuple(plan), history_slots=slots, discrete_time=True, data_prediction=predict_x0,
+    return Plan(steps=tuple(plan), history_slots=slots, discrete_time=grid.discrete, data_prediction=predict_x0,
                 uses_state=True)

@@ -1,0 +1,177 @@
+"""`python -m diffsampler.bench quality`: error against NFE per solver on analytic Gaussian mixtures.
+
+The exact denoiser of a Gaussian mixture is known in closed form (diffsampler.targets), so each solver is
+measured against the exact answer rather than another sampler:
+  (a) ODE error: the median over samples of ||x - x_ref|| / ||x_ref|| at sigma_min, where x_ref is a 1000-step
+      float64 run of UniPC-3 from the same x_T, over the same endpoints; and the empirical order, the slope of
+      log error against log NFE;
+  (b) sliced Wasserstein-2 to exact samples of the marginal at sigma_min;
+  (c) mean log-likelihood under that exact marginal (the exact samples' value is printed as the ceiling).
+All solvers run on one continuous-time grid, uniform in lambda = -log(sigma) from sigma_max = 14.6 to
+sigma_min = 0.03 (Stable Diffusion's range), without lower-order final steps, so that the orders show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import diffsampler as ds
+from diffsampler.bench.common import machine_record, slug, write_json
+from diffsampler.solvers import Grid, dpm_steps, deis_steps, unipc_steps
+from diffsampler.targets import GaussianMixture, sliced_wasserstein
+
+SIGMA_MAX, SIGMA_MIN = 14.6, 0.03
+NFES = (5, 10, 20, 50)
+
+
+@dataclass(frozen=True)
+class Solver:
+    name: str
+    order: int  # the theoretical order of convergence of the ODE error
+    plan: Callable  # Grid -> Plan
+    note: str = ""
+
+
+def _multistep(fn, **kw):
+    extra = {"final_sigma_zero": False} if fn is dpm_steps else {}
+    return lambda grid: fn(grid, "eps", lower_order_final=False, **extra, **kw)
+
+
+SOLVERS = [
+    Solver("ddim", 1, _multistep(dpm_steps, order=1), "DPM-Solver++ 1 = DDIM"),
+    Solver("dpmpp_2m", 2, _multistep(dpm_steps, order=2)),
+    Solver("dpmpp_3m", 3, _multistep(dpm_steps, order=3),
+           "published D2 weight (diffusers, k-diffusion): half the Taylor one, second order in practice"),
+    Solver("dpmpp_3m_taylor", 3, _multistep(dpm_steps, order=3, phi3="taylor"), "phi3='taylor'"),
+    Solver("dpm_2m", 2, _multistep(dpm_steps, order=2, algorithm="dpmsolver"), "noise prediction"),
+    Solver("unipc_2", 3, _multistep(unipc_steps, order=2), "UniPC-2 bh2 with corrector: order 3"),
+    Solver("unipc_3", 4, _multistep(unipc_steps, order=3), "UniPC-3 bh2 with corrector: order 4"),
+    Solver("deis_2", 2, _multistep(deis_steps, order=2)),
+    Solver("deis_3", 3, _multistep(deis_steps, order=3)),
+]
+
+TARGETS = {
+    "smooth-16d": lambda: GaussianMixture(torch.ones(4), torch.randn(4, 16, generator=torch.Generator().manual_seed(0),
+                                                                     dtype=torch.float64) / 4, torch.full((4,), 0.3)),
+    "ring-2d": lambda: GaussianMixture.ring(),
+    "random-64d": lambda: GaussianMixture.random(dim=64, modes=8, seed=0),
+}
+
+
+def run(target: GaussianMixture, plan_fn: Callable, steps: int, x_T: torch.Tensor) -> torch.Tensor:
+    """The sample at sigma_min of one solver with `steps` model calls, from standard-normal x_T (float64)."""
+    grid = Grid.uniform_lambda(SIGMA_MAX, SIGMA_MIN, steps)
+    alpha_0 = grid.alpha_sigma(0)[0]
+    return ds.run_plan(target.model(None, "eps"), x_T * alpha_0 / alpha_0, plan_fn(grid))
+
+
+def noised_exact(target: GaussianMixture, n: int, seed: int) -> torch.Tensor:
+    """Exact samples of the marginal at sigma_min: alpha x0 + sigma eps."""
+    g = torch.Generator().manual_seed(seed)
+    alpha = 1 / math.sqrt(1 + SIGMA_MIN**2)
+    return alpha * target.sample(n, generator=g) + SIGMA_MIN * alpha * torch.randn(n, target.dim, generator=g,
+                                                                                     dtype=torch.float64)
+
+
+def marginal_log_prob(target: GaussianMixture, x: torch.Tensor) -> torch.Tensor:
+    alpha = 1 / math.sqrt(1 + SIGMA_MIN**2)
+    noised = GaussianMixture(target.weights, alpha * target.means,
+                             torch.sqrt(alpha**2 * target.stds**2 + (SIGMA_MIN * alpha) ** 2))
+    return noised.log_prob(x)
+
+
+@dataclass
+class Curve:
+    solver: str
+    order: int
+    errors: list[float] = field(default_factory=list)
+    sliced_w2: list[float] = field(default_factory=list)
+    log_likelihood: list[float] = field(default_factory=list)
+
+    def slopes(self, nfes) -> list[float]:
+        return [-math.log(self.errors[i + 1] / self.errors[i]) / math.log(nfes[i + 1] / nfes[i])
+                for i in range(len(nfes) - 1)]
+
+
+def convergence(target: GaussianMixture, solvers=SOLVERS, nfes=NFES, n: int = 512, seed: int = 0,
+                metrics: bool = True) -> list[Curve]:
+    """One Curve per solver: ODE error (and, with metrics, sliced W2 and log-likelihood) at each NFE."""
+    x_T = torch.randn(n, target.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    truth = run(target, _multistep(unipc_steps, order=3), 1000, x_T)
+    exact = noised_exact(target, n, seed + 1)
+    curves = []
+    for solver in solvers:
+        curve = Curve(solver.name, solver.order)
+        for nfe in nfes:
+            x = run(target, solver.plan, nfe, x_T)
+            curve.errors.append(((x - truth).norm(dim=1) / truth.norm(dim=1)).median().item())
+            if metrics:
+                curve.sliced_w2.append(sliced_wasserstein(x, exact))
+                curve.log_likelihood.append(marginal_log_prob(target, x).mean().item())
+        curves.append(curve)
+    return curves
+
+
+def _plot(results: dict, nfes, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.4))
+    for ax, (name, curves) in zip(axes, results.items()):
+        for c in curves:
+            ax.loglog(nfes, c["errors"], marker="o", label=f"{c['solver']} (p={c['order']})")
+        ax.set_title(name)
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("median relative ODE error")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m diffsampler.bench quality", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--nfes", default=",".join(map(str, NFES)))
+    ap.add_argument("--n", type=int, default=512, help="samples per run")
+    ap.add_argument("--out", default="bench/results", help="directory of the JSON and PNG ('' for none)")
+    args = ap.parse_args(argv)
+    nfes = [int(v) for v in args.nfes.split(",")]
+    results = {}
+    for name in args.targets.split(","):
+        target = TARGETS[name]()
+        curves = convergence(target, nfes=nfes, n=args.n)
+        exact = noised_exact(target, args.n, 7)
+        ref_sw = sliced_wasserstein(exact, noised_exact(target, args.n, 1))
+        print(f"\n{name}: {target.dim}-D, {len(target.weights)} modes; exact-vs-exact sliced W2 {ref_sw:.4f}, "
+              f"exact mean log p {marginal_log_prob(target, exact).mean().item():.3f}")
+        print(f"{'solver':<17}{'p':>3}" + "".join(f"{'err@' + str(n):>11}" for n in nfes)
+              + f"{'slope':>8}" + "".join(f"{'SW2@' + str(n):>10}" for n in nfes)
+              + "".join(f"{'logp@' + str(n):>10}" for n in nfes))
+        for c in curves:
+            print(f"{c.solver:<17}{c.order:>3}" + "".join(f"{e:>11.2e}" for e in c.errors)
+                  + f"{c.slopes(nfes)[-1]:>8.2f}" + "".join(f"{v:>10.4f}" for v in c.sliced_w2)
+                  + "".join(f"{v:>10.3f}" for v in c.log_likelihood))
+        results[name] = [dict(solver=c.solver, order=c.order, errors=c.errors, slopes=c.slopes(nfes),
+                              sliced_w2=c.sliced_w2, log_likelihood=c.log_likelihood) for c in curves]
+        results[name + ":reference"] = dict(sliced_w2_exact_vs_exact=ref_sw,
+                                            log_likelihood_exact=marginal_log_prob(target, exact).mean().item())
+    if args.out:
+        out = Path(args.out)
+        record = machine_record(torch.device("cpu"))
+        payload = dict(benchmark="quality", machine=record, nfes=nfes, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN,
+                       note=__doc__.strip().splitlines()[0],
+                       solvers={s.name: dict(order=s.order, note=s.note) for s in SOLVERS}, results=results)
+        path = write_json(out / f"quality-{slug(record['device'])}.json", payload)
+        curves_only = {k: v for k, v in results.items() if not k.endswith(":reference")}
+        _plot(curves_only, nfes, out / "quality.png")
+        print(f"\nwrote {path} and {out / 'quality.png'}")
