@@ -48,9 +48,10 @@ def machine_record(device: torch.device) -> dict:
     return record
 
 
-def measure(fn: Callable[[], object], device: torch.device, min_time: float = 0.3, warmup: int = 3) -> float:
-    """Median seconds per call of fn(): warmed up, repeated for at least `min_time` seconds in 5 batches.
-    On CUDA, timed with events around each batch."""
+def measure(fn: Callable[[], object], device: torch.device, min_time: float = 0.3, warmup: int = 3,
+            best: bool = False) -> float:
+    """Median (or with best, the fastest) seconds per call of fn() over 5 batches: warmed up, repeated for at
+    least `min_time` seconds in all. On CUDA, timed with events around each batch."""
     for _ in range(warmup):
         fn()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -75,15 +76,16 @@ def measure(fn: Callable[[], object], device: torch.device, min_time: float = 0.
             for _ in range(reps):
                 fn()
             samples.append((time.perf_counter() - t0) / reps)
-    return statistics.median(samples)
+    return min(samples) if best else statistics.median(samples)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, min_time: float = 1.0) -> float:
     """Measured bytes/s of a device-to-device copy moving `nbytes` in all (nbytes / 2 read, nbytes / 2 written).
-    Measure it at the working-set size of the op it is a floor for: small sizes run from cache."""
+    Measure it at the working-set size of the op it is a floor for: small sizes run from cache. A floor is a
+    best case: the fastest of the batches."""
     src = torch.empty(max(nbytes // 8, 1), dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
-    seconds = measure(lambda: dst.copy_(src), device, min_time=min_time)
+    seconds = measure(lambda: dst.copy_(src), device, min_time=min_time, best=True)
     return 2 * src.numel() * 4 / seconds
 
 

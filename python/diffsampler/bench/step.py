@@ -2,7 +2,8 @@
 scheduler step() and against the memory floor, in one run.
 
 Prediction: the fused update is memory-bound. A DPM-Solver++ 2M step reads x, the model output and one history
-slot and writes x' and m0 (5 tensors); a DDIM step reads x and the output and writes x' (3 tensors). The floor
+slot and writes x' and m0 (5 tensors); a DDIM step reads x and the output and writes x' (3 tensors); UniPC
+also reads and rewrites its state (7 with two reads). The floor
 is the time of a plain copy moving the same number of bytes on the same device (so the same cache level: the
 smaller sizes fit in a CPU's last-level cache); `floor/t` is the fraction of that bandwidth reached.
 """
@@ -20,23 +21,34 @@ from diffsampler.bench.common import copy_bandwidth, machine_record, measure, sl
 SIZES = [(1, 4, 64, 64), (8, 4, 128, 128), (64, 4, 128, 128)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-STEP_INDEX = 5  # a second-order step in the middle of a 20-step loop
+STEP_INDEX = 5  # a multistep step in the middle of a 20-step loop (history full, corrector on)
+# solver -> (diffusers scheduler class, its config)
+ANCHORS = {
+    "ddim": ("DDIMScheduler", dict(SD, clip_sample=False)),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", SD),
+    "dpmpp_3m": ("DPMSolverMultistepScheduler", dict(SD, solver_order=3)),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++")),
+    "unipc": ("UniPCMultistepScheduler", SD),
+    "deis": ("DEISMultistepScheduler", SD),
+    "euler": ("EulerDiscreteScheduler", SD),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
 
 
-def _diffusers_step(solver: str, x, out, history):
-    """A callable running one diffusers step() on the same tensors (None if diffusers is missing)."""
+def _diffusers_step(solver: str, x, out):
+    """A callable running diffusers' step() for the same step on the same tensors (None without diffusers)."""
     try:
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+        import diffusers
     except ImportError:
         return None
+    name, config = ANCHORS[solver]
+    sched = getattr(diffusers, name)(**config)
+    sched.set_timesteps(20)
+    sched.is_scale_input_called = True  # Euler: the timed step alone, without its (unfused) input scaling
     if solver == "ddim":
-        sched = DDIMScheduler(**SD, clip_sample=False)
-        sched.set_timesteps(20)
         t = sched.timesteps[STEP_INDEX]
         return lambda: sched.step(out, t, x)
-    sched = DPMSolverMultistepScheduler(**SD)
-    sched.set_timesteps(20)
-    for i in range(STEP_INDEX):  # fill its history: the timed step is second order
+    for i in range(STEP_INDEX):  # fill its history so the timed step is a full multistep (and corrector) step
         sched.step(out, sched.timesteps[i], x)
     t = sched.timesteps[STEP_INDEX]
 
@@ -47,13 +59,20 @@ def _diffusers_step(solver: str, x, out, history):
     return step
 
 
-def _fused_step(solver: str, backend: str, x, out, history):
-    schedule = ds.schedules.VP.scaled_linear()
-    plan = ds.solvers.make_plan(solver, schedule, 20, "eps")
+def _fused_step(solver: str, backend: str, x, out):
+    """(callable running the fused update of the same step, bytes it moves)."""
+    schedule = ds.schedules.Flow() if solver in ds.solvers.FLOW_SOLVERS else ds.schedules.VP.scaled_linear()
+    plan = ds.solvers.make_plan(solver, schedule, 20, "flow" if solver in ds.solvers.FLOW_SOLVERS else "eps")
     step = plan.steps[STEP_INDEX]
-    h = history if plan.history_slots else None
-    return lambda: ds.ops.multistep_update(x, out, step.coeffs, history=h, write_slot=step.write_slot,
-                                           read_slots=step.read_slots, check_nan=False, backend=backend)
+    history = torch.randn((plan.history_slots, *x.shape), device=x.device).to(x.dtype) if plan.history_slots else None
+    state = torch.randn_like(x) if plan.uses_state else None
+    noise = torch.randn_like(x) if step.needs_noise else None
+    tensors = 3 + len(step.read_slots) + (history is not None) + (noise is not None)  # x, out, x' + reads, m0, z
+    tensors += 0 if state is None else (2 if step.coeffs.state is not None else 1)
+    fn = lambda: ds.ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
+                                         read_slots=step.read_slots, noise=noise, state=state, check_nan=False,
+                                         backend=backend)
+    return fn, tensors * x.numel() * x.element_size()
 
 
 def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_time: float) -> dict:
@@ -67,7 +86,7 @@ def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_
     if "triton" not in backends:
         print(f"triton: {'not timed on CPU (interpreter)' if device.type == 'cpu' else avail['reasons'].get('triton')}")
     rows = []
-    header = f"{'size':<18}{'dtype':<6}{'solver':<10}{'impl':<11}{'time [us]':>11}{'floor [us]':>11}" \
+    header = f"{'size':<18}{'dtype':<6}{'solver':<13}{'impl':<11}{'time [us]':>11}{'floor [us]':>11}" \
              f"{'floor/t':>9}{'vs diffusers':>14}"
     print(header)
     print("-" * len(header))
@@ -76,12 +95,12 @@ def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_
             dtype = DTYPES[dname]
             g = torch.Generator(device=device).manual_seed(0)
             x, out = (torch.randn(size, generator=g, device=device).to(dtype) for _ in range(2))
-            history = torch.randn((2, *size), generator=g, device=device).to(dtype)
             for solver in solvers:
-                n_bytes = (3 if solver == "ddim" else 5) * x.numel() * x.element_size()
+                impls = {}
+                for b in backends:
+                    impls[b], n_bytes = _fused_step(solver, b, x, out)
                 floor = n_bytes / copy_bandwidth(device, n_bytes, min_time=min_time)
-                impls = {b: _fused_step(solver, b, x, out, history) for b in backends}
-                diffusers_fn = _diffusers_step(solver, x, out, history)
+                diffusers_fn = _diffusers_step(solver, x, out)
                 if diffusers_fn is not None:
                     impls["diffusers"] = diffusers_fn
                 times = {name: measure(fn, device, min_time=min_time) for name, fn in impls.items()}
@@ -90,7 +109,7 @@ def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_
                     speedup = t_diff / t if t_diff else None
                     rows.append(dict(size=list(size), dtype=dname, solver=solver, impl=name, seconds=t,
                                      bytes_moved=n_bytes, floor_seconds=floor, floor_fraction=floor / t, speedup_vs_diffusers=speedup))
-                    print(f"{str(size):<18}{dname:<6}{solver:<10}{name:<11}{t * 1e6:>11.1f}{floor * 1e6:>11.1f}"
+                    print(f"{str(size):<18}{dname:<6}{solver:<13}{name:<11}{t * 1e6:>11.1f}{floor * 1e6:>11.1f}"
                           f"{floor / t:>9.2f}{(f'{speedup:.1f}x' if speedup else '-'):>14}")
     result = dict(benchmark="step", machine=record, copy_bandwidth_bytes_per_s=bandwidth, step_index=STEP_INDEX,
                   note="time of the solver update alone (model excluded); floor = time of a copy moving the same bytes",
@@ -108,7 +127,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", default=";".join(",".join(map(str, s)) for s in SIZES),
                     help="semicolon-separated shapes, e.g. '8,4,128,128;1,4,64,64'")
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--solvers", default="dpmpp_2m,ddim")
+    ap.add_argument("--solvers", default=",".join(ANCHORS))
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON ('' for none)")
     args = ap.parse_args(argv)
