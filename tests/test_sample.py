@@ -327,3 +327,30 @@ def test_deis_matches_diffusers(order, steps, sigmas, prediction):
     expected = run_diffusers(sched, model, x, steps)
     got = ds.sample(model, x, steps=steps, solver="deis", order=order, sigmas=sigmas, prediction=prediction)
     assert max_rel(got, expected) <= 1e-5
+
+
+def test_cosine_schedule_matches_diffusers():
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    sched = DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2")
+    expected = run_diffusers(sched, model, x, 15)
+    got = ds.sample(model, x, steps=15, solver="dpmpp_2m", schedule=ds.schedules.VP.cosine())
+    assert torch.equal(ds.schedules.VP.cosine().alphas_cumprod, sched.alphas_cumprod)
+    assert max_rel(got, expected) <= 1e-5
+
+
+def test_classifier_free_guidance_is_one_batched_call():
+    calls = []
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+
+    def model(x, t, emb):
+        calls.append(x.shape[0])
+        return torch.tanh(torch.einsum("bchw,cd->bdhw", x, w)) + emb.view(-1, 1, 1, 1) * (1 + t.float() / 1000)
+
+    cond, uncond = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])
+    guided = ds.models.classifier_free_guidance(model, 7.5, cond={"emb": cond}, uncond={"emb": uncond})
+    x, t = torch.randn(2, 4, 5, 5), torch.tensor(500)
+    out = guided(x, t)
+    u, c = model(x, t, uncond), model(x, t, cond)
+    assert calls[0] == 4 and torch.allclose(out, u + 7.5 * (c - u), atol=1e-6)
+    result = ds.sample(guided, x, steps=5)
+    assert torch.isfinite(result).all()

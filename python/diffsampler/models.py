@@ -6,6 +6,10 @@ linear in (x_t, out):  x0 = p x_t + q out.
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
+
 PREDICTIONS = ("eps", "x0", "v", "flow", "score")
 
 
@@ -55,3 +59,27 @@ def noise_coeffs(prediction: str, alpha: float, sigma: float) -> tuple[float, fl
     if prediction == "flow":
         return 1.0, 1.0 - sigma
     return 0.0, -sigma
+
+
+def classifier_free_guidance(model: Callable[..., torch.Tensor], guidance_scale: float, cond: dict,
+                             uncond: dict) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """model(x, t) of classifier-free guidance: out = u + w (c - u), u and c from ONE batched call.
+
+    The wrapped `model(x, t, **kwargs)` gets x twice along the batch (uncond first) and each keyword tensor of
+    `uncond` / `cond` concatenated along dim 0 (a keyword given in only one of them is passed as is). The
+    guidance is linear in the outputs, so it composes with every prediction type's conversion.
+    """
+    keys = set(cond) | set(uncond)
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        kwargs = {}
+        for k in keys:
+            if k in cond and k in uncond and isinstance(cond[k], torch.Tensor):
+                kwargs[k] = torch.cat([uncond[k], cond[k]])
+            else:
+                kwargs[k] = cond.get(k, uncond.get(k))
+        t2 = t if t.dim() == 0 else torch.cat([t, t])
+        out_u, out_c = model(torch.cat([x, x]), t2, **kwargs).chunk(2)
+        return out_u + guidance_scale * (out_c - out_u)
+
+    return guided

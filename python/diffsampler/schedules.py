@@ -59,6 +59,17 @@ class VP:
         """sqrt(beta_t) linear in t (Stable Diffusion)."""
         return cls(torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2)
 
+    @classmethod
+    def cosine(cls, num_train_timesteps: int = 1000, max_beta: float = 0.999) -> "VP":
+        """Nichol & Dhariwal's cosine schedule (diffusers' "squaredcos_cap_v2"): alpha_bar(t) =
+        cos^2((t + 0.008) / 1.008 pi / 2), beta_i = min(1 - alpha_bar((i + 1) / N) / alpha_bar(i / N), max_beta)."""
+        def alpha_bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        n = num_train_timesteps
+        betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
+        return cls(torch.tensor(betas, dtype=torch.float32))
+
     def alpha_bar(self, t: int) -> float:
         """alpha_t^2 at an integer training timestep (float32 value, as diffusers holds it)."""
         return float(self.alphas_cumprod[int(t)])
