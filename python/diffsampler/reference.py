@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 # Layout of the flat coefficient list shared by every backend of multistep_update:
-#   [p, q, a, e, c, b_0, b_1, ..., b_k]   with k = len(read_slots)
-COEFF_P, COEFF_Q, COEFF_A, COEFF_E, COEFF_C, COEFF_B0 = range(6)
+#   [p, q, r, a, e, c, b_0, b_1, ..., b_k]   with k = len(read_slots)
+COEFF_P, COEFF_Q, COEFF_R, COEFF_A, COEFF_E, COEFF_C, COEFF_B0 = range(7)
 MAX_HISTORY_READS = 3
 
 
@@ -53,7 +53,7 @@ def multistep_update(
 ) -> torch.Tensor:
     """One fused solver step (design.md section 2).
 
-        m_0  = p x + q out                                   data prediction
+        m_0  = p x + q out + r m_1                           data prediction (r: GHVB's momentum, else 0)
         m_0  = clamp(m_0, -clip, clip)                       if clip > 0
         m_0  = clamp(m_0, -s_b, s_b) / s_b                   if threshold_ratio > 0 (s_b: threshold_scale)
         x'   = a x + e out + sum_i b_i m_i + c z + g s       m_i = history[read_slots[i-1]], i >= 1
@@ -64,16 +64,18 @@ def multistep_update(
     Returns x'; writes history (and the state) in place.
     """
     cd = compute_dtype(x.dtype)
-    p, q, a, e, c = coeffs[:COEFF_B0]
+    p, q, r, a, e, c = coeffs[:COEFF_B0]
     b = coeffs[COEFF_B0:]
     xf, of = x.to(cd), model_out.to(cd)
+    reads = [history[slot].to(cd) for slot in read_slots]
     m0 = p * xf + q * of
+    if r != 0:
+        m0 = m0 + r * reads[0]
     if clip > 0:
         m0 = m0.clamp(-clip, clip)
     if threshold_ratio > 0:
         s = threshold_scale(m0, threshold_ratio, threshold_max).view(-1, *([1] * (m0.dim() - 1)))
         m0 = torch.minimum(torch.maximum(m0, -s), s) / s
-    reads = [history[slot].to(cd) for slot in read_slots]
     z = noise.to(cd) if noise is not None else None
     s = state.to(cd) if state is not None else None
 

@@ -23,7 +23,7 @@ import torch
 
 import diffsampler as ds
 from diffsampler.bench.common import machine_record, slug, write_json
-from diffsampler.solvers import Grid, dpm_steps, deis_steps, unipc_steps
+from diffsampler.solvers import Grid, dpm_steps, deis_steps, ghvb_steps, unipc_steps
 from diffsampler.targets import GaussianMixture, sliced_wasserstein
 
 SIGMA_MAX, SIGMA_MIN = 14.6, 0.03
@@ -33,14 +33,15 @@ NFES = (5, 10, 20, 50)
 @dataclass(frozen=True)
 class Solver:
     name: str
-    order: int  # the theoretical order of convergence of the ODE error
+    order: int | None  # the theoretical order of convergence of the ODE error (None: not established)
     plan: Callable  # Grid -> Plan
     note: str = ""
 
 
 def _multistep(fn, **kw):
     extra = {"final_sigma_zero": False} if fn is dpm_steps else {}
-    return lambda grid: fn(grid, "eps", lower_order_final=False, **extra, **kw)
+    extra = {"lower_order_final": False, **extra} if fn is not ghvb_steps else {}
+    return lambda grid: fn(grid, "eps", **extra, **kw)
 
 
 SOLVERS = [
@@ -54,6 +55,8 @@ SOLVERS = [
     Solver("unipc_3", 4, _multistep(unipc_steps, order=3), "UniPC-3 bh2 with corrector: order 4"),
     Solver("deis_2", 2, _multistep(deis_steps, order=2)),
     Solver("deis_3", 3, _multistep(deis_steps, order=3)),
+    Solver("ghvb_1.5", None, _multistep(ghvb_steps, order=2, beta=0.5), "GHVB order 2, beta 0.5 (paper: 1.5)"),
+    Solver("ghvb_2.8", None, _multistep(ghvb_steps, order=3, beta=0.8), "GHVB order 3, beta 0.8 (paper: 2.8)"),
 ]
 
 TARGETS = {
@@ -127,7 +130,7 @@ def _plot(results: dict, nfes, path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.4))
     for ax, (name, curves) in zip(axes, results.items()):
         for c in curves:
-            ax.loglog(nfes, c["errors"], marker="o", label=f"{c['solver']} (p={c['order']})")
+            ax.loglog(nfes, c["errors"], marker="o", label=f"{c['solver']} (p={c['order'] or '-'})")
         ax.set_title(name)
         ax.set_xlabel("NFE")
         ax.set_ylabel("median relative ODE error")
@@ -158,7 +161,7 @@ def main(argv=None) -> None:
               + f"{'slope':>8}" + "".join(f"{'SW2@' + str(n):>10}" for n in nfes)
               + "".join(f"{'logp@' + str(n):>10}" for n in nfes))
         for c in curves:
-            print(f"{c.solver:<17}{c.order:>3}" + "".join(f"{e:>11.2e}" for e in c.errors)
+            print(f"{c.solver:<17}{c.order or '-':>3}" + "".join(f"{e:>11.2e}" for e in c.errors)
                   + f"{c.slopes(nfes)[-1]:>8.2f}" + "".join(f"{v:>10.4f}" for v in c.sliced_w2)
                   + "".join(f"{v:>10.3f}" for v in c.log_likelihood))
         results[name] = [dict(solver=c.solver, order=c.order, errors=c.errors, slopes=c.slopes(nfes),

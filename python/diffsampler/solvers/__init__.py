@@ -12,6 +12,7 @@ from .deis import deis_plan, deis_steps
 from .dpm import dpm_plan, dpm_steps
 from .euler import euler_plan, flow_euler_plan
 from .grid import Grid
+from .momentum import ghvb_plan, ghvb_steps
 from .unipc import unipc_plan, unipc_steps
 from .plan import Plan, Step
 
@@ -25,6 +26,7 @@ SOLVERS: dict[str, Callable[..., Plan]] = {
     "dpm_3m": functools.partial(dpm_plan, algorithm="dpmsolver", order=3, final_sigmas_type="sigma_min"),
     "unipc": unipc_plan,
     "deis": deis_plan,
+    "ghvb": ghvb_plan,
     "euler": euler_plan,
     "flow_euler": flow_euler_plan,
 }
@@ -49,4 +51,4 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
 
 
 __all__ = ["SOLVERS", "Plan", "Step", "Grid", "make_plan", "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan",
-           "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps", "deis_steps"]
+           "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps", "deis_steps", "ghvb_plan", "ghvb_steps"]
