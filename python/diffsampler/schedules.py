@@ -145,7 +145,7 @@ def sigma_grid(schedule: VP, timesteps: np.ndarray, kind: str = "default", *,
     """
     if kind not in SIGMA_SPACINGS:
         raise ValueError(f"sigmas must be one of {SIGMA_SPACINGS}, got {kind!r}")
-    train = np.array(((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5)  # float32, as diffusers
+    train = (((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5).numpy()  # float32, as diffusers
     grid = np.interp(timesteps, np.arange(len(train)), train)
     if kind == "default":
         return timesteps, grid

@@ -1,10 +1,10 @@
-"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, quality."""
+"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, quality, report."""
 
 import sys
 
-from . import quality, step
+from . import quality, report, step
 
-SUBCOMMANDS = {"step": step.main, "quality": quality.main}
+SUBCOMMANDS = {"step": step.main, "quality": quality.main, "report": report.main}
 
 
 def main(argv=None) -> None:

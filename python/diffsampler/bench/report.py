@@ -1,0 +1,56 @@
+"""`python -m diffsampler.bench report [--size 8,4,128,128]`: markdown tables of the committed results
+(bench/results/step-*.json, quality-*.json), as the README shows them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def step_table(path: Path, size: list[int]) -> str:
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    rows = defaultdict(dict)
+    for r in data["rows"]:
+        if r["size"] == size:
+            rows[(r["dtype"], r["solver"])][r["impl"]] = r
+    fused = "cuda" if m["device_type"] == "cuda" else "cpu"
+    lines = [f"{m['device']} ({m['threads']} threads), torch {m['torch']}, diffusers {m['diffusers']}, "
+             f"{m['date'][:10]}, size {tuple(size)} (`{path}`):", "",
+             f"| dtype | solver | fused `{fused}` [µs] | diffusers `step()` [µs] | speed-up | copy floor [µs] | "
+             "floor / fused |", "|---|---|---|---|---|---|---|"]
+    for (dtype, solver), impls in rows.items():
+        f, d = impls.get(fused), impls.get("diffusers")
+        if f is None or d is None:
+            continue
+        lines.append(f"| {dtype} | {solver} | {f['seconds'] * 1e6:.0f} | {d['seconds'] * 1e6:.0f} | "
+                     f"{f['speedup_vs_diffusers']:.1f}x | {f['floor_seconds'] * 1e6:.0f} | {f['floor_fraction']:.2f} |")
+    return "\n".join(lines)
+
+
+def quality_table(path: Path, target: str) -> str:
+    data = json.loads(path.read_text())
+    nfes = data["nfes"]
+    lines = [f"{target} (`{path}`): median relative ODE error at sigma_min by NFE, the slope of the last two "
+             "points, and the sliced W2 to exact samples at the largest NFE:", "",
+             "| solver | order | " + " | ".join(f"NFE {n}" for n in nfes) + " | slope | sliced W2 |",
+             "|---|---|" + "---|" * len(nfes) + "---|---|"]
+    for c in data["results"][target]:
+        lines.append(f"| {c['solver']} | {c['order'] or '-'} | " + " | ".join(f"{e:.1e}" for e in c["errors"])
+                     + f" | {c['slopes'][-1]:.2f} | {c['sliced_w2'][-1]:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m diffsampler.bench report", description=__doc__)
+    ap.add_argument("--results", default="bench/results")
+    ap.add_argument("--size", default="8,4,128,128")
+    ap.add_argument("--target", default="smooth-16d")
+    args = ap.parse_args(argv)
+    root = Path(args.results)
+    for path in sorted(root.glob("step-*.json")):
+        print(step_table(path, [int(v) for v in args.size.split(",")]), end="\n\n")
+    for path in sorted(root.glob("quality-*.json")):
+        print(quality_table(path, args.target), end="\n\n")
