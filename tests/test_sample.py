@@ -393,3 +393,25 @@ def test_ghvb_beta_one_order_one_is_ddim():
     plan = ds.solvers.dpm_plan(ds.schedules.VP.scaled_linear(), 10, "eps", algorithm="dpmsolver++", order=1,
                                final_sigmas_type="sigma_min")
     assert max_rel(ghvb, ds.run_plan(model, x, plan)) <= 1e-5
+
+
+def test_heun_and_euler_on_edm_follow_algorithm_1():
+    """Karras et al. (2022) Algorithm 1 (Heun, Euler into sigma = 0) written out, against the fused plans."""
+    from diffsampler.integrations.kdiffusion import sample_euler, sample_heun
+
+    w = torch.linspace(-0.4, 0.4, 16, dtype=torch.float64).reshape(4, 4)
+
+    def denoiser(x, sigma):
+        x_in = x / (sigma.reshape(-1, *([1] * (x.dim() - 1))) ** 2 + 1).sqrt()
+        return 0.8 * torch.tanh(torch.einsum("bchw,cd->bdhw", x_in, w.to(x.dtype))) + 0.1 * x_in
+
+    edm = ds.schedules.EDM(sigma_min=0.01, sigma_max=20.0)
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = torch.tensor(edm.sigmas(9), dtype=torch.float64)
+    calls = []
+    counted = lambda y, t: calls.append(1) or denoiser(y, t.expand(y.shape[0]))
+    got = ds.sample(counted, x, steps=9, solver="heun", schedule=edm)
+    assert len(calls) == 2 * 9 - 1
+    assert max_rel(got, sample_heun(denoiser, x * sigmas[0], sigmas, disable=True)) <= 1e-12
+    got = ds.sample(lambda y, t: denoiser(y, t.expand(y.shape[0])), x, steps=9, solver="euler", schedule=edm)
+    assert max_rel(got, sample_euler(denoiser, x * sigmas[0], sigmas, disable=True)) <= 1e-12

@@ -44,16 +44,20 @@ def sample(
         lower_order_final=True, euler_at_final, steps_offset. Defaults are those of diffusers'
         DDIMScheduler / DPMSolverMultistepScheduler. "euler" (EulerDiscreteScheduler: options timestep_spacing,
         sigmas, final_sigmas_type; model input x / sqrt(sigma^2 + 1)); "flow_euler"
-        (FlowMatchEulerDiscreteScheduler, prediction "flow", the schedule's shift).
+        (FlowMatchEulerDiscreteScheduler, prediction "flow", the schedule's shift); "heun" (Karras et al.'s
+        2nd-order Heun on a ``schedules.EDM()``, 2 model calls per step but the last; the model gets sigma and
+        returns the denoised x0 by default); "euler" on an EDM schedule is Karras' Euler.
     clip / threshold_ratio, threshold_max: clamp the data prediction to [-clip, clip], or dynamic thresholding.
     generator: the torch.Generator of the noise of stochastic steps (DDIM with eta > 0, the SDE solvers).
     check_nan: raise ValueError when the model returns NaN (a host sync per step; off for speed).
     """
-    from .schedules import VP, Flow
+    from .schedules import EDM, VP, Flow
 
     flow = solver in FLOW_SOLVERS
-    schedule = (Flow() if flow else VP.scaled_linear()) if schedule is None else schedule
-    prediction = ("flow" if flow else "eps") if prediction is None else prediction
+    if schedule is None:
+        schedule = Flow() if flow else (EDM() if solver == "heun" else VP.scaled_linear())
+    if prediction is None:
+        prediction = "flow" if flow else ("x0" if isinstance(schedule, EDM) else "eps")
     plan = make_plan(solver, schedule, steps, prediction, **solver_options)
     if (clip or threshold_ratio) and not plan.data_prediction:
         raise ValueError(f"clip / threshold_ratio act on a data prediction; solver {solver!r} keeps noise predictions")

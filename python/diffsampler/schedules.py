@@ -190,3 +190,25 @@ class Flow:
 
     def __repr__(self) -> str:
         return f"Flow(num_train_timesteps={self.num_train_timesteps}, shift={self.shift})"
+
+
+class EDM:
+    """Variance-exploding EDM schedule (Karras et al. 2022): x_sigma = x0 + sigma eps (alpha = 1), sampled on
+    the Karras sigmas sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, then 0.
+    The model is given sigma itself as its time."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if not rho > 0:
+            raise ValueError(f"rho must be > 0, got {rho}")
+        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+
+    def sigmas(self, steps: int) -> list[float]:
+        """`steps` Karras sigmas from sigma_max to sigma_min, then 0 (float64)."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        return [float(v) for v in karras_sigmas(self.sigma_min, self.sigma_max, steps, self.rho)] + [0.0]
+
+    def __repr__(self) -> str:
+        return f"EDM(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, rho={self.rho})"

@@ -6,12 +6,13 @@ import functools
 from typing import Callable
 
 from ..models import check_prediction
-from ..schedules import VP, Flow
+from ..schedules import EDM, VP, Flow
 from .ddim import ddim_plan
 from .deis import deis_plan, deis_steps
 from .dpm import dpm_plan, dpm_steps
 from .euler import euler_plan, flow_euler_plan
 from .grid import Grid
+from .heun import edm_euler_plan, heun_plan
 from .momentum import ghvb_plan, ghvb_steps
 from .unipc import unipc_plan, unipc_steps
 from .plan import Plan, Step
@@ -28,27 +29,33 @@ SOLVERS: dict[str, Callable[..., Plan]] = {
     "deis": deis_plan,
     "ghvb": ghvb_plan,
     "euler": euler_plan,
+    "heun": heun_plan,
     "flow_euler": flow_euler_plan,
 }
 FLOW_SOLVERS = ("flow_euler",)
+# the schedule types each solver runs on (VP for the others); euler on an EDM schedule is Karras' Euler
+SCHEDULES = {"flow_euler": (Flow,), "heun": (EDM,), "euler": (VP, EDM)}
 
 
 def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> Plan:
     """The Plan of `solver` on `schedule` with `steps` model calls; options are the solver's keywords."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
-    want = Flow if solver in FLOW_SOLVERS else VP
+    want = SCHEDULES.get(solver, (VP,))
     if not isinstance(schedule, want):
-        raise ValueError(f"solver {solver!r} needs a diffsampler.schedules.{want.__name__} schedule, "
-                         f"got {type(schedule).__name__}")
+        names = " or ".join(f"diffsampler.schedules.{w.__name__}" for w in want)
+        raise ValueError(f"solver {solver!r} needs a {names} schedule, got {type(schedule).__name__}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     check_prediction(prediction)
     try:
+        if solver == "euler" and isinstance(schedule, EDM):
+            return edm_euler_plan(schedule, steps, prediction, **options)
         return SOLVERS[solver](schedule, steps, prediction, **options)
     except TypeError as err:  # an option the solver does not take
         raise ValueError(f"solver {solver!r}: {err}") from None
 
 
 __all__ = ["SOLVERS", "Plan", "Step", "Grid", "make_plan", "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan",
-           "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps", "deis_steps", "ghvb_plan", "ghvb_steps"]
+           "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps", "deis_steps", "ghvb_plan", "ghvb_steps",
+           "heun_plan", "edm_euler_plan"]
