@@ -415,3 +415,40 @@ def test_heun_and_euler_on_edm_follow_algorithm_1():
     assert max_rel(got, sample_heun(denoiser, x * sigmas[0], sigmas, disable=True)) <= 1e-12
     got = ds.sample(lambda y, t: denoiser(y, t.expand(y.shape[0])), x, steps=9, solver="euler", schedule=edm)
     assert max_rel(got, sample_euler(denoiser, x * sigmas[0], sigmas, disable=True)) <= 1e-12
+
+
+def _apply_time_shift_by_the_paper(x, t, window, cutoff, alphas_cumprod):
+    """The authors' per-sample shifted timestep, written out: the window clipped at the ends, argmin of the
+    squared gap between the sample variance and 1 - abar."""
+    n = len(alphas_cumprod)
+    var = x.reshape(x.shape[0], -1).var(dim=-1)
+    lo, hi = max(t - window, 0), min(t + window, n - 1)
+    noise_var = 1 - alphas_cumprod[lo:hi + 1]
+    shifted = ((var[:, None] - noise_var[None]) ** 2).argmin(dim=1) + lo
+    return shifted if t > cutoff else torch.full((x.shape[0],), t)
+
+
+@pytest.mark.parametrize("t, window, cutoff", [(500, 10, 300), (5, 10, 0), (995, 20, 100), (200, 10, 300)])
+def test_time_shift_picks_the_paper_timestep(t, window, cutoff):
+    schedule = ds.schedules.VP.linear()
+    scale = torch.linspace(0.3, 1.2, 5).view(5, 1, 1, 1)  # samples of different variance
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * scale
+    seen = []
+    shift = ds.solvers.TimeShift(window=window, cutoff=cutoff).wrap(lambda y, tt: seen.append(tt) or y, schedule)
+    shift(x, torch.tensor(t))
+    expected = _apply_time_shift_by_the_paper(x, t, window, cutoff, schedule.alphas_cumprod)
+    assert torch.equal(seen[0], expected)
+    if t == 500:
+        assert len(set(seen[0].tolist())) > 1  # the samples' variances differ: so do their timesteps
+
+
+def test_time_shift_in_sample():
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    plain = ds.sample(model, x, steps=10, solver="ddim", schedule=ds.schedules.VP.linear())
+    off = ds.sample(model, x, steps=10, solver="ddim", schedule=ds.schedules.VP.linear(),
+                    time_shift=ds.solvers.TimeShift(window=0))
+    on = ds.sample(model, x, steps=10, solver="ddim", schedule=ds.schedules.VP.linear(),
+                   time_shift=ds.solvers.TimeShift(window=20, cutoff=200))
+    assert torch.equal(plain, off) and not torch.equal(plain, on)
+    with pytest.raises(ValueError, match="time_shift needs integer training timesteps"):
+        ds.sample(model, x, steps=4, solver="euler", time_shift=ds.solvers.TimeShift())

@@ -25,6 +25,7 @@ def sample(
     threshold_ratio: float | None = None,
     threshold_max: float = 1.0,
     check_nan: bool = True,
+    time_shift=None,
     **solver_options,
 ) -> torch.Tensor:
     """Integrate from x (pure noise at the first timestep) to a sample, calling ``model(x, t)`` once per step.
@@ -50,6 +51,8 @@ def sample(
     clip / threshold_ratio, threshold_max: clamp the data prediction to [-clip, clip], or dynamic thresholding.
     generator: the torch.Generator of the noise of stochastic steps (DDIM with eta > 0, the SDE solvers).
     check_nan: raise ValueError when the model returns NaN (a host sync per step; off for speed).
+    time_shift: a ``diffsampler.solvers.TimeShift(window, cutoff)``: query the model at the timestep whose
+        noise variance matches each sample's (TS-DPM); discrete VP schedules.
     """
     from .schedules import EDM, VP, Flow
 
@@ -59,6 +62,10 @@ def sample(
     if prediction is None:
         prediction = "flow" if flow else ("x0" if isinstance(schedule, EDM) else "eps")
     plan = make_plan(solver, schedule, steps, prediction, **solver_options)
+    if time_shift is not None:
+        if not plan.discrete_time:
+            raise ValueError(f"time_shift needs integer training timesteps; solver {solver!r} has none")
+        model = time_shift.wrap(model, schedule)
     if (clip or threshold_ratio) and not plan.data_prediction:
         raise ValueError(f"clip / threshold_ratio act on a data prediction; solver {solver!r} keeps noise predictions")
     return run_plan(model, x, plan, generator=generator, progress=progress, desc=f"diffsampler {solver}",

@@ -14,6 +14,7 @@ from .euler import euler_plan, flow_euler_plan
 from .grid import Grid
 from .heun import edm_euler_plan, heun_plan
 from .momentum import ghvb_plan, ghvb_steps
+from .timeshift import TimeShift
 from .unipc import unipc_plan, unipc_steps
 from .plan import Plan, Step
 
@@ -58,4 +59,4 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
 
 __all__ = ["SOLVERS", "Plan", "Step", "Grid", "make_plan", "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan",
            "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps", "deis_steps", "ghvb_plan", "ghvb_steps",
-           "heun_plan", "edm_euler_plan"]
+           "heun_plan", "edm_euler_plan", "TimeShift"]
