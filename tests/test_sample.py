@@ -17,7 +17,7 @@ def make_model(channels=4, seed=0):
     w = torch.randn(channels, channels, generator=g) * 0.4
 
     def model(x, t):
-        s = t.float() / 1000
+        s = t.float().reshape(-1, 1, 1, 1) / 1000  # a 0-dim t or one per sample
         return torch.tanh(torch.einsum("bchw,cd->bdhw", x, w) * (1 + s)) + 0.1 * x * s
 
     return model
