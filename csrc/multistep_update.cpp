@@ -48,8 +48,8 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
   check_operand(out_in, x_in, "model_out");
   const int64_t n_reads = static_cast<int64_t>(read_slots.size());
   TORCH_CHECK(n_reads <= DS_MAX_READS, "multistep_update: at most ", DS_MAX_READS, " read_slots, got ", n_reads);
-  TORCH_CHECK(static_cast<int64_t>(coeffs.size()) == 6 + n_reads, "multistep_update: coeffs must have ",
-              6 + n_reads, " entries [p, q, a, e, c, b_0..b_k], got ", coeffs.size());
+  TORCH_CHECK(static_cast<int64_t>(coeffs.size()) == 6 + 2 * n_reads, "multistep_update: coeffs must have ",
+              6 + 2 * n_reads, " entries [p, q, a, e, c, b_0..b_k, r_1..r_k], got ", coeffs.size());
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(0) > 0, "multistep_update: x must have a non-empty batch dim 0");
   const bool thresholding = threshold_ratio > 0;
 
@@ -60,6 +60,7 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
   k.e = static_cast<float>(coeffs[3]);
   k.c = static_cast<float>(coeffs[4]);
   for (int64_t j = 0; j <= n_reads; ++j) k.b[j] = static_cast<float>(coeffs[5 + j]);
+  for (int64_t j = 0; j < n_reads; ++j) k.r[j] = static_cast<float>(coeffs[6 + n_reads + j]);
   k.n_reads = static_cast<int>(n_reads);
   k.clip = static_cast<float>(clip);
   const int64_t n_state = static_cast<int64_t>(state_coeffs.size());

@@ -16,7 +16,7 @@ using UpdateLaunch = std::function<void(ds_dtype, ds_phase, const ds_update_tens
 // Schema: multistep_update(Tensor x, Tensor model_out, Tensor(a!)? history, int write_slot, int[] read_slots,
 //                          float[] coeffs, Tensor? noise, float clip, float threshold_ratio,
 //                          float threshold_max, Tensor(b!)? state=None, float[] state_coeffs=[]) -> Tensor
-// coeffs = [p, q, a, e, c, b_0, b_1, ..., b_k], k = len(read_slots) <= DS_MAX_READS.
+// coeffs = [p, q, a, e, c, b_0, b_1, ..., b_k, r_1, ..., r_k], k = len(read_slots) <= DS_MAX_READS.
 // state_coeffs = [] (no state), [g] (x' += g s, s read only) or [g, sa, se, sc, sg, sb_0, ..., sb_k] (s rewritten).
 at::Tensor run_multistep_update(const at::Tensor& x, const at::Tensor& model_out,
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,

@@ -52,6 +52,7 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   T* __restrict__ x_next = static_cast<T*>(t.x_next);
   // Locals, not k's fields: the stores below could alias k as far as the compiler knows.
   const float p = k.p, q = k.q, a = k.a, e = k.e, c = k.c, g = k.g;
+  const float r0w = k.r[0], r1w = k.r[1], r2w = k.r[2];
   const float b0 = k.b[0], b1 = k.b[1], b2 = k.b[2], b3 = k.b[3];
   const float sa = k.sa, se = k.se, sc = k.sc, sg = k.sg;
   const float sb0 = k.sb[0], sb1 = k.sb[1], sb2 = k.sb[2], sb3 = k.sb[3];
@@ -61,30 +62,34 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   for (int64_t i = begin; i < end; ++i) {
     const float xi = S::load(x[i]);
     const float oi = S::load(out[i]);
+    const float h0 = kReads > 0 ? S::load(r0[i]) : 0.0f;
+    const float h1 = kReads > 1 ? S::load(r1[i]) : 0.0f;
+    const float h2 = kReads > 2 ? S::load(r2[i]) : 0.0f;
     float m0;
     if constexpr (kPhase == DS_PHASE_THRESHOLD) {
       m0 = std::min(std::max(S::load(m0_out[i]), -s), s) * inv_s;
     } else {
-      m0 = std::min(std::max(p * xi + q * oi, -clip), clip);
+      m0 = p * xi + q * oi;
+      if constexpr (kReads > 0) m0 += r0w * h0;
+      if constexpr (kReads > 1) m0 += r1w * h1;
+      if constexpr (kReads > 2) m0 += r2w * h2;
+      m0 = std::min(std::max(m0, -clip), clip);
     }
     if constexpr (kWriteM0) m0_out[i] = S::store(m0);
     if constexpr (kPhase != DS_PHASE_CONVERT) {
       float acc = a * xi + b0 * m0 + e * oi;
       float sacc = sa * xi + sb0 * m0 + se * oi;
       if constexpr (kReads > 0) {
-        const float h = S::load(r0[i]);
-        acc += b1 * h;
-        sacc += sb1 * h;
+        acc += b1 * h0;
+        sacc += sb1 * h0;
       }
       if constexpr (kReads > 1) {
-        const float h = S::load(r1[i]);
-        acc += b2 * h;
-        sacc += sb2 * h;
+        acc += b2 * h1;
+        sacc += sb2 * h1;
       }
       if constexpr (kReads > 2) {
-        const float h = S::load(r2[i]);
-        acc += b3 * h;
-        sacc += sb3 * h;
+        acc += b3 * h2;
+        sacc += sb3 * h2;
       }
       if constexpr (kNoise) {
         const float zi = S::load(z[i]);
@@ -108,7 +113,7 @@ void update_range(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t
     if (t.m0 != nullptr) return update_run<S, kReads, kNoise, true, kState, kPhase>(t, k, begin, end, 1.0f);
     update_run<S, kReads, kNoise, false, kState, kPhase>(t, k, begin, end, 1.0f);
   } else if constexpr (kPhase == DS_PHASE_CONVERT) {
-    update_run<S, 0, false, true, 0, kPhase>(t, k, begin, end, 1.0f);
+    update_run<S, kReads, false, true, 0, kPhase>(t, k, begin, end, 1.0f);
   } else {
     while (begin < end) {  // a run must not cross a sample boundary: each sample has its own bound
       const int64_t b = begin / t.per_sample;
@@ -125,7 +130,12 @@ void dispatch(ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs
   if constexpr (kReads < DS_MAX_READS) {
     if (k.n_reads > kReads) return dispatch<S, kReads + 1>(phase, t, k, begin, end);
   }
-  if (phase == DS_PHASE_CONVERT) return update_range<S, 0, false, 0, DS_PHASE_CONVERT>(t, k, begin, end);
+  if (phase == DS_PHASE_CONVERT) {  // the reads enter m0 through r
+    bool uses_reads = false;
+    for (int j = 0; j < k.n_reads; ++j) uses_reads = uses_reads || k.r[j] != 0;
+    if (uses_reads) return update_range<S, kReads, false, 0, DS_PHASE_CONVERT>(t, k, begin, end);
+    return update_range<S, 0, false, 0, DS_PHASE_CONVERT>(t, k, begin, end);
+  }
   const int state = t.state == nullptr ? 0 : (k.state_row ? 2 : 1);
   auto run = [&](auto noise, auto st) {
     constexpr bool kNoise = decltype(noise)::value;

@@ -65,7 +65,7 @@ def test_reference_is_float64_capable():
     assert out.dtype == torch.float64
     # auto dispatch sends float64 to the reference, bit for bit
     a = list(args)
-    c = UpdateCoeffs(p=a[5][0], q=a[5][1], r=a[5][2], a=a[5][3], e=a[5][4], c=a[5][5], b=tuple(a[5][6:]))
+    c = UpdateCoeffs(p=a[5][0], q=a[5][1], a=a[5][2], e=a[5][3], c=a[5][4], b=tuple(a[5][5:8]), r=tuple(a[5][8:]))
     h = a[2].clone()
     got = ds.ops.multistep_update(a[0], a[1], c, history=h, write_slot=a[3], read_slots=a[4], noise=a[6])
     assert torch.equal(got, out)
@@ -168,7 +168,8 @@ def _good():
         (dict(write_slot=2), "write_slot must be in"),
         (dict(coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1,))), r"coeffs.b must have 1 \+ len\(read_slots\) = 2 entries"),
         (dict(coeffs=(1.0, 0.0)), "coeffs must be an UpdateCoeffs"),
-        (dict(history=None, read_slots=[], coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1,), r=0.5)), "coeffs.r .* needs a history"),
+        (dict(history=None, read_slots=[], coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1,), r=(0.5,))),
+         r"coeffs.r weighs history reads in m_0: at most len\(read_slots\) = 0"),
         (dict(coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1, 1), c=0.5)), "noise is required"),
         (dict(noise=torch.randn(3, 2)), "noise must have shape"),
         (dict(history=None), "read_slots given without a history"),

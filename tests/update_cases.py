@@ -52,9 +52,7 @@ def make_case(shape, dtype, n_reads=2, noise=True, noncontig=False, clip=0.0, th
     history = torch.randn((slots, *shape), generator=gen, dtype=torch.float64).to(dtype)
     write_slot = rng.randrange(slots)
     read_slots = rng.sample([s for s in range(slots) if s != write_slot], n_reads)
-    coeffs = [rng.uniform(-1.5, 1.5) for _ in range(7 + n_reads)]
-    if n_reads == 0:
-        coeffs[reference.COEFF_R] = 0.0  # r weighs the first read
+    coeffs = [rng.uniform(-1.5, 1.5) for _ in range(6 + 2 * n_reads)]  # [p, q, a, e, c, b_0..b_k, r_1..r_k]
     if threshold:
         coeffs[reference.COEFF_P], coeffs[reference.COEFF_Q] = 1.0, 1.5  # push |m0| past 1 so the bound acts
     z = _operand(shape, dtype, gen, noncontig) if noise else None

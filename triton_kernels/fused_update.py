@@ -23,7 +23,7 @@ STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _multistep_update_kernel(
     x_ptr, out_ptr, r0_ptr, r1_ptr, r2_ptr, z_ptr, s_ptr, m0_ptr, x_next_ptr, scale_ptr,
     n, per_sample,
-    p, q, a, e, c, g, b0, b1, b2, b3, clip,
+    p, q, a, e, c, g, b0, b1, b2, b3, r0, r1, r2, clip,
     sa, se, sc, sg, sb0, sb1, sb2, sb3,
     N_READS: tl.constexpr, HAS_NOISE: tl.constexpr, STATE: tl.constexpr, WRITE_M0: tl.constexpr,
     CLIP: tl.constexpr, PHASE: tl.constexpr, BLOCK: tl.constexpr,
@@ -32,12 +32,24 @@ def _multistep_update_kernel(
     mask = offs < n
     xv = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     ov = tl.load(out_ptr + offs, mask=mask).to(tl.float32)
+    if N_READS > 0:
+        h0 = tl.load(r0_ptr + offs, mask=mask).to(tl.float32)
+    if N_READS > 1:
+        h1 = tl.load(r1_ptr + offs, mask=mask).to(tl.float32)
+    if N_READS > 2:
+        h2 = tl.load(r2_ptr + offs, mask=mask).to(tl.float32)
     if PHASE == 2:
         s = tl.load(scale_ptr + offs // per_sample, mask=mask, other=1.0)
         m0 = tl.load(m0_ptr + offs, mask=mask).to(tl.float32)
         m0 = tl.minimum(tl.maximum(m0, -s), s) / s
     else:
         m0 = p * xv + q * ov
+        if N_READS > 0:
+            m0 += r0 * h0
+        if N_READS > 1:
+            m0 += r1 * h1
+        if N_READS > 2:
+            m0 += r2 * h2
         if CLIP:
             m0 = tl.minimum(tl.maximum(m0, -clip), clip)
     if WRITE_M0:
@@ -46,17 +58,14 @@ def _multistep_update_kernel(
         acc = a * xv + b0 * m0 + e * ov
         sacc = sa * xv + sb0 * m0 + se * ov
         if N_READS > 0:
-            h = tl.load(r0_ptr + offs, mask=mask).to(tl.float32)
-            acc += b1 * h
-            sacc += sb1 * h
+            acc += b1 * h0
+            sacc += sb1 * h0
         if N_READS > 1:
-            h = tl.load(r1_ptr + offs, mask=mask).to(tl.float32)
-            acc += b2 * h
-            sacc += sb2 * h
+            acc += b2 * h1
+            sacc += sb2 * h1
         if N_READS > 2:
-            h = tl.load(r2_ptr + offs, mask=mask).to(tl.float32)
-            acc += b3 * h
-            sacc += sb3 * h
+            acc += b3 * h2
+            sacc += sb3 * h2
         if HAS_NOISE:
             zv = tl.load(z_ptr + offs, mask=mask).to(tl.float32)
             acc += c * zv
@@ -72,8 +81,10 @@ def _multistep_update_kernel(
 
 def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, coeffs, state_coeffs, clip):
     n = x.numel()
+    k = len(reads)
     p, q, a, e, c = coeffs[:5]
-    b = list(coeffs[5:]) + [0.0] * (4 - len(coeffs[5:]))
+    b = list(coeffs[5:6 + k]) + [0.0] * (3 - k)
+    r = list(coeffs[6 + k:]) + [0.0] * (3 - k)
     g = state_coeffs[0] if state_coeffs else 0.0
     sa, se, sc, sg = state_coeffs[1:5] if state_row else (0.0, 0.0, 0.0, 0.0)
     sb = (list(state_coeffs[5:]) if state_row else []) + [0.0] * (4 - (len(state_coeffs) - 5 if state_row else 0))
@@ -84,7 +95,7 @@ def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, co
     grid = (triton.cdiv(n, BLOCK),)
     torch.library.wrap_triton(_multistep_update_kernel)[grid](
         x, out, *ptrs, n, max(n // x.shape[0], 1),
-        p, q, a, e, c, g, b[0], b[1], b[2], b[3], clip,
+        p, q, a, e, c, g, b[0], b[1], b[2], b[3], r[0], r[1], r[2], clip,
         sa, se, sc, sg, sb[0], sb[1], sb[2], sb[3],
         N_READS=len(reads), HAS_NOISE=noise is not None, STATE=0 if state is None else (2 if state_row else 1),
         WRITE_M0=m0 is not None, CLIP=clip > 0, PHASE=phase, BLOCK=BLOCK,

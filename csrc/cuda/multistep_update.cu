@@ -62,9 +62,11 @@ __device__ __forceinline__ void store(void* base, int64_t i, const float (&in)[N
 // kState: 0 no state, 1 state read (x' += g s), 2 state read and rewritten with its own row.
 template <typename T, int N, int kReads, bool kNoise, int kState, int kPhase>
 __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t i) {
-  float x[N], out[N], m0[N];
+  float x[N], out[N], m0[N], hist[kReads > 0 ? kReads : 1][N];
   load<T, N>(t.x, i, x);
   load<T, N>(t.out, i, out);
+#pragma unroll
+  for (int r = 0; r < kReads; ++r) load<T, N>(t.reads[r], i, hist[r]);
   if constexpr (kPhase == DS_PHASE_THRESHOLD) {
     load<T, N>(t.m0, i, m0);
 #pragma unroll
@@ -76,6 +78,8 @@ __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_upda
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       m0[j] = fmaf(k.p, x[j], k.q * out[j]);
+#pragma unroll
+      for (int r = 0; r < kReads; ++r) m0[j] = fmaf(k.r[r], hist[r][j], m0[j]);
       if (k.clip > 0.f) m0[j] = fminf(fmaxf(m0[j], -k.clip), k.clip);
     }
   }
@@ -89,11 +93,10 @@ __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_upda
     }
 #pragma unroll
     for (int r = 0; r < kReads; ++r) {
-      load<T, N>(t.reads[r], i, h);
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        acc[j] = fmaf(k.b[r + 1], h[j], acc[j]);
-        sacc[j] = fmaf(k.sb[r + 1], h[j], sacc[j]);
+        acc[j] = fmaf(k.b[r + 1], hist[r][j], acc[j]);
+        sacc[j] = fmaf(k.sb[r + 1], hist[r][j], sacc[j]);
       }
     }
     if constexpr (kNoise) {
@@ -183,7 +186,16 @@ template <typename T>
 cudaError_t by_phase(ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs& k, cudaStream_t stream) {
   switch (phase) {
     case DS_PHASE_FULL: return by_reads<T, DS_PHASE_FULL>(t, k, stream);
-    case DS_PHASE_CONVERT: return launch<T, 0, false, 0, DS_PHASE_CONVERT>(t, k, stream);
+    case DS_PHASE_CONVERT: {  // the reads enter m0 through r
+      bool uses_reads = false;
+      for (int j = 0; j < k.n_reads; ++j) uses_reads = uses_reads || k.r[j] != 0.f;
+      if (!uses_reads) return launch<T, 0, false, 0, DS_PHASE_CONVERT>(t, k, stream);
+      switch (k.n_reads) {
+        case 1: return launch<T, 1, false, 0, DS_PHASE_CONVERT>(t, k, stream);
+        case 2: return launch<T, 2, false, 0, DS_PHASE_CONVERT>(t, k, stream);
+        default: return launch<T, 3, false, 0, DS_PHASE_CONVERT>(t, k, stream);
+      }
+    }
     case DS_PHASE_THRESHOLD: return by_reads<T, DS_PHASE_THRESHOLD>(t, k, stream);
     default: return cudaErrorInvalidValue;
   }

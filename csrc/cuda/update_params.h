@@ -1,6 +1,6 @@
 // Plain-data parameters of the fused multistep update, shared by the CPU kernel and the CUDA launcher.
 // No torch or CUDA headers. Math (design.md section 2), per element i of sample b = i / per_sample, in fp32:
-//   m0 = p x + q out;  m0 = clamp(m0, -clip, clip) if clip > 0
+//   m0 = p x + q out + sum_{j<n_reads} r[j] read_j;  m0 = clamp(m0, -clip, clip) if clip > 0
 //   x' = a x + e out + b0 m0 + sum_{j<n_reads} b[j+1] read_j + c z + g s
 //   s' = sa x + se out + sb0 m0 + sum_{j<n_reads} sb[j+1] read_j + sc z + sg s   (state_row; written over s)
 // s is an optional state tensor of x's shape (UniPC's last sample, Heun's step start, a momentum).
@@ -26,6 +26,7 @@ typedef enum { DS_PHASE_FULL = 0, DS_PHASE_CONVERT = 1, DS_PHASE_THRESHOLD = 2 }
 typedef struct {
   float p, q, a, e, c;
   float b[DS_MAX_READS + 1];  // b[0] multiplies m0, b[j + 1] multiplies reads[j]
+  float r[DS_MAX_READS];      // r[j] multiplies reads[j] in m0 (GHVB's momentum, DC-Solver's compensation)
   int n_reads;                // 0 .. DS_MAX_READS
   float clip;                 // <= 0: off
   float g;                    // weight of the state s in x' (s read when tensors.state != NULL)

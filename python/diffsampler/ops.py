@@ -110,9 +110,9 @@ class StateRow:
 class UpdateCoeffs:
     """Host-side (float64) coefficients of one fused step.
 
-        m_0 = p x + q out + r m_1,    x' = a x + e out + b[0] m_0 + sum_{i>=1} b[i] m_i + c z + g s
+        m_0 = p x + q out + sum_{i>=1} r[i-1] m_i,    x' = a x + e out + b[0] m_0 + sum_{i>=1} b[i] m_i + c z + g s
 
-    (r, the weight of the first history read in m_0, is GHVB's momentum; 0 for every other solver.)
+    (r, the weights of the history reads in m_0: GHVB's momentum, DC-Solver's compensation; empty otherwise.)
 
     s is the optional state tensor (UniPC's corrected sample, Heun's step start, a momentum); with a
     `state` row it is rewritten in the same pass.
@@ -126,11 +126,12 @@ class UpdateCoeffs:
     c: float = 0.0
     g: float = 0.0
     state: StateRow | None = None
-    r: float = 0.0
+    r: tuple[float, ...] = ()
 
     def as_list(self) -> list[float]:
-        """The flat layout every backend takes: [p, q, r, a, e, c, b_0, ..., b_k]."""
-        return [float(v) for v in (self.p, self.q, self.r, self.a, self.e, self.c, *self.b)]
+        """The flat layout every backend takes: [p, q, a, e, c, b_0, ..., b_k, r_1, ..., r_k]."""
+        r = tuple(self.r) + (0.0,) * (len(self.b) - 1 - len(self.r))
+        return [float(v) for v in (self.p, self.q, self.a, self.e, self.c, *self.b, *r)]
 
     def state_list(self, has_state: bool) -> list[float]:
         """state_coeffs of the backends: [] (no state), [g] (state read) or [g, sa, se, sc, sg, sb_0..sb_k]."""
@@ -167,8 +168,9 @@ def _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, no
         raise ValueError(f"coeffs must be an UpdateCoeffs, got {type(coeffs).__name__}")
     if len(read_slots) > MAX_HISTORY_READS:
         raise ValueError(f"read_slots: at most {MAX_HISTORY_READS} history terms are supported, got {len(read_slots)}")
-    if coeffs.r != 0 and not read_slots:
-        raise ValueError("coeffs.r (the weight of read_slots[0] in m_0) needs a history read")
+    if len(coeffs.r) > len(read_slots):
+        raise ValueError(f"coeffs.r weighs history reads in m_0: at most len(read_slots) = {len(read_slots)} "
+                         f"entries, got {len(coeffs.r)}")
     if len(coeffs.b) != 1 + len(read_slots):
         raise ValueError(f"coeffs.b must have 1 + len(read_slots) = {1 + len(read_slots)} entries, got {len(coeffs.b)}")
     if history is None:
@@ -226,7 +228,7 @@ def multistep_update(
 ) -> torch.Tensor:
     """One fused solver step: convert, optionally clip / threshold, update, write history; returns x'.
 
-        m_0 = p x + q out + r history[read_slots[0]]   (raw model output -> data prediction; r: momentum)
+        m_0 = p x + q out + sum_i r[i-1] history[read_slots[i-1]]   (raw output -> data prediction)
         m_0 = clamp(m_0, -clip, clip)              (clip)
         m_0 = clamp(m_0, -s, s) / s,  s = clamp(quantile(|m_0|, threshold_ratio), 1, threshold_max) per sample
         x'  = a x + e out + b[0] m_0 + sum_i b[i] history[read_slots[i-1]] + c noise + g state

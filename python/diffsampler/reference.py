@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 # Layout of the flat coefficient list shared by every backend of multistep_update:
-#   [p, q, r, a, e, c, b_0, b_1, ..., b_k]   with k = len(read_slots)
-COEFF_P, COEFF_Q, COEFF_R, COEFF_A, COEFF_E, COEFF_C, COEFF_B0 = range(7)
+#   [p, q, a, e, c, b_0, b_1, ..., b_k, r_1, ..., r_k]   with k = len(read_slots)
+COEFF_P, COEFF_Q, COEFF_A, COEFF_E, COEFF_C, COEFF_B0 = range(6)
 MAX_HISTORY_READS = 3
 
 
@@ -53,7 +53,7 @@ def multistep_update(
 ) -> torch.Tensor:
     """One fused solver step (design.md section 2).
 
-        m_0  = p x + q out + r m_1                           data prediction (r: GHVB's momentum, else 0)
+        m_0  = p x + q out + sum_i r_i m_i                   data prediction (r: GHVB, DC-Solver; else 0)
         m_0  = clamp(m_0, -clip, clip)                       if clip > 0
         m_0  = clamp(m_0, -s_b, s_b) / s_b                   if threshold_ratio > 0 (s_b: threshold_scale)
         x'   = a x + e out + sum_i b_i m_i + c z + g s       m_i = history[read_slots[i-1]], i >= 1
@@ -64,13 +64,15 @@ def multistep_update(
     Returns x'; writes history (and the state) in place.
     """
     cd = compute_dtype(x.dtype)
-    p, q, r, a, e, c = coeffs[:COEFF_B0]
-    b = coeffs[COEFF_B0:]
+    k = len(read_slots)
+    p, q, a, e, c = coeffs[:COEFF_B0]
+    b, r = coeffs[COEFF_B0:COEFF_B0 + k + 1], coeffs[COEFF_B0 + k + 1:]
     xf, of = x.to(cd), model_out.to(cd)
     reads = [history[slot].to(cd) for slot in read_slots]
     m0 = p * xf + q * of
-    if r != 0:
-        m0 = m0 + r * reads[0]
+    for ri, m in zip(r, reads):
+        if ri != 0:
+            m0 = m0 + ri * m
     if clip > 0:
         m0 = m0.clamp(-clip, clip)
     if threshold_ratio > 0:

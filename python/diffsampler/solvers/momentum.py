@@ -9,7 +9,7 @@ k velocities with weights that depend on beta:
     xbar' = xbar + (g' - g) sum_j w_j(beta) v_{n-j}    (k = min(order, n + 1) terms)
 
 beta = 1 is PLMS (Adams-Bashforth of order k); order 1 with beta = 1 is DDIM. The fused update stores v_n as
-its "m0" (m0 = beta eps + (1 - beta) m_1: the r term), so the velocity history is the ordinary history ring.
+its "m0" (m0 = beta eps + (1 - beta) m_1: the op's r weights), so the velocity history is the ordinary history ring.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def ghvb_steps(grid: Grid, prediction: str, *, order: int = 2, beta: float = 0.5
         dg = sigma_t / alpha_t - sigma_s / alpha_s
         p, q = noise_coeffs(prediction, alpha_s, sigma_s)
         momentum = beta if i > 0 else 1.0  # v_0 = eps_0
-        coeffs = UpdateCoeffs(p=momentum * p, q=momentum * q, r=(1.0 - momentum) if i > 0 else 0.0,
+        coeffs = UpdateCoeffs(p=momentum * p, q=momentum * q, r=(1.0 - momentum,) if i > 0 else (),
                               a=alpha_t / alpha_s, b=tuple(alpha_t * dg * wj for wj in w))
         plan.append(Step(t=t, coeffs=coeffs, write_slot=i % slots,
                          read_slots=tuple((i - j) % slots for j in range(1, n_reads + 1))))
