@@ -75,11 +75,12 @@ def sample(
 
 def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
              generator: torch.Generator | None = None, progress: bool = False, desc: str = "diffsampler",
-             **update_options) -> torch.Tensor:
+             return_state: bool = False, **update_options):
     """The loop of any Plan: per step, out = model(input_scale * x, t) and one fused update.
 
     update_options go to every ops.multistep_update call (clip, threshold_ratio, threshold_max, check_nan,
     backend). Continuous model times are float32 (float64 when x is float64); discrete ones int64.
+    return_state: return (x, the solver's state tensor or None), e.g. UniPC's last corrected sample.
     """
     history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
     state = torch.zeros_like(x) if plan.uses_state else None
@@ -100,4 +101,4 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
         x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
                                  read_slots=step.read_slots, noise=noise, state=state, **update_options)
-    return x
+    return (x, state) if return_state else x

@@ -40,6 +40,11 @@ def quality_table(path: Path, target: str) -> str:
     for c in data["results"][target]:
         lines.append(f"| {c['solver']} | {c['order'] or '-'} | " + " | ".join(f"{e:.1e}" for e in c["errors"])
                      + f" | {c['slopes'][-1]:.2f} | {c['sliced_w2'][-1]:.4f} |")
+    for name, rows in data["results"].items():
+        if name.endswith(":dc-solver"):
+            lines += ["", f"DC-Solver on {name.split(':')[0]} (median relative error at sigma = 0, UniPC -> "
+                      "UniPC + compensation): " + ", ".join(f"NFE {r['nfe']}: {r['unipc']:.4f} -> {r['dc_unipc']:.4f}"
+                                                             for r in rows)]
     return "\n".join(lines)
 
 
