@@ -502,9 +502,9 @@ def test_dc_solver_follows_the_paper():
     assert torch.equal(same, plain)
 
 
-def test_fit_dc_ratios_never_worse_than_none_on_its_objective():
-    """The fitted ratio of each step beats (or keeps) ratio 1 on the authors' objective: the distance of the
-    next corrected sample to a fine reference run, on the fitting samples."""
+def test_fit_dc_ratios():
+    """Fitting gives one ratio per step inside the search interval, 1 where there is nothing to interpolate
+    (the first dc_order steps) or to match (the last), and a plan that samples; a wrong count is an error."""
     from diffsampler.solvers.dc import fit_dc_ratios
 
     target = ds.targets.GaussianMixture.random(dim=8, modes=3, seed=2)
