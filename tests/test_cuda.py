@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import diffsampler as ds
-from update_cases import ODD_SHAPES, case_seed, check_backend, make_case
+from update_cases import ODD_SHAPES, VARIANT_SHAPES, VARIANTS, case_seed, check_backend, make_case, variant_case
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 NVCC = shutil.which("nvcc")
@@ -88,21 +88,10 @@ def test_matches_reference(cuda_kernels, shape, dtype):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", ["noncontig", "clip", "threshold", "no_history", "threshold_no_history",
-                                     "state_read", "state_row", "state_row_threshold"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_variants(cuda_kernels, dtype, variant):
-    for shape in [(1,), (7,), (3, 5, 7, 11), (2, 4, 9, 9)]:
-        seed = case_seed("cuda", shape, dtype, variant)
-        if variant.startswith("state"):
-            args = make_case(shape, dtype, 3, state=1 if variant == "state_read" else 2, seed=seed,
-                             threshold=variant.endswith("threshold"))
-        elif variant in ("no_history", "threshold_no_history"):
-            args = make_case(shape, dtype, 0, threshold=variant.startswith("threshold"), seed=seed)
-            args[2] = None
-        else:
-            args = make_case(shape, dtype, 2, seed=seed, noncontig=variant == "noncontig",
-                             clip=0.7 if variant == "clip" else 0.0, threshold=variant == "threshold",
-                             slots=4 if variant == "threshold" else None)
+    for shape in VARIANT_SHAPES:
+        args = variant_case(shape, dtype, variant, case_seed("cuda", shape, dtype, variant))
         check_backend(cuda_op, to_cuda(args), dtype)
 
 

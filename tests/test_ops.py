@@ -7,7 +7,8 @@ import torch
 import diffsampler as ds
 from diffsampler import reference
 from diffsampler.ops import StateRow, UpdateCoeffs
-from update_cases import ODD_SHAPES, case_seed as _seed, check_backend, make_case, rel_err
+from update_cases import (ODD_SHAPES, VARIANT_SHAPES, VARIANTS, case_seed as _seed, check_backend, make_case,
+                          rel_err, variant_case)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 cpu_op = torch.ops.diffsampler.multistep_update
@@ -23,24 +24,10 @@ def test_cpu_matches_reference(shape, dtype, n_reads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", ["noncontig", "clip", "threshold", "threshold_no_history", "no_history",
-                                     "state_read", "state_row", "state_row_threshold", "state_noncontig"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_cpu_variants(dtype, variant):
-    for shape in [(1,), (7,), (3, 5, 7, 11), (2, 4, 9, 9)]:
-        seed = _seed(shape, dtype, variant)
-        if variant == "noncontig":
-            args = make_case(shape, dtype, 2, noncontig=True, seed=seed)
-        elif variant == "clip":
-            args = make_case(shape, dtype, 2, clip=0.7, seed=seed)
-        elif variant == "threshold":
-            args = make_case(shape, dtype, 2, threshold=True, slots=4, seed=seed)
-        elif variant.startswith("state"):
-            args = make_case(shape, dtype, 3, state=1 if variant == "state_read" else 2, seed=seed,
-                             threshold=variant.endswith("threshold"), noncontig=variant.endswith("noncontig"))
-        else:
-            args = make_case(shape, dtype, 0, threshold=variant == "threshold_no_history", seed=seed)
-            args[2] = None
-        check_backend(cpu_op, args, dtype)
+    for shape in VARIANT_SHAPES:
+        check_backend(cpu_op, variant_case(shape, dtype, variant, _seed(shape, dtype, variant)), dtype)
 
 
 def test_threshold_acts_and_matches_diffusers_formula():

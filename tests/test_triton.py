@@ -9,7 +9,7 @@ import torch  # noqa: E402
 
 import diffsampler as ds  # noqa: E402
 import diffsampler.triton_kernels  # noqa: F401,E402  (the subpackage, also when ops has not probed it yet)
-from update_cases import ODD_SHAPES, case_seed, check_backend, make_case  # noqa: E402
+from update_cases import ODD_SHAPES, VARIANT_SHAPES, VARIANTS, case_seed, check_backend, make_case, variant_case  # noqa: E402
 
 ok, why = ds.triton_kernels.available()
 pytestmark = pytest.mark.skipif(not ok, reason=f"triton backend unavailable: {why}")
@@ -30,24 +30,10 @@ def test_matches_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", ["noncontig", "clip", "threshold", "threshold_no_history", "no_history",
-                                     "state_read", "state_row", "state_row_threshold", "state_noncontig"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_variants(dtype, variant):
-    for shape in [(1,), (7,), (3, 5, 7, 11), (2, 4, 9, 9)]:
-        seed = case_seed("triton", shape, dtype, variant)
-        if variant == "noncontig":
-            args = make_case(shape, dtype, 2, noncontig=True, seed=seed)
-        elif variant == "clip":
-            args = make_case(shape, dtype, 2, clip=0.7, seed=seed)
-        elif variant == "threshold":
-            args = make_case(shape, dtype, 2, threshold=True, slots=4, seed=seed)
-        elif variant.startswith("state"):
-            args = make_case(shape, dtype, 3, state=1 if variant == "state_read" else 2, seed=seed,
-                             threshold=variant.endswith("threshold"), noncontig=variant.endswith("noncontig"))
-        else:
-            args = make_case(shape, dtype, 0, threshold=variant == "threshold_no_history", seed=seed)
-            args[2] = None
-        check_backend(triton_op, args, dtype)
+    for shape in VARIANT_SHAPES:
+        check_backend(triton_op, variant_case(shape, dtype, variant, case_seed("triton", shape, dtype, variant)), dtype)
 
 
 def test_noncontiguous_history_slot_written_in_place():

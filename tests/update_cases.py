@@ -62,6 +62,27 @@ def make_case(shape, dtype, n_reads=2, noise=True, noncontig=False, clip=0.0, th
     return [x, out, history, write_slot, read_slots, coeffs, z, clip, thr_ratio, thr_max, s, s_coeffs]
 
 
+VARIANTS = ["noncontig", "clip", "threshold", "threshold_no_history", "no_history", "state_read", "state_row",
+            "state_row_threshold", "state_noncontig"]
+VARIANT_SHAPES = [(1,), (7,), (3, 5, 7, 11), (2, 4, 9, 9)]
+
+
+def variant_case(shape, dtype, variant: str, seed: int):
+    """The operands of one named variant (VARIANTS) of the update, shared by every backend's tests."""
+    if variant == "noncontig":
+        return make_case(shape, dtype, 2, noncontig=True, seed=seed)
+    if variant == "clip":
+        return make_case(shape, dtype, 2, clip=0.7, seed=seed)
+    if variant == "threshold":
+        return make_case(shape, dtype, 2, threshold=True, slots=4, seed=seed)
+    if variant.startswith("state"):
+        return make_case(shape, dtype, 3, state=1 if variant == "state_read" else 2, seed=seed,
+                         threshold=variant.endswith("threshold"), noncontig=variant.endswith("noncontig"))
+    args = make_case(shape, dtype, 0, threshold=variant == "threshold_no_history", seed=seed)
+    args[2] = None
+    return args
+
+
 def reference_result(args):
     """(x_next, history, scale, history_scale, state, state_scale) of the float64 reference on a copy of
     `args` (the history and the state are mutated).

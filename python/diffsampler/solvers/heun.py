@@ -24,13 +24,16 @@ def _ve_data_coeffs(prediction: str, sigma: float) -> tuple[float, float]:
     raise ValueError(f"the EDM solvers take prediction 'x0' (a denoiser) or 'eps', got {prediction!r}")
 
 
+def _euler(prediction: str, sigma: float, nxt: float, **extra) -> UpdateCoeffs:
+    """x' = x + (sigma' - sigma) (x - D) / sigma."""
+    p, q = _ve_data_coeffs(prediction, sigma)
+    r = (nxt - sigma) / sigma
+    return UpdateCoeffs(p=p, q=q, a=1.0 + r, b=(-r,), **extra)
+
+
 def edm_euler_plan(schedule: EDM, steps: int, prediction: str) -> Plan:
     sigmas = schedule.sigmas(steps)
-    plan = []
-    for sigma, nxt in zip(sigmas[:-1], sigmas[1:]):
-        p, q = _ve_data_coeffs(prediction, sigma)
-        r = (nxt - sigma) / sigma
-        plan.append(Step(t=sigma, coeffs=UpdateCoeffs(p=p, q=q, a=1.0 + r, b=(-r,))))
+    plan = [Step(t=sigma, coeffs=_euler(prediction, sigma, nxt)) for sigma, nxt in zip(sigmas[:-1], sigmas[1:])]
     return Plan(steps=tuple(plan), history_slots=0, discrete_time=False, init_scale=sigmas[0])
 
 
@@ -39,14 +42,12 @@ def heun_plan(schedule: EDM, steps: int, prediction: str) -> Plan:
     sigmas = schedule.sigmas(steps)
     plan = []
     for sigma, nxt in zip(sigmas[:-1], sigmas[1:]):
-        p, q = _ve_data_coeffs(prediction, sigma)
-        r = (nxt - sigma) / sigma
         if nxt == 0:
-            plan.append(Step(t=sigma, coeffs=UpdateCoeffs(p=p, q=q, a=1.0 + r, b=(-r,))))
+            plan.append(Step(t=sigma, coeffs=_euler(prediction, sigma, nxt)))
             continue
         keep_start = StateRow(a=1.0, b=(0.0,))
-        plan.append(Step(t=sigma, coeffs=UpdateCoeffs(p=p, q=q, a=1.0 + r, b=(-r,), state=keep_start),
-                         write_slot=0))
+        plan.append(Step(t=sigma, coeffs=_euler(prediction, sigma, nxt, state=keep_start), write_slot=0))
+        r = (nxt - sigma) / sigma
         p2, q2 = _ve_data_coeffs(prediction, nxt)
         r2 = (nxt - sigma) / nxt
         plan.append(Step(t=nxt, coeffs=UpdateCoeffs(p=p2, q=q2, a=r2 / 2, b=(-r2 / 2, -r / 2), g=1.0 + r / 2),
