@@ -518,3 +518,13 @@ def test_fit_dc_ratios():
     assert torch.isfinite(result).all()
     with pytest.raises(ValueError, match="dc_ratios must have one ratio per step"):
         ds.sample(model, x, steps=6, solver="unipc", schedule=schedule, dc_ratios=[1.0] * 5)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [6, 20])
+def test_flow_dpmpp_2m_matches_diffusers(shift, steps):
+    model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    sched = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction")
+    expected = run_diffusers(sched, model, x, steps)
+    got = ds.sample(model, x, steps=steps, solver="flow_dpmpp_2m", schedule=ds.schedules.Flow(shift=shift))
+    assert max_rel(got, expected) <= 1e-5

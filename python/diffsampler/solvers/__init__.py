@@ -9,7 +9,7 @@ from ..models import check_prediction
 from ..schedules import EDM, VP, Flow
 from .ddim import ddim_plan
 from .deis import deis_plan, deis_steps
-from .dpm import dpm_plan, dpm_steps
+from .dpm import dpm_plan, dpm_steps, flow_dpm_plan
 from .euler import euler_plan, flow_euler_plan
 from .grid import Grid
 from .heun import edm_euler_plan, heun_plan
@@ -32,10 +32,11 @@ SOLVERS: dict[str, Callable[..., Plan]] = {
     "euler": euler_plan,
     "heun": heun_plan,
     "flow_euler": flow_euler_plan,
+    "flow_dpmpp_2m": flow_dpm_plan,
 }
-FLOW_SOLVERS = ("flow_euler",)
+FLOW_SOLVERS = ("flow_euler", "flow_dpmpp_2m")
 # the schedule types each solver runs on (VP for the others); euler on an EDM schedule is Karras' Euler
-SCHEDULES = {"flow_euler": (Flow,), "heun": (EDM,), "euler": (VP, EDM)}
+SCHEDULES = {"flow_euler": (Flow,), "flow_dpmpp_2m": (Flow,), "heun": (EDM,), "euler": (VP, EDM)}
 
 
 def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> Plan:

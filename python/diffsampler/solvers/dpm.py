@@ -140,3 +140,26 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
         plan.append(Step(t=t, coeffs=coeffs, write_slot=write, read_slots=reads))
     return Plan(steps=tuple(plan), history_slots=order if order > 1 else 0, discrete_time=grid.discrete,
                 data_prediction=algorithm.endswith("++"))
+
+
+def flow_dpm_plan(schedule, steps: int, prediction: str, *, order: int = 2, solver_type: str = "midpoint",
+                  final_sigmas_type: str = "zero", lower_order_final: bool = True,
+                  euler_at_final: bool = False) -> Plan:
+    """DPM-Solver++ on a flow-matching schedule (alpha = 1 - t, sigma = t), as diffusers'
+    DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction"):
+    the grid is the shifted linspace(1, 1/N, steps + 1) without its end, the model is given t N truncated to
+    an integer (diffusers casts it to int64)."""
+    import numpy as np
+
+    from .grid import Grid
+
+    if final_sigmas_type != "zero":
+        raise ValueError("flow_dpmpp_2m supports final_sigmas_type='zero' only")
+    n_train = schedule.num_train_timesteps
+    t = 1.0 - np.linspace(1, 1 / n_train, steps + 1)
+    sigmas = np.flip(schedule.shifted(t))[:-1].copy()
+    times = (sigmas * n_train).astype(np.int64)
+    grid = Grid(timesteps=tuple(int(v) for v in times),
+                sigmas=tuple(float(np.float32(s)) for s in list(sigmas) + [0.0]), flow=True)
+    return dpm_steps(grid, prediction, algorithm="dpmsolver++", order=order, solver_type=solver_type,
+                     lower_order_final=lower_order_final, euler_at_final=euler_at_final, final_sigma_zero=True)
