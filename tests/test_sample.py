@@ -297,7 +297,7 @@ def test_unipc_matches_diffusers(case):
                                     final_sigmas_type=final, disable_corrector=list(disable),
                                     use_karras_sigmas=sigmas == "karras")
     expected = run_diffusers(sched, model, x, steps)
-    got = ds.sample(model, x, steps=steps, solver="unipc", order=order, solver_type=variant, predict_x0=px0,
+    got = ds.sample(model, x, steps=steps, solver="unipc", order=order, variant=variant, predict_x0=px0,
                     final_sigmas_type=final, disable_corrector=disable, sigmas=sigmas)
     assert max_rel(got, expected) <= 1e-5
 
@@ -309,8 +309,8 @@ def test_unipc_bh1_zero_final_is_finite():
 
     model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     assert torch.isnan(run_diffusers(UniPCMultistepScheduler(**SD, solver_type="bh1"), model, x, 10)).all()
-    got = ds.sample(model, x, steps=10, solver="unipc", solver_type="bh1")
-    bh2 = ds.sample(model, x, steps=10, solver="unipc", solver_type="bh2")
+    got = ds.sample(model, x, steps=10, solver="unipc", variant="bh1")
+    bh2 = ds.sample(model, x, steps=10, solver="unipc", variant="bh2")
     assert torch.isfinite(got).all() and max_rel(got, bh2) < 0.05
 
 

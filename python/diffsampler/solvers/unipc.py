@@ -74,18 +74,19 @@ class _Updates:
         return a, w
 
 
-def unipc_plan(schedule: VP, steps: int, prediction: str, *, order: int = 2, solver_type: str = "bh2",
+def unipc_plan(schedule: VP, steps: int, prediction: str, *, order: int = 2, variant: str = "bh2",
                predict_x0: bool = True, corrector: bool = True, disable_corrector: tuple[int, ...] = (),
                lower_order_final: bool = True, timestep_spacing: str = "linspace", steps_offset: int = 0,
                sigmas: str = "default", final_sigmas_type: str = "zero", dc_ratios=None, dc_order: int = 2) -> Plan:
-    """UniPC Plan on a VP schedule; `order` <= 3 (the history reads of the fused update), the corrector on
+    """UniPC Plan on a VP schedule; `variant` "bh1" | "bh2" (B(h)), `order` <= 3 (the history reads of the fused
+    update), the corrector on
     every step but those after the indices in `disable_corrector` (diffusers' meaning), or none.
     `dc_ratios` (one per step, 1 = none): DC-Solver's dynamic compensation (see unipc_steps)."""
     if final_sigmas_type == "last":
         raise ValueError("final_sigmas_type must be one of ('zero', 'sigma_min'), got 'last'")
     grid = multistep_grid(schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
                           sigmas=sigmas, final_sigmas_type=final_sigmas_type)
-    return unipc_steps(grid, prediction, order=order, solver_type=solver_type, predict_x0=predict_x0,
+    return unipc_steps(grid, prediction, order=order, solver_type=variant, predict_x0=predict_x0,
                        corrector=corrector, disable_corrector=disable_corrector, lower_order_final=lower_order_final,
                        dc_ratios=dc_ratios, dc_order=dc_order)
 
@@ -119,7 +120,7 @@ def unipc_steps(grid: Grid, prediction: str, *, order: int = 2, solver_type: str
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3 for unipc, got {order}")
     if solver_type not in SOLVER_TYPES:
-        raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+        raise ValueError(f"variant (solver_type) must be one of {SOLVER_TYPES}, got {solver_type!r}")
     n = len(grid)
     if dc_ratios is not None:
         if len(dc_ratios) != n:
