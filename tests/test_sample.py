@@ -149,6 +149,8 @@ def test_progress_bar(capsys):
         (dict(eta=-1.0, solver="ddim"), "eta must be >= 0"),
         (dict(final_sigmas_type="one"), "final_sigmas_type must be one of"),
         (dict(bogus_option=1), "unexpected keyword argument 'bogus_option'"),
+        (dict(solver="unipc", order=3, steps=2), "order 3 needs at least 3 steps, got steps=2"),
+        (dict(schedule="cosine"), r"VP.cosine\(\), VP\(betas\), Flow\(shift\), EDM\(\)\), got 'cosine'"),
     ],
 )
 def test_sample_bad_input(kw, match):

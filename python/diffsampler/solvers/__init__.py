@@ -46,9 +46,13 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
     want = SCHEDULES.get(solver, (VP,))
     if not isinstance(schedule, want):
         names = " or ".join(f"diffsampler.schedules.{w.__name__}" for w in want)
-        raise ValueError(f"solver {solver!r} needs a {names} schedule, got {type(schedule).__name__}")
+        raise ValueError(f"solver {solver!r} needs a {names} schedule (VP.linear(), VP.scaled_linear(), "
+                         f"VP.cosine(), VP(betas), Flow(shift), EDM()), got {schedule!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    order = options.get("order")
+    if order is not None and isinstance(order, int) and order > steps:
+        raise ValueError(f"order {order} needs at least {order} steps, got steps={steps}")
     check_prediction(prediction)
     try:
         if solver == "euler" and isinstance(schedule, EDM):
