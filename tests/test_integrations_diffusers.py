@@ -161,3 +161,20 @@ def test_accelerate_reports_what_it_did(capsys):
     assert "replaced diffusers.UniPCMultistepScheduler" in capsys.readouterr().out
     fused.accelerate(pipe)
     assert "already the fused scheduler" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", [
+    dict(), dict(solver_order=3), dict(solver_order=3, solver_type="heun"), dict(solver_type="heun"),
+    dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_order=3),
+    dict(algorithm_type="sde-dpmsolver++"), dict(algorithm_type="sde-dpmsolver++", solver_order=3),
+    dict(use_karras_sigmas=True, lower_order_final=True), dict(solver_order=1),
+], ids=str)
+@pytest.mark.parametrize("steps", [7, 12])
+def test_dpmsolver_singlestep(config, steps):
+    ours, theirs = both("DPMSolverSinglestepScheduler", {**SD, **config}, make_model(), X, steps, seed=5)
+    assert max_rel(ours, theirs) <= 1e-5
+
+
+def test_dpmsolver_singlestep_img2img():
+    ours, theirs = both("DPMSolverSinglestepScheduler", {**SD, "solver_order": 3}, make_model(), X, 12, start=4)
+    assert max_rel(ours, theirs) <= 1e-5

@@ -23,7 +23,7 @@ from .. import ops
 from ..models import data_coeffs, noise_coeffs
 from ..ops import UpdateCoeffs
 from ..solvers.deis import deis_steps
-from ..solvers.dpm import dpm_steps
+from ..solvers.dpm import dpm_steps, singlestep_steps
 from ..solvers.grid import Grid
 from ..solvers.unipc import unipc_steps
 
@@ -104,6 +104,26 @@ class DPMSolverMultistepScheduler(_MultistepMixin, diffusers.DPMSolverMultistepS
         if self.config.algorithm_type.startswith("sde"):
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+        prev = self._fused_step(model_output, timestep, sample, noise)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+class DPMSolverSinglestepScheduler(_MultistepMixin, diffusers.DPMSolverSinglestepScheduler):
+    """diffusers' DPMSolverSinglestepScheduler (orders 1-3, midpoint / heun, dpmsolver(++) and SDE) with the
+    fused update; a macro step's start sample is the fused op's state."""
+
+    def _build_plan(self, start: int):
+        c = self.config
+        return singlestep_steps(self._grid(), _prediction(c), self.order_list, algorithm=c.algorithm_type,
+                                solver_type=c.solver_type, start=start)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        if self.config.variance_type in ("learned", "learned_range") and self.config.prediction_type == "epsilon":
+            model_output = model_output[:, :3]
+        noise = None
+        if self.config.algorithm_type == "sde-dpmsolver++":
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                 dtype=model_output.dtype)
         prev = self._fused_step(model_output, timestep, sample, noise)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
@@ -258,7 +278,7 @@ class FlowMatchEulerDiscreteScheduler(diffusers.FlowMatchEulerDiscreteScheduler)
 
 
 FUSED = {cls.__bases__[-1].__name__: cls for cls in (
-    DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, DDIMScheduler,
+    DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, DDIMScheduler,
     EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from ..models import data_coeffs, noise_coeffs
-from ..ops import UpdateCoeffs
+from ..ops import StateRow, UpdateCoeffs
 from ..schedules import VP
 from .grid import Grid, multistep_grid
 from .plan import Plan, Step, ring_slots
@@ -163,3 +163,48 @@ def flow_dpm_plan(schedule, steps: int, prediction: str, *, order: int = 2, solv
                 sigmas=tuple(float(np.float32(s)) for s in list(sigmas) + [0.0]), flow=True)
     return dpm_steps(grid, prediction, algorithm="dpmsolver++", order=order, solver_type=solver_type,
                      lower_order_final=lower_order_final, euler_at_final=euler_at_final, final_sigma_zero=True)
+
+
+def singlestep_steps(grid: Grid, prediction: str, order_list, *, algorithm: str = "dpmsolver++",
+                     solver_type: str = "midpoint", start: int = 0, phi3: str = "diffusers") -> Plan:
+    """DPM-Solver singlestep (diffusers' DPMSolverSinglestepScheduler) over a Grid and its order list.
+
+    A macro step of order k spans k grid intervals: its first model call takes a first-order step and keeps
+    its start x in the state; the k-th call jumps from that start with all k predictions of the macro step
+    (second order: D0 = m_start, D1 = (m0 - m_start) / r0; third: the divided differences of diffusers'
+    singlestep update). The order is lowered where fewer predictions exist (img2img's late start)."""
+    if algorithm not in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"):
+        raise ValueError(f"algorithm must be dpmsolver++, dpmsolver or sde-dpmsolver++, got {algorithm!r}")
+    convert = data_coeffs if algorithm.endswith("++") else noise_coeffs
+    slots = max(order_list) if max(order_list) > 1 else 1
+    plan = []
+    for i, t in enumerate(grid.timesteps):
+        k = min(order_list[i], i - start + 1) if i >= start else 1
+        (alpha_t, sigma_t) = grid.alpha_sigma(i + 1)
+        s = i - k + 1  # the macro step's start
+        alpha_s, sigma_s = grid.alpha_sigma(s)
+        h = grid.lam(i + 1) - grid.lam(s)
+        p, q = convert(prediction, *grid.alpha_sigma(i))
+        reads = tuple((i - j) % slots for j in range(1, k))
+        if k == 1:
+            a, c0, _, _, c = _update_terms(algorithm, solver_type, 1, alpha_s, sigma_s, alpha_t, sigma_t, h)
+            coeffs = UpdateCoeffs(p=p, q=q, a=a, b=(c0,), c=c, state=StateRow(a=1.0, b=(0.0,)))
+        else:
+            a, c0, c1, c2, c = _update_terms(algorithm, "heun" if k == 3 else solver_type, k, alpha_s, sigma_s,
+                                             alpha_t, sigma_t, h, phi3)
+            if k == 2:  # D0 = m1, D1 = (m0 - m1) / r0
+                r0 = (grid.lam(i) - grid.lam(s)) / h
+                b = (c1 / r0, c0 - c1 / r0)
+            else:  # D0 = m2, D1_0 = (m1 - m2) / r1, D1_1 = (m0 - m2) / r0
+                r0, r1 = (grid.lam(i) - grid.lam(s)) / h, (grid.lam(i - 1) - grid.lam(s)) / h
+                if solver_type == "midpoint":  # c1 D1_1
+                    w0, w1 = c1 / r0, 0.0
+                else:  # c1 D1 + c2 D2, D1 = (r0 D1_0 - r1 D1_1) / (r0 - r1), D2 = 2 (D1_1 - D1_0) / (r0 - r1)
+                    d10 = (c1 * r0 - 2 * c2) / (r0 - r1)  # weight of D1_0
+                    d11 = (-c1 * r1 + 2 * c2) / (r0 - r1)  # weight of D1_1
+                    w0, w1 = d11 / r0, d10 / r1
+                b = (w0, w1, c0 - w0 - w1)
+            coeffs = UpdateCoeffs(p=p, q=q, a=0.0, b=b, c=c, g=a)
+        plan.append(Step(t=t, coeffs=coeffs, write_slot=i % slots, read_slots=reads))
+    return Plan(steps=tuple(plan), history_slots=slots, discrete_time=grid.discrete,
+                data_prediction=algorithm.endswith("++"), uses_state=True)
