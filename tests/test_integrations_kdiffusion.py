@@ -118,6 +118,36 @@ def test_euler_and_heun_follow_algorithm_2():
     assert close(K.sample_heun(denoiser, start(), SIGMAS, disable=True), _karras_heun(start(), SIGMAS))
 
 
+def _dpmpp_sde_by_the_equations(x, sigmas, eta, noise, r=0.5):
+    """DPM-Solver++ (stochastic) of k-diffusion, written out in float64 (t = -log sigma)."""
+    def ancestral(s_from, s_to):
+        up = min(s_to, eta * (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** 0.5)
+        return (s_to**2 - up**2) ** 0.5, up
+
+    call = lambda y, s: denoiser(y, torch.full((y.shape[0],), s, dtype=y.dtype))
+    for i in range(len(sigmas) - 1):
+        s0, s1 = float(sigmas[i]), float(sigmas[i + 1])
+        d = call(x, s0)
+        if s1 == 0:
+            x = x + (x - d) / s0 * (s1 - s0)
+            continue
+        s_mid = math.exp(-(-math.log(s0) + r * (math.log(s0) - math.log(s1))))
+        down, up = ancestral(s0, s_mid)
+        x2 = down / s0 * x - math.expm1(math.log(down) - math.log(s0)) * d + noise(s0, s_mid) * up
+        d2 = call(x2, s_mid)
+        down, up = ancestral(s0, s1)
+        dd = (1 - 1 / (2 * r)) * d + 1 / (2 * r) * d2
+        x = down / s0 * x - math.expm1(math.log(down) - math.log(s0)) * dd + noise(s0, s1) * up
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_dpmpp_sde_follows_its_equations(eta):
+    x = start()
+    got = K.sample_dpmpp_sde(denoiser, x, SIGMAS, disable=True, eta=eta, noise_sampler=ListNoise(x.shape, 24))
+    assert close(got, _dpmpp_sde_by_the_equations(x, SIGMAS, eta, ListNoise(x.shape, 24)))
+
+
 def test_euler_churn_draws_the_same_noise():
     torch.manual_seed(3)
     got = K.sample_euler(denoiser, start(), SIGMAS, disable=True, s_churn=2.0)
@@ -126,7 +156,7 @@ def test_euler_churn_draws_the_same_noise():
 
 
 @pytest.mark.parametrize("sampler", ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
-                                     "sample_dpmpp_3m_sde"])
+                                     "sample_dpmpp_3m_sde", "sample_dpmpp_sde"])
 def test_calling_convention(sampler):
     """model(x, sigma * s_in, **extra_args); callback dicts before each update; fp32 runs the fused kernel."""
     seen = []

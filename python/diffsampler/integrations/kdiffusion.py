@@ -206,3 +206,46 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                         noise_sampler=None):
     """DPM-Solver++(3M) SDE."""
     return _sde_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 3, "heun")
+
+
+def _ancestral_step(sigma_from: float, sigma_to: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up): sigma_up = min(sigma_to, eta sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) /
+    sigma_from^2)), sigma_down = sqrt(sigma_to^2 - sigma_up^2)."""
+    if not eta:
+        return sigma_to, 0.0
+    up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    return (sigma_to**2 - up**2) ** 0.5, up
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                     noise_sampler=None, r=1 / 2):
+    """DPM-Solver++ (stochastic, 2 model calls per step): an ancestral first-order step to the intermediate
+    sigma(t + r h), then from the step's start (kept in the fused state) with D = (1 - 1/(2r)) D1 + 1/(2r) D2."""
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
+    s = loop.sigmas
+    state = torch.zeros_like(x)
+    fac = 1 / (2 * r)
+    for i in _steps(len(s) - 1, disable):
+        denoised = loop.denoise(x, i, s[i])
+        if s[i + 1] == 0:
+            x = ops.multistep_update(x, denoised, _euler_coeffs(s[i], s[i + 1]))
+            continue
+        h = math.log(s[i]) - math.log(s[i + 1])
+        s_mid = s[i] * math.exp(-r * h)  # sigma(t + r h)
+        down, up = _ancestral_step(s[i], s_mid, eta)
+        # x2 = (sigma_down / sigma) x + (1 - sigma_down / sigma) D + up z: k-diffusion's exponential form
+        first = UpdateCoeffs(**DENOISED, a=down / s[i], b=(1.0 - down / s[i],), c=up * s_noise,
+                             state=StateRow(a=1.0, b=(0.0,)))
+        z = noise_sampler(s[i], s_mid)  # drawn even when unused, as k-diffusion does
+        x2 = ops.multistep_update(x, denoised, first, history=loop.history, write_slot=0, state=state,
+                                  noise=z if up else None)
+        denoised_2 = loop.model(x2, s_mid * loop.s_in, **loop.extra_args)
+        down, up = _ancestral_step(s[i], s[i + 1], eta)
+        w = 1.0 - down / s[i]  # -(e^{t - t'} - 1) with e^{t - t'} = sigma'/sigma
+        second = UpdateCoeffs(**DENOISED, a=0.0, b=(w * fac, w * (1 - fac)), g=down / s[i], c=up * s_noise)
+        z = noise_sampler(s[i], s[i + 1])
+        x = ops.multistep_update(x2, denoised_2, second, history=loop.history, write_slot=1, read_slots=[0],
+                                 state=state, noise=z if up else None)
+    return x
