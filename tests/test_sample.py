@@ -1,5 +1,7 @@
 """diffsampler.sample against diffusers' schedulers (the anchors) and on the analytic Gaussian mixture."""
 
+import math
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -530,3 +532,32 @@ def test_flow_dpmpp_2m_matches_diffusers(shift, steps):
     expected = run_diffusers(sched, model, x, steps)
     got = ds.sample(model, x, steps=steps, solver="flow_dpmpp_2m", schedule=ds.schedules.Flow(shift=shift))
     assert max_rel(got, expected) <= 1e-5
+
+
+def test_continuous_vp_schedule():
+    """Continuous-time linear VP: sigmas as k-diffusion's get_sigmas_vp, an exact logSNR inverse, and the
+    multistep solvers converging at their order on the smooth Gaussian mixture (median error over samples)."""
+    from diffsampler.bench.quality import TARGETS
+    from diffsampler.integrations.kdiffusion import get_sigmas_vp
+
+    sch = ds.schedules.VPContinuous()
+    grid = ds.solvers.continuous_grid(sch, 9, spacing="time", final="eps")
+    # k-diffusion computes exp(.) - 1 in float32: 2e-4 off at t = eps, where diffsampler uses expm1 in float64
+    assert torch.allclose(torch.tensor(grid.sigmas, dtype=torch.float64), get_sigmas_vp(10)[:-1].double(), rtol=1e-3)
+    assert abs(sch.t_of_lambda(-math.log(sch.sigma_ratio(0.37))) - 0.37) < 1e-12
+    target = TARGETS["smooth-16d"]()
+
+    def model(x, t):
+        alpha = torch.tensor([math.exp(sch.log_alpha(float(t)))], dtype=torch.float64)
+        sigma = (1 - alpha**2).sqrt()
+        return ((x - alpha * target.posterior_mean(x, alpha, sigma)) / sigma).to(x.dtype)
+
+    x = torch.randn(128, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    truth = ds.sample(model, x, steps=400, solver="unipc", order=3, schedule=sch, final="eps")
+    err = lambda n, solver: ((ds.sample(model, x, steps=n, solver=solver, schedule=sch, final="eps") - truth)
+                             .norm(dim=1) / truth.norm(dim=1)).median().item()
+    for solver, order in [("ddim", 1), ("dpmpp_2m", 2), ("deis", 2)]:
+        slope = math.log(err(20, solver) / err(40, solver)) / math.log(2)
+        assert abs(slope - order) < 0.4, (solver, slope)
+    with pytest.raises(ValueError, match="cannot land on sigma = 0"):
+        ds.sample(model, x, steps=5, solver="deis", schedule=sch, final="zero")

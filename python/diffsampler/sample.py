@@ -34,8 +34,10 @@ def sample(
         training timesteps for discrete VP schedules, as diffusers passes them).
     x: standard normal noise; solvers that integrate in the VE scale (euler) multiply it by their
         init_noise_sigma first, as diffusers pipelines do.
-    schedule: a ``diffsampler.schedules.VP`` (default: ``VP.scaled_linear()``, Stable Diffusion's), or a
-        ``diffsampler.schedules.Flow`` for the flow solvers (``flow_euler``).
+    schedule: a ``diffsampler.schedules.VP`` (default: ``VP.scaled_linear()``, Stable Diffusion's), a
+        ``VPContinuous()`` (continuous-time linear VP, the model gets t in [eps, 1]; options spacing="logsnr" |
+        "time", final="zero" | "eps"; the multistep solvers), a ``Flow`` for the flow solvers, an ``EDM()``
+        for heun / euler.
     prediction: what the model returns: "eps" | "x0" | "v" | "flow" | "score" (default "eps", "flow" for the
         flow solvers).
     solver: "ddim" (options eta, timestep_spacing="leading", steps_offset, set_alpha_to_one); the DPM-Solver

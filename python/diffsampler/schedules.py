@@ -212,3 +212,45 @@ class EDM:
 
     def __repr__(self) -> str:
         return f"EDM(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, rho={self.rho})"
+
+
+class VPContinuous:
+    """Continuous-time linear VP (Song et al. 2021): log alpha_t = -beta_d t^2 / 4 - beta_min t / 2, t in
+    [eps, 1] (sigma_t^2 = 1 - alpha_t^2). The model is given t itself. Grids: uniform in t ("time") or in
+    logSNR ("logsnr"), from t = 1 to t = eps, then a final step to sigma = 0 ("zero") or none ("eps")."""
+
+    SPACINGS = ("time", "logsnr")
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-3):
+        if not 0 <= beta_min < beta_max:
+            raise ValueError(f"need 0 <= beta_min < beta_max, got {beta_min}, {beta_max}")
+        if not 0 < eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {eps}")
+        self.beta_min, self.beta_d, self.eps = float(beta_min), float(beta_max - beta_min), float(eps)
+
+    def log_alpha(self, t: float) -> float:
+        return -0.25 * self.beta_d * t * t - 0.5 * self.beta_min * t
+
+    def sigma_ratio(self, t: float) -> float:
+        """sigma_t / alpha_t = sqrt(e^{-2 log alpha} - 1) (k-diffusion's get_sigmas_vp)."""
+        return math.sqrt(math.expm1(-2.0 * self.log_alpha(t)))
+
+    def t_of_lambda(self, lam: float) -> float:
+        """The t with lambda = log(alpha / sigma) = lam: solve the quadratic in t of log(1 + e^{-2 lam})."""
+        log_alpha = -0.5 * math.log1p(math.exp(-2.0 * lam))
+        a, b, c = 0.25 * self.beta_d, 0.5 * self.beta_min, log_alpha
+        return (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
+
+    def times(self, steps: int, spacing: str = "logsnr") -> list[float]:
+        """steps + 1 times from 1 to eps."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if spacing == "time":
+            return [float(v) for v in np.linspace(1.0, self.eps, steps + 1)]
+        if spacing == "logsnr":
+            lam = lambda t: -math.log(self.sigma_ratio(t))
+            return [self.t_of_lambda(v) for v in np.linspace(lam(1.0), lam(self.eps), steps + 1)]
+        raise ValueError(f"spacing must be one of {self.SPACINGS}, got {spacing!r}")
+
+    def __repr__(self) -> str:
+        return f"VPContinuous(beta_min={self.beta_min}, beta_max={self.beta_min + self.beta_d}, eps={self.eps})"

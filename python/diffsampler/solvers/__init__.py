@@ -6,12 +6,12 @@ import functools
 from typing import Callable
 
 from ..models import check_prediction
-from ..schedules import EDM, VP, Flow
+from ..schedules import EDM, VP, Flow, VPContinuous
 from .ddim import ddim_plan
 from .deis import deis_plan, deis_steps
 from .dpm import dpm_plan, dpm_steps, flow_dpm_plan
 from .euler import euler_plan, flow_euler_plan
-from .grid import Grid
+from .grid import Grid, continuous_grid
 from .heun import edm_euler_plan, heun_plan
 from .momentum import ghvb_plan, ghvb_steps
 from .timeshift import TimeShift
@@ -37,17 +37,28 @@ SOLVERS: dict[str, Callable[..., Plan]] = {
 FLOW_SOLVERS = ("flow_euler", "flow_dpmpp_2m")
 # the schedule types each solver runs on (VP for the others); euler on an EDM schedule is Karras' Euler
 SCHEDULES = {"flow_euler": (Flow,), "flow_dpmpp_2m": (Flow,), "heun": (EDM,), "euler": (VP, EDM)}
+# the solvers that also run on a VPContinuous schedule: their Grid-level step functions and fixed options
+CONTINUOUS = {
+    "ddim": (dpm_steps, dict(algorithm="dpmsolver++", order=1)),
+    "dpmpp_2m": (dpm_steps, dict(algorithm="dpmsolver++", order=2)),
+    "dpmpp_3m": (dpm_steps, dict(algorithm="dpmsolver++", order=3)),
+    "dpmpp_2m_sde": (dpm_steps, dict(algorithm="sde-dpmsolver++", order=2)),
+    "dpmpp_3m_sde": (dpm_steps, dict(algorithm="sde-dpmsolver++", order=3)),
+    "unipc": (unipc_steps, {}),
+    "deis": (deis_steps, {}),
+    "ghvb": (ghvb_steps, {}),
+}
 
 
 def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> Plan:
     """The Plan of `solver` on `schedule` with `steps` model calls; options are the solver's keywords."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
-    want = SCHEDULES.get(solver, (VP,))
+    want = SCHEDULES.get(solver, (VP,)) + ((VPContinuous,) if solver in CONTINUOUS else ())
     if not isinstance(schedule, want):
         names = " or ".join(f"diffsampler.schedules.{w.__name__}" for w in want)
         raise ValueError(f"solver {solver!r} needs a {names} schedule (VP.linear(), VP.scaled_linear(), "
-                         f"VP.cosine(), VP(betas), Flow(shift), EDM()), got {schedule!r}")
+                         f"VP.cosine(), VP(betas), VPContinuous(), Flow(shift), EDM()), got {schedule!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     order = options.get("order")
@@ -55,6 +66,13 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
         raise ValueError(f"order {order} needs at least {order} steps, got steps={steps}")
     check_prediction(prediction)
     try:
+        if isinstance(schedule, VPContinuous):
+            steps_fn, fixed = CONTINUOUS[solver]
+            spacing = options.pop("spacing", "logsnr")
+            final = options.pop("final", "eps" if steps_fn is deis_steps else "zero")
+            if steps_fn is dpm_steps:
+                options.setdefault("final_sigma_zero", final == "zero")
+            return steps_fn(continuous_grid(schedule, steps, spacing, final), prediction, **fixed, **options)
         if solver == "euler" and isinstance(schedule, EDM):
             return edm_euler_plan(schedule, steps, prediction, **options)
         return SOLVERS[solver](schedule, steps, prediction, **options)
@@ -64,4 +82,5 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
 
 __all__ = ["SOLVERS", "Plan", "Step", "Grid", "make_plan", "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan",
            "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps", "deis_steps", "ghvb_plan", "ghvb_steps",
-           "heun_plan", "edm_euler_plan", "TimeShift"]
+           "heun_plan", "edm_euler_plan", "TimeShift",
+           "continuous_grid"]

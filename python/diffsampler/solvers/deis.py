@@ -56,6 +56,8 @@ def deis_steps(grid: Grid, prediction: str, *, order: int = 2, lower_order_final
     """The DEIS Plan over any Grid; the loop starts at step `start` (img2img), where the history is empty."""
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3 for deis, got {order}")
+    if grid.sigmas[-1] == 0:
+        raise ValueError("deis integrates in log rho and cannot land on sigma = 0: give the grid a final sigma > 0")
     n = len(grid)
     plan = []
     for i, t in enumerate(grid.timesteps):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..schedules import VP, discrete_timesteps, sigma_grid, sigma_to_alpha_sigma
+from ..schedules import VP, VPContinuous, discrete_timesteps, sigma_grid, sigma_to_alpha_sigma
 
 FINAL_SIGMAS = ("zero", "sigma_min", "last")
 
@@ -82,3 +82,15 @@ def multistep_grid(schedule: VP, steps: int, *, timestep_spacing: str = "linspac
     final = {"zero": 0.0, "sigma_min": schedule.sigma_ratio(0), "last": ratios[-1]}[final_sigmas_type]
     ratios = [float(np.float32(r)) for r in list(ratios) + [final]]  # diffusers keeps its sigmas in float32
     return Grid(timesteps=tuple(int(v) for v in t.astype(np.int64)), sigmas=tuple(ratios))
+
+
+def continuous_grid(schedule: VPContinuous, steps: int, spacing: str = "logsnr", final: str = "zero") -> Grid:
+    """`steps` steps from t = 1 to t = eps (spacing "time" or "logsnr") on a continuous VP schedule; with
+    final="zero" the last step lands on sigma = 0 instead of t = eps. The model gets t."""
+    if final not in ("zero", "eps"):
+        raise ValueError(f"final must be 'zero' or 'eps', got {final!r}")
+    times = schedule.times(steps, spacing)
+    sigmas = [schedule.sigma_ratio(t) for t in times]
+    if final == "zero":
+        sigmas[-1] = 0.0
+    return Grid(timesteps=tuple(times[:-1]), sigmas=tuple(sigmas), discrete=False)
