@@ -146,13 +146,13 @@ def test_progress_bar(capsys):
         (dict(prediction="noise"), "prediction must be one of"),
         (dict(steps=0), "steps must be an integer >= 1"),
         (dict(steps=2000), "steps must be <= num_train_timesteps"),
-        (dict(schedule="cosine"), "needs a diffsampler.schedules.VP schedule"),
+        (dict(schedule="cosine"), "needs a diffsampler.schedules.VP or diffsampler.schedules.VPContinuous schedule"),
         (dict(timestep_spacing="random"), "timestep_spacing must be one of"),
         (dict(eta=-1.0, solver="ddim"), "eta must be >= 0"),
         (dict(final_sigmas_type="one"), "final_sigmas_type must be one of"),
         (dict(bogus_option=1), "unexpected keyword argument 'bogus_option'"),
         (dict(solver="unipc", order=3, steps=2), "order 3 needs at least 3 steps, got steps=2"),
-        (dict(schedule="cosine"), r"VP.cosine\(\), VP\(betas\), Flow\(shift\), EDM\(\)\), got 'cosine'"),
+        (dict(schedule="cosine"), r"VP.cosine\(\), VP\(betas\), VPContinuous\(\), Flow\(shift\), EDM\(\)\), got 'cosine'"),
     ],
 )
 def test_sample_bad_input(kw, match):
@@ -275,7 +275,7 @@ def test_flow_euler_matches_diffusers(shift, steps):
 def test_flow_solver_on_vp_schedule_is_an_error():
     with pytest.raises(ValueError, match="solver 'flow_euler' needs a diffsampler.schedules.Flow schedule"):
         ds.sample(make_model(), torch.randn(1, 4, 4, 4), solver="flow_euler", schedule=ds.schedules.VP.linear())
-    with pytest.raises(ValueError, match="solver 'dpmpp_2m' needs a diffsampler.schedules.VP schedule"):
+    with pytest.raises(ValueError, match="solver 'dpmpp_2m' needs a diffsampler.schedules.VP or"):
         ds.sample(make_model(), torch.randn(1, 4, 4, 4), solver="dpmpp_2m", schedule=ds.schedules.Flow())
 
 
