@@ -86,7 +86,7 @@ def _history_weights(order: int, c0: float, c1: float, c2: float, r0: float, r1:
 def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpmsolver++", order: int = 2,
              solver_type: str = "midpoint", timestep_spacing: str = "linspace", steps_offset: int = 0,
              sigmas: str = "default", final_sigmas_type: str = "zero", lower_order_final: bool = True,
-             euler_at_final: bool = False, phi3: str = "k-diffusion") -> Plan:
+             euler_at_final: bool = False, phi3: str = "k-diffusion", momentum: float | None = None) -> Plan:
     """The DPM-Solver multistep Plan on a VP schedule. `sigmas`: "default" (the training sigmas at the spaced
     timesteps), "karras", "exponential", "beta" or "lu" (uniform logSNR), as diffusers' use_*_sigmas options.
     `phi3`: the D2 weight of third-order steps, "k-diffusion" | "diffusers" | "taylor" (see _update_terms)."""
@@ -96,14 +96,20 @@ def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpm
                           sigmas=sigmas, final_sigmas_type=final_sigmas_type)
     return dpm_steps(grid, prediction, algorithm=algorithm, order=order, solver_type=solver_type,
                      lower_order_final=lower_order_final, euler_at_final=euler_at_final,
-                     final_sigma_zero=final_sigmas_type == "zero", phi3=phi3)
+                     final_sigma_zero=final_sigmas_type == "zero", phi3=phi3, momentum=momentum)
 
 
 def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", order: int = 2,
               solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
-              final_sigma_zero: bool = True, start: int = 0, phi3: str = "k-diffusion") -> Plan:
+              final_sigma_zero: bool = True, start: int = 0, phi3: str = "k-diffusion",
+              momentum: float | None = None) -> Plan:
     """The DPM-Solver multistep Plan over any Grid (the drop-in scheduler passes diffusers' own grid); the
-    loop starts at step `start` (img2img), where the history is empty."""
+    loop starts at step `start` (img2img), where the history is empty.
+
+    momentum = beta: heavy-ball momentum on the second-order steps of DPM-Solver++ 2M (Wizadwongsa et al.
+    2023): v = (1 - beta) v + beta D (v = D at the first second-order step), D = D0 + D1 / 2, and
+    x_t = (sigma_t / sigma_s) x - alpha_t (e^{-h} - 1) v; v is the fused op's state, first-order steps are
+    unchanged (as the paper's MomentumDPMSolverMultistepScheduler)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if order not in (1, 2, 3):
@@ -116,9 +122,15 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
         raise ValueError("sde-dpmsolver has no third-order update (diffusers neither); use order <= 2")
     if phi3 not in PHI3:
         raise ValueError(f"phi3 must be one of {PHI3}, got {phi3!r}")
+    if momentum is not None:
+        if (algorithm, order, solver_type) != ("dpmsolver++", 2, "midpoint"):
+            raise ValueError("momentum is defined for DPM-Solver++ 2M (midpoint) only, as in the paper")
+        if not 0 < momentum <= 1:
+            raise ValueError(f"momentum (beta) must be in (0, 1], got {momentum}")
     convert = data_coeffs if algorithm.endswith("++") else noise_coeffs
     n = len(grid)
     plan = []
+    started = False  # has a second-order step set the velocity yet
     for i, t in enumerate(grid.timesteps):
         this_order = min(order, i - start + 1) if i >= start else 1
         if i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_sigma_zero):
@@ -136,10 +148,19 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
                                              sigma_t, h, phi3)
             r0 = (grid.lam(i) - grid.lam(i - 1)) / h if this_order > 1 else 0.0
             r1 = (grid.lam(i - 1) - grid.lam(i - 2)) / h if this_order > 2 else 0.0
-            coeffs = UpdateCoeffs(p=p, q=q, a=a, b=_history_weights(this_order, c0, c1, c2, r0, r1), c=c)
+            b = _history_weights(this_order, c0, c1, c2, r0, r1)
+            if momentum is not None and this_order == 2:  # v' = (1 - beta) v + beta D, x' = a x + c0 v'
+                beta = momentum if started else 1.0
+                started = True
+                d = tuple(w / c0 for w in b)  # D = D0 + D1 / 2 in m0, m1
+                row = StateRow(a=0.0, b=tuple(beta * w for w in d), g=1.0 - beta)
+                coeffs = UpdateCoeffs(p=p, q=q, a=a, b=tuple(c0 * beta * w for w in d), g=c0 * (1.0 - beta),
+                                      state=row)
+            else:
+                coeffs = UpdateCoeffs(p=p, q=q, a=a, b=b, c=c)
         plan.append(Step(t=t, coeffs=coeffs, write_slot=write, read_slots=reads))
     return Plan(steps=tuple(plan), history_slots=order if order > 1 else 0, discrete_time=grid.discrete,
-                data_prediction=algorithm.endswith("++"))
+                data_prediction=algorithm.endswith("++"), uses_state=momentum is not None)
 
 
 def flow_dpm_plan(schedule, steps: int, prediction: str, *, order: int = 2, solver_type: str = "midpoint",
