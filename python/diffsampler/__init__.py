@@ -2,7 +2,8 @@
 
 from . import models, ops, reference, schedules, solvers, targets
 from .ops import backends
+from .graphs import CapturedSampler
 from .sample import run_plan, sample
 
 __version__ = "0.1.0"
-__all__ = ["sample", "run_plan", "backends", "ops", "reference", "schedules", "solvers", "models"]
+__all__ = ["sample", "run_plan", "CapturedSampler", "backends", "ops", "reference", "schedules", "solvers", "models"]

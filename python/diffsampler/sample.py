@@ -26,6 +26,7 @@ def sample(
     threshold_max: float = 1.0,
     check_nan: bool = True,
     time_shift=None,
+    cuda_graph: bool = False,
     **solver_options,
 ) -> torch.Tensor:
     """Integrate from x (pure noise at the first timestep) to a sample, calling ``model(x, t)`` once per step.
@@ -55,41 +56,71 @@ def sample(
     check_nan: raise ValueError when the model returns NaN (a host sync per step; off for speed).
     time_shift: a ``diffsampler.solvers.TimeShift(window, cutoff)``: query the model at the timestep whose
         noise variance matches each sample's (TS-DPM); discrete VP schedules.
+    cuda_graph: capture the whole loop (model included) in a CUDA graph and replay it (diffsampler.graphs;
+        no NaN check, noise from the default generator); eager with a logged reason where it cannot.
     """
+    options = dict(time_shift=time_shift, clip=clip, threshold_ratio=threshold_ratio, threshold_max=threshold_max,
+                   backend=backend, **solver_options)
+    if cuda_graph:
+        from .graphs import CapturedSampler
+
+        if generator is not None:
+            raise ValueError("cuda_graph=True draws noise from the default CUDA generator; generator must be None")
+        return CapturedSampler(model, steps, solver, schedule, prediction, **options)(x)
+    model, plan, options = prepare(model, steps, solver, schedule, prediction, dict(options, check_nan=check_nan))
+    return run_plan(model, x, plan, generator=generator, progress=progress, desc=f"diffsampler {solver}",
+                    **options)
+
+
+UPDATE_OPTIONS = ("clip", "threshold_ratio", "threshold_max", "check_nan", "backend")
+
+
+def prepare(model, steps, solver, schedule, prediction, options: dict):
+    """(model, Plan, update options) of a sample() call: defaults, the plan, the checks, the time shift.
+    `options` holds sample()'s keywords; those that are not update options go to the solver."""
     from .schedules import EDM, VP, Flow
 
+    options = dict(options)
+    update = {k: options.pop(k) for k in UPDATE_OPTIONS if k in options}
+    time_shift = options.pop("time_shift", None)
+    options.pop("generator", None)
     flow = solver in FLOW_SOLVERS
     if schedule is None:
         schedule = Flow() if flow else (EDM() if solver == "heun" else VP.scaled_linear())
     if prediction is None:
         prediction = "flow" if flow else ("x0" if isinstance(schedule, EDM) else "eps")
-    plan = make_plan(solver, schedule, steps, prediction, **solver_options)
+    plan = make_plan(solver, schedule, steps, prediction, **options)
     if time_shift is not None:
         if not plan.discrete_time:
             raise ValueError(f"time_shift needs integer training timesteps; solver {solver!r} has none")
         model = time_shift.wrap(model, schedule)
-    if (clip or threshold_ratio) and not plan.data_prediction:
+    if (update.get("clip") or update.get("threshold_ratio")) and not plan.data_prediction:
         raise ValueError(f"clip / threshold_ratio act on a data prediction; solver {solver!r} keeps noise predictions")
-    return run_plan(model, x, plan, generator=generator, progress=progress, desc=f"diffsampler {solver}",
-                    clip=clip, threshold_ratio=threshold_ratio, threshold_max=threshold_max, check_nan=check_nan,
-                    backend=backend)
+    return model, plan, update
+
+
+def model_times(plan: Plan, x: torch.Tensor) -> torch.Tensor:
+    """The model times of a Plan as one tensor on x's device (int64 for discrete ones; float32, or float64 for
+    float64 x, otherwise): uploaded once, indexed per step without a sync."""
+    t_dtype = torch.int64 if plan.discrete_time else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return torch.tensor(plan.timesteps, dtype=t_dtype, device=x.device)
 
 
 def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
              generator: torch.Generator | None = None, progress: bool = False, desc: str = "diffsampler",
-             return_state: bool = False, **update_options):
+             return_state: bool = False, times: torch.Tensor | None = None, **update_options):
     """The loop of any Plan: per step, out = model(input_scale * x, t) and one fused update.
 
     update_options go to every ops.multistep_update call (clip, threshold_ratio, threshold_max, check_nan,
     backend). Continuous model times are float32 (float64 when x is float64); discrete ones int64.
     return_state: return (x, the solver's state tensor or None), e.g. UniPC's last corrected sample.
+    times: model_times(plan, x) made beforehand (a CUDA-graph capture cannot upload them).
     """
     history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
     state = torch.zeros_like(x) if plan.uses_state else None
     if plan.init_scale != 1.0:
         x = x * plan.init_scale
-    t_dtype = torch.int64 if plan.discrete_time else (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    times = torch.tensor(plan.timesteps, dtype=t_dtype, device=x.device)  # one upload; indexing it does not sync
+    times = model_times(plan, x) if times is None else times
     steps_iter = plan.steps
     if progress:
         from tqdm.auto import tqdm
