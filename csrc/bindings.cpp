@@ -11,11 +11,20 @@ at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out
                                 const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
                                 double threshold_max, const c10::optional<at::Tensor>& state,
                                 at::ArrayRef<double> state_coeffs);
+at::Tensor multistep_update_pure_cpu(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
+                                     const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
+                                     double threshold_max);
 }
 
-TORCH_LIBRARY(diffsampler, m) { m.def(diffsampler::kMultistepUpdateSchema); }
+TORCH_LIBRARY(diffsampler, m) {
+  m.def(diffsampler::kMultistepUpdateSchema);
+  m.def(diffsampler::kMultistepUpdatePureSchema);
+}
 
-TORCH_LIBRARY_IMPL(diffsampler, CPU, m) { m.impl("multistep_update", &diffsampler::multistep_update_cpu); }
+TORCH_LIBRARY_IMPL(diffsampler, CPU, m) {
+  m.impl("multistep_update", &diffsampler::multistep_update_cpu);
+  m.impl("multistep_update_pure", &diffsampler::multistep_update_pure_cpu);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "diffsampler C++ kernels (ops are registered under torch.ops.diffsampler)";

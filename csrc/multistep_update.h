@@ -25,11 +25,26 @@ at::Tensor run_multistep_update(const at::Tensor& x, const at::Tensor& model_out
                                 double threshold_max, const c10::optional<at::Tensor>& state,
                                 at::ArrayRef<double> state_coeffs, const UpdateLaunch& launch);
 
+// The same update without history or state: a functional op (torch.compile's inductor cannot lower a mutating
+// op whose mutable arguments are all None). coeffs = [p, q, a, e, c, b_0].
+constexpr const char* kMultistepUpdatePureSchema =
+    "multistep_update_pure(Tensor x, Tensor model_out, float[] coeffs, Tensor? noise, float clip, "
+    "float threshold_ratio, float threshold_max) -> Tensor";
+
 // The schema string of the op (one place for bindings.cpp).
 constexpr const char* kMultistepUpdateSchema =
     "multistep_update(Tensor x, Tensor model_out, Tensor(a!)? history, int write_slot, int[] read_slots, "
     "float[] coeffs, Tensor? noise, float clip, float threshold_ratio, float threshold_max, "
     "Tensor(b!)? state=None, float[] state_coeffs=[]) -> Tensor";
+
+// multistep_update_pure on a backend's launch.
+inline at::Tensor run_multistep_update_pure(const at::Tensor& x, const at::Tensor& model_out,
+                                            at::ArrayRef<double> coeffs, const c10::optional<at::Tensor>& noise,
+                                            double clip, double threshold_ratio, double threshold_max,
+                                            const UpdateLaunch& launch) {
+  return run_multistep_update(x, model_out, c10::nullopt, 0, {}, coeffs, noise, clip, threshold_ratio,
+                              threshold_max, c10::nullopt, {}, launch);
+}
 
 // Per-sample dynamic-thresholding bound clamp(quantile(|m0_b|, ratio), 1, max_value) in float32, shape (B,);
 // the same order-statistic interpolation as reference.threshold_scale.

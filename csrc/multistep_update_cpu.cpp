@@ -178,4 +178,11 @@ at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out
                               threshold_max, state, state_coeffs, launch_cpu);
 }
 
+at::Tensor multistep_update_pure_cpu(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
+                                     const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
+                                     double threshold_max) {
+  TORCH_CHECK(x.device().is_cpu(), "multistep_update_pure_cpu: x must be a CPU tensor, got ", x.device());
+  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, threshold_ratio, threshold_max, launch_cpu);
+}
+
 }  // namespace diffsampler

@@ -12,6 +12,15 @@
 namespace diffsampler {
 namespace {
 
+UpdateLaunch cuda_launch(const at::Tensor& x) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+  return [stream](ds_dtype dtype, ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs& k) {
+    const int err = ds_multistep_update_cuda(dtype, phase, t, k, stream);
+    TORCH_CHECK(err == 0, "multistep_update_cuda: kernel launch failed: ",
+                cudaGetErrorString(static_cast<cudaError_t>(err)));
+  };
+}
+
 at::Tensor multistep_update_cuda(const at::Tensor& x, const at::Tensor& model_out,
                                  const c10::optional<at::Tensor>& history, int64_t write_slot,
                                  at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
@@ -20,17 +29,23 @@ at::Tensor multistep_update_cuda(const at::Tensor& x, const at::Tensor& model_ou
                                  at::ArrayRef<double> state_coeffs) {
   TORCH_CHECK(x.is_cuda(), "multistep_update_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto launch = [stream](ds_dtype dtype, ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs& k) {
-    const int err = ds_multistep_update_cuda(dtype, phase, t, k, stream);
-    TORCH_CHECK(err == 0, "multistep_update_cuda: kernel launch failed: ",
-                cudaGetErrorString(static_cast<cudaError_t>(err)));
-  };
   return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio,
-                              threshold_max, state, state_coeffs, launch);
+                              threshold_max, state, state_coeffs, cuda_launch(x));
+}
+
+at::Tensor multistep_update_pure_cuda(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
+                                      const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
+                                      double threshold_max) {
+  TORCH_CHECK(x.is_cuda(), "multistep_update_pure_cuda: x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, threshold_ratio, threshold_max,
+                                   cuda_launch(x));
 }
 
 }  // namespace
 }  // namespace diffsampler
 
-TORCH_LIBRARY_IMPL(diffsampler, CUDA, m) { m.impl("multistep_update", &diffsampler::multistep_update_cuda); }
+TORCH_LIBRARY_IMPL(diffsampler, CUDA, m) {
+  m.impl("multistep_update", &diffsampler::multistep_update_cuda);
+  m.impl("multistep_update_pure", &diffsampler::multistep_update_pure_cuda);
+}

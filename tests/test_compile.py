@@ -34,3 +34,23 @@ def test_fullgraph_loop(solver):
     compiled = torch.compile(loop, fullgraph=True, backend="aot_eager")
     torch.manual_seed(0)
     assert torch.equal(compiled(x), eager)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m"])
+def test_inductor_loop(solver):
+    """The default backend (inductor) lowers both forms of the op: the functional one (no history, DDIM) and
+    the mutating one (DPM-Solver++ 2M's history)."""
+    plan = ds.solvers.make_plan(solver, ds.schedules.VP.scaled_linear(), 4, "eps")
+    model = lambda x, t: torch.tanh(x) * (1 + t.float() / 1000)
+    loop = lambda x: ds.run_plan(model, x, plan, check_nan=False, backend="cpu")
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    assert torch.allclose(torch.compile(loop, fullgraph=True)(x), loop(x), rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_functional_op():
+    from update_cases import make_case
+
+    args = make_case((2, 3, 5), torch.float32, 0, seed=3)
+    torch.library.opcheck(torch.ops.diffsampler.multistep_update_pure.default, [args[0], args[1], args[5], args[6],
+                                                                                 0.0, 0.0, 1.0])

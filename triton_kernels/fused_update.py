@@ -102,13 +102,9 @@ def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, co
     )
 
 
-@torch.library.triton_op("diffsampler::multistep_update_triton", mutates_args={"history", "state"})
-def multistep_update_triton(
-    x: torch.Tensor, model_out: torch.Tensor, history: torch.Tensor | None, write_slot: int, read_slots: list[int],
-    coeffs: list[float], noise: torch.Tensor | None, clip: float, threshold_ratio: float, threshold_max: float,
-    state: torch.Tensor | None, state_coeffs: list[float],
-) -> torch.Tensor:
-    """The fused multistep update on Triton; the schema and semantics of reference.multistep_update."""
+def _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio, threshold_max,
+            state, state_coeffs):
+    """The fused multistep update on Triton; the semantics of reference.multistep_update."""
     if x.dtype not in STORAGE_DTYPES:
         raise ValueError(f"the triton backend stores float32, float16 or bfloat16; x has dtype {x.dtype}")
     x, out = x.contiguous(), model_out.contiguous()
@@ -138,9 +134,31 @@ def multistep_update_triton(
     return x_next
 
 
+@torch.library.triton_op("diffsampler::multistep_update_triton", mutates_args={"history", "state"})
+def multistep_update_triton(
+    x: torch.Tensor, model_out: torch.Tensor, history: torch.Tensor | None, write_slot: int, read_slots: list[int],
+    coeffs: list[float], noise: torch.Tensor | None, clip: float, threshold_ratio: float, threshold_max: float,
+    state: torch.Tensor | None, state_coeffs: list[float],
+) -> torch.Tensor:
+    return _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio,
+                   threshold_max, state, state_coeffs)
+
+
+@torch.library.triton_op("diffsampler::multistep_update_pure_triton", mutates_args=())
+def multistep_update_pure_triton(x: torch.Tensor, model_out: torch.Tensor, coeffs: list[float],
+                                 noise: torch.Tensor | None, clip: float, threshold_ratio: float,
+                                 threshold_max: float) -> torch.Tensor:
+    """Without history or state: a functional op (see csrc/multistep_update.h, kMultistepUpdatePureSchema)."""
+    return _update(x, model_out, None, 0, [], coeffs, noise, clip, threshold_ratio, threshold_max, None, [])
+
+
 def multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio,
                      threshold_max, state=None, state_coeffs=()):
-    """Entry point with the reference's signature (the registered op: torch.ops.diffsampler.multistep_update_triton)."""
+    """Entry point with the reference's signature: the registered op, the functional one when there is neither
+    history nor state."""
+    if history is None and state is None:
+        return torch.ops.diffsampler.multistep_update_pure_triton(x, model_out, list(coeffs), noise, clip,
+                                                                  threshold_ratio, threshold_max)
     return torch.ops.diffsampler.multistep_update_triton(x, model_out, history, write_slot, list(read_slots),
                                                          list(coeffs), noise, clip, threshold_ratio, threshold_max,
                                                          state, list(state_coeffs))

@@ -1,8 +1,9 @@
 // CUDA kernels of the fused multistep update (math: update_params.h). Raw pointers, no torch headers.
 //
 // A grid-stride loop over 16-byte packs (4 floats or 8 halves / bfloat16s) when every operand is 16-byte
-// aligned, then a scalar tail; fp32 compute whatever the storage dtype. The operand set (reads, noise, state)
-// and the phase are template parameters, so each combination is a kernel without dead loads.
+// aligned, then a scalar tail; fp32 compute whatever the storage dtype. The operand set (reads, noise, state,
+// the m0 write) and the phase are template parameters, so each combination is a kernel without dead loads and
+// without runtime branches on them in the loop.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -60,7 +61,8 @@ __device__ __forceinline__ void store(void* base, int64_t i, const float (&in)[N
 }
 
 // kState: 0 no state, 1 state read (x' += g s), 2 state read and rewritten with its own row.
-template <typename T, int N, int kReads, bool kNoise, int kState, int kPhase>
+// kWriteM0: m0 is stored (always in the two threshold phases; in DS_PHASE_FULL when a history slot is given).
+template <typename T, int N, int kReads, bool kNoise, int kState, bool kWriteM0, int kPhase>
 __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t i) {
   float x[N], out[N], m0[N], hist[kReads > 0 ? kReads : 1][N];
   load<T, N>(t.x, i, x);
@@ -69,9 +71,16 @@ __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_upda
   for (int r = 0; r < kReads; ++r) load<T, N>(t.reads[r], i, hist[r]);
   if constexpr (kPhase == DS_PHASE_THRESHOLD) {
     load<T, N>(t.m0, i, m0);
+    // One 64-bit division per pack; a pack crosses into the next sample at most once per element.
+    int64_t sample = i / t.per_sample;
+    int64_t next = (sample + 1) * t.per_sample;
+    float s = t.thr_scale[sample];
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const float s = t.thr_scale[(i + j) / t.per_sample];
+      if (i + j == next) {
+        s = t.thr_scale[++sample];
+        next += t.per_sample;
+      }
       m0[j] = fminf(fmaxf(m0[j], -s), s) / s;
     }
   } else {
@@ -83,7 +92,7 @@ __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_upda
       if (k.clip > 0.f) m0[j] = fminf(fmaxf(m0[j], -k.clip), k.clip);
     }
   }
-  if (t.m0 != nullptr) store<T, N>(t.m0, i, m0);
+  if constexpr (kWriteM0) store<T, N>(t.m0, i, m0);
   if constexpr (kPhase != DS_PHASE_CONVERT) {
     float acc[N], sacc[N], h[N];
 #pragma unroll
@@ -120,15 +129,19 @@ __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_upda
   }
 }
 
-template <typename T, int kReads, bool kNoise, int kState, int kPhase>
+template <typename T, int kReads, bool kNoise, int kState, bool kWriteM0, int kPhase>
 __global__ void __launch_bounds__(kThreads)
     multistep_update_kernel(ds_update_tensors t, ds_update_coeffs k, bool packed) {
   constexpr int kPack = Pack<T>::kSize;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t n_packs = packed ? t.n / kPack : 0;
-  for (int64_t v = tid; v < n_packs; v += stride) update<T, kPack, kReads, kNoise, kState, kPhase>(t, k, v * kPack);
-  for (int64_t i = n_packs * kPack + tid; i < t.n; i += stride) update<T, 1, kReads, kNoise, kState, kPhase>(t, k, i);
+  for (int64_t v = tid; v < n_packs; v += stride) {
+    update<T, kPack, kReads, kNoise, kState, kWriteM0, kPhase>(t, k, v * kPack);
+  }
+  for (int64_t i = n_packs * kPack + tid; i < t.n; i += stride) {
+    update<T, 1, kReads, kNoise, kState, kWriteM0, kPhase>(t, k, i);
+  }
 }
 
 bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) % 16) == 0; }
@@ -145,7 +158,7 @@ int sm_count() {
   return cached[device];
 }
 
-template <typename T, int kReads, bool kNoise, int kState, int kPhase>
+template <typename T, int kReads, bool kNoise, int kState, bool kWriteM0, int kPhase>
 cudaError_t launch(const ds_update_tensors& t, const ds_update_coeffs& k, cudaStream_t stream) {
   bool packed = aligned16(t.x) && aligned16(t.out) && aligned16(t.noise) && aligned16(t.state) &&
                 aligned16(t.m0) && aligned16(t.x_next);
@@ -154,15 +167,22 @@ cudaError_t launch(const ds_update_tensors& t, const ds_update_coeffs& k, cudaSt
   const int64_t max_blocks = static_cast<int64_t>(sm_count()) * 8;
   const int64_t wanted = (work + kThreads - 1) / kThreads;
   const int blocks = static_cast<int>(wanted < max_blocks ? (wanted > 0 ? wanted : 1) : max_blocks);
-  multistep_update_kernel<T, kReads, kNoise, kState, kPhase><<<blocks, kThreads, 0, stream>>>(t, k, packed);
+  multistep_update_kernel<T, kReads, kNoise, kState, kWriteM0, kPhase><<<blocks, kThreads, 0, stream>>>(t, k, packed);
   return cudaGetLastError();
 }
 
 template <typename T, int kReads, bool kNoise, int kPhase>
 cudaError_t by_state(const ds_update_tensors& t, const ds_update_coeffs& k, cudaStream_t stream) {
-  if (t.state == nullptr) return launch<T, kReads, kNoise, 0, kPhase>(t, k, stream);
-  if (!k.state_row) return launch<T, kReads, kNoise, 1, kPhase>(t, k, stream);
-  return launch<T, kReads, kNoise, 2, kPhase>(t, k, stream);
+  if constexpr (kPhase == DS_PHASE_FULL) {  // the threshold pass always writes m0 back
+    if (t.m0 == nullptr) {
+      if (t.state == nullptr) return launch<T, kReads, kNoise, 0, false, kPhase>(t, k, stream);
+      if (!k.state_row) return launch<T, kReads, kNoise, 1, false, kPhase>(t, k, stream);
+      return launch<T, kReads, kNoise, 2, false, kPhase>(t, k, stream);
+    }
+  }
+  if (t.state == nullptr) return launch<T, kReads, kNoise, 0, true, kPhase>(t, k, stream);
+  if (!k.state_row) return launch<T, kReads, kNoise, 1, true, kPhase>(t, k, stream);
+  return launch<T, kReads, kNoise, 2, true, kPhase>(t, k, stream);
 }
 
 template <typename T, int kReads, int kPhase>
@@ -186,17 +206,20 @@ template <typename T>
 cudaError_t by_phase(ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs& k, cudaStream_t stream) {
   switch (phase) {
     case DS_PHASE_FULL: return by_reads<T, DS_PHASE_FULL>(t, k, stream);
-    case DS_PHASE_CONVERT: {  // the reads enter m0 through r
+    case DS_PHASE_CONVERT: {  // m0 only: the reads enter it through r, noise and state do not
+      if (t.m0 == nullptr) return cudaErrorInvalidValue;
       bool uses_reads = false;
       for (int j = 0; j < k.n_reads; ++j) uses_reads = uses_reads || k.r[j] != 0.f;
-      if (!uses_reads) return launch<T, 0, false, 0, DS_PHASE_CONVERT>(t, k, stream);
+      if (!uses_reads) return launch<T, 0, false, 0, true, DS_PHASE_CONVERT>(t, k, stream);
       switch (k.n_reads) {
-        case 1: return launch<T, 1, false, 0, DS_PHASE_CONVERT>(t, k, stream);
-        case 2: return launch<T, 2, false, 0, DS_PHASE_CONVERT>(t, k, stream);
-        default: return launch<T, 3, false, 0, DS_PHASE_CONVERT>(t, k, stream);
+        case 1: return launch<T, 1, false, 0, true, DS_PHASE_CONVERT>(t, k, stream);
+        case 2: return launch<T, 2, false, 0, true, DS_PHASE_CONVERT>(t, k, stream);
+        default: return launch<T, 3, false, 0, true, DS_PHASE_CONVERT>(t, k, stream);
       }
     }
-    case DS_PHASE_THRESHOLD: return by_reads<T, DS_PHASE_THRESHOLD>(t, k, stream);
+    case DS_PHASE_THRESHOLD:
+      if (t.m0 == nullptr || t.thr_scale == nullptr) return cudaErrorInvalidValue;
+      return by_reads<T, DS_PHASE_THRESHOLD>(t, k, stream);
     default: return cudaErrorInvalidValue;
   }
 }

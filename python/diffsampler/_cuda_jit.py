@@ -37,12 +37,15 @@ def _build_dir(src: Path) -> Path:
 
 @functools.cache
 def load() -> tuple[bool, str]:
+    """(True, how) once torch.ops.diffsampler.multistep_update has CUDA kernels, else (False, why); never raises."""
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is built without CUDA"
     if not torch.cuda.is_available():
         return False, "no CUDA device (torch.cuda.is_available() is False)"
-    from . import _C  # noqa: F401  (defines the op schema the CUDA kernels register under)
-
+    try:
+        from . import _C  # noqa: F401  (defines the op schema the CUDA kernels register under)
+    except ImportError as err:
+        return False, f"the C++ extension diffsampler._C (the op schema) is not built ({err})"
     if torch._C._dispatch_has_kernel_for_dispatch_key("diffsampler::multistep_update", "CUDA"):
         return True, "built with the package"
     try:

@@ -253,6 +253,8 @@ def multistep_update(
         from . import triton_kernels
 
         return triton_kernels.multistep_update(*args)
+    if history is None and state is None:  # the functional op: inductor lowers it (not so the mutating one)
+        return torch.ops.diffsampler.multistep_update_pure(x, model_out, args[5], noise, *args[7:10])
     return torch.ops.diffsampler.multistep_update(*args)
 
 
@@ -261,4 +263,8 @@ if _status("cpu")[0]:
     @torch.library.register_fake("diffsampler::multistep_update")
     def _multistep_update_fake(x, model_out, history, write_slot, read_slots, coeffs, noise, clip,
                                threshold_ratio, threshold_max, state=None, state_coeffs=()):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("diffsampler::multistep_update_pure")
+    def _multistep_update_pure_fake(x, model_out, coeffs, noise, clip, threshold_ratio, threshold_max):
         return x.new_empty(x.shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -108,13 +109,15 @@ def model_times(plan: Plan, x: torch.Tensor) -> torch.Tensor:
 
 def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
              generator: torch.Generator | None = None, progress: bool = False, desc: str = "diffsampler",
-             return_state: bool = False, times: torch.Tensor | None = None, **update_options):
+             return_state: bool = False, times: torch.Tensor | None = None, ranges: bool = False,
+             **update_options):
     """The loop of any Plan: per step, out = model(input_scale * x, t) and one fused update.
 
     update_options go to every ops.multistep_update call (clip, threshold_ratio, threshold_max, check_nan,
     backend). Continuous model times are float32 (float64 when x is float64); discrete ones int64.
     return_state: return (x, the solver's state tensor or None), e.g. UniPC's last corrected sample.
     times: model_times(plan, x) made beforehand (a CUDA-graph capture cannot upload them).
+    ranges: name each model call and update for profilers (torch.profiler ranges, NVTX on CUDA).
     """
     history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
     state = torch.zeros_like(x) if plan.uses_state else None
@@ -126,12 +129,35 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
         from tqdm.auto import tqdm
 
         steps_iter = tqdm(steps_iter, desc=desc, total=len(plan.steps))
+    phase = _Ranges(x.is_cuda) if ranges else None
     for i, step in enumerate(steps_iter):
-        out = model(x * step.input_scale if step.input_scale != 1.0 else x, times[i])
-        noise = None
-        if step.needs_noise:
-            # drawn in float32 as diffusers does, so a seed gives the same noise in every storage dtype
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
-        x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
-                                 read_slots=step.read_slots, noise=noise, state=state, **update_options)
+        with phase(f"step {i} model") if phase else contextlib.nullcontext():
+            out = model(x * step.input_scale if step.input_scale != 1.0 else x, times[i])
+        with phase(f"step {i} update") if phase else contextlib.nullcontext():
+            noise = None
+            if step.needs_noise:
+                # drawn in float32 as diffusers does, so a seed gives the same noise in every storage dtype
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+            x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
+                                     read_slots=step.read_slots, noise=noise, state=state, **update_options)
     return (x, state) if return_state else x
+
+
+class _Ranges:
+    """A torch.profiler range (and an NVTX range on CUDA) per phase of a step."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        from torch.profiler import record_function
+
+        with record_function(name):
+            if self.cuda:
+                torch.cuda.nvtx.range_push(name)
+            try:
+                yield
+            finally:
+                if self.cuda:
+                    torch.cuda.nvtx.range_pop()

@@ -1,10 +1,10 @@
-"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, quality, report."""
+"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, report."""
 
 import sys
 
-from . import quality, report, step
+from . import loop, quality, report, step
 
-SUBCOMMANDS = {"step": step.main, "quality": quality.main, "report": report.main}
+SUBCOMMANDS = {"step": step.main, "loop": loop.main, "quality": quality.main, "report": report.main}
 
 
 def main(argv=None) -> None:
