@@ -124,6 +124,20 @@ def test_threshold_packs_across_samples(cuda_kernels, dtype):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unaligned_views_take_the_scalar_path(cuda_kernels, dtype):
+    """Views starting one element into their storage are not 16-byte aligned: same numbers."""
+    args = to_cuda(make_case((4099,), dtype, 2, seed=case_seed("unaligned", dtype)))
+    for i in (0, 1, 6):
+        wide = torch.zeros(args[i].numel() + 1, dtype=dtype, device="cuda")
+        wide[1:] = args[i]
+        args[i] = wide[1:]
+        assert args[i].data_ptr() % 16 != 0
+    check_backend(cuda_op, args, dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_captures_in_a_cuda_graph(cuda_kernels, dtype):
     """The launches go to torch's current stream (capture fails on a launch to another stream) and the host
     side makes no synchronizing call; the replayed graph gives the reference numbers."""
@@ -148,6 +162,25 @@ def test_captures_in_a_cuda_graph(cuda_kernels, dtype):
     for kw in [dict(), dict(state=2), dict(noise=False)]:
         args = to_cuda(make_case((4, 4, 33, 33), dtype, 2, seed=case_seed("graph", dtype, kw), **kw))
         check_backend(captured, args, dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["no_history", "threshold_no_history"])
+def test_functional_op(cuda_kernels, dtype, variant):
+    """multistep_update_pure (no history, no state), registered from the same host file, on the same kernels."""
+
+    def pure(x, out, history, write_slot, read_slots, coeffs, noise, clip, ratio, max_value, state, state_coeffs):
+        assert history is None and not read_slots and state is None
+        return torch.ops.diffsampler.multistep_update_pure(x, out, coeffs, noise, clip, ratio, max_value)
+
+    for shape in VARIANT_SHAPES + [(8, 4, 64, 64)]:
+        args = to_cuda(variant_case(shape, dtype, variant, case_seed("cuda-pure", shape, dtype, variant)))
+        check_backend(pure, args, dtype)
+    args = to_cuda(variant_case((2, 3, 5), torch.float32, variant, 5))
+    torch.library.opcheck(torch.ops.diffsampler.multistep_update_pure.default,
+                          [args[0], args[1], args[5], args[6], *args[7:10]])
 
 
 @pytest.mark.gpu
