@@ -99,31 +99,39 @@ def main(argv=None) -> None:
     header = f"{'solver':<12}{'variant':<16}{'loop [ms]':>11}{'per step [us]':>15}{'ops/step':>10}{'vs diffusers':>14}"
     print(header)
     print("-" * len(header))
-    rows = []
-    for solver in args.solvers.split(","):
-        plan = _plan(solver, args.steps)
-        eager = lambda y, plan=plan: ds.run_plan(denoiser, y, plan, check_nan=False)
+    # compiled code leaves its thread pool spinning on a CPU, which slows what runs after it in the process:
+    # every eager variant is timed first, the torch.compile ones last
+    solvers = args.solvers.split(",")
+    plans = {solver: _plan(solver, args.steps) for solver in solvers}
+    times, counts = {}, {}
+    for solver in solvers:
+        eager = lambda y, plan=plans[solver]: ds.run_plan(denoiser, y, plan, check_nan=False)
         variants = {"diffsampler": eager}
-        torch._dynamo.reset()
-        variants["torch.compile"] = torch.compile(eager, fullgraph=True)
         if device.type == "cuda":
             variants["cuda graph"] = ds.CapturedSampler(denoiser, steps=args.steps, solver=solver)
         try:
             variants["diffusers"] = _diffusers_loop(solver, args.steps)
         except ImportError:
             pass
-        times = {name: measure(lambda fn=fn: fn(x), device, min_time=args.min_time) for name, fn in variants.items()}
-        counts = {name: ops_per_step(fn, x, args.steps) for name, fn in variants.items()
-                  if name in ("diffsampler", "diffusers")}
-        for name, t in times.items():
-            ratio = times["diffusers"] / t if "diffusers" in times else None
-            rows.append(dict(solver=solver, variant=name, seconds=t, per_step_seconds=t / args.steps,
-                             ops_per_step=counts.get(name), speedup_vs_diffusers=ratio))
-            ops = f"{counts[name]:.1f}" if name in counts else "-"
-            print(f"{solver:<12}{name:<16}{t * 1e3:>11.2f}{t / args.steps * 1e6:>15.1f}{ops:>10}"
-                  f"{(f'{ratio:.1f}x' if ratio else '-'):>14}")
+        for name, fn in variants.items():
+            times[solver, name] = measure(lambda fn=fn: fn(x), device, min_time=args.min_time)
+            if name in ("diffsampler", "diffusers"):
+                counts[solver, name] = ops_per_step(fn, x, args.steps)
         if args.profile:
-            print(f"trace: {profile(x, plan, Path(args.profile), solver)}")
+            print(f"trace: {profile(x, plans[solver], Path(args.profile), solver)}")
+    for solver in solvers:
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda y, plan=plans[solver]: ds.run_plan(denoiser, y, plan, check_nan=False),
+                                 fullgraph=True)
+        times[solver, "torch.compile"] = measure(lambda: compiled(x), device, min_time=args.min_time)
+    rows = []
+    for (solver, name), t in sorted(times.items(), key=lambda kv: solvers.index(kv[0][0])):
+        ratio = times[solver, "diffusers"] / t if (solver, "diffusers") in times else None
+        n_ops = counts.get((solver, name))
+        rows.append(dict(solver=solver, variant=name, seconds=t, per_step_seconds=t / args.steps,
+                         ops_per_step=n_ops, speedup_vs_diffusers=ratio))
+        print(f"{solver:<12}{name:<16}{t * 1e3:>11.2f}{t / args.steps * 1e6:>15.1f}"
+              f"{(f'{n_ops:.1f}' if n_ops is not None else '-'):>10}{(f'{ratio:.1f}x' if ratio else '-'):>14}")
     if args.out:
         path = write_json(Path(args.out) / f"loop-{slug(record['device'])}.json",
                           dict(benchmark="loop", machine=record, size=list(size), dtype=args.dtype,
