@@ -48,6 +48,20 @@ def quality_table(path: Path, target: str) -> str:
     return "\n".join(lines)
 
 
+def loop_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    lines = [f"{m['device']} ({m['threads']} threads), torch {m['torch']}, {data['steps']}-step loops at "
+             f"{tuple(data['size'])} {data['dtype']}, denoiser tanh(x), {m['date'][:10]} (`{path}`):", "",
+             "| solver | variant | loop [ms] | per step [µs] | ops per step | vs diffusers |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        ops = f"{r['ops_per_step']:.1f}" if r["ops_per_step"] is not None else "-"
+        ratio = f"{r['speedup_vs_diffusers']:.1f}x" if r["speedup_vs_diffusers"] else "-"
+        lines.append(f"| {r['solver']} | {r['variant']} | {r['seconds'] * 1e3:.1f} | {r['per_step_seconds'] * 1e6:.0f} | "
+                     f"{ops} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m diffsampler.bench report", description=__doc__)
     ap.add_argument("--results", default="bench/results")
@@ -57,5 +71,7 @@ def main(argv=None) -> None:
     root = Path(args.results)
     for path in sorted(root.glob("step-*.json")):
         print(step_table(path, [int(v) for v in args.size.split(",")]), end="\n\n")
+    for path in sorted(root.glob("loop-*.json")):
+        print(loop_table(path), end="\n\n")
     for path in sorted(root.glob("quality-*.json")):
         print(quality_table(path, args.target), end="\n\n")
