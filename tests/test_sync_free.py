@@ -1,25 +1,13 @@
 """A sampling step dispatches a fixed, small set of ops and never synchronises (groundwork of issue 6):
 counted with a TorchDispatchMode on CPU, per solver."""
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffsampler as ds
+from diffsampler.bench.common import OpCounter
 
 SYNCING = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal"}
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func._schema.name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 # per step, with check_nan=False and a model that dispatches nothing of its own: the fused update and the
@@ -33,8 +21,7 @@ def test_ops_per_step_are_fixed_and_sync_free(solver):
     x = torch.randn(2, 3, 4, 4)
     plan = ds.solvers.make_plan(solver, ds.schedules.VP.scaled_linear(), steps, "eps")
     out = torch.zeros_like(x)
-    counter = CountOps()
-    with counter:
+    with OpCounter() as counter:
         ds.run_plan(lambda y, t: out, x, plan, check_nan=False, backend="cpu")
     expected = {name: n * steps for name, n in PER_STEP.items()}
     if not plan.history_slots and not plan.uses_state:  # the functional form of the op

@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import collections
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def device_name(device: torch.device) -> str:
@@ -97,3 +100,15 @@ def write_json(path: Path, payload: dict) -> Path:
 
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops dispatched inside `with OpCounter() as c:` by schema name (c.ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))

@@ -10,29 +10,17 @@ on CUDA: run_plan(..., ranges=True)).
 from __future__ import annotations
 
 import argparse
-import collections
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffsampler as ds
-from diffsampler.bench.common import machine_record, measure, slug, write_json
+from diffsampler.bench.common import OpCounter, machine_record, measure, slug, write_json
 from diffsampler.bench.step import ANCHORS, DTYPES
 
 
 def denoiser(x, t):
     return torch.tanh(x)
-
-
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n[func._schema.name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _plan(solver: str, steps: int):
@@ -59,10 +47,9 @@ def _diffusers_loop(solver: str, steps: int):
 
 
 def ops_per_step(fn, x, steps: int) -> float:
-    counter = _CountOps()
-    with counter:
+    with OpCounter() as counter:
         fn(x)
-    return sum(counter.n.values()) / steps
+    return sum(counter.ops.values()) / steps
 
 
 def profile(x, plan, out_dir: Path, solver: str) -> Path:
