@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diffsampler as ds
+from diffsampler.sample import model_times
 
 
 def model(x, t):
@@ -55,3 +56,20 @@ def test_sde_capture_runs():
     sampler = ds.CapturedSampler(model, steps=10, solver="dpmpp_2m_sde")
     out = sampler(torch.randn(2, 4, 16, 16, device="cuda"))
     assert torch.isfinite(out).all() and not sampler.fallbacks
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "ghvb"])
+def test_loop_never_syncs(solver):
+    """A 20-step loop under torch.cuda.set_sync_debug_mode('error'): any host sync raises."""
+    x = torch.randn(2, 4, 16, 16, device="cuda")
+    plan = ds.solvers.make_plan(solver, ds.schedules.VP.scaled_linear(), 20, "eps")
+    times = model_times(plan, x)  # uploaded before the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ds.run_plan(model, x, plan, times=times, check_nan=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()
