@@ -10,7 +10,12 @@ at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                 const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
                                 double threshold_max, const c10::optional<at::Tensor>& state,
-                                at::ArrayRef<double> state_coeffs);
+                                at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
+                                int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
+                                const c10::optional<at::Tensor>& dir_weights);
+at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const c10::optional<at::Tensor>& history,
+                        at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
+                        at::ArrayRef<double> dir_coeffs);
 at::Tensor multistep_update_pure_cpu(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
                                      const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
                                      double threshold_max);
@@ -19,11 +24,13 @@ at::Tensor multistep_update_pure_cpu(const at::Tensor& x, const at::Tensor& mode
 TORCH_LIBRARY(diffsampler, m) {
   m.def(diffsampler::kMultistepUpdateSchema);
   m.def(diffsampler::kMultistepUpdatePureSchema);
+  m.def(diffsampler::kLmlGramSchema);
 }
 
 TORCH_LIBRARY_IMPL(diffsampler, CPU, m) {
   m.impl("multistep_update", &diffsampler::multistep_update_cpu);
   m.impl("multistep_update_pure", &diffsampler::multistep_update_pure_cpu);
+  m.impl("lml_gram", &diffsampler::lml_gram_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -36,4 +43,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   });
   m.attr("MAX_HISTORY_READS") = DS_MAX_READS;
+  m.attr("MAX_DIRECTIONS") = DS_MAX_DIRS;
 }

@@ -38,22 +38,21 @@ at::Tensor threshold_scale(const at::Tensor& m0, double ratio, double max_value)
   return s.clamp(1.0, max_value).contiguous();
 }
 
-at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in,
-                                const c10::optional<at::Tensor>& history, int64_t write_slot,
-                                at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
-                                const c10::optional<at::Tensor>& noise_in, double clip, double threshold_ratio,
-                                double threshold_max, const c10::optional<at::Tensor>& state_in,
-                                at::ArrayRef<double> state_coeffs, const UpdateLaunch& launch) {
-  const ds_dtype dtype = to_ds_dtype(x_in.scalar_type());
-  check_operand(out_in, x_in, "model_out");
-  const int64_t n_reads = static_cast<int64_t>(read_slots.size());
-  TORCH_CHECK(n_reads <= DS_MAX_READS, "multistep_update: at most ", DS_MAX_READS, " read_slots, got ", n_reads);
+namespace {
+
+// The operands of one call as raw pointers and fp32 coefficients, plus the tensors that must outlive the
+// launches (contiguous copies) and those written back after them.
+struct Layout {
+  ds_update_tensors t{};
+  ds_update_coeffs k{};
+  ds_dtype dtype;
+  at::Tensor x, out, m0_slot, m0, state, dirs;
+  std::vector<at::Tensor> keep;
+};
+
+void load_coeffs(ds_update_coeffs& k, at::ArrayRef<double> coeffs, int64_t n_reads, double clip) {
   TORCH_CHECK(static_cast<int64_t>(coeffs.size()) == 6 + 2 * n_reads, "multistep_update: coeffs must have ",
               6 + 2 * n_reads, " entries [p, q, a, e, c, b_0..b_k, r_1..r_k], got ", coeffs.size());
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(0) > 0, "multistep_update: x must have a non-empty batch dim 0");
-  const bool thresholding = threshold_ratio > 0;
-
-  ds_update_coeffs k{};
   k.p = static_cast<float>(coeffs[0]);
   k.q = static_cast<float>(coeffs[1]);
   k.a = static_cast<float>(coeffs[2]);
@@ -63,6 +62,97 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
   for (int64_t j = 0; j < n_reads; ++j) k.r[j] = static_cast<float>(coeffs[6 + n_reads + j]);
   k.n_reads = static_cast<int>(n_reads);
   k.clip = static_cast<float>(clip);
+}
+
+// x, model_out and the history slots: checks, contiguous views, the m0 slot (written only when write_slot >= 0).
+Layout prepare(const at::Tensor& x_in, const at::Tensor& out_in, const c10::optional<at::Tensor>& history,
+               int64_t write_slot, at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip) {
+  Layout l;
+  l.dtype = to_ds_dtype(x_in.scalar_type());
+  check_operand(out_in, x_in, "model_out");
+  const int64_t n_reads = static_cast<int64_t>(read_slots.size());
+  TORCH_CHECK(n_reads <= DS_MAX_READS, "multistep_update: at most ", DS_MAX_READS, " read_slots, got ", n_reads);
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(0) > 0, "multistep_update: x must have a non-empty batch dim 0");
+  load_coeffs(l.k, coeffs, n_reads, clip);
+  l.x = x_in.contiguous();
+  l.out = out_in.contiguous();
+  l.t.x = l.x.data_ptr();
+  l.t.out = l.out.data_ptr();
+  l.t.n = l.x.numel();
+  l.t.per_sample = l.t.n / l.x.size(0);
+  if (history.has_value()) {
+    const auto& h = *history;
+    TORCH_CHECK(h.dim() == l.x.dim() + 1 && h.sizes().slice(1) == l.x.sizes(),
+                "multistep_update: history must have shape (slots, *x.shape) = (R, ", l.x.sizes(), "), got ",
+                h.sizes());
+    TORCH_CHECK(h.scalar_type() == l.x.scalar_type() && h.device() == l.x.device(),
+                "multistep_update: history must have x's dtype and device");
+    const int64_t slots = h.size(0);
+    TORCH_CHECK(write_slot < slots, "multistep_update: write_slot ", write_slot, " out of range [0, ", slots, ")");
+    for (int64_t j = 0; j < n_reads; ++j) {
+      const int64_t r = read_slots[j];
+      TORCH_CHECK(r >= 0 && r < slots && r != write_slot, "multistep_update: read_slots[", j, "] = ", r,
+                  " must be in [0, ", slots, ") and differ from write_slot");
+      l.keep.push_back(h.select(0, r).contiguous());
+      l.t.reads[j] = l.keep.back().data_ptr();
+    }
+    if (write_slot >= 0) {
+      l.m0_slot = h.select(0, write_slot);
+      l.m0 = l.m0_slot.is_contiguous() ? l.m0_slot : at::empty_like(l.m0_slot, at::MemoryFormat::Contiguous);
+      l.t.m0 = l.m0.data_ptr();
+    }
+  } else {
+    TORCH_CHECK(n_reads == 0, "multistep_update: read_slots given without a history");
+  }
+  return l;
+}
+
+// LML's ring of directions and its row: dirs (R, *x.shape), dir_coeffs [gx, ge, gb_0..gb_k].
+void prepare_dirs(Layout& l, const at::Tensor& dirs, int64_t dir_slot, at::ArrayRef<double> dir_coeffs) {
+  const auto& x = l.x;
+  TORCH_CHECK(dirs.dim() == x.dim() + 1 && dirs.sizes().slice(1) == x.sizes() && dirs.size(0) >= 1 &&
+                  dirs.size(0) <= DS_MAX_DIRS,
+              "multistep_update: dirs must have shape (R, *x.shape) with 1 <= R <= ", DS_MAX_DIRS, ", got ",
+              dirs.sizes());
+  TORCH_CHECK(dirs.scalar_type() == x.scalar_type() && dirs.device() == x.device(),
+              "multistep_update: dirs must have x's dtype and device");
+  const int64_t n_reads = l.k.n_reads;
+  TORCH_CHECK(static_cast<int64_t>(dir_coeffs.size()) == 3 + n_reads, "multistep_update: dir_coeffs must have ",
+              3 + n_reads, " entries [gx, ge, gb_0..gb_k], got ", dir_coeffs.size());
+  TORCH_CHECK(dir_slot >= 0 && dir_slot < dirs.size(0), "multistep_update: dir_slot ", dir_slot,
+              " out of range [0, ", dirs.size(0), ")");
+  l.dirs = dirs.contiguous();
+  l.k.n_dirs = static_cast<int>(dirs.size(0));
+  l.k.dir_slot = static_cast<int>(dir_slot);
+  l.k.gx = static_cast<float>(dir_coeffs[0]);
+  l.k.ge = static_cast<float>(dir_coeffs[1]);
+  for (int64_t j = 0; j <= n_reads; ++j) l.k.gb[j] = static_cast<float>(dir_coeffs[2 + j]);
+  for (int64_t j = 0; j < l.k.n_dirs; ++j) l.t.dirs[j] = l.dirs.select(0, j).data_ptr();
+}
+
+}  // namespace
+
+at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in,
+                                const c10::optional<at::Tensor>& history, int64_t write_slot,
+                                at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
+                                const c10::optional<at::Tensor>& noise_in, double clip, double threshold_ratio,
+                                double threshold_max, const c10::optional<at::Tensor>& state_in,
+                                at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs_in,
+                                int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
+                                const c10::optional<at::Tensor>& dir_weights_in, const UpdateLaunch& launch) {
+  TORCH_CHECK(!history.has_value() || write_slot >= 0, "multistep_update: write_slot must be >= 0, got ",
+              write_slot);
+  Layout l = prepare(x_in, out_in, history, write_slot, read_slots, coeffs, clip);
+  auto& t = l.t;
+  auto& k = l.k;
+  const auto& x = l.x;
+  const int64_t n_reads = k.n_reads;
+  const bool thresholding = threshold_ratio > 0;
+  if (!history.has_value() && thresholding) {
+    l.m0 = at::empty_like(x);  // scratch for the two-pass threshold
+    t.m0 = l.m0.data_ptr();
+  }
+
   const int64_t n_state = static_cast<int64_t>(state_coeffs.size());
   TORCH_CHECK(n_state == 0 || n_state == 1 || n_state == 6 + n_reads, "multistep_update: state_coeffs must have 0, 1 or ",
               6 + n_reads, " entries [g, sa, se, sc, sg, sb_0..sb_k], got ", n_state);
@@ -77,69 +167,64 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
     for (int64_t j = 0; j <= n_reads; ++j) k.sb[j] = static_cast<float>(state_coeffs[5 + j]);
   }
 
-  auto x = x_in.contiguous();
-  auto out = out_in.contiguous();
-  ds_update_tensors t{};
-  t.x = x.data_ptr();
-  t.out = out.data_ptr();
-  t.n = x.numel();
-  t.per_sample = x.size(0) > 0 ? t.n / x.size(0) : 0;
-
-  std::vector<at::Tensor> keep;  // contiguous copies that must outlive the launches
-  at::Tensor m0_slot, m0;
-  if (history.has_value()) {
-    const auto& h = *history;
-    TORCH_CHECK(h.dim() == x.dim() + 1 && h.sizes().slice(1) == x.sizes(),
-                "multistep_update: history must have shape (slots, *x.shape) = (R, ", x.sizes(), "), got ", h.sizes());
-    TORCH_CHECK(h.scalar_type() == x.scalar_type() && h.device() == x.device(),
-                "multistep_update: history must have x's dtype and device");
-    const int64_t slots = h.size(0);
-    TORCH_CHECK(write_slot >= 0 && write_slot < slots, "multistep_update: write_slot ", write_slot,
-                " out of range [0, ", slots, ")");
-    for (int64_t j = 0; j < n_reads; ++j) {
-      const int64_t r = read_slots[j];
-      TORCH_CHECK(r >= 0 && r < slots && r != write_slot, "multistep_update: read_slots[", j, "] = ", r,
-                  " must be in [0, ", slots, ") and differ from write_slot");
-      keep.push_back(h.select(0, r).contiguous());
-      t.reads[j] = keep.back().data_ptr();
-    }
-    m0_slot = h.select(0, write_slot);
-    m0 = m0_slot.is_contiguous() ? m0_slot : at::empty_like(m0_slot, at::MemoryFormat::Contiguous);
-  } else {
-    TORCH_CHECK(n_reads == 0, "multistep_update: read_slots given without a history");
-    if (thresholding) m0 = at::empty_like(x);  // scratch for the two-pass threshold
-  }
-  t.m0 = m0.defined() ? m0.data_ptr() : nullptr;
-
   at::Tensor noise;
   if (noise_in.has_value()) {
     check_operand(*noise_in, x, "noise");
     noise = noise_in->contiguous();
     t.noise = noise.data_ptr();
   }
-
-  at::Tensor state;  // contiguous view or copy of the state, written back below when it is a copy
-  if (state_in.has_value()) {
+  if (state_in.has_value()) {  // a contiguous view or copy, written back below when it is a copy
     check_operand(*state_in, x, "state");
-    state = state_in->contiguous();
-    t.state = state.data_ptr();
+    l.state = state_in->contiguous();
+    t.state = l.state.data_ptr();
+  }
+
+  at::Tensor weights;
+  TORCH_CHECK(dirs_in.has_value() || !dir_weights_in.has_value(), "multistep_update: dir_weights needs dirs");
+  if (dirs_in.has_value()) {
+    prepare_dirs(l, *dirs_in, dir_slot, dir_coeffs);
+    if (dir_weights_in.has_value()) {
+      const auto& w = *dir_weights_in;
+      TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(0) && w.size(1) == 1 + k.n_dirs,
+                  "multistep_update: dir_weights must have shape (B, 1 + R) = (", x.size(0), ", ", 1 + k.n_dirs,
+                  "), got ", w.sizes());
+      TORCH_CHECK(w.device() == x.device(), "multistep_update: dir_weights must be on x's device");
+      weights = w.to(at::kFloat).contiguous();
+    } else {  // g is only recorded
+      weights = at::zeros({x.size(0), 1 + k.n_dirs}, x.options().dtype(at::kFloat));
+    }
+    t.dir_weights = weights.data_ptr<float>();
+  } else {
+    TORCH_CHECK(dir_coeffs.empty(), "multistep_update: dir_coeffs given without dirs");
   }
 
   auto x_next = at::empty_like(x);
   t.x_next = x_next.data_ptr();
   if (t.n > 0) {
     if (thresholding) {
-      launch(dtype, DS_PHASE_CONVERT, t, k);
-      auto s = threshold_scale(m0, threshold_ratio, threshold_max);
+      launch(l.dtype, DS_PHASE_CONVERT, t, k);
+      auto s = threshold_scale(l.m0, threshold_ratio, threshold_max);
       t.thr_scale = s.data_ptr<float>();
-      launch(dtype, DS_PHASE_THRESHOLD, t, k);
+      launch(l.dtype, DS_PHASE_THRESHOLD, t, k);
     } else {
-      launch(dtype, DS_PHASE_FULL, t, k);
+      launch(l.dtype, DS_PHASE_FULL, t, k);
     }
   }
-  if (m0_slot.defined() && !m0_slot.is_same(m0)) m0_slot.copy_(m0);
-  if (k.state_row && !state.is_same(*state_in)) state_in->copy_(state);
+  if (l.m0_slot.defined() && !l.m0_slot.is_same(l.m0)) l.m0_slot.copy_(l.m0);
+  if (k.state_row && !l.state.is_same(*state_in)) state_in->copy_(l.state);
+  if (l.dirs.defined() && !l.dirs.is_same(*dirs_in)) dirs_in->copy_(l.dirs);
   return x_next;
+}
+
+at::Tensor run_lml_gram(const at::Tensor& x_in, const at::Tensor& out_in, const c10::optional<at::Tensor>& history,
+                        at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
+                        at::ArrayRef<double> dir_coeffs, const GramLaunch& launch) {
+  Layout l = prepare(x_in, out_in, history, -1, read_slots, coeffs, clip);
+  prepare_dirs(l, dirs, 0, dir_coeffs);
+  const int64_t m = 1 + l.k.n_dirs;
+  auto gram = at::zeros({l.x.size(0), m, m}, l.x.options().dtype(at::kDouble));
+  if (l.t.n > 0) launch(l.dtype, l.t, l.k, gram.data_ptr<double>());
+  return gram;
 }
 
 }  // namespace diffsampler

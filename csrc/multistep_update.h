@@ -12,18 +12,34 @@ namespace diffsampler {
 
 // Runs one kernel pass over prepared raw pointers; the backend supplies it.
 using UpdateLaunch = std::function<void(ds_dtype, ds_phase, const ds_update_tensors&, const ds_update_coeffs&)>;
+// Computes the LML Gram (B x (1+n_dirs)^2 doubles, on the tensors' device) over prepared raw pointers.
+using GramLaunch = std::function<void(ds_dtype, const ds_update_tensors&, const ds_update_coeffs&, double*)>;
 
 // Schema: multistep_update(Tensor x, Tensor model_out, Tensor(a!)? history, int write_slot, int[] read_slots,
 //                          float[] coeffs, Tensor? noise, float clip, float threshold_ratio,
-//                          float threshold_max, Tensor(b!)? state=None, float[] state_coeffs=[]) -> Tensor
+//                          float threshold_max, Tensor(b!)? state=None, float[] state_coeffs=[],
+//                          Tensor(c!)? dirs=None, int dir_slot=0, float[] dir_coeffs=[],
+//                          Tensor? dir_weights=None) -> Tensor
 // coeffs = [p, q, a, e, c, b_0, b_1, ..., b_k, r_1, ..., r_k], k = len(read_slots) <= DS_MAX_READS.
 // state_coeffs = [] (no state), [g] (x' += g s, s read only) or [g, sa, se, sc, sg, sb_0, ..., sb_k] (s rewritten).
+// LML: dirs (R, *x.shape) with R <= DS_MAX_DIRS, dir_coeffs = [gx, ge, gb_0, ..., gb_k], dir_weights (B, 1 + R).
 at::Tensor run_multistep_update(const at::Tensor& x, const at::Tensor& model_out,
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                 const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
                                 double threshold_max, const c10::optional<at::Tensor>& state,
-                                at::ArrayRef<double> state_coeffs, const UpdateLaunch& launch);
+                                at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
+                                int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
+                                const c10::optional<at::Tensor>& dir_weights, const UpdateLaunch& launch);
+
+// LML's per-sample Gram matrix of [g, dirs[0..R-1]] (float64, shape (B, 1 + R, 1 + R)); g as in the update.
+constexpr const char* kLmlGramSchema =
+    "lml_gram(Tensor x, Tensor model_out, Tensor? history, int[] read_slots, float[] coeffs, float clip, "
+    "Tensor dirs, float[] dir_coeffs) -> Tensor";
+
+at::Tensor run_lml_gram(const at::Tensor& x, const at::Tensor& model_out, const c10::optional<at::Tensor>& history,
+                        at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
+                        at::ArrayRef<double> dir_coeffs, const GramLaunch& launch);
 
 // The same update without history or state: a functional op (torch.compile's inductor cannot lower a mutating
 // op whose mutable arguments are all None). coeffs = [p, q, a, e, c, b_0].
@@ -35,7 +51,8 @@ constexpr const char* kMultistepUpdatePureSchema =
 constexpr const char* kMultistepUpdateSchema =
     "multistep_update(Tensor x, Tensor model_out, Tensor(a!)? history, int write_slot, int[] read_slots, "
     "float[] coeffs, Tensor? noise, float clip, float threshold_ratio, float threshold_max, "
-    "Tensor(b!)? state=None, float[] state_coeffs=[]) -> Tensor";
+    "Tensor(b!)? state=None, float[] state_coeffs=[], Tensor(c!)? dirs=None, int dir_slot=0, "
+    "float[] dir_coeffs=[], Tensor? dir_weights=None) -> Tensor";
 
 // multistep_update_pure on a backend's launch.
 inline at::Tensor run_multistep_update_pure(const at::Tensor& x, const at::Tensor& model_out,
@@ -43,7 +60,7 @@ inline at::Tensor run_multistep_update_pure(const at::Tensor& x, const at::Tenso
                                             double clip, double threshold_ratio, double threshold_max,
                                             const UpdateLaunch& launch) {
   return run_multistep_update(x, model_out, c10::nullopt, 0, {}, coeffs, noise, clip, threshold_ratio,
-                              threshold_max, c10::nullopt, {}, launch);
+                              threshold_max, c10::nullopt, {}, c10::nullopt, 0, {}, c10::nullopt, launch);
 }
 
 // Per-sample dynamic-thresholding bound clamp(quantile(|m0_b|, ratio), 1, max_value) in float32, shape (B,);

@@ -1,11 +1,13 @@
-// CPU kernel of the fused multistep update: one pass over memory in fp32 whatever the storage dtype, plain
-// loops specialised on the number of reads and the noise term so the compiler vectorizes them, and
-// at::parallel_for over contiguous chunks. Math: csrc/cuda/update_params.h.
+// CPU kernels of the fused multistep update and of LML's Gram: fp32 whatever the storage dtype, plain loops
+// specialised on the number of reads and the noise term so the compiler vectorizes them, and at::parallel_for
+// over contiguous chunks. LML's correction is a second loop over each cache-sized block right after the
+// update's, so its operands are read from cache. Math: csrc/cuda/update_params.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "multistep_update.h"
 
@@ -154,13 +156,150 @@ void dispatch(ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs
   with_state(std::false_type{});
 }
 
+// m0 as the update computes it before any thresholding (p x + q out + sum r read, clipped).
+template <int kReads>
+inline float data_prediction(const ds_update_coeffs& k, float xi, float oi, const float* h) {
+  float m0 = k.p * xi + k.q * oi;
+  for (int j = 0; j < kReads; ++j) m0 += k.r[j] * h[j];
+  const float clip = k.clip > 0 ? k.clip : INFINITY;
+  return std::min(std::max(m0, -clip), clip);
+}
+
+// LML on [begin, end) after the update wrote x_next there: g = the direction row (m0 read back from the
+// history slot when it was stored, recomputed otherwise), x_next += W[b][0] g + sum_j W[b][1+j] dirs[j],
+// dirs[dir_slot] = g. The range lies in one sample (weights are per sample).
+template <typename S, int kReads, int kDirs, bool kM0Stored>
+void lml_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end, const float* w) {
+  using T = typename S::Raw;
+  const T* __restrict__ x = static_cast<const T*>(t.x);
+  const T* __restrict__ out = static_cast<const T*>(t.out);
+  const T* __restrict__ m0s = static_cast<const T*>(t.m0);
+  const T* reads[DS_MAX_READS] = {};
+  for (int j = 0; j < kReads; ++j) reads[j] = static_cast<const T*>(t.reads[j]);
+  T* dirs[DS_MAX_DIRS] = {};
+  for (int j = 0; j < kDirs; ++j) dirs[j] = static_cast<T*>(t.dirs[j]);
+  T* __restrict__ slot = dirs[k.dir_slot];
+  T* __restrict__ x_next = static_cast<T*>(t.x_next);
+  const float gx = k.gx, ge = k.ge, gb0 = k.gb[0];
+  float gb[DS_MAX_READS], wd[DS_MAX_DIRS];
+  for (int j = 0; j < DS_MAX_READS; ++j) gb[j] = k.gb[j + 1];
+  for (int j = 0; j < DS_MAX_DIRS; ++j) wd[j] = j < kDirs ? w[1 + j] : 0.0f;
+  const float w0 = w[0];
+  for (int64_t i = begin; i < end; ++i) {
+    const float xi = S::load(x[i]);
+    const float oi = S::load(out[i]);
+    float h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
+    for (int j = 0; j < kReads; ++j) h[j] = S::load(reads[j][i]);
+    const float m0 = kM0Stored ? S::load(m0s[i]) : data_prediction<kReads>(k, xi, oi, h);
+    float g = gx * xi + ge * oi + gb0 * m0;
+    for (int j = 0; j < kReads; ++j) g += gb[j] * h[j];
+    float acc = S::load(x_next[i]) + w0 * g;
+    for (int j = 0; j < kDirs; ++j) acc += wd[j] * S::load(dirs[j][i]);
+    x_next[i] = S::store(acc);
+    slot[i] = S::store(g);
+  }
+}
+
+template <typename S, int kReads = 0, int kDirs = 1>
+void lml_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end) {
+  if constexpr (kReads < DS_MAX_READS) {
+    if (k.n_reads > kReads) return lml_dispatch<S, kReads + 1, kDirs>(t, k, begin, end);
+  }
+  if constexpr (kDirs < DS_MAX_DIRS) {
+    if (k.n_dirs > kDirs) return lml_dispatch<S, kReads, kDirs + 1>(t, k, begin, end);
+  }
+  while (begin < end) {  // per sample: each has its own weights
+    const int64_t b = begin / t.per_sample;
+    const int64_t stop = std::min(end, (b + 1) * t.per_sample);
+    const float* w = t.dir_weights + b * (1 + kDirs);
+    if (t.m0 != nullptr) {
+      lml_run<S, kReads, kDirs, true>(t, k, begin, stop, w);
+    } else {
+      lml_run<S, kReads, kDirs, false>(t, k, begin, stop, w);
+    }
+    begin = stop;
+  }
+}
+
+// LML's Gram: per sample, the dot products of v = [g, dirs[0..n_dirs-1]] accumulated in double over fixed
+// chunks (one task each), then summed over chunks in order: the result does not depend on the thread count.
+constexpr int64_t kGramChunk = 1 << 13;
+
+template <typename S, int kReads, int kDirs>
+void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end, double* acc) {
+  using T = typename S::Raw;
+  constexpr int kM = 1 + kDirs;
+  const T* x = static_cast<const T*>(t.x);
+  const T* out = static_cast<const T*>(t.out);
+  double sums[kM][kM] = {};
+  for (int64_t i = begin; i < end; ++i) {
+    const float xi = S::load(static_cast<const T*>(x)[i]);
+    const float oi = S::load(static_cast<const T*>(out)[i]);
+    float h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
+    for (int j = 0; j < kReads; ++j) h[j] = S::load(static_cast<const T*>(t.reads[j])[i]);
+    const float m0 = data_prediction<kReads>(k, xi, oi, h);
+    float v[kM];
+    v[0] = k.gx * xi + k.ge * oi + k.gb[0] * m0;
+    for (int j = 0; j < kReads; ++j) v[0] += k.gb[j + 1] * h[j];
+    for (int j = 0; j < kDirs; ++j) v[1 + j] = S::load(static_cast<const T*>(t.dirs[j])[i]);
+    for (int a = 0; a < kM; ++a)
+      for (int c = a; c < kM; ++c) sums[a][c] += static_cast<double>(v[a]) * static_cast<double>(v[c]);
+  }
+  for (int a = 0; a < kM; ++a)
+    for (int c = 0; c < kM; ++c) acc[a * kM + c] = a <= c ? sums[a][c] : sums[c][a];
+}
+
+template <typename S, int kReads = 0, int kDirs = 1>
+void gram_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, double* gram) {
+  if constexpr (kReads < DS_MAX_READS) {
+    if (k.n_reads > kReads) return gram_dispatch<S, kReads + 1, kDirs>(t, k, gram);
+  }
+  if constexpr (kDirs < DS_MAX_DIRS) {
+    if (k.n_dirs > kDirs) return gram_dispatch<S, kReads, kDirs + 1>(t, k, gram);
+  }
+  constexpr int kM = 1 + kDirs;
+  const int64_t batch = t.n / t.per_sample;
+  const int64_t chunks = (t.per_sample + kGramChunk - 1) / kGramChunk;
+  std::vector<double> partial(static_cast<size_t>(batch * chunks * kM * kM));
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / chunks, c = task % chunks;
+      const int64_t begin = b * t.per_sample + c * kGramChunk;
+      const int64_t end = std::min(begin + kGramChunk, (b + 1) * t.per_sample);
+      gram_chunk<S, kReads, kDirs>(t, k, begin, end, partial.data() + task * kM * kM);
+    }
+  });
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int j = 0; j < kM * kM; ++j) gram[b * kM * kM + j] += partial[(b * chunks + c) * kM * kM + j];
+}
+
+void gram_cpu(ds_dtype dtype, const ds_update_tensors& t, const ds_update_coeffs& k, double* gram) {
+  switch (dtype) {
+    case DS_FLOAT32: return gram_dispatch<F32>(t, k, gram);
+    case DS_FLOAT16: return gram_dispatch<F16>(t, k, gram);
+    case DS_BFLOAT16: return gram_dispatch<BF16>(t, k, gram);
+  }
+}
+
 void launch_cpu(ds_dtype dtype, ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs& k) {
   constexpr int64_t kGrain = 1 << 15;  // elements per task: well above the per-task overhead
+  constexpr int64_t kLmlBlock = 1 << 12;  // LML follows the update block by block, its operands still in cache
+  const bool lml = k.n_dirs > 0 && phase != DS_PHASE_CONVERT;
+  auto run = [&](auto tag, int64_t begin, int64_t end) {
+    using S = decltype(tag);
+    if (!lml) return dispatch<S>(phase, t, k, begin, end);
+    for (int64_t lo = begin; lo < end; lo += kLmlBlock) {
+      const int64_t hi = std::min(end, lo + kLmlBlock);
+      dispatch<S>(phase, t, k, lo, hi);
+      lml_dispatch<S>(t, k, lo, hi);
+    }
+  };
   at::parallel_for(0, t.n, kGrain, [&](int64_t begin, int64_t end) {
     switch (dtype) {
-      case DS_FLOAT32: dispatch<F32>(phase, t, k, begin, end); break;
-      case DS_FLOAT16: dispatch<F16>(phase, t, k, begin, end); break;
-      case DS_BFLOAT16: dispatch<BF16>(phase, t, k, begin, end); break;
+      case DS_FLOAT32: run(F32{}, begin, end); break;
+      case DS_FLOAT16: run(F16{}, begin, end); break;
+      case DS_BFLOAT16: run(BF16{}, begin, end); break;
     }
   });
 }
@@ -172,10 +311,20 @@ at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                 const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
                                 double threshold_max, const c10::optional<at::Tensor>& state,
-                                at::ArrayRef<double> state_coeffs) {
+                                at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
+                                int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
+                                const c10::optional<at::Tensor>& dir_weights) {
   TORCH_CHECK(x.device().is_cpu(), "multistep_update_cpu: x must be a CPU tensor, got ", x.device());
   return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio,
-                              threshold_max, state, state_coeffs, launch_cpu);
+                              threshold_max, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights,
+                              launch_cpu);
+}
+
+at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const c10::optional<at::Tensor>& history,
+                        at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
+                        at::ArrayRef<double> dir_coeffs) {
+  TORCH_CHECK(x.device().is_cpu(), "lml_gram_cpu: x must be a CPU tensor, got ", x.device());
+  return run_lml_gram(x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs, gram_cpu);
 }
 
 at::Tensor multistep_update_pure_cpu(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,

@@ -26,11 +26,15 @@ at::Tensor multistep_update_cuda(const at::Tensor& x, const at::Tensor& model_ou
                                  at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                  const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
                                  double threshold_max, const c10::optional<at::Tensor>& state,
-                                 at::ArrayRef<double> state_coeffs) {
+                                 at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
+                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
+                                 const c10::optional<at::Tensor>& dir_weights) {
   TORCH_CHECK(x.is_cuda(), "multistep_update_cuda: x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(!dirs.has_value(), "multistep_update_cuda: LML (dirs) is not implemented on CUDA yet");
   const c10::cuda::CUDAGuard guard(x.device());
   return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio,
-                              threshold_max, state, state_coeffs, cuda_launch(x));
+                              threshold_max, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights,
+                              cuda_launch(x));
 }
 
 at::Tensor multistep_update_pure_cuda(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,

@@ -4,6 +4,12 @@
 //   x' = a x + e out + b0 m0 + sum_{j<n_reads} b[j+1] read_j + c z + g s
 //   s' = sa x + se out + sb0 m0 + sum_{j<n_reads} sb[j+1] read_j + sc z + sg s   (state_row; written over s)
 // s is an optional state tensor of x's shape (UniPC's last sample, Heun's step start, a momentum).
+// LML (n_dirs > 0; dirs = a ring of n_dirs past raw directions, each of x's shape):
+//   g  = gx x + ge out + gb0 m0 + sum_{j<n_reads} gb[j+1] read_j      (m0 after clip / threshold)
+//   x' += W[b][0] g + sum_{j<n_dirs} W[b][1+j] dirs[j]                 (W = dir_weights, (B, 1+n_dirs) fp32)
+//   dirs[dir_slot] = g                                                   (after every read)
+// The LML Gram (ds_lml_gram_*) is, per sample b, the (1+n_dirs)^2 matrix of dot products of
+// [g, dirs[0], ..., dirs[n_dirs-1]] over the sample's per_sample elements, in double, row-major.
 #pragma once
 #include <stdint.h>
 
@@ -12,6 +18,7 @@ extern "C" {
 #endif
 
 #define DS_MAX_READS 3
+#define DS_MAX_DIRS 4
 
 
 typedef enum { DS_FLOAT32 = 0, DS_FLOAT16 = 1, DS_BFLOAT16 = 2 } ds_dtype;
@@ -33,6 +40,10 @@ typedef struct {
   int state_row;              // 1: s' (the sa..sg row) is computed and written over s
   float sa, se, sc, sg;
   float sb[DS_MAX_READS + 1];
+  int n_dirs;                 // LML: past directions in the ring (0: off)
+  int dir_slot;               // the ring slot g is written to
+  float gx, ge;               // the direction row
+  float gb[DS_MAX_READS + 1];
 } ds_update_coeffs;
 
 typedef struct {
@@ -44,6 +55,8 @@ typedef struct {
   void* m0;                         // history slot written (NULL: not stored; required by the threshold phases)
   void* x_next;                     // unused in DS_PHASE_CONVERT
   const float* thr_scale;           // B bounds (on the tensors' device), DS_PHASE_THRESHOLD only
+  void* dirs[DS_MAX_DIRS];          // LML's ring slots, n_dirs of them (read, and dirs[dir_slot] written)
+  const float* dir_weights;         // (B, 1 + n_dirs) row-major (zeros when g is only recorded)
   int64_t n;                        // elements
   int64_t per_sample;               // elements per sample (n / B)
 } ds_update_tensors;

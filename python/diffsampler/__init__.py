@@ -3,7 +3,8 @@
 from . import models, ops, reference, schedules, solvers, targets
 from .ops import backends
 from .graphs import CapturedSampler
+from .lml import LML
 from .sample import run_plan, sample
 
 __version__ = "0.1.0"
-__all__ = ["sample", "run_plan", "CapturedSampler", "backends", "ops", "reference", "schedules", "solvers", "models"]
+__all__ = ["sample", "run_plan", "CapturedSampler", "LML", "backends", "ops", "reference", "schedules", "solvers", "models"]

@@ -18,6 +18,7 @@ BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STORAGE_DTYPES = FUSED_DTYPES + (torch.float64,)
 MAX_HISTORY_READS = reference.MAX_HISTORY_READS
+MAX_DIRECTIONS = reference.MAX_DIRECTIONS
 
 
 def _probe_cpp() -> tuple[bool, str]:
@@ -223,6 +224,10 @@ def multistep_update(
     threshold_ratio: float | None = None,
     threshold_max: float = 1.0,
     state: torch.Tensor | None = None,
+    dirs: torch.Tensor | None = None,
+    dir_slot: int = 0,
+    dir_coeffs: Sequence[float] = (),
+    dir_weights: torch.Tensor | None = None,
     check_nan: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -235,35 +240,117 @@ def multistep_update(
         state = (coeffs.state row, the same terms)  if coeffs.state is set
         history[write_slot] = m_0
 
+    LML's low-rank correction (diffsampler.lml builds these arguments), with dirs a ring of R past raw
+    directions of shape (R, *x.shape):
+        g    = gx x + ge out + gb[0] m_0 + sum_i gb[i] history[read_slots[i-1]]   (dir_coeffs = [gx, ge, gb...])
+        x'  += W[b, 0] g + sum_j W[b, 1 + j] dirs[j]                               (dir_weights W: (B, 1 + R))
+        dirs[dir_slot] = g
+
     All operands share x's shape, dtype and device; history has shape (slots, *x.shape) and is written in
-    place, and so is `state` when coeffs.state is set.
+    place, and so are `state` when coeffs.state is set and `dirs`.
     Computes in float32 (float64 for float64 inputs, on the reference). ``check_nan`` scans model_out for NaN
     (one reduction and a host sync per call); turn it off in graph-captured or compiled loops.
     """
     read_slots = [int(r) for r in read_slots]
     _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, noise, clip, threshold_ratio,
                        threshold_max, state, check_nan)
+    lml = _check_dir_args(x, read_slots, dirs, dir_slot, dir_coeffs, dir_weights)
     args = (x, model_out, history, int(write_slot), read_slots, coeffs.as_list(), noise,
             float(clip or 0.0), float(threshold_ratio or 0.0), float(threshold_max), state,
             coeffs.state_list(state is not None))
+    if lml:
+        args += (dirs, int(dir_slot), [float(v) for v in dir_coeffs], dir_weights)
     name = _select_backend(backend, x)
     if name == "reference":
         return reference.multistep_update(*args)
     if name == "triton":
         from . import triton_kernels
 
+        if lml:
+            raise NotImplementedError("backend 'triton': LML (dirs) is not implemented in Triton yet; "
+                                      "use backend='reference' on CUDA tensors")
         return triton_kernels.multistep_update(*args)
-    if history is None and state is None:  # the functional op: inductor lowers it (not so the mutating one)
+    if history is None and state is None and not lml:  # functional: inductor lowers it, not the mutating one
         return torch.ops.diffsampler.multistep_update_pure(x, model_out, args[5], noise, *args[7:10])
     return torch.ops.diffsampler.multistep_update(*args)
+
+
+def _check_dir_args(x, read_slots, dirs, dir_slot, dir_coeffs, dir_weights) -> bool:
+    """Checks LML's operands of multistep_update / lml_gram; True when LML is on (dirs given)."""
+    if dirs is None:
+        if dir_weights is not None or len(dir_coeffs):
+            raise ValueError("dir_coeffs / dir_weights need dirs (LML's ring of directions)")
+        return False
+    if not isinstance(dirs, torch.Tensor) or dirs.dim() != x.dim() + 1 or not 1 <= dirs.shape[0] <= MAX_DIRECTIONS:
+        raise ValueError(f"dirs must be a tensor of shape (R, *x.shape) with 1 <= R <= {MAX_DIRECTIONS}, got "
+                         f"{tuple(dirs.shape) if isinstance(dirs, torch.Tensor) else type(dirs).__name__}")
+    _check_like("dirs", dirs, x, (dirs.shape[0], *x.shape))
+    if len(dir_coeffs) != 3 + len(read_slots):
+        raise ValueError(f"dir_coeffs must have 3 + len(read_slots) = {3 + len(read_slots)} entries "
+                         f"[gx, ge, gb_0, ..., gb_k], got {len(dir_coeffs)}")
+    if not 0 <= dir_slot < dirs.shape[0]:
+        raise ValueError(f"dir_slot must be in [0, {dirs.shape[0]}), got {dir_slot}")
+    if dir_weights is not None:
+        if not isinstance(dir_weights, torch.Tensor) or tuple(dir_weights.shape) != (x.shape[0], dirs.shape[0] + 1):
+            raise ValueError(f"dir_weights must have shape (B, 1 + R) = {(x.shape[0], dirs.shape[0] + 1)}, got "
+                             f"{tuple(dir_weights.shape) if isinstance(dir_weights, torch.Tensor) else dir_weights}")
+        if dir_weights.device != x.device:
+            raise ValueError(f"dir_weights must be on x's device {x.device}, got {dir_weights.device}")
+    return True
+
+
+def lml_gram(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    coeffs: UpdateCoeffs,
+    dirs: torch.Tensor,
+    dir_coeffs: Sequence[float],
+    *,
+    history: torch.Tensor | None = None,
+    read_slots: Sequence[int] = (),
+    clip: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LML's per-sample Gram matrix, float64 of shape (B, 1 + R, 1 + R): G[b] = V_b^T V_b with
+    V = [g, dirs[0], ..., dirs[R-1]] and g = gx x + ge out + gb[0] m_0 + sum_i gb[i] history[read_slots[i-1]],
+    m_0 as multistep_update computes it (clip included, no thresholding). One read-only pass; sums over all
+    non-batch dimensions in a fixed order (reproducible run to run).
+    """
+    read_slots = [int(r) for r in read_slots]
+    if not isinstance(x, torch.Tensor) or x.dtype not in STORAGE_DTYPES or x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError("x must be a float tensor with a non-empty batch dimension 0")
+    _check_like("model_out", model_out, x)
+    if history is None and read_slots:
+        raise ValueError("read_slots given without a history")
+    if history is not None:
+        _check_like("history", history, x, (history.shape[0], *x.shape))
+    if len(coeffs.b) != 1 + len(read_slots):
+        raise ValueError(f"coeffs.b must have 1 + len(read_slots) = {1 + len(read_slots)} entries, got {len(coeffs.b)}")
+    if dirs is None:
+        raise ValueError("dirs is required (LML's ring of directions)")
+    _check_dir_args(x, read_slots, dirs, 0, dir_coeffs, None)
+    args = (x, model_out, history, read_slots, coeffs.as_list(), float(clip or 0.0), dirs,
+            [float(v) for v in dir_coeffs])
+    name = _select_backend(backend, x)
+    if name == "reference":
+        return reference.lml_gram(*args)
+    if name == "triton":
+        raise NotImplementedError("backend 'triton': lml_gram is not implemented in Triton yet")
+    return torch.ops.diffsampler.lml_gram(*args)
 
 
 if _status("cpu")[0]:
 
     @torch.library.register_fake("diffsampler::multistep_update")
     def _multistep_update_fake(x, model_out, history, write_slot, read_slots, coeffs, noise, clip,
-                               threshold_ratio, threshold_max, state=None, state_coeffs=()):
+                               threshold_ratio, threshold_max, state=None, state_coeffs=(), dirs=None, dir_slot=0,
+                               dir_coeffs=(), dir_weights=None):
         return x.new_empty(x.shape)
+
+    @torch.library.register_fake("diffsampler::lml_gram")
+    def _lml_gram_fake(x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs):
+        m = dirs.shape[0] + 1
+        return x.new_empty((x.shape[0], m, m), dtype=torch.float64)
 
     @torch.library.register_fake("diffsampler::multistep_update_pure")
     def _multistep_update_pure_fake(x, model_out, coeffs, noise, clip, threshold_ratio, threshold_max):

@@ -13,6 +13,7 @@ import torch
 #   [p, q, a, e, c, b_0, b_1, ..., b_k, r_1, ..., r_k]   with k = len(read_slots)
 COEFF_P, COEFF_Q, COEFF_A, COEFF_E, COEFF_C, COEFF_B0 = range(6)
 MAX_HISTORY_READS = 3
+MAX_DIRECTIONS = 4  # LML's ring of past raw directions (rank <= 4)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,6 +38,15 @@ def threshold_scale(m0: torch.Tensor, ratio: float, max_value: float) -> torch.T
     return s.clamp(min=1.0, max=max_value)
 
 
+def data_prediction(x, out, reads, p, q, r, clip):
+    """m_0 = p x + q out + sum_i r_i m_i, clamped to [-clip, clip] if clip > 0 (before any thresholding)."""
+    m0 = p * x + q * out
+    for ri, m in zip(r, reads):
+        if ri != 0:
+            m0 = m0 + ri * m
+    return m0.clamp(-clip, clip) if clip > 0 else m0
+
+
 def multistep_update(
     x: torch.Tensor,
     model_out: torch.Tensor,
@@ -50,8 +60,12 @@ def multistep_update(
     threshold_max: float,
     state: torch.Tensor | None = None,
     state_coeffs: list[float] = (),
+    dirs: torch.Tensor | None = None,
+    dir_slot: int = 0,
+    dir_coeffs: list[float] = (),
+    dir_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One fused solver step (design.md section 2).
+    """One fused solver step (design.md section 2), with LML's low-rank direction correction.
 
         m_0  = p x + q out + sum_i r_i m_i                   data prediction (r: GHVB, DC-Solver; else 0)
         m_0  = clamp(m_0, -clip, clip)                       if clip > 0
@@ -61,7 +75,12 @@ def multistep_update(
         history[write_slot] = m_0                            if history is given
 
     state_coeffs: [] (no state), [g] (state read) or [g, sa, se, sc, sg, sb_0, ..., sb_k].
-    Returns x'; writes history (and the state) in place.
+
+    LML (diffsampler.lml), when dirs (a ring of R past raw directions, shape (R, *x.shape)) is given:
+        g_n  = gx x + ge out + sum_i gb_i m_i                dir_coeffs = [gx, ge, gb_0, ..., gb_k]
+        x'  += W[b, 0] g_n + sum_j W[b, 1 + j] dirs[j]       dir_weights W of shape (B, 1 + R), if given
+        dirs[dir_slot] = g_n                                 (after the reads)
+    Returns x'; writes history, the state and dirs in place.
     """
     cd = compute_dtype(x.dtype)
     k = len(read_slots)
@@ -69,12 +88,7 @@ def multistep_update(
     b, r = coeffs[COEFF_B0:COEFF_B0 + k + 1], coeffs[COEFF_B0 + k + 1:]
     xf, of = x.to(cd), model_out.to(cd)
     reads = [history[slot].to(cd) for slot in read_slots]
-    m0 = p * xf + q * of
-    for ri, m in zip(r, reads):
-        if ri != 0:
-            m0 = m0 + ri * m
-    if clip > 0:
-        m0 = m0.clamp(-clip, clip)
+    m0 = data_prediction(xf, of, reads, p, q, r, clip)
     if threshold_ratio > 0:
         s = threshold_scale(m0, threshold_ratio, threshold_max).view(-1, *([1] * (m0.dim() - 1)))
         m0 = torch.minimum(torch.maximum(m0, -s), s) / s
@@ -95,9 +109,56 @@ def multistep_update(
 
     g = state_coeffs[0] if len(state_coeffs) else 0.0
     x_next = row(a, e, c, g, b)
+    if dirs is not None:
+        g_n = direction(xf, of, m0, reads, dir_coeffs)
+        if dir_weights is not None:
+            w = dir_weights.to(cd).view(-1, dirs.shape[0] + 1, *([1] * (x.dim() - 1)))
+            x_next = x_next + w[:, 0] * g_n
+            for j in range(dirs.shape[0]):
+                x_next = x_next + w[:, 1 + j] * dirs[j].to(cd)
+        dirs[dir_slot].copy_(g_n)
     if len(state_coeffs) > 1:
         sa, se, sc, sg = state_coeffs[1:5]
         state.copy_(row(sa, se, sc, sg, state_coeffs[5:]))
     if history is not None:
         history[write_slot].copy_(m0)
     return x_next.to(x.dtype)
+
+
+def direction(x, out, m0, reads, dir_coeffs):
+    """LML's raw direction g_n = gx x + ge out + gb_0 m_0 + sum_i gb_i m_i (dir_coeffs = [gx, ge, gb_0..gb_k])."""
+    gx, ge, *gb = dir_coeffs
+    g = gx * x + ge * out + gb[0] * m0
+    for w, m in zip(gb[1:], reads):
+        g = g + w * m
+    return g
+
+
+def lml_gram(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    history: torch.Tensor | None,
+    read_slots: list[int],
+    coeffs: list[float],
+    clip: float,
+    dirs: torch.Tensor,
+    dir_coeffs: list[float],
+) -> torch.Tensor:
+    """Per-sample Gram matrix of LML's directions, float64 of shape (B, 1 + R, 1 + R):
+
+        G[b] = V_b^T V_b,   V_b = [g_n, dirs[0], ..., dirs[R-1]] restricted to sample b
+
+    with g_n the raw direction of this step (multistep_update's dir_coeffs row, m_0 computed as there, clip
+    included). Sums run over all non-batch dimensions.
+    """
+    cd = compute_dtype(x.dtype)
+    k = len(read_slots)
+    p, q = coeffs[COEFF_P], coeffs[COEFF_Q]
+    r = coeffs[COEFF_B0 + k + 1:]
+    xf, of = x.to(cd), model_out.to(cd)
+    reads = [history[slot].to(cd) for slot in read_slots]
+    m0 = data_prediction(xf, of, reads, p, q, r, clip)
+    g_n = direction(xf, of, m0, reads, dir_coeffs)
+    v = torch.stack([g_n, *[d.to(cd) for d in dirs]], dim=1).reshape(x.shape[0], dirs.shape[0] + 1, -1)
+    v = v.to(torch.float64)
+    return v @ v.transpose(1, 2)

@@ -27,6 +27,7 @@ def sample(
     threshold_max: float = 1.0,
     check_nan: bool = True,
     time_shift=None,
+    lml=None,
     cuda_graph: bool = False,
     **solver_options,
 ) -> torch.Tensor:
@@ -57,10 +58,13 @@ def sample(
     check_nan: raise ValueError when the model returns NaN (a host sync per step; off for speed).
     time_shift: a ``diffsampler.solvers.TimeShift(window, cutoff)``: query the model at the timestep whose
         noise variance matches each sample's (TS-DPM); discrete VP schedules.
+    lml: a ``diffsampler.LML(damping, kappa, rank, freeze)``: precondition each step's direction with the
+        damped low-rank Hessian approximation of Levenberg-Marquardt-Langevin (diffsampler.lml); no extra
+        model call, one extra read-only pass per step. Not with thresholding.
     cuda_graph: capture the whole loop (model included) in a CUDA graph and replay it (diffsampler.graphs;
         no NaN check, noise from the default generator); eager with a logged reason where it cannot.
     """
-    options = dict(time_shift=time_shift, clip=clip, threshold_ratio=threshold_ratio, threshold_max=threshold_max,
+    options = dict(time_shift=time_shift, lml=lml, clip=clip, threshold_ratio=threshold_ratio, threshold_max=threshold_max,
                    backend=backend, **solver_options)
     if cuda_graph:
         from .graphs import CapturedSampler
@@ -73,7 +77,7 @@ def sample(
                     **options)
 
 
-UPDATE_OPTIONS = ("clip", "threshold_ratio", "threshold_max", "check_nan", "backend")
+UPDATE_OPTIONS = ("clip", "threshold_ratio", "threshold_max", "check_nan", "backend", "lml")
 
 
 def prepare(model, steps, solver, schedule, prediction, options: dict):
@@ -97,6 +101,17 @@ def prepare(model, steps, solver, schedule, prediction, options: dict):
         model = time_shift.wrap(model, schedule)
     if (update.get("clip") or update.get("threshold_ratio")) and not plan.data_prediction:
         raise ValueError(f"clip / threshold_ratio act on a data prediction; solver {solver!r} keeps noise predictions")
+    if update.get("lml") is not None:
+        from .lml import LML
+
+        if not isinstance(update["lml"], LML):
+            raise ValueError(f"lml must be a diffsampler.LML, got {type(update['lml']).__name__}")
+        if update.get("threshold_ratio"):
+            raise ValueError("lml does not combine with threshold_ratio (dynamic thresholding): its Gram pass "
+                             "would need the per-sample quantile first")
+        update["lml_time_scale"] = float(getattr(schedule, "num_train_timesteps", 1.0))
+    else:
+        update.pop("lml", None)
     return model, plan, update
 
 
@@ -110,7 +125,7 @@ def model_times(plan: Plan, x: torch.Tensor) -> torch.Tensor:
 def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
              generator: torch.Generator | None = None, progress: bool = False, desc: str = "diffsampler",
              return_state: bool = False, times: torch.Tensor | None = None, ranges: bool = False,
-             **update_options):
+             lml=None, lml_time_scale: float = 1.0, **update_options):
     """The loop of any Plan: per step, out = model(input_scale * x, t) and one fused update.
 
     update_options go to every ops.multistep_update call (clip, threshold_ratio, threshold_max, check_nan,
@@ -118,6 +133,7 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
     return_state: return (x, the solver's state tensor or None), e.g. UniPC's last corrected sample.
     times: model_times(plan, x) made beforehand (a CUDA-graph capture cannot upload them).
     ranges: name each model call and update for profilers (torch.profiler ranges, NVTX on CUDA).
+    lml: a diffsampler.LML applied to every step (lml_time_scale: the T of its freeze option).
     """
     history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
     state = torch.zeros_like(x) if plan.uses_state else None
@@ -130,6 +146,10 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
 
         steps_iter = tqdm(steps_iter, desc=desc, total=len(plan.steps))
     phase = _Ranges(x.is_cuda) if ranges else None
+    if lml is not None:
+        from .lml import LMLRun
+
+        lml_run = LMLRun(lml, plan, x, lml_time_scale)
     for i, step in enumerate(steps_iter):
         with phase(f"step {i} model") if phase else contextlib.nullcontext():
             out = model(x * step.input_scale if step.input_scale != 1.0 else x, times[i])
@@ -138,8 +158,13 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
             if step.needs_noise:
                 # drawn in float32 as diffusers does, so a seed gives the same noise in every storage dtype
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+            extra = {}
+            if lml is not None:
+                extra = lml_run.update_args(i, step, x, out, history, update_options.get("clip"),
+                                            update_options.get("backend", "auto"))
             x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
-                                     read_slots=step.read_slots, noise=noise, state=state, **update_options)
+                                     read_slots=step.read_slots, noise=noise, state=state, **extra,
+                                     **update_options)
     return (x, state) if return_state else x
 
 

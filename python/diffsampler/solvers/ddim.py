@@ -12,7 +12,7 @@ import math
 from ..models import data_coeffs, noise_coeffs
 from ..ops import UpdateCoeffs
 from ..schedules import VP, discrete_timesteps
-from .plan import Plan, Step
+from .plan import Direction, Plan, Step
 
 
 def ddim_plan(schedule: VP, steps: int, prediction: str, *, eta: float = 0.0, timestep_spacing: str = "leading",
@@ -34,5 +34,5 @@ def ddim_plan(schedule: VP, steps: int, prediction: str, *, eta: float = 0.0, ti
         ep, eq = noise_coeffs(prediction, alpha, sigma)
         direction = math.sqrt(max(1 - ab_prev - std * std, 0.0))
         coeffs = UpdateCoeffs(p=p, q=q, a=direction * ep, e=direction * eq, b=(math.sqrt(ab_prev),), c=std)
-        plan.append(Step(t=int(t), coeffs=coeffs))
+        plan.append(Step(t=int(t), coeffs=coeffs, direction=Direction(direction, ep, eq, (0.0,))))
     return Plan(steps=tuple(plan), history_slots=0, discrete_time=True)

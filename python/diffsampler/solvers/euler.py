@@ -14,7 +14,7 @@ import numpy as np
 
 from ..ops import UpdateCoeffs
 from ..schedules import VP, Flow, discrete_timesteps, sigma_grid
-from .plan import Plan, Step
+from .plan import Direction, Plan, Step
 
 
 def _euler_timesteps(schedule: VP, steps: int, spacing: str, steps_offset: int) -> np.ndarray:
@@ -65,5 +65,5 @@ def flow_euler_plan(schedule: Flow, steps: int, prediction: str) -> Plan:
     for i in range(steps):
         sigma, dt = sigmas[i], sigmas[i + 1] - sigmas[i]
         coeffs = UpdateCoeffs(p=1.0, q=-sigma, a=1.0, e=dt, b=(0.0,))  # x' = x + dt v, as diffusers adds it
-        plan.append(Step(t=float(np.float32(sigma) * n), coeffs=coeffs))
+        plan.append(Step(t=float(np.float32(sigma) * n), coeffs=coeffs, direction=Direction(dt, 0.0, 1.0, (0.0,))))
     return Plan(steps=tuple(plan), history_slots=0, discrete_time=False)

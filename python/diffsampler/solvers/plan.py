@@ -8,6 +8,19 @@ from ..ops import UpdateCoeffs
 
 
 @dataclass(frozen=True)
+class Direction:
+    """The step's update direction for LML: g = x_w x + out_w out + sum_i b_i m_i, entering x' as scale * g.
+
+    The default (Step.direction None) is the whole increment x' - a x - c z - g s (scale 1), as the
+    LML authors' DPM-Solver code has it; DDIM uses its noise prediction and flow Euler its velocity."""
+
+    scale: float
+    x: float
+    out: float
+    b: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class Step:
     """One model call followed by one fused update (ops.multistep_update)."""
 
@@ -16,10 +29,16 @@ class Step:
     write_slot: int = 0
     read_slots: tuple[int, ...] = ()
     input_scale: float = 1.0  # the model is called on input_scale * x (Euler's scale_model_input)
+    direction: Direction | None = None  # LML's direction (None: the whole increment)
 
     @property
     def needs_noise(self) -> bool:
         return self.coeffs.c != 0
+
+    def lml_direction(self) -> Direction:
+        if self.direction is not None:
+            return self.direction
+        return Direction(scale=1.0, x=0.0, out=self.coeffs.e, b=tuple(self.coeffs.b))
 
 
 @dataclass(frozen=True)
