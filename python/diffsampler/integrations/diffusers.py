@@ -11,6 +11,7 @@ difference <= 1e-5 over full loops, `tests/test_integrations_diffusers.py`).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -20,6 +21,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import ops
+from ..lml import correction_weights, mixing
 from ..models import data_coeffs, noise_coeffs
 from ..ops import UpdateCoeffs
 from ..solvers.deis import deis_steps
@@ -56,6 +58,9 @@ class _MultistepMixin:
         super().set_timesteps(*args, **kwargs)
         self._fused_plan = self._fused_history = self._fused_state = None
 
+    def _lml_args(self, step, sample, model_output) -> dict:
+        return {}
+
     def _grid(self) -> Grid:
         flow = bool(getattr(self.config, "use_flow_sigmas", False))
         return Grid(timesteps=tuple(self.timesteps.tolist()), sigmas=tuple(self.sigmas.double().tolist()),
@@ -81,7 +86,7 @@ class _MultistepMixin:
         prev = ops.multistep_update(sample, model_output, step.coeffs, history=self._fused_history,
                                     write_slot=step.write_slot, read_slots=step.read_slots,
                                     noise=noise if step.needs_noise else None, state=self._fused_state,
-                                    **_threshold_kwargs(self.config))
+                                    **_threshold_kwargs(self.config), **self._lml_args(step, sample, model_output))
         self._step_index += 1
         return prev
 
@@ -170,6 +175,9 @@ def _with_prediction(sample, model_output, coeffs, noise=None, **kwargs):
 class DDIMScheduler(diffusers.DDIMScheduler):
     """diffusers' DDIMScheduler (eta, clip_sample, thresholding, use_clipped_model_output) with the fused update."""
 
+    def _lml_args(self, t, sample, model_output, coeffs, eps, direction, clip) -> dict:
+        return {}
+
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
              variance_noise=None, return_dict=True):
         if self.num_inference_steps is None:
@@ -200,8 +208,12 @@ class DDIMScheduler(diffusers.DDIMScheduler):
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
             noise = noise.to(model_output.dtype)
         clip = c.clip_sample_range if c.clip_sample and not c.thresholding else None
-        prev, x0 = _with_prediction(_same_dtype(model_output, sample), model_output, coeffs,
-                                    noise=noise if std != 0 else None, clip=clip, **_threshold_kwargs(c))
+        # the noise prediction as a row over (x, out, m0), entering x' as `direction` * eps (LML's g)
+        eps = (1.0 / sigma, 0.0, -alpha / sigma) if use_clipped_model_output else (*noise_coeffs(pred, alpha, sigma), 0.0)
+        sample = _same_dtype(model_output, sample)
+        lml = self._lml_args(t, sample, model_output, coeffs, eps, direction, clip)
+        prev, x0 = _with_prediction(sample, model_output, coeffs, noise=noise if std != 0 else None, clip=clip,
+                                    **_threshold_kwargs(c), **lml)
         if not return_dict:
             return prev, x0
         return diffusers.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -275,6 +287,81 @@ class FlowMatchEulerDiscreteScheduler(diffusers.FlowMatchEulerDiscreteScheduler)
             return (prev,)
         return diffusers.schedulers.scheduling_flow_match_euler_discrete.FlowMatchEulerDiscreteSchedulerOutput(
             prev_sample=prev)
+
+
+class _LMRing:
+    """The authors' rank-1 LM correction (config keys lamb, lm, kappa) over a one-slot ring of the previous raw
+    direction, reset by set_timesteps (the authors' classes keep it across runs: a fresh run's first step
+    would see the last run's direction)."""
+
+    def _lm_reset(self):
+        self._lm_dirs, self._lm_count = None, 0
+
+    def _lm_args(self, active, sample, model_output, coeffs, dir_coeffs, scale, history=None, read_slots=(),
+                 clip=None) -> dict:
+        if self._lm_dirs is None:
+            self._lm_dirs = torch.zeros((1, *sample.shape), dtype=sample.dtype, device=sample.device)
+        weights = None
+        if active:
+            gram = ops.lml_gram(sample, model_output, coeffs, self._lm_dirs, dir_coeffs, history=history,
+                                read_slots=read_slots, clip=clip)
+            mix = torch.tensor(mixing(min(self._lm_count, 1), 1, float(self.config.kappa)), dtype=torch.float64,
+                               device=sample.device)
+            weights = correction_weights(gram, mix, float(self.config.lamb), scale)
+        self._lm_count += 1
+        return dict(dirs=self._lm_dirs, dir_slot=0, dir_coeffs=list(dir_coeffs), dir_weights=weights)
+
+
+def _lm_init(base, extra: dict):
+    """An __init__ taking base's config plus the LM keys `extra` (registered to the config, so from_config /
+    save_config carry them); its signature lists both, as diffusers' ConfigMixin reads it."""
+
+    def __init__(self, *args, **kwargs):
+        lm = {k: kwargs.pop(k, v) for k, v in extra.items()}
+        base.__init__(self, *args, **kwargs)
+        self.register_to_config(**lm)
+        self._lm_reset()
+
+    sig = inspect.signature(base.__init__)
+    params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in extra.items()]
+    __init__.__signature__ = sig.replace(parameters=params)
+    return __init__
+
+
+class DDIMLMScheduler(_LMRing, DDIMScheduler):
+    """DDIM with the LML correction of the authors' DDIMLMScheduler (zituitui/LML-diffusion-sampler): when
+    `lm` and timestep < 1000 (1 - freeze), the noise prediction eps in the direction term is replaced by the
+    rank-1 damped-Hessian direction (lamb: damping, kappa: weight of the previous eps)."""
+
+    __init__ = _lm_init(DDIMScheduler, dict(lamb=1.0, lm=False, kappa=0.0, freeze=0.0))
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._lm_reset()
+
+    def _lml_args(self, t, sample, model_output, coeffs, eps, direction, clip) -> dict:
+        active = bool(self.config.lm) and t < 1000 - 1000 * float(self.config.freeze)
+        return self._lm_args(active, sample, model_output, coeffs, eps, direction, clip=clip)
+
+
+class DPMSolverMultistepLMScheduler(_LMRing, DPMSolverMultistepScheduler):
+    """DPM-Solver(++) multistep with the LML correction of the authors' DPMSolverMultistepLMScheduler: with
+    `lm`, the ODE variants' increment sum_i b_i D_i is replaced by its rank-1 damped-Hessian correction (lamb,
+    kappa); the SDE variants run unchanged, as there."""
+
+    __init__ = _lm_init(DPMSolverMultistepScheduler, dict(lamb=1.0, lm=False, kappa=0.0))
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._lm_reset()
+
+    def _lml_args(self, step, sample, model_output) -> dict:
+        if self.config.algorithm_type.startswith("sde"):
+            return {}
+        d = step.lml_direction()
+        return self._lm_args(bool(self.config.lm), sample, model_output, step.coeffs, [d.x, d.out, *d.b], d.scale,
+                             history=self._fused_history, read_slots=step.read_slots)
 
 
 FUSED = {cls.__bases__[-1].__name__: cls for cls in (
