@@ -169,15 +169,19 @@ def test_kappa_zero_is_the_identity(ring, solver, backend):
 @pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc"])
 def test_sample_cpu_matches_reference(ring, solver):
     _, schedule = ring
-    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(SESSION_SEED))
-    target = GaussianMixture.random(dim=6, modes=3, seed=1)
+    # 64-D: g is far from the span of U, so ||g|| / ||g'|| (which amplifies fp32 rounding) stays moderate
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(SESSION_SEED))
+    target = GaussianMixture.random(dim=64, modes=3, seed=1)
     args = (target.model(schedule), x, 10, solver, schedule)
     opts = dict(lml=ds.LML(kappa=0.6, damping=0.5, rank=2))
     ref = ds.sample(*args, backend="reference", **opts)
     got = ds.sample(*args, backend="cpu", **opts)
-    # both fp32, different summation orders; the rescale ||g|| / ||g'|| amplifies rounding over 10 steps
-    assert rel(got, ref) < 1e-4
-    assert rel(got, ds.sample(*args, backend="cpu")) > 1e-3  # and LML changed the result
+    # Both fp32 with different summation orders. DDIM's g = eps barely changes between high-noise steps, so
+    # g' is small and the rescale ||g|| / ||g'|| (about 200 here) amplifies the rounding of g_n - g_{n-1}:
+    # the fp32 reference itself is 5e-3 away from float64 then (the method's conditioning, not the kernels').
+    tol = 1e-2 if solver == "ddim" else 1e-5
+    assert rel(got, ref) < tol
+    assert rel(got, ds.sample(*args, backend="cpu")) > 10 * tol  # and LML changed the result
 
 
 def test_freeze_skips_the_early_steps(ring):
@@ -211,7 +215,7 @@ def test_bad_combinations(ring):
     with pytest.raises(ValueError, match="dir_coeffs"):
         ops.multistep_update(x, x, ops.UpdateCoeffs(1, 0, 1, (0,)), dirs=torch.zeros(1, 4, 2), dir_coeffs=[1.0])
     with pytest.raises(ValueError, match="dirs must"):
-        ops.lml_gram(x, x, ops.UpdateCoeffs(1, 0, 1, (0,)), torch.zeros(5, 4, 2), [0, 1, 0])
+        ops.lml_gram(x, x, ops.UpdateCoeffs(1, 0, 1, (0,)), torch.zeros(7, 4, 2), [0, 1, 0])
 
 
 def test_zero_model_output_gives_no_nan():
@@ -327,3 +331,83 @@ def test_lm_config_round_trips():
     d = DPMSolverMultistepLMScheduler.from_config(diffusers.DPMSolverMultistepScheduler(solver_order=3).config,
                                                   lm=True, lamb=0.001)
     assert d.config.solver_order == 3 and d.config.lm and d.config.lamb == 0.001 and math.isclose(d.config.kappa, 0)
+
+
+# --- corrector mode ---
+
+def test_corrector_weights_are_p_s_and_the_root_of_p():
+    """V d = P s and V n = P^{1/2} z with P = (lambda I + U U^T)^{-1}, against the explicit D x D matrices."""
+    torch.manual_seed(SESSION_SEED)
+    dim, slots, rank, lam = 9, 3, 2, 0.3
+    s, z = torch.randn(dim, dtype=torch.float64), torch.randn(dim, dtype=torch.float64)
+    ring = 2 * torch.randn(slots, dim, dtype=torch.float64)
+    basis = torch.stack([s, *ring, z])
+    mix = torch.tensor(lml.corrector_mixing(3, rank, 0.4, slots), dtype=torch.float64)
+    u = (basis.T @ mix)
+    p = torch.linalg.inv(lam * torch.eye(dim, dtype=torch.float64) + u @ u.T)
+    evals, q = torch.linalg.eigh(p)
+    root = q @ torch.diag(evals.sqrt()) @ q.T
+    w = lml.corrector_weights((basis @ basis.T)[None], mix, lam, snr=0.2, alpha=0.9)[0]
+    ps, rz = p @ s, root @ z
+    eps = 2 * 0.9 * (0.2 * rz.norm() / ps.norm()) ** 2
+    assert torch.allclose(w @ basis, eps * ps + (2 * eps).sqrt() * rz, rtol=1e-10, atol=1e-12)
+
+
+def test_corrector_mixing_warm_up():
+    assert lml.corrector_mixing(0, 2, 0.5, 3) == [[]] * 5  # no direction yet: plain Langevin
+    assert lml.corrector_mixing(1, 2, 0.5, 3) == [[0.0], [1.0], [0.0], [0.0], [0.0]]  # u_1 = g_0
+    # level 2: u_1 = kappa g_0 + (1 - kappa) g_1, u_2 = g_0 (g_m in slot m % 3)
+    assert lml.corrector_mixing(2, 2, 0.25, 3) == [[0.0, 0.0], [0.25, 1.0], [0.75, 0.0], [0.0, 0.0], [0.0, 0.0]]
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.01])
+def test_preconditioned_langevin_keeps_a_gaussian(lam):
+    """Exact score of N(0, v I): the preconditioned corrector keeps the variance (5 %) along and across U,
+    which noise P z instead of P^{1/2} z (or no preconditioning of the noise) would not."""
+    g = torch.Generator().manual_seed(SESSION_SEED)
+    n, dim, slots, v = 4000, 6, 2, 1.7
+    x = v**0.5 * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    ring = 3 * torch.randn(slots, 1, dim, generator=g, dtype=torch.float64).expand(slots, n, dim)
+    mix = torch.tensor(lml.corrector_mixing(2, 1, 0.5, slots), dtype=torch.float64)
+    for _ in range(40):
+        z = torch.randn(n, dim, generator=g, dtype=torch.float64)
+        basis = torch.stack([-x / v, *ring, z], 1)
+        w = lml.corrector_weights(basis @ basis.transpose(1, 2), mix, lam, snr=0.16, alpha=1.0)
+        x = x + (w.unsqueeze(1) @ basis).squeeze(1)
+    u = ring[:, 0].T @ mix[1:-1]
+    along = (x @ (u / u.norm())).var().item()
+    assert abs(along / v - 1) < 0.05 and abs(x.var().item() / v - 1) < 0.05
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m"])
+def test_corrector_sample_cpu_matches_reference(ring, solver):
+    gm, schedule = ring
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(SESSION_SEED))
+    opts = dict(lml=ds.LML(mode="corrector", damping=0.01, kappa=0.5, rank=2, n_steps=2))
+    runs = [ds.sample(gm.model(schedule), x, 6, solver, schedule, backend=b,
+                      generator=torch.Generator().manual_seed(5), **opts) for b in ("reference", "cpu", "cpu")]
+    assert rel(runs[1], runs[0]) < 1e-4 and torch.equal(runs[1], runs[2])
+    assert rel(runs[1], ds.sample(gm.model(schedule), x, 6, solver, schedule)) > 1e-2
+
+
+def test_corrector_counts_model_calls(ring):
+    gm, schedule = ring
+    calls = []
+    model = gm.model(schedule)
+
+    def counted(x, t):
+        calls.append(int(t))
+        return model(x, t)
+
+    ds.sample(counted, torch.randn(4, 2), 5, "ddim", schedule, lml=ds.LML(mode="corrector", n_steps=3))
+    assert len(calls) == 5 * (1 + 3)
+
+
+def test_corrector_needs_a_discrete_vp_schedule():
+    with pytest.raises(ValueError, match="corrector"):
+        ds.sample(lambda x, t: x, torch.randn(2, 3), 4, "flow_euler", ds.schedules.Flow(),
+                  lml=ds.LML(mode="corrector"))
+    with pytest.raises(ValueError, match="n_steps"):
+        ds.LML(mode="corrector", n_steps=0)
+    with pytest.raises(ValueError, match="snr"):
+        ds.LML(mode="corrector", snr=0.0)

@@ -18,7 +18,7 @@ extern "C" {
 #endif
 
 #define DS_MAX_READS 3
-#define DS_MAX_DIRS 4
+#define DS_MAX_DIRS 6
 
 
 typedef enum { DS_FLOAT32 = 0, DS_FLOAT16 = 1, DS_BFLOAT16 = 2 } ds_dtype;

@@ -8,10 +8,22 @@ Per sample, with U = [u_1..u_r] built from the solver's recent raw directions g_
     g''  = g' ||g|| / ||g'||                           (g'' = g when g = 0)
 
 and the step uses g'' in place of g. Rank 1 is the authors' formula g - u <g, u> / (lambda + <u, u>).
+With kappa = 0 and rank 1, u = g and g'' = g: the identity. With rank r > 1, U also holds the past directions.
 Everything is linear in the basis V = [g_n, dirs[0..R-1]] (the ring of the last R raw directions), so one
 read-only pass computes the Gram matrix V^T V per sample (ops.lml_gram), an r x r solve on the device gives
 the coefficients (no host sync), and the fused update applies x' += scale (g'' - g) without writing g''
 (ops.multistep_update's dirs arguments), recording g in the ring.
+
+mode="corrector" adds the Langevin half the authors' code leaves out: at each noise level, before the solver
+step, n_steps Langevin corrections (score-SDE's corrector, n_steps extra model calls per level)
+preconditioned by P = (lambda I + U U^T)^{-1}, U from the directions of the previous steps:
+
+    x += eps P s + sqrt(2 eps) P^{1/2} z,   eps = 2 alpha_t (snr mean_b ||P^{1/2} z|| / mean_b ||P s||)^2
+
+(alpha_t = 1 - beta_t; with P = I this is score-SDE's step size rule, and measured on the preconditioned
+vectors it does not depend on the scale of P), P s = (s - U (lambda I + U^T U)^{-1} U^T s) / lambda and
+P^{1/2} z = (z - U Q diag(c_k / l_k) Q^T U^T z) / sqrt(lambda), U^T U = Q diag(l) Q^T,
+c_k = 1 - sqrt(lambda / (lambda + l_k)). The solver steps themselves are not corrected in this mode.
 """
 
 from __future__ import annotations
@@ -21,10 +33,10 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .ops import MAX_DIRECTIONS
 from .solvers.plan import Plan, Step
 
-MODES = ("direction",)
+MODES = ("direction", "corrector")
+MAX_RANK = 4
 
 
 @dataclass(frozen=True)
@@ -42,18 +54,24 @@ class LML:
     rank: int = 1
     freeze: float = 0.0
     mode: str = "direction"
+    snr: float = 0.16
+    n_steps: int = 1
 
     def __post_init__(self):
         if not self.damping > 0:
             raise ValueError(f"LML damping must be > 0, got {self.damping}")
         if not 0 <= self.kappa <= 1:
             raise ValueError(f"LML kappa must be in [0, 1], got {self.kappa}")
-        if not isinstance(self.rank, int) or not 1 <= self.rank <= MAX_DIRECTIONS:
-            raise ValueError(f"LML rank must be an integer in [1, {MAX_DIRECTIONS}], got {self.rank!r}")
+        if not isinstance(self.rank, int) or not 1 <= self.rank <= MAX_RANK:
+            raise ValueError(f"LML rank must be an integer in [1, {MAX_RANK}], got {self.rank!r}")
         if not 0 <= self.freeze <= 1:
             raise ValueError(f"LML freeze must be in [0, 1], got {self.freeze}")
         if self.mode not in MODES:
             raise ValueError(f"LML mode must be one of {MODES}, got {self.mode!r}")
+        if not self.snr > 0:
+            raise ValueError(f"LML snr must be > 0, got {self.snr}")
+        if not isinstance(self.n_steps, int) or self.n_steps < 1:
+            raise ValueError(f"LML n_steps must be an integer >= 1, got {self.n_steps!r}")
 
 
 def mixing(n: int, rank: int, kappa: float) -> list[list[float]]:
@@ -99,14 +117,66 @@ def correction_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, sc
     return torch.where(ok.view(-1, 1), weights, 0.0)
 
 
+def corrector_mixing(n: int, rank: int, kappa: float, slots: int) -> list[list[float]]:
+    """U at noise level n in the corrector's basis [s, ring_0..ring_{slots-1}, z], with the directions
+    g_0..g_{n-1} of the steps before recorded (g_m in ring slot m % slots): a (slots + 2) x min(rank, n) matrix,
+    the u_j the direction mode would use at step n - 1."""
+    cols = []
+    for j in range(1, min(rank, n) + 1):
+        col = [0.0] * (slots + 2)
+        if j < n:
+            col[1 + (n - 1 - j) % slots] += kappa
+            col[1 + (n - j) % slots] += 1.0 - kappa
+        else:  # j = n: the first step's u = g_0
+            col[1] = 1.0
+        cols.append(col)
+    return [list(r) for r in zip(*cols)] if cols else [[] for _ in range(slots + 2)]
+
+
+def corrector_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, snr: float, alpha: float):
+    """Weights W (B, M) of one preconditioned Langevin step x += V W^T in the basis V = [s, ring.., z] (M terms)
+    from G = V^T V: W = eps d + sqrt(2 eps) n with P s = V d and P^{1/2} z = V n (module docstring)."""
+    g = gram.to(torch.float64)
+    m = g.shape[-1]
+    eye = torch.eye(m, dtype=g.dtype, device=g.device)
+    d = eye[:, :1].expand(g.shape[0], m, 1) / damping
+    nz = eye[:, -1:].expand(g.shape[0], m, 1) / damping**0.5
+    c = mix.to(g)
+    if c.shape[-1]:
+        a = c.T @ g @ c
+        y, _ = torch.linalg.solve_ex(a + damping * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device),
+                                     c.T @ g[:, :, :1])
+        d = d - c @ y / damping
+        lam, q = torch.linalg.eigh(a)
+        root = (lam.clamp_min(0) + damping).sqrt()
+        f = 1.0 / (root * (root + damping**0.5))  # c_k / l_k, finite at l_k = 0
+        nz = nz - c @ (q @ (f.unsqueeze(-1) * (q.transpose(1, 2) @ (c.T @ g[:, :, -1:])))) / damping**0.5
+    norm_s = (d.transpose(1, 2) @ g @ d).view(-1).clamp_min(0).sqrt().mean()
+    norm_z = (nz.transpose(1, 2) @ g @ nz).view(-1).clamp_min(0).sqrt().mean()
+    eps = torch.where(norm_s > 0, 2 * alpha * (snr * norm_z / norm_s.clamp_min(1e-300)) ** 2, 0.0)
+    return (eps * d + (2 * eps).sqrt() * nz).squeeze(-1)
+
+
 class LMLRun:
     """LML's state over one sampling loop: the ring of raw directions and the per-step mixing matrices."""
 
-    def __init__(self, lml: LML, plan: Plan, x: torch.Tensor, time_scale: float):
+    def __init__(self, lml: LML, plan: Plan, x: torch.Tensor, time_scale: float, schedule=None,
+                 prediction: str = "eps"):
         self.lml = lml
-        self.dirs = torch.zeros((lml.rank, *x.shape), dtype=x.dtype, device=x.device)
+        self.corrector = lml.mode == "corrector"
+        # corrector: rank + 1 recorded directions (u_r needs g_{n-1-r}) and a slot for the noise
+        self.slots = lml.rank + 1 if self.corrector else lml.rank
+        self.dirs = torch.zeros((self.slots + self.corrector, *x.shape), dtype=x.dtype, device=x.device)
         self.active = [step.t < (1.0 - lml.freeze) * time_scale for step in plan.steps]
         self._mix: dict[int, torch.Tensor] = {}
+        if self.corrector:
+            from .schedules import VP
+
+            if not (isinstance(schedule, VP) and plan.discrete_time and plan.init_scale == 1.0
+                    and all(step.input_scale == 1.0 for step in plan.steps)):
+                raise ValueError("LML mode 'corrector' needs a discrete VP schedule and a solver sampling in the "
+                                 f"VP scale (ddim, dpm*, unipc, deis, ghvb); got {schedule!r}")
+            self.schedule, self.prediction = schedule, prediction
 
     def mixing(self, i: int) -> torch.Tensor:
         """mixing(i) as a device tensor; past the warm-up it depends on i only through i % rank (cached)."""
@@ -117,12 +187,41 @@ class LMLRun:
         return self._mix[key]
 
     def update_args(self, i: int, step: Step, x: torch.Tensor, out: torch.Tensor, history, clip, backend) -> dict:
-        """ops.multistep_update's dirs arguments for step i (one lml_gram pass and a tiny solve when active)."""
+        """ops.multistep_update's dirs arguments for step i (one lml_gram pass and a tiny solve when active;
+        in corrector mode the direction is only recorded)."""
         d = step.lml_direction()
         dir_coeffs = [d.x, d.out, *d.b]
         weights = None
-        if self.active[i]:
+        if self.active[i] and not self.corrector:
             gram = ops.lml_gram(x, out, step.coeffs, self.dirs, dir_coeffs, history=history,
                                 read_slots=step.read_slots, clip=clip, backend=backend)
             weights = correction_weights(gram, self.mixing(i), self.lml.damping, d.scale)
-        return dict(dirs=self.dirs, dir_slot=i % self.lml.rank, dir_coeffs=dir_coeffs, dir_weights=weights)
+        if self.corrector:
+            weights = torch.zeros(x.shape[0], self.dirs.shape[0] + 1, dtype=torch.float64, device=x.device)
+        return dict(dirs=self.dirs, dir_slot=i % self.slots, dir_coeffs=dir_coeffs, dir_weights=weights)
+
+    def correct(self, i: int, step: Step, x: torch.Tensor, model, t: torch.Tensor, generator, backend):
+        """Corrector mode: n_steps preconditioned Langevin steps at the noise level of step i (a model call, a
+        Gram pass and one fused update each); x unchanged on frozen levels."""
+        if not self.active[i]:
+            return x
+        from .models import data_coeffs
+
+        ts = int(step.t)
+        alpha, sigma = self.schedule.alpha_sigma(ts)
+        p, q = data_coeffs(self.prediction, alpha, sigma)
+        score = [(alpha * p - 1.0) / sigma**2, alpha * q / sigma**2, 0.0]  # s = (alpha x0 - x) / sigma^2
+        plain = ops.UpdateCoeffs(p=0.0, q=0.0, a=1.0, b=(0.0,))
+        mix = torch.tensor(corrector_mixing(i, self.lml.rank, self.lml.kappa, self.slots), dtype=torch.float64,
+                           device=x.device).view(self.slots + 2, -1)
+        step_alpha = 1.0 - float(self.schedule.betas[ts])
+        z = self.dirs[-1]
+        for _ in range(self.lml.n_steps):
+            out = model(x, t)
+            z.copy_(torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32))
+            gram = ops.lml_gram(x, out, plain, self.dirs, score, backend=backend)
+            w = corrector_weights(gram, mix, self.lml.damping, self.lml.snr, step_alpha)
+            # x += W_0 s + sum_j W_j dirs[j]; the update records s over the used noise slot
+            x = ops.multistep_update(x, out, plain, dirs=self.dirs, dir_slot=self.slots, dir_coeffs=score,
+                                     dir_weights=w, check_nan=False, backend=backend)
+        return x

@@ -13,7 +13,7 @@ import torch
 #   [p, q, a, e, c, b_0, b_1, ..., b_k, r_1, ..., r_k]   with k = len(read_slots)
 COEFF_P, COEFF_Q, COEFF_A, COEFF_E, COEFF_C, COEFF_B0 = range(6)
 MAX_HISTORY_READS = 3
-MAX_DIRECTIONS = 4  # LML's ring of past raw directions (rank <= 4)
+MAX_DIRECTIONS = 6  # LML's ring of directions (direction mode: rank <= 4; corrector: rank + 1 and the noise)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

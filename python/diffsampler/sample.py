@@ -110,6 +110,7 @@ def prepare(model, steps, solver, schedule, prediction, options: dict):
             raise ValueError("lml does not combine with threshold_ratio (dynamic thresholding): its Gram pass "
                              "would need the per-sample quantile first")
         update["lml_time_scale"] = float(getattr(schedule, "num_train_timesteps", 1.0))
+        update["lml_schedule"], update["lml_prediction"] = schedule, prediction
     else:
         update.pop("lml", None)
     return model, plan, update
@@ -125,7 +126,8 @@ def model_times(plan: Plan, x: torch.Tensor) -> torch.Tensor:
 def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
              generator: torch.Generator | None = None, progress: bool = False, desc: str = "diffsampler",
              return_state: bool = False, times: torch.Tensor | None = None, ranges: bool = False,
-             lml=None, lml_time_scale: float = 1.0, **update_options):
+             lml=None, lml_time_scale: float = 1.0, lml_schedule=None, lml_prediction: str = "eps",
+             **update_options):
     """The loop of any Plan: per step, out = model(input_scale * x, t) and one fused update.
 
     update_options go to every ops.multistep_update call (clip, threshold_ratio, threshold_max, check_nan,
@@ -133,7 +135,8 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
     return_state: return (x, the solver's state tensor or None), e.g. UniPC's last corrected sample.
     times: model_times(plan, x) made beforehand (a CUDA-graph capture cannot upload them).
     ranges: name each model call and update for profilers (torch.profiler ranges, NVTX on CUDA).
-    lml: a diffsampler.LML applied to every step (lml_time_scale: the T of its freeze option).
+    lml: a diffsampler.LML applied to every step (lml_time_scale: the T of its freeze option; lml_schedule and
+        lml_prediction: the schedule and model output of its corrector mode).
     """
     history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
     state = torch.zeros_like(x) if plan.uses_state else None
@@ -149,8 +152,11 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
     if lml is not None:
         from .lml import LMLRun
 
-        lml_run = LMLRun(lml, plan, x, lml_time_scale)
+        lml_run = LMLRun(lml, plan, x, lml_time_scale, lml_schedule, lml_prediction)
     for i, step in enumerate(steps_iter):
+        if lml is not None and lml_run.corrector:
+            with phase(f"step {i} corrector") if phase else contextlib.nullcontext():
+                x = lml_run.correct(i, step, x, model, times[i], generator, update_options.get("backend", "auto"))
         with phase(f"step {i} model") if phase else contextlib.nullcontext():
             out = model(x * step.input_scale if step.input_scale != 1.0 else x, times[i])
         with phase(f"step {i} update") if phase else contextlib.nullcontext():
