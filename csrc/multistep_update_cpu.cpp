@@ -185,6 +185,7 @@ void lml_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begi
   for (int j = 0; j < DS_MAX_READS; ++j) gb[j] = k.gb[j + 1];
   for (int j = 0; j < DS_MAX_DIRS; ++j) wd[j] = j < kDirs ? w[1 + j] : 0.0f;
   const float w0 = w[0];
+#pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     const float xi = S::load(x[i]);
     const float oi = S::load(out[i]);
@@ -229,24 +230,33 @@ template <typename S, int kReads, int kDirs>
 void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end, double* acc) {
   using T = typename S::Raw;
   constexpr int kM = 1 + kDirs;
-  const T* x = static_cast<const T*>(t.x);
-  const T* out = static_cast<const T*>(t.out);
-  double sums[kM][kM] = {};
+  constexpr int kP = kM * (kM + 1) / 2;  // the upper triangle, row by row
+  const T* __restrict__ x = static_cast<const T*>(t.x);
+  const T* __restrict__ out = static_cast<const T*>(t.out);
+  const T* reads[DS_MAX_READS] = {};
+  for (int j = 0; j < kReads; ++j) reads[j] = static_cast<const T*>(t.reads[j]);
+  const T* dirs[DS_MAX_DIRS] = {};
+  for (int j = 0; j < kDirs; ++j) dirs[j] = static_cast<const T*>(t.dirs[j]);
+  double sums[kP] = {};
+#pragma omp simd reduction(+ : sums[:kP])
   for (int64_t i = begin; i < end; ++i) {
-    const float xi = S::load(static_cast<const T*>(x)[i]);
-    const float oi = S::load(static_cast<const T*>(out)[i]);
+    const float xi = S::load(x[i]);
+    const float oi = S::load(out[i]);
     float h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
-    for (int j = 0; j < kReads; ++j) h[j] = S::load(static_cast<const T*>(t.reads[j])[i]);
+    for (int j = 0; j < kReads; ++j) h[j] = S::load(reads[j][i]);
     const float m0 = data_prediction<kReads>(k, xi, oi, h);
-    float v[kM];
-    v[0] = k.gx * xi + k.ge * oi + k.gb[0] * m0;
-    for (int j = 0; j < kReads; ++j) v[0] += k.gb[j + 1] * h[j];
-    for (int j = 0; j < kDirs; ++j) v[1 + j] = S::load(static_cast<const T*>(t.dirs[j])[i]);
+    double v[kM];
+    float g = k.gx * xi + k.ge * oi + k.gb[0] * m0;
+    for (int j = 0; j < kReads; ++j) g += k.gb[j + 1] * h[j];
+    v[0] = g;
+    for (int j = 0; j < kDirs; ++j) v[1 + j] = S::load(dirs[j][i]);
+    int p = 0;
     for (int a = 0; a < kM; ++a)
-      for (int c = a; c < kM; ++c) sums[a][c] += static_cast<double>(v[a]) * static_cast<double>(v[c]);
+      for (int c = a; c < kM; ++c) sums[p++] += v[a] * v[c];
   }
+  int p = 0;
   for (int a = 0; a < kM; ++a)
-    for (int c = 0; c < kM; ++c) acc[a * kM + c] = a <= c ? sums[a][c] : sums[c][a];
+    for (int c = a; c < kM; ++c, ++p) acc[a * kM + c] = acc[c * kM + a] = sums[p];
 }
 
 template <typename S, int kReads = 0, int kDirs = 1>
