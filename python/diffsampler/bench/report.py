@@ -1,5 +1,5 @@
 """`python -m diffsampler.bench report [--size 8,4,128,128]`: markdown tables of the committed results
-(bench/results/step-*.json, quality-*.json), as the README shows them."""
+(bench/results/step-*.json, loop-*.json, quality-*.json, lml-*.json), as the README shows them."""
 
 from __future__ import annotations
 
@@ -62,6 +62,36 @@ def loop_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def lml_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    lines = []
+    if "quality" in data:
+        q = data["quality"]
+        lines += [f"LML on analytic mixtures (`{path}`, {m['date'][:10]}): sliced W2 to exact samples and mean "
+                  "log-likelihood on the test seeds, without LML and with the setting that was best on the tuning "
+                  "seeds:", "", "| target | solver | NFE | SW2 none | SW2 LML | log p none | log p LML | chosen |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in q["rows"]:
+            lines.append(f"| {r['target']} | {r['solver']} | {r['nfe']} | {r['test_sw2_none']:.4f} | "
+                         f"{r['test_sw2_best']:.4f} | {r['test_logp_none']:.3f} | {r['test_logp_best']:.3f} | "
+                         f"{r['best']} |")
+        gb = q["global_best"]
+        lines += ["", f"Best single setting over all cells on the tuning seeds: {gb['label']} (its mean SW2 is "
+                  f"{gb['mean_tune_sw2_ratio']:.3f} times no LML's). Sliced W2 between two exact sample sets of "
+                  "the same size (the metric's noise floor): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in q.get("sw2_exact_vs_exact", {}).items()) + "."]
+    if "overhead" in data:
+        o = data["overhead"]
+        base = o["seconds"]["fused update"]
+        lines += ["", f"Step cost at {tuple(o['shape'])} fp32, {m['device']} ({m['threads']} threads):", "",
+                  "| step | ms | vs fused update | floor [ms] |", "|---|---|---|---|"]
+        for k, v in o["seconds"].items():
+            floor = o["predicted_seconds"].get(k)
+            lines.append(f"| {k} | {v * 1e3:.2f} | {v / base:.2f}x | {f'{floor * 1e3:.2f}' if floor else '-'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m diffsampler.bench report", description=__doc__)
     ap.add_argument("--results", default="bench/results")
@@ -75,3 +105,5 @@ def main(argv=None) -> None:
         print(loop_table(path), end="\n\n")
     for path in sorted(root.glob("quality-*.json")):
         print(quality_table(path, args.target), end="\n\n")
+    for path in sorted(root.glob("lml-*.json")):
+        print(lml_table(path), end="\n\n")
