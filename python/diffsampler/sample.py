@@ -124,6 +124,9 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
     if plan.init_scale != 1.0:
         x = x * plan.init_scale
     times = model_times(plan, x) if times is None else times
+    tensor_coeffs = plan.upload_tensor_coeffs(x) if any(s.tensor_coeffs is not None for s in plan.steps) else None
+    if tensor_coeffs is not None and (update_options.get("clip") or update_options.get("threshold_ratio")):
+        raise ValueError("clip / threshold_ratio act on a data prediction; this plan's steps (ems_update) keep none")
     steps_iter = plan.steps
     if progress:
         from tqdm.auto import tqdm
@@ -138,8 +141,13 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
             if step.needs_noise:
                 # drawn in float32 as diffusers does, so a seed gives the same noise in every storage dtype
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
-            x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
-                                     read_slots=step.read_slots, noise=noise, state=state, **update_options)
+            if tensor_coeffs is not None and tensor_coeffs[i] is not None:  # DPM-Solver-v3
+                x = ops.ems_update(x, out, tensor_coeffs[i], history=history, write_slot=step.write_slot,
+                                   read_slots=step.read_slots, state=state,
+                                   **{k: update_options[k] for k in ("check_nan", "backend") if k in update_options})
+            else:
+                x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
+                                         read_slots=step.read_slots, noise=noise, state=state, **update_options)
     return (x, state) if return_state else x
 
 
