@@ -41,9 +41,12 @@ class Plan:
     def timesteps(self) -> list[float]:
         return [s.t for s in self.steps]
 
-    def upload_tensor_coeffs(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+    def upload_tensor_coeffs(self, x: torch.Tensor) -> list[torch.Tensor | None] | None:
         """Each step's tensor coefficients broadcast to x's sample shape, contiguous on x's device in float32
-        (float64 for float64 x): uploaded once per run, indexed per step without a copy."""
+        (float64 for float64 x): uploaded once per run, indexed per step without a copy. None when no step
+        has any."""
+        if all(step.tensor_coeffs is None for step in self.steps):
+            return None
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         out = []
         for step in self.steps:
