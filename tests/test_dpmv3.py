@@ -377,6 +377,14 @@ def test_sample_entry_point():
         assert rel_err(x32, coarse) < 1e-5
 
 
+def test_ems_save_load(tmp_path):
+    lam = np.linspace(-3.0, 4.0, 11)
+    ems = EMS(torch.from_numpy(lam), *map(torch.from_numpy, smooth_ems(lam, (2, 1), 0)))
+    ems.save(tmp_path / "ems.pt")
+    back = EMS.load(tmp_path / "ems.pt")
+    assert all(torch.equal(getattr(back, k), getattr(ems, k)) for k in ("lambdas", "l", "s", "b"))
+
+
 def test_compiles_fullgraph():
     lam = np.linspace(-math.log(14.6), -math.log(0.03), 61)
     plan = dpmv3_steps(Grid.uniform_lambda(14.6, 0.03, 6), "eps", ems=EMS(torch.from_numpy(lam),
@@ -497,6 +505,8 @@ def test_bad_input():
         EMS(torch.from_numpy(lam), torch.ones(50, 3), torch.zeros(50, 4), torch.zeros(50))
     with pytest.raises(ValueError, match="ems: the EMS lambda grid .* must cover the sampling range"):
         dpmv3_steps(Grid.uniform_lambda(14.6, 0.01, 5), "eps", ems=ok)  # lambda(0.01) = 4.6 > 3.6
+    with pytest.raises(ValueError, match="sigmas must decrease strictly"):
+        dpmv3_steps(Grid.from_sigmas([14.6, 1.0, 1.0, 0.1]), "eps", ems=ok)
     with pytest.raises(ValueError, match="ems: the grid ends at sigma = 0"):
         dpmv3_steps(Grid.from_sigmas([14.6, 1.0, 0.0]), "eps", ems=ok)
     with pytest.raises(ValueError, match="ems: DPM-Solver-v3 needs"):

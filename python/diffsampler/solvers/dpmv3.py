@@ -53,7 +53,6 @@ import torch
 
 from .. import ops
 from ..models import data_coeffs
-from ..reference import ems_rows
 from ..schedules import VP, VPContinuous
 from .grid import Grid, multistep_grid
 from .plan import Plan, Step
@@ -103,6 +102,14 @@ class EMS:
     @property
     def dims(self) -> tuple[int, ...]:
         return tuple(torch.broadcast_shapes(self.l.shape, self.s.shape, self.b.shape)[1:])
+
+    def save(self, path) -> None:
+        """torch.save of the four tensors (EMS.load reads them back, also with weights_only=True)."""
+        torch.save({"lambdas": self.lambdas, "l": self.l, "s": self.s, "b": self.b}, path)
+
+    @classmethod
+    def load(cls, path) -> "EMS":
+        return cls(**torch.load(path, weights_only=True))
 
 
 def _trapz(y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -239,6 +246,8 @@ def dpmv3_steps(grid: Grid, prediction: str, *, ems: EMS | None = None, order: i
     if not all(math.isfinite(v) for v in lams):
         raise ValueError("ems: the grid ends at sigma = 0 (lambda = inf), which no EMS grid covers; end at "
                          "sigma_min (final_sigmas_type='sigma_min', or final='eps' on VPContinuous)")
+    if not all(b > a for a, b in zip(lams, lams[1:])):
+        raise ValueError("the sampling grid's sigmas must decrease strictly (a repeated sigma is a step of length 0)")
     q = _Integrals(ems, lams)
     p_orders = []
     for i in range(n):
@@ -267,8 +276,7 @@ def dpmv3_steps(grid: Grid, prediction: str, *, ems: EMS | None = None, order: i
         depth = max(i - j for j in set(x_row[2]) | set(s_row[2]) | {i})
         reads = list(range(i - 1, i - 1 - depth, -1))  # f_{i-1}, f_{i-2}, ...
         rows = conv + _row(x_row, i, reads) + (_row(s_row, i, reads) if uses_state else [])
-        coeffs = torch.stack(torch.broadcast_tensors(*rows))
-        assert coeffs.shape[0] == ems_rows(len(reads), uses_state)
+        coeffs = torch.stack(torch.broadcast_tensors(*rows))  # ems_rows(len(reads), uses_state) rows
         steps.append(Step(t=t, coeffs=None, write_slot=i % slots if slots else 0,
                           read_slots=tuple(j % slots for j in reads), tensor_coeffs=coeffs))
     return Plan(steps=tuple(steps), history_slots=slots, discrete_time=grid.discrete, data_prediction=False,
