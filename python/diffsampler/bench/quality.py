@@ -197,7 +197,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="bench/results", help="directory of the JSON and PNG ('' for none)")
     ap.add_argument("--dpmv3", action="store_true",
                     help="only DPM-Solver-v3 against DPM-Solver++(2M) and UniPC (EMS fitted first; the 2-D and "
-                         "16-D targets by default) into quality-dpmv3-*.json")
+                         "16-D targets by default) into dpmv3-quality-*.json")
     args = ap.parse_args(argv)
     if args.dpmv3:
         return _dpmv3_main(args)
@@ -253,5 +253,5 @@ def _dpmv3_main(args) -> None:
         record = machine_record(torch.device("cpu"))
         payload = dict(benchmark="quality-dpmv3", machine=record, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN,
                        note=dpmv3_comparison.__doc__.split(";")[0], results=results)
-        path = write_json(Path(args.out) / f"quality-dpmv3-{slug(record['device'])}.json", payload)
+        path = write_json(Path(args.out) / f"dpmv3-quality-{slug(record['device'])}.json", payload)
         print(f"\nwrote {path}")
