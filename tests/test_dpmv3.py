@@ -377,6 +377,24 @@ def test_sample_entry_point():
         assert rel_err(x32, coarse) < 1e-5
 
 
+def test_one_fused_op_per_step_and_no_sync():
+    """Per step: ems_update and the model time's index, nothing that syncs; once: the model times, the history
+    ring, the state (the coefficient tensors uploaded beforehand, as CapturedSampler does)."""
+    from diffsampler.bench.common import OpCounter
+
+    steps = 8
+    lam = np.linspace(-math.log(14.6), -math.log(0.03), 41)
+    ems = EMS(torch.from_numpy(lam), *map(torch.from_numpy, smooth_ems(lam, (3, 1, 1), 0)))
+    plan = dpmv3_steps(Grid.uniform_lambda(14.6, 0.03, steps), "eps", ems=ems, order=3)
+    x = torch.randn(2, 3, 4, 4)
+    coeffs = plan.upload_tensor_coeffs(x)
+    out = torch.zeros_like(x)
+    with OpCounter() as counter:
+        ds.run_plan(lambda y, t: out, x, plan, check_nan=False, backend="cpu", tensor_coeffs=coeffs)
+    assert dict(counter.ops) == {"diffsampler::ems_update": steps, "aten::select": steps,  # per step
+                                 "aten::lift_fresh": 1, "aten::new_empty": 1, "aten::zeros_like": 1}  # once
+
+
 def test_ems_save_load(tmp_path):
     lam = np.linspace(-3.0, 4.0, 11)
     ems = EMS(torch.from_numpy(lam), *map(torch.from_numpy, smooth_ems(lam, (2, 1), 0)))
