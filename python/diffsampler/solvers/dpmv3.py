@@ -33,13 +33,15 @@ f_i = P x_i + Q out_i with P = (1 - l_i) / alpha_i - p_i, Q = -q_i (x0 = p x + q
 (the last corrected sample) are weighted sums of x, the state and the history of f with coefficient tensors that
 the plan computes once in float64.
 
-The EMS (fit_ems) are estimated as the paper's Appendix C.1.1 states them: on trajectories of the model's ODE
-from samples x_T (DPM-Solver++(3M) on a fine uniform-logSNR grid), at each grid point
-    l = E[diag(sigma d eps / dx)]        Hutchinson: E_v[v * (J v)], Rademacher v, J v by central differences
-    (s, b) = argmin E||f' - s f - b||^2   per dimension: s = Cov(f', f) / Var(f), b = E[f'] - s E[f]
-with f' the derivative of f along the trajectory by 3-point finite differences in lambda over the grid (the
-paper uses forward-mode JVPs; finite differences need nothing but model calls). Where f does not vary over the
-samples (Var(f) <= 1e-10 E[(x / alpha)^2]: rounding noise; e.g. a Gaussian target) s = 0 and b = E[f'].
+The EMS are the minimizers the paper defines, over the model's marginals p_lambda:
+    l = argmin E||d N / dx||_F^2 = E[diag(sigma d eps / dx)],   (s, b) = argmin E||f' - s f - b||^2,
+f' the derivative of f along the ODE. The public code ships precomputed EMS only (its README: "EMS computing
+by yourself: TODO"); fit_ems estimates them on trajectories of the model's ODE from samples x_T
+(DPM-Solver++(3M) through a fine uniform-logSNR grid), at each grid point: l by Hutchinson's estimator
+E_v[v * (J v)] with Rademacher v and J v by central differences (no autograd through the model), f' by 3-point
+differences in lambda along the trajectories, s = Cov(f', f) / Var(f) and b = E[f'] - s E[f] per dimension.
+Where f does not vary over the samples (Var(f) <= 1e-10 E[(x / alpha)^2]: rounding noise; e.g. a Gaussian
+target) s = 0 and b = E[f'].
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import torch
 from .. import ops
 from ..models import data_coeffs
 from ..schedules import VP, VPContinuous
+from .dpm import dpm_steps
 from .grid import Grid, multistep_grid
 from .plan import Plan, Step
 
@@ -350,13 +353,11 @@ def fit_ems(model: Callable[..., torch.Tensor], x_T: torch.Tensor, schedule, pre
     `points` lambdas uniform in logSNR over `schedule`'s range (ems_points), per dimension of a sample.
 
     The samples follow the model's ODE through the points (DPM-Solver++(3M), phi3="taylor"); at each point
-    l = E[v * (sigma d eps/dx) v] over the samples and `probes` Rademacher vectors v (central differences of
-    step `fd_step`: 2 probes model calls each), f = ((1 - l) / alpha - p) x - q out, f' = df/dlambda along the
-    trajectories (3-point differences over the points), and s, b by least squares of f' on f. One model call per
-    point for the trajectory plus 2 `probes`. Run it in float64 where the model allows (finite differences).
+    l = E[v * (sigma d eps/dx) v] over the samples and `probes` Rademacher vectors v (the Jacobian-vector
+    product by central differences of step `fd_step`), f = ((1 - l) / alpha - p) x - q out (x0 = p x + q out),
+    f' = df/dlambda along the trajectories (3-point differences over the points), and s, b by least squares of
+    f' on f. Model calls per point: 1 + 2 probes. Run it in float64 where the model allows (differences).
     """
-    from .dpm import dpm_steps
-
     times, sigmas, discrete = ems_points(schedule, points)
     if not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
