@@ -258,7 +258,7 @@ def dpmv3_steps(grid: Grid, prediction: str, *, ems: EMS | None = None, order: i
         p_orders.append(min(p, n - i) if lower_order_final else p)
     c_orders = [0] + [p_orders[i - 1] + (1 if corrector_pseudo else 0) if corrector else 0 for i in range(1, n)]
     lookback = max([p - 1 for p in p_orders] + [c - 1 for c in c_orders if c > 1])
-    slots = lookback + 1 if lookback > 0 else 0
+    slots = lookback + 1  # >= 1: ems_update always writes f (inductor lowers no mutating op without a mutation)
     uses_state = any(c > 1 for c in c_orders)
     steps = []
     for i, t in enumerate(grid.timesteps):
@@ -280,7 +280,7 @@ def dpmv3_steps(grid: Grid, prediction: str, *, ems: EMS | None = None, order: i
         reads = list(range(i - 1, i - 1 - depth, -1))  # f_{i-1}, f_{i-2}, ...
         rows = conv + _row(x_row, i, reads) + (_row(s_row, i, reads) if uses_state else [])
         coeffs = torch.stack(torch.broadcast_tensors(*rows))  # ems_rows(len(reads), uses_state) rows
-        steps.append(Step(t=t, coeffs=None, write_slot=i % slots if slots else 0,
+        steps.append(Step(t=t, coeffs=None, write_slot=i % slots,
                           read_slots=tuple(j % slots for j in reads), tensor_coeffs=coeffs))
     return Plan(steps=tuple(steps), history_slots=slots, discrete_time=grid.discrete, data_prediction=False,
                 uses_state=uses_state)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,7 +19,7 @@ class Step:
     write_slot: int = 0
     read_slots: tuple[int, ...] = ()
     input_scale: float = 1.0  # the model is called on input_scale * x (Euler's scale_model_input)
-    tensor_coeffs: torch.Tensor | None = None
+    tensor_coeffs: torch.Tensor | None = field(default=None, compare=False)
 
     @property
     def needs_noise(self) -> bool:
