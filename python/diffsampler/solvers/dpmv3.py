@@ -160,26 +160,23 @@ class _Integrals:
         """Merged-grid index of sampling point i."""
         return self.where[self.points[i]]
 
-    def beta(self, a: int, j: int) -> torch.Tensor:
-        """int_{lambda_a}^{lambda_j} e^{-(S_r - S_a)} b_r dr (signed)."""
-        lo, hi = min(a, j), max(a, j)
-        if lo == hi:
-            return torch.zeros_like(self.b[0])
-        seg = slice(lo, hi + 1)
-        v = _trapz(torch.exp(-(self.S[seg] - self.S[a])) * self.b[seg], self.lam[seg])
-        return v if j > a else -v
-
-    def step(self, a: int, c: int, orders: int):
-        """Weights of the step a -> c (merged indices, a < c): (e^{-(L_c - L_a)}, K_I, K_C, [E_1..E_{orders-1}])."""
-        seg = slice(a, c + 1)
-        lam, L, S = self.lam[seg], self.L[seg], self.S[seg]
-        kernel = torch.exp(L - L[-1] + S - S[0])
-        inner = _cumtrapz(torch.exp(-(S - S[0])) * self.b[seg], lam)
-        decay = torch.exp(L[0] - L[-1])
-        kernel_s = kernel / decay  # e^{(L_u - L_s) + (S_u - S_s)}
-        u = (lam - lam[0]).reshape(-1, *([1] * (kernel.dim() - 1)))
-        e = [_trapz(kernel_s * u**n / math.factorial(n), lam) for n in range(1, orders)]
-        return decay, _trapz(kernel, lam), _trapz(kernel * inner, lam), e
+    def step(self, a: int, c: int, others: Sequence[int], orders: int):
+        """The integrals of a step a -> c (merged indices, a < c) whose g come from the points a, *others:
+        (e^{-(L_c - L_a)}, K_I, K_C, [E_1..E_{orders-1}], {j: e^{-(S_j - S_a)}}, {j: beta_j}), with
+        beta_j = int_{lambda_a}^{lambda_j} e^{-(S_r - S_a)} b_r dr (signed; 0 at a)."""
+        lo = min(a, *others)
+        lam, L, S = self.lam[lo:c + 1], self.L[lo:c + 1], self.S[lo:c + 1]
+        ra, rc = a - lo, c - lo
+        beta = _cumtrapz(torch.exp(-(S - S[ra])) * self.b[lo:c + 1], lam)
+        beta = beta - beta[ra]
+        seg = slice(ra, rc + 1)
+        kernel = torch.exp(L[seg] - L[rc] + S[seg] - S[ra])  # e^{(L_u - L_t) + (S_u - S_s)}
+        decay = torch.exp(L[ra] - L[rc])
+        u = (lam[seg] - lam[ra]).reshape(-1, *([1] * (kernel.dim() - 1)))
+        e = [_trapz(kernel / decay * u**n / math.factorial(n), lam[seg]) for n in range(1, orders)]
+        gains = {j: torch.exp(-(S[j - lo] - S[ra])) for j in others}
+        return decay, _trapz(kernel, lam[seg]), _trapz(kernel * beta[seg], lam[seg]), e, gains, \
+            {j: beta[j - lo] for j in others}
 
 
 def derivative_weights(lams: Sequence[float], pseudo: bool) -> list[list[float]]:
@@ -212,18 +209,15 @@ def _update(q: _Integrals, grid: Grid, s: int, t: int, points: list[int], pseudo
     """One step from sampling point s to t with the f of `points` (points[0] = s):
     x_t = a x_s + sum_j W[j] f_j + const; (a, {point: W}, const) as float64 tensors of the EMS dims."""
     (alpha_s, _), (alpha_t, _) = grid.alpha_sigma(s), grid.alpha_sigma(t)
-    a_idx, c_idx = q.index(s), q.index(t)
-    decay, k_i, k_c, e = q.step(a_idx, c_idx, len(points))
-    lams = [float(q.lam[q.index(j)]) for j in points]
-    weights = {j: torch.zeros_like(k_i) for j in points}
-    weights[s] = -alpha_t * k_i
+    idx = {j: q.index(j) for j in points}
+    decay, k_i, k_c, e, gains, betas = q.step(idx[s], q.index(t), list(idx.values()), len(points))
+    weights = {s: -alpha_t * k_i}
     const = -alpha_t * k_c
-    for n, row in enumerate(derivative_weights(lams, pseudo)):  # - alpha_t e^{-(L_t-L_s)} E_n sum_j w_nj g_j
-        scale = -alpha_t * decay * e[n]
-        for j, w in zip(points, row):
-            idx = q.index(j)
-            weights[j] = weights[j] + scale * w * torch.exp(-(q.S[idx] - q.S[a_idx]))  # g_j's weight on f_j
-            const = const - scale * w * q.beta(a_idx, idx)
+    rows = derivative_weights([float(q.lam[idx[j]]) for j in points], pseudo)
+    for k, j in enumerate(points if rows else []):  # - alpha_t e^{-(L_t-L_s)} sum_n E_n sum_j w_nj g_j
+        on_g = sum(-alpha_t * decay * e[n] * row[k] for n, row in enumerate(rows))  # the weight of g_j
+        weights[j] = weights.get(j, 0.0) + on_g * gains[idx[j]]  # g_j = e^{-(S_j - S_s)} f_j - beta_j
+        const = const - on_g * betas[idx[j]]
     return alpha_t / alpha_s * decay, weights, const
 
 
