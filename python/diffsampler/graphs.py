@@ -63,15 +63,17 @@ class CapturedSampler:
         try:
             static_in = x_T.clone()
             times = model_times(self.plan, static_in)
+            coeffs = self.plan.upload_tensor_coeffs(static_in)  # DPM-Solver-v3's, uploaded before the capture
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
-                    run_plan(self.model, static_in, self.plan, times=times, **self.options)
+                    run_plan(self.model, static_in, self.plan, times=times, tensor_coeffs=coeffs, **self.options)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = run_plan(self.model, static_in, self.plan, times=times, **self.options)
+                static_out = run_plan(self.model, static_in, self.plan, times=times, tensor_coeffs=coeffs,
+                                      **self.options)
         except Exception as err:  # a model or op that cannot be captured: eager, with the reason
             return f"capture failed: {type(err).__name__}: {err}"
         self.graphs[key] = (graph, static_in, static_out)

@@ -162,6 +162,9 @@ class LMLRun:
 
     def __init__(self, lml: LML, plan: Plan, x: torch.Tensor, time_scale: float, schedule=None,
                  prediction: str = "eps"):
+        if any(step.coeffs is None for step in plan.steps):
+            raise ValueError("lml needs a solver whose step is the fused multistep update; dpmv3's per-element "
+                             "coefficients (ems_update) have no LML path")
         self.lml = lml
         self.corrector = lml.mode == "corrector"
         # corrector: rank + 1 recorded directions (u_r needs g_{n-1-r}) and a slot for the noise

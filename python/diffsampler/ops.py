@@ -355,3 +355,90 @@ if _status("cpu")[0]:
     @torch.library.register_fake("diffsampler::multistep_update_pure")
     def _multistep_update_pure_fake(x, model_out, coeffs, noise, clip, threshold_ratio, threshold_max):
         return x.new_empty(x.shape)
+
+
+# ---- ems_update: one step with per-element coefficient tensors (DPM-Solver-v3, solvers/dpmv3.py) ----
+
+
+def _check_ems_args(x, model_out, coeffs, history, write_slot, read_slots, state, check_nan) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must have a non-empty batch dimension 0, got shape {tuple(x.shape)}")
+    _check_like("model_out", model_out, x)
+    k = len(read_slots)
+    if k > reference.EMS_MAX_READS:
+        raise ValueError(f"read_slots: at most {reference.EMS_MAX_READS} history terms, got {k}")
+    if not isinstance(coeffs, torch.Tensor):
+        raise ValueError(f"coeffs must be a torch.Tensor, got {type(coeffs).__name__}")
+    want = (torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)
+    if coeffs.dtype not in want or coeffs.device != x.device:
+        raise ValueError(f"coeffs must be {' or '.join(map(str, want))} on x's device {x.device}, "
+                         f"got {coeffs.dtype} on {coeffs.device}")
+    rows = [reference.ems_rows(k, False)] + ([reference.ems_rows(k, True)] if state is not None else [])
+    if coeffs.dim() != x.dim() or tuple(coeffs.shape[1:]) != tuple(x.shape[1:]) or coeffs.shape[0] not in rows:
+        raise ValueError(f"coeffs must have shape (rows, *x.shape[1:]) with rows in {rows} "
+                         f"({k} history reads{', state' if state is not None else ''}), got {tuple(coeffs.shape)}")
+    if history is None:
+        if read_slots:
+            raise ValueError("read_slots given without a history")
+    else:
+        if not isinstance(history, torch.Tensor) or history.dim() != x.dim() + 1:
+            raise ValueError("history must be a tensor of shape (slots, *x.shape)")
+        _check_like("history", history, x, (history.shape[0], *x.shape))
+        if not 0 <= write_slot < history.shape[0]:
+            raise ValueError(f"write_slot must be in [0, {history.shape[0]}), got {write_slot}")
+        for r in read_slots:
+            if not 0 <= r < history.shape[0] or r == write_slot:
+                raise ValueError(f"read_slots must be in [0, {history.shape[0]}) and differ from write_slot="
+                                 f"{write_slot}, got {list(read_slots)}")
+    if state is not None:
+        _check_like("state", state, x)
+    if check_nan and torch.isnan(model_out).any():
+        raise ValueError("model_out contains NaN (the model diverged or got bad input); "
+                         "pass check_nan=False to skip this check")
+
+
+def ems_update(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    coeffs: torch.Tensor,
+    *,
+    history: torch.Tensor | None = None,
+    write_slot: int = 0,
+    read_slots: Sequence[int] = (),
+    state: torch.Tensor | None = None,
+    check_nan: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One fused step whose coefficients are tensors over a sample's elements (broadcast over the batch):
+
+        m_0 = P x + Q out
+        x'  = A x + G s + sum_i B_i m_i + C          m_i = history[read_slots[i-1]], i >= 1
+        s'  = As x + Gs s + sum_i Bs_i m_i + Cs      (the state row, when coeffs has it)
+        history[write_slot] = m_0
+
+    coeffs: float32 (float64 for float64 x) of shape (rows, *x.shape[1:]), rows [P, Q, A, G, B_0..B_k, C]
+    (+ [As, Gs, Bs_0..Bs_k, Cs]), k = len(read_slots) <= 3. DPM-Solver-v3 precomputes them per step from its
+    per-dimension statistics (solvers/dpmv3.py). Computes in float32 (float64 on the reference).
+    """
+    read_slots = [int(r) for r in read_slots]
+    _check_ems_args(x, model_out, coeffs, history, write_slot, read_slots, state, check_nan)
+    args = (x, model_out, coeffs, history, int(write_slot), read_slots, state)
+    name = _select_backend(backend, x)
+    if name == "reference":
+        return reference.ems_update(*args)
+    if name == "triton":
+        from .triton_kernels.ems_update import ems_update as triton_ems_update
+
+        return triton_ems_update(*args)
+    return torch.ops.diffsampler.ems_update(*args)
+
+
+if _status("cpu")[0]:
+
+    @torch.library.register_fake("diffsampler::ems_update")
+    def _ems_update_fake(x, model_out, coeffs, history, write_slot, read_slots, state=None):
+        return x.new_empty(x.shape)

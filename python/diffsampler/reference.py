@@ -162,3 +162,55 @@ def lml_gram(
     v = torch.stack([g_n, *[d.to(cd) for d in dirs]], dim=1).reshape(x.shape[0], dirs.shape[0] + 1, -1)
     v = v.to(torch.float64)
     return v @ v.transpose(1, 2)
+
+
+# ---- ems_update: the per-step map with tensor coefficients (DPM-Solver-v3's per-dimension statistics) ----
+# Rows of its coefficient tensor (R, *x.shape[1:]), k = len(read_slots):
+#   [P, Q, A, G, B_0, ..., B_k, C]  (+ [As, Gs, Bs_0, ..., Bs_k, Cs] when the state is rewritten)
+EMS_MAX_READS = 3
+
+
+def ems_rows(n_reads: int, state_row: bool) -> int:
+    """The number of coefficient rows of ems_update: 2 + (k + 4), twice the update row with a state row."""
+    return 2 + (n_reads + 4) * (2 if state_row else 1)
+
+
+def ems_update(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    coeffs: torch.Tensor,
+    history: torch.Tensor | None,
+    write_slot: int,
+    read_slots: list[int],
+    state: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One step with per-element coefficients that broadcast over the batch (dimension 0):
+
+        m_0 = P x + Q out
+        x'  = A x + G s + sum_i B_i m_i + C           m_i = history[read_slots[i-1]], i >= 1
+        s'  = As x + Gs s + sum_i Bs_i m_i + Cs       written over the state s when coeffs has that row
+        history[write_slot] = m_0                     if history is given
+
+    coeffs: (ems_rows(k, state row), *x.shape[1:]) in float32 (float64 with float64 x); G (and the state)
+    only count when a state is given. Returns x'; writes history (and the state) in place.
+    """
+    cd = compute_dtype(x.dtype)
+    k = len(read_slots)
+    c = coeffs.to(cd)
+    xf, of = x.to(cd), model_out.to(cd)
+    reads = [history[slot].to(cd) for slot in read_slots]
+    s = state.to(cd) if state is not None else None
+    m0 = c[0] * xf + c[1] * of
+
+    def row(r):  # r: [A, G, B_0..B_k, C]
+        y = r[0] * xf + r[2] * m0 + r[3 + k]
+        for bi, m in zip(r[3:3 + k], reads):
+            y = y + bi * m
+        return y + r[1] * s if s is not None else y
+
+    x_next = row(c[2:6 + k])
+    if c.shape[0] > 6 + k:
+        state.copy_(row(c[6 + k:]))
+    if history is not None:
+        history[write_slot].copy_(m0)
+    return x_next.to(x.dtype)

@@ -52,7 +52,9 @@ def sample(
         sigmas, final_sigmas_type; model input x / sqrt(sigma^2 + 1)); "flow_euler"
         (FlowMatchEulerDiscreteScheduler, prediction "flow", the schedule's shift); "heun" (Karras et al.'s
         2nd-order Heun on a ``schedules.EDM()``, 2 model calls per step but the last; the model gets sigma and
-        returns the denoised x0 by default); "euler" on an EDM schedule is Karras' Euler.
+        returns the denoised x0 by default); "euler" on an EDM schedule is Karras' Euler. "dpmv3"
+        (DPM-Solver-v3, VP / VPContinuous: option ems, required, from solvers.dpmv3.fit_ems or EMS.constant;
+        order, predictor_pseudo, corrector, corrector_pseudo, lower_order_final; ends at sigma_min / eps).
     clip / threshold_ratio, threshold_max: clamp the data prediction to [-clip, clip], or dynamic thresholding.
     generator: the torch.Generator of the noise of stochastic steps (DDIM with eta > 0, the SDE solvers).
     check_nan: raise ValueError when the model returns NaN (a host sync per step; off for speed).
@@ -126,14 +128,15 @@ def model_times(plan: Plan, x: torch.Tensor) -> torch.Tensor:
 def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
              generator: torch.Generator | None = None, progress: bool = False, desc: str = "diffsampler",
              return_state: bool = False, times: torch.Tensor | None = None, ranges: bool = False,
-             lml=None, lml_time_scale: float = 1.0, lml_schedule=None, lml_prediction: str = "eps",
-             **update_options):
+             tensor_coeffs: list | None = None, lml=None, lml_time_scale: float = 1.0, lml_schedule=None,
+             lml_prediction: str = "eps", **update_options):
     """The loop of any Plan: per step, out = model(input_scale * x, t) and one fused update.
 
     update_options go to every ops.multistep_update call (clip, threshold_ratio, threshold_max, check_nan,
     backend). Continuous model times are float32 (float64 when x is float64); discrete ones int64.
     return_state: return (x, the solver's state tensor or None), e.g. UniPC's last corrected sample.
-    times: model_times(plan, x) made beforehand (a CUDA-graph capture cannot upload them).
+    times: model_times(plan, x) made beforehand (a CUDA-graph capture cannot upload them); tensor_coeffs:
+    plan.upload_tensor_coeffs(x) likewise (DPM-Solver-v3's per-step coefficient tensors).
     ranges: name each model call and update for profilers (torch.profiler ranges, NVTX on CUDA).
     lml: a diffsampler.LML applied to every step (lml_time_scale: the T of its freeze option; lml_schedule and
         lml_prediction: the schedule and model output of its corrector mode).
@@ -143,6 +146,9 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
     if plan.init_scale != 1.0:
         x = x * plan.init_scale
     times = model_times(plan, x) if times is None else times
+    tensor_coeffs = plan.upload_tensor_coeffs(x) if tensor_coeffs is None else tensor_coeffs
+    if tensor_coeffs is not None and (update_options.get("clip") or update_options.get("threshold_ratio")):
+        raise ValueError("clip / threshold_ratio act on a data prediction; this plan's steps (ems_update) keep none")
     steps_iter = plan.steps
     if progress:
         from tqdm.auto import tqdm
@@ -164,13 +170,18 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
             if step.needs_noise:
                 # drawn in float32 as diffusers does, so a seed gives the same noise in every storage dtype
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
-            extra = {}
-            if lml is not None:
-                extra = lml_run.update_args(i, step, x, out, history, update_options.get("clip"),
-                                            update_options.get("backend", "auto"))
-            x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
-                                     read_slots=step.read_slots, noise=noise, state=state, **extra,
-                                     **update_options)
+            if tensor_coeffs is not None and tensor_coeffs[i] is not None:  # DPM-Solver-v3
+                x = ops.ems_update(x, out, tensor_coeffs[i], history=history, write_slot=step.write_slot,
+                                   read_slots=step.read_slots, state=state,
+                                   **{k: update_options[k] for k in ("check_nan", "backend") if k in update_options})
+            else:
+                extra = {}
+                if lml is not None:
+                    extra = lml_run.update_args(i, step, x, out, history, update_options.get("clip"),
+                                                update_options.get("backend", "auto"))
+                x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
+                                         read_slots=step.read_slots, noise=noise, state=state, **extra,
+                                         **update_options)
     return (x, state) if return_state else x
 
 

@@ -143,6 +143,32 @@ def dc_comparison(target: GaussianMixture, nfes=(5, 8, 10, 15), n: int = 512) ->
     return rows
 
 
+def dpmv3_comparison(target: GaussianMixture, nfes=(5, 10, 20), n: int = 512, fit_n: int = 2048,
+                     points: int = 201) -> dict:
+    """DPM-Solver-v3 on the bench's grid with EMS fitted by fit_ems on `fit_n` other samples (seed 100) at
+    `points` lambdas uniform over [sigma_min, sigma_max], against DPM-Solver++(2M), UniPC-2/3 and v3 with the
+    degenerate EMS (l = 1, s = b = 0: DPM-Solver++ with v3's corrector); median ODE error as `convergence`."""
+    import time
+
+    import numpy as np
+
+    from diffsampler.solvers.dpmv3 import EMS, dpmv3_steps, fit_ems
+
+    model = target.model(None, "eps")
+    g = torch.Generator().manual_seed(100)
+    start = time.perf_counter()
+    ems = fit_ems(model, torch.randn(fit_n, target.dim, generator=g, dtype=torch.float64),
+                  np.geomspace(SIGMA_MAX, SIGMA_MIN, points), generator=g)
+    fit_seconds = time.perf_counter() - start
+    v3 = lambda e, order: lambda grid: dpmv3_steps(grid, "eps", ems=e, order=order, lower_order_final=False)
+    solvers = [s for s in SOLVERS if s.name in ("dpmpp_2m", "unipc_2", "unipc_3")] + [
+        Solver("dpmv3_2", None, v3(ems, 2), "fitted EMS"), Solver("dpmv3_3", None, v3(ems, 3), "fitted EMS"),
+        Solver("dpmv3_2_l1", None, v3(EMS.constant(ems.lambdas), 2), "degenerate EMS l=1, s=b=0")]
+    curves = convergence(target, solvers, nfes, n=n, metrics=False)
+    return dict(fit_n=fit_n, points=points, fit_seconds=fit_seconds, nfes=list(nfes),
+                errors={c.solver: c.errors for c in curves})
+
+
 def _plot(results: dict, nfes, path: Path) -> None:
     import matplotlib
 
@@ -169,7 +195,12 @@ def main(argv=None) -> None:
     ap.add_argument("--nfes", default=",".join(map(str, NFES)))
     ap.add_argument("--n", type=int, default=512, help="samples per run")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON and PNG ('' for none)")
+    ap.add_argument("--dpmv3", action="store_true",
+                    help="only DPM-Solver-v3 against DPM-Solver++(2M) and UniPC (EMS fitted first; the 2-D and "
+                         "16-D targets by default) into dpmv3-quality-*.json")
     args = ap.parse_args(argv)
+    if args.dpmv3:
+        return _dpmv3_main(args)
     nfes = [int(v) for v in args.nfes.split(",")]
     results = {}
     for name in args.targets.split(","):
@@ -205,3 +236,22 @@ def main(argv=None) -> None:
         curves_only = {k: v for k, v in results.items() if ":" not in k}
         _plot(curves_only, nfes, out / "quality.png")
         print(f"\nwrote {path} and {out / 'quality.png'}")
+
+
+def _dpmv3_main(args) -> None:
+    targets = args.targets.split(",") if args.targets != ",".join(TARGETS) else ["smooth-16d", "ring-2d"]
+    nfes = [int(v) for v in args.nfes.split(",")] if args.nfes != ",".join(map(str, NFES)) else [5, 10, 20]
+    results = {}
+    for name in targets:
+        r = results[name] = dpmv3_comparison(TARGETS[name](), nfes, n=args.n)
+        print(f"\n{name}: EMS fitted on {r['fit_n']} samples at {r['points']} lambdas in {r['fit_seconds']:.1f} s; "
+              f"median ODE error")
+        print(f"{'solver':<14}" + "".join(f"{'err@' + str(v):>11}" for v in nfes))
+        for solver, errors in r["errors"].items():
+            print(f"{solver:<14}" + "".join(f"{e:>11.2e}" for e in errors))
+    if args.out:
+        record = machine_record(torch.device("cpu"))
+        payload = dict(benchmark="quality-dpmv3", machine=record, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN,
+                       note=dpmv3_comparison.__doc__.split(";")[0], results=results)
+        path = write_json(Path(args.out) / f"dpmv3-quality-{slug(record['device'])}.json", payload)
+        print(f"\nwrote {path}")

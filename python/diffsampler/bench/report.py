@@ -48,6 +48,18 @@ def quality_table(path: Path, target: str) -> str:
     return "\n".join(lines)
 
 
+def dpmv3_table(path: Path) -> str:
+    """The README's DPM-Solver-v3 table (bench quality --dpmv3)."""
+    data = json.loads(path.read_text())
+    names = list(next(iter(data["results"].values()))["errors"])
+    lines = [f"DPM-Solver-v3 (`{path}`): median relative ODE error at sigma_min", "",
+             "| target | NFE | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for target, r in data["results"].items():
+        for i, nfe in enumerate(r["nfes"]):
+            lines.append(f"| {target} | {nfe} | " + " | ".join(f"{r['errors'][n][i]:.1e}" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def loop_table(path: Path) -> str:
     data = json.loads(path.read_text())
     m = data["machine"]
@@ -107,3 +119,5 @@ def main(argv=None) -> None:
         print(quality_table(path, args.target), end="\n\n")
     for path in sorted(root.glob("lml-*.json")):
         print(lml_table(path), end="\n\n")
+    for path in sorted(root.glob("dpmv3-quality-*.json")):
+        print(dpmv3_table(path), end="\n\n")

@@ -10,6 +10,7 @@ from ..schedules import EDM, VP, Flow, VPContinuous
 from .ddim import ddim_plan
 from .deis import deis_plan, deis_steps
 from .dpm import dpm_plan, dpm_steps, flow_dpm_plan
+from .dpmv3 import EMS, dpmv3_plan, dpmv3_steps, fit_ems
 from .euler import euler_plan, flow_euler_plan
 from .grid import Grid, continuous_grid
 from .heun import edm_euler_plan, heun_plan
@@ -33,6 +34,7 @@ SOLVERS: dict[str, Callable[..., Plan]] = {
     "heun": heun_plan,
     "flow_euler": flow_euler_plan,
     "flow_dpmpp_2m": flow_dpm_plan,
+    "dpmv3": dpmv3_plan,
 }
 FLOW_SOLVERS = ("flow_euler", "flow_dpmpp_2m")
 # the schedule types each solver runs on (VP for the others); euler on an EDM schedule is Karras' Euler
@@ -47,6 +49,7 @@ CONTINUOUS = {
     "unipc": (unipc_steps, {}),
     "deis": (deis_steps, {}),
     "ghvb": (ghvb_steps, {}),
+    "dpmv3": (dpmv3_steps, {}),
 }
 
 
@@ -69,7 +72,7 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
         if isinstance(schedule, VPContinuous):
             steps_fn, fixed = CONTINUOUS[solver]
             spacing = options.pop("spacing", "logsnr")
-            final = options.pop("final", "eps" if steps_fn is deis_steps else "zero")
+            final = options.pop("final", "eps" if steps_fn in (deis_steps, dpmv3_steps) else "zero")
             if steps_fn is dpm_steps:
                 options.setdefault("final_sigma_zero", final == "zero")
             return steps_fn(continuous_grid(schedule, steps, spacing, final), prediction, **fixed, **options)
@@ -82,5 +85,5 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
 
 __all__ = ["SOLVERS", "Plan", "Step", "Grid", "make_plan", "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan",
            "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps", "deis_steps", "ghvb_plan", "ghvb_steps",
-           "heun_plan", "edm_euler_plan", "TimeShift",
+           "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems", "dpmv3_plan", "dpmv3_steps",
            "continuous_grid"]

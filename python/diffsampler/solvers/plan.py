@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from ..ops import UpdateCoeffs
 
@@ -22,18 +24,20 @@ class Direction:
 
 @dataclass(frozen=True)
 class Step:
-    """One model call followed by one fused update (ops.multistep_update)."""
+    """One model call followed by one fused update (ops.multistep_update, or ops.ems_update when the step has
+    tensor_coeffs: float64 rows over a sample's elements, broadcast to x.shape[1:] once per run; DPM-Solver-v3)."""
 
     t: float  # the time the model is given (an integer training timestep for discrete VP schedules)
-    coeffs: UpdateCoeffs
+    coeffs: UpdateCoeffs | None
     write_slot: int = 0
     read_slots: tuple[int, ...] = ()
     input_scale: float = 1.0  # the model is called on input_scale * x (Euler's scale_model_input)
     direction: Direction | None = None  # LML's direction (None: the whole increment)
+    tensor_coeffs: torch.Tensor | None = field(default=None, compare=False)
 
     @property
     def needs_noise(self) -> bool:
-        return self.coeffs.c != 0
+        return self.coeffs is not None and self.coeffs.c != 0
 
     def lml_direction(self) -> Direction:
         if self.direction is not None:
@@ -55,6 +59,30 @@ class Plan:
     @property
     def timesteps(self) -> list[float]:
         return [s.t for s in self.steps]
+
+    def upload_tensor_coeffs(self, x: torch.Tensor) -> list[torch.Tensor | None] | None:
+        """Each step's tensor coefficients broadcast to x's sample shape, contiguous on x's device in float32
+        (float64 for float64 x): uploaded once per run, indexed per step without a copy. None when no step
+        has any."""
+        if all(step.tensor_coeffs is None for step in self.steps):
+            return None
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = []
+        for step in self.steps:
+            c = step.tensor_coeffs
+            if c is None:
+                out.append(None)
+                continue
+            try:
+                shape = torch.broadcast_shapes(c.shape[1:], x.shape[1:])
+            except RuntimeError:
+                shape = None
+            if shape != x.shape[1:]:
+                raise ValueError(f"ems: the statistics' shape {tuple(c.shape[1:])} does not broadcast to the "
+                                 f"sample shape x.shape[1:] = {tuple(x.shape[1:])}")
+            c = c.reshape(c.shape[0], *[1] * (x.dim() - c.dim()), *c.shape[1:])  # right-aligned, as broadcasting
+            out.append(c.to(device=x.device, dtype=dtype).expand(c.shape[0], *x.shape[1:]).contiguous())
+        return out
 
 
 def ring_slots(i: int, order: int, slots: int) -> tuple[int, tuple[int, ...]]:

@@ -1,0 +1,126 @@
+// CPU kernel of ems_update (math: csrc/cuda/ems_update.h) and the op's registration: its schema as a fragment
+// of the diffsampler library (bindings.cpp holds the others) and its CPU implementation. One pass in fp32
+// whatever the storage dtype; runs never cross a sample boundary, so each reads its coefficient rows
+// contiguously and the loop vectorizes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "ems_update.h"
+
+namespace diffsampler {
+namespace {
+
+struct F32 {
+  using Raw = float;
+  static float load(Raw v) { return v; }
+  static Raw store(float v) { return v; }
+};
+struct BF16 {  // on the raw bits: round to nearest even, NaN kept quiet
+  using Raw = uint16_t;
+  static float load(Raw v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
+  static Raw store(float v) {
+    const uint32_t u = __builtin_bit_cast(uint32_t, v);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return static_cast<Raw>((u & 0x7FFFFFFFu) > 0x7F800000u ? ((u >> 16) | 0x40u) : rounded);
+  }
+};
+struct F16 {
+  using Raw = at::Half;
+  static float load(Raw v) { return static_cast<float>(v); }
+  static Raw store(float v) { return static_cast<Raw>(v); }
+};
+
+// Elements [begin, end) of one sample; coefficient column d = i + off.
+template <typename S, int kReads, int kState, bool kWriteM0>
+void ems_run(const ds_ems_tensors& t, int64_t begin, int64_t end, int64_t off) {
+  using T = typename S::Raw;
+  const T* __restrict__ x = static_cast<const T*>(t.x);
+  const T* __restrict__ out = static_cast<const T*>(t.out);
+  const T* __restrict__ h0 = static_cast<const T*>(t.reads[0]);
+  const T* __restrict__ h1 = static_cast<const T*>(t.reads[1]);
+  const T* __restrict__ h2 = static_cast<const T*>(t.reads[2]);
+  T* __restrict__ st = static_cast<T*>(t.state);
+  T* __restrict__ m0_out = static_cast<T*>(t.m0);
+  T* __restrict__ x_next = static_cast<T*>(t.x_next);
+  const int64_t D = t.per_sample;
+  const float* __restrict__ c = t.coeffs + off;
+  const float* __restrict__ s = c + (6 + kReads) * D;  // the state row, when kState == 2
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const float xi = S::load(x[i]);
+    const float m0 = c[i] * xi + c[D + i] * S::load(out[i]);
+    if constexpr (kWriteM0) m0_out[i] = S::store(m0);
+    float acc = c[2 * D + i] * xi + c[4 * D + i] * m0 + c[(5 + kReads) * D + i];
+    float sacc = 0.0f;
+    if constexpr (kState == 2) sacc = s[i] * xi + s[2 * D + i] * m0 + s[(3 + kReads) * D + i];
+    const float hv[3] = {kReads > 0 ? S::load(h0[i]) : 0.0f, kReads > 1 ? S::load(h1[i]) : 0.0f,
+                         kReads > 2 ? S::load(h2[i]) : 0.0f};
+#pragma unroll
+    for (int j = 0; j < kReads; ++j) {
+      acc += c[(5 + j) * D + i] * hv[j];
+      if constexpr (kState == 2) sacc += s[(3 + j) * D + i] * hv[j];
+    }
+    if constexpr (kState > 0) {
+      const float si = S::load(st[i]);
+      acc += c[3 * D + i] * si;
+      if constexpr (kState == 2) sacc += s[D + i] * si;
+    }
+    x_next[i] = S::store(acc);
+    if constexpr (kState == 2) st[i] = S::store(sacc);
+  }
+}
+
+template <typename S, int kReads, int kState, bool kWriteM0>
+void ems_range(const ds_ems_tensors& t, int64_t begin, int64_t end) {
+  while (begin < end) {
+    const int64_t sample = begin / t.per_sample;
+    const int64_t stop = std::min(end, (sample + 1) * t.per_sample);
+    ems_run<S, kReads, kState, kWriteM0>(t, begin, stop, -sample * t.per_sample);
+    begin = stop;
+  }
+}
+
+template <typename S, int kReads = 0>
+void ems_dispatch(const ds_ems_tensors& t, int64_t begin, int64_t end) {
+  if constexpr (kReads < DS_EMS_MAX_READS) {
+    if (t.n_reads > kReads) return ems_dispatch<S, kReads + 1>(t, begin, end);
+  }
+  auto with_m0 = [&](auto state) {
+    constexpr int kState = decltype(state)::value;
+    if (t.m0 != nullptr) return ems_range<S, kReads, kState, true>(t, begin, end);
+    ems_range<S, kReads, kState, false>(t, begin, end);
+  };
+  switch (t.state_mode) {
+    case 0: return with_m0(std::integral_constant<int, 0>{});
+    case 1: return with_m0(std::integral_constant<int, 1>{});
+    default: return with_m0(std::integral_constant<int, 2>{});
+  }
+}
+
+void launch_ems_cpu(ds_ems_dtype dtype, const ds_ems_tensors& t) {
+  constexpr int64_t kGrain = 1 << 15;
+  at::parallel_for(0, t.n, kGrain, [&](int64_t begin, int64_t end) {
+    switch (dtype) {
+      case DS_EMS_FLOAT32: ems_dispatch<F32>(t, begin, end); break;
+      case DS_EMS_FLOAT16: ems_dispatch<F16>(t, begin, end); break;
+      case DS_EMS_BFLOAT16: ems_dispatch<BF16>(t, begin, end); break;
+    }
+  });
+}
+
+at::Tensor ems_update_cpu(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& coeffs,
+                          const c10::optional<at::Tensor>& history, int64_t write_slot, at::IntArrayRef read_slots,
+                          const c10::optional<at::Tensor>& state) {
+  TORCH_CHECK(x.device().is_cpu(), "ems_update_cpu: x must be a CPU tensor, got ", x.device());
+  return run_ems_update(x, model_out, coeffs, history, write_slot, read_slots, state, launch_ems_cpu);
+}
+
+}  // namespace
+}  // namespace diffsampler
+
+TORCH_LIBRARY_FRAGMENT(diffsampler, m) { m.def(diffsampler::kEmsUpdateSchema); }
+
+TORCH_LIBRARY_IMPL(diffsampler, CPU, m) { m.impl("ems_update", &diffsampler::ems_update_cpu); }
