@@ -1,10 +1,11 @@
-"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, report."""
+"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, digits, report."""
 
 import sys
 
-from . import loop, quality, report, step
+from . import digits_solvers, loop, quality, report, step
 
-SUBCOMMANDS = {"step": step.main, "loop": loop.main, "quality": quality.main, "report": report.main}
+SUBCOMMANDS = {"step": step.main, "loop": loop.main, "quality": quality.main,
+               "digits": digits_solvers.main, "report": report.main}
 
 
 def main(argv=None) -> None:

@@ -1,5 +1,5 @@
 """`python -m diffsampler.bench report [--size 8,4,128,128]`: markdown tables of the committed results
-(bench/results/step-*.json, quality-*.json), as the README shows them."""
+(bench/results/step-*.json, loop-*.json, quality-*.json, digits-*.json), as the README shows them."""
 
 from __future__ import annotations
 
@@ -62,6 +62,25 @@ def loop_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def digits_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    nfes = data["nfes"]
+    lines = [f"{m['device']} ({m['threads']} threads), torch {m['torch']}, {m['date'][:10]}: FD to the "
+             f"{data['held_out']} held-out digits, mean ± std over {data['seeds']} seeds of {data['n']} samples; "
+             f"classifier held-out accuracy {data['classifier_accuracy']:.1%} (`{path}`):", "",
+             "| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    by_solver = defaultdict(dict)
+    for r in data["rows"]:
+        if r["nfe"] in nfes:
+            by_solver[r["solver"]][r["nfe"]] = f"{r['fd_mean']:.2f} ± {r['fd_std']:.2f}"
+    lines += [f"| {solver} | " + " | ".join(cells.get(n, "") for n in nfes) + " |" for solver, cells in by_solver.items()]
+    frames = [("training digits" if r["nfe"] is None else f"{r['solver']} at NFE {r['nfe']}")
+              + f" {r['fd_mean']:.2f} ± {r['fd_std']:.2f}" for r in data["rows"] if r["nfe"] not in nfes]
+    lines += ["", "For scale: " + "; ".join(frames) + "."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m diffsampler.bench report", description=__doc__)
     ap.add_argument("--results", default="bench/results")
@@ -75,3 +94,5 @@ def main(argv=None) -> None:
         print(loop_table(path), end="\n\n")
     for path in sorted(root.glob("quality-*.json")):
         print(quality_table(path, args.target), end="\n\n")
+    for path in sorted(root.glob("digits-*.json")):
+        print(digits_table(path), end="\n\n")
