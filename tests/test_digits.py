@@ -142,6 +142,23 @@ def test_short_training_samples_far_better_than_noise(cache, small_classifier, d
     assert digits.frechet_distance(samples, data.held_x, small_classifier) < noise / 20
 
 
+def test_benchmark_rows_and_table(cache, small_classifier, data, tmp_path):
+    from diffsampler.bench import digits_solvers, report
+    from diffsampler.bench.common import write_json
+
+    model = digits.denoiser(SMALL_DENOISER)
+    rows = digits_solvers.fd_rows(model, small_classifier, data, solvers=("ddim", "unipc"), nfes=(2, 8), n=200,
+                                  seeds=(0, 1))
+    assert [(r["solver"], r["nfe"]) for r in rows] == [("ddim", 2), ("ddim", 8), ("unipc", 2), ("unipc", 8),
+                                                       ("data", None), ("dpmpp_2m", 100)]
+    by = {(r["solver"], r["nfe"]): r["fd_mean"] for r in rows}
+    assert by["data", None] < by["dpmpp_2m", 100] < by["ddim", 8] < by["ddim", 2]
+    payload = dict(machine=dict(device="cpu", threads=1, torch=torch.__version__, date="2026-01-01"), n=200, seeds=2,
+                   nfes=[2, 8], held_out=len(data.held_x), classifier_accuracy=0.9, rows=rows)
+    table = report.digits_table(write_json(tmp_path / "digits-cpu.json", payload))
+    assert f"| unipc | {by['unipc', 2]:.2f} ± " in table and f"dpmpp_2m at NFE 100 {by['dpmpp_2m', 100]:.2f}" in table
+
+
 @pytest.mark.heavy
 def test_default_models(data):
     """The benchmark's models (trained into the user cache if absent, about 2 minutes)."""

@@ -29,6 +29,7 @@ OPTIONS = dict(timestep_spacing="trailing")  # one grid for every solver, starti
 
 
 def sample_digits(model: digits.Denoiser, solver: str, nfe: int, n: int, seed: int) -> torch.Tensor:
+    """n digits (n, 64) from `solver` with `nfe` model calls, x_T drawn from `seed`."""
     x_T = torch.randn(n, digits.PIXELS, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return ds.sample(model, x_T, steps=nfe, solver=solver, schedule=model.schedule,
@@ -69,6 +70,7 @@ def _plot(rows: list[dict], grid: torch.Tensor, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(NFES, [str(n) for n in NFES])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("NFE")
     ax.set_ylabel("FD to held-out digits (classifier features)")
     ax.grid(True, which="both", alpha=0.3)

@@ -66,7 +66,8 @@ def digits_table(path: Path) -> str:
     data = json.loads(path.read_text())
     m = data["machine"]
     nfes = data["nfes"]
-    lines = [f"{m['device']} ({m['threads']} threads), torch {m['torch']}, {m['date'][:10]}: FD to the "
+    threads = f"{m['threads']} thread" + ("s" if m["threads"] != 1 else "")
+    lines = [f"{m['device']} ({threads}), torch {m['torch']}, {m['date'][:10]}: FD to the "
              f"{data['held_out']} held-out digits, mean ± std over {data['seeds']} seeds of {data['n']} samples; "
              f"classifier held-out accuracy {data['classifier_accuracy']:.1%} (`{path}`):", "",
              "| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
