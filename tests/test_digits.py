@@ -8,13 +8,14 @@ import torch
 
 import diffsampler as ds
 from diffsampler.bench import digits
+from diffsampler.schedules import VP
 from diffsampler.solvers import SCHEDULES, SOLVERS
 
 pytest.importorskip("sklearn")
 
 SMALL_CLASSIFIER = digits.ClassifierConfig(width=64, features=16, iters=300)
 SMALL_DENOISER = digits.DenoiserConfig(width=64, depth=2, iters=300)
-VP_SOLVERS = [s for s in SOLVERS if digits.VP in SCHEDULES.get(s, (digits.VP,))]
+VP_SOLVERS = [s for s in SOLVERS if VP in SCHEDULES.get(s, (VP,))]
 
 
 @pytest.fixture
