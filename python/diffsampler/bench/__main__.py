@@ -1,11 +1,11 @@
-"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, lml, report."""
+"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, lml, digits, report."""
 
 import sys
 
-from . import lml, loop, quality, report, step
+from . import digits_solvers, lml, loop, quality, report, step
 
 SUBCOMMANDS = {"step": step.main, "loop": loop.main, "quality": quality.main, "lml": lml.main,
-               "report": report.main}
+               "digits": digits_solvers.main, "report": report.main}
 
 
 def main(argv=None) -> None:

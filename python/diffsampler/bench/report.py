@@ -1,5 +1,5 @@
 """`python -m diffsampler.bench report [--size 8,4,128,128]`: markdown tables of the committed results
-(bench/results/step-*.json, loop-*.json, quality-*.json, lml-*.json), as the README shows them."""
+(bench/results/step-*.json, loop-*.json, quality-*.json, lml-*.json, digits-*.json), as the README shows them."""
 
 from __future__ import annotations
 
@@ -104,6 +104,26 @@ def lml_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def digits_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    nfes = data["nfes"]
+    threads = f"{m['threads']} thread" + ("s" if m["threads"] != 1 else "")
+    lines = [f"{m['device']} ({threads}), torch {m['torch']}, {m['date'][:10]}: FD to the "
+             f"{data['held_out']} held-out digits, mean ± std over {data['seeds']} seeds of {data['n']} samples; "
+             f"classifier held-out accuracy {data['classifier_accuracy']:.1%} (`{path}`):", "",
+             "| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    by_solver = defaultdict(dict)
+    for r in data["rows"]:
+        if r["nfe"] in nfes:
+            by_solver[r["solver"]][r["nfe"]] = f"{r['fd_mean']:.2f} ± {r['fd_std']:.2f}"
+    lines += [f"| {solver} | " + " | ".join(cells.get(n, "") for n in nfes) + " |" for solver, cells in by_solver.items()]
+    frames = [("training digits" if r["nfe"] is None else f"{r['solver']} at NFE {r['nfe']}")
+              + f" {r['fd_mean']:.2f} ± {r['fd_std']:.2f}" for r in data["rows"] if r["nfe"] not in nfes]
+    lines += ["", "For scale: " + "; ".join(frames) + "."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m diffsampler.bench report", description=__doc__)
     ap.add_argument("--results", default="bench/results")
@@ -121,3 +141,5 @@ def main(argv=None) -> None:
         print(lml_table(path), end="\n\n")
     for path in sorted(root.glob("dpmv3-quality-*.json")):
         print(dpmv3_table(path), end="\n\n")
+    for path in sorted(root.glob("digits-*.json")):
+        print(digits_table(path), end="\n\n")
