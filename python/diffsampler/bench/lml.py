@@ -5,6 +5,9 @@ sampled through `diffsampler.sample` on the DDPM linear VP schedule (1000 traini
 Wasserstein-2 to exact data samples (lower is better) and mean log-likelihood of the samples under the exact
 density (higher is better), without LML and with it, over NFE 5 / 10 / 20 and a sweep of damping, kappa and
 rank (direction mode) and of the corrector mode at the same NFE (steps = NFE / (1 + n_steps)).
+And on a learned score, where the score's own error is what a second-order correction could address: the
+8x8-digits denoiser of `bench digits` (trained on first use, cached), scored by the Frechet distance to the
+held-out digits in its classifier's feature space.
 Protocol: the settings are ranked on tuning seeds (x_T and reference samples) and the winner per (target,
 solver, NFE) is then reported on separate test seeds, beside the baseline on those same seeds; the single
 setting best over all cells on the tuning seeds is reported too. Nothing is chosen on the test seeds.
@@ -37,48 +40,78 @@ RANKS = (1, 2, 4)
 TUNE_SEEDS, TEST_SEEDS = (0, 1), (100, 101, 102)
 
 
-def settings(nfe: int):
+def settings(nfe: int, ranks=RANKS, corrector_dampings=DAMPINGS):
     """(label, LML or None, steps) of every setting compared at `nfe` model calls."""
     yield "none", None, nfe
-    for damping, kappa, rank in itertools.product(DAMPINGS, KAPPAS, RANKS):
+    for damping, kappa, rank in itertools.product(DAMPINGS, KAPPAS, ranks):
         yield f"direction l={damping:g} k={kappa:g} r={rank}", ds.LML(damping, kappa, rank), nfe
     if nfe % 2 == 0:
-        for damping, rank in itertools.product(DAMPINGS, (1, 2)):
+        for damping, rank in itertools.product(corrector_dampings, (1, 2)):
             lml = ds.LML(damping, 0.5, rank, mode="corrector")
             yield f"corrector l={damping:g} k=0.5 r={rank}", lml, nfe // 2
 
 
-def score(target, solver, lml, steps, seed, n):
-    """(sliced W2, mean log-likelihood) of n samples from x_T drawn with `seed`."""
+def mixture_scorer(target: GaussianMixture, n: int):
+    """score(solver, lml, steps, seed) -> (sliced W2 to exact samples, mean log-likelihood) of n samples."""
     schedule = VP.linear()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, target.dim, generator=g)
-    y = ds.sample(target.model(schedule), x, steps, solver, schedule, lml=lml, generator=g, check_nan=False)
-    exact = target.sample(n, torch.Generator().manual_seed(10_000 + seed)).float()
-    return sliced_wasserstein(y.double(), exact.double()), target.log_prob(y.double()).mean().item()
+
+    def score(solver, lml, steps, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, target.dim, generator=g)
+        y = ds.sample(target.model(schedule), x, steps, solver, schedule, lml=lml, generator=g, check_nan=False)
+        exact = target.sample(n, torch.Generator().manual_seed(10_000 + seed)).float()
+        return sliced_wasserstein(y.double(), exact.double()), target.log_prob(y.double()).mean().item()
+
+    return score
 
 
-def quality(n: int, targets=TARGETS, solvers=SOLVERS, nfes=NFES) -> dict:
+def digits_scorer(n: int):
+    """score(solver, lml, steps, seed) -> (FD to the held-out digits, None): the learned score of bench digits."""
+    from diffsampler.bench import digits
+
+    model, clf, data = digits.denoiser(), digits.classifier(), digits.load_digits()
+
+    def score(solver, lml, steps, seed):
+        x = torch.randn(n, digits.PIXELS, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            y = ds.sample(model, x, steps, solver, model.schedule, model.prediction, lml=lml, check_nan=False,
+                          generator=torch.Generator().manual_seed(seed + 1), timestep_spacing="trailing")
+        return digits.frechet_distance(y, data.held_x, clf), None
+
+    return score
+
+
+def sweep(name: str, score, solvers=SOLVERS, nfes=NFES, **setting_options) -> list[dict]:
+    """Per (solver, NFE): every setting on the tuning seeds, then no LML and the best one on the test seeds."""
     rows = []
-    for (tname, make), solver, nfe in itertools.product(targets.items(), solvers, nfes):
-        target = make()
+    for solver, nfe in itertools.product(solvers, nfes):
         cells = []
-        for label, lml, steps in settings(nfe):
-            tune = [score(target, solver, lml, steps, s, n) for s in TUNE_SEEDS]
-            cells.append(dict(label=label, lml=lml, steps=steps, tune_sw2=statistics.mean(t[0] for t in tune)))
-        base = cells[0]
-        best = min(cells[1:], key=lambda c: c["tune_sw2"])
-        test = {c["label"]: [score(target, solver, c["lml"], c["steps"], s, n) for s in TEST_SEEDS]
-                for c in (base, best)}
-        rows.append(dict(target=tname, solver=solver, nfe=nfe, best=best["label"],
-                         tune_sw2={c["label"]: c["tune_sw2"] for c in cells},
-                         test_sw2_none=statistics.mean(t[0] for t in test["none"]),
-                         test_sw2_best=statistics.mean(t[0] for t in test[best["label"]]),
-                         test_logp_none=statistics.mean(t[1] for t in test["none"]),
-                         test_logp_best=statistics.mean(t[1] for t in test[best["label"]])))
+        for label, lml, steps in settings(nfe, **setting_options):
+            tune = [score(solver, lml, steps, s)[0] for s in TUNE_SEEDS]
+            cells.append(dict(label=label, lml=lml, steps=steps, tune=statistics.mean(tune)))
+        best = min(cells[1:], key=lambda c: c["tune"])
+        test = {c["label"]: [score(solver, c["lml"], c["steps"], s) for s in TEST_SEEDS] for c in (cells[0], best)}
+
+        def mean(label, k):
+            vals = [t[k] for t in test[label]]
+            return None if vals[0] is None else statistics.mean(vals)
+
+        rows.append(dict(target=name, solver=solver, nfe=nfe, best=best["label"],
+                         tune={c["label"]: c["tune"] for c in cells},
+                         test_none=mean("none", 0), test_best=mean(best["label"], 0),
+                         test_logp_none=mean("none", 1), test_logp_best=mean(best["label"], 1)))
         r = rows[-1]
-        print(f"{tname:<11}{solver:<10}{nfe:>4}  SW2 {r['test_sw2_none']:.4f} -> {r['test_sw2_best']:.4f}  "
-              f"logp {r['test_logp_none']:8.3f} -> {r['test_logp_best']:8.3f}  ({r['best']})", flush=True)
+        logp = (f"  logp {r['test_logp_none']:8.3f} -> {r['test_logp_best']:8.3f}"
+                if r["test_logp_none"] is not None else "")
+        print(f"{name:<11}{solver:<10}{nfe:>4}  {r['test_none']:.4f} -> {r['test_best']:.4f}{logp}  ({r['best']})",
+              flush=True)
+    return rows
+
+
+def quality(n: int, targets=TARGETS, digits_n: int = 500) -> dict:
+    rows = []
+    for tname, make in targets.items():
+        rows += sweep(tname, mixture_scorer(make(), n))
     floors = {}
     for tname, make in targets.items():  # the noise floor of the metric: exact samples against exact samples
         target = make()
@@ -86,15 +119,19 @@ def quality(n: int, targets=TARGETS, solvers=SOLVERS, nfes=NFES) -> dict:
             sliced_wasserstein(target.sample(n, torch.Generator().manual_seed(20_000 + s)),
                                target.sample(n, torch.Generator().manual_seed(10_000 + s))) for s in TEST_SEEDS)
         print(f"{tname}: sliced W2 between two exact sample sets of {n}: {floors[tname]:.4f}")
-    return dict(rows=rows, global_best=_global_best(rows), sw2_exact_vs_exact=floors)
+    result = dict(rows=rows, global_best=_global_best(rows), sw2_exact_vs_exact=floors)
+    if digits_n:
+        digit_rows = sweep("digits", digits_scorer(digits_n), ranks=(1, 2), corrector_dampings=(1e-2, 1e-1, 1.0))
+        result["digits"] = dict(rows=digit_rows, global_best=_global_best(digit_rows), n=digits_n)
+    return result
 
 
 def _global_best(rows) -> dict:
     """The setting with the best mean tuning-seed SW2 relative to no LML, over all cells where it exists."""
-    labels = set.intersection(*(set(r["tune_sw2"]) for r in rows)) - {"none"}
-    ratio = {lab: statistics.mean(r["tune_sw2"][lab] / r["tune_sw2"]["none"] for r in rows) for lab in labels}
+    labels = set.intersection(*(set(r["tune"]) for r in rows)) - {"none"}
+    ratio = {lab: statistics.mean(r["tune"][lab] / r["tune"]["none"] for r in rows) for lab in labels}
     best = min(ratio, key=ratio.get)
-    return dict(label=best, mean_tune_sw2_ratio=ratio[best])
+    return dict(label=best, mean_tune_ratio=ratio[best])
 
 
 def overhead(shape=(8, 4, 128, 128), min_time: float = 0.5) -> dict:
@@ -162,19 +199,20 @@ def _plot(q: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = [(t, s) for t in TARGETS for s in SOLVERS]
-    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8))
+    all_rows = q["rows"] + q.get("digits", {}).get("rows", [])
+    cells = sorted({(r["target"], r["solver"]) for r in all_rows}, key=lambda c: (list(TARGETS) + ["digits"]).index(c[0]))
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.6 * len(cells), 3.6))
     for ax, (t, s) in zip(axes, cells):
-        rows = [r for r in q["rows"] if r["target"] == t and r["solver"] == s]
+        rows = [r for r in all_rows if r["target"] == t and r["solver"] == s]
         nfes = [r["nfe"] for r in rows]
-        ax.plot(nfes, [r["test_sw2_none"] for r in rows], "o-", label="no LML")
-        ax.plot(nfes, [r["test_sw2_best"] for r in rows], "s--", label="best LML (chosen on tuning seeds)")
+        ax.plot(nfes, [r["test_none"] for r in rows], "o-", label="no LML")
+        ax.plot(nfes, [r["test_best"] for r in rows], "s--", label="best LML (chosen on tuning seeds)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(nfes, [str(n) for n in nfes])
         ax.set_title(f"{t} {s}", fontsize=9)
         ax.set_xlabel("NFE")
-        ax.set_ylabel("sliced W2 to exact (test seeds)")
+        ax.set_ylabel("FD to held-out (test seeds)" if t == "digits" else "sliced W2 to exact (test seeds)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -183,7 +221,8 @@ def _plot(q: dict, path: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m diffsampler.bench lml", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=2000, help="samples per run")
+    ap.add_argument("--n", type=int, default=2000, help="samples per run on the mixtures")
+    ap.add_argument("--digits-n", type=int, default=500, help="digits per run (0: skip the learned score)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON and PNG ('' for none)")
@@ -192,11 +231,13 @@ def main(argv=None) -> None:
                    sweep=dict(dampings=DAMPINGS, kappas=KAPPAS, ranks=RANKS, nfes=NFES, tune_seeds=TUNE_SEEDS,
                               test_seeds=TEST_SEEDS, n=args.n))
     if not args.skip_quality:
-        print("target     solver     NFE  sliced W2 (test seeds): none -> best   mean log p: none -> best   (best)")
-        payload["quality"] = quality(args.n)
-        gb = payload["quality"]["global_best"]
-        print(f"best single setting on the tuning seeds: {gb['label']} (mean SW2 ratio to none "
-              f"{gb['mean_tune_sw2_ratio']:.3f})")
+        print("target     solver     NFE  SW2 or FD (test seeds): none -> best   mean log p: none -> best   (best)")
+        payload["quality"] = quality(args.n, digits_n=args.digits_n)
+        for key, q in (("mixtures", payload["quality"]), ("digits", payload["quality"].get("digits"))):
+            if q:
+                gb = q["global_best"]
+                print(f"{key}: best single setting on the tuning seeds: {gb['label']} (mean ratio to none "
+                      f"{gb['mean_tune_ratio']:.3f})")
     if not args.skip_overhead:
         o = overhead()
         payload["overhead"] = o
