@@ -1,6 +1,6 @@
 // CUDA registration of the fused multistep update and of LML's Gram: the shared host drivers with launches over
-// the raw-pointer kernels of csrc/cuda, on the current torch stream of x's device. Built into diffsampler._C when the package
-// is installed with CUDA, or JIT-compiled on first use (python/diffsampler/_cuda_jit.py).
+// the raw-pointer kernels of csrc/cuda, on the current torch stream of x's device. Built into diffsampler._C
+// when the package is installed with CUDA, or JIT-compiled on first use (python/diffsampler/_cuda_jit.py).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -1,4 +1,5 @@
-// CUDA launchers of the fused multistep update and of LML's Gram over raw pointers: no torch headers, so `nvcc -c` checks it anywhere.
+// CUDA launchers of the fused multistep update and of LML's Gram over raw pointers: no torch headers, so
+// `nvcc -c` checks them anywhere.
 #pragma once
 #include <cuda_runtime.h>
 #include "update_params.h"
