@@ -26,3 +26,10 @@ def multistep_update(*args, **kwargs):
     from .fused_update import multistep_update as impl
 
     return impl(*args, **kwargs)
+
+
+def lml_gram(*args, **kwargs):
+    """LML's per-sample Gram on Triton (signature of diffsampler.reference.lml_gram)."""
+    from .lml import lml_gram as impl
+
+    return impl(*args, **kwargs)

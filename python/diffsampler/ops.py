@@ -266,9 +266,6 @@ def multistep_update(
     if name == "triton":
         from . import triton_kernels
 
-        if lml:
-            raise NotImplementedError("backend 'triton': LML (dirs) is not implemented in Triton yet; "
-                                      "use backend='reference' on CUDA tensors")
         return triton_kernels.multistep_update(*args)
     if history is None and state is None and not lml:  # functional: inductor lowers it, not the mutating one
         return torch.ops.diffsampler.multistep_update_pure(x, model_out, args[5], noise, *args[7:10])
@@ -335,7 +332,9 @@ def lml_gram(
     if name == "reference":
         return reference.lml_gram(*args)
     if name == "triton":
-        raise NotImplementedError("backend 'triton': lml_gram is not implemented in Triton yet")
+        from . import triton_kernels
+
+        return triton_kernels.lml_gram(*args)
     return torch.ops.diffsampler.lml_gram(*args)
 
 
