@@ -171,7 +171,6 @@ class LMLRun:
         self.slots = lml.rank + 1 if self.corrector else lml.rank
         self.dirs = torch.zeros((self.slots + self.corrector, *x.shape), dtype=x.dtype, device=x.device)
         self.active = [step.t < (1.0 - lml.freeze) * time_scale for step in plan.steps]
-        self._mix: dict[int, torch.Tensor] = {}
         if self.corrector:
             from .schedules import VP
 
@@ -180,14 +179,27 @@ class LMLRun:
                 raise ValueError("LML mode 'corrector' needs a discrete VP schedule and a solver sampling in the "
                                  f"VP scale (ddim, dpm*, unipc, deis, ghvb); got {schedule!r}")
             self.schedule, self.prediction = schedule, prediction
+        # every mixing matrix the loop will use, uploaded now: none inside the loop (no host-to-device copy)
+        self._mix: dict[int, torch.Tensor] = {}
+        for i in range(len(plan.steps)):
+            if self._key(i) not in self._mix:
+                self._mix[self._key(i)] = self._mixing(i, x.device)
+
+    def _key(self, i: int) -> int:
+        """Past the warm-up the mixing matrices depend on the step only through its ring position."""
+        r = self.lml.rank + (1 if self.corrector else 0)
+        return i if i <= r else r + 1 + i % self.slots
+
+    def _mixing(self, i: int, device) -> torch.Tensor:
+        lml = self.lml
+        if self.corrector:
+            m = corrector_mixing(i, lml.rank, lml.kappa, self.slots)
+            return torch.tensor(m, dtype=torch.float64, device=device).view(self.slots + 2, -1)
+        return torch.tensor(mixing(i, lml.rank, lml.kappa), dtype=torch.float64, device=device)
 
     def mixing(self, i: int) -> torch.Tensor:
-        """mixing(i) as a device tensor; past the warm-up it depends on i only through i % rank (cached)."""
-        r = self.lml.rank
-        key = i if i < r else r + i % r
-        if key not in self._mix:
-            self._mix[key] = torch.tensor(mixing(i, r, self.lml.kappa), dtype=torch.float64, device=self.dirs.device)
-        return self._mix[key]
+        """The mixing matrix of step i (direction mode: lml.mixing; corrector: lml.corrector_mixing)."""
+        return self._mix[self._key(i)]
 
     def update_args(self, i: int, step: Step, x: torch.Tensor, out: torch.Tensor, history, clip, backend) -> dict:
         """ops.multistep_update's dirs arguments for step i (one lml_gram pass and a tiny solve when active;
@@ -215,8 +227,7 @@ class LMLRun:
         p, q = data_coeffs(self.prediction, alpha, sigma)
         score = [(alpha * p - 1.0) / sigma**2, alpha * q / sigma**2, 0.0]  # s = (alpha x0 - x) / sigma^2
         plain = ops.UpdateCoeffs(p=0.0, q=0.0, a=1.0, b=(0.0,))
-        mix = torch.tensor(corrector_mixing(i, self.lml.rank, self.lml.kappa, self.slots), dtype=torch.float64,
-                           device=x.device).view(self.slots + 2, -1)
+        mix = self.mixing(i)
         step_alpha = 1.0 - float(self.schedule.betas[ts])
         z = self.dirs[-1]
         for _ in range(self.lml.n_steps):
