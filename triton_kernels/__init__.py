@@ -26,3 +26,17 @@ def multistep_update(*args, **kwargs):
     from .fused_update import multistep_update as impl
 
     return impl(*args, **kwargs)
+
+
+def resample_ancestors(*args, **kwargs):
+    """Normalise, ESS, decision and ancestors on Triton (signature of diffsampler.reference.resample_ancestors)."""
+    from .resample import resample_ancestors as impl
+
+    return impl(*args, **kwargs)
+
+
+def resample_move(*args, **kwargs):
+    """The in-place particle move on Triton (signature of diffsampler.reference.resample_move)."""
+    from .resample import resample_move as impl
+
+    return impl(*args, **kwargs)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("multistep_update.cpp", "multistep_update_cuda.cpp", "cuda/multistep_update.cu")
+SOURCES = ("multistep_update.cpp", "multistep_update_cuda.cpp", "resample_cuda.cpp", "cuda/resample.cu",
+           "cuda/multistep_update.cu")
 
 
 def source_dir() -> Path:
