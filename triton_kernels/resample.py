@@ -5,8 +5,8 @@ resample_ancestors: one program per group, passes over the group in BLOCK tiles 
 (workspace) and ESS -> the resample decision -> offspring counts by a binary search of each cumulative weight among
 the sorted draw positions -> the in-place ancestor arrangement (survivors keep their slot, dead slots take the
 extra copies in order, by a binary search over the extras' cumulative sum). Stores a later pass reads are fenced
-by tl.debug_barrier. resample_move: one program per (row, BLOCK chunk), loads and stores masked off unless the
-row's group was resampled and its ancestor is another row.
+by tl.debug_barrier. resample_move: one program per (row, BLOCK chunk), which copies only if the row's group was
+resampled and its ancestor is another row.
 """
 
 from __future__ import annotations
@@ -188,11 +188,11 @@ def _resample_move_kernel(p_ptr, anc_ptr, res_ptr, K, row, BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     g = r // K
     a = tl.load(anc_ptr + r)
-    copy = (tl.load(res_ptr + g) != 0) & (a != r - g * K)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = (offs < row) & copy
-    v = tl.load(p_ptr + (g * K + a) * row + offs, mask=mask)
-    tl.store(p_ptr + r * row + offs, v, mask=mask)
+    if (tl.load(res_ptr + g) != 0) & (a != r - g * K):
+        offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < row
+        v = tl.load(p_ptr + (g * K + a) * row + offs, mask=mask)
+        tl.store(p_ptr + r * row + offs, v, mask=mask)
 
 
 def resample_ancestors(log_w: torch.Tensor, uniforms: torch.Tensor, method: int, ess_threshold: float):
