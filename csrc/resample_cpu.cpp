@@ -24,9 +24,9 @@ struct GroupOut {
   float* log_norm;
 };
 
-// One group: lw (K), u (its uniforms), scratch q and counts (K each).
+// One group: lw (K), u (its uniforms), scratch q, counts and positions (K each).
 void resample_group(const float* lw, const double* u, int64_t K, int method, double threshold, GroupOut out,
-                    int64_t* q, int64_t* counts) {
+                    int64_t* q, int64_t* counts, int64_t* positions) {
   float m = -INFINITY;
   bool degenerate = false;
   for (int64_t k = 0; k < K; ++k) {
@@ -34,18 +34,21 @@ void resample_group(const float* lw, const double* u, int64_t K, int method, dou
     if (lw[k] > m) m = lw[k];
   }
   degenerate = degenerate || m == -INFINITY;
-  int64_t total = 0, a = 0, b = 0, c = 0;
-  double s = 0.0;
+  const float shift = degenerate ? 0.0f : m;
+  double s = 0.0;  // sum of exp(x) for log_norm (float exp, double sum: K up to 2^17 terms)
   for (int64_t k = 0; k < K; ++k) {
-    const float x = degenerate ? 0.0f : lw[k] - m;
+    const float x = degenerate ? 0.0f : lw[k] - shift;
     q[k] = ds_weight_q(x);
+    s += std::exp(x);
+  }
+  int64_t total = 0, a = 0, b = 0, c = 0;
+  for (int64_t k = 0; k < K; ++k) {
     total += q[k];
     int64_t da, db, dc;
     ds_square_parts(q[k], da, db, dc);
     a += da;
     b += db;
     c += dc;
-    s += std::exp(static_cast<double>(x));
   }
   const double ess = ds_ess(total, a, b, c);
   const bool resampled = ess < threshold * static_cast<double>(K);
@@ -73,11 +76,12 @@ void resample_group(const float* lw, const double* u, int64_t K, int method, dou
   } else {
     for (int64_t k = 0; k < K; ++k) counts[k] = 0;
   }
+  for (int64_t j = 0; j < count; ++j) positions[j] = ds_position(method, j, u, K, count, weight_total);
   int64_t j = 0, cum = 0;
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < K; ++k) {  // merge the sorted positions with the cumulative weights
     cum += q[k];
     const int64_t start = j;
-    while (j < count && ds_position(method, j, u, K, count, weight_total) < cum) ++j;
+    while (j < count && positions[j] < cum) ++j;
     counts[k] += j - start;
   }
   // Survivors keep their slot; the i-th dead slot takes the i-th extra copy.
@@ -112,11 +116,11 @@ ResampleOutputs resample_ancestors_cpu(const at::Tensor& log_w_in, const at::Ten
   float* log_norm = std::get<4>(outs).data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 4096 / K);
   at::parallel_for(0, G, grain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> scratch(2 * K);
+    std::vector<int64_t> scratch(3 * K);
     for (int64_t g = begin; g < end; ++g) {
       GroupOut o{lw_out + g * K, anc + g * K, ess + g, res + g, log_norm + g};
       resample_group(lw + g * K, u + g * width, K, static_cast<int>(method), ess_threshold, o, scratch.data(),
-                     scratch.data() + K);
+                     scratch.data() + K, scratch.data() + 2 * K);
     }
   });
   return outs;

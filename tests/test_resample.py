@@ -149,8 +149,8 @@ STAT_GROUPS = 4000
 STAT_W = torch.tensor([0.3, 0.02, 0.15, 0.005, 0.2, 0.125, 0.1, 0.1], dtype=torch.float64)
 # Two-sided z bound at a family-wise false-alarm rate of 1e-6 over 4 methods x 8 counts (Bonferroni):
 # P(|Z| > 5.9) = 3.6e-9 <= 1e-6 / 32. The variance used, K w (1 - w), is the multinomial one, an upper bound for
-# the other three schemes (stratified: sum_j p_j (1 - p_j) <= K w (1 - w) by convexity; systematic and
-# residual: at most that of stratified / of their multinomial remainder), so the bound stays valid for each.
+# the other three schemes (stratified: sum_j p_j (1 - p_j) <= K w (1 - w) by convexity; systematic: <= 1/4;
+# residual: r (1 - r / R) <= K w (1 - w), docs/smc.md), so the bound stays valid for each.
 Z_BOUND = 5.9
 
 

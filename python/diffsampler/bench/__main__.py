@@ -1,10 +1,11 @@
-"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, report."""
+"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, resample, report."""
 
 import sys
 
-from . import loop, quality, report, step
+from . import loop, quality, report, resample, step
 
-SUBCOMMANDS = {"step": step.main, "loop": loop.main, "quality": quality.main, "report": report.main}
+SUBCOMMANDS = {"step": step.main, "loop": loop.main, "quality": quality.main,
+               "resample": resample.main, "report": report.main}
 
 
 def main(argv=None) -> None:
