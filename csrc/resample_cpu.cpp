@@ -1,7 +1,8 @@
 // CPU kernels of the resampling ops and the registration of their schemas. One group per task (at::parallel_for
-// over groups); within a group three sequential passes: max, quantised weights with their exact cumulative sum and
-// ESS, then a merge of the sorted draw positions with the cumulative weights (offspring counts) and the in-place
-// ancestor arrangement. The move copies the rows of dead slots only. Math: cuda/resample_math.h.
+// over groups); within a group sequential passes: max, quantised weights with their exact sum and ESS, then a
+// merge of the sorted draw positions with the cumulative weights (offspring counts) and the in-place ancestor
+// arrangement. The move lists the dead slots of resampled groups, then copies those rows only.
+// Math: cuda/resample_math.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -9,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "resample.h"
@@ -130,16 +132,22 @@ void resample_move_cpu(const at::Tensor& particles, const at::Tensor& ancestors,
   TORCH_CHECK(particles.device().is_cpu(), "resample_move_cpu: particles must be a CPU tensor");
   const int64_t row = resample_row_bytes(particles, ancestors, resampled);
   const int64_t G = ancestors.size(0), K = ancestors.size(1);
-  const at::Tensor work = particles.is_contiguous() ? particles : particles.contiguous();
-  char* base = static_cast<char*>(work.data_ptr());
   const int64_t* anc = ancestors.data_ptr<int64_t>();
   const bool* res = resampled.data_ptr<bool>();
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(row, 1));
-  at::parallel_for(0, G * K, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t g = r / K, k = r % K;
-      if (res[g] && anc[r] != k) std::memcpy(base + r * row, base + (g * K + anc[r]) * row, row);
+  std::vector<std::pair<int64_t, int64_t>> copies;  // (destination, source) rows: the dead slots
+  for (int64_t g = 0; g < G; ++g) {
+    if (!res[g]) continue;
+    for (int64_t k = 0; k < K; ++k) {
+      if (anc[g * K + k] != k) copies.emplace_back(g * K + k, g * K + anc[g * K + k]);
     }
+  }
+  if (copies.empty()) return;
+  const at::Tensor work = particles.is_contiguous() ? particles : particles.contiguous();
+  char* base = static_cast<char*>(work.data_ptr());
+  // Threads only for more than ~4 MiB of copies: below that, waking them costs more than the copy.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{4} << 20) / std::max<int64_t>(row, 1));
+  at::parallel_for(0, static_cast<int64_t>(copies.size()), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) std::memcpy(base + copies[i].first * row, base + copies[i].second * row, row);
   });
   if (!work.is_same(particles)) particles.copy_(work);
 }

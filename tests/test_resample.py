@@ -325,7 +325,8 @@ def test_cuda_identical_ancestors(method):
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_move_and_graph_capture(dtype):
-    """The move on CUDA (flat rows of several alignments, non-contiguous), the whole op captured in a CUDA graph."""
+    """The move on CUDA (flat rows of several alignments, non-contiguous), opcheck of the CUDA and Triton ops, the
+    whole op captured in a CUDA graph."""
     G, K = 4, 33
     for shape in [(G * K, 4, 9, 9), (G * K, 3), (G * K,), (G, K, 5)]:
         lw = torch.randn(G, K, device="cuda") * 3
@@ -339,15 +340,24 @@ def test_cuda_move_and_graph_capture(dtype):
     assert torch.equal(strided, before[ops.ancestor_rows(out.ancestors)])
     lw = torch.randn(G, K, device="cuda") * 3
     particles = torch.randn(G * K, 16, device="cuda").to(dtype)
-    gen = torch.cuda.Generator().manual_seed(0)
+    uniforms = ops.resample_uniforms("residual", G, K, None, "cuda")
+    torch.library.opcheck(torch.ops.diffsampler.resample_ancestors.default, (lw, uniforms, 3, 0.9))
+    anc, res = torch.ops.diffsampler.resample_ancestors(lw, uniforms, 3, INF)[1:4:2]
+    torch.library.opcheck(torch.ops.diffsampler.resample_move.default, (particles.clone(), anc, res))
+    if ops.backends()["triton"]:
+        import diffsampler.triton_kernels.resample  # noqa: F401  (registers the Triton ops; under the CPU
+        # interpreter their fake tensors reach the interpreter, so they are checked here only)
+
+        torch.library.opcheck(torch.ops.diffsampler.resample_ancestors_triton.default, (lw, uniforms, 3, 0.9))
+        torch.library.opcheck(torch.ops.diffsampler.resample_move_triton.default, (particles.clone(), anc, res))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        ops.resample(lw, particles.clone(), "systematic", 0.5, gen, backend="cuda")
+        ops.resample(lw, particles.clone(), "systematic", 0.5, backend="cuda")  # the default generator: captured
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = ops.resample(lw, particles, "systematic", 0.5, gen, backend="cuda")
+        out = ops.resample(lw, particles, "systematic", 0.5, backend="cuda")
     graph.replay()
     torch.cuda.synchronize()
     assert out.ancestors.shape == (G, K)

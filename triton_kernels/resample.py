@@ -195,10 +195,10 @@ def _resample_move_kernel(p_ptr, anc_ptr, res_ptr, K, row, BLOCK: tl.constexpr):
         tl.store(p_ptr + r * row + offs, v, mask=mask)
 
 
-def resample_ancestors(log_w: torch.Tensor, uniforms: torch.Tensor, method: int, ess_threshold: float):
-    """Signature and outputs of diffsampler.reference.resample_ancestors; log_w float32."""
-    if log_w.dtype != torch.float32 or uniforms.dtype != torch.float64:
-        raise ValueError(f"log_w must be float32 and uniforms float64, got {log_w.dtype} and {uniforms.dtype}")
+@torch.library.triton_op("diffsampler::resample_ancestors_triton", mutates_args=())
+def resample_ancestors_triton(log_w: torch.Tensor, uniforms: torch.Tensor, method: int, ess_threshold: float
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Signature and outputs of diffsampler.reference.resample_ancestors; log_w float32, uniforms float64."""
     G, K = log_w.shape
     log_w, uniforms = log_w.contiguous(), uniforms.contiguous()
     lw_out = torch.empty_like(log_w)
@@ -206,13 +206,14 @@ def resample_ancestors(log_w: torch.Tensor, uniforms: torch.Tensor, method: int,
     ess, log_norm = log_w.new_empty(G), log_w.new_empty(G)
     resampled = torch.empty(G, dtype=torch.int8, device=log_w.device)
     cum, cnt = torch.empty_like(ancestors), torch.empty_like(ancestors)
-    _resample_ancestors_kernel[(G,)](log_w, uniforms, lw_out, ancestors, ess, resampled, log_norm, cum, cnt,
-                                     K, uniforms.shape[1], ess_threshold, METHOD=method,
-                                     STEPS=max(1, math.ceil(math.log2(K + 1))), BLOCK=BLOCK)
+    torch.library.wrap_triton(_resample_ancestors_kernel)[(G,)](
+        log_w, uniforms, lw_out, ancestors, ess, resampled, log_norm, cum, cnt, K, uniforms.shape[1], ess_threshold,
+        METHOD=method, STEPS=max(1, math.ceil(math.log2(K + 1))), BLOCK=BLOCK)
     return lw_out, ancestors, ess, resampled.bool(), log_norm
 
 
-def resample_move(particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor) -> None:
+@torch.library.triton_op("diffsampler::resample_move_triton", mutates_args={"particles"})
+def resample_move_triton(particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor) -> None:
     """reference.resample_move on Triton: copies the rows of dead slots of resampled groups, in place."""
     G, K = ancestors.shape
     work = particles if particles.is_contiguous() else particles.contiguous()
@@ -221,7 +222,19 @@ def resample_move(particles: torch.Tensor, ancestors: torch.Tensor, resampled: t
     flat = work.view(-1).view(torch.uint8).view(word)
     row = row_bytes // flat.element_size()
     if row > 0:
-        _resample_move_kernel[(G * K, triton.cdiv(row, MOVE_BLOCK))](
+        torch.library.wrap_triton(_resample_move_kernel)[(G * K, triton.cdiv(row, MOVE_BLOCK))](
             flat, ancestors.contiguous(), resampled.to(torch.int8), K, row, BLOCK=MOVE_BLOCK)
     if work is not particles:
         particles.copy_(work)
+
+
+def resample_ancestors(log_w: torch.Tensor, uniforms: torch.Tensor, method: int, ess_threshold: float):
+    """Entry point with the reference's signature (the registered op)."""
+    if log_w.dtype != torch.float32 or uniforms.dtype != torch.float64:
+        raise ValueError(f"log_w must be float32 and uniforms float64, got {log_w.dtype} and {uniforms.dtype}")
+    return torch.ops.diffsampler.resample_ancestors_triton(log_w, uniforms, int(method), float(ess_threshold))
+
+
+def resample_move(particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor) -> None:
+    """Entry point with the reference's signature (the registered op)."""
+    torch.ops.diffsampler.resample_move_triton(particles, ancestors, resampled)
