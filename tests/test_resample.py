@@ -355,9 +355,13 @@ def test_cuda_move_and_graph_capture(dtype):
     with torch.cuda.stream(side):
         ops.resample(lw, particles.clone(), "systematic", 0.5, backend="cuda")  # the default generator: captured
     torch.cuda.current_stream().wait_stream(side)
+    before = particles.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = ops.resample(lw, particles, "systematic", 0.5, backend="cuda")
     graph.replay()
     torch.cuda.synchronize()
-    assert out.ancestors.shape == (G, K)
+    assert torch.equal(particles, before[ops.ancestor_rows(out.ancestors)])
+    ess = 1 / (torch.softmax(lw.double(), 1) ** 2).sum(1)
+    assert torch.allclose(out.ess.double(), ess, rtol=1e-5)
+    assert torch.equal(out.resampled, out.ess < 0.5 * K)
