@@ -80,8 +80,11 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu (the fused C++ kernels) or cuda")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON ('' for none)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     record = machine_record(device)
     rows = run(device, args.min_time)
