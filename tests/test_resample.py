@@ -144,6 +144,30 @@ def test_ess_threshold(backend):
     assert not never.resampled.any() and torch.equal(never.particles.view(torch.int32), particles.view(torch.int32))
 
 
+def check_threshold_boundary(fn, device, seed):
+    """Thresholds one float64 step either side of ESS / K: fn decides as the float64 reference (a threshold
+    rounded to float32 anywhere would flip one of them)."""
+    K = 37
+    lw = torch.randn(3, K, generator=torch.Generator().manual_seed(seed))
+    uniforms = torch.rand(3, 1, dtype=torch.float64)
+    ess = reference.quantized_ess(reference.quantized_weights(lw)[0])  # float64, what the decision compares
+    for g in range(3):
+        above = below = ess[g].item() / K
+        while not ess[g].item() < above * K:
+            above = math.nextafter(above, 2.0)
+        while ess[g].item() < below * K:
+            below = math.nextafter(below, 0.0)
+        for threshold, expected in [(above, True), (below, False)]:
+            resampled = fn(lw.to(device), uniforms.to(device), 0, threshold)[3].cpu()
+            assert resampled[g].item() is expected
+            assert torch.equal(resampled, reference.resample_ancestors(lw, uniforms, 0, threshold)[3])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_decision_at_the_threshold_boundary(backend):
+    check_threshold_boundary(fused(backend), "cpu", case_seed("resample-boundary", backend))
+
+
 # Statistics: N_g = 4000 groups with the same weights in one call (one row of uniforms each: independent draws).
 STAT_GROUPS = 4000
 STAT_W = torch.tensor([0.3, 0.02, 0.15, 0.005, 0.2, 0.125, 0.1, 0.1], dtype=torch.float64)
@@ -315,10 +339,18 @@ def test_cuda_identical_ancestors(method):
             out = torch.ops.diffsampler.resample_ancestors(lw.cuda(), uniforms.cuda(), METHODS.index(method),
                                                            threshold)
             assert_same_as_reference([t.cpu() for t in out], ref)
-            if K <= 1031 and ops.backends()["triton"]:
+            if K <= 1031 and ops.backends()["triton"]:  # (the Triton kernels compiled for the GPU)
                 tri = ds.triton_kernels.resample_ancestors(lw.cuda(), uniforms.cuda(), METHODS.index(method),
                                                            threshold)
                 assert_same_as_reference([t.cpu() for t in tri], ref)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_decision_at_the_threshold_boundary():
+    check_threshold_boundary(torch.ops.diffsampler.resample_ancestors, "cuda", case_seed("resample-boundary-cuda"))
+    if ops.backends()["triton"]:
+        check_threshold_boundary(ds.triton_kernels.resample_ancestors, "cuda", case_seed("resample-boundary-tr"))
 
 
 @pytest.mark.gpu

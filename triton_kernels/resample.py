@@ -74,9 +74,9 @@ def _draws_below(u_row, c, K, count, total, METHOD: tl.constexpr, STEPS: tl.cons
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "width"])  # K = 1 must stay a tensor (K.to(...) below)
 def _resample_ancestors_kernel(lw_ptr, u_ptr, lw_out_ptr, anc_ptr, ess_ptr, res_ptr, log_norm_ptr, cum_ptr, cnt_ptr,
-                               K, width, threshold, METHOD: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+                               limit_ptr, K, width, METHOD: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     lw_row, u_row = lw_ptr + g * K, u_ptr + g * width
     cum_row, cnt_row, anc_row = cum_ptr + g * K, cnt_ptr + g * K, anc_ptr + g * K
@@ -112,7 +112,7 @@ def _resample_ancestors_kernel(lw_ptr, u_ptr, lw_out_ptr, anc_ptr, ess_ptr, res_
     td = total.to(tl.float64)
     sq = sa.to(tl.float64) * 268435456.0 + sb.to(tl.float64) * 32768.0 + sc.to(tl.float64)
     ess = td * td / sq
-    resampled = ess < threshold * K.to(tl.float64)
+    resampled = ess < tl.load(limit_ptr)  # ess_threshold K in float64 (a float argument would be float32)
     log_norm = m + tl.log(s)
     tl.store(ess_ptr + g, ess.to(tl.float32))
     tl.store(res_ptr + g, resampled.to(tl.int8))
@@ -125,7 +125,7 @@ def _resample_ancestors_kernel(lw_ptr, u_ptr, lw_out_ptr, anc_ptr, ess_ptr, res_
         tl.store(lw_out_ptr + g * K + offs, tl.where(resampled | degenerate, uniform, v - log_norm), mask=mask)
         tl.store(anc_row + offs, offs, mask=mask)
     if resampled:
-        count = K
+        count = tl.zeros((), tl.int64) + K
         weight_total = total
         if METHOD == 3:  # floor(K q / T) copies; the remainders K q mod T are the weights of the remainder draws
             tl.debug_barrier()
@@ -206,8 +206,9 @@ def resample_ancestors_triton(log_w: torch.Tensor, uniforms: torch.Tensor, metho
     ess, log_norm = log_w.new_empty(G), log_w.new_empty(G)
     resampled = torch.empty(G, dtype=torch.int8, device=log_w.device)
     cum, cnt = torch.empty_like(ancestors), torch.empty_like(ancestors)
+    limit = torch.full((1,), ess_threshold * K, dtype=torch.float64, device=log_w.device)  # a fill: no copy, no sync
     torch.library.wrap_triton(_resample_ancestors_kernel)[(G,)](
-        log_w, uniforms, lw_out, ancestors, ess, resampled, log_norm, cum, cnt, K, uniforms.shape[1], ess_threshold,
+        log_w, uniforms, lw_out, ancestors, ess, resampled, log_norm, cum, cnt, limit, K, uniforms.shape[1],
         METHOD=method, STEPS=max(1, math.ceil(math.log2(K + 1))), BLOCK=BLOCK)
     return lw_out, ancestors, ess, resampled.bool(), log_norm
 
