@@ -2,9 +2,9 @@
 the same uniforms), the statistics of the four schemes, the ESS threshold, the particle move, and bad input."""
 
 import math
-import os
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ import diffsampler as ds
 import diffsampler.triton_kernels  # noqa: F401  (the subpackage, also when ops has not probed it yet)
 from diffsampler import ops, reference
 from diffsampler.bench.common import OpCounter
+from test_cuda import cuda_include
 from update_cases import case_seed
 
 METHODS = ops.RESAMPLE_METHODS
@@ -317,6 +318,21 @@ def test_cuda_kernels_compile_with_nvcc(arch, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert obj.stat().st_size > 0
+
+
+@pytest.mark.skipif(cuda_include() is None, reason="no CUDA toolkit headers next to nvcc")
+def test_cuda_host_registration_compiles(tmp_path):
+    """csrc/resample_cuda.cpp against torch's headers (syntax and types), as tests/test_cuda.py does for the
+    update's host file: an empty c10 cuda_cmake_macros.h stands in for the one of CUDA builds of torch."""
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("")
+    torch_inc = Path(torch.__file__).parent / "include"
+    cmd = ["c++", "-fsyntax-only", "-std=c++20", "-Wall", "-Werror", "-I", str(CSRC), "-I", str(torch_inc),
+           "-I", str(torch_inc / "torch" / "csrc" / "api" / "include"), "-I", str(cuda_include()),
+           "-I", str(tmp_path), "-I", sysconfig.get_paths()["include"], str(CSRC / "resample_cuda.cpp")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
