@@ -18,7 +18,8 @@ constexpr const char* kResampleAncestorsSchema =
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)";
 // particles (G K, ...) or (G, K, ...), any dtype: rows k of resampled groups with ancestors[g, k] != k take row
 // ancestors[g, k] of their group, in place.
-constexpr const char* kResampleMoveSchema = "resample_move(Tensor(a!) particles, Tensor ancestors, Tensor resampled) -> ()";
+constexpr const char* kResampleMoveSchema =
+    "resample_move(Tensor(a!) particles, Tensor ancestors, Tensor resampled) -> ()";
 
 using ResampleOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
