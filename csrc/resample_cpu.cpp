@@ -26,9 +26,9 @@ struct GroupOut {
   float* log_norm;
 };
 
-// One group: lw (K), u (its uniforms), scratch q, counts and positions (K each).
+// One group: lw (K), u (its uniforms), scratch q, counts, positions and drawn (K + 1 each).
 void resample_group(const float* lw, const double* u, int64_t K, int method, double threshold, GroupOut out,
-                    int64_t* q, int64_t* counts, int64_t* positions) {
+                    int64_t* q, int64_t* counts, int64_t* positions, int64_t* drawn) {
   float m = -INFINITY;
   bool degenerate = false;
   for (int64_t k = 0; k < K; ++k) {
@@ -79,13 +79,20 @@ void resample_group(const float* lw, const double* u, int64_t K, int method, dou
     for (int64_t k = 0; k < K; ++k) counts[k] = 0;
   }
   for (int64_t j = 0; j < count; ++j) positions[j] = ds_position(method, j, u, K, count, weight_total);
-  int64_t j = 0, cum = 0;
-  for (int64_t k = 0; k < K; ++k) {  // merge the sorted positions with the cumulative weights
-    cum += q[k];
-    const int64_t start = j;
-    while (j < count && positions[j] < cum) ++j;
-    counts[k] += j - start;
+  positions[count] = std::numeric_limits<int64_t>::max();  // sentinel: past every cumulative weight
+  q[K] = 0;
+  // Merge the sorted positions with the cumulative weights, branch-free: each step either gives the next draw to
+  // particle k (its position is below C_k) or closes particle k, storing its count, and moves to k + 1.
+  int64_t j = 0, k = 0, run = 0, cum = q[0];
+  for (int64_t step = 0; step < count + K; ++step) {
+    const int64_t take = positions[j] < cum;
+    drawn[k] = run;  // final at the closing step
+    run = (run + 1) * take;
+    j += take;
+    k += 1 - take;
+    cum += (1 - take) * q[k];
   }
+  for (int64_t i = 0; i < K; ++i) counts[i] += drawn[i];
   // Survivors keep their slot; the i-th dead slot takes the i-th extra copy.
   int64_t source = -1, left = 0;
   for (int64_t k = 0; k < K; ++k) {
@@ -118,11 +125,12 @@ ResampleOutputs resample_ancestors_cpu(const at::Tensor& log_w_in, const at::Ten
   float* log_norm = std::get<4>(outs).data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 4096 / K);
   at::parallel_for(0, G, grain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> scratch(3 * K);
+    std::vector<int64_t> scratch(4 * (K + 1));
     for (int64_t g = begin; g < end; ++g) {
       GroupOut o{lw_out + g * K, anc + g * K, ess + g, res + g, log_norm + g};
-      resample_group(lw + g * K, u + g * width, K, static_cast<int>(method), ess_threshold, o, scratch.data(),
-                     scratch.data() + K, scratch.data() + 2 * K);
+      int64_t* w = scratch.data();
+      resample_group(lw + g * K, u + g * width, K, static_cast<int>(method), ess_threshold, o, w, w + (K + 1),
+                     w + 2 * (K + 1), w + 3 * (K + 1));
     }
   });
   return outs;
