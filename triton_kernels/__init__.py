@@ -33,3 +33,17 @@ def lml_gram(*args, **kwargs):
     from .lml import lml_gram as impl
 
     return impl(*args, **kwargs)
+
+
+def resample_ancestors(*args, **kwargs):
+    """Normalise, ESS, decision and ancestors on Triton (signature of diffsampler.reference.resample_ancestors)."""
+    from .resample import resample_ancestors as impl
+
+    return impl(*args, **kwargs)
+
+
+def resample_move(*args, **kwargs):
+    """The in-place particle move on Triton (signature of diffsampler.reference.resample_move)."""
+    from .resample import resample_move as impl
+
+    return impl(*args, **kwargs)

@@ -7,6 +7,8 @@ storage dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Layout of the flat coefficient list shared by every backend of multistep_update:
@@ -214,3 +216,136 @@ def ems_update(
     if history is not None:
         history[write_slot].copy_(m0)
     return x_next.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Particle resampling (docs/smc.md). Every backend runs the same exact integer pipeline on the float32 log-weights,
+# so the same uniforms give bitwise identical ancestors and resampling decisions everywhere:
+#   x_k = max(lw_k - max_j lw_j, -32)                       one float32 subtraction (exact order-free max)
+#   X_k = floor(x_k 2^24)  (int64),  q_k = floor(2^28 e^{x_k})  by a fixed-point exp2 (Horner in int64)
+#   C = cumsum(q) (exact), T = C_{K-1};  ESS = T^2 / sum q^2  (sum q^2 from three exact int64 sums, in float64)
+# Weights below 2^-28 of the group's largest get q = 0 (no offspring); the rest are exact to ~1e-8 relative.
+METHODS = ("systematic", "stratified", "multinomial", "residual")
+RESAMPLE_WEIGHT_BITS = 28  # q_k <= 2^28; with K <= MAX_PARTICLES every int64 sum below stays under 2^63
+MAX_PARTICLES = 1 << 17
+EXP_FRAC_BITS = 24  # fixed-point input of the exp: x in steps of 2^-24
+EXP_LOG2E = 1549082005  # round(log2(e) 2^30)
+EXP2_TAYLOR = (1073741824, 744261118, 257941248, 59597083, 10327387, 1431680, 165394, 16377, 1419, 109)  # ln2^i/i! 2^30
+EXP_MIN = -32.0
+
+
+def quantized_weights(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, degenerate): q (G, K) int64 = floor(2^28 exp(lw - max lw)) by the fixed-point pipeline above, and the
+    (G,) flag of groups with a NaN or +inf entry or all entries -inf, whose weights are reset to uniform (q = 2^28)."""
+    lw = lw.to(torch.float32)
+    degenerate = torch.isnan(lw).any(1) | (lw == float("inf")).any(1)
+    m = torch.where(torch.isnan(lw), float("-inf"), lw).amax(1, keepdim=True)
+    degenerate = degenerate | (m[:, 0] == float("-inf"))
+    x = torch.where(degenerate[:, None], torch.zeros_like(lw), lw - m).clamp(min=EXP_MIN)
+    X = torch.floor(x * float(1 << EXP_FRAC_BITS)).to(torch.int64)
+    y = X * EXP_LOG2E                                   # log2 weight, 2^54 scale
+    n = y >> 54                                         # its floor: integer part, in [-47, 0]
+    f = (y - n * (1 << 54)) >> 24                       # fraction in [0, 1), 2^30 scale
+    p = torch.full_like(f, EXP2_TAYLOR[-1])
+    for c in EXP2_TAYLOR[-2::-1]:
+        p = c + ((p * f) >> 30)                         # 2^f in [2^30, 2^31)
+    return p >> (30 - RESAMPLE_WEIGHT_BITS - n), degenerate
+
+
+def quantized_ess(q: torch.Tensor) -> torch.Tensor:
+    """(G,) float64 ESS = T^2 / sum q^2 with T = sum q: q = hi 2^14 + lo, the three int64 sums are exact, and the
+    float64 combination is a fixed sequence of correctly rounded operations."""
+    hi, lo = q >> 14, q & ((1 << 14) - 1)
+    total = q.sum(1).double()
+    sq = (hi * hi).sum(1).double() * 2.0**28 + (hi * lo).sum(1).double() * 2.0**15 + (lo * lo).sum(1).double()
+    return total * total / sq
+
+
+def resample_thresholds(method: int, uniforms: torch.Tensor, total: torch.Tensor, count: torch.Tensor,
+                        K: int) -> torch.Tensor:
+    """(G, K) int64 sorted positions t_j = min(floor(u_j total), total - 1) of the j < count draws in [0, total)
+    (count for residual's remainder, else K; the other entries are `total`, beyond every cumulative weight):
+        systematic u_j = (j + U) / K;  stratified u_j = (j + U_j) / K;  multinomial u_j = U_(j) (sorted);
+        residual u_j = U_(j) / U_(R) (R = count: given the (R+1)-th smallest of K uniforms, the R below it are
+        R sorted uniforms on [0, U_(R)]).
+    All in float64, one correctly rounded operation at a time (so every backend gets the same integers)."""
+    j = torch.arange(K, dtype=torch.float64, device=uniforms.device)[None, :]
+    if method == 0:
+        u = (j + uniforms[:, :1]) / K
+    elif method == 1:
+        u = (j + uniforms) / K
+    elif method == 2:
+        u = uniforms
+    else:
+        top = uniforms.gather(1, count.clamp(max=K - 1)[:, None])
+        u = torch.where(top > 0, uniforms / torch.where(top > 0, top, 1.0), 0.0)
+    t = torch.minimum((u * total.double()[:, None]).to(torch.int64), total[:, None] - 1)
+    return torch.where(j < count[:, None], t, total[:, None])
+
+
+def offspring_counts(method: int, q: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(G, K) int64 N_k: the number of draws j whose position falls in [C_{k-1}, C_k), C = cumsum(q); residual:
+    N_k = floor(K q_k / T) + the remainder's draws over the cumulative residuals K q_k mod T."""
+    G, K = q.shape
+    base = torch.zeros_like(q)
+    weights, count = q, torch.full((G,), K, dtype=torch.int64, device=q.device)
+    if method == 3:
+        T = q.sum(1, keepdim=True)
+        base = K * q // T
+        weights, count = K * q - T * base, K - base.sum(1)
+    C = weights.cumsum(1)
+    t = resample_thresholds(method, uniforms, C[:, -1], count, K)
+    below = torch.searchsorted(t, C, side="left")      # #{j : t_j < C_k}
+    return base + below.diff(dim=1, prepend=torch.zeros_like(below[:, :1]))
+
+
+def inplace_ancestors(counts: torch.Tensor) -> torch.Tensor:
+    """(G, K) int64 ancestors (within-group indices) from offspring counts, arranged for an in-place move: a
+    particle with N_k >= 1 keeps its slot (a_k = k); the i-th dead slot (in slot order) takes the i-th extra copy
+    (the extra copies listed in particle order: N_k - 1 copies of k)."""
+    K = counts.shape[1]
+    dead = counts == 0
+    extras = (counts - 1).clamp(min=0).cumsum(1)
+    rank = dead.to(torch.int64).cumsum(1) - 1
+    source = torch.searchsorted(extras, rank, side="right")  # smallest k' with extras_k' > rank
+    return torch.where(dead, source, torch.arange(K, device=counts.device))
+
+
+def resample_ancestors(log_w: torch.Tensor, uniforms: torch.Tensor, method: int,
+                       ess_threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor]:
+    """Normalise, ESS, decide, draw ancestors (docs/smc.md); returns (log_w_out, ancestors, ess, resampled, log_norm).
+
+        log_norm = logsumexp_k lw_k                  (NaN for a degenerate group)
+        ESS      = 1 / sum_k w_k^2,  w = softmax(lw)  (from the quantised weights, see quantized_ess)
+        resampled = ESS < ess_threshold * K          (float64; ess_threshold = inf: always)
+        log_w_out = -log K if resampled or degenerate, else lw - log_norm
+        ancestors = inplace_ancestors(N) if resampled, else k
+
+    log_w (G, K) float32/float64; uniforms (G, 1) (systematic) or (G, K) float64, sorted per group for
+    multinomial and residual; method indexes METHODS. float64 log_w gives float64 outputs.
+    """
+    G, K = log_w.shape
+    cd = compute_dtype(log_w.dtype)
+    q, degenerate = quantized_weights(log_w)
+    ess = quantized_ess(q)
+    resampled = ess < ess_threshold * K
+    counts = offspring_counts(method, q, uniforms)
+    arange = torch.arange(K, device=log_w.device).expand(G, K)
+    ancestors = torch.where(resampled[:, None], inplace_ancestors(counts), arange)
+    lw = log_w.to(cd)
+    log_norm = torch.where(degenerate, float("nan"), torch.logsumexp(lw, 1))
+    uniform = torch.full_like(lw, -math.log(K))
+    log_w_out = torch.where((resampled | degenerate)[:, None], uniform, lw - log_norm[:, None])
+    return log_w_out.to(log_w.dtype), ancestors.contiguous(), ess.to(cd), resampled, log_norm
+
+
+def resample_move(particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor) -> None:
+    """particles[g K + k] = particles[g K + ancestors[g, k]] for every row (in place), rows = the first dim (G K)
+    or the first two (G, K); with in-place ancestors only the dead slots change (the copy of a row onto itself
+    is bitwise the same)."""
+    G, K = ancestors.shape
+    rows = ancestors + K * torch.arange(G, device=ancestors.device)[:, None]
+    rows = torch.where(resampled[:, None], rows, torch.arange(G * K, device=rows.device).view(G, K)).reshape(-1)
+    flat = particles.reshape(G * K, -1)
+    particles.copy_(flat[rows].reshape(particles.shape))

@@ -1,11 +1,12 @@
-"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, lml, digits, report."""
+"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, lml, resample, digits,
+report."""
 
 import sys
 
-from . import digits_solvers, lml, loop, quality, report, step
+from . import digits_solvers, lml, loop, quality, report, resample, step
 
 SUBCOMMANDS = {"step": step.main, "loop": loop.main, "quality": quality.main, "lml": lml.main,
-               "digits": digits_solvers.main, "report": report.main}
+               "resample": resample.main, "digits": digits_solvers.main, "report": report.main}
 
 
 def main(argv=None) -> None:
