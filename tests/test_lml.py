@@ -173,13 +173,14 @@ def test_sample_cpu_matches_reference(ring, solver):
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(SESSION_SEED))
     target = GaussianMixture.random(dim=64, modes=3, seed=1)
     args = (target.model(schedule), x, 10, solver, schedule)
-    opts = dict(lml=ds.LML(kappa=0.6, damping=0.5, rank=2))
+    # DDIM's g = eps barely changes between high-noise steps: with a small damping g' is tiny and the rescale
+    # ||g|| / ||g'|| (about 200 at damping 0.5) amplifies the rounding of g_n - g_{n-1}, so that even the fp32
+    # reference is up to 5e-3 away from float64 (the method's conditioning, docs/lml.md). At damping 50 the fp32
+    # reference is within 1e-4 of float64 over seeds; the bound leaves a factor 2.
+    opts = dict(lml=ds.LML(kappa=0.6, damping=50.0 if solver == "ddim" else 0.5, rank=2))
     ref = ds.sample(*args, backend="reference", **opts)
     got = ds.sample(*args, backend="cpu", **opts)
-    # Both fp32 with different summation orders. DDIM's g = eps barely changes between high-noise steps, so
-    # g' is small and the rescale ||g|| / ||g'|| (about 200 here) amplifies the rounding of g_n - g_{n-1}:
-    # the fp32 reference itself is 5e-3 away from float64 then (the method's conditioning, not the kernels').
-    tol = 1e-2 if solver == "ddim" else 1e-5
+    tol = 2e-4 if solver == "ddim" else 1e-5
     assert rel(got, ref) < tol
     assert rel(got, ds.sample(*args, backend="cpu")) > 10 * tol  # and LML changed the result
 
