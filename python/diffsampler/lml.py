@@ -106,8 +106,7 @@ def correction_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, sc
     a = a + damping * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     rhs = (c_mat.T @ g[:, :, :1])
     w, _ = torch.linalg.solve_ex(a, rhs)
-    e0 = torch.zeros(g.shape[-1], 1, dtype=g.dtype, device=g.device)
-    e0[0] = 1.0
+    e0 = torch.eye(g.shape[-1], 1, dtype=g.dtype, device=g.device)  # built on the device: no upload
     c = e0 - c_mat @ w  # (B, 1 + R, 1)
     n2 = (c.transpose(1, 2) @ g @ c).view(-1)
     g2 = g[:, 0, 0]
@@ -160,7 +159,7 @@ def corrector_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, snr
 class LMLRun:
     """LML's state over one sampling loop: the ring of raw directions and the per-step mixing matrices."""
 
-    def __init__(self, lml: LML, plan: Plan, x: torch.Tensor, time_scale: float, schedule=None,
+    def __init__(self, lml: LML, plan: Plan, x: torch.Tensor, time_scale: float | None = None, schedule=None,
                  prediction: str = "eps"):
         if any(step.coeffs is None for step in plan.steps):
             raise ValueError("lml needs a solver whose step is the fused multistep update; dpmv3's per-element "
@@ -170,7 +169,9 @@ class LMLRun:
         # corrector: rank + 1 recorded directions (u_r needs g_{n-1-r}) and a slot for the noise
         self.slots = lml.rank + 1 if self.corrector else lml.rank
         self.dirs = torch.zeros((self.slots + self.corrector, *x.shape), dtype=x.dtype, device=x.device)
-        self.active = [step.t < (1.0 - lml.freeze) * time_scale for step in plan.steps]
+        if time_scale is None:  # T of the freeze option: the largest model time of the plan
+            time_scale = max(abs(float(step.t)) for step in plan.steps)
+        self.active = [lml.freeze == 0 or step.t < (1.0 - lml.freeze) * time_scale for step in plan.steps]
         if self.corrector:
             from .schedules import VP
 
@@ -186,9 +187,9 @@ class LMLRun:
                 self._mix[self._key(i)] = self._mixing(i, x.device)
 
     def _key(self, i: int) -> int:
-        """Past the warm-up the mixing matrices depend on the step only through its ring position."""
-        r = self.lml.rank + (1 if self.corrector else 0)
-        return i if i <= r else r + 1 + i % self.slots
+        """Once the ring is full (step `slots` on) a mixing matrix depends on the step only through its ring
+        position."""
+        return i if i < self.slots else self.slots + i % self.slots
 
     def _mixing(self, i: int, device) -> torch.Tensor:
         lml = self.lml

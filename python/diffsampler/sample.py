@@ -111,7 +111,7 @@ def prepare(model, steps, solver, schedule, prediction, options: dict):
         if update.get("threshold_ratio"):
             raise ValueError("lml does not combine with threshold_ratio (dynamic thresholding): its Gram pass "
                              "would need the per-sample quantile first")
-        update["lml_time_scale"] = float(getattr(schedule, "num_train_timesteps", 1.0))
+        update["lml_time_scale"] = getattr(schedule, "num_train_timesteps", None)
         update["lml_schedule"], update["lml_prediction"] = schedule, prediction
     else:
         update.pop("lml", None)
@@ -128,7 +128,7 @@ def model_times(plan: Plan, x: torch.Tensor) -> torch.Tensor:
 def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
              generator: torch.Generator | None = None, progress: bool = False, desc: str = "diffsampler",
              return_state: bool = False, times: torch.Tensor | None = None, ranges: bool = False,
-             tensor_coeffs: list | None = None, lml=None, lml_time_scale: float = 1.0, lml_schedule=None,
+             tensor_coeffs: list | None = None, lml=None, lml_time_scale: float | None = None, lml_schedule=None,
              lml_prediction: str = "eps", **update_options):
     """The loop of any Plan: per step, out = model(input_scale * x, t) and one fused update.
 
@@ -138,7 +138,8 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
     times: model_times(plan, x) made beforehand (a CUDA-graph capture cannot upload them); tensor_coeffs:
     plan.upload_tensor_coeffs(x) likewise (DPM-Solver-v3's per-step coefficient tensors).
     ranges: name each model call and update for profilers (torch.profiler ranges, NVTX on CUDA).
-    lml: a diffsampler.LML applied to every step (lml_time_scale: the T of its freeze option; lml_schedule and
+    lml: a diffsampler.LML applied to every step (lml_time_scale: the T of its freeze option, default the
+        largest model time of the plan; lml_schedule and
         lml_prediction: the schedule and model output of its corrector mode).
     """
     history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
