@@ -61,7 +61,7 @@ setup(
         "diffsampler.triton_kernels": "triton_kernels",
         "diffsampler._csrc": "csrc",
     },
-    package_data={"diffsampler._csrc": ["*.h", "*.cpp", "cuda/*.h", "cuda/*.cu"]},
+    package_data={"diffsampler._csrc": ["*.h", "*.cpp", "cuda/*.h", "cuda/*.cuh", "cuda/*.cu"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -8,30 +8,11 @@
 
 #include <algorithm>
 
+#include "cpu_storage.h"
 #include "ems_update.h"
 
 namespace diffsampler {
 namespace {
-
-struct F32 {
-  using Raw = float;
-  static float load(Raw v) { return v; }
-  static Raw store(float v) { return v; }
-};
-struct BF16 {  // on the raw bits: round to nearest even, NaN kept quiet
-  using Raw = uint16_t;
-  static float load(Raw v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
-  static Raw store(float v) {
-    const uint32_t u = __builtin_bit_cast(uint32_t, v);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return static_cast<Raw>((u & 0x7FFFFFFFu) > 0x7F800000u ? ((u >> 16) | 0x40u) : rounded);
-  }
-};
-struct F16 {
-  using Raw = at::Half;
-  static float load(Raw v) { return static_cast<float>(v); }
-  static Raw store(float v) { return static_cast<Raw>(v); }
-};
 
 // Elements [begin, end) of one sample; coefficient column d = i + off.
 template <typename S, int kReads, int kState, bool kWriteM0>

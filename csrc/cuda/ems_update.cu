@@ -7,23 +7,14 @@
 #include <cuda_fp16.h>
 
 #include "ems_update.h"
+#include "storage.cuh"
 
 namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using diffsampler_cuda::from_f32;
+using diffsampler_cuda::to_f32;
 
 template <typename T, int kReads, int kState, bool kWriteM0>
 __global__ void __launch_bounds__(kThreads) ems_update_kernel(ds_ems_tensors t) {

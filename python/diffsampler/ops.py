@@ -156,8 +156,7 @@ def _check_like(name: str, t: torch.Tensor, x: torch.Tensor, shape: Sequence[int
         raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
-def _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, noise, clip, threshold_ratio,
-                       threshold_max, state, check_nan) -> None:
+def _check_x(x, model_out) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in STORAGE_DTYPES:
@@ -165,6 +164,36 @@ def _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, no
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"x must have a non-empty batch dimension 0, got shape {tuple(x.shape)}")
     _check_like("model_out", model_out, x)
+
+
+def _check_history(history, x, write_slot, read_slots) -> None:
+    """history (slots, *x.shape) with write_slot and read_slots inside it and distinct (write_slot None: none)."""
+    if history is None:
+        if read_slots:
+            raise ValueError("read_slots given without a history")
+        return
+    if not isinstance(history, torch.Tensor) or history.dim() != x.dim() + 1:
+        raise ValueError(f"history must be a tensor of shape (slots, *x.shape), got "
+                         f"{tuple(history.shape) if isinstance(history, torch.Tensor) else type(history).__name__}")
+    _check_like("history", history, x, (history.shape[0], *x.shape))
+    slots = history.shape[0]
+    if write_slot is not None and not 0 <= write_slot < slots:
+        raise ValueError(f"write_slot must be in [0, {slots}), got {write_slot}")
+    for r in read_slots:
+        if not 0 <= r < slots or r == write_slot:
+            raise ValueError(f"read_slots must be in [0, {slots}) and differ from write_slot={write_slot}, "
+                             f"got {list(read_slots)}")
+
+
+def _check_nan(model_out, check_nan: bool) -> None:
+    if check_nan and torch.isnan(model_out).any():
+        raise ValueError("model_out contains NaN (the model diverged or got bad input); "
+                         "pass check_nan=False to skip this check")
+
+
+def _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, noise, clip, threshold_ratio,
+                       threshold_max, state, check_nan) -> None:
+    _check_x(x, model_out)
     if not isinstance(coeffs, UpdateCoeffs):
         raise ValueError(f"coeffs must be an UpdateCoeffs, got {type(coeffs).__name__}")
     if len(read_slots) > MAX_HISTORY_READS:
@@ -174,21 +203,7 @@ def _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, no
                          f"entries, got {len(coeffs.r)}")
     if len(coeffs.b) != 1 + len(read_slots):
         raise ValueError(f"coeffs.b must have 1 + len(read_slots) = {1 + len(read_slots)} entries, got {len(coeffs.b)}")
-    if history is None:
-        if read_slots:
-            raise ValueError("read_slots given without a history")
-    else:
-        if not isinstance(history, torch.Tensor) or history.dim() != x.dim() + 1:
-            raise ValueError(f"history must be a tensor of shape (slots, *x.shape), got "
-                             f"{tuple(history.shape) if isinstance(history, torch.Tensor) else type(history).__name__}")
-        _check_like("history", history, x, (history.shape[0], *x.shape))
-        slots = history.shape[0]
-        if not 0 <= write_slot < slots:
-            raise ValueError(f"write_slot must be in [0, {slots}), got {write_slot}")
-        for r in read_slots:
-            if not 0 <= r < slots or r == write_slot:
-                raise ValueError(f"read_slots must be in [0, {slots}) and differ from write_slot={write_slot}, "
-                                 f"got {list(read_slots)}")
+    _check_history(history, x, write_slot, read_slots)
     if noise is not None:
         _check_like("noise", noise, x)
     elif coeffs.c != 0 or (coeffs.state is not None and coeffs.state.c != 0):
@@ -206,9 +221,7 @@ def _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, no
             raise ValueError(f"threshold_ratio must be in (0, 1], got {threshold_ratio}")
         if not threshold_max >= 1:
             raise ValueError(f"threshold_max must be >= 1, got {threshold_max}")
-    if check_nan and torch.isnan(model_out).any():
-        raise ValueError("model_out contains NaN (the model diverged or got bad input); "
-                         "pass check_nan=False to skip this check")
+    _check_nan(model_out, check_nan)
 
 
 def multistep_update(
@@ -314,13 +327,8 @@ def lml_gram(
     non-batch dimensions in a fixed order (reproducible run to run).
     """
     read_slots = [int(r) for r in read_slots]
-    if not isinstance(x, torch.Tensor) or x.dtype not in STORAGE_DTYPES or x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError("x must be a float tensor with a non-empty batch dimension 0")
-    _check_like("model_out", model_out, x)
-    if history is None and read_slots:
-        raise ValueError("read_slots given without a history")
-    if history is not None:
-        _check_like("history", history, x, (history.shape[0], *x.shape))
+    _check_x(x, model_out)
+    _check_history(history, x, None, read_slots)
     if len(coeffs.b) != 1 + len(read_slots):
         raise ValueError(f"coeffs.b must have 1 + len(read_slots) = {1 + len(read_slots)} entries, got {len(coeffs.b)}")
     if dirs is None:
@@ -360,13 +368,7 @@ if _status("cpu")[0]:
 
 
 def _check_ems_args(x, model_out, coeffs, history, write_slot, read_slots, state, check_nan) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in STORAGE_DTYPES:
-        raise ValueError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"x must have a non-empty batch dimension 0, got shape {tuple(x.shape)}")
-    _check_like("model_out", model_out, x)
+    _check_x(x, model_out)
     k = len(read_slots)
     if k > reference.EMS_MAX_READS:
         raise ValueError(f"read_slots: at most {reference.EMS_MAX_READS} history terms, got {k}")
@@ -380,24 +382,10 @@ def _check_ems_args(x, model_out, coeffs, history, write_slot, read_slots, state
     if coeffs.dim() != x.dim() or tuple(coeffs.shape[1:]) != tuple(x.shape[1:]) or coeffs.shape[0] not in rows:
         raise ValueError(f"coeffs must have shape (rows, *x.shape[1:]) with rows in {rows} "
                          f"({k} history reads{', state' if state is not None else ''}), got {tuple(coeffs.shape)}")
-    if history is None:
-        if read_slots:
-            raise ValueError("read_slots given without a history")
-    else:
-        if not isinstance(history, torch.Tensor) or history.dim() != x.dim() + 1:
-            raise ValueError("history must be a tensor of shape (slots, *x.shape)")
-        _check_like("history", history, x, (history.shape[0], *x.shape))
-        if not 0 <= write_slot < history.shape[0]:
-            raise ValueError(f"write_slot must be in [0, {history.shape[0]}), got {write_slot}")
-        for r in read_slots:
-            if not 0 <= r < history.shape[0] or r == write_slot:
-                raise ValueError(f"read_slots must be in [0, {history.shape[0]}) and differ from write_slot="
-                                 f"{write_slot}, got {list(read_slots)}")
+    _check_history(history, x, write_slot, read_slots)
     if state is not None:
         _check_like("state", state, x)
-    if check_nan and torch.isnan(model_out).any():
-        raise ValueError("model_out contains NaN (the model diverged or got bad input); "
-                         "pass check_nan=False to skip this check")
+    _check_nan(model_out, check_nan)
 
 
 def ems_update(
