@@ -73,23 +73,48 @@ def gaussian_model(mean, std, schedule):
         schedule)
 
 
-def weighted_variance(result, K):
+def weighted_variance(result):
     """sum_k w_k x_k^2 per group (mean 0 target), averaged over groups."""
     w = result.log_w.double().softmax(1)
     return (w * (result.particles.double() ** 2).sum(1).reshape(w.shape)).sum(1).mean().item()
 
 
+def gaussian_limit(plan, s2, beta, weighted=True):
+    """Variance of the K -> infinity weighted particles on N(0, s2)^beta, float64, by the Gaussian recursion:
+    the increment c x^2 (c from smc.log_weight_increment at the score -x / v) turns N(0, V) into
+    N(0, 1 / (1/V - 2c)), the step x' = scale (1 - h beta / v) x + sqrt(h) z gives scale^2 (...)^2 V + h."""
+    var = 1 / beta
+    for _, sigma, h, scale in plan:
+        v = (1 - sigma**2) * s2 + sigma**2  # the noised variance alpha^2 s2 + sigma^2 (VP)
+        if weighted:
+            c = smc.log_weight_increment([torch.tensor([[1.0 / v]], dtype=torch.float64)], [beta], h).item()
+            var = 1 / (1 / var - 2 * c)
+        var = (scale * (1 - h * beta / v)) ** 2 * var + h
+    return var
+
+
+def test_weighted_limit_is_the_annealed_gaussian():
+    """The discrete-time FKC limit has the annealed variance s2 / beta up to a first-order discretisation error
+    (relative 4.5% / 0.7% / 3.4% at 100 steps, 0.4% / 0.2% / 0.8% at 1000 for beta = 0.5 / 2 / 4); the naive
+    sampler's is 7.6x / 0.69x / 0.61x of it."""
+    for steps, bound in ((100, 0.05), (1000, 0.01)):
+        plan = smc._steps(VP, steps)
+        for beta in (0.5, 2.0, 4.0):
+            assert abs(gaussian_limit(plan, 0.36, beta) / (0.36 / beta) - 1) < bound
+            assert abs(gaussian_limit(plan, 0.36, beta, weighted=False) / (0.36 / beta) - 1) > 0.3
+
+
 def test_annealed_gaussian_variance():
-    """p = N(0, 0.6^2), beta = 2: p^beta = N(0, 0.18). 64 groups of 64 particles, one coordinate: the
-    weighted-variance estimate has a standard error ~0.004 (measured over seeds); the bound is 0.02, and the naive
-    sampler (no weights) is off by 0.04 (its variance is 0.14)."""
-    target = 0.36 / 2
+    """p = N(0, 0.6^2), beta = 2: 64 groups of 256 particles. The weighted-variance estimate sits below the
+    discrete-time limit (0.1787) by the SMC bias (O(1/K): 0.019 at K = 16, 0.008 at K = 64, 0.006 at K = 256,
+    measured) with a standard error ~0.005 over seeds; bound 0.025. Naive: 0.125."""
     model = gaussian_model([0.0], 0.6, VP)
+    limit = gaussian_limit(smc._steps(VP, 100), 0.36, 2.0)
     gen = torch.Generator().manual_seed(1)
-    fkc = smc.anneal(model, 2.0, 64, 64, (1,), steps=100, generator=gen)
-    naive = smc.anneal(model, 2.0, 64, 64, (1,), steps=100, weighted=False, generator=gen)
-    assert abs(weighted_variance(fkc, 64) - target) < 0.02
-    assert abs(weighted_variance(naive, 64) - target) > 0.03
+    fkc = smc.anneal(model, 2.0, 64, 256, (1,), steps=100, generator=gen)
+    naive = smc.anneal(model, 2.0, 64, 256, (1,), steps=100, weighted=False, generator=gen)
+    assert abs(weighted_variance(fkc) - limit) < 0.025
+    assert abs(weighted_variance(naive) - limit) > 0.04
 
 
 def test_fkc_beats_naive_on_product_of_experts():
@@ -100,7 +125,7 @@ def test_fkc_beats_naive_on_product_of_experts():
     fkc = smc.product(models, 256, 16, (2,), **opts)
     naive = smc.product(models, 256, 16, (2,), weighted=False, **opts)
     d_fkc, d_naive = sliced_wasserstein(fkc.draw, ref), sliced_wasserstein(naive.draw, ref)
-    assert d_fkc < 0.5 * d_naive, (d_fkc, d_naive)
+    assert d_fkc < 0.7 * d_naive, (d_fkc, d_naive)  # 0.39-0.54 over seeds 0-4
 
 
 def test_deterministic_given_generator_and_k1_is_naive():
@@ -123,7 +148,7 @@ def test_edm_schedule_anneals():
         return vp_model(x / (1 + sigma.double() ** 2).sqrt().float(), sigma)
 
     res = smc.anneal(model, 2.0, 64, 64, (1,), schedule=edm, steps=100, generator=torch.Generator().manual_seed(4))
-    assert abs(weighted_variance(res, 64) - 0.18) < 0.02
+    assert abs(weighted_variance(res) - 0.18) < 0.02
 
 
 def test_degenerate_group_is_reset_to_uniform():
