@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffsampler import schedules, smc
+from diffsampler.bench.smc import poe_2d as poe_pair
 from diffsampler.targets import GaussianMixture, sliced_wasserstein
 
 VP = schedules.VP.linear()
@@ -17,13 +18,6 @@ def grid2d(lo=-4.0, hi=4.0, n=401):
     u = torch.linspace(lo, hi, n, dtype=torch.float64)
     xx, yy = torch.meshgrid(u, u, indexing="ij")
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], 1), (u[1] - u[0]).item() ** 2
-
-
-def poe_pair():
-    """Two 2-D mixtures whose product has unequal mode weights that naive score summing gets wrong."""
-    p1 = GaussianMixture(torch.ones(4), torch.tensor([[-1.0, 0], [1, 0], [0, 1], [0, -1]]), torch.full((4,), 0.3))
-    p2 = GaussianMixture(torch.tensor([0.5, 0.5]), torch.tensor([[1.0, 1], [-1.5, -1.5]]), torch.tensor([0.6, 0.9]))
-    return p1, p2
 
 
 def test_product_mixture_is_the_normalised_product():
