@@ -35,13 +35,18 @@ class FKCResult(NamedTuple):
     draw: torch.Tensor
 
 
+def combined_score(scores: Sequence[torch.Tensor], exponents: Sequence[float]) -> torch.Tensor:
+    """S = sum_i b_i s_i, the score of prod_i p_i^{b_i}."""
+    return sum(b * s for b, s in zip(exponents, scores))
+
+
 def log_weight_increment(scores: Sequence[torch.Tensor], exponents: Sequence[float], h: float) -> torch.Tensor:
-    """h / 2 (|sum_i b_i s_i|^2 - sum_i b_i |s_i|^2) per row of the scores (n, ...), in float32 or wider.
+    """h / 2 (|S|^2 - sum_i b_i |s_i|^2) per row of the scores (n, ...), S = combined_score (float32 or wider).
 
     Annealing: h/2 beta (beta - 1) |s|^2; product: h <s1, s2>; guidance: h/2 w (w - 1) |s_c - s_u|^2."""
     flat = [s.flatten(1).float() if s.dtype in (torch.float16, torch.bfloat16) else s.flatten(1) for s in scores]
-    combined = sum(b * s for b, s in zip(exponents, flat))
-    return 0.5 * h * ((combined**2).sum(1) - sum(b * (s**2).sum(1) for b, s in zip(exponents, flat)))
+    squares = sum(b * (s**2).sum(1) for b, s in zip(exponents, flat))
+    return 0.5 * h * ((combined_score(flat, exponents) ** 2).sum(1) - squares)
 
 
 def _steps(schedule, steps: int) -> list[tuple[torch.Tensor, float, float, float]]:
@@ -108,8 +113,7 @@ def fkc_sample(
     start = schedule.sigma_max if isinstance(schedule, EDM) else 1.0
     x = torch.randn(n, *shape, generator=generator, device=device, dtype=dtype) * (start / total**0.5)
     log_w = torch.full((G, K), -math.log(K), device=device)
-    for t, sigma, h, scale in plan:
-        t = t.to(device)
+    for t, sigma, h, scale in [(t.to(device), *rest) for t, *rest in plan]:
         scores = []
         for i, m in enumerate(models):
             eps = m(x, t)
@@ -117,7 +121,7 @@ def fkc_sample(
                 raise ValueError(f"models: model {i} returned shape {tuple(eps.shape)} for x of shape "
                                  f"{tuple(x.shape)}")
             scores.append(eps.float() / -sigma)
-        combined = sum(b * s for b, s in zip(exponents, scores))
+        combined = combined_score(scores, exponents)
         noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
         x = (scale * (x.float() + h * combined) + h**0.5 * noise).to(dtype)
         if weighted and K > 1:
