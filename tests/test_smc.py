@@ -200,3 +200,16 @@ def test_bad_input(call, match):
     model = GaussianMixture.ring().model(VP)
     with pytest.raises(ValueError, match=match):
         call(model)
+
+
+def test_loop_never_synchronises():
+    """No host sync anywhere in fkc_sample (counted with a TorchDispatchMode): the ESS decision stays on the
+    device. The model is a pure torch op; the schedule (whose constructor checks its betas) is built before."""
+    from diffsampler.bench.common import OpCounter
+    from test_sync_free import SYNCING
+
+    with OpCounter() as counter:
+        smc.product([lambda x, t: 0.5 * x, lambda x, t: -0.2 * x], 3, 4, (2, 3), steps=6, schedule=VP,
+                    generator=torch.Generator().manual_seed(0))
+    assert counter.ops["diffsampler::resample_ancestors"] == 7  # 6 steps + the final draw
+    assert not SYNCING & set(counter.ops), SYNCING & set(counter.ops)

@@ -53,7 +53,7 @@ def _steps(schedule, steps: int) -> list[tuple[torch.Tensor, float, float, float
     """(model time, sigma, h, scale) per step: x' = scale (x + h S) + sqrt(h) z."""
     if isinstance(schedule, VP):
         ts = discrete_timesteps(schedule.num_train_timesteps, steps, "linspace")
-        abar = [schedule.alpha_bar(t) for t in ts] + [1.0]
+        abar = [float(v) for v in schedule.alphas_cumprod.numpy()[ts]] + [1.0]  # host values, no dispatch
         out = []
         for i, t in enumerate(ts):
             h = 1.0 - abar[i] / abar[i + 1]
