@@ -1,6 +1,7 @@
 """Feynman-Kac correctors (diffsampler.smc) on exact targets: the product / power mixtures, the log-weight
-increments against float64 closed forms, the annealed variance of a Gaussian, FKC against naive score summing
-on a product of experts, determinism, degenerate weights and bad input."""
+increments against float64 closed forms, annealing (a float64 recursion gives the exact discrete-time limit) and
+guidance of Gaussians, FKC against naive score summing on a product of experts, EDM, half precision,
+determinism, degenerate weights, no host sync, and bad input."""
 
 import math
 
