@@ -1,10 +1,10 @@
 """diffsampler: fused kernels for diffusion and flow sampling behind a thin PyTorch API."""
 
-from . import models, ops, reference, schedules, solvers, targets
+from . import models, ops, reference, schedules, smc, solvers, targets
 from .ops import backends
 from .graphs import CapturedSampler
 from .lml import LML
 from .sample import run_plan, sample
 
 __version__ = "0.1.0"
-__all__ = ["sample", "run_plan", "CapturedSampler", "LML", "backends", "ops", "reference", "schedules", "solvers", "models"]
+__all__ = ["sample", "run_plan", "CapturedSampler", "LML", "backends", "ops", "reference", "schedules", "smc", "solvers", "models"]

@@ -45,6 +45,31 @@ class GaussianMixture:
         stds = 0.05 + 0.15 * torch.rand(modes, generator=g, dtype=torch.float64)
         return cls(weights, means, stds)
 
+    def product(self, other: "GaussianMixture") -> "GaussianMixture":
+        """The normalised product p q: component (i, j) is N(m, s^2 I) with s^2 = s_i^2 t_j^2 / (s_i^2 + t_j^2),
+        m = (t_j^2 mu_i + s_i^2 nu_j) / (s_i^2 + t_j^2), weight ∝ w_i v_j N(mu_i; nu_j, (s_i^2 + t_j^2) I).
+        Components whose weight underflows float64 (below ~1e-308 of the largest) are dropped."""
+        if other.dim != self.dim:
+            raise ValueError(f"other must have dimension {self.dim}, got {other.dim}")
+        var_a, var_b = self.stds[:, None] ** 2, other.stds[None, :] ** 2
+        total = var_a + var_b  # (Ka, Kb)
+        d2 = ((self.means[:, None, :] - other.means[None, :, :]) ** 2).sum(-1)
+        log_w = (self.weights.log()[:, None] + other.weights.log()[None, :] - 0.5 * d2 / total
+                 - 0.5 * self.dim * torch.log(2 * math.pi * total))
+        means = (var_b[..., None] * self.means[:, None, :] + var_a[..., None] * other.means[None, :, :]) / total[..., None]
+        weights = (log_w - log_w.max()).exp().reshape(-1)
+        keep = weights > 0
+        return GaussianMixture(weights[keep], means.reshape(-1, self.dim)[keep],
+                               (var_a * var_b / total).sqrt().reshape(-1)[keep])
+
+    def power(self, beta: float) -> "GaussianMixture":
+        """p^beta (normalised) for well-separated components (exact for one): (w_k N(mu_k, s_k^2))^beta ∝
+        w_k^beta s_k^(dim (1 - beta)) N(mu_k, s_k^2 / beta); with equal widths the weights are w_k^beta / sum."""
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta!r}")
+        log_w = beta * self.weights.log() + self.dim * (1 - beta) * self.stds.log()
+        return GaussianMixture((log_w - log_w.max()).exp(), self.means, self.stds / math.sqrt(beta))
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)

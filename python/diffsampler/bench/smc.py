@@ -1,0 +1,183 @@
+"""`python -m diffsampler.bench smc`: Feynman-Kac correctors (diffsampler.smc) against naive score summing (the
+same SDE, no weights) on targets known exactly, with exact eps-models of the factors (GaussianMixture.model).
+
+(a) Product of experts p1 p2 of two Gaussian mixtures (the product mixture built exactly by
+GaussianMixture.product), 2-D and 8-D: sliced W2 of N outputs (one draw per group of K particles) to N exact
+samples, for K = 1, 4, 16, 64, 256. The naive sampler's outputs do not depend on K (unweighted particles, a
+uniform draw), so it runs once with N samples. The floor is the sliced W2 between two exact N-samples.
+(b) Annealing p^beta: of N(0, s^2 I) (= N(0, s^2 / beta I)): the error of the sampled variance and, as a float64
+reference, the discrete-time K -> infinity limit of the FKC recursion; of a well-separated 1-D mixture with equal
+widths (mode weights -> w_k^beta / sum): the error of the sampled mode weights (nearest mode).
+VP linear schedule, 100 steps, ESS threshold 0.5, systematic resampling; one thread (the exact models are small
+float64 tensor ops; on a shared 2-core machine one thread is many times faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from diffsampler import schedules, smc
+from diffsampler.bench.common import machine_record, slug, write_json
+from diffsampler.targets import GaussianMixture, sliced_wasserstein
+
+KS = (1, 4, 16, 64, 256)
+
+
+def poe_2d() -> tuple[GaussianMixture, GaussianMixture]:
+    """Four modes on the axes times two broad modes on the diagonal: a product of 8 components, weights 0.36 to
+    0.004, which naive summing gets wrong."""
+    p1 = GaussianMixture(torch.ones(4), torch.tensor([[-1.0, 0], [1, 0], [0, 1], [0, -1]]), torch.full((4,), 0.3))
+    p2 = GaussianMixture(torch.tensor([0.5, 0.5]), torch.tensor([[1.0, 1], [-1.5, -1.5]]), torch.tensor([0.6, 0.9]))
+    return p1, p2
+
+
+def poe_8d() -> tuple[GaussianMixture, GaussianMixture]:
+    """4 x 3 random modes in 8-D (means N(0, 0.8^2 I)); the product has 12 components, perplexity 8.4."""
+    g = torch.Generator().manual_seed(3)
+    m1 = torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.8
+    m2 = torch.randn(3, 8, generator=g, dtype=torch.float64) * 0.8
+    return (GaussianMixture(torch.ones(4), m1, torch.full((4,), 0.7)),
+            GaussianMixture(torch.ones(3), m2, torch.tensor([0.8, 1.0, 1.2])))
+
+
+def product_of_experts(name, pair, n: int, steps: int, ks=KS) -> dict:
+    p1, p2 = pair
+    target = p1.product(p2)
+    exact = target.sample(n, torch.Generator().manual_seed(100)).float()
+    floor = sliced_wasserstein(exact, target.sample(n, torch.Generator().manual_seed(101)).float())
+    vp = schedules.VP.linear()
+    models = [p1.model(vp), p2.model(vp)]
+    run = lambda K, weighted: smc.product(models, n, K, (target.dim,), steps=steps, weighted=weighted,  # noqa: E731
+                                          generator=torch.Generator().manual_seed(K))
+    naive = sliced_wasserstein(run(1, False).draw, exact)
+    rows = []
+    for K in ks:
+        t0 = time.perf_counter()
+        fkc = sliced_wasserstein(run(K, True).draw, exact)
+        rows.append(dict(K=K, fkc=fkc, naive=naive, ratio=naive / fkc, seconds=time.perf_counter() - t0))
+        print(f"{name:>4} K={K:>4}  sliced W2: FKC {fkc:.4f}  naive {naive:.4f}  naive/FKC {naive / fkc:5.2f}  "
+              f"(exact-vs-exact floor {floor:.4f}; {rows[-1]['seconds']:.1f} s)", flush=True)
+    return dict(dim=target.dim, components=len(target.weights), n=n, floor=floor, rows=rows)
+
+
+def gaussian_limit(s2: float, beta: float, steps: int, weighted: bool = True) -> float:
+    """Final variance of the K -> infinity (weighted) particles for N(0, s2)^beta by the Gaussian recursion
+    (float64): the increment c x^2 maps N(0, V) to N(0, 1 / (1/V - 2c)), the step scales by
+    scale (1 - h beta / v) and adds h."""
+    var = 1 / beta
+    for _, sigma, h, scale in smc._steps(schedules.VP.linear(), steps):
+        v = (1 - sigma**2) * s2 + sigma**2
+        if weighted:
+            var = 1 / (1 / var - 2 * smc.log_weight_increment([torch.tensor([[1 / v]])], [beta], h).item())
+        var = (scale * (1 - h * beta / v)) ** 2 * var + h
+    return var
+
+
+def _mode_weights(x: torch.Tensor, weights: torch.Tensor, mix: GaussianMixture) -> torch.Tensor:
+    """Weighted mass of each mode (nearest mean) of 1-D points x (n, 1) with weights summing to 1."""
+    mode = (x.double() - mix.means.T).abs().argmin(1)
+    return torch.zeros(len(mix.weights), dtype=torch.float64).index_add_(0, mode, weights)
+
+
+def annealing(n: int, ks, steps: int) -> dict:
+    """Per K: the N draws' statistic ("draw") and the weighted-particle estimate sum_g sum_k w_gk f(x_gk) / G
+    ("weighted", lower variance); naive: N independent samples."""
+    vp = schedules.VP.linear()
+    out = {"n": n, "gaussian": [], "mixture": []}
+    mean, s = torch.zeros(1, 2, dtype=torch.float64), 0.6  # zero mean: the recursion's case
+    gauss = GaussianMixture(torch.ones(1), mean, torch.tensor([s]))
+    mix = GaussianMixture(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64), torch.tensor([[-3.0], [0.0], [3.0]]),
+                          torch.full((3,), 0.4))
+
+    def run(target, beta, K, weighted, seed):
+        res = smc.anneal(target.model(vp), beta, n, K, (target.dim,), steps=steps, weighted=weighted,
+                         generator=torch.Generator().manual_seed(seed))
+        return res.draw.double(), res.particles.double(), res.log_w.double().softmax(1).reshape(-1) / n
+
+    for beta in (0.5, 2.0, 4.0):
+        exact = s**2 / beta
+        var = lambda x, w: (w[:, None] * (x - mean) ** 2).sum().item() / 2  # noqa: E731  per coordinate
+        naive, _, _ = run(gauss, beta, 1, False, 7)
+        row = dict(beta=beta, exact=exact, limit_fkc=gaussian_limit(s**2, beta, steps),
+                   limit_naive=gaussian_limit(s**2, beta, steps, weighted=False),
+                   naive=var(naive, torch.full((n,), 1.0 / n, dtype=torch.float64)), fkc=[])
+        for K in ks:
+            draw, parts, w = run(gauss, beta, K, True, 7)
+            row["fkc"].append(dict(K=K, draw=var(draw, torch.full((n,), 1.0 / n, dtype=torch.float64)),
+                                   weighted=var(parts, w)))
+        out["gaussian"].append(row)
+        rel = lambda v: f"{v / exact - 1:+.1%}"  # noqa: E731
+        print(f"anneal N(0, {s}^2 I), beta={beta}: variance {exact:.4f}; naive {rel(row['naive'])} (its K->inf "
+              f"limit {rel(row['limit_naive'])}); FKC K->inf limit {rel(row['limit_fkc'])}; FKC draw / weighted: "
+              + ", ".join(f"K={r['K']} {rel(r['draw'])} / {rel(r['weighted'])}" for r in row["fkc"]), flush=True)
+    for beta in (0.5, 2.0):
+        exact = mix.power(beta).weights
+        err = lambda m: (m - exact).abs().max().item()  # noqa: E731
+        naive, _, _ = run(mix, beta, 1, False, 8)
+        uniform = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        row = dict(beta=beta, exact=exact.tolist(), naive=_mode_weights(naive, uniform, mix).tolist(), fkc=[],
+                   binomial_se=(exact * (1 - exact) / n).sqrt().max().item())
+        row["naive_max_err"] = err(torch.tensor(row["naive"], dtype=torch.float64))
+        for K in ks:
+            draw, parts, w = run(mix, beta, K, True, 8)
+            d, wt = _mode_weights(draw, uniform, mix), _mode_weights(parts, w, mix)
+            row["fkc"].append(dict(K=K, draw=d.tolist(), weighted=wt.tolist(), draw_max_err=err(d),
+                                   weighted_max_err=err(wt)))
+        out["mixture"].append(row)
+        print(f"anneal mixture (0.2, 0.3, 0.5) at -3, 0, 3, beta={beta}: mode weights "
+              f"{[round(v, 3) for v in row['exact']]}; max error naive {row['naive_max_err']:.3f}, FKC draw / "
+              f"weighted: " + ", ".join(f"K={r['K']} {r['draw_max_err']:.3f} / {r['weighted_max_err']:.3f}"
+                                         for r in row["fkc"]) + f" (binomial s.e. of N draws "
+              f"{row['binomial_se']:.3f})", flush=True)
+    return out
+
+
+def _plot(poe: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(poe), figsize=(5.2 * len(poe), 4.2))
+    for ax, (name, res) in zip(axes, poe.items()):
+        ks = [r["K"] for r in res["rows"]]
+        ax.plot(ks, [r["fkc"] for r in res["rows"]], "o-", label="FKC")
+        ax.plot(ks, [r["naive"] for r in res["rows"]], "s--", label="naive score sum")
+        ax.axhline(res["floor"], color="gray", ls=":", label="exact vs exact")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("particles per output K")
+        ax.set_ylabel("sliced W2 to the exact product")
+        ax.set_title(f"product of experts, {res['dim']}-D, N = {res['n']}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m diffsampler.bench smc", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1024, help="outputs (groups) per run")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--ks", default=",".join(map(str, KS)))
+    ap.add_argument("--out", default="bench/results", help="directory of the JSON and PNG ('' for none)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    ks = [int(v) for v in args.ks.split(",")]
+    t0 = time.perf_counter()
+    poe = {name: product_of_experts(name, pair(), args.n, args.steps, ks) for name, pair in (("2-D", poe_2d),
+                                                                                              ("8-D", poe_8d))}
+    anneal = annealing(args.n, [k for k in ks if k > 1], args.steps)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    if args.out:
+        out = Path(args.out)
+        record = machine_record(torch.device("cpu"))
+        payload = dict(benchmark="smc", machine=record, steps=args.steps, schedule="VP.linear()",
+                       ess_threshold=0.5, method="systematic", note=__doc__.strip().splitlines()[0],
+                       product_of_experts=poe, annealing=anneal)
+        path = write_json(out / f"smc-{slug(record['device'])}.json", payload)
+        _plot(poe, out / "smc.png")
+        print(f"wrote {path} and {out / 'smc.png'}")

@@ -1,0 +1,152 @@
+"""Feynman-Kac correctors (Skreta et al. 2025): sample prod_i p_i^{b_i} from diffusion models of the p_i.
+
+The target path is pi_t ∝ prod_i p_{i,t}^{b_i} (p_{i,t} the noised marginals of model i): temperature annealing
+p^beta (one model, b = beta), a product of experts p1 p2 (b = 1, 1), classifier-free guidance p_c^w p_u^(1-w)
+(b = w, 1 - w). Each particle follows the reverse SDE of the combined score S = sum_i b_i s_i and carries the
+log-weight (docs/smc.md, "Feynman-Kac correctors")
+
+    d log w = g^2 / 2 (|S|^2 - sum_i b_i |s_i|^2) dtau,    g^2 dtau = h: the step's noise variance,
+
+which makes the weighted particles track pi_t exactly in continuous time. Discretisation per step, with h the
+step's variance: VP schedule (x = alpha x0 + sigma eps), h = 1 - abar_t / abar_t',
+x' = (x + h S) / sqrt(1 - h) + sqrt(h) z (DDPM's ancestral step with S); EDM (x = x0 + sigma eps),
+h = sigma^2 - sigma'^2, x' = x + h S + sqrt(h) z. Models are eps-predictors model(x, t) -> eps (t an int64
+timestep for VP, sigma for EDM), so s_i = -eps_i / sigma. The per-step math is torch ops; all normalisation,
+ESS and resampling go through ``ops.resample`` (the decision stays on the device: no host sync in the loop).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from . import ops
+from .schedules import EDM, VP, discrete_timesteps
+
+
+class FKCResult(NamedTuple):
+    """particles (G*K, *shape) and their normalised log-weights (G, K) at the end; draw (G, *shape): one
+    particle per group drawn by weight."""
+
+    particles: torch.Tensor
+    log_w: torch.Tensor
+    draw: torch.Tensor
+
+
+def combined_score(scores: Sequence[torch.Tensor], exponents: Sequence[float]) -> torch.Tensor:
+    """S = sum_i b_i s_i, the score of prod_i p_i^{b_i}."""
+    return sum(b * s for b, s in zip(exponents, scores))
+
+
+def log_weight_increment(scores: Sequence[torch.Tensor], exponents: Sequence[float], h: float) -> torch.Tensor:
+    """h / 2 (|S|^2 - sum_i b_i |s_i|^2) per row of the scores (n, ...), S = combined_score (float32 or wider).
+
+    Annealing: h/2 beta (beta - 1) |s|^2; product: h <s1, s2>; guidance: h/2 w (w - 1) |s_c - s_u|^2."""
+    flat = [s.flatten(1).float() if s.dtype in (torch.float16, torch.bfloat16) else s.flatten(1) for s in scores]
+    squares = sum(b * (s**2).sum(1) for b, s in zip(exponents, flat))
+    return 0.5 * h * ((combined_score(flat, exponents) ** 2).sum(1) - squares)
+
+
+def _steps(schedule, steps: int) -> list[tuple[torch.Tensor, float, float, float]]:
+    """(model time, sigma, h, scale) per step: x' = scale (x + h S) + sqrt(h) z."""
+    if isinstance(schedule, VP):
+        ts = discrete_timesteps(schedule.num_train_timesteps, steps, "linspace")
+        abar = [float(v) for v in schedule.alphas_cumprod.numpy()[ts]] + [1.0]  # host values, no dispatch
+        out = []
+        for i, t in enumerate(ts):
+            h = 1.0 - abar[i] / abar[i + 1]
+            out.append((torch.tensor(int(t)), (1.0 - abar[i]) ** 0.5, h, (1.0 - h) ** -0.5))
+        return out
+    if isinstance(schedule, EDM):
+        sig = schedule.sigmas(steps)
+        return [(torch.tensor(s, dtype=torch.float64), s, s * s - n * n, 1.0) for s, n in zip(sig[:-1], sig[1:])]
+    raise ValueError(f"schedule must be a schedules.VP or schedules.EDM, got {type(schedule).__name__}")
+
+
+def fkc_sample(
+    models: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+    exponents: Sequence[float],
+    groups: int,
+    particles: int,
+    shape: Sequence[int],
+    *,
+    schedule=None,
+    steps: int = 200,
+    weighted: bool = True,
+    method: str = "systematic",
+    ess_threshold: float | None = 0.5,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> FKCResult:
+    """Sample `groups` outputs of pi ∝ prod_i p_i^{exponents[i]}, each from `particles` (K) weighted particles.
+
+    models: eps-predictors model(x, t) -> eps for x of shape (G*K, *shape), group-major (particle k of group g
+        is row g K + k). schedule: ``schedules.VP`` (default ``VP.linear()``) or ``schedules.EDM``.
+    The start is N(0, I / sum b) (VP) or N(0, sigma_max^2 I / sum b) (EDM), the noised target at the first step.
+    weighted=False gives the naive sampler: the same SDE of the summed scores, no weights, no resampling.
+    Resampling: ``ops.resample(log_w, x, method, ess_threshold, generator)`` after every step (K = 1: none).
+    See also `anneal`, `product`, `guidance`.
+    """
+    models, exponents = list(models), [float(b) for b in exponents]
+    if not models or len(models) != len(exponents):
+        raise ValueError(f"models and exponents must be non-empty and of equal length, got {len(models)} and "
+                         f"{len(exponents)}")
+    if not all(callable(m) for m in models):
+        raise ValueError("models must be callables model(x, t) -> eps")
+    total = sum(exponents)
+    if not total > 0:
+        raise ValueError(f"exponents must have a positive sum (the start is N(0, I / sum)), got {exponents}")
+    for name, v in (("groups", groups), ("particles", particles), ("steps", steps)):
+        if not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if ess_threshold is not None and not (isinstance(ess_threshold, (int, float)) and 0 <= ess_threshold <= 1):
+        raise ValueError(f"ess_threshold must be None (always resample) or a number in [0, 1], got {ess_threshold!r}")
+    if method not in ops.RESAMPLE_METHODS:
+        raise ValueError(f"method must be one of {ops.RESAMPLE_METHODS}, got {method!r}")
+    schedule = VP.linear() if schedule is None else schedule
+    plan = _steps(schedule, steps)
+    G, K, shape = groups, particles, tuple(shape)
+    n = G * K
+    start = schedule.sigma_max if isinstance(schedule, EDM) else 1.0
+    x = torch.randn(n, *shape, generator=generator, device=device, dtype=dtype) * (start / total**0.5)
+    log_w = torch.full((G, K), -math.log(K), device=device)
+    for t, sigma, h, scale in [(t.to(device), *rest) for t, *rest in plan]:
+        scores = []
+        for i, m in enumerate(models):
+            eps = m(x, t)
+            if eps.shape != x.shape:
+                raise ValueError(f"models: model {i} returned shape {tuple(eps.shape)} for x of shape "
+                                 f"{tuple(x.shape)}")
+            scores.append(eps.float() / -sigma)
+        combined = combined_score(scores, exponents)
+        noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
+        x = (scale * (x.float() + h * combined) + h**0.5 * noise).to(dtype)
+        if weighted and K > 1:
+            log_w = log_w + log_weight_increment(scores, exponents, h).reshape(G, K)
+            x, log_w = ops.resample(log_w, x, method, ess_threshold, generator)[:2]
+    final = ops.resample(log_w, x, method, None, generator, move="gather")
+    slot = torch.randint(K, (G,), generator=generator, device=device)
+    rows = torch.arange(G, device=device) * K + slot
+    return FKCResult(x, log_w, final.particles[rows])
+
+
+def anneal(model, beta: float, groups: int, particles: int, shape, **options) -> FKCResult:
+    """Temperature annealing: samples of p^beta from one eps-model of p (beta > 0)."""
+    if not (isinstance(beta, (int, float)) and beta > 0):
+        raise ValueError(f"beta must be a number > 0, got {beta!r}")
+    return fkc_sample([model], [beta], groups, particles, shape, **options)
+
+
+def product(models, groups: int, particles: int, shape, **options) -> FKCResult:
+    """Product of experts: samples of p_1 p_2 ... from eps-models of each factor."""
+    return fkc_sample(models, [1.0] * len(models), groups, particles, shape, **options)
+
+
+def guidance(cond, uncond, w: float, groups: int, particles: int, shape, **options) -> FKCResult:
+    """Classifier-free guidance as the geometric average p_c^w p_u^(1 - w) (w > 0)."""
+    if not (isinstance(w, (int, float)) and w > 0):
+        raise ValueError(f"w must be a number > 0, got {w!r}")
+    return fkc_sample([cond, uncond], [w, 1.0 - w], groups, particles, shape, **options)
