@@ -1,0 +1,147 @@
+"""Resampling particles sharded across the ranks of a torch.distributed group (docs/smc.md, "Distributed
+resampling").
+
+Rank r holds K_local particles of each of G groups; the global group g has K = world K_local particles in
+rank-major order: global particle j = r K_local + k is local particle k of rank r. Every rank gathers the (G, K)
+log-weights, draws the same uniforms from an identically seeded generator and so computes the same global
+ancestors as `ops.resample` on the concatenated problem; then only the particles whose ancestor lives on another
+rank travel (one all_to_all_single of just those rows), the others are copied locally by the fused move.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from . import ops, reference
+
+# all_gather_into_tensor before torch 2.13 (deprecated there): the inputs concatenated along dim 0.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_CHECKED_FIELDS = ("G (groups)", "K_local (particles per rank)", "bytes per particle", "log_w dtype", "method",
+                   "ess_threshold", "generator state")
+
+
+def _generator_fingerprint(generator: torch.Generator | None, device: torch.device) -> int:
+    """crc32 of the generator's state (the device's default generator when None); read on the host, no sync."""
+    if generator is None:
+        generator = (torch.cuda.default_generators[device.index if device.index is not None
+                                                    else torch.cuda.current_device()]
+                     if device.type == "cuda" else torch.default_generator)
+    return zlib.crc32(generator.get_state().numpy().tobytes())
+
+
+def _check_ranks(log_w, particles, method, ess_threshold, generator, group) -> None:
+    """All-gathers each rank's problem description and raises the same ValueError on every rank if they differ."""
+    G, K_local = log_w.shape
+    row_bytes = particles[0].numel() * particles.element_size() if particles.shape[0] == G * K_local else \
+        particles[0, 0].numel() * particles.element_size()
+    mine = [G, K_local, row_bytes, 0 if log_w.dtype == torch.float32 else 1, ops.RESAMPLE_METHODS.index(method),
+            -1.0 if ess_threshold is None else float(ess_threshold), _generator_fingerprint(generator, log_w.device)]
+    world = dist.get_world_size(group)
+    table = torch.empty(world * len(mine), dtype=torch.float64, device=log_w.device)
+    _all_gather(table, torch.tensor(mine, dtype=torch.float64, device=log_w.device), group=group)
+    table = table.view(world, len(mine)).tolist()
+    for i, name in enumerate(_CHECKED_FIELDS):
+        values = [row[i] for row in table]
+        if len(set(values)) > 1:
+            raise ValueError(f"resample_distributed: {name} must be the same on every rank, got "
+                             f"{dict(enumerate(values))} by rank" +
+                             (" (seed the generator identically on every rank and draw from it identically)"
+                              if name == "generator state" else ""))
+
+
+def _exchange_plan(ancestors: torch.Tensor, K_local: int, rank: int, world: int):
+    """From the global (G, K) ancestors (the same on every rank), this rank's part of the exchange, on the device:
+        counts (world, world): rows rank s sends to rank d (the particles of d whose ancestor lives on s != d)
+        send_rows: local rows g K_local + a mod K_local to send, ordered by (destination, g, slot), padded
+        recv_rows: local rows g K_local + k to overwrite with the received rows, ordered by (source, g, slot), padded
+        local_ancestors (G, K_local): a mod K_local where the ancestor is on this rank, else k (not moved locally)
+    Both sides of a pair list its rows in (g, slot) order, so all_to_all_single matches them up."""
+    G, K = ancestors.shape
+    slot = torch.arange(K, device=ancestors.device)
+    dst = (slot // K_local).expand(G, K)
+    src = ancestors // K_local
+    cross = src != dst
+    g = torch.arange(G, device=ancestors.device)[:, None]
+    pair = torch.where(cross, src * world + dst, world * world)
+    counts = torch.bincount(pair.flatten(), minlength=world * world + 1)[:-1].view(world, world)
+    send_key = torch.where(cross & (src == rank), dst, world).flatten()
+    send_rows = (g * K_local + ancestors % K_local).flatten()[send_key.argsort(stable=True)]
+    recv_key = torch.where(cross & (dst == rank), src, world).flatten()
+    recv_rows = (g * K_local + slot % K_local).expand(G, K).flatten()[recv_key.argsort(stable=True)]
+    mine = ancestors[:, rank * K_local:(rank + 1) * K_local]
+    local_ancestors = torch.where(mine // K_local == rank, mine % K_local, slot[:K_local])
+    return counts, send_rows, recv_rows, local_ancestors
+
+
+def resample_distributed(
+    log_w_local: torch.Tensor,
+    particles_local: torch.Tensor,
+    method: str = "systematic",
+    ess_threshold: float | None = None,
+    generator: torch.Generator | None = None,
+    group: dist.ProcessGroup | None = None,
+    *,
+    check_ranks: bool = True,
+    backend: str = "auto",
+) -> ops.ResampleResult:
+    """`ops.resample` of G groups whose K = world K_local particles are sharded across the ranks of `group`
+    (rank-major: global particle r K_local + k is local particle k of rank r); returns this rank's shard of the
+    single-process result, bitwise: (particles_local, log_w_local_out, ancestors_local, ess), with .resampled and
+    .log_norm (G,) for the whole groups.
+
+        log_w = all_gather(log_w_local) (G, K);  ancestors, ess, resampled, log_norm as in ops.resample(log_w)
+        ancestors_local = ancestors[:, r K_local:(r+1) K_local]  (global within-group indices in [0, K))
+        particle k of rank r <- particle a mod K_local of rank a // K_local,  a = ancestors_local[g, k]
+
+    `generator` must be in the same state on every rank (the uniforms of the global problem are drawn from it
+    on every rank, as ops.resample draws them); the move is in place: survivors stay, a dead slot whose
+    ancestor is local is copied by the fused move, the others arrive through one all_to_all_single of just those
+    rows (overlapped with the local copy). particles_local: (G*K_local, ...) or (G, K_local, ...), any dtype, on
+    log_w_local's device (CPU with gloo, CUDA with NCCL).
+
+    Collectives and host syncs per call: with check_ranks (default) one all_gather of 7 float64 describing each
+    rank's problem (shapes, dtype, method, threshold, generator fingerprint) read on the host, raising the same
+    ValueError on every rank if they differ; one all_gather of the log-weights (G K_local per rank); one read
+    of the (world, world) exchange counts on the host (all_to_all_single takes its split sizes from the host);
+    one all_to_all_single of the moving rows, skipped on every rank when no row crosses ranks.
+    """
+    ops._check_resample_args(log_w_local, particles_local, method, ess_threshold, "inplace", backend)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    G, K_local = log_w_local.shape
+    if world * K_local > reference.MAX_PARTICLES:
+        raise ValueError(f"log_w_local: at most {reference.MAX_PARTICLES} particles per group in all, got "
+                         f"K = {world} ranks x {K_local}")
+    if check_ranks:
+        _check_ranks(log_w_local, particles_local, method, ess_threshold, generator, group)
+    gathered = torch.empty(world * G, K_local, dtype=log_w_local.dtype, device=log_w_local.device)
+    _all_gather(gathered, log_w_local.contiguous(), group=group)
+    log_w = gathered.view(world, G, K_local).permute(1, 0, 2).reshape(G, world * K_local)
+    name, (log_w_out, ancestors, ess, resampled, log_norm) = ops.draw_ancestors(log_w, method, ess_threshold,
+                                                                                generator, backend)
+    counts, send_rows, recv_rows, local_ancestors = _exchange_plan(ancestors, K_local, rank, world)
+    counts = counts.tolist()
+    exchange = None
+    if any(map(any, counts)):
+        flat = particles_local.shape[0] == G * K_local
+        row_shape = particles_local.shape[1:] if flat else particles_local.shape[2:]
+
+        def rows(r):
+            return (r,) if flat else (r // K_local, r % K_local)
+
+        send_sizes, recv_sizes = counts[rank], [row[rank] for row in counts]
+        send = particles_local[rows(send_rows[:sum(send_sizes)])].reshape(sum(send_sizes), math.prod(row_shape))
+        recv = torch.empty(sum(recv_sizes), send.shape[1] * send.element_size(), dtype=torch.uint8,
+                           device=send.device)
+        exchange = dist.all_to_all_single(recv, send.view(torch.uint8), recv_sizes, send_sizes, group=group,
+                                          async_op=True)
+    ops.move_particles(name, particles_local, local_ancestors, resampled)
+    if exchange is not None:
+        exchange.wait()
+        particles_local[rows(recv_rows[:recv.shape[0]])] = recv.view(particles_local.dtype).view(-1, *row_shape)
+    shard = slice(rank * K_local, (rank + 1) * K_local)
+    return ops.ResampleResult(particles_local, log_w_out[:, shard].contiguous(), ancestors[:, shard].contiguous(),
+                              ess, resampled, log_norm)
