@@ -57,11 +57,14 @@ def _init_and_run(rank, port, worker, args):
 
 
 def problem(G, K, shape, dtype, seed):
-    """Log-weights with spreads from flat to degenerate (some -inf) and distinct particles (G*K, *shape)."""
+    """Log-weights with spreads from flat to concentrated (some -inf; for G = 4 a degenerate group with a NaN)
+    and distinct particles (G*K, *shape)."""
     gen = torch.Generator().manual_seed(seed)
     lw = torch.randn(G, K, generator=gen) * 4 * torch.rand(G, 1, generator=gen)
     lw[torch.rand(G, K, generator=gen) < 0.1] = -math.inf
     lw[:, 0] = lw[:, 0].clamp(min=0)
+    if G == 4:
+        lw[2, K - 1] = math.nan
     return lw, torch.randn(G * K, *shape, generator=gen).to(dtype)
 
 
@@ -71,23 +74,29 @@ def shard(x, G, rank, K_local, layout):
     return x.reshape(G * K_local, *x.shape[2:]) if layout == "flat" else x
 
 
+def bits(t):
+    """The tensor's bit patterns (floats viewed as integers: NaN == NaN, -0.0 != 0.0)."""
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]) if t.is_floating_point() else t
+
+
 def assert_same(out, ref, G, rank, K_local, layout):
     """out (this rank's distributed result) is the rank's shard of ref (single process), bitwise."""
     cols = slice(rank * K_local, (rank + 1) * K_local)
-    assert torch.equal(out.particles, shard(ref.particles, G, rank, K_local, layout))
-    assert torch.equal(out.log_w, ref.log_w[:, cols])
+    assert torch.equal(bits(out.particles), bits(shard(ref.particles, G, rank, K_local, layout)))
+    assert torch.equal(bits(out.log_w), bits(ref.log_w[:, cols]))
     assert torch.equal(out.ancestors, ref.ancestors[:, cols])
     for name in ("ess", "resampled", "log_norm"):
-        assert torch.equal(getattr(out, name), getattr(ref, name)), name
+        assert torch.equal(bits(getattr(out, name)), bits(getattr(ref, name))), name
 
 
-def _equal_worker(rank, seed):
-    crossed = decided = 0
+def _equal_worker(rank, seed, device="cpu"):
+    crossed = decided = degenerate = 0
     for method in ops.RESAMPLE_METHODS:
         for threshold in (None, 0.5):
             for G, K_local, shape, dtype, layout in CASES:
                 lw, x = problem(G, WORLD * K_local, shape, dtype, case_seed(seed, method, threshold, G, K_local))
-                gen_ref, gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+                lw, x = lw.to(device), x.to(device)
+                gen_ref, gen = (torch.Generator(device).manual_seed(seed) for _ in range(2))
                 ref = ops.resample(lw, x.clone(), method, threshold, gen_ref)
                 mine = shard(x.clone(), G, rank, K_local, layout)
                 out = resample_distributed(lw[:, rank * K_local:(rank + 1) * K_local].clone(), mine, method,
@@ -95,9 +104,11 @@ def _equal_worker(rank, seed):
                 assert out.particles is mine  # in place
                 assert_same(out, ref, G, rank, K_local, layout)
                 assert torch.equal(gen.get_state(), gen_ref.get_state())  # the same uniforms drawn
-                crossed += int((ref.ancestors // K_local != torch.arange(WORLD * K_local) // K_local).sum())
+                home = torch.arange(WORLD * K_local, device=device) // K_local
+                crossed += int((ref.ancestors // K_local != home).sum())
                 decided += int((~ref.resampled).sum())
-    assert crossed > 0 and decided > 0  # rows did cross ranks; the threshold did leave groups alone
+                degenerate += int(ref.log_norm.isnan().sum())
+    assert crossed > 0 and decided > 0 and degenerate > 0  # rows crossed ranks; the threshold left groups alone
 
 
 def _loop_worker(rank, seed):
@@ -125,10 +136,19 @@ def _mismatch_worker(rank, seed):
     gen = torch.Generator().manual_seed(seed + rank)  # generators not in the same state
     with pytest.raises(ValueError, match="generator state must be the same on every rank"):
         resample_distributed(torch.zeros(2, 3), torch.zeros(6, 4), "systematic", generator=gen)
-    with pytest.raises(ValueError, match="particles must have shape"):  # local checks, before any collective
-        resample_distributed(torch.zeros(2, 3), torch.zeros(5, 4), "systematic")
+    # Bad arguments on rank 1 only: it raises its own error, the other ranks learn of it (no hang).
+    match = "particles must have shape" if rank == 1 else r"invalid arguments on rank\(s\) \[1\]"
+    with pytest.raises(ValueError, match=match):
+        resample_distributed(torch.zeros(2, 3), torch.zeros(6 - rank, 4), "systematic")
 
 
 @pytest.mark.parametrize("worker", [_equal_worker, _loop_worker, _mismatch_worker])
 def test_resample_distributed(worker):
     run_ranks(worker, case_seed("smc_dist"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resample_distributed_cuda():
+    """CUDA tensors (both ranks on one GPU, gloo: NCCL needs a GPU per rank): the device paths of the op."""
+    run_ranks(_equal_worker, case_seed("smc_dist_cuda"), "cuda")

@@ -33,18 +33,27 @@ def _generator_fingerprint(generator: torch.Generator | None, device: torch.devi
     return zlib.crc32(generator.get_state().numpy().tobytes())
 
 
-def _check_ranks(log_w, particles, method, ess_threshold, generator, group) -> None:
-    """All-gathers each rank's problem description and raises the same ValueError on every rank if they differ."""
-    G, K_local = log_w.shape
-    row_bytes = particles[0].numel() * particles.element_size() if particles.shape[0] == G * K_local else \
-        particles[0, 0].numel() * particles.element_size()
-    mine = [G, K_local, row_bytes, 0 if log_w.dtype == torch.float32 else 1, ops.RESAMPLE_METHODS.index(method),
-            -1.0 if ess_threshold is None else float(ess_threshold), _generator_fingerprint(generator, log_w.device)]
+def _check_ranks(log_w, particles, method, ess_threshold, generator, group, failed: bool) -> None:
+    """All-gathers each rank's problem description (or that its local checks `failed`) and raises the same
+    ValueError on every rank if they differ; a rank whose local checks failed returns (it raises its own)."""
+    mine = [float(failed)] + [0.0] * len(_CHECKED_FIELDS)
+    if not failed:
+        G, K_local = log_w.shape
+        row = particles[0] if particles.shape[0] == G * K_local else particles[0, 0]
+        mine[1:] = [G, K_local, row.numel() * row.element_size(), 0 if log_w.dtype == torch.float32 else 1,
+                    ops.RESAMPLE_METHODS.index(method), -1.0 if ess_threshold is None else float(ess_threshold),
+                    _generator_fingerprint(generator, log_w.device)]
     world = dist.get_world_size(group)
-    table = torch.empty(world * len(mine), dtype=torch.float64, device=log_w.device)
-    _all_gather(table, torch.tensor(mine, dtype=torch.float64, device=log_w.device), group=group)
+    device = log_w.device if isinstance(log_w, torch.Tensor) else torch.device("cpu")
+    table = torch.empty(world * len(mine), dtype=torch.float64, device=device)
+    _all_gather(table, torch.tensor(mine, dtype=torch.float64, device=device), group=group)
     table = table.view(world, len(mine)).tolist()
-    for i, name in enumerate(_CHECKED_FIELDS):
+    bad = [r for r, row in enumerate(table) if row[0]]
+    if bad:
+        if failed:
+            return
+        raise ValueError(f"resample_distributed: invalid arguments on rank(s) {bad} (see the error raised there)")
+    for i, name in enumerate(_CHECKED_FIELDS, 1):
         values = [row[i] for row in table]
         if len(set(values)) > 1:
             raise ValueError(f"resample_distributed: {name} must be the same on every rank, got "
@@ -56,8 +65,8 @@ def _check_ranks(log_w, particles, method, ess_threshold, generator, group) -> N
 def _exchange_plan(ancestors: torch.Tensor, K_local: int, rank: int, world: int):
     """From the global (G, K) ancestors (the same on every rank), this rank's part of the exchange, on the device:
         counts (world, world): rows rank s sends to rank d (the particles of d whose ancestor lives on s != d)
-        send_rows: local rows g K_local + a mod K_local to send, ordered by (destination, g, slot), padded
-        recv_rows: local rows g K_local + k to overwrite with the received rows, ordered by (source, g, slot), padded
+        send_rows: local rows g K_local + a mod K_local to send, by (destination, g, slot); sum(counts[rank]) valid
+        recv_rows: local rows g K_local + k to overwrite, by (source, g, slot); sum(counts[:, rank]) valid
         local_ancestors (G, K_local): a mod K_local where the ancestor is on this rank, else k (not moved locally)
     Both sides of a pair list its rows in (g, slot) order, so all_to_all_single matches them up."""
     G, K = ancestors.shape
@@ -103,20 +112,28 @@ def resample_distributed(
     rows (overlapped with the local copy). particles_local: (G*K_local, ...) or (G, K_local, ...), any dtype, on
     log_w_local's device (CPU with gloo, CUDA with NCCL).
 
-    Collectives and host syncs per call: with check_ranks (default) one all_gather of 7 float64 describing each
-    rank's problem (shapes, dtype, method, threshold, generator fingerprint) read on the host, raising the same
-    ValueError on every rank if they differ; one all_gather of the log-weights (G K_local per rank); one read
-    of the (world, world) exchange counts on the host (all_to_all_single takes its split sizes from the host);
-    one all_to_all_single of the moving rows, skipped on every rank when no row crosses ranks.
+    Collectives and host syncs per call: with check_ranks (default) one all_gather of 8 float64 describing each
+    rank's problem (local argument errors, shapes, dtype, method, threshold, generator fingerprint) read on the
+    host, raising a ValueError on every rank if they differ or a rank's arguments are invalid (without it, a
+    rank with bad arguments raises alone and the others wait in the next collective); one all_gather of the
+    log-weights (G K_local per rank); one read of the (world, world) exchange counts on the host
+    (all_to_all_single takes its split sizes from the host); one all_to_all_single of the moving rows, skipped
+    on every rank when no row crosses ranks.
     """
-    ops._check_resample_args(log_w_local, particles_local, method, ess_threshold, "inplace", backend)
+    try:
+        ops._check_resample_args(log_w_local, particles_local, method, ess_threshold, "inplace", backend)
+        local_error = None
+    except ValueError as error:
+        local_error = error
+    if check_ranks:
+        _check_ranks(log_w_local, particles_local, method, ess_threshold, generator, group, local_error is not None)
+    if local_error is not None:
+        raise local_error
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     G, K_local = log_w_local.shape
     if world * K_local > reference.MAX_PARTICLES:
         raise ValueError(f"log_w_local: at most {reference.MAX_PARTICLES} particles per group in all, got "
                          f"K = {world} ranks x {K_local}")
-    if check_ranks:
-        _check_ranks(log_w_local, particles_local, method, ess_threshold, generator, group)
     gathered = torch.empty(world * G, K_local, dtype=log_w_local.dtype, device=log_w_local.device)
     _all_gather(gathered, log_w_local.contiguous(), group=group)
     log_w = gathered.view(world, G, K_local).permute(1, 0, 2).reshape(G, world * K_local)
