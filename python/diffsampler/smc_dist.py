@@ -18,8 +18,9 @@ import torch.distributed as dist
 
 from . import ops, reference
 
-# all_gather_into_tensor before torch 2.13 (deprecated there): the inputs concatenated along dim 0.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# all_gather(out, inp, group=None): the ranks' inputs concatenated along dim 0 (all_gather_into_tensor before
+# torch 2.13, deprecated there).
+all_gather_dim0 = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _CHECKED_FIELDS = ("G (groups)", "K_local (particles per rank)", "bytes per particle", "log_w dtype", "method",
                    "ess_threshold", "generator state")
 
@@ -46,7 +47,7 @@ def _check_ranks(log_w, particles, method, ess_threshold, generator, group, fail
     world = dist.get_world_size(group)
     device = log_w.device if isinstance(log_w, torch.Tensor) else torch.device("cpu")
     table = torch.empty(world * len(mine), dtype=torch.float64, device=device)
-    _all_gather(table, torch.tensor(mine, dtype=torch.float64, device=device), group=group)
+    all_gather_dim0(table, torch.tensor(mine, dtype=torch.float64, device=device), group=group)
     table = table.view(world, len(mine)).tolist()
     bad = [r for r, row in enumerate(table) if row[0]]
     if bad:
@@ -62,28 +63,62 @@ def _check_ranks(log_w, particles, method, ess_threshold, generator, group, fail
                               if name == "generator state" else ""))
 
 
-def _exchange_plan(ancestors: torch.Tensor, K_local: int, rank: int, world: int):
-    """From the global (G, K) ancestors (the same on every rank), this rank's part of the exchange, on the device:
-        counts (world, world): rows rank s sends to rank d (the particles of d whose ancestor lives on s != d)
-        send_rows: local rows g K_local + a mod K_local to send, by (destination, g, slot); sum(counts[rank]) valid
-        recv_rows: local rows g K_local + k to overwrite, by (source, g, slot); sum(counts[:, rank]) valid
-        local_ancestors (G, K_local): a mod K_local where the ancestor is on this rank, else k (not moved locally)
-    Both sides of a pair list its rows in (g, slot) order, so all_to_all_single matches them up."""
+def _exchange_counts(src: torch.Tensor, world: int) -> torch.Tensor:
+    """(world, world) int64: M[s, d] = the rows rank s sends to rank d, the particles of d whose ancestor lives
+    on s != d; src (G, world, K_local) is the rank of each global slot's ancestor (slot d K_local + k on rank d)."""
+    dst = torch.arange(world, device=src.device)[None, :, None]
+    pair = torch.where(src != dst, src * world + dst, world * world)
+    return torch.bincount(pair.flatten(), minlength=world * world + 1)[:-1].view(world, world)
+
+
+def _exchange_rows(rows: torch.Tensor, src: torch.Tensor, rank: int,
+                   n_send: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(send_rows, recv_rows) of this rank: rows (G, world, K_local) = g K_local + (a mod K_local) of each global
+    slot's ancestor a, src its rank. send_rows: the n_send rows this rank sends, ordered by (destination, g, slot);
+    recv_rows: the local rows g K_local + k to overwrite, ordered by (source, g, slot), the first sum(M[:, rank])
+    valid. Both sides of a pair list its rows in (g, slot) order, so all_to_all_single matches them up."""
+    G, world, K_local = src.shape
+    dst = torch.arange(world, device=src.device)[None, :, None]
+    sends = ((src == rank) & (dst != rank)).transpose(0, 1).flatten()   # (destination, g, slot) order
+    position = torch.where(sends, sends.cumsum(0) - 1, n_send)
+    send_rows = rows.new_empty(n_send + 1).scatter_(0, position, rows.transpose(0, 1).flatten())[:n_send]
+    key = torch.where(src[:, rank] != rank, src[:, rank], world).flatten()
+    local = torch.arange(G * K_local, device=src.device)
+    return send_rows, local[key.argsort(stable=True)]
+
+
+def _move_sharded(name: str, particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor, rank: int,
+                  world: int, group) -> None:
+    """In place: particle k of group g on this rank <- particle a mod K_local of rank a // K_local, a = the global
+    ancestors[g, rank K_local + k]: local sources by the fused move (backend `name`), the others by one
+    all_to_all_single (after one host read of the (world, world) counts; skipped when no row crosses ranks)."""
     G, K = ancestors.shape
-    slot = torch.arange(K, device=ancestors.device)
-    dst = (slot // K_local).expand(G, K)
-    src = ancestors // K_local
-    cross = src != dst
-    g = torch.arange(G, device=ancestors.device)[:, None]
-    pair = torch.where(cross, src * world + dst, world * world)
-    counts = torch.bincount(pair.flatten(), minlength=world * world + 1)[:-1].view(world, world)
-    send_key = torch.where(cross & (src == rank), dst, world).flatten()
-    send_rows = (g * K_local + ancestors % K_local).flatten()[send_key.argsort(stable=True)]
-    recv_key = torch.where(cross & (dst == rank), src, world).flatten()
-    recv_rows = (g * K_local + slot % K_local).expand(G, K).flatten()[recv_key.argsort(stable=True)]
-    mine = ancestors[:, rank * K_local:(rank + 1) * K_local]
-    local_ancestors = torch.where(mine // K_local == rank, mine % K_local, slot[:K_local])
-    return counts, send_rows, recv_rows, local_ancestors
+    K_local = K // world
+    src = (ancestors // K_local).view(G, world, K_local)
+    mine, local = ancestors[:, rank * K_local:(rank + 1) * K_local], torch.arange(K_local, device=ancestors.device)
+    local_ancestors = torch.where(src[:, rank] == rank, mine - rank * K_local, local)  # else k: not copied here
+    counts = _exchange_counts(src, world).tolist()
+    exchange = None
+    if any(map(any, counts)):
+        g = torch.arange(G, device=ancestors.device)[:, None, None]
+        rows = g * K_local + ancestors.view(G, world, K_local) - src * K_local  # g K_local + a mod K_local
+        send_rows, recv_rows = _exchange_rows(rows, src, rank, sum(counts[rank]))
+        flat = particles.shape[0] == G * K_local
+        row_shape = particles.shape[1:] if flat else particles.shape[2:]
+
+        def index(r):
+            return (r,) if flat else (r // K_local, r % K_local)
+
+        send_sizes, recv_sizes = counts[rank], [row[rank] for row in counts]
+        send = particles[index(send_rows)].reshape(sum(send_sizes), math.prod(row_shape))
+        recv = torch.empty(sum(recv_sizes), send.shape[1] * send.element_size(), dtype=torch.uint8,
+                           device=send.device)
+        exchange = dist.all_to_all_single(recv, send.view(torch.uint8), recv_sizes, send_sizes, group=group,
+                                          async_op=True)
+    ops.move_particles(name, particles, local_ancestors, resampled)
+    if exchange is not None:
+        exchange.wait()
+        particles[index(recv_rows[:recv.shape[0]])] = recv.view(particles.dtype).view(-1, *row_shape)
 
 
 def resample_distributed(
@@ -135,30 +170,11 @@ def resample_distributed(
         raise ValueError(f"log_w_local: at most {reference.MAX_PARTICLES} particles per group in all, got "
                          f"K = {world} ranks x {K_local}")
     gathered = torch.empty(world * G, K_local, dtype=log_w_local.dtype, device=log_w_local.device)
-    _all_gather(gathered, log_w_local.contiguous(), group=group)
+    all_gather_dim0(gathered, log_w_local.contiguous(), group=group)
     log_w = gathered.view(world, G, K_local).permute(1, 0, 2).reshape(G, world * K_local)
     name, (log_w_out, ancestors, ess, resampled, log_norm) = ops.draw_ancestors(log_w, method, ess_threshold,
                                                                                 generator, backend)
-    counts, send_rows, recv_rows, local_ancestors = _exchange_plan(ancestors, K_local, rank, world)
-    counts = counts.tolist()
-    exchange = None
-    if any(map(any, counts)):
-        flat = particles_local.shape[0] == G * K_local
-        row_shape = particles_local.shape[1:] if flat else particles_local.shape[2:]
-
-        def rows(r):
-            return (r,) if flat else (r // K_local, r % K_local)
-
-        send_sizes, recv_sizes = counts[rank], [row[rank] for row in counts]
-        send = particles_local[rows(send_rows[:sum(send_sizes)])].reshape(sum(send_sizes), math.prod(row_shape))
-        recv = torch.empty(sum(recv_sizes), send.shape[1] * send.element_size(), dtype=torch.uint8,
-                           device=send.device)
-        exchange = dist.all_to_all_single(recv, send.view(torch.uint8), recv_sizes, send_sizes, group=group,
-                                          async_op=True)
-    ops.move_particles(name, particles_local, local_ancestors, resampled)
-    if exchange is not None:
-        exchange.wait()
-        particles_local[rows(recv_rows[:recv.shape[0]])] = recv.view(particles_local.dtype).view(-1, *row_shape)
+    _move_sharded(name, particles_local, ancestors, resampled, rank, world, group)
     shard = slice(rank * K_local, (rank + 1) * K_local)
     return ops.ResampleResult(particles_local, log_w_out[:, shard].contiguous(), ancestors[:, shard].contiguous(),
                               ess, resampled, log_norm)

@@ -1,12 +1,13 @@
-"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, lml, resample, digits,
-report."""
+"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, lml, resample, resample_dist,
+digits, report."""
 
 import sys
 
-from . import digits_solvers, lml, loop, quality, report, resample, step
+from . import digits_solvers, lml, loop, quality, report, resample, resample_dist, step
 
 SUBCOMMANDS = {"step": step.main, "loop": loop.main, "quality": quality.main, "lml": lml.main,
-               "resample": resample.main, "digits": digits_solvers.main, "report": report.main}
+               "resample": resample.main, "resample_dist": resample_dist.main, "digits": digits_solvers.main,
+               "report": report.main}
 
 
 def main(argv=None) -> None:
