@@ -112,9 +112,11 @@ def _equal_worker(rank, seed, device="cpu"):
 
 
 def _loop_worker(rank, seed):
-    """SMC-like loop: the particles drift, the log-weights get an increment f(x), then resampling; 6 steps."""
+    """SMC-like loop: the particles drift, the log-weights get an increment f(x), then resampling; 6 steps, on an
+    explicit process group, the rank check only at the first step."""
     G, K_local, D = 3, 6, 2
     K = WORLD * K_local
+    group = dist.new_group(list(range(WORLD)))
     for method in ops.RESAMPLE_METHODS:
         _, x = problem(G, K, (D,), torch.float32, case_seed(seed, "loop", method))
         lw = torch.zeros(G, K)
@@ -124,7 +126,7 @@ def _loop_worker(rank, seed):
             x, mine = x + 0.3 * torch.cos(x + step), mine + 0.3 * torch.cos(mine + step)
             lw, lw_mine = lw - 0.5 * x[:, 0].view(G, K) ** 2, lw_mine - 0.5 * mine[:, 0].view(G, K_local) ** 2
             ref = ops.resample(lw, x, method, 0.6, gen_ref)
-            out = resample_distributed(lw_mine, mine, method, 0.6, gen)
+            out = resample_distributed(lw_mine, mine, method, 0.6, gen, group, check_ranks=step == 0)
             assert_same(out, ref, G, rank, K_local, "flat")
             x, lw, mine, lw_mine = ref.particles, ref.log_w, out.particles, out.log_w
 
