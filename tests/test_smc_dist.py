@@ -109,6 +109,12 @@ def _equal_worker(rank, seed, device="cpu"):
                 decided += int((~ref.resampled).sum())
                 degenerate += int(ref.log_norm.isnan().sum())
     assert crossed > 0 and decided > 0 and degenerate > 0  # rows crossed ranks; the threshold left groups alone
+    # Equal weights under a threshold: nothing is resampled, no collective moves particles, nothing changes.
+    x = torch.randn(2 * 3, 4, device=device)
+    out = resample_distributed(torch.zeros(2, 3, device=device), x.clone(), "systematic", 0.5,
+                               torch.Generator(device).manual_seed(seed))
+    assert torch.equal(out.particles, x) and not out.resampled.any()
+    assert torch.equal(out.ancestors, torch.arange(3 * rank, 3 * rank + 3, device=device).expand(2, 3))
 
 
 def _loop_worker(rank, seed):
