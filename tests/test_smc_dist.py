@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 def run_ranks(worker, *args) -> None:
-    """Runs worker(rank, port, *args) in WORLD gloo processes; fails on an exception in any or after TIMEOUT_S."""
+    """Runs worker(rank, *args) in WORLD gloo processes; fails on an exception in any of them or after TIMEOUT_S."""
     ctx = mp.spawn(_init_and_run, args=(free_port(), worker, args), nprocs=WORLD, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=1.0):
