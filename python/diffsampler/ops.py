@@ -489,6 +489,37 @@ def _check_resample_args(log_w, particles, method, ess_threshold, move, backend)
         raise ValueError(f"backend {backend!r} takes float32 log_w; got {log_w.dtype} (use backend='reference')")
 
 
+def draw_ancestors(log_w: torch.Tensor, method: str, ess_threshold: float | None,
+                   generator: torch.Generator | None, backend: str = "auto") -> tuple[str, tuple]:
+    """The decision half of `resample` on checked arguments: draws the uniforms from `generator` and runs the
+    backend's resample_ancestors; returns (backend name, (log_w_out, ancestors, ess, resampled, log_norm))."""
+    G, K = log_w.shape
+    uniforms = resample_uniforms(method, G, K, generator, log_w.device)
+    args = (log_w, uniforms, RESAMPLE_METHODS.index(method), float("inf") if ess_threshold is None
+            else float(ess_threshold))
+    name = _select_backend(backend, log_w)
+    if name == "reference":
+        return name, reference.resample_ancestors(*args)
+    if name == "triton":
+        from . import triton_kernels
+
+        return name, triton_kernels.resample_ancestors(*args)
+    return name, torch.ops.diffsampler.resample_ancestors(*args)
+
+
+def move_particles(name: str, particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor) -> None:
+    """In place: particles[g K + k] = particles[g K + ancestors[g, k]] where ancestors[g, k] != k in resampled
+    groups (the move half of `resample`, on backend `name`); sources must be rows that are not written."""
+    if name == "reference":
+        reference.resample_move(particles, ancestors, resampled)
+    elif name == "triton":
+        from . import triton_kernels
+
+        triton_kernels.resample_move(particles, ancestors, resampled)
+    else:
+        torch.ops.diffsampler.resample_move(particles, ancestors, resampled)
+
+
 def resample(
     log_w: torch.Tensor,
     particles: torch.Tensor,
@@ -522,18 +553,8 @@ def resample(
     """
     _check_resample_args(log_w, particles, method, ess_threshold, move, backend)
     G, K = log_w.shape
-    uniforms = resample_uniforms(method, G, K, generator, log_w.device)
-    args = (log_w, uniforms, RESAMPLE_METHODS.index(method), float("inf") if ess_threshold is None
-            else float(ess_threshold))
-    name = _select_backend(backend, log_w)
-    if name == "triton":
-        from . import triton_kernels
-    if name == "reference":
-        log_w_out, ancestors, ess, resampled, log_norm = reference.resample_ancestors(*args)
-    elif name == "triton":
-        log_w_out, ancestors, ess, resampled, log_norm = triton_kernels.resample_ancestors(*args)
-    else:
-        log_w_out, ancestors, ess, resampled, log_norm = torch.ops.diffsampler.resample_ancestors(*args)
+    name, (log_w_out, ancestors, ess, resampled, log_norm) = draw_ancestors(log_w, method, ess_threshold,
+                                                                            generator, backend)
     if check:
         bad = torch.isnan(log_norm).nonzero().flatten().tolist()
         if bad:
@@ -541,12 +562,8 @@ def resample(
                              f"(reset to uniform weights when check=False)")
     if move == "gather":
         particles = particles.reshape(G * K, -1).index_select(0, ancestor_rows(ancestors)).view(particles.shape)
-    elif name == "reference":
-        reference.resample_move(particles, ancestors, resampled)
-    elif name == "triton":
-        triton_kernels.resample_move(particles, ancestors, resampled)
     else:
-        torch.ops.diffsampler.resample_move(particles, ancestors, resampled)
+        move_particles(name, particles, ancestors, resampled)
     return ResampleResult(particles, log_w_out, ancestors, ess, resampled, log_norm)
 
 

@@ -1,12 +1,13 @@
-"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, lml, resample, digits,
-smc, report."""
+"""python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, lml, resample,
+resample_dist, digits, smc, report."""
 
 import sys
 
-from . import digits_solvers, lml, loop, quality, report, resample, smc, step
+from . import digits_solvers, lml, loop, quality, report, resample, resample_dist, smc, step
 
 SUBCOMMANDS = {"step": step.main, "loop": loop.main, "quality": quality.main, "lml": lml.main,
-               "resample": resample.main, "digits": digits_solvers.main, "smc": smc.main,
+               "resample": resample.main, "resample_dist": resample_dist.main, "digits": digits_solvers.main,
+               "smc": smc.main,
                "report": report.main}
 
 
