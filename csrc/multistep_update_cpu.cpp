@@ -199,8 +199,9 @@ void lml_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t
   }
 }
 
-// LML's Gram: per sample, the dot products of v = [g, dirs[0..n_dirs-1]] accumulated in double over fixed
-// chunks (one task each), then summed over chunks in order: the result does not depend on the thread count.
+// LML's Gram: per sample, the dot products of v = [g, dirs[0..n_dirs-1]] (g and the directions in fp32, their
+// products summed in double) over runs of 128 elements and fixed chunks (one task each), the chunks summed in
+// order: the result does not depend on the thread count.
 constexpr int64_t kGramChunk = 1 << 13;
 
 template <typename S, int kReads, int kDirs>
@@ -208,6 +209,7 @@ void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   using T = typename S::Raw;
   constexpr int kM = 1 + kDirs;
   constexpr int kP = kM * (kM + 1) / 2;  // the upper triangle, row by row
+  constexpr int64_t kSub = 128;          // elements per run: the run's vectors stay in L1
   const T* __restrict__ x = static_cast<const T*>(t.x);
   const T* __restrict__ out = static_cast<const T*>(t.out);
   const T* reads[DS_MAX_READS] = {};
@@ -215,21 +217,34 @@ void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   const T* dirs[DS_MAX_DIRS] = {};
   for (int j = 0; j < kDirs; ++j) dirs[j] = static_cast<const T*>(t.dirs[j]);
   double sums[kP] = {};
-#pragma omp simd reduction(+ : sums[:kP])
-  for (int64_t i = begin; i < end; ++i) {
-    const float xi = S::load(x[i]);
-    const float oi = S::load(out[i]);
-    float h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
-    for (int j = 0; j < kReads; ++j) h[j] = S::load(reads[j][i]);
-    const float m0 = data_prediction<kReads>(k, xi, oi, h);
-    double v[kM];
-    float g = k.gx * xi + k.ge * oi + k.gb[0] * m0;
-    for (int j = 0; j < kReads; ++j) g += k.gb[j + 1] * h[j];
-    v[0] = g;
-    for (int j = 0; j < kDirs; ++j) v[1 + j] = S::load(dirs[j][i]);
+  alignas(64) float v[kM][kSub];  // the run's vectors, then one plain dot product per pair
+  for (int64_t lo = begin; lo < end; lo += kSub) {
+    const int64_t len = std::min(end - lo, kSub);
+    const float gx = k.gx, ge = k.ge, gb0 = k.gb[0];
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float xi = S::load(x[lo + i]);
+      const float oi = S::load(out[lo + i]);
+      float h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
+      for (int j = 0; j < kReads; ++j) h[j] = S::load(reads[j][lo + i]);
+      float g = gx * xi + ge * oi + gb0 * data_prediction<kReads>(k, xi, oi, h);
+      for (int j = 0; j < kReads; ++j) g += k.gb[j + 1] * h[j];
+      v[0][i] = g;
+    }
+    for (int j = 0; j < kDirs; ++j) {
+      const T* __restrict__ d = dirs[j] + lo;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) v[1 + j][i] = S::load(d[i]);
+    }
     int p = 0;
-    for (int a = 0; a < kM; ++a)
-      for (int c = a; c < kM; ++c) sums[p++] += v[a] * v[c];
+    for (int a = 0; a < kM; ++a) {
+      for (int c = a; c < kM; ++c, ++p) {
+        double dot = 0.0;  // products of two floats are exact in double: the sum is the only rounding
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < len; ++i) dot += static_cast<double>(v[a][i]) * static_cast<double>(v[c][i]);
+        sums[p] += dot;
+      }
+    }
   }
   int p = 0;
   for (int a = 0; a < kM; ++a)
