@@ -27,28 +27,36 @@ def cuda_include() -> Path | None:
     return found[-1].parent if found else None
 
 
+KERNELS = sorted(p.name for p in (CSRC / "cuda").glob("*.cu"))
+HOST_FILES = sorted(p.name for p in CSRC.glob("*_cuda.cpp"))
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 @pytest.mark.parametrize("arch", ["80", "90"])
-def test_kernels_compile_with_nvcc(arch, tmp_path):
-    cmd = [NVCC, "-c", str(CSRC / "cuda" / "multistep_update.cu"), "-I", str(CSRC), "-O3", "-std=c++17",
+@pytest.mark.parametrize("source", KERNELS)
+def test_kernels_compile_with_nvcc(source, arch, tmp_path):
+    """Every csrc/cuda/*.cu, warnings as errors (no torch headers there: this machine's torch has no CUDA)."""
+    obj = tmp_path / f"{source}.sm{arch}.o"
+    cmd = [NVCC, "-c", str(CSRC / "cuda" / source), "-I", str(CSRC), "-O3", "-std=c++17",
            f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror",
-           "-o", str(tmp_path / f"multistep_update_sm{arch}.o")]
+           "-o", str(obj)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / f"multistep_update_sm{arch}.o").stat().st_size > 0
+    assert obj.stat().st_size > 0
 
 
 @pytest.mark.skipif(cuda_include() is None, reason="no CUDA toolkit headers next to nvcc")
-def test_host_registration_compiles(tmp_path):
-    """csrc/multistep_update_cuda.cpp against torch's headers (syntax and types; linking needs a CUDA torch).
+@pytest.mark.parametrize("source", HOST_FILES)
+def test_host_registration_compiles(source, tmp_path):
+    """Every csrc/*_cuda.cpp against torch's headers (syntax and types; linking needs a CUDA torch).
     c10's generated cuda_cmake_macros.h exists only in CUDA builds of torch: an empty one stands in."""
     stub = tmp_path / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("")
     torch_inc = Path(torch.__file__).parent / "include"
-    cmd = ["c++", "-fsyntax-only", "-std=c++20", "-I", str(CSRC), "-I", str(torch_inc),
+    cmd = ["c++", "-fsyntax-only", "-std=c++20", "-Wall", "-Werror", "-I", str(CSRC), "-I", str(torch_inc),
            "-I", str(torch_inc / "torch" / "csrc" / "api" / "include"), "-I", str(cuda_include()),
-           "-I", str(tmp_path), "-I", sysconfig.get_paths()["include"], str(CSRC / "multistep_update_cuda.cpp")]
+           "-I", str(tmp_path), "-I", sysconfig.get_paths()["include"], str(CSRC / source)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

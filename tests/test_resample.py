@@ -2,10 +2,6 @@
 the same uniforms), the statistics of the four schemes, the ESS threshold, the particle move, and bad input."""
 
 import math
-import shutil
-import subprocess
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +10,11 @@ import diffsampler as ds
 import diffsampler.triton_kernels  # noqa: F401  (the subpackage, also when ops has not probed it yet)
 from diffsampler import ops, reference
 from diffsampler.bench.common import OpCounter
-from test_cuda import cuda_include
 from update_cases import case_seed
 
 METHODS = ops.RESAMPLE_METHODS
 CPU_BACKENDS = [b for b in ("cpu", "triton") if ops.backends()[b]]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
-NVCC = shutil.which("nvcc")
 INF = float("inf")
 
 
@@ -306,33 +299,6 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.diffsampler.resample_ancestors.default, (lw, uniforms, method, 0.9))
     _, ancestors, _, resampled, _ = torch.ops.diffsampler.resample_ancestors(lw, uniforms, 3, INF)
     torch.library.opcheck(torch.ops.diffsampler.resample_move.default, (torch.randn(21, 4), ancestors, resampled))
-
-
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
-@pytest.mark.parametrize("arch", ["80", "90"])
-def test_cuda_kernels_compile_with_nvcc(arch, tmp_path):
-    obj = tmp_path / f"resample_sm{arch}.o"
-    cmd = [NVCC, "-c", str(CSRC / "cuda" / "resample.cu"), "-I", str(CSRC), "-O3", "-std=c++17",
-           f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror",
-           "-o", str(obj)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert obj.stat().st_size > 0
-
-
-@pytest.mark.skipif(cuda_include() is None, reason="no CUDA toolkit headers next to nvcc")
-def test_cuda_host_registration_compiles(tmp_path):
-    """csrc/resample_cuda.cpp against torch's headers (syntax and types), as tests/test_cuda.py does for the
-    update's host file: an empty c10 cuda_cmake_macros.h stands in for the one of CUDA builds of torch."""
-    stub = tmp_path / "c10" / "cuda" / "impl"
-    stub.mkdir(parents=True)
-    (stub / "cuda_cmake_macros.h").write_text("")
-    torch_inc = Path(torch.__file__).parent / "include"
-    cmd = ["c++", "-fsyntax-only", "-std=c++20", "-Wall", "-Werror", "-I", str(CSRC), "-I", str(torch_inc),
-           "-I", str(torch_inc / "torch" / "csrc" / "api" / "include"), "-I", str(cuda_include()),
-           "-I", str(tmp_path), "-I", sysconfig.get_paths()["include"], str(CSRC / "resample_cuda.cpp")]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
