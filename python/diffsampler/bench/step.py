@@ -22,12 +22,17 @@ SIZES = [(1, 4, 64, 64), (8, 4, 128, 128), (64, 4, 128, 128)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 STEP_INDEX = 5  # a multistep step in the middle of a 20-step loop (history full, corrector on)
-# solver -> (diffusers scheduler class, its config)
+# solver -> (diffusers scheduler class, its config); the solvers without one (ghvb) are timed fused only
+UNANCHORED = ("ghvb",)
 ANCHORS = {
     "ddim": ("DDIMScheduler", dict(SD, clip_sample=False)),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", SD),
     "dpmpp_3m": ("DPMSolverMultistepScheduler", dict(SD, solver_order=3)),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++")),
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++", solver_order=3)),
+    "dpm_2m": ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
+    "dpm_3m": ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min",
+                                                   solver_order=3)),
     "unipc": ("UniPCMultistepScheduler", SD),
     "deis": ("DEISMultistepScheduler", SD),
     "euler": ("EulerDiscreteScheduler", SD),
@@ -36,7 +41,10 @@ ANCHORS = {
 
 
 def _diffusers_step(solver: str, x, out):
-    """A callable running diffusers' step() for the same step on the same tensors (None without diffusers)."""
+    """A callable running diffusers' step() for the same step on the same tensors (None without diffusers or
+    without a diffusers class for the solver)."""
+    if solver not in ANCHORS:
+        return None
     try:
         import diffusers
     except ImportError:
@@ -127,7 +135,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", default=";".join(",".join(map(str, s)) for s in SIZES),
                     help="semicolon-separated shapes, e.g. '8,4,128,128;1,4,64,64'")
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--solvers", default=",".join(ANCHORS))
+    ap.add_argument("--solvers", default=",".join((*ANCHORS, *UNANCHORED)))
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON ('' for none)")
     args = ap.parse_args(argv)
