@@ -93,6 +93,12 @@ def mixing(n: int, rank: int, kappa: float) -> list[list[float]]:
     return [list(r) for r in zip(*cols)]
 
 
+def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+    """(damping I + a)^{-1} rhs for a batch of small SPD matrices, without the error check's host sync."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve_ex(a + damping * eye, rhs)[0]
+
+
 def correction_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, scale: float) -> torch.Tensor:
     """Per-sample weights W (B, 1 + R) with scale (g'' - g) = V W^T, from G = V^T V (B, 1 + R, 1 + R).
 
@@ -102,10 +108,7 @@ def correction_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, sc
     """
     g = gram.to(torch.float64)
     c_mat = mix.to(g)
-    a = c_mat.T @ g @ c_mat
-    a = a + damping * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    rhs = (c_mat.T @ g[:, :, :1])
-    w, _ = torch.linalg.solve_ex(a, rhs)
+    w = _damped_solve(c_mat.T @ g @ c_mat, c_mat.T @ g[:, :, :1], damping)
     e0 = torch.eye(g.shape[-1], 1, dtype=g.dtype, device=g.device)  # built on the device: no upload
     c = e0 - c_mat @ w  # (B, 1 + R, 1)
     n2 = (c.transpose(1, 2) @ g @ c).view(-1)
@@ -143,9 +146,7 @@ def corrector_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, snr
     c = mix.to(g)
     if c.shape[-1]:
         a = c.T @ g @ c
-        y, _ = torch.linalg.solve_ex(a + damping * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device),
-                                     c.T @ g[:, :, :1])
-        d = d - c @ y / damping
+        d = d - c @ _damped_solve(a, c.T @ g[:, :, :1], damping) / damping
         lam, q = torch.linalg.eigh(a)
         root = (lam.clamp_min(0) + damping).sqrt()
         f = 1.0 / (root * (root + damping**0.5))  # c_k / l_k, finite at l_k = 0
