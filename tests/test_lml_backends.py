@@ -129,7 +129,7 @@ VARIANTS = {  # lml_case options; "history": False forces n_reads = 0
     "state_row": dict(state=2),
     "no_noise_state_read": dict(noise=False, state=1),
 }
-RANKS_READS = [(1, 0), (2, 1), (3, 2), (4, 3), (4, 0), (1, 3)]
+RANKS_READS = [(1, 0), (2, 1), (3, 2), (4, 3), (4, 0), (1, 3), (5, 1), (6, 2)]  # 6: DS_MAX_DIRS
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ def test_update_with_dirs_matches_reference(backend_ops, dtype, variant):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gram_matches_reference(backend_ops, dtype):
     name, _, gram, device = backend_ops
-    for rank in range(1, 5):
+    for rank in range(1, 7):
         for n_reads in range(4):
             for i, shape in enumerate(SHAPES[name]):
                 clip = 0.7 if (rank + n_reads + i) % 2 else 0.0

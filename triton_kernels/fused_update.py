@@ -66,7 +66,7 @@ def _direction(xv, ov, m0, h0, h1, h2, gx, ge, gb0, gb1, gb2, gb3, N_READS: tl.c
 @triton.jit
 def _multistep_update_kernel(
     x_ptr, out_ptr, r0_ptr, r1_ptr, r2_ptr, z_ptr, s_ptr, m0_ptr, x_next_ptr, scale_ptr,
-    d0_ptr, d1_ptr, d2_ptr, d3_ptr, dw_ptr, w_ptr,
+    d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, dw_ptr, w_ptr,
     n, per_sample,
     p, q, a, e, c, g, b0, b1, b2, b3, r0, r1, r2, clip,
     sa, se, sc, sg, sb0, sb1, sb2, sb3,
@@ -119,6 +119,10 @@ def _multistep_update_kernel(
                     acc += tl.load(w_row + 3, mask=mask, other=0.0) * tl.load(d2_ptr + offs, mask=mask).to(tl.float32)
                 if N_DIRS > 3:
                     acc += tl.load(w_row + 4, mask=mask, other=0.0) * tl.load(d3_ptr + offs, mask=mask).to(tl.float32)
+                if N_DIRS > 4:
+                    acc += tl.load(w_row + 5, mask=mask, other=0.0) * tl.load(d4_ptr + offs, mask=mask).to(tl.float32)
+                if N_DIRS > 5:
+                    acc += tl.load(w_row + 6, mask=mask, other=0.0) * tl.load(d5_ptr + offs, mask=mask).to(tl.float32)
             tl.store(dw_ptr + offs, dv.to(dw_ptr.dtype.element_ty), mask=mask)  # after the ring's reads
         tl.store(x_next_ptr + offs, acc.to(x_next_ptr.dtype.element_ty), mask=mask)
         if STATE == 2:
@@ -142,7 +146,7 @@ def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, co
             scale if scale is not None else dummy]
     slots, written, dir_coeffs, weights = lml if lml is not None else ([], dummy, [], None)
     gx, ge, *gb = list(dir_coeffs) + [0.0] * (6 - len(dir_coeffs))  # [gx, ge, gb_0..gb_3]
-    lml_ptrs = [*slots, *[dummy] * (4 - len(slots)), written, weights if weights is not None else dummy]
+    lml_ptrs = [*slots, *[dummy] * (6 - len(slots)), written, weights if weights is not None else dummy]
     grid = (triton.cdiv(n, BLOCK),)
     torch.library.wrap_triton(_multistep_update_kernel)[grid](
         x, out, *ptrs, *lml_ptrs, n, max(n // x.shape[0], 1),

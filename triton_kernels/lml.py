@@ -30,7 +30,7 @@ def _entry(base, a: tl.constexpr, c: tl.constexpr, M: tl.constexpr, va, vc):
 
 @triton.jit
 def _lml_gram_kernel(
-    x_ptr, out_ptr, r0_ptr, r1_ptr, r2_ptr, d0_ptr, d1_ptr, d2_ptr, d3_ptr, partial_ptr,
+    x_ptr, out_ptr, r0_ptr, r1_ptr, r2_ptr, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, partial_ptr,
     per_sample, chunks,
     p, q, r0, r1, r2, clip, gx, ge, gb0, gb1, gb2, gb3,
     N_READS: tl.constexpr, N_DIRS: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
@@ -70,6 +70,23 @@ def _lml_gram_kernel(
         _entry(base, 2, 4, M, v2, v4)
         _entry(base, 3, 4, M, v3, v4)
         _entry(base, 4, 4, M, v4, v4)
+    if N_DIRS > 4:
+        v5 = tl.load(d4_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        _entry(base, 0, 5, M, g, v5)
+        _entry(base, 1, 5, M, v1, v5)
+        _entry(base, 2, 5, M, v2, v5)
+        _entry(base, 3, 5, M, v3, v5)
+        _entry(base, 4, 5, M, v4, v5)
+        _entry(base, 5, 5, M, v5, v5)
+    if N_DIRS > 5:
+        v6 = tl.load(d5_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        _entry(base, 0, 6, M, g, v6)
+        _entry(base, 1, 6, M, v1, v6)
+        _entry(base, 2, 6, M, v2, v6)
+        _entry(base, 3, 6, M, v3, v6)
+        _entry(base, 4, 6, M, v4, v6)
+        _entry(base, 5, 6, M, v5, v6)
+        _entry(base, 6, 6, M, v6, v6)
 
 
 @torch.library.triton_op("diffsampler::lml_gram_triton", mutates_args=())
@@ -91,7 +108,7 @@ def lml_gram_triton(x: torch.Tensor, model_out: torch.Tensor, history: Optional[
     partial = torch.zeros((batch, chunks, n_dirs + 1, n_dirs + 1), dtype=torch.float64, device=x.device)
     if per_sample > 0:
         torch.library.wrap_triton(_lml_gram_kernel)[(batch * chunks,)](
-            x, out, *reads, *[x] * (3 - k), *slots, *[x] * (4 - n_dirs), partial,
+            x, out, *reads, *[x] * (3 - k), *slots, *[x] * (6 - n_dirs), partial,
             per_sample, chunks, p, q, r[0], r[1], r[2], clip, gx, ge, gb[0], gb[1], gb[2], gb[3],
             N_READS=k, N_DIRS=n_dirs, CLIP=clip > 0, BLOCK=BLOCK,
         )
