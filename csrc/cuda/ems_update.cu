@@ -7,13 +7,14 @@
 #include <cuda_fp16.h>
 
 #include "ems_update.h"
-#include "storage.cuh"
+#include "common.cuh"
 
 namespace {
 
 constexpr int kThreads = 256;
 
 using diffsampler_cuda::from_f32;
+using diffsampler_cuda::sm_count;
 using diffsampler_cuda::to_f32;
 
 template <typename T, int kReads, int kState, bool kWriteM0>
@@ -47,18 +48,6 @@ __global__ void __launch_bounds__(kThreads) ems_update_kernel(ds_ems_tensors t) 
     static_cast<T*>(t.x_next)[i] = from_f32<T>(acc);
     if constexpr (kState == 2) st[i] = from_f32<T>(sacc);
   }
-}
-
-int sm_count() {
-  static int cached[64] = {0};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 108;
-  if (cached[device] == 0) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    cached[device] = n > 0 ? n : 108;
-  }
-  return cached[device];
 }
 
 template <typename T, int kReads, int kState, bool kWriteM0>

@@ -15,13 +15,14 @@
 #include <cuda_fp16.h>
 
 #include "multistep_update.h"
-#include "storage.cuh"
+#include "common.cuh"
 
 namespace {
 
 constexpr int kThreads = 256;
 
 using diffsampler_cuda::from_f32;
+using diffsampler_cuda::sm_count;
 using diffsampler_cuda::to_f32;
 
 template <typename T>
@@ -203,18 +204,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) % 16) == 0; }
-
-int sm_count() {
-  static int cached[64] = {0};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 108;
-  if (cached[device] == 0) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    cached[device] = n > 0 ? n : 108;
-  }
-  return cached[device];
-}
 
 template <typename T, int kReads, bool kNoise, int kState, bool kWriteM0, int kPhase>
 cudaError_t launch(const ds_update_tensors& t, const ds_update_coeffs& k, cudaStream_t stream) {
