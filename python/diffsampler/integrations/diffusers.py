@@ -295,19 +295,19 @@ class _LMRing:
     would see the last run's direction)."""
 
     def _lm_reset(self):
-        self._lm_dirs, self._lm_count = None, 0
+        self._lm_dirs, self._lm_mix, self._lm_count = None, None, 0
 
     def _lm_args(self, active, sample, model_output, coeffs, dir_coeffs, scale, history=None, read_slots=(),
                  clip=None) -> dict:
-        if self._lm_dirs is None:
+        if self._lm_dirs is None:  # the ring and the two mixing matrices (first step: u = g; then the EMA)
             self._lm_dirs = torch.zeros((1, *sample.shape), dtype=sample.dtype, device=sample.device)
+            self._lm_mix = [torch.tensor(mixing(n, 1, float(self.config.kappa)), dtype=torch.float64,
+                                         device=sample.device) for n in (0, 1)]
         weights = None
         if active:
             gram = ops.lml_gram(sample, model_output, coeffs, self._lm_dirs, dir_coeffs, history=history,
                                 read_slots=read_slots, clip=clip)
-            mix = torch.tensor(mixing(min(self._lm_count, 1), 1, float(self.config.kappa)), dtype=torch.float64,
-                               device=sample.device)
-            weights = correction_weights(gram, mix, float(self.config.lamb), scale)
+            weights = correction_weights(gram, self._lm_mix[min(self._lm_count, 1)], float(self.config.lamb), scale)
         self._lm_count += 1
         return dict(dirs=self._lm_dirs, dir_slot=0, dir_coeffs=list(dir_coeffs), dir_weights=weights)
 
