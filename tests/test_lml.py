@@ -173,15 +173,16 @@ def test_sample_cpu_matches_reference(ring, solver):
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(SESSION_SEED))
     target = GaussianMixture.random(dim=64, modes=3, seed=1)
     args = (target.model(schedule), x, 10, solver, schedule)
-    # DDIM's g = eps barely changes between high-noise steps: with a small damping g' is tiny and the rescale
-    # ||g|| / ||g'|| (about 200 at damping 0.5) amplifies the rounding of g_n - g_{n-1}, so that even the fp32
-    # reference is up to 5e-3 away from float64 (the method's conditioning, docs/lml.md). At damping 50 the fp32
-    # reference is within 1e-4 of float64 over seeds; the bound leaves a factor 2.
+    # The truth is the float64 reference. LML's rescale ||g|| / ||g'|| amplifies fp32 rounding (docs/lml.md): for
+    # DDIM, g = eps barely changes between high-noise steps, so g' is tiny unless the damping is large. Over 60 seeds
+    # the fp32 reference itself is up to 1.3e-4 (DDIM, damping 50) and 4e-5 (the others) away from float64, and the
+    # fused CPU path up to 1.0e-4 and 2.6e-5: the bounds leave a factor 3 over the reference's own worst case. The
+    # fused and reference fp32 runs are not compared to each other, since both carry the amplified rounding.
     opts = dict(lml=ds.LML(kappa=0.6, damping=50.0 if solver == "ddim" else 0.5, rank=2))
-    ref = ds.sample(*args, backend="reference", **opts)
+    truth = ds.sample(target.model(schedule), x.double(), 10, solver, schedule, backend="reference", **opts)
     got = ds.sample(*args, backend="cpu", **opts)
-    tol = 2e-4 if solver == "ddim" else 1e-5
-    assert rel(got, ref) < tol
+    tol = 4e-4 if solver == "ddim" else 1.2e-4
+    assert rel(got, truth) < tol
     assert rel(got, ds.sample(*args, backend="cpu")) > 10 * tol  # and LML changed the result
 
 
