@@ -13,6 +13,11 @@ at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out
                                 at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
                                 const c10::optional<at::Tensor>& dir_weights);
+at::Tensor multistep_update_indexed_cpu(const at::Tensor& x, const at::Tensor& model_out,
+                                        const c10::optional<at::Tensor>& history, const at::Tensor& table,
+                                        const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
+                                        const c10::optional<at::Tensor>& noise, double clip,
+                                        const c10::optional<at::Tensor>& state);
 at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const c10::optional<at::Tensor>& history,
                         at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
                         at::ArrayRef<double> dir_coeffs);
@@ -25,12 +30,14 @@ TORCH_LIBRARY(diffsampler, m) {
   m.def(diffsampler::kMultistepUpdateSchema);
   m.def(diffsampler::kMultistepUpdatePureSchema);
   m.def(diffsampler::kLmlGramSchema);
+  m.def(diffsampler::kMultistepUpdateIndexedSchema);
 }
 
 TORCH_LIBRARY_IMPL(diffsampler, CPU, m) {
   m.impl("multistep_update", &diffsampler::multistep_update_cpu);
   m.impl("multistep_update_pure", &diffsampler::multistep_update_pure_cpu);
   m.impl("lml_gram", &diffsampler::lml_gram_cpu);
+  m.impl("multistep_update_indexed", &diffsampler::multistep_update_indexed_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -216,6 +216,59 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
   return x_next;
 }
 
+at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor& out_in,
+                                        const c10::optional<at::Tensor>& history, const at::Tensor& table,
+                                        const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
+                                        const c10::optional<at::Tensor>& noise_in, double clip,
+                                        const c10::optional<at::Tensor>& state, const UpdateLaunch& launch) {
+  const auto dev = x_in.device();
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == DS_ROW_WIDTH && table.scalar_type() == at::kDouble &&
+                  table.is_contiguous() && table.device() == dev,
+              "multistep_update_indexed: table must be a contiguous float64 (steps, ", DS_ROW_WIDTH, ") tensor on ",
+              dev, ", got ", table.scalar_type(), " ", table.sizes(), " on ", table.device());
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == table.size(0) && slots.size(1) == DS_SLOTS_WIDTH &&
+                  slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.device() == dev,
+              "multistep_update_indexed: slots must be a contiguous int64 (", table.size(0), ", ", DS_SLOTS_WIDTH,
+              ") tensor on ", dev, ", got ", slots.scalar_type(), " ", slots.sizes());
+  TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong && step.device() == dev,
+              "multistep_update_indexed: step must be one int64 element on ", dev);
+  TORCH_CHECK(n_reads >= 0 && n_reads <= DS_MAX_READS, "multistep_update_indexed: n_reads must be in [0, ",
+              DS_MAX_READS, "], got ", n_reads);
+  TORCH_CHECK(n_reads == 0 || history.has_value(), "multistep_update_indexed: n_reads > 0 needs a history");
+  Layout l = prepare(x_in, out_in, c10::nullopt, -1, {}, std::vector<double>(6, 0.0), clip);
+  auto& t = l.t;
+  l.k.n_reads = static_cast<int>(n_reads);
+  t.table = table.data_ptr<double>();
+  t.slots = slots.data_ptr<int64_t>();
+  t.step = step.data_ptr<int64_t>();
+  if (history.has_value()) {
+    const auto& h = *history;
+    TORCH_CHECK(h.dim() == l.x.dim() + 1 && h.sizes().slice(1) == l.x.sizes() && h.size(0) > n_reads &&
+                    h.scalar_type() == l.x.scalar_type() && h.device() == dev && h.is_contiguous(),
+                "multistep_update_indexed: history must be a contiguous (slots > n_reads, *x.shape) tensor of x's "
+                "dtype and device, got ", h.sizes());
+    t.history = h.data_ptr();
+    t.m0 = t.history;  // placeholders: the launch resolves the step's slots
+    for (int64_t j = 0; j < n_reads; ++j) t.reads[j] = t.history;
+  }
+  at::Tensor noise;
+  if (noise_in.has_value()) {
+    check_operand(*noise_in, l.x, "noise");
+    noise = noise_in->contiguous();
+    t.noise = noise.data_ptr();
+  }
+  if (state.has_value()) {
+    check_operand(*state, l.x, "state");
+    TORCH_CHECK(state->is_contiguous(), "multistep_update_indexed: state must be contiguous (written in place)");
+    t.state = state->data_ptr();
+    l.k.state_row = 1;
+  }
+  auto x_next = at::empty_like(l.x);
+  t.x_next = x_next.data_ptr();
+  if (t.n > 0) launch(l.dtype, DS_PHASE_FULL, t, l.k);
+  return x_next;
+}
+
 at::Tensor run_lml_gram(const at::Tensor& x_in, const at::Tensor& out_in, const c10::optional<at::Tensor>& history,
                         at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
                         at::ArrayRef<double> dir_coeffs, const GramLaunch& launch) {

@@ -54,6 +54,20 @@ constexpr const char* kMultistepUpdateSchema =
     "Tensor(b!)? state=None, float[] state_coeffs=[], Tensor(c!)? dirs=None, int dir_slot=0, "
     "float[] dir_coeffs=[], Tensor? dir_weights=None) -> Tensor";
 
+// Indexed steps, for per-step CUDA-graph capture: the step's coefficients and history slots are read from row
+// `step` (an int64 tensor of one element on x's device) of `table` (steps, DS_ROW_WIDTH) float64 and `slots`
+// (steps, DS_SLOTS_WIDTH) int64, on the device (update_params.h). n_reads, clip, noise and state are fixed for the
+// table; history and state must be contiguous (written in place).
+constexpr const char* kMultistepUpdateIndexedSchema =
+    "multistep_update_indexed(Tensor x, Tensor model_out, Tensor(a!)? history, Tensor table, Tensor slots, "
+    "Tensor step, int n_reads, Tensor? noise, float clip, Tensor(b!)? state) -> Tensor";
+
+at::Tensor run_multistep_update_indexed(const at::Tensor& x, const at::Tensor& model_out,
+                                        const c10::optional<at::Tensor>& history, const at::Tensor& table,
+                                        const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
+                                        const c10::optional<at::Tensor>& noise, double clip,
+                                        const c10::optional<at::Tensor>& state, const UpdateLaunch& launch);
+
 // multistep_update_pure on a backend's launch.
 inline at::Tensor run_multistep_update_pure(const at::Tensor& x, const at::Tensor& model_out,
                                             at::ArrayRef<double> coeffs, const c10::optional<at::Tensor>& noise,

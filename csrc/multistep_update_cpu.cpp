@@ -284,7 +284,10 @@ void gram_cpu(ds_dtype dtype, const ds_update_tensors& t, const ds_update_coeffs
   }
 }
 
-void launch_cpu(ds_dtype dtype, ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs& k) {
+void launch_cpu(ds_dtype dtype, ds_phase phase, const ds_update_tensors& t_in, const ds_update_coeffs& k_in) {
+  ds_update_tensors t = t_in;
+  ds_update_coeffs k = k_in;
+  if (t.table != nullptr) ds_index_step(&t, &k, dtype == DS_FLOAT32 ? 4 : 2);  // host memory: resolved here
   constexpr int64_t kGrain = 1 << 15;  // elements per task: well above the per-task overhead
   constexpr int64_t kLmlBlock = 1 << 12;  // LML follows the update block by block, its operands still in cache
   const bool lml = k.n_dirs > 0 && phase != DS_PHASE_CONVERT;
@@ -320,6 +323,16 @@ at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out
   return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio,
                               threshold_max, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights,
                               launch_cpu);
+}
+
+at::Tensor multistep_update_indexed_cpu(const at::Tensor& x, const at::Tensor& model_out,
+                                        const c10::optional<at::Tensor>& history, const at::Tensor& table,
+                                        const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
+                                        const c10::optional<at::Tensor>& noise, double clip,
+                                        const c10::optional<at::Tensor>& state) {
+  TORCH_CHECK(x.device().is_cpu(), "multistep_update_indexed_cpu: x must be a CPU tensor, got ", x.device());
+  return run_multistep_update_indexed(x, model_out, history, table, slots, step, n_reads, noise, clip, state,
+                                      launch_cpu);
 }
 
 at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const c10::optional<at::Tensor>& history,

@@ -65,6 +65,17 @@ at::Tensor multistep_update_pure_cuda(const at::Tensor& x, const at::Tensor& mod
                                    cuda_launch(x));
 }
 
+at::Tensor multistep_update_indexed_cuda(const at::Tensor& x, const at::Tensor& model_out,
+                                         const c10::optional<at::Tensor>& history, const at::Tensor& table,
+                                         const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
+                                         const c10::optional<at::Tensor>& noise, double clip,
+                                         const c10::optional<at::Tensor>& state) {
+  TORCH_CHECK(x.is_cuda(), "multistep_update_indexed_cuda: x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return run_multistep_update_indexed(x, model_out, history, table, slots, step, n_reads, noise, clip, state,
+                                      cuda_launch(x));
+}
+
 }  // namespace
 }  // namespace diffsampler
 
@@ -72,4 +83,5 @@ TORCH_LIBRARY_IMPL(diffsampler, CUDA, m) {
   m.impl("multistep_update", &diffsampler::multistep_update_cuda);
   m.impl("multistep_update_pure", &diffsampler::multistep_update_pure_cuda);
   m.impl("lml_gram", &diffsampler::lml_gram_cuda);
+  m.impl("multistep_update_indexed", &diffsampler::multistep_update_indexed_cuda);
 }

@@ -25,6 +25,8 @@ def test_cpu_falls_back_to_eager_with_a_reason(caplog):
     assert torch.equal(first, ds.sample(model, x, steps=6, solver="unipc", check_nan=False))
     assert torch.equal(second, ds.sample(model, x + 1, steps=6, solver="unipc", check_nan=False))
     assert torch.equal(ds.sample(model, x, steps=6, solver="unipc", cuda_graph=True), first)
+    step_mode = ds.CapturedSampler(model, steps=6, solver="unipc", capture="step")
+    assert torch.equal(step_mode(x), first)  # its eager fallback: the indexed loop, the same numbers
 
 
 def test_bad_options():
@@ -32,6 +34,10 @@ def test_bad_options():
         ds.sample(model, torch.randn(1, 2), steps=3, cuda_graph=True, generator=torch.Generator())
     with pytest.raises(ValueError, match="check_nan syncs the host"):
         ds.CapturedSampler(model, steps=3, check_nan=True)
+    with pytest.raises(ValueError, match="capture must be 'loop' or 'step'"):
+        ds.CapturedSampler(model, steps=3, capture="steps")
+    with pytest.raises(ValueError, match="supports neither lml nor threshold_ratio"):
+        ds.CapturedSampler(model, steps=3, capture="step", lml=ds.LML(kappa=0.5))
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -48,6 +54,37 @@ def test_replay_equals_eager(solver):
         eager = ds.sample(model, x, steps=10, solver=solver, check_nan=False)
         assert torch.equal(sampler(x), eager)
     assert len(sampler.graphs) == 1 and not sampler.fallbacks
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "ghvb", "euler"])
+def test_step_replay_equals_eager(solver):
+    """capture="step": one captured step replayed per step gives the eager host-coefficient loop bitwise."""
+    sampler = ds.CapturedSampler(model, steps=10, solver=solver, capture="step")
+    for seed in (0, 1):
+        x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed)).cuda()
+        eager = ds.sample(model, x, steps=10, solver=solver, check_nan=False)
+        assert torch.equal(sampler(x), eager)
+    assert len(sampler.graphs) == 1 and not sampler.fallbacks
+
+
+@pytest.mark.gpu
+@gpu
+def test_indexed_loop_never_syncs():
+    from diffsampler.sample import IndexedLoop
+
+    x = torch.randn(2, 4, 16, 16, device="cuda")
+    plan = ds.solvers.make_plan("unipc", ds.schedules.VP.scaled_linear(), 20, "eps")
+    loop = IndexedLoop(plan, x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in plan.steps:
+            x = loop.step(model, x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x).all()
 
 
 @pytest.mark.gpu

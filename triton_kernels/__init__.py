@@ -21,6 +21,13 @@ def available() -> tuple[bool, str]:
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors, slowly)"
 
 
+def multistep_update_indexed(*args, **kwargs):
+    """The indexed step on Triton (signature of diffsampler.reference.multistep_update_indexed)."""
+    from .fused_update import multistep_update_indexed as impl
+
+    return impl(*args, **kwargs)
+
+
 def multistep_update(*args, **kwargs):
     """The fused multistep update on Triton (signature of diffsampler.reference.multistep_update)."""
     from .fused_update import multistep_update as impl

@@ -71,9 +71,28 @@ def _multistep_update_kernel(
     p, q, a, e, c, g, b0, b1, b2, b3, r0, r1, r2, clip,
     sa, se, sc, sg, sb0, sb1, sb2, sb3,
     gx, ge, gb0, gb1, gb2, gb3,
+    table_ptr, slots_ptr, step_ptr, hist_ptr,
     N_READS: tl.constexpr, HAS_NOISE: tl.constexpr, STATE: tl.constexpr, WRITE_M0: tl.constexpr,
     CLIP: tl.constexpr, PHASE: tl.constexpr, N_DIRS: tl.constexpr, WEIGHTS: tl.constexpr, BLOCK: tl.constexpr,
+    INDEXED: tl.constexpr,
 ):
+    if INDEXED:  # the step's coefficients and history slots, read on the device (reference.ROW_*)
+        i = tl.load(step_ptr)
+        row = table_ptr + i * 21
+        p, q, a = tl.load(row).to(tl.float32), tl.load(row + 1).to(tl.float32), tl.load(row + 2).to(tl.float32)
+        e, c = tl.load(row + 3).to(tl.float32), tl.load(row + 4).to(tl.float32)
+        b0, b1 = tl.load(row + 5).to(tl.float32), tl.load(row + 6).to(tl.float32)
+        b2, b3 = tl.load(row + 7).to(tl.float32), tl.load(row + 8).to(tl.float32)
+        r0, r1, r2 = tl.load(row + 9).to(tl.float32), tl.load(row + 10).to(tl.float32), tl.load(row + 11).to(tl.float32)
+        g, sa, se = tl.load(row + 12).to(tl.float32), tl.load(row + 13).to(tl.float32), tl.load(row + 14).to(tl.float32)
+        sc, sg = tl.load(row + 15).to(tl.float32), tl.load(row + 16).to(tl.float32)
+        sb0, sb1 = tl.load(row + 17).to(tl.float32), tl.load(row + 18).to(tl.float32)
+        sb2, sb3 = tl.load(row + 19).to(tl.float32), tl.load(row + 20).to(tl.float32)
+        slot = slots_ptr + i * 4
+        m0_ptr = hist_ptr + tl.load(slot) * n
+        r0_ptr = hist_ptr + tl.load(slot + 1) * n
+        r1_ptr = hist_ptr + tl.load(slot + 2) * n
+        r2_ptr = hist_ptr + tl.load(slot + 3) * n
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     xv = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
@@ -130,8 +149,9 @@ def _multistep_update_kernel(
 
 
 def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, coeffs, state_coeffs, clip,
-            lml=None):
-    """One kernel launch; lml = (ring slots, the slot written, dir_coeffs, weights or None) or None."""
+            lml=None, indexed=None):
+    """One kernel launch; lml = (ring slots, the slot written, dir_coeffs, weights or None) or None; indexed =
+    (table, slots, step, history or None): coeffs, state_coeffs and the read/m0 pointers come from the device."""
     n = x.numel()
     k = len(reads)
     p, q, a, e, c = coeffs[:5]
@@ -147,15 +167,17 @@ def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, co
     slots, written, dir_coeffs, weights = lml if lml is not None else ([], dummy, [], None)
     gx, ge, *gb = list(dir_coeffs) + [0.0] * (6 - len(dir_coeffs))  # [gx, ge, gb_0..gb_3]
     lml_ptrs = [*slots, *[dummy] * (6 - len(slots)), written, weights if weights is not None else dummy]
+    table, slots, step, history = indexed if indexed is not None else (dummy, dummy, dummy, None)
     grid = (triton.cdiv(n, BLOCK),)
     torch.library.wrap_triton(_multistep_update_kernel)[grid](
         x, out, *ptrs, *lml_ptrs, n, max(n // x.shape[0], 1),
         p, q, a, e, c, g, b[0], b[1], b[2], b[3], r[0], r[1], r[2], clip,
         sa, se, sc, sg, sb[0], sb[1], sb[2], sb[3],
         gx, ge, gb[0], gb[1], gb[2], gb[3],
+        table, slots, step, history if history is not None else dummy,
         N_READS=len(reads), HAS_NOISE=noise is not None, STATE=0 if state is None else (2 if state_row else 1),
         WRITE_M0=m0 is not None, CLIP=clip > 0, PHASE=phase, N_DIRS=len(slots), WEIGHTS=weights is not None,
-        BLOCK=BLOCK,
+        BLOCK=BLOCK, INDEXED=indexed is not None,
     )
 
 
@@ -229,3 +251,21 @@ def multistep_update(x, model_out, history, write_slot, read_slots, coeffs, nois
                                                          list(coeffs), noise, clip, threshold_ratio, threshold_max,
                                                          state, list(state_coeffs), dirs, dir_slot,
                                                          list(dir_coeffs), dir_weights)
+
+
+@torch.library.triton_op("diffsampler::multistep_update_indexed_triton", mutates_args={"history", "state"})
+def multistep_update_indexed(x: torch.Tensor, model_out: torch.Tensor, history: torch.Tensor | None,
+                             table: torch.Tensor, slots: torch.Tensor, step: torch.Tensor, n_reads: int,
+                             noise: torch.Tensor | None, clip: float, state: torch.Tensor | None) -> torch.Tensor:
+    """reference.multistep_update_indexed on Triton: the row and slots are loaded by the kernel itself."""
+    if x.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"the triton backend stores float32, float16 or bfloat16; x has dtype {x.dtype}")
+    x, out = x.contiguous(), model_out.contiguous()
+    noise = noise.contiguous() if noise is not None else None
+    x_next = torch.empty_like(x)
+    reads = [x] * n_reads  # placeholders: the kernel points them at the step's slots
+    if x.numel() > 0:
+        zeros = [0.0] * (6 + 2 * n_reads), [0.0] * (6 + n_reads if state is not None else 0)
+        _launch(PHASE_FULL, x, out, reads, noise, state, state is not None, history, x_next, None, *zeros, clip,
+                indexed=(table, slots, step.reshape(1), history))
+    return x_next

@@ -191,6 +191,7 @@ __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_upda
 template <typename T, int kReads, bool kNoise, int kState, bool kWriteM0, int kPhase, bool kLml>
 __global__ void __launch_bounds__(kThreads)
     multistep_update_kernel(ds_update_tensors t, ds_update_coeffs k, bool packed) {
+  if (t.table != nullptr) ds_index_step(&t, &k, sizeof(T));  // indexed: this step's row and slots
   constexpr int kPack = Pack<T>::kSize;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -211,6 +212,9 @@ cudaError_t launch(const ds_update_tensors& t, const ds_update_coeffs& k, cudaSt
   bool packed = aligned16(t.x) && aligned16(t.out) && aligned16(t.noise) && aligned16(t.state) &&
                 aligned16(t.m0) && aligned16(t.x_next);
   for (int r = 0; r < k.n_reads; ++r) packed = packed && aligned16(t.reads[r]);
+  if (t.table != nullptr) {  // the slots are only known on the device: every one must be aligned
+    packed = packed && aligned16(t.history) && (t.n * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  }
   for (int r = 0; lml && r < k.n_dirs; ++r) packed = packed && aligned16(t.dirs[r]);
   const int64_t work = packed ? (t.n + Pack<T>::kSize - 1) / Pack<T>::kSize : t.n;
   const int64_t max_blocks = static_cast<int64_t>(sm_count()) * 8;

@@ -8,6 +8,10 @@
 //   g  = gx x + ge out + gb0 m0 + sum_{j<n_reads} gb[j+1] read_j      (m0 after clip / threshold)
 //   x' += W[b][0] g + sum_{j<n_dirs} W[b][1+j] dirs[j]                 (W = dir_weights, (B, 1+n_dirs) fp32)
 //   dirs[dir_slot] = g                                                   (after every read)
+// Indexed steps (tensors.table != NULL; the per-step CUDA-graph capture): the step's coefficients and history
+// slots are read on the device from row *step of `table` (DS_ROW_WIDTH doubles, layout DS_ROW_*) and of
+// `slots` ([write, read_0, .., read_{DS_MAX_READS-1}]); slot j is history + j n elements. n_reads, clip, noise
+// and state stay fixed over the table (unused reads carry zero weights; steps without a state row keep s).
 // The LML Gram (ds_lml_gram_*) is, per sample b, the (1+n_dirs)^2 matrix of dot products of
 // [g, dirs[0], ..., dirs[n_dirs-1]] over the sample's per_sample elements, in double, row-major.
 #pragma once
@@ -19,6 +23,20 @@ extern "C" {
 
 #define DS_MAX_READS 3
 #define DS_MAX_DIRS 6
+
+// A row of the step table: [p, q, a, e, c, b_0..b_3, r_0..r_2, g, sa, se, sc, sg, sb_0..sb_3].
+#define DS_ROW_B 5
+#define DS_ROW_R (DS_ROW_B + DS_MAX_READS + 1)
+#define DS_ROW_G (DS_ROW_R + DS_MAX_READS)
+#define DS_ROW_SB (DS_ROW_G + 5)
+#define DS_ROW_WIDTH (DS_ROW_SB + DS_MAX_READS + 1)
+#define DS_SLOTS_WIDTH (1 + DS_MAX_READS)
+
+#ifdef __CUDACC__
+#define DS_HOST_DEVICE __host__ __device__
+#else
+#define DS_HOST_DEVICE
+#endif
 
 
 typedef enum { DS_FLOAT32 = 0, DS_FLOAT16 = 1, DS_BFLOAT16 = 2 } ds_dtype;
@@ -59,7 +77,39 @@ typedef struct {
   const float* dir_weights;         // (B, 1 + n_dirs) row-major (zeros when g is only recorded)
   int64_t n;                        // elements
   int64_t per_sample;               // elements per sample (n / B)
+  const double* table;              // indexed steps: (steps, DS_ROW_WIDTH); NULL: the coefficients are given
+  const int64_t* slots;             // (steps, DS_SLOTS_WIDTH)
+  const int64_t* step;              // the step's row
+  void* history;                    // contiguous (slots, n) ring the slots index
 } ds_update_tensors;
+
+// Indexed steps: loads the step's row into k and points reads[] and m0 at its history slots (elem_size bytes
+// per element). n_reads, clip, state_row and LML's fields of k are left as they are.
+static inline DS_HOST_DEVICE void ds_index_step(ds_update_tensors* t, ds_update_coeffs* k, int64_t elem_size) {
+  const int64_t i = *t->step;
+  const double* row = t->table + i * DS_ROW_WIDTH;
+  const int64_t* slot = t->slots + i * DS_SLOTS_WIDTH;
+  k->p = (float)row[0];
+  k->q = (float)row[1];
+  k->a = (float)row[2];
+  k->e = (float)row[3];
+  k->c = (float)row[4];
+  for (int j = 0; j <= DS_MAX_READS; ++j) {
+    k->b[j] = (float)row[DS_ROW_B + j];
+    k->sb[j] = (float)row[DS_ROW_SB + j];
+  }
+  for (int j = 0; j < DS_MAX_READS; ++j) k->r[j] = (float)row[DS_ROW_R + j];
+  k->g = (float)row[DS_ROW_G];
+  k->sa = (float)row[DS_ROW_G + 1];
+  k->se = (float)row[DS_ROW_G + 2];
+  k->sc = (float)row[DS_ROW_G + 3];
+  k->sg = (float)row[DS_ROW_G + 4];
+  char* base = (char*)t->history;
+  if (!base) return;
+  const int64_t slot_bytes = t->n * elem_size;
+  t->m0 = base + slot[0] * slot_bytes;
+  for (int j = 0; j < k->n_reads; ++j) t->reads[j] = base + slot[1 + j] * slot_bytes;
+}
 
 #ifdef __cplusplus
 }

@@ -8,7 +8,7 @@ reference; a CPU tensor goes to the C++ extension, else the reference. ``backend
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -361,6 +361,117 @@ if _status("cpu")[0]:
 
     @torch.library.register_fake("diffsampler::multistep_update_pure")
     def _multistep_update_pure_fake(x, model_out, coeffs, noise, clip, threshold_ratio, threshold_max):
+        return x.new_empty(x.shape)
+
+
+# ---- indexed steps: a whole schedule's coefficients on the device, read by step index ----
+
+
+class StepTable(NamedTuple):
+    """The coefficients and history slots of a whole schedule on the device (made once, host float64 math):
+
+        coeffs[i] = [p, q, a, e, c, b_0..b_3, r_0..r_2, g, sa, se, sc, sg, sb_0..sb_3]   (steps, 21) float64
+        slots[i]  = [write_slot, read_0, read_1, read_2]                                 (steps, 4) int64
+
+    n_reads: the reads every step makes (a step with fewer reads gets zero weights on distinct unused slots);
+    state: whether the steps read and rewrite a state (a step without a state row keeps it: sg = 1)."""
+
+    coeffs: torch.Tensor
+    slots: torch.Tensor
+    n_reads: int
+    state: bool
+
+
+def step_table(coeffs: Sequence[UpdateCoeffs], write_slots: Sequence[int], read_slots: Sequence[Sequence[int]],
+               history_slots: int, state: bool, device: torch.device | str = "cpu") -> StepTable:
+    """A StepTable of the steps (coeffs[i], write_slots[i], read_slots[i]) over a history of history_slots."""
+    n = len(coeffs)
+    if not (n == len(write_slots) == len(read_slots)) or n == 0:
+        raise ValueError(f"coeffs, write_slots and read_slots must be non-empty and of equal length, got {n}, "
+                         f"{len(write_slots)}, {len(read_slots)}")
+    n_reads = max(len(r) for r in read_slots)
+    if n_reads > MAX_HISTORY_READS:
+        raise ValueError(f"read_slots: at most {MAX_HISTORY_READS} reads per step, got {n_reads}")
+    if n_reads and history_slots <= n_reads:
+        raise ValueError(f"history_slots must exceed the reads per step ({n_reads}), got {history_slots}")
+    rows, slot_rows = [], []
+    for i, (k, w, reads) in enumerate(zip(coeffs, write_slots, read_slots)):
+        if not isinstance(k, UpdateCoeffs):
+            raise ValueError(f"coeffs[{i}] must be an UpdateCoeffs, got {type(k).__name__}")
+        if (k.g != 0 or k.state is not None) and not state:
+            raise ValueError(f"coeffs[{i}] uses a state: pass state=True")
+        reads = list(reads)
+        if history_slots:
+            _check_history(torch.empty(history_slots, 1), torch.empty(1), w, reads)
+        pad = [j for j in range(history_slots) if j != w and j not in reads][:n_reads - len(reads)]
+        flat = k.as_list()  # [p, q, a, e, c, b_0..b_k, r_1..r_k]
+        b, r = flat[5:6 + len(reads)], flat[6 + len(reads):]
+        row = k.state or StateRow(a=0.0, b=(0.0,) * len(b), g=1.0)
+        fill = lambda v, m: list(v) + [0.0] * (m - len(v))  # noqa: E731
+        rows.append(flat[:5] + fill(b, MAX_HISTORY_READS + 1) + fill(r, MAX_HISTORY_READS)
+                    + [k.g, row.a, row.e, row.c, row.g] + fill(row.b, MAX_HISTORY_READS + 1))
+        slot_rows.append([w if history_slots else 0] + fill(reads + pad, MAX_HISTORY_READS))
+    return StepTable(torch.tensor(rows, dtype=torch.float64, device=device),
+                     torch.tensor(slot_rows, dtype=torch.int64, device=device), n_reads, bool(state))
+
+
+def multistep_update_indexed(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    table: StepTable,
+    step: torch.Tensor,
+    *,
+    history: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    clip: float | None = None,
+    state: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """multistep_update with the coefficients and history slots of step `step` (an int64 tensor of one element
+    on x's device) read on the device from `table` (ops.step_table): a captured step replays for every step.
+
+    history (contiguous, zeros before the first step: reads without weight must be finite) and state are
+    written in place. No NaN check, no host sync; thresholding and LML are not supported here."""
+    _check_x(x, model_out)
+    if not isinstance(table, StepTable):
+        raise ValueError(f"table must be an ops.StepTable (ops.step_table), got {type(table).__name__}")
+    if table.coeffs.device != x.device or table.slots.device != x.device:
+        raise ValueError(f"table must be on x's device {x.device}, got {table.coeffs.device}")
+    if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.dtype == torch.int64
+            and step.device == x.device):
+        raise ValueError(f"step must be an int64 tensor of one element on x's device {x.device}")
+    if table.n_reads and history is None:
+        raise ValueError(f"the table's steps read {table.n_reads} history slots: history is required")
+    if history is not None:
+        _check_history(history, x, None, ())
+        if not history.is_contiguous():
+            raise ValueError("history must be contiguous (its slots are addressed on the device)")
+    if noise is not None:
+        _check_like("noise", noise, x)
+    if table.state != (state is not None):
+        raise ValueError(f"state must be {'given' if table.state else 'None'}: the table was made with "
+                         f"state={table.state}")
+    if state is not None:
+        _check_like("state", state, x)
+        if not state.is_contiguous():
+            raise ValueError("state must be contiguous (it is written in place)")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be > 0 or None, got {clip}")
+    args = (x, model_out, history, table.coeffs, table.slots, step, table.n_reads, noise, float(clip or 0.0), state)
+    name = _select_backend(backend, x)
+    if name == "reference":
+        return reference.multistep_update_indexed(*args)
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.multistep_update_indexed(*args)
+    return torch.ops.diffsampler.multistep_update_indexed(*args)
+
+
+if _status("cpu")[0]:
+
+    @torch.library.register_fake("diffsampler::multistep_update_indexed")
+    def _multistep_update_indexed_fake(x, model_out, history, table, slots, step, n_reads, noise, clip, state):
         return x.new_empty(x.shape)
 
 

@@ -127,6 +127,53 @@ def multistep_update(
     return x_next.to(x.dtype)
 
 
+# Indexed steps (multistep_update_indexed): a row of the step table and of its slots.
+ROW_B, ROW_R = COEFF_B0, COEFF_B0 + MAX_HISTORY_READS + 1
+ROW_G = ROW_R + MAX_HISTORY_READS
+ROW_SB = ROW_G + 5
+ROW_WIDTH = ROW_SB + MAX_HISTORY_READS + 1
+SLOTS_WIDTH = 1 + MAX_HISTORY_READS
+
+
+def multistep_update_indexed(x, model_out, history, table, slots, step, n_reads, noise, clip, state):
+    """multistep_update with the step's coefficients and history slots read on the device from row `step`:
+
+        table[step] = [p, q, a, e, c, b_0..b_3, r_0..r_2, g, sa, se, sc, sg, sb_0..sb_3]   (float64)
+        slots[step] = [write_slot, read_0, read_1, read_2]                                 (int64)
+
+    The first n_reads reads are used; x' and, when `state` is given, s' = sa x + se out + sum_i sb_i m_i + sc z +
+    sg s (written over s) follow multistep_update. No host sync: the row is gathered with tensor ops."""
+    cd = compute_dtype(x.dtype)
+    row = table.index_select(0, step.view(1))[0].to(cd)
+    slot = slots.index_select(0, step.view(1))[0]
+    p, q, a, e, c = row[:ROW_B]
+    b, r = row[ROW_B:ROW_B + n_reads + 1], row[ROW_R:ROW_R + n_reads]
+    g, sa, se, sc, sg = row[ROW_G:ROW_SB]
+    sb = row[ROW_SB:ROW_SB + n_reads + 1]
+    xf, of = x.to(cd), model_out.to(cd)
+    reads = list(history.index_select(0, slot[1:1 + n_reads]).to(cd).unbind(0)) if n_reads else []
+    m0 = p * xf + q * of
+    for ri, m in zip(r, reads):
+        m0 = m0 + ri * m
+    if clip > 0:
+        m0 = m0.clamp(-clip, clip)
+    z = noise.to(cd) if noise is not None else torch.zeros_like(xf)
+    s = state.to(cd) if state is not None else torch.zeros_like(xf)
+
+    def combine(a, e, b, c, g):
+        y = a * xf + e * of + b[0] * m0 + c * z + g * s
+        for bi, m in zip(b[1:], reads):
+            y = y + bi * m
+        return y
+
+    x_next = combine(a, e, b, c, g)
+    if state is not None:
+        state.copy_(combine(sa, se, sb, sc, sg))
+    if history is not None:
+        history.index_copy_(0, slot[:1], m0.to(history.dtype)[None])
+    return x_next.to(x.dtype)
+
+
 def direction(x, out, m0, reads, dir_coeffs):
     """LML's raw direction g_n = gx x + ge out + gb_0 m_0 + sum_i gb_i m_i (dir_coeffs = [gx, ge, gb_0..gb_k])."""
     gx, ge, *gb = dir_coeffs
