@@ -1,6 +1,8 @@
 """`python -m diffsampler.bench loop`: a whole N-step sampling loop with a cheap synthetic denoiser, so that
-what is measured is the sampler's per-step overhead: diffsampler eager, torch.compile (and a CUDA graph on a
-GPU) against diffusers' scheduler loop, per-step time in µs and ops dispatched per step.
+what is measured is the sampler's per-step overhead: diffsampler eager (coefficients as kernel arguments, and
+"indexed": read by step index on the device), torch.compile (and on a GPU a CUDA graph of the whole loop and
+one of a single step replayed per step) against diffusers' scheduler loop, per-step time in µs and ops
+dispatched per step.
 
 The denoiser is out = tanh(x) (one elementwise op), the same in every variant. `--profile DIR` writes a
 torch.profiler Chrome trace of the eager loop with a range per model call and per update (NVTX ranges too
@@ -17,6 +19,7 @@ import torch
 import diffsampler as ds
 from diffsampler.bench.common import OpCounter, machine_record, measure, slug, write_json
 from diffsampler.bench.step import ANCHORS, DTYPES
+from diffsampler.sample import run_indexed
 
 
 def denoiser(x, t):
@@ -93,16 +96,19 @@ def main(argv=None) -> None:
     times, counts = {}, {}
     for solver in solvers:
         eager = lambda y, plan=plans[solver]: ds.run_plan(denoiser, y, plan, check_nan=False)
-        variants = {"diffsampler": eager}
+        indexed = lambda y, plan=plans[solver]: run_indexed(denoiser, y, plan)
+        variants = {"diffsampler": eager, "indexed": indexed}
         if device.type == "cuda":
             variants["cuda graph"] = ds.CapturedSampler(denoiser, steps=args.steps, solver=solver)
+            variants["graph per step"] = ds.CapturedSampler(denoiser, steps=args.steps, solver=solver,
+                                                            capture="step")
         try:
             variants["diffusers"] = _diffusers_loop(solver, args.steps)
         except ImportError:
             pass
         for name, fn in variants.items():
             times[solver, name] = measure(lambda fn=fn: fn(x), device, min_time=args.min_time)
-            if name in ("diffsampler", "diffusers"):
+            if name in ("diffsampler", "indexed", "diffusers"):
                 counts[solver, name] = ops_per_step(fn, x, args.steps)
         if args.profile:
             print(f"trace: {profile(x, plans[solver], Path(args.profile), solver)}")
