@@ -159,6 +159,9 @@ def test_deterministic_given_generator_and_k1_is_naive():
         assert torch.equal(u, v)
     one, naive = run(1), run(1, weighted=False)  # K = 1: nothing to weigh or resample
     assert torch.equal(one.draw, naive.draw) and torch.equal(one.log_w, torch.zeros(8, 1))
+    fkc = smc.FKC.product(models, steps=20, weighted=False)  # the class: its options, overridden per call
+    c = fkc.sample(8, 4, (2,), weighted=True, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(u, v) for u, v in zip(a, c))
 
 
 def test_edm_schedule_anneals():

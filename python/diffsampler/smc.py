@@ -88,7 +88,7 @@ def fkc_sample(
     The start is N(0, I / sum b) (VP) or N(0, sigma_max^2 I / sum b) (EDM), the noised target at the first step.
     weighted=False gives the naive sampler: the same SDE of the summed scores, no weights, no resampling.
     Resampling: ``ops.resample(log_w, x, method, ess_threshold, generator)`` after every step (K = 1: none).
-    See also `anneal`, `product`, `guidance`.
+    See also `FKC` (and its `anneal`, `product`, `guidance`).
     """
     models, exponents = list(models), [float(b) for b in exponents]
     if not models or len(models) != len(exponents):
@@ -133,20 +133,51 @@ def fkc_sample(
     return FKCResult(x, log_w, final.particles[rows])
 
 
+class FKC:
+    """A Feynman-Kac corrector for pi ∝ prod_i p_i^{exponents[i]}, run by ``sample``:
+
+        fkc = FKC.product([expert_a, expert_b], schedule=VP.linear(), steps=200)
+        result = fkc.sample(groups=16, particles=32, shape=(2,), generator=g)   # an FKCResult
+
+    options are fkc_sample's keywords (schedule, steps, weighted, method, ess_threshold, generator, dtype,
+    device); those given to `sample` override them."""
+
+    def __init__(self, models: Sequence[Callable], exponents: Sequence[float], **options):
+        self.models, self.exponents, self.options = list(models), [float(b) for b in exponents], options
+
+    def sample(self, groups: int, particles: int, shape: Sequence[int], **options) -> FKCResult:
+        return fkc_sample(self.models, self.exponents, groups, particles, shape, **{**self.options, **options})
+
+    @classmethod
+    def anneal(cls, model, beta: float, **options) -> "FKC":
+        """Temperature annealing: samples of p^beta from one eps-model of p (beta > 0)."""
+        if not (isinstance(beta, (int, float)) and beta > 0):
+            raise ValueError(f"beta must be a number > 0, got {beta!r}")
+        return cls([model], [beta], **options)
+
+    @classmethod
+    def product(cls, models, **options) -> "FKC":
+        """Product of experts: samples of p_1 p_2 ... from eps-models of each factor."""
+        return cls(models, [1.0] * len(models), **options)
+
+    @classmethod
+    def guidance(cls, cond, uncond, w: float, **options) -> "FKC":
+        """Classifier-free guidance as the geometric average p_c^w p_u^(1 - w) (w > 0)."""
+        if not (isinstance(w, (int, float)) and w > 0):
+            raise ValueError(f"w must be a number > 0, got {w!r}")
+        return cls([cond, uncond], [w, 1.0 - w], **options)
+
+
 def anneal(model, beta: float, groups: int, particles: int, shape, **options) -> FKCResult:
-    """Temperature annealing: samples of p^beta from one eps-model of p (beta > 0)."""
-    if not (isinstance(beta, (int, float)) and beta > 0):
-        raise ValueError(f"beta must be a number > 0, got {beta!r}")
-    return fkc_sample([model], [beta], groups, particles, shape, **options)
+    """FKC.anneal(model, beta).sample(groups, particles, shape, **options)."""
+    return FKC.anneal(model, beta).sample(groups, particles, shape, **options)
 
 
 def product(models, groups: int, particles: int, shape, **options) -> FKCResult:
-    """Product of experts: samples of p_1 p_2 ... from eps-models of each factor."""
-    return fkc_sample(models, [1.0] * len(models), groups, particles, shape, **options)
+    """FKC.product(models).sample(groups, particles, shape, **options)."""
+    return FKC.product(models).sample(groups, particles, shape, **options)
 
 
 def guidance(cond, uncond, w: float, groups: int, particles: int, shape, **options) -> FKCResult:
-    """Classifier-free guidance as the geometric average p_c^w p_u^(1 - w) (w > 0)."""
-    if not (isinstance(w, (int, float)) and w > 0):
-        raise ValueError(f"w must be a number > 0, got {w!r}")
-    return fkc_sample([cond, uncond], [w, 1.0 - w], groups, particles, shape, **options)
+    """FKC.guidance(cond, uncond, w).sample(groups, particles, shape, **options)."""
+    return FKC.guidance(cond, uncond, w).sample(groups, particles, shape, **options)
