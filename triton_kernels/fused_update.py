@@ -167,14 +167,14 @@ def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, co
     slots, written, dir_coeffs, weights = lml if lml is not None else ([], dummy, [], None)
     gx, ge, *gb = list(dir_coeffs) + [0.0] * (6 - len(dir_coeffs))  # [gx, ge, gb_0..gb_3]
     lml_ptrs = [*slots, *[dummy] * (6 - len(slots)), written, weights if weights is not None else dummy]
-    table, slots, step, history = indexed if indexed is not None else (dummy, dummy, dummy, None)
+    table, slot_table, step, history = indexed if indexed is not None else (dummy, dummy, dummy, None)
     grid = (triton.cdiv(n, BLOCK),)
     torch.library.wrap_triton(_multistep_update_kernel)[grid](
         x, out, *ptrs, *lml_ptrs, n, max(n // x.shape[0], 1),
         p, q, a, e, c, g, b[0], b[1], b[2], b[3], r[0], r[1], r[2], clip,
         sa, se, sc, sg, sb[0], sb[1], sb[2], sb[3],
         gx, ge, gb[0], gb[1], gb[2], gb[3],
-        table, slots, step, history if history is not None else dummy,
+        table, slot_table, step, history if history is not None else dummy,
         N_READS=len(reads), HAS_NOISE=noise is not None, STATE=0 if state is None else (2 if state_row else 1),
         WRITE_M0=m0 is not None, CLIP=clip > 0, PHASE=phase, N_DIRS=len(slots), WEIGHTS=weights is not None,
         BLOCK=BLOCK, INDEXED=indexed is not None,
