@@ -6,6 +6,10 @@ slot and writes x' and m0 (5 tensors); a DDIM step reads x and the output and wr
 also reads and rewrites its state (7 with two reads). The floor
 is the time of a plain copy moving the same number of bytes on the same device (so the same cache level: the
 smaller sizes fit in a CPU's last-level cache); `floor/t` is the fraction of that bandwidth reached.
+
+Rotating buffers (`--rotate`, on by default on a GPU): each timed call uses the next of several copies of all
+operands, enough that they exceed the device's L2 twice over, so every call reads from DRAM as in a real loop
+(the copy floor is then measured at the same total working set).
 """
 
 from __future__ import annotations
@@ -67,6 +71,29 @@ def _diffusers_step(solver: str, x, out):
     return step
 
 
+def rotating(fns):
+    """One callable calling fns[0], fns[1], ... in turn (each on its own copy of the operands)."""
+    state = {"i": -1}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]]()
+
+    return call
+
+
+MAX_COPIES = 32  # small sizes stay in the cache anyway (and are launch-bound on a GPU)
+
+
+def copies_needed(device: torch.device, n_bytes: int, rotate: bool) -> int:
+    """Operand copies whose total exceeds twice the device's L2 (a CPU: 64 MiB), at most MAX_COPIES (1 without
+    rotation)."""
+    if not rotate:
+        return 1
+    cache = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 64 << 20
+    return min(1 + -(-2 * cache // n_bytes), MAX_COPIES)
+
+
 def _fused_step(solver: str, backend: str, x, out):
     """(callable running the fused update of the same step, bytes it moves)."""
     schedule = ds.schedules.Flow() if solver in ds.solvers.FLOW_SOLVERS else ds.schedules.VP.scaled_linear()
@@ -83,7 +110,8 @@ def _fused_step(solver: str, backend: str, x, out):
     return fn, tensors * x.numel() * x.element_size()
 
 
-def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_time: float) -> dict:
+def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_time: float,
+        rotate: bool = False) -> dict:
     avail = ds.backends()
     backends = ["reference"] + [b for b in ("cpu",) if device.type == "cpu" and avail[b]]
     backends += [b for b in ("cuda", "triton") if device.type == "cuda" and avail[b]]
@@ -104,18 +132,19 @@ def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_
             g = torch.Generator(device=device).manual_seed(0)
             x, out = (torch.randn(size, generator=g, device=device).to(dtype) for _ in range(2))
             for solver in solvers:
-                impls = {}
-                for b in backends:
-                    impls[b], n_bytes = _fused_step(solver, b, x, out)
-                floor = n_bytes / copy_bandwidth(device, n_bytes, min_time=min_time)
-                diffusers_fn = _diffusers_step(solver, x, out)
-                if diffusers_fn is not None:
-                    impls["diffusers"] = diffusers_fn
+                n_bytes = _fused_step(solver, "reference", x, out)[1]
+                pairs = [(x, out)] + [(x.clone(), out.clone()) for _ in range(copies_needed(device, n_bytes, rotate) - 1)]
+                impls = {b: rotating([_fused_step(solver, b, *pair)[0] for pair in pairs]) for b in backends}
+                floor = n_bytes / copy_bandwidth(device, n_bytes * len(pairs), min_time=min_time)
+                diffusers_fns = [_diffusers_step(solver, *pair) for pair in pairs]
+                if diffusers_fns[0] is not None:
+                    impls["diffusers"] = rotating(diffusers_fns)
                 times = {name: measure(fn, device, min_time=min_time) for name, fn in impls.items()}
                 t_diff = times.get("diffusers")
                 for name, t in times.items():
                     speedup = t_diff / t if t_diff else None
                     rows.append(dict(size=list(size), dtype=dname, solver=solver, impl=name, seconds=t,
+                                     operand_copies=len(pairs),
                                      bytes_moved=n_bytes, floor_seconds=floor, floor_fraction=floor / t, speedup_vs_diffusers=speedup))
                     print(f"{str(size):<18}{dname:<6}{solver:<13}{name:<11}{t * 1e6:>11.1f}{floor * 1e6:>11.1f}"
                           f"{floor / t:>9.2f}{(f'{speedup:.1f}x' if speedup else '-'):>14}")
@@ -137,8 +166,12 @@ def main(argv=None) -> None:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--solvers", default=",".join((*ANCHORS, *UNANCHORED)))
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
+    ap.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                    help="rotate operand copies past the L2 (default: on for CUDA, off on a CPU)")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON ('' for none)")
     args = ap.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes.split(";") if s]
-    run(torch.device(args.device), sizes, args.dtypes.split(","), args.solvers.split(","),
-        Path(args.out) if args.out else None, args.min_time)
+    device = torch.device(args.device)
+    rotate = device.type == "cuda" if args.rotate is None else args.rotate
+    run(device, sizes, args.dtypes.split(","), args.solvers.split(","), Path(args.out) if args.out else None,
+        args.min_time, rotate)
