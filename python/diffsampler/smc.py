@@ -41,12 +41,20 @@ def combined_score(scores: Sequence[torch.Tensor], exponents: Sequence[float]) -
 
 
 def log_weight_increment(scores: Sequence[torch.Tensor], exponents: Sequence[float], h: float) -> torch.Tensor:
-    """h / 2 (|S|^2 - sum_i b_i |s_i|^2) per row of the scores (n, ...), S = combined_score (float32 or wider).
+    """h / 2 (|S|^2 - sum_i b_i |s_i|^2) per row of the scores (n, ...), S = combined_score, expanded as
 
+        h / 2 [sum_i b_i (b_i - 1) |s_i|^2 + 2 sum_{i<j} b_i b_j <s_i, s_j>]
+
+    one row-wise dot product per nonzero term (float32 or wider), no temporary of the scores' size.
     Annealing: h/2 beta (beta - 1) |s|^2; product: h <s1, s2>; guidance: h/2 w (w - 1) |s_c - s_u|^2."""
     flat = [s.flatten(1).float() if s.dtype in (torch.float16, torch.bfloat16) else s.flatten(1) for s in scores]
-    squares = sum(b * (s**2).sum(1) for b, s in zip(exponents, flat))
-    return 0.5 * h * ((combined_score(flat, exponents) ** 2).sum(1) - squares)
+    total = torch.zeros(flat[0].shape[0], dtype=flat[0].dtype, device=flat[0].device)
+    for i, (bi, si) in enumerate(zip(exponents, flat)):
+        for j in range(i, len(flat)):
+            coef = bi * (bi - 1) if j == i else 2 * bi * exponents[j]
+            if coef != 0:
+                total = total + coef * torch.linalg.vecdot(si, flat[j], dim=1)
+    return 0.5 * h * total
 
 
 def _steps(schedule, steps: int) -> list[tuple[torch.Tensor, float, float, float]]:

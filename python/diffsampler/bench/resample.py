@@ -75,18 +75,60 @@ def run(device: torch.device, min_time: float) -> list[dict]:
     return rows
 
 
+def step_overhead(device: torch.device, min_time: float, K: int = 64, shape=(4, 128, 128)) -> list[dict]:
+    """Per-step SMC cost against the plain step, K particles as one batch: the fused DPM++ 2M update alone, then
+    the SMC extras of a step: FKC's product-of-experts log-weight increment (one reduction over two scores,
+    smc.log_weight_increment) and ops.resample with an ESS threshold of 0.5 at weights where nothing is
+    resampled (ESS/K ~ 0.98), and forced (no threshold) where few / half die."""
+    plan = ds.solvers.make_plan("dpmpp_2m", ds.schedules.VP.scaled_linear(), 20, "eps")
+    step = plan.steps[5]
+    g = torch.Generator(device).manual_seed(0)
+    x, out, s2 = (torch.randn(K, *shape, device=device, generator=g) for _ in range(3))
+    history = torch.randn(plan.history_slots, K, *shape, device=device, generator=g)
+    update = lambda: ds.ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,  # noqa: E731
+                                             read_slots=step.read_slots, check_nan=False)
+    t_plain = measure(update, device, min_time=min_time, best=True)
+    extras = {"FKC log-weight increment": lambda: ds.smc.log_weight_increment([out, s2], [1.0, 1.0], 0.01)}
+    for label, sigma, threshold in (("resample, none due", 0.15, 0.5), ("resample, few die", 0.15, None),
+                                    ("resample, half die", 1.3, None)):
+        lw = sigma * torch.randn(1, K, generator=torch.Generator().manual_seed(1)).to(device)
+        extras[label] = lambda lw=lw, threshold=threshold: ds.ops.resample(lw, x, "systematic", threshold,
+                                                                              generator=g)
+    rows = [{"part": "plain step (fused DPM++ 2M update)", "seconds": t_plain, "vs_plain_step": 1.0}]
+    print(f"SMC step overhead, K={K} x {shape} fp32: plain step {t_plain * 1e6:.1f} us (best)")
+    for name, fn in extras.items():
+        t = measure(fn, device, min_time=min_time, best=True)
+        rows.append({"part": name, "seconds": t, "vs_plain_step": t / t_plain})
+        print(f"  + {name:<26} {t * 1e6:9.1f} us  = {t / t_plain:.2f} x the plain step", flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m diffsampler.bench resample", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu (the fused C++ kernels) or cuda")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--parts", default="resample,overhead",
+                    help="resample (the op against torch; resample-*.json) and/or overhead (per-step SMC cost "
+                         "against the plain step; smc-step-overhead-*.json)")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON ('' for none)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     record = machine_record(device)
+    parts = args.parts.split(",")
+    if "overhead" in parts:
+        overhead = step_overhead(device, args.min_time)
+        if args.out:
+            path = write_json(Path(args.out) / f"smc-step-overhead-{slug(record['device'])}.json",
+                              {"benchmark": "smc step overhead", "machine": record, "load_average": os.getloadavg(),
+                               "note": "best of 5 batches; K = 64 particles of (4,128,128) fp32 as one batch",
+                               "rows": overhead})
+            print(f"wrote {path}")
+    if "resample" not in parts:
+        return
     rows = run(device, args.min_time)
     if args.out:
         result = {"benchmark": "resample", "machine": record, "load_average": os.getloadavg(),
