@@ -18,6 +18,7 @@ import torch
 
 import diffsampler as ds
 from diffsampler.bench.common import OpCounter, machine_record, measure, slug, write_json
+from diffsampler.bench.plots import plot_loop
 from diffsampler.bench.step import ANCHORS, DTYPES
 from diffsampler.sample import run_indexed
 
@@ -126,8 +127,8 @@ def main(argv=None) -> None:
         print(f"{solver:<12}{name:<16}{t * 1e3:>11.2f}{t / args.steps * 1e6:>15.1f}"
               f"{(f'{n_ops:.1f}' if n_ops is not None else '-'):>10}{(f'{ratio:.1f}x' if ratio else '-'):>14}")
     if args.out:
-        path = write_json(Path(args.out) / f"loop-{slug(record['device'])}.json",
-                          dict(benchmark="loop", machine=record, size=list(size), dtype=args.dtype,
-                               steps=args.steps, note="whole loops with denoiser tanh(x); ops/step counted with "
-                               "a TorchDispatchMode (the denoiser's one op included)", rows=rows))
-        print(f"wrote {path}")
+        payload = dict(benchmark="loop", machine=record, size=list(size), dtype=args.dtype, steps=args.steps,
+                       note="whole loops with denoiser tanh(x); ops/step counted with a TorchDispatchMode (the "
+                       "denoiser's one op included)", rows=rows)
+        path = write_json(Path(args.out) / f"loop-{slug(record['device'])}.json", payload)
+        print(f"wrote {path} and {plot_loop(payload, path.with_suffix('.png'))}")

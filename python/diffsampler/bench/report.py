@@ -1,5 +1,6 @@
-"""`python -m diffsampler.bench report [--size 8,4,128,128]`: markdown tables of the committed results
-(bench/results/step-*.json, loop-*.json, quality-*.json, lml-*.json, digits-*.json), as the README shows them."""
+"""`python -m diffsampler.bench report [--size 8,4,128,128] [--plots]`: markdown tables of the committed results
+(bench/results/step-*.json, loop-*.json, quality-*.json, lml-*.json, digits-*.json), as the README shows them;
+--plots redraws the PNG beside each step / loop / resample JSON."""
 
 from __future__ import annotations
 
@@ -131,8 +132,15 @@ def main(argv=None) -> None:
     ap.add_argument("--results", default="bench/results")
     ap.add_argument("--size", default="8,4,128,128")
     ap.add_argument("--target", default="smooth-16d")
+    ap.add_argument("--plots", action="store_true", help="also (re)draw the PNG of each step / loop / resample JSON")
     args = ap.parse_args(argv)
     root = Path(args.results)
+    if args.plots:
+        from diffsampler.bench import plots
+
+        for kind in ("step", "loop", "resample"):
+            for path in sorted(root.glob(f"{kind}-*.json")):
+                print(f"wrote {getattr(plots, f'plot_{kind}')(json.loads(path.read_text()), path.with_suffix('.png'))}")
     for path in sorted(root.glob("step-*.json")):
         print(step_table(path, [int(v) for v in args.size.split(",")]), end="\n\n")
     for path in sorted(root.glob("loop-*.json")):

@@ -22,6 +22,7 @@ import torch
 
 import diffsampler as ds
 from diffsampler.bench.common import copy_bandwidth, machine_record, measure, slug, write_json
+from diffsampler.bench.plots import plot_resample
 
 # (label, sigma of the Gaussian log-weights): the fraction of particles without offspring grows with sigma
 LEVELS = [("few die", 0.15), ("half die", 1.3), ("most die", 4.0)]
@@ -136,7 +137,7 @@ def main(argv=None) -> None:
                           "floor = bytes_moved / copy bandwidth measured at 2 K P bytes; speed-ups of best times",
                   "rows": rows}
         path = write_json(Path(args.out) / f"resample-{slug(record['device'])}.json", result)
-        print(f"wrote {path}")
+        print(f"wrote {path} and {plot_resample(result, path.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

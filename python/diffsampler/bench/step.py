@@ -21,6 +21,7 @@ import torch
 
 import diffsampler as ds
 from diffsampler.bench.common import copy_bandwidth, machine_record, measure, slug, write_json
+from diffsampler.bench.plots import plot_step
 
 SIZES = [(1, 4, 64, 64), (8, 4, 128, 128), (64, 4, 128, 128)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -153,7 +154,7 @@ def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_
                   rows=rows)
     if out_dir is not None:
         path = write_json(out_dir / f"step-{slug(record['device'])}.json", result)
-        print(f"wrote {path}")
+        print(f"wrote {path} and {plot_step(result, path.with_suffix('.png'))}")
     return result
 
 

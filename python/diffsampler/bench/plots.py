@@ -1,0 +1,87 @@
+"""PNG plots of the timing benchmarks (step, loop, resample) from their JSON payloads: written by each bench
+after its JSON, and again from committed results by `python -m diffsampler.bench report --plots`."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bars(ax, groups: list[str], series: dict[str, list[float]]) -> None:
+    """Grouped bars: one group per label, one bar per series (log scale)."""
+    width = 0.8 / max(len(series), 1)
+    for j, (name, values) in enumerate(series.items()):
+        ax.bar([i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))], values, width, label=name)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=30, ha="right")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+
+
+def plot_step(payload: dict, path: Path) -> Path:
+    """Per size and dtype: each solver's update time per implementation, and the copy floor."""
+    plt = _pyplot()
+    panels = defaultdict(lambda: defaultdict(dict))
+    for r in payload["rows"]:
+        panels[(tuple(r["size"]), r["dtype"])][r["solver"]][r["impl"]] = r
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
+    for ax, ((size, dtype), solvers) in zip(axes.flat, sorted(panels.items(), key=lambda kv: (kv[0][1], kv[0][0]))):
+        names = list(solvers)
+        impls = sorted({i for s in solvers.values() for i in s})
+        series = {i: [solvers[s][i]["seconds"] * 1e6 if i in solvers[s] else 0.0 for s in names] for i in impls}
+        series["copy floor"] = [next(iter(solvers[s].values()))["floor_seconds"] * 1e6 for s in names]
+        _bars(ax, names, series)
+        ax.set_ylabel("µs per step")
+        ax.set_title(f"{size} {dtype}")
+    fig.suptitle(f"solver update alone: {payload['machine']['device']}, {payload['machine']['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loop(payload: dict, path: Path) -> Path:
+    """Per solver: per-step time of each variant of the whole loop."""
+    plt = _pyplot()
+    table = defaultdict(dict)
+    for r in payload["rows"]:
+        table[r["solver"]][r["variant"]] = r["per_step_seconds"] * 1e6
+    variants = list(dict.fromkeys(r["variant"] for r in payload["rows"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _bars(ax, list(table), {v: [table[s].get(v, 0.0) for s in table] for v in variants})
+    ax.set_ylabel("µs per step (model included)")
+    ax.set_title(f"{payload['steps']}-step loops at {tuple(payload['size'])} {payload['dtype']}: "
+                 f"{payload['machine']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_resample(payload: dict, path: Path) -> Path:
+    """Per case (K, particle shape, weight spread): each resampler's best time, and the in-place floor."""
+    plt = _pyplot()
+    table = defaultdict(dict)
+    for r in payload["rows"]:
+        key = f"K={r['K']} {tuple(r['particle_shape'])}\n{r['level']}"
+        table[key][r["impl"]] = r["best_seconds"] * 1e6
+    impls = list(dict.fromkeys(r["impl"] for r in payload["rows"]))
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    _bars(ax, list(table), {i: [table[k].get(i, 0.0) for k in table] for i in impls})
+    ax.set_ylabel("µs (best of 5 batches)")
+    ax.set_title(f"resampling, one group: {payload['machine']['device']}, {payload['machine']['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
