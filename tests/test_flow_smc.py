@@ -68,6 +68,13 @@ def test_vp_interpolant_is_vpcontinuous_and_its_time_map_keeps_the_snr():
     for k, d in ((0, dt), (1, dscale)):
         fd = (vp.flow_time(r + h)[k] - vp.flow_time(r - h)[k]) / (2 * h)
         torch.testing.assert_close(d, fd, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(vp.time_of(t), r, rtol=1e-9, atol=0)  # the inverse time map
+    grid = F.time_grid(8, "snr", vp)  # the linear uniform grid's noise levels
+    assert grid[0] == 1 and grid[-1] == 0
+    torch.testing.assert_close(vp.flow_time(grid[1:-1])[0], 1 - torch.arange(1, 8, dtype=torch.float64) / 8)
+    torch.testing.assert_close(F.time_grid(8, "snr"), F.time_grid(8))
+    exp = torch.tensor([1, (1 - 1 / 16) ** 0.5, 0.75**0.5, (1 - 9 / 16) ** 0.5, 0], dtype=torch.float64)
+    torch.testing.assert_close(F.time_grid(4, "exp"), exp)  # sqrt(1 - (i / 4)^2), the paper's code
 
 
 @pytest.mark.parametrize("r", [0.05, 0.3, 0.6, 1.0])
@@ -310,3 +317,12 @@ def test_bad_input_raises_value_errors_naming_the_argument():
     for call, name in cases:
         with pytest.raises(ValueError, match=name):
             call()
+
+
+def test_bench_part_c_runs_at_tiny_sizes():
+    from diffsampler.bench import flow_particles
+
+    res = flow_particles.run(groups=4, tune_groups=4, budgets=(40,), tune_budget=40)
+    assert set(res["methods"]) == {"BoN ODE", "BoN SDE", "SMC linear", "SMC VP", "RBF linear", "RBF VP"}
+    for m in res["methods"].values():
+        assert len(m["rows"]) == 1 and m["rows"][0]["nfe"] == 40 and math.isfinite(m["rows"][0]["mean"])

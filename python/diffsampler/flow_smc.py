@@ -37,7 +37,7 @@ from . import ops
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Reward = Callable[[torch.Tensor], torch.Tensor]
-SPACINGS = ("uniform", "exp")
+SPACINGS = ("uniform", "exp", "snr")
 
 
 class Linear:
@@ -81,6 +81,14 @@ class VPInterpolant:
         scale = a + s
         t = s / scale
         return t, scale, (ds * a - s * da) / scale**2, da + ds
+
+    def time_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The r of equal SNR to linear time t, capped at 1 (t >= t(1)): T = log(1 + (t / (1 - t))^2), the root of
+        beta_min r + (beta_max - beta_min) r^2 / 2 = T."""
+        t = t.double()
+        T = torch.log1p((t / (1 - t)) ** 2)
+        b, d = self.beta_min, self.beta_max - self.beta_min
+        return ((torch.sqrt(b * b + 2 * d * T) - b) / d).clamp(max=1.0)
 
     def __repr__(self) -> str:
         return f"VPInterpolant(beta_min={self.beta_min}, beta_max={self.beta_max})"
@@ -155,9 +163,11 @@ def _vp_model(model: Model, path: VPInterpolant) -> Model:
     return vp_model
 
 
-def time_grid(steps: int, spacing: str = "uniform") -> torch.Tensor:
-    """steps + 1 times from 1 to 0 (float64): "uniform" 1 - i / steps; "exp" sqrt(1 - (i / steps)^2) (the paper's
-    code, dense near t = 1)."""
+def time_grid(steps: int, spacing: str = "uniform", path=LINEAR) -> torch.Tensor:
+    """steps + 1 times of `path` from 1 to 0 (float64): "uniform" 1 - i / steps; "exp" sqrt(1 - (i / steps)^2)
+    (the paper's code, dense near 1); "snr" the times whose SNR is that of the uniform linear grid (on the
+    linear path the same as "uniform"; on the VP path r_i = time_of(1 - i / steps), r_0 = 1), so that two paths
+    visit the same noise levels."""
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     u = torch.arange(steps + 1, dtype=torch.float64) / steps
@@ -165,6 +175,8 @@ def time_grid(steps: int, spacing: str = "uniform") -> torch.Tensor:
         return 1 - u
     if spacing == "exp":
         return (1 - u * u).clamp_min(0).sqrt()
+    if spacing == "snr":
+        return path.time_of(1 - u) if isinstance(path, VPInterpolant) else 1 - u
     raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
 
 
@@ -191,14 +203,11 @@ def _checked(model) -> Model:
 
 def _plan(model, path, steps: int, spacing: str, device) -> _Plan:
     model = _checked(model)
-    times = time_grid(steps, spacing).to(device)
-    if path == "linear" or isinstance(path, Linear):
-        return _Plan(model, LINEAR, times)
-    if path == "vp":
-        path = VPInterpolant()
-    if isinstance(path, VPInterpolant):
-        return _Plan(_vp_model(model, path), path, times)
-    raise ValueError(f"path must be 'linear', 'vp' or a VPInterpolant, got {path!r}")
+    path = LINEAR if path == "linear" else VPInterpolant() if path == "vp" else path
+    if not isinstance(path, (Linear, VPInterpolant)):
+        raise ValueError(f"path must be 'linear', 'vp' or a VPInterpolant, got {path!r}")
+    times = time_grid(steps, spacing, path).to(device)
+    return _Plan(_vp_model(model, path) if isinstance(path, VPInterpolant) else model, path, times)
 
 
 def _check_common(groups, particles, shape, diffusion):
