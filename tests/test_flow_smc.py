@@ -69,10 +69,10 @@ def test_vp_interpolant_is_vpcontinuous_and_its_time_map_keeps_the_snr():
         fd = (vp.flow_time(r + h)[k] - vp.flow_time(r - h)[k]) / (2 * h)
         torch.testing.assert_close(d, fd, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(vp.time_of(t), r, rtol=1e-9, atol=0)  # the inverse time map
-    grid = F.time_grid(8, "snr", vp)  # the linear uniform grid's noise levels
-    assert grid[0] == 1 and grid[-1] == 0
-    torch.testing.assert_close(vp.flow_time(grid[1:-1])[0], 1 - torch.arange(1, 8, dtype=torch.float64) / 8)
-    torch.testing.assert_close(F.time_grid(8, "snr"), F.time_grid(8))
+    grid = F.time_grid(8, "matched", vp)  # uniform in r down to the linear grid's last noise level t = 1/8
+    assert grid[0] == 1 and grid[-1] == 0 and abs(vp.flow_time(grid[-2])[0].item() - 1 / 8) < 1e-12
+    torch.testing.assert_close(grid[:-1].diff(), torch.full((7,), (grid[-2] - 1).item() / 7, dtype=torch.float64))
+    torch.testing.assert_close(F.time_grid(8, "matched"), F.time_grid(8))
     exp = torch.tensor([1, (1 - 1 / 16) ** 0.5, 0.75**0.5, (1 - 9 / 16) ** 0.5, 0], dtype=torch.float64)
     torch.testing.assert_close(F.time_grid(4, "exp"), exp)  # sqrt(1 - (i / 4)^2), the paper's code
 

@@ -37,7 +37,7 @@ from . import ops
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Reward = Callable[[torch.Tensor], torch.Tensor]
-SPACINGS = ("uniform", "exp", "snr")
+SPACINGS = ("uniform", "exp", "matched")
 
 
 class Linear:
@@ -165,9 +165,9 @@ def _vp_model(model: Model, path: VPInterpolant) -> Model:
 
 def time_grid(steps: int, spacing: str = "uniform", path=LINEAR) -> torch.Tensor:
     """steps + 1 times of `path` from 1 to 0 (float64): "uniform" 1 - i / steps; "exp" sqrt(1 - (i / steps)^2)
-    (the paper's code, dense near 1); "snr" the times whose SNR is that of the uniform linear grid (on the
-    linear path the same as "uniform"; on the VP path r_i = time_of(1 - i / steps), r_0 = 1), so that two paths
-    visit the same noise levels."""
+    (the paper's code, dense near 1); "matched" uniform from 1 down to the time of the linear grid's last noise
+    level (t = 1 / steps; on the VP path r = time_of(1 / steps)), then 0, so that every path's output is the
+    Tweedie estimate at the same noise level (on the linear path the same as "uniform")."""
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     u = torch.arange(steps + 1, dtype=torch.float64) / steps
@@ -175,8 +175,10 @@ def time_grid(steps: int, spacing: str = "uniform", path=LINEAR) -> torch.Tensor
         return 1 - u
     if spacing == "exp":
         return (1 - u * u).clamp_min(0).sqrt()
-    if spacing == "snr":
-        return path.time_of(1 - u) if isinstance(path, VPInterpolant) else 1 - u
+    if spacing == "matched":
+        end = torch.tensor(1.0 / steps, dtype=torch.float64)
+        end = path.time_of(end) if isinstance(path, VPInterpolant) else end
+        return torch.cat([torch.linspace(1, end.item(), steps, dtype=torch.float64), u.new_zeros(1)])
     raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
 
 
