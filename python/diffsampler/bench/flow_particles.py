@@ -6,9 +6,10 @@ rare mode's centre. Per NFE budget (model calls per output): the mean reward of 
 Best-of-N over ODE and SDE samples, SMC and Rollover Budget Forcing on the linear and the VP path. All runs take
 20 steps (20 NFE per full sample); the VP runs use the "matched" grid (uniform in r down to the linear grid's last
 noise level), so that every method's output is the Tweedie estimate at the same noise level t = 0.05 (the uniform
-r grid ends at t = 0.15, whose blurrier outputs sit nearer the mode centre, which this reward favours). Settings (diffusion scale g = c t^2, SMC
-temperature, RBF's initial share) are chosen at one budget on tuning seeds, then every budget is measured on other
-seeds. SMC returns the particle of the largest reward (select="max"), like Best-of-N.
+r grid ends at t = 0.15, whose blurrier outputs sit nearer the mode centre, which this reward favours). Settings
+(diffusion scale g = c t^2, SMC temperature, RBF's initial share) are chosen at one budget on tuning seeds, then
+every budget is measured on other seeds. SMC returns the particle of the largest reward (select="max"), like
+Best-of-N.
 """
 
 from __future__ import annotations
