@@ -85,8 +85,13 @@ class GaussianMixture:
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x0) per row of x (n, dim)."""
-        one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        log_joint, _ = self._noised_log_joint(x.double(), one, zero)
+        return self.noised_log_prob(x, torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+
+    def noised_log_prob(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """log p_t(x) of x_t = alpha x0 + sigma eps per row of x (n, dim); alpha, sigma scalars or one per row."""
+        alpha = torch.as_tensor(alpha, dtype=torch.float64)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        log_joint, _ = self._noised_log_joint(x.double(), alpha, sigma)
         return torch.logsumexp(log_joint, dim=1)
 
     def posterior_mean(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -126,6 +131,18 @@ class GaussianMixture:
                 "flow": lambda: (xd - x0) / sigma,  # v = eps - x0 with sigma = t (flow schedules)
             }[prediction]()
             return out.to(x.dtype)
+
+        return model
+
+    def flow_model(self):
+        """The exact flow velocity model(x, t) -> v = E[eps - x0 | x_t = x] of the linear interpolant
+        x_t = (1 - t) x0 + t eps (t = 1 noise, t = 0 data; t a scalar or one per row, 0 < t <= 1):
+        v = (x - E[x0 | x_t]) / t. Computed in float64, returned in x's dtype."""
+
+        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t = torch.as_tensor(t, dtype=torch.float64, device=x.device).reshape(-1, 1)
+            x0 = self.posterior_mean(x, 1 - t, t)
+            return ((x.double() - x0) / t).to(x.dtype)
 
         return model
 

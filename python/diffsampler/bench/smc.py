@@ -10,17 +10,22 @@ reference, the discrete-time K -> infinity limit of the FKC recursion; of a well
 widths (mode weights -> w_k^beta / sum): the error of the sampled mode weights (nearest mode).
 VP linear schedule, 100 steps, ESS threshold 0.5, systematic resampling; one thread (the exact models are small
 float64 tensor ops; on a shared 2-core machine one thread is many times faster).
+(c) Flow particle sampling (diffsampler.flow_smc): reward reached per NFE budget by Best-of-N, SMC and Rollover
+Budget Forcing on a rare mode (bench/flow_particles.py).
+--parts picks the parts; the JSON keeps the other parts' previous results and the PNG is drawn from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import torch
 
 from diffsampler import schedules, smc
+from diffsampler.bench import flow_particles
 from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.targets import GaussianMixture, sliced_wasserstein
 
@@ -136,13 +141,18 @@ def annealing(n: int, ks, steps: int) -> dict:
     return out
 
 
-def _plot(poe: dict, path: Path) -> None:
+def _plot(payload: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(poe), figsize=(5.2 * len(poe), 4.2))
+    poe, flow = payload.get("product_of_experts", {}), payload.get("flow_particles")
+    panels = len(poe) + (flow is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
+    axes = list(axes[0])
+    if flow is not None:
+        flow_particles.plot(axes.pop(), flow)
     for ax, (name, res) in zip(axes, poe.items()):
         ks = [r["K"] for r in res["rows"]]
         ax.plot(ks, [r["fkc"] for r in res["rows"]], "o-", label="FKC")
@@ -163,21 +173,33 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=1024, help="outputs (groups) per run")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--ks", default=",".join(map(str, KS)))
+    ap.add_argument("--parts", default="abc", help="which parts to run: a (product of experts), b (annealing), "
+                    "c (flow particles)")
+    ap.add_argument("--flow-groups", type=int, default=512, help="(c): outputs per budget and method")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON and PNG ('' for none)")
     args = ap.parse_args(argv)
+    if not args.parts or set(args.parts) - set("abc"):
+        ap.error(f"--parts must be letters among a, b, c, got {args.parts!r}")
     torch.set_num_threads(1)
     ks = [int(v) for v in args.ks.split(",")]
     t0 = time.perf_counter()
-    poe = {name: product_of_experts(name, pair(), args.n, args.steps, ks) for name, pair in (("2-D", poe_2d),
-                                                                                              ("8-D", poe_8d))}
-    anneal = annealing(args.n, [k for k in ks if k > 1], args.steps)
+    results, machine = {}, machine_record(torch.device("cpu"))
+    if "a" in args.parts:
+        results["product_of_experts"] = {name: product_of_experts(name, pair(), args.n, args.steps, ks)
+                                         for name, pair in (("2-D", poe_2d), ("8-D", poe_8d))}
+    if "b" in args.parts:
+        results["annealing"] = annealing(args.n, [k for k in ks if k > 1], args.steps)
+    if "c" in args.parts:
+        results["flow_particles"] = dict(flow_particles.run(groups=args.flow_groups), machine=machine)
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.out:
         out = Path(args.out)
-        record = machine_record(torch.device("cpu"))
-        payload = dict(benchmark="smc", machine=record, steps=args.steps, schedule="VP.linear()",
-                       ess_threshold=0.5, method="systematic", note=__doc__.strip().splitlines()[0],
-                       product_of_experts=poe, annealing=anneal)
-        path = write_json(out / f"smc-{slug(record['device'])}.json", payload)
-        _plot(poe, out / "smc.png")
+        path = out / f"smc-{slug(machine['device'])}.json"
+        payload = json.loads(path.read_text()) if path.exists() else {}
+        if "a" in args.parts or "b" in args.parts:  # parts (a), (b) share these settings and the machine record
+            payload.update(benchmark="smc", machine=machine, steps=args.steps, schedule="VP.linear()",
+                           ess_threshold=0.5, method="systematic", note=__doc__.strip().splitlines()[0])
+        payload.update(results)
+        write_json(path, payload)
+        _plot(payload, out / "smc.png")
         print(f"wrote {path} and {out / 'smc.png'}")
