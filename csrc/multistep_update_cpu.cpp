@@ -199,56 +199,103 @@ void lml_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t
   }
 }
 
-// LML's Gram: per sample, the dot products of v = [g, dirs[0..n_dirs-1]] (g and the directions in fp32, their
-// products summed in double) over runs of 128 elements and fixed chunks (one task each), the chunks summed in
-// order: the result does not depend on the thread count.
+// LML's Gram: per sample, the dot products of v = [g, dirs[0..n_dirs-1]] (g and the directions in fp32) over
+// fixed chunks (one task each), the chunks summed in order: the result does not depend on the thread count.
+// Within a chunk, runs of kGramRun elements: 16 fp32 lanes per pair accumulate 16 products each (fused
+// multiply-adds), then are added to 8 double lanes; the lanes are summed in a fixed order at the chunk's end.
 constexpr int64_t kGramChunk = 1 << 13;
+constexpr int64_t kGramRun = 256;
 
-template <typename S, int kReads, int kDirs>
+// 16 fp32 / 8 double lanes: one AVX-512 register (the compiler splits them on narrower instruction sets).
+typedef float Lanes16f __attribute__((vector_size(64)));
+typedef float Lanes8f __attribute__((vector_size(32)));
+typedef double Lanes8d __attribute__((vector_size(64)));
+
+// 16 elements from p as fp32 lanes: one load (fp32), a widening shift (bf16), a conversion per element (fp16).
+template <typename S>
+inline Lanes16f load_lanes(const typename S::Raw* p) {
+  Lanes16f v;
+  if constexpr (std::is_same_v<S, F32>) {
+    __builtin_memcpy(&v, p, sizeof v);
+  } else if constexpr (std::is_same_v<S, BF16>) {
+    typedef uint16_t Raw16 __attribute__((vector_size(32)));
+    typedef uint32_t Wide16 __attribute__((vector_size(64)));
+    Raw16 raw;
+    __builtin_memcpy(&raw, p, sizeof raw);
+    const Wide16 bits = __builtin_convertvector(raw, Wide16) << 16;
+    __builtin_memcpy(&v, &bits, sizeof v);
+  } else {
+    for (int l = 0; l < 16; ++l) v[l] = S::load(p[l]);
+  }
+  return v;
+}
+
+// n < 16 elements from p as fp32 lanes, zeros after them (a chunk's last lanes).
+template <typename S>
+inline Lanes16f load_partial_lanes(const typename S::Raw* p, int64_t n) {
+  Lanes16f v = {};
+  for (int64_t l = 0; l < n; ++l) v[l] = S::load(p[l]);
+  return v;
+}
+
+template <typename S, int kReads, int kDirs, bool kClip>
 void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end, double* acc) {
   using T = typename S::Raw;
   constexpr int kM = 1 + kDirs;
   constexpr int kP = kM * (kM + 1) / 2;  // the upper triangle, row by row
-  constexpr int64_t kSub = 128;          // elements per run: the run's vectors stay in L1
   const T* __restrict__ x = static_cast<const T*>(t.x);
   const T* __restrict__ out = static_cast<const T*>(t.out);
   const T* reads[DS_MAX_READS] = {};
   for (int j = 0; j < kReads; ++j) reads[j] = static_cast<const T*>(t.reads[j]);
   const T* dirs[DS_MAX_DIRS] = {};
   for (int j = 0; j < kDirs; ++j) dirs[j] = static_cast<const T*>(t.dirs[j]);
-  double sums[kP] = {};
-  alignas(64) float v[kM][kSub];  // the run's vectors, then one plain dot product per pair
-  for (int64_t lo = begin; lo < end; lo += kSub) {
-    const int64_t len = std::min(end - lo, kSub);
-    const float gx = k.gx, ge = k.ge, gb0 = k.gb[0];
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float xi = S::load(x[lo + i]);
-      const float oi = S::load(out[lo + i]);
-      float h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
-      for (int j = 0; j < kReads; ++j) h[j] = S::load(reads[j][lo + i]);
-      float g = gx * xi + ge * oi + gb0 * data_prediction<kReads>(k, xi, oi, h);
-      for (int j = 0; j < kReads; ++j) g += k.gb[j + 1] * h[j];
-      v[0][i] = g;
-    }
-    for (int j = 0; j < kDirs; ++j) {
-      const T* __restrict__ d = dirs[j] + lo;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) v[1 + j][i] = S::load(d[i]);
-    }
-    int p = 0;
-    for (int a = 0; a < kM; ++a) {
-      for (int c = a; c < kM; ++c, ++p) {
-        double dot = 0.0;  // products of two floats are exact in double: the sum is the only rounding
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < len; ++i) dot += static_cast<double>(v[a][i]) * static_cast<double>(v[c][i]);
-        sums[p] += dot;
+  // g = gx x + ge out + gb0 m0 + sum_j gb[j+1] read_j; without clip m0 is linear and the row folds into
+  // g = cx x + co out + sum_j ch[j] read_j.
+  const float clip = k.clip > 0 ? k.clip : INFINITY;
+  const float cx = kClip ? k.gx : k.gx + k.gb[0] * k.p, co = kClip ? k.ge : k.ge + k.gb[0] * k.q;
+  float ch[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
+  for (int j = 0; j < DS_MAX_READS; ++j) ch[j] = kClip ? k.gb[j + 1] : k.gb[j + 1] + k.gb[0] * k.r[j];
+  Lanes8d sums[kP] = {};
+  for (int64_t lo = begin; lo < end; lo += kGramRun) {
+    const int64_t stop = std::min(end, lo + kGramRun);
+    Lanes16f run[kP] = {};
+    auto lanes = [&](int64_t i, auto load) {  // the products of elements [i, i + 16)
+      Lanes16f v[kM];
+      const Lanes16f xi = load(x + i), oi = load(out + i);
+      Lanes16f h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
+      for (int j = 0; j < kReads; ++j) h[j] = load(reads[j] + i);
+      v[0] = cx * xi + co * oi;
+      for (int j = 0; j < kReads; ++j) v[0] += ch[j] * h[j];
+      if constexpr (kClip) {  // data_prediction on lanes
+        Lanes16f m0 = k.p * xi + k.q * oi;
+        for (int j = 0; j < kReads; ++j) m0 += k.r[j] * h[j];
+        m0 = m0 < -clip ? -clip : m0;
+        m0 = m0 > clip ? clip : m0;
+        v[0] += k.gb[0] * m0;
       }
+      for (int j = 0; j < kDirs; ++j) v[1 + j] = load(dirs[j] + i);
+      int p = 0;
+      for (int a = 0; a < kM; ++a)
+        for (int c = a; c < kM; ++c, ++p) run[p] += v[a] * v[c];
+    };
+    int64_t i = lo;
+    for (; i + 16 <= stop; i += 16) lanes(i, [](const T* ptr) { return load_lanes<S>(ptr); });
+    if (i < stop) lanes(i, [n = stop - i](const T* ptr) { return load_partial_lanes<S>(ptr, n); });
+    for (int p = 0; p < kP; ++p) {
+      Lanes8f low, high;
+      __builtin_memcpy(&low, &run[p], sizeof low);
+      __builtin_memcpy(&high, reinterpret_cast<const float*>(&run[p]) + 8, sizeof high);
+      sums[p] += __builtin_convertvector(low, Lanes8d) + __builtin_convertvector(high, Lanes8d);
     }
   }
   int p = 0;
-  for (int a = 0; a < kM; ++a)
-    for (int c = a; c < kM; ++c, ++p) acc[a * kM + c] = acc[c * kM + a] = sums[p];
+  for (int a = 0; a < kM; ++a) {
+    for (int c = a; c < kM; ++c, ++p) {
+      double s = 0.0;
+      for (int l = 0; l < 8; ++l) s += sums[p][l];
+      acc[a * kM + c] = acc[c * kM + a] = s;
+    }
+  }
 }
 
 template <typename S, int kReads = 0, int kDirs = 1>
@@ -268,7 +315,12 @@ void gram_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, double
       const int64_t b = task / chunks, c = task % chunks;
       const int64_t begin = b * t.per_sample + c * kGramChunk;
       const int64_t end = std::min(begin + kGramChunk, (b + 1) * t.per_sample);
-      gram_chunk<S, kReads, kDirs>(t, k, begin, end, partial.data() + task * kM * kM);
+      double* acc = partial.data() + task * kM * kM;
+      if (k.clip > 0) {
+        gram_chunk<S, kReads, kDirs, true>(t, k, begin, end, acc);
+      } else {
+        gram_chunk<S, kReads, kDirs, false>(t, k, begin, end, acc);
+      }
     }
   });
   for (int64_t b = 0; b < batch; ++b)
