@@ -201,12 +201,12 @@ void lml_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t
 
 // LML's Gram: per sample, the dot products of v = [g, dirs[0..n_dirs-1]] (g and the directions in fp32) over
 // fixed chunks (one task each), the chunks summed in order: the result does not depend on the thread count.
-// Within a chunk, runs of kGramRun elements: 16 fp32 lanes per pair accumulate 16 products each (fused
-// multiply-adds), then are added to 8 double lanes; the lanes are summed in a fixed order at the chunk's end.
+// The products of two floats are exact in double; each pair sums them in 2 x 8 double lanes over the chunk,
+// the lanes added in a fixed order at its end. (fp32 products and sums would halve the arithmetic, but the
+// corrector mode's step is ill-conditioned: a 1e-7 relative change of its Gram moves DDIM samples by 1e-3.)
 constexpr int64_t kGramChunk = 1 << 13;
-constexpr int64_t kGramRun = 256;
 
-// 16 fp32 / 8 double lanes: one AVX-512 register (the compiler splits them on narrower instruction sets).
+// 16 fp32 / 8 fp32 / 8 double lanes (vector extensions: AVX-512 registers or split on narrower instruction sets).
 typedef float Lanes16f __attribute__((vector_size(64)));
 typedef float Lanes8f __attribute__((vector_size(32)));
 typedef double Lanes8d __attribute__((vector_size(64)));
@@ -255,44 +255,43 @@ void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   const float cx = kClip ? k.gx : k.gx + k.gb[0] * k.p, co = kClip ? k.ge : k.ge + k.gb[0] * k.q;
   float ch[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
   for (int j = 0; j < DS_MAX_READS; ++j) ch[j] = kClip ? k.gb[j + 1] : k.gb[j + 1] + k.gb[0] * k.r[j];
-  Lanes8d sums[kP] = {};
-  for (int64_t lo = begin; lo < end; lo += kGramRun) {
-    const int64_t stop = std::min(end, lo + kGramRun);
-    Lanes16f run[kP] = {};
-    auto lanes = [&](int64_t i, auto load) {  // the products of elements [i, i + 16)
-      Lanes16f v[kM];
-      const Lanes16f xi = load(x + i), oi = load(out + i);
-      Lanes16f h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
-      for (int j = 0; j < kReads; ++j) h[j] = load(reads[j] + i);
-      v[0] = cx * xi + co * oi;
-      for (int j = 0; j < kReads; ++j) v[0] += ch[j] * h[j];
-      if constexpr (kClip) {  // data_prediction on lanes
-        Lanes16f m0 = k.p * xi + k.q * oi;
-        for (int j = 0; j < kReads; ++j) m0 += k.r[j] * h[j];
-        m0 = m0 < -clip ? -clip : m0;
-        m0 = m0 > clip ? clip : m0;
-        v[0] += k.gb[0] * m0;
+  Lanes8d sums[2][kP] = {};  // the low and high 8 lanes: independent chains
+  auto lanes = [&](int64_t i, auto load) {  // the products of elements [i, i + 16)
+    Lanes16f v[kM];
+    const Lanes16f xi = load(x + i), oi = load(out + i);
+    Lanes16f h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
+    for (int j = 0; j < kReads; ++j) h[j] = load(reads[j] + i);
+    v[0] = cx * xi + co * oi;
+    for (int j = 0; j < kReads; ++j) v[0] += ch[j] * h[j];
+    if constexpr (kClip) {  // data_prediction on lanes
+      Lanes16f m0 = k.p * xi + k.q * oi;
+      for (int j = 0; j < kReads; ++j) m0 += k.r[j] * h[j];
+      m0 = m0 < -clip ? -clip : m0;
+      m0 = m0 > clip ? clip : m0;
+      v[0] += k.gb[0] * m0;
+    }
+    for (int j = 0; j < kDirs; ++j) v[1 + j] = load(dirs[j] + i);
+    for (int half = 0; half < 2; ++half) {
+      Lanes8d d[kM];
+      for (int a = 0; a < kM; ++a) {
+        Lanes8f f;
+        __builtin_memcpy(&f, reinterpret_cast<const float*>(&v[a]) + 8 * half, sizeof f);
+        d[a] = __builtin_convertvector(f, Lanes8d);
       }
-      for (int j = 0; j < kDirs; ++j) v[1 + j] = load(dirs[j] + i);
       int p = 0;
       for (int a = 0; a < kM; ++a)
-        for (int c = a; c < kM; ++c, ++p) run[p] += v[a] * v[c];
-    };
-    int64_t i = lo;
-    for (; i + 16 <= stop; i += 16) lanes(i, [](const T* ptr) { return load_lanes<S>(ptr); });
-    if (i < stop) lanes(i, [n = stop - i](const T* ptr) { return load_partial_lanes<S>(ptr, n); });
-    for (int p = 0; p < kP; ++p) {
-      Lanes8f low, high;
-      __builtin_memcpy(&low, &run[p], sizeof low);
-      __builtin_memcpy(&high, reinterpret_cast<const float*>(&run[p]) + 8, sizeof high);
-      sums[p] += __builtin_convertvector(low, Lanes8d) + __builtin_convertvector(high, Lanes8d);
+        for (int c = a; c < kM; ++c, ++p) sums[half][p] += d[a] * d[c];
     }
-  }
+  };
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) lanes(i, [](const T* ptr) { return load_lanes<S>(ptr); });
+  if (i < end) lanes(i, [n = end - i](const T* ptr) { return load_partial_lanes<S>(ptr, n); });
   int p = 0;
   for (int a = 0; a < kM; ++a) {
     for (int c = a; c < kM; ++c, ++p) {
       double s = 0.0;
-      for (int l = 0; l < 8; ++l) s += sums[p][l];
+      for (int half = 0; half < 2; ++half)
+        for (int l = 0; l < 8; ++l) s += sums[half][p][l];
       acc[a * kM + c] = acc[c * kM + a] = s;
     }
   }
