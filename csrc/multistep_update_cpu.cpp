@@ -1,7 +1,8 @@
 // CPU kernels of the fused multistep update and of LML's Gram: fp32 whatever the storage dtype, plain loops
 // specialised on the number of reads and the noise term so the compiler vectorizes them, and at::parallel_for
-// over contiguous chunks. LML's correction is a second loop over each cache-sized block right after the
-// update's, so its operands are read from cache. Math: csrc/cuda/update_params.h.
+// over contiguous chunks. LML's correction joins the update's loop in the common case (no state, no
+// thresholding, m0 stored); otherwise it is a second loop over each L1-sized block right after the update's,
+// its operands read from cache. Math: csrc/cuda/update_params.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -17,8 +18,10 @@ namespace {
 
 // Elements [begin, end) with the phase's math; s = the threshold bound of the (single) sample they lie in.
 // kState: 0 no state, 1 state read (x' += g s), 2 state read and rewritten with its own row.
-template <typename S, int kReads, bool kNoise, bool kWriteM0, int kState, ds_phase kPhase>
-void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end, float s) {
+// kDirs > 0: LML in the same loop (phase FULL), w = the sample's 1 + kDirs weights.
+template <typename S, int kReads, bool kNoise, bool kWriteM0, int kState, ds_phase kPhase, int kDirs = 0>
+void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end, float s,
+                const float* w = nullptr) {
   using T = typename S::Raw;
   const T* __restrict__ x = static_cast<const T*>(t.x);
   const T* __restrict__ out = static_cast<const T*>(t.out);
@@ -37,6 +40,13 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   const float sb0 = k.sb[0], sb1 = k.sb[1], sb2 = k.sb[2], sb3 = k.sb[3];
   const float clip = k.clip > 0 ? k.clip : INFINITY;
   const float inv_s = 1.0f / s;
+  T* dirs[DS_MAX_DIRS > 0 ? DS_MAX_DIRS : 1] = {};
+  for (int j = 0; j < kDirs; ++j) dirs[j] = static_cast<T*>(t.dirs[j]);
+  T* __restrict__ slot = dirs[k.dir_slot];
+  const float gx = k.gx, ge = k.ge, gb0 = k.gb[0], gb1 = k.gb[1], gb2 = k.gb[2], gb3 = k.gb[3];
+  float wd[DS_MAX_DIRS];
+  for (int j = 0; j < DS_MAX_DIRS; ++j) wd[j] = j < kDirs ? w[1 + j] : 0.0f;
+  const float w0 = kDirs > 0 ? w[0] : 0.0f;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     const float xi = S::load(x[i]);
@@ -79,6 +89,15 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
         const float si = S::load(st[i]);
         acc += g * si;
         sacc += sg * si;
+      }
+      if constexpr (kDirs > 0) {  // g_n = the direction row; x' += W_0 g_n + sum_j W_j dirs[j]; record g_n
+        float gn = gx * xi + ge * oi + gb0 * m0;
+        if constexpr (kReads > 0) gn += gb1 * h0;
+        if constexpr (kReads > 1) gn += gb2 * h1;
+        if constexpr (kReads > 2) gn += gb3 * h2;
+        acc += w0 * gn;
+        for (int j = 0; j < kDirs; ++j) acc += wd[j] * S::load(dirs[j][i]);
+        slot[i] = S::store(gn);
       }
       x_next[i] = S::store(acc);
       if constexpr (kState == 2) st[i] = S::store(sacc);
@@ -131,6 +150,28 @@ void dispatch(ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs
   };
   if (t.noise != nullptr) return with_state(std::true_type{});
   with_state(std::false_type{});
+}
+
+// LML's common case in one loop (phase FULL, no state, m0 stored): per sample, with its weights.
+template <typename S, int kReads = 0, int kDirs = 1>
+void lml_fused_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end) {
+  if constexpr (kReads < DS_MAX_READS) {
+    if (k.n_reads > kReads) return lml_fused_dispatch<S, kReads + 1, kDirs>(t, k, begin, end);
+  }
+  if constexpr (kDirs < DS_MAX_DIRS) {
+    if (k.n_dirs > kDirs) return lml_fused_dispatch<S, kReads, kDirs + 1>(t, k, begin, end);
+  }
+  while (begin < end) {
+    const int64_t b = begin / t.per_sample;
+    const int64_t stop = std::min(end, (b + 1) * t.per_sample);
+    const float* w = t.dir_weights + b * (1 + kDirs);
+    if (t.noise != nullptr) {
+      update_run<S, kReads, true, true, 0, DS_PHASE_FULL, kDirs>(t, k, begin, stop, 1.0f, w);
+    } else {
+      update_run<S, kReads, false, true, 0, DS_PHASE_FULL, kDirs>(t, k, begin, stop, 1.0f, w);
+    }
+    begin = stop;
+  }
 }
 
 // m0 as the update computes it before any thresholding (p x + q out + sum r read, clipped).
@@ -337,11 +378,13 @@ void gram_cpu(ds_dtype dtype, const ds_update_tensors& t, const ds_update_coeffs
 
 void launch_cpu(ds_dtype dtype, ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs& k) {
   constexpr int64_t kGrain = 1 << 15;  // elements per task: well above the per-task overhead
-  constexpr int64_t kLmlBlock = 1 << 12;  // LML follows the update block by block, its operands still in cache
+  constexpr int64_t kLmlBlock = 1 << 9;  // LML follows the update block by block, its operands still in L1
   const bool lml = k.n_dirs > 0 && phase != DS_PHASE_CONVERT;
+  const bool fused = phase == DS_PHASE_FULL && t.state == nullptr && t.m0 != nullptr;
   auto run = [&](auto tag, int64_t begin, int64_t end) {
     using S = decltype(tag);
     if (!lml) return dispatch<S>(phase, t, k, begin, end);
+    if (fused) return lml_fused_dispatch<S>(t, k, begin, end);
     for (int64_t lo = begin; lo < end; lo += kLmlBlock) {
       const int64_t hi = std::min(end, lo + kLmlBlock);
       dispatch<S>(phase, t, k, lo, hi);
