@@ -242,39 +242,48 @@ void lml_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t
 
 // LML's Gram: per sample, the dot products of v = [g, dirs[0..n_dirs-1]] (g and the directions in fp32) over
 // fixed chunks (one task each), the chunks summed in order: the result does not depend on the thread count.
-// The products of two floats are exact in double; each pair sums them in 2 x 8 double lanes over the chunk,
-// the lanes added in a fixed order at its end. (fp32 products and sums would halve the arithmetic, but the
-// corrector mode's step is ill-conditioned: a 1e-7 relative change of its Gram moves DDIM samples by 1e-3.)
+// The products of two floats are exact in double; each pair sums them in double lanes (two independent sets)
+// over the chunk, the lanes added in a fixed order at its end. (fp32 products and sums would halve the
+// arithmetic, but the corrector mode's step is ill-conditioned: a 1e-7 relative change of its Gram moves DDIM
+// samples by 1e-3.)
 constexpr int64_t kGramChunk = 1 << 13;
 
-// 16 fp32 / 8 fp32 / 8 double lanes (vector extensions: AVX-512 registers or split on narrower instruction sets).
-typedef float Lanes16f __attribute__((vector_size(64)));
-typedef float Lanes8f __attribute__((vector_size(32)));
-typedef double Lanes8d __attribute__((vector_size(64)));
+// kLanes fp32 lanes, one register of the instruction set the file is compiled for, as vector extensions; each
+// half widens to kLanes / 2 double lanes.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float LanesF __attribute__((vector_size(4 * kLanes)));
+typedef float HalfF __attribute__((vector_size(2 * kLanes)));
+typedef double LanesD __attribute__((vector_size(4 * kLanes)));
 
-// 16 elements from p as fp32 lanes: one load (fp32), a widening shift (bf16), a conversion per element (fp16).
+// kLanes elements from p as fp32 lanes: one load (fp32), a widening shift (bf16), a conversion each (fp16).
 template <typename S>
-inline Lanes16f load_lanes(const typename S::Raw* p) {
-  Lanes16f v;
+inline LanesF load_lanes(const typename S::Raw* p) {
+  LanesF v;
   if constexpr (std::is_same_v<S, F32>) {
     __builtin_memcpy(&v, p, sizeof v);
   } else if constexpr (std::is_same_v<S, BF16>) {
-    typedef uint16_t Raw16 __attribute__((vector_size(32)));
-    typedef uint32_t Wide16 __attribute__((vector_size(64)));
-    Raw16 raw;
+    typedef uint16_t Raw __attribute__((vector_size(2 * kLanes)));
+    typedef uint32_t Wide __attribute__((vector_size(4 * kLanes)));
+    Raw raw;
     __builtin_memcpy(&raw, p, sizeof raw);
-    const Wide16 bits = __builtin_convertvector(raw, Wide16) << 16;
+    const Wide bits = __builtin_convertvector(raw, Wide) << 16;
     __builtin_memcpy(&v, &bits, sizeof v);
   } else {
-    for (int l = 0; l < 16; ++l) v[l] = S::load(p[l]);
+    for (int l = 0; l < kLanes; ++l) v[l] = S::load(p[l]);
   }
   return v;
 }
 
-// n < 16 elements from p as fp32 lanes, zeros after them (a chunk's last lanes).
+// n < kLanes elements from p as fp32 lanes, zeros after them (a chunk's last lanes).
 template <typename S>
-inline Lanes16f load_partial_lanes(const typename S::Raw* p, int64_t n) {
-  Lanes16f v = {};
+inline LanesF load_partial_lanes(const typename S::Raw* p, int64_t n) {
+  LanesF v = {};
   for (int64_t l = 0; l < n; ++l) v[l] = S::load(p[l]);
   return v;
 }
@@ -296,16 +305,16 @@ void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   const float cx = kClip ? k.gx : k.gx + k.gb[0] * k.p, co = kClip ? k.ge : k.ge + k.gb[0] * k.q;
   float ch[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
   for (int j = 0; j < DS_MAX_READS; ++j) ch[j] = kClip ? k.gb[j + 1] : k.gb[j + 1] + k.gb[0] * k.r[j];
-  Lanes8d sums[2][kP] = {};  // the low and high 8 lanes: independent chains
-  auto lanes = [&](int64_t i, auto load) {  // the products of elements [i, i + 16)
-    Lanes16f v[kM];
-    const Lanes16f xi = load(x + i), oi = load(out + i);
-    Lanes16f h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
+  LanesD sums[2][kP] = {};  // the low and high halves: independent chains
+  auto lanes = [&](int64_t i, auto load) {  // the products of elements [i, i + kLanes)
+    LanesF v[kM];
+    const LanesF xi = load(x + i), oi = load(out + i);
+    LanesF h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
     for (int j = 0; j < kReads; ++j) h[j] = load(reads[j] + i);
     v[0] = cx * xi + co * oi;
     for (int j = 0; j < kReads; ++j) v[0] += ch[j] * h[j];
     if constexpr (kClip) {  // data_prediction on lanes
-      Lanes16f m0 = k.p * xi + k.q * oi;
+      LanesF m0 = k.p * xi + k.q * oi;
       for (int j = 0; j < kReads; ++j) m0 += k.r[j] * h[j];
       m0 = m0 < -clip ? -clip : m0;
       m0 = m0 > clip ? clip : m0;
@@ -313,11 +322,11 @@ void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
     }
     for (int j = 0; j < kDirs; ++j) v[1 + j] = load(dirs[j] + i);
     for (int half = 0; half < 2; ++half) {
-      Lanes8d d[kM];
+      LanesD d[kM];
       for (int a = 0; a < kM; ++a) {
-        Lanes8f f;
-        __builtin_memcpy(&f, reinterpret_cast<const float*>(&v[a]) + 8 * half, sizeof f);
-        d[a] = __builtin_convertvector(f, Lanes8d);
+        HalfF f;
+        __builtin_memcpy(&f, reinterpret_cast<const float*>(&v[a]) + kLanes / 2 * half, sizeof f);
+        d[a] = __builtin_convertvector(f, LanesD);
       }
       int p = 0;
       for (int a = 0; a < kM; ++a)
@@ -325,14 +334,14 @@ void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
     }
   };
   int64_t i = begin;
-  for (; i + 16 <= end; i += 16) lanes(i, [](const T* ptr) { return load_lanes<S>(ptr); });
+  for (; i + kLanes <= end; i += kLanes) lanes(i, [](const T* ptr) { return load_lanes<S>(ptr); });
   if (i < end) lanes(i, [n = end - i](const T* ptr) { return load_partial_lanes<S>(ptr, n); });
   int p = 0;
   for (int a = 0; a < kM; ++a) {
     for (int c = a; c < kM; ++c, ++p) {
       double s = 0.0;
       for (int half = 0; half < 2; ++half)
-        for (int l = 0; l < 8; ++l) s += sums[half][p][l];
+        for (int l = 0; l < kLanes / 2; ++l) s += sums[half][p][l];
       acc[a * kM + c] = acc[c * kM + a] = s;
     }
   }
