@@ -165,13 +165,16 @@ def overhead(shape=(8, 4, 128, 128), min_time: float = 0.2, rounds: int = 5) -> 
             w = lml_math.correction_weights(gram(), mix, 1e-3, 1.0)
             return multistep_update(x, out, coeffs, dir_weights=w, **lml, **upd)
 
-        weights = lml_math.correction_weights(gram(), mix, 1e-3, 1.0)
+        def weights(g=gram(), mix=mix):
+            return lml_math.correction_weights(g, mix, 1e-3, 1.0)
+
+        def update(lml=lml, w=weights()):
+            return multistep_update(x, out, coeffs, dir_weights=w, **lml, **upd)
+
         steps[f"LML step rank {rank}"] = lml_step
         steps[f"LML Gram pass rank {rank}"] = gram
-        steps[f"LML weights rank {rank}"] = lambda gram=gram(), mix=mix: lml_math.correction_weights(gram, mix,
-                                                                                                     1e-3, 1.0)
-        steps[f"LML update pass rank {rank}"] = lambda lml=lml, w=weights: multistep_update(
-            x, out, coeffs, dir_weights=w, **lml, **upd)
+        steps[f"LML weights rank {rank}"] = weights
+        steps[f"LML update pass rank {rank}"] = update
 
     sched = diffusers.DPMSolverMultistepScheduler()
     sched.set_timesteps(20)
