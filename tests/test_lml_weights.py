@@ -1,12 +1,13 @@
-"""ops.lml_weights (LML's r x r solve from the Gram to the direction weights): the C++ CPU op against the torch
-reference on random Grams, from lml_gram on fp32 / fp16 / bf16 data, non-contiguous inputs, degenerate Grams,
-argument errors and opcheck."""
+"""ops.lml_weights (LML's r x r solve from the Gram to the direction weights): the C++ CPU op (and the CUDA one,
+tests marked gpu) against the torch reference on random Grams, from lml_gram on fp32 / fp16 / bf16 data,
+non-contiguous inputs, degenerate Grams, argument errors and opcheck."""
 
 import pytest
 import torch
 
 import diffsampler as ds
 from diffsampler import lml, reference
+from test_cuda import cuda_kernels  # noqa: F401  (the fixture that loads the CUDA kernels)
 from update_cases import SESSION_SEED, rel_err
 
 
@@ -101,3 +102,25 @@ def test_bad_arguments(kwargs, match):
 def test_opcheck():
     gram, mix = random_case(3, 4, 2, seed=6)
     torch.library.opcheck(torch.ops.diffsampler.lml_weights.default, (gram, mix, 0.1, 0.9))
+
+
+def test_backend_must_match_the_device():
+    gram, mix = random_case(2, 3, 1, seed=7)
+    with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
+        ds.ops.lml_weights(gram, mix, 0.1, 1.0, backend="cuda")
+    assert rel_err(ds.ops.lml_weights(gram, mix, 0.1, 1.0, backend="triton"),
+                   reference.lml_weights(gram, mix, 0.1, 1.0)) < 1e-12  # triton: the torch reference
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_reference(cuda_kernels):  # noqa: F811
+    for m in range(1, ds.ops.MAX_DIRECTIONS + 2):
+        for r in range(0, m + 1):
+            gram, mix = random_case(70, m, r, seed=100 + 10 * m + r)  # 70 samples: two blocks of threads
+            gram[3] = 0
+            got = ds.ops.lml_weights(gram.cuda(), mix.cuda(), 0.01, 0.9, backend="cuda")
+            ref = reference.lml_weights(gram, mix, 0.01, 0.9)
+            assert got.is_cuda and got.shape == (70, m)
+            assert (got.cpu() - ref).norm() / max(ref.norm(), 0.9) < 1e-8
+    torch.library.opcheck(torch.ops.diffsampler.lml_weights.default, (gram.cuda(), mix.cuda(), 0.1, 0.9))

@@ -351,8 +351,9 @@ def lml_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, scale: fl
     """LML's per-sample direction weights W (B, M), float64, from the Gram G (B, M, M) of lml_gram and the
     step's mixing matrix C (M, r), U = V C (diffsampler.lml.mixing); equations in reference.lml_weights.
 
-    The C++ op on CPU tensors (one call: a pivoted r x r solve per sample); elsewhere ("cuda", "triton" or
-    "reference") the torch reference, which runs on the tensors' device without a host sync.
+    One op call (a pivoted r x r solve per sample) on CPU tensors (C++) and on CUDA tensors (one thread per
+    sample); backend "triton" or "reference", or without the extension, the torch reference (about 15 ops on
+    the tensors' device, no host sync).
     """
     if not isinstance(gram, torch.Tensor) or gram.dim() != 3 or gram.shape[1] != gram.shape[2] \
             or not 1 <= gram.shape[1] <= MAX_DIRECTIONS + 1:
@@ -371,14 +372,14 @@ def lml_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, scale: fl
     if backend not in BACKEND_NAMES + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
     args = (gram, mix, float(damping), float(scale))
-    on_cpu = gram.device.type == "cpu"
-    if backend == "cpu":
-        if not on_cpu:
-            raise ValueError(f"backend 'cpu' needs CPU tensors; gram is on {gram.device}")
-        ok, why = _status("cpu")
+    kernel = "cpu" if gram.device.type == "cpu" else "cuda" if gram.is_cuda else None  # the op's kernel here
+    if backend in ("cpu", "cuda"):
+        if backend != kernel:
+            raise ValueError(f"backend {backend!r} needs {backend.upper()} tensors; gram is on {gram.device}")
+        ok, why = _status(backend)
         if not ok:
-            raise RuntimeError(f"backend 'cpu' is not available: {why}")
-    if backend in ("auto", "cpu") and on_cpu and _status("cpu")[0]:
+            raise RuntimeError(f"backend {backend!r} is not available: {why}")
+    if backend in ("auto", kernel) and kernel is not None and _status(kernel)[0]:
         return torch.ops.diffsampler.lml_weights(*args)
     return reference.lml_weights(*args)
 
