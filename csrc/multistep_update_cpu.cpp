@@ -1,7 +1,8 @@
 // CPU kernels of the fused multistep update and of LML's Gram: fp32 whatever the storage dtype, plain loops
 // specialised on the number of reads and the noise term so the compiler vectorizes them, and at::parallel_for
-// over contiguous chunks. LML's correction is a second loop over each cache-sized block right after the
-// update's, so its operands are read from cache. Math: csrc/cuda/update_params.h.
+// over contiguous chunks. LML's correction joins the update's loop in the common case (no state, no
+// thresholding, m0 stored); otherwise it is a second loop over each L1-sized block right after the update's,
+// its operands read from cache. Math: csrc/cuda/update_params.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -17,8 +18,10 @@ namespace {
 
 // Elements [begin, end) with the phase's math; s = the threshold bound of the (single) sample they lie in.
 // kState: 0 no state, 1 state read (x' += g s), 2 state read and rewritten with its own row.
-template <typename S, int kReads, bool kNoise, bool kWriteM0, int kState, ds_phase kPhase>
-void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end, float s) {
+// kDirs > 0: LML in the same loop (phase FULL), w = the sample's 1 + kDirs weights.
+template <typename S, int kReads, bool kNoise, bool kWriteM0, int kState, ds_phase kPhase, int kDirs = 0>
+void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end, float s,
+                const float* w = nullptr) {
   using T = typename S::Raw;
   const T* __restrict__ x = static_cast<const T*>(t.x);
   const T* __restrict__ out = static_cast<const T*>(t.out);
@@ -37,6 +40,13 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   const float sb0 = k.sb[0], sb1 = k.sb[1], sb2 = k.sb[2], sb3 = k.sb[3];
   const float clip = k.clip > 0 ? k.clip : INFINITY;
   const float inv_s = 1.0f / s;
+  T* dirs[DS_MAX_DIRS > 0 ? DS_MAX_DIRS : 1] = {};
+  for (int j = 0; j < kDirs; ++j) dirs[j] = static_cast<T*>(t.dirs[j]);
+  T* __restrict__ slot = dirs[k.dir_slot];
+  const float gx = k.gx, ge = k.ge, gb0 = k.gb[0], gb1 = k.gb[1], gb2 = k.gb[2], gb3 = k.gb[3];
+  float wd[DS_MAX_DIRS];
+  for (int j = 0; j < DS_MAX_DIRS; ++j) wd[j] = j < kDirs ? w[1 + j] : 0.0f;
+  const float w0 = kDirs > 0 ? w[0] : 0.0f;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     const float xi = S::load(x[i]);
@@ -79,6 +89,15 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
         const float si = S::load(st[i]);
         acc += g * si;
         sacc += sg * si;
+      }
+      if constexpr (kDirs > 0) {  // g_n = the direction row; x' += W_0 g_n + sum_j W_j dirs[j]; record g_n
+        float gn = gx * xi + ge * oi + gb0 * m0;
+        if constexpr (kReads > 0) gn += gb1 * h0;
+        if constexpr (kReads > 1) gn += gb2 * h1;
+        if constexpr (kReads > 2) gn += gb3 * h2;
+        acc += w0 * gn;
+        for (int j = 0; j < kDirs; ++j) acc += wd[j] * S::load(dirs[j][i]);
+        slot[i] = S::store(gn);
       }
       x_next[i] = S::store(acc);
       if constexpr (kState == 2) st[i] = S::store(sacc);
@@ -131,6 +150,28 @@ void dispatch(ds_phase phase, const ds_update_tensors& t, const ds_update_coeffs
   };
   if (t.noise != nullptr) return with_state(std::true_type{});
   with_state(std::false_type{});
+}
+
+// LML's common case in one loop (phase FULL, no state, m0 stored): per sample, with its weights.
+template <typename S, int kReads = 0, int kDirs = 1>
+void lml_fused_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end) {
+  if constexpr (kReads < DS_MAX_READS) {
+    if (k.n_reads > kReads) return lml_fused_dispatch<S, kReads + 1, kDirs>(t, k, begin, end);
+  }
+  if constexpr (kDirs < DS_MAX_DIRS) {
+    if (k.n_dirs > kDirs) return lml_fused_dispatch<S, kReads, kDirs + 1>(t, k, begin, end);
+  }
+  while (begin < end) {
+    const int64_t b = begin / t.per_sample;
+    const int64_t stop = std::min(end, (b + 1) * t.per_sample);
+    const float* w = t.dir_weights + b * (1 + kDirs);
+    if (t.noise != nullptr) {
+      update_run<S, kReads, true, true, 0, DS_PHASE_FULL, kDirs>(t, k, begin, stop, 1.0f, w);
+    } else {
+      update_run<S, kReads, false, true, 0, DS_PHASE_FULL, kDirs>(t, k, begin, stop, 1.0f, w);
+    }
+    begin = stop;
+  }
 }
 
 // m0 as the update computes it before any thresholding (p x + q out + sum r read, clipped).
@@ -199,56 +240,111 @@ void lml_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t
   }
 }
 
-// LML's Gram: per sample, the dot products of v = [g, dirs[0..n_dirs-1]] (g and the directions in fp32, their
-// products summed in double) over runs of 128 elements and fixed chunks (one task each), the chunks summed in
-// order: the result does not depend on the thread count.
+// LML's Gram: per sample, the dot products of v = [g, dirs[0..n_dirs-1]] (g and the directions in fp32) over
+// fixed chunks (one task each), the chunks summed in order: the result does not depend on the thread count.
+// The products of two floats are exact in double; each pair sums them in double lanes (two independent sets)
+// over the chunk, the lanes added in a fixed order at its end. (fp32 products and sums would halve the
+// arithmetic, but the corrector mode's step is ill-conditioned: a 1e-7 relative change of its Gram moves DDIM
+// samples by 1e-3.)
 constexpr int64_t kGramChunk = 1 << 13;
 
-template <typename S, int kReads, int kDirs>
+// kLanes fp32 lanes, one register of the instruction set the file is compiled for, as vector extensions; each
+// half widens to kLanes / 2 double lanes.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float LanesF __attribute__((vector_size(4 * kLanes)));
+typedef float HalfF __attribute__((vector_size(2 * kLanes)));
+typedef double LanesD __attribute__((vector_size(4 * kLanes)));
+
+// kLanes elements from p as fp32 lanes: one load (fp32), a widening shift (bf16), a conversion each (fp16).
+template <typename S>
+inline LanesF load_lanes(const typename S::Raw* p) {
+  LanesF v;
+  if constexpr (std::is_same_v<S, F32>) {
+    __builtin_memcpy(&v, p, sizeof v);
+  } else if constexpr (std::is_same_v<S, BF16>) {
+    typedef uint16_t Raw __attribute__((vector_size(2 * kLanes)));
+    typedef uint32_t Wide __attribute__((vector_size(4 * kLanes)));
+    Raw raw;
+    __builtin_memcpy(&raw, p, sizeof raw);
+    const Wide bits = __builtin_convertvector(raw, Wide) << 16;
+    __builtin_memcpy(&v, &bits, sizeof v);
+  } else {
+    for (int l = 0; l < kLanes; ++l) v[l] = S::load(p[l]);
+  }
+  return v;
+}
+
+// n < kLanes elements from p as fp32 lanes, zeros after them (a chunk's last lanes).
+template <typename S>
+inline LanesF load_partial_lanes(const typename S::Raw* p, int64_t n) {
+  LanesF v = {};
+  for (int64_t l = 0; l < n; ++l) v[l] = S::load(p[l]);
+  return v;
+}
+
+template <typename S, int kReads, int kDirs, bool kClip>
 void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end, double* acc) {
   using T = typename S::Raw;
   constexpr int kM = 1 + kDirs;
   constexpr int kP = kM * (kM + 1) / 2;  // the upper triangle, row by row
-  constexpr int64_t kSub = 128;          // elements per run: the run's vectors stay in L1
   const T* __restrict__ x = static_cast<const T*>(t.x);
   const T* __restrict__ out = static_cast<const T*>(t.out);
   const T* reads[DS_MAX_READS] = {};
   for (int j = 0; j < kReads; ++j) reads[j] = static_cast<const T*>(t.reads[j]);
   const T* dirs[DS_MAX_DIRS] = {};
   for (int j = 0; j < kDirs; ++j) dirs[j] = static_cast<const T*>(t.dirs[j]);
-  double sums[kP] = {};
-  alignas(64) float v[kM][kSub];  // the run's vectors, then one plain dot product per pair
-  for (int64_t lo = begin; lo < end; lo += kSub) {
-    const int64_t len = std::min(end - lo, kSub);
-    const float gx = k.gx, ge = k.ge, gb0 = k.gb[0];
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float xi = S::load(x[lo + i]);
-      const float oi = S::load(out[lo + i]);
-      float h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
-      for (int j = 0; j < kReads; ++j) h[j] = S::load(reads[j][lo + i]);
-      float g = gx * xi + ge * oi + gb0 * data_prediction<kReads>(k, xi, oi, h);
-      for (int j = 0; j < kReads; ++j) g += k.gb[j + 1] * h[j];
-      v[0][i] = g;
+  // g = gx x + ge out + gb0 m0 + sum_j gb[j+1] read_j; without clip m0 is linear and the row folds into
+  // g = cx x + co out + sum_j ch[j] read_j.
+  const float clip = k.clip > 0 ? k.clip : INFINITY;
+  const float cx = kClip ? k.gx : k.gx + k.gb[0] * k.p, co = kClip ? k.ge : k.ge + k.gb[0] * k.q;
+  float ch[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
+  for (int j = 0; j < DS_MAX_READS; ++j) ch[j] = kClip ? k.gb[j + 1] : k.gb[j + 1] + k.gb[0] * k.r[j];
+  LanesD sums[2][kP] = {};  // the low and high halves: independent chains
+  auto lanes = [&](int64_t i, auto load) {  // the products of elements [i, i + kLanes)
+    LanesF v[kM];
+    const LanesF xi = load(x + i), oi = load(out + i);
+    LanesF h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
+    for (int j = 0; j < kReads; ++j) h[j] = load(reads[j] + i);
+    v[0] = cx * xi + co * oi;
+    for (int j = 0; j < kReads; ++j) v[0] += ch[j] * h[j];
+    if constexpr (kClip) {  // data_prediction on lanes
+      LanesF m0 = k.p * xi + k.q * oi;
+      for (int j = 0; j < kReads; ++j) m0 += k.r[j] * h[j];
+      m0 = m0 < -clip ? -clip : m0;
+      m0 = m0 > clip ? clip : m0;
+      v[0] += k.gb[0] * m0;
     }
-    for (int j = 0; j < kDirs; ++j) {
-      const T* __restrict__ d = dirs[j] + lo;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) v[1 + j][i] = S::load(d[i]);
-    }
-    int p = 0;
-    for (int a = 0; a < kM; ++a) {
-      for (int c = a; c < kM; ++c, ++p) {
-        double dot = 0.0;  // products of two floats are exact in double: the sum is the only rounding
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < len; ++i) dot += static_cast<double>(v[a][i]) * static_cast<double>(v[c][i]);
-        sums[p] += dot;
+    for (int j = 0; j < kDirs; ++j) v[1 + j] = load(dirs[j] + i);
+    for (int half = 0; half < 2; ++half) {
+      LanesD d[kM];
+      for (int a = 0; a < kM; ++a) {
+        HalfF f;
+        __builtin_memcpy(&f, reinterpret_cast<const float*>(&v[a]) + kLanes / 2 * half, sizeof f);
+        d[a] = __builtin_convertvector(f, LanesD);
       }
+      int p = 0;
+      for (int a = 0; a < kM; ++a)
+        for (int c = a; c < kM; ++c, ++p) sums[half][p] += d[a] * d[c];
+    }
+  };
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) lanes(i, [](const T* ptr) { return load_lanes<S>(ptr); });
+  if (i < end) lanes(i, [n = end - i](const T* ptr) { return load_partial_lanes<S>(ptr, n); });
+  int p = 0;
+  for (int a = 0; a < kM; ++a) {
+    for (int c = a; c < kM; ++c, ++p) {
+      double s = 0.0;
+      for (int half = 0; half < 2; ++half)
+        for (int l = 0; l < kLanes / 2; ++l) s += sums[half][p][l];
+      acc[a * kM + c] = acc[c * kM + a] = s;
     }
   }
-  int p = 0;
-  for (int a = 0; a < kM; ++a)
-    for (int c = a; c < kM; ++c, ++p) acc[a * kM + c] = acc[c * kM + a] = sums[p];
 }
 
 template <typename S, int kReads = 0, int kDirs = 1>
@@ -268,7 +364,12 @@ void gram_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, double
       const int64_t b = task / chunks, c = task % chunks;
       const int64_t begin = b * t.per_sample + c * kGramChunk;
       const int64_t end = std::min(begin + kGramChunk, (b + 1) * t.per_sample);
-      gram_chunk<S, kReads, kDirs>(t, k, begin, end, partial.data() + task * kM * kM);
+      double* acc = partial.data() + task * kM * kM;
+      if (k.clip > 0) {
+        gram_chunk<S, kReads, kDirs, true>(t, k, begin, end, acc);
+      } else {
+        gram_chunk<S, kReads, kDirs, false>(t, k, begin, end, acc);
+      }
     }
   });
   for (int64_t b = 0; b < batch; ++b)
@@ -289,11 +390,13 @@ void launch_cpu(ds_dtype dtype, ds_phase phase, const ds_update_tensors& t_in, c
   ds_update_coeffs k = k_in;
   if (t.table != nullptr) ds_index_step(&t, &k, dtype == DS_FLOAT32 ? 4 : 2);  // host memory: resolved here
   constexpr int64_t kGrain = 1 << 15;  // elements per task: well above the per-task overhead
-  constexpr int64_t kLmlBlock = 1 << 12;  // LML follows the update block by block, its operands still in cache
+  constexpr int64_t kLmlBlock = 1 << 9;  // LML follows the update block by block, its operands still in L1
   const bool lml = k.n_dirs > 0 && phase != DS_PHASE_CONVERT;
+  const bool fused = phase == DS_PHASE_FULL && t.state == nullptr && t.m0 != nullptr;
   auto run = [&](auto tag, int64_t begin, int64_t end) {
     using S = decltype(tag);
     if (!lml) return dispatch<S>(phase, t, k, begin, end);
+    if (fused) return lml_fused_dispatch<S>(t, k, begin, end);
     for (int64_t lo = begin; lo < end; lo += kLmlBlock) {
       const int64_t hi = std::min(end, lo + kLmlBlock);
       dispatch<S>(phase, t, k, lo, hi);

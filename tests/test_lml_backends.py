@@ -120,6 +120,7 @@ SHAPES = {
 }
 VARIANTS = {  # lml_case options; "history": False forces n_reads = 0
     "plain": dict(),
+    "no_noise": dict(noise=False),
     "no_history": dict(history=False),
     "no_weights": dict(weights=None),
     "float64_weights_clip": dict(weights="float64", clip=0.7),

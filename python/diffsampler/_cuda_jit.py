@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 SOURCES = ("multistep_update.cpp", "multistep_update_cuda.cpp", "cuda/multistep_update.cu",
-           "ems_update.cpp", "ems_update_cuda.cpp", "cuda/ems_update.cu", "resample_cuda.cpp", "cuda/resample.cu")
+           "ems_update.cpp", "ems_update_cuda.cpp", "cuda/ems_update.cu", "lml_weights_cuda.cpp", "cuda/lml_weights.cu",
+           "resample_cuda.cpp", "cuda/resample.cu")
 
 
 def source_dir() -> Path:

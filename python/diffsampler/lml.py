@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
+from . import ops, reference
 from .solvers.plan import Plan, Step
 
 MODES = ("direction", "corrector")
@@ -93,30 +93,16 @@ def mixing(n: int, rank: int, kappa: float) -> list[list[float]]:
     return [list(r) for r in zip(*cols)]
 
 
-def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
-    """(damping I + a)^{-1} rhs for a batch of small SPD matrices, without the error check's host sync."""
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    return torch.linalg.solve_ex(a + damping * eye, rhs)[0]
-
-
-def correction_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, scale: float) -> torch.Tensor:
+def correction_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, scale: float,
+                       backend: str = "auto") -> torch.Tensor:
     """Per-sample weights W (B, 1 + R) with scale (g'' - g) = V W^T, from G = V^T V (B, 1 + R, 1 + R).
 
     In the basis V: g = e_0, U = V C, so U^T U = C^T G C and U^T g = C^T G e_0; w solves
-    (lambda I + C^T G C) w = C^T G e_0 (torch.linalg.solve_ex: no host sync), g' = V c with c = e_0 - C w,
-    ||g'||^2 = c^T G c, ||g||^2 = G_00, and W = scale (||g|| / ||g'|| c - e_0); W = 0 where ||g'|| = 0.
+    (lambda I + C^T G C) w = C^T G e_0, g' = V c with c = e_0 - C w, ||g'||^2 = c^T G c, ||g||^2 = G_00, and
+    W = scale (||g|| / ||g'|| c - e_0); W = 0 where ||g'|| = 0 (ops.lml_weights: one C++ call on the CPU,
+    torch ops without a host sync on other devices).
     """
-    g = gram.to(torch.float64)
-    c_mat = mix.to(g)
-    w = _damped_solve(c_mat.T @ g @ c_mat, c_mat.T @ g[:, :, :1], damping)
-    e0 = torch.eye(g.shape[-1], 1, dtype=g.dtype, device=g.device)  # built on the device: no upload
-    c = e0 - c_mat @ w  # (B, 1 + R, 1)
-    n2 = (c.transpose(1, 2) @ g @ c).view(-1)
-    g2 = g[:, 0, 0]
-    ok = n2 > 0
-    s = torch.where(ok, torch.sqrt(g2 / torch.where(ok, n2, 1.0)), 1.0)
-    weights = scale * (s.view(-1, 1) * c.squeeze(-1) - e0.view(1, -1))
-    return torch.where(ok.view(-1, 1), weights, 0.0)
+    return ops.lml_weights(gram.to(torch.float64), mix.to(torch.float64), damping, scale, backend=backend)
 
 
 def corrector_mixing(n: int, rank: int, kappa: float, slots: int) -> list[list[float]]:
@@ -146,7 +132,7 @@ def corrector_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, snr
     c = mix.to(g)
     if c.shape[-1]:
         a = c.T @ g @ c
-        d = d - c @ _damped_solve(a, c.T @ g[:, :, :1], damping) / damping
+        d = d - c @ reference.damped_solve(a, c.T @ g[:, :, :1], damping) / damping
         lam, q = torch.linalg.eigh(a)
         root = (lam.clamp_min(0) + damping).sqrt()
         f = 1.0 / (root * (root + damping**0.5))  # c_k / l_k, finite at l_k = 0
@@ -212,7 +198,7 @@ class LMLRun:
         if self.active[i] and not self.corrector:
             gram = ops.lml_gram(x, out, step.coeffs, self.dirs, dir_coeffs, history=history,
                                 read_slots=step.read_slots, clip=clip, backend=backend)
-            weights = correction_weights(gram, self.mixing(i), self.lml.damping, d.scale)
+            weights = correction_weights(gram, self.mixing(i), self.lml.damping, d.scale, backend)
         if self.corrector:
             weights = torch.zeros(x.shape[0], self.dirs.shape[0] + 1, dtype=torch.float64, device=x.device)
         return dict(dirs=self.dirs, dir_slot=i % self.slots, dir_coeffs=dir_coeffs, dir_weights=weights)

@@ -346,6 +346,44 @@ def lml_gram(
     return torch.ops.diffsampler.lml_gram(*args)
 
 
+def lml_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, scale: float, *,
+                backend: str = "auto") -> torch.Tensor:
+    """LML's per-sample direction weights W (B, M), float64, from the Gram G (B, M, M) of lml_gram and the
+    step's mixing matrix C (M, r), U = V C (diffsampler.lml.mixing); equations in reference.lml_weights.
+
+    One op call (a pivoted r x r solve per sample) on CPU tensors (C++) and on CUDA tensors (one thread per
+    sample); backend "triton" or "reference", or without the extension, the torch reference (about 15 ops on
+    the tensors' device, no host sync).
+    """
+    if not isinstance(gram, torch.Tensor) or gram.dim() != 3 or gram.shape[1] != gram.shape[2] \
+            or not 1 <= gram.shape[1] <= MAX_DIRECTIONS + 1:
+        raise ValueError(f"gram must have shape (B, M, M) with 1 <= M <= {MAX_DIRECTIONS + 1}, got "
+                         f"{tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__}")
+    m = gram.shape[1]
+    if not isinstance(mix, torch.Tensor) or mix.dim() != 2 or mix.shape[0] != m or mix.shape[1] > m:
+        raise ValueError(f"mix must have shape (M, r) = ({m}, r) with r <= {m}, got "
+                         f"{tuple(mix.shape) if isinstance(mix, torch.Tensor) else type(mix).__name__}")
+    if gram.dtype != torch.float64 or mix.dtype != torch.float64:
+        raise ValueError(f"gram and mix must be float64, got {gram.dtype} and {mix.dtype}")
+    if mix.device != gram.device:
+        raise ValueError(f"mix must be on gram's device {gram.device}, got {mix.device}")
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0, got {damping}")
+    if backend not in BACKEND_NAMES + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    args = (gram, mix, float(damping), float(scale))
+    kernel = "cpu" if gram.device.type == "cpu" else "cuda" if gram.is_cuda else None  # the op's kernel here
+    if backend in ("cpu", "cuda"):
+        if backend != kernel:
+            raise ValueError(f"backend {backend!r} needs {backend.upper()} tensors; gram is on {gram.device}")
+        ok, why = _status(backend)
+        if not ok:
+            raise RuntimeError(f"backend {backend!r} is not available: {why}")
+    if backend in ("auto", kernel) and kernel is not None and _status(kernel)[0]:
+        return torch.ops.diffsampler.lml_weights(*args)
+    return reference.lml_weights(*args)
+
+
 if _status("cpu")[0]:
 
     @torch.library.register_fake("diffsampler::multistep_update")
@@ -358,6 +396,10 @@ if _status("cpu")[0]:
     def _lml_gram_fake(x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs):
         m = dirs.shape[0] + 1
         return x.new_empty((x.shape[0], m, m), dtype=torch.float64)
+
+    @torch.library.register_fake("diffsampler::lml_weights")
+    def _lml_weights_fake(gram, mix, damping, scale):
+        return gram.new_empty(gram.shape[:2])
 
     @torch.library.register_fake("diffsampler::multistep_update_pure")
     def _multistep_update_pure_fake(x, model_out, coeffs, noise, clip, threshold_ratio, threshold_max):

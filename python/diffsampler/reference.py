@@ -213,6 +213,32 @@ def lml_gram(
     return v @ v.transpose(1, 2)
 
 
+def damped_solve(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+    """(damping I + a)^{-1} rhs for a batch of small SPD matrices, without the error check's host sync."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve_ex(a + damping * eye, rhs)[0]
+
+
+def lml_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, scale: float) -> torch.Tensor:
+    """LML's per-sample direction weights W (B, M) with scale (g'' - g) = V W^T, from the Gram G = V^T V
+    (B, M, M) of the basis V = [g, dirs...] and the mixing matrix C (M, r) with U = V C (float64):
+
+        w = (damping I + C^T G C)^{-1} C^T G e_0,   c = e_0 - C w   (g' = V c)
+        ||g'||^2 = c^T G c,  ||g||^2 = G_00,  W = scale (||g|| / ||g'|| c - e_0);  W = 0 where ||g'|| = 0.
+    """
+    g = gram.to(torch.float64)
+    c_mat = mix.to(g)
+    w = damped_solve(c_mat.T @ g @ c_mat, c_mat.T @ g[:, :, :1], damping)
+    e0 = torch.eye(g.shape[-1], 1, dtype=g.dtype, device=g.device)  # built on the device: no upload
+    c = e0 - c_mat @ w  # (B, M, 1)
+    n2 = (c.transpose(1, 2) @ g @ c).view(-1)
+    g2 = g[:, 0, 0]
+    ok = n2 > 0
+    s = torch.where(ok, torch.sqrt(g2 / torch.where(ok, n2, 1.0)), 1.0)
+    weights = scale * (s.view(-1, 1) * c.squeeze(-1) - e0.view(1, -1))
+    return torch.where(ok.view(-1, 1), weights, 0.0)
+
+
 # ---- ems_update: the per-step map with tensor coefficients (DPM-Solver-v3's per-dimension statistics) ----
 # Rows of its coefficient tensor (R, *x.shape[1:]), k = len(read_slots):
 #   [P, Q, A, G, B_0, ..., B_k, C]  (+ [As, Gs, Bs_0, ..., Bs_k, Cs] when the state is rewritten)

@@ -136,8 +136,10 @@ def _global_best(rows) -> dict:
     return dict(label=best, mean_tune_ratio=ratio[best])
 
 
-def overhead(shape=(8, 4, 128, 128), min_time: float = 0.5) -> dict:
-    """Seconds per step of the plain fused update, the LML step and diffusers + the authors' formula."""
+def overhead(shape=(8, 4, 128, 128), min_time: float = 0.2, rounds: int = 5) -> dict:
+    """Seconds per step of the plain fused update, the LML step and its three parts (Gram pass, weights, update
+    with the correction), and diffusers + the authors' formula. Each is the fastest of `rounds` interleaved
+    rounds (a round: the median of 5 batches): on a shared machine other load only adds time."""
     import diffusers
 
     from diffsampler import lml as lml_math
@@ -149,22 +151,30 @@ def overhead(shape=(8, 4, 128, 128), min_time: float = 0.5) -> dict:
     history = torch.randn(2, *shape, generator=g)
     coeffs = UpdateCoeffs(p=1.02, q=-0.2, a=0.95, b=(0.9, -0.4))
     dc = [0.0, 0.0, 0.9, -0.4]
-    result = {}
-    result["fused update"] = measure(lambda: multistep_update(x, out, coeffs, history=history, write_slot=0,
-                                                              read_slots=[1], check_nan=False), device, min_time)
+    upd = dict(history=history, write_slot=0, read_slots=[1], check_nan=False)
+    steps = {"fused update": lambda: multistep_update(x, out, coeffs, **upd)}
     for rank in (1, 4):
         dirs = torch.randn(rank, *shape, generator=g)
         mix = torch.tensor(lml_math.mixing(7, rank, 0.5), dtype=torch.float64)
+        lml = dict(dirs=dirs, dir_slot=7 % rank, dir_coeffs=dc)
 
-        def lml_step(dirs=dirs, mix=mix):
-            gram = lml_gram(x, out, coeffs, dirs, dc, history=history, read_slots=[1])
-            w = lml_math.correction_weights(gram, mix, 1e-3, 1.0)
-            return multistep_update(x, out, coeffs, history=history, write_slot=0, read_slots=[1], dirs=dirs,
-                                    dir_slot=7 % rank, dir_coeffs=dc, dir_weights=w, check_nan=False)
+        def gram(dirs=dirs):
+            return lml_gram(x, out, coeffs, dirs, dc, history=history, read_slots=[1])
 
-        result[f"LML step rank {rank}"] = measure(lml_step, device, min_time)
-        result[f"LML Gram pass rank {rank}"] = measure(
-            lambda dirs=dirs: lml_gram(x, out, coeffs, dirs, dc, history=history, read_slots=[1]), device, min_time)
+        def lml_step(gram=gram, mix=mix, lml=lml):
+            w = lml_math.correction_weights(gram(), mix, 1e-3, 1.0)
+            return multistep_update(x, out, coeffs, dir_weights=w, **lml, **upd)
+
+        def weights(g=gram(), mix=mix):
+            return lml_math.correction_weights(g, mix, 1e-3, 1.0)
+
+        def update(lml=lml, w=weights()):
+            return multistep_update(x, out, coeffs, dir_weights=w, **lml, **upd)
+
+        steps[f"LML step rank {rank}"] = lml_step
+        steps[f"LML Gram pass rank {rank}"] = gram
+        steps[f"LML weights rank {rank}"] = weights
+        steps[f"LML update pass rank {rank}"] = update
 
     sched = diffusers.DPMSolverMultistepScheduler()
     sched.set_timesteps(20)
@@ -183,14 +193,21 @@ def overhead(shape=(8, 4, 128, 128), min_time: float = 0.5) -> dict:
         norm = torch.linalg.vector_norm
         return 0.95 * x + g1 * norm(inc, dim=dims, keepdim=True) / norm(g1, dim=dims, keepdim=True)
 
-    result["diffusers step + authors' LM formula"] = measure(authors_step, device, min_time)
-    result["diffusers step"] = measure(lambda: (setattr(sched, "_step_index", 5),
-                                                sched.step(out, sched.timesteps[5], x)), device, min_time)
+    steps["diffusers step + authors' LM formula"] = authors_step
+    steps["diffusers step"] = lambda: (setattr(sched, "_step_index", 5), sched.step(out, sched.timesteps[5], x))
+    result = {k: float("inf") for k in steps}
+    for _ in range(rounds):
+        for k, fn in steps.items():
+            result[k] = min(result[k], measure(fn, device, min_time))
     nbytes = x.numel() * 4
-    moved = {"fused update": 5, "LML step rank 1": 5 + 4 + 2, "LML step rank 4": 5 + 7 + 8,
-             "LML Gram pass rank 1": 4, "LML Gram pass rank 4": 7}
+    # tensors read or written: the update 5 (x, out, a history read; x', m0); the Gram 3 + r (x, out, the
+    # history read, r directions); the update with the correction 5 + r + 1 (the ring read, g written)
+    moved = {"fused update": 5}
+    for r in (1, 4):
+        moved.update({f"LML step rank {r}": 5 + (3 + r) + (r + 1), f"LML Gram pass rank {r}": 3 + r,
+                      f"LML update pass rank {r}": 5 + r + 1})
     bw = copy_bandwidth(device, nbytes=8 * nbytes)
-    return dict(shape=list(shape), seconds=result, copy_bandwidth=bw,
+    return dict(shape=list(shape), threads=torch.get_num_threads(), seconds=result, copy_bandwidth=bw,
                 predicted_seconds={k: v * nbytes / bw for k, v in moved.items()},
                 bytes_moved={k: v * nbytes for k, v in moved.items()})
 
@@ -243,11 +260,13 @@ def main(argv=None) -> None:
                 gb = q["global_best"]
                 print(f"{key}: best single setting on the tuning seeds: {gb['label']} (mean ratio to none "
                       f"{gb['mean_tune_ratio']:.3f})")
+    overhead_key = "overhead" if args.threads == 1 else f"overhead_{args.threads}_threads"
     if not args.skip_overhead:
         o = overhead()
-        payload["overhead"] = o
+        payload[overhead_key] = o
         base = o["seconds"]["fused update"]
-        print(f"\nstep overhead at {tuple(o['shape'])} fp32, copy bandwidth {o['copy_bandwidth'] / 1e9:.1f} GB/s")
+        print(f"\nstep overhead at {tuple(o['shape'])} fp32, {args.threads} thread(s), copy bandwidth "
+              f"{o['copy_bandwidth'] / 1e9:.1f} GB/s")
         for k, v in o["seconds"].items():
             pred = o["predicted_seconds"].get(k)
             print(f"  {k:<40}{v * 1e3:9.2f} ms  {v / base:6.2f}x the fused update"
@@ -255,13 +274,13 @@ def main(argv=None) -> None:
     if args.out:
         out = Path(args.out)
         path = out / f"lml-{slug(payload['machine']['device'])}.json"
-        if path.exists():  # a partial run keeps the other part of the last one
+        if path.exists():  # a partial run keeps the other parts of the last one
             old = json.loads(path.read_text())
-            for key in ("quality", "overhead"):
-                if key not in payload and key in old:
+            for key in [k for k in old if k == "quality" or k.startswith("overhead")]:
+                if key not in payload:
                     payload[key] = old[key]
                     payload.setdefault("machine_" + key, old.get("machine_" + key, old["machine"]))
-        for key in ("quality", "overhead"):
+        for key in [k for k in payload if k == "quality" or k.startswith("overhead")]:
             payload.setdefault("machine_" + key, payload["machine"])
         write_json(path, payload)
         if "quality" in payload:

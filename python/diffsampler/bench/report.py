@@ -81,7 +81,7 @@ def lml_table(path: Path) -> str:
     lines = []
     if "quality" in data:
         q = data["quality"]
-        lines += [f"LML quality (`{path}`, {m['date'][:10]}), on the test seeds, without LML and with the setting "
+        lines += [f"LML quality (`{path}`, {data.get('machine_quality', m)['date'][:10]}), on the test seeds, without LML and with the setting "
                   "that was best on the tuning seeds; sliced W2 to exact samples and mean log-likelihood on the "
                   "mixtures, Fréchet distance to the held-out digits on the learned score (lower is better):", "",
                   "| target | solver | NFE | none | LML | log p none | log p LML | chosen on tuning seeds |",
@@ -96,10 +96,12 @@ def lml_table(path: Path) -> str:
                               for name, g in (("mixtures", q), ("digits", q.get("digits"))) if g)
                   + ". Sliced W2 between two exact sample sets of the same size (the metric's noise floor): "
                   + ", ".join(f"{k} {v:.4f}" for k, v in q.get("sw2_exact_vs_exact", {}).items()) + "."]
-    if "overhead" in data:
-        o = data["overhead"]
+    for key in sorted(k for k in data if k.startswith("overhead")):  # "overhead" (1 thread), then the others
+        o = data[key]
+        mo = data.get("machine_" + key, m)
         base = o["seconds"]["fused update"]
-        lines += ["", f"Step cost at {tuple(o['shape'])} fp32, {m['device']} ({m['threads']} threads):", "",
+        lines += ["", f"Step cost at {tuple(o['shape'])} fp32, {mo['device']} ({o.get('threads', mo['threads'])} "
+                  f"threads), {mo['date'][:10]}:", "",
                   "| step | ms | vs fused update | floor [ms] |", "|---|---|---|---|"]
         for k, v in o["seconds"].items():
             floor = o["predicted_seconds"].get(k)
