@@ -45,43 +45,41 @@ def plot_step(payload: dict, path: Path) -> Path:
         ax.set_ylabel("µs per step")
         ax.set_title(f"{size} {dtype}")
     fig.suptitle(f"solver update alone: {payload['machine']['device']}, {payload['machine']['date'][:10]}")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
+
+
+def _grouped(rows, group, series, value, ylabel: str, title: str, path: Path, width: float) -> Path:
+    """One grouped bar chart: a group per group(row), a bar per series(row), height value(row)."""
+    plt = _pyplot()
+    table = defaultdict(dict)
+    for r in rows:
+        table[group(r)][series(r)] = value(r)
+    names = list(dict.fromkeys(series(r) for r in rows))
+    fig, ax = plt.subplots(figsize=(width, 4.6))
+    _bars(ax, list(table), {n: [table[g].get(n, 0.0) for g in table] for n in names})
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _save(fig, path)
 
 
 def plot_loop(payload: dict, path: Path) -> Path:
     """Per solver: per-step time of each variant of the whole loop."""
-    plt = _pyplot()
-    table = defaultdict(dict)
-    for r in payload["rows"]:
-        table[r["solver"]][r["variant"]] = r["per_step_seconds"] * 1e6
-    variants = list(dict.fromkeys(r["variant"] for r in payload["rows"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    _bars(ax, list(table), {v: [table[s].get(v, 0.0) for s in table] for v in variants})
-    ax.set_ylabel("µs per step (model included)")
-    ax.set_title(f"{payload['steps']}-step loops at {tuple(payload['size'])} {payload['dtype']}: "
-                 f"{payload['machine']['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _grouped(payload["rows"], lambda r: r["solver"], lambda r: r["variant"],
+                    lambda r: r["per_step_seconds"] * 1e6, "µs per step (model included)",
+                    f"{payload['steps']}-step loops at {tuple(payload['size'])} {payload['dtype']}: "
+                    f"{payload['machine']['device']}", path, 7)
 
 
 def plot_resample(payload: dict, path: Path) -> Path:
-    """Per case (K, particle shape, weight spread): each resampler's best time, and the in-place floor."""
-    plt = _pyplot()
-    table = defaultdict(dict)
-    for r in payload["rows"]:
-        key = f"K={r['K']} {tuple(r['particle_shape'])}\n{r['level']}"
-        table[key][r["impl"]] = r["best_seconds"] * 1e6
-    impls = list(dict.fromkeys(r["impl"] for r in payload["rows"]))
-    fig, ax = plt.subplots(figsize=(11, 4.8))
-    _bars(ax, list(table), {i: [table[k].get(i, 0.0) for k in table] for i in impls})
-    ax.set_ylabel("µs (best of 5 batches)")
-    ax.set_title(f"resampling, one group: {payload['machine']['device']}, {payload['machine']['date'][:10]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    """Per case (K, particle shape, weight spread): each resampler's best time."""
+    return _grouped(payload["rows"], lambda r: f"K={r['K']} {tuple(r['particle_shape'])}\n{r['level']}",
+                    lambda r: r["impl"], lambda r: r["best_seconds"] * 1e6, "µs (best of 5 batches)",
+                    f"resampling, one group: {payload['machine']['device']}, {payload['machine']['date'][:10]}",
+                    path, 11)
