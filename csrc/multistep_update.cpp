@@ -241,6 +241,7 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor
   t.table = table.data_ptr<double>();
   t.slots = slots.data_ptr<int64_t>();
   t.step = step.data_ptr<int64_t>();
+  t.n_steps = table.size(0);
   if (history.has_value()) {
     const auto& h = *history;
     TORCH_CHECK(h.dim() == l.x.dim() + 1 && h.sizes().slice(1) == l.x.sizes() && h.size(0) > n_reads &&

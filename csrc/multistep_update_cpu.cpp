@@ -388,7 +388,11 @@ void gram_cpu(ds_dtype dtype, const ds_update_tensors& t, const ds_update_coeffs
 void launch_cpu(ds_dtype dtype, ds_phase phase, const ds_update_tensors& t_in, const ds_update_coeffs& k_in) {
   ds_update_tensors t = t_in;
   ds_update_coeffs k = k_in;
-  if (t.table != nullptr) ds_index_step(&t, &k, dtype == DS_FLOAT32 ? 4 : 2);  // host memory: resolved here
+  if (t.table != nullptr) {  // host memory: resolved here
+    TORCH_CHECK(*t.step >= 0 && *t.step < t.n_steps, "multistep_update_indexed: step ", *t.step,
+                " is outside the table's [0, ", t.n_steps, ")");
+    ds_index_step(&t, &k, dtype == DS_FLOAT32 ? 4 : 2);
+  }
   constexpr int64_t kGrain = 1 << 15;  // elements per task: well above the per-task overhead
   constexpr int64_t kLmlBlock = 1 << 9;  // LML follows the update block by block, its operands still in L1
   const bool lml = k.n_dirs > 0 && phase != DS_PHASE_CONVERT;

@@ -71,13 +71,14 @@ def _multistep_update_kernel(
     p, q, a, e, c, g, b0, b1, b2, b3, r0, r1, r2, clip,
     sa, se, sc, sg, sb0, sb1, sb2, sb3,
     gx, ge, gb0, gb1, gb2, gb3,
-    table_ptr, slots_ptr, step_ptr, hist_ptr,
+    table_ptr, slots_ptr, step_ptr, hist_ptr, n_steps,
     N_READS: tl.constexpr, HAS_NOISE: tl.constexpr, STATE: tl.constexpr, WRITE_M0: tl.constexpr,
     CLIP: tl.constexpr, PHASE: tl.constexpr, N_DIRS: tl.constexpr, WEIGHTS: tl.constexpr, BLOCK: tl.constexpr,
     INDEXED: tl.constexpr,
 ):
     if INDEXED:  # the step's coefficients and history slots, read on the device (reference.ROW_*)
         i = tl.load(step_ptr)
+        tl.device_assert((i >= 0) & (i < n_steps), "multistep_update_indexed: step outside the table")
         row = table_ptr + i * 21
         p, q, a = tl.load(row).to(tl.float32), tl.load(row + 1).to(tl.float32), tl.load(row + 2).to(tl.float32)
         e, c = tl.load(row + 3).to(tl.float32), tl.load(row + 4).to(tl.float32)
@@ -174,7 +175,7 @@ def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, co
         p, q, a, e, c, g, b[0], b[1], b[2], b[3], r[0], r[1], r[2], clip,
         sa, se, sc, sg, sb[0], sb[1], sb[2], sb[3],
         gx, ge, gb[0], gb[1], gb[2], gb[3],
-        table, slot_table, step, history if history is not None else dummy,
+        table, slot_table, step, history if history is not None else dummy, table.shape[0],
         N_READS=len(reads), HAS_NOISE=noise is not None, STATE=0 if state is None else (2 if state_row else 1),
         WRITE_M0=m0 is not None, CLIP=clip > 0, PHASE=phase, N_DIRS=len(slots), WEIGHTS=weights is not None,
         BLOCK=BLOCK, INDEXED=indexed is not None,

@@ -79,14 +79,19 @@ typedef struct {
   int64_t per_sample;               // elements per sample (n / B)
   const double* table;              // indexed steps: (steps, DS_ROW_WIDTH); NULL: the coefficients are given
   const int64_t* slots;             // (steps, DS_SLOTS_WIDTH)
-  const int64_t* step;              // the step's row
+  const int64_t* step;              // the step's row, in [0, n_steps)
+  int64_t n_steps;                  // rows of the tables
   void* history;                    // contiguous (slots, n) ring the slots index
 } ds_update_tensors;
 
 // Indexed steps: loads the step's row into k and points reads[] and m0 at its history slots (elem_size bytes
 // per element). n_reads, clip, state_row and LML's fields of k are left as they are.
+// A step outside [0, n_steps) traps on the device; host callers check it before.
 static inline DS_HOST_DEVICE void ds_index_step(ds_update_tensors* t, ds_update_coeffs* k, int64_t elem_size) {
   const int64_t i = *t->step;
+#ifdef __CUDA_ARCH__
+  if (i < 0 || i >= t->n_steps) __trap();
+#endif
   const double* row = t->table + i * DS_ROW_WIDTH;
   const int64_t* slot = t->slots + i * DS_SLOTS_WIDTH;
   k->p = (float)row[0];

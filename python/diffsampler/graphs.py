@@ -116,6 +116,7 @@ class CapturedSampler:
                     static_in.copy_(loop.step(self.model, static_in))
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            loop.reset()
             with torch.cuda.graph(graph):
                 static_in.copy_(loop.step(self.model, static_in))
         except Exception as err:  # a model or op that cannot be captured: eager, with the reason

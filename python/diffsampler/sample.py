@@ -218,16 +218,21 @@ class IndexedLoop:
         self.history = x.new_zeros((plan.history_slots, *shape)) if plan.history_slots else None
         self.state = x.new_zeros(shape) if plan.uses_state else None
         self.counter = torch.zeros(1, dtype=torch.int64, device=x.device)
+        self.taken = 0  # the counter's host mirror (eager calls of step; a graph replays without it)
 
     def reset(self) -> None:
         """Back to step 0: zero history and state (reads without weight must read finite values)."""
         for t in (self.history, self.state, self.counter):
             if t is not None:
                 t.zero_()
+        self.taken = 0
 
     def step(self, model: Callable[..., torch.Tensor], x: torch.Tensor,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """One step at the counter's index: out = model(input_scale x, t), the update; the counter advances."""
+        if self.taken >= len(self.plan.steps):
+            raise ValueError(f"IndexedLoop: all {len(self.plan.steps)} steps were taken; call reset() first")
+        self.taken += 1
         t = self.times.index_select(0, self.counter).view(())
         inp = x
         if self.scales is not None:
