@@ -13,7 +13,7 @@ from diffsampler.ops import StateRow, UpdateCoeffs
 from diffsampler.sample import IndexedLoop, prepare, run_indexed
 
 from test_sync_free import SYNCING
-from update_cases import BOUNDS, SESSION_SEED, rel_err
+from update_cases import SESSION_SEED, rel_err
 
 from diffsampler.bench.common import OpCounter
 

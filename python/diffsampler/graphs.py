@@ -44,7 +44,7 @@ class CapturedSampler:
         options["check_nan"] = False
         self.model, self.plan, self.options = prepare(model, steps, solver, schedule, prediction, options)
         if capture == "step" and any(s.tensor_coeffs is not None for s in self.plan.steps):
-            raise ValueError(f"capture='step' does not index DPM-Solver-v3's steps; use capture='loop'")
+            raise ValueError("capture='step' does not index DPM-Solver-v3's steps; use capture='loop'")
         self.warmup, self.capture = warmup, capture
         self.graphs: dict[tuple, tuple] = {}
         self.fallbacks: dict[tuple, str] = {}
