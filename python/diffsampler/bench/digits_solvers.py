@@ -21,6 +21,7 @@ import torch
 import diffsampler as ds
 from diffsampler.bench import digits
 from diffsampler.bench.common import machine_record, slug, write_json
+from diffsampler.bench.plots import pyplot, save
 
 SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc")
 NFES = (5, 10, 20)
@@ -54,10 +55,8 @@ def fd_rows(model, clf, data: digits.Split, solvers=SOLVERS, nfes=NFES, n: int =
 
 
 def _plot(rows: list[dict], grid: torch.Tensor, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    from matplotlib.ticker import NullLocator
 
     fig, (ax, img) = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw=dict(width_ratios=(1.4, 1)))
     for solver in SOLVERS:
@@ -70,7 +69,7 @@ def _plot(rows: list[dict], grid: torch.Tensor, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(NFES, [str(n) for n in NFES])
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("NFE")
     ax.set_ylabel("FD to held-out digits (classifier features)")
     ax.grid(True, which="both", alpha=0.3)
@@ -78,8 +77,7 @@ def _plot(rows: list[dict], grid: torch.Tensor, path: Path) -> None:
     img.imshow(grid, cmap="gray_r", vmin=-1, vmax=1)
     img.set_title(f"{REFERENCE[0]}, NFE 10", fontsize=9)
     img.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
 
 
 def mosaic(x: torch.Tensor, rows: int = 8, cols: int = 12) -> torch.Tensor:

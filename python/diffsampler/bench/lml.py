@@ -29,6 +29,7 @@ import torch
 
 import diffsampler as ds
 from diffsampler.bench.common import copy_bandwidth, machine_record, measure, slug, write_json
+from diffsampler.bench.plots import pyplot, save
 from diffsampler.schedules import VP
 from diffsampler.targets import GaussianMixture, sliced_wasserstein
 
@@ -213,10 +214,7 @@ def overhead(shape=(8, 4, 128, 128), min_time: float = 0.2, rounds: int = 5) -> 
 
 
 def _plot(q: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     all_rows = q["rows"] + q.get("digits", {}).get("rows", [])
     cells = sorted({(r["target"], r["solver"]) for r in all_rows}, key=lambda c: (list(TARGETS) + ["digits"]).index(c[0]))
@@ -233,8 +231,7 @@ def _plot(q: dict, path: Path) -> None:
         ax.set_xlabel("NFE")
         ax.set_ylabel("FD to held-out (test seeds)" if t == "digits" else "sliced W2 to exact (test seeds)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
 
 
 def main(argv=None) -> None:

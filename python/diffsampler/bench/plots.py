@@ -1,5 +1,6 @@
 """PNG plots of the timing benchmarks (step, loop, resample) from their JSON payloads: written by each bench
-after its JSON, and again from committed results by `python -m diffsampler.bench report --plots`."""
+after its JSON, and again from committed results by `python -m diffsampler.bench report --plots`; `pyplot` and
+`save` serve the other benchmarks' plots too."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display): every bench plot goes through it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,7 +31,7 @@ def _bars(ax, groups: list[str], series: dict[str, list[float]]) -> None:
 
 def plot_step(payload: dict, path: Path) -> Path:
     """Per size and dtype: each solver's update time per implementation, and the copy floor."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = defaultdict(lambda: defaultdict(dict))
     for r in payload["rows"]:
         panels[(tuple(r["size"]), r["dtype"])][r["solver"]][r["impl"]] = r
@@ -45,19 +47,20 @@ def plot_step(payload: dict, path: Path) -> Path:
         ax.set_ylabel("µs per step")
         ax.set_title(f"{size} {dtype}")
     fig.suptitle(f"solver update alone: {payload['machine']['device']}, {payload['machine']['date'][:10]}")
-    return _save(fig, path)
+    return save(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
+    """Lay out, write at 110 dpi, close; returns path."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def _grouped(rows, group, series, value, ylabel: str, title: str, path: Path, width: float) -> Path:
     """One grouped bar chart: a group per group(row), a bar per series(row), height value(row)."""
-    plt = _pyplot()
+    plt = pyplot()
     table = defaultdict(dict)
     for r in rows:
         table[group(r)][series(r)] = value(r)
@@ -66,7 +69,7 @@ def _grouped(rows, group, series, value, ylabel: str, title: str, path: Path, wi
     _bars(ax, list(table), {n: [table[g].get(n, 0.0) for g in table] for n in names})
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_loop(payload: dict, path: Path) -> Path:

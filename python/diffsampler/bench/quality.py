@@ -23,6 +23,7 @@ import torch
 
 import diffsampler as ds
 from diffsampler.bench.common import machine_record, slug, write_json
+from diffsampler.bench.plots import pyplot, save
 from diffsampler.solvers import Grid, dpm_steps, deis_steps, ghvb_steps, unipc_steps
 from diffsampler.targets import GaussianMixture, sliced_wasserstein
 
@@ -170,10 +171,7 @@ def dpmv3_comparison(target: GaussianMixture, nfes=(5, 10, 20), n: int = 512, fi
 
 
 def _plot(results: dict, nfes, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.4))
     for ax, (name, curves) in zip(axes, results.items()):
@@ -184,8 +182,7 @@ def _plot(results: dict, nfes, path: Path) -> None:
         ax.set_ylabel("median relative ODE error")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
 
 
 def main(argv=None) -> None:

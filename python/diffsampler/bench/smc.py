@@ -27,6 +27,7 @@ import torch
 from diffsampler import schedules, smc
 from diffsampler.bench import flow_particles
 from diffsampler.bench.common import machine_record, slug, write_json
+from diffsampler.bench.plots import pyplot, save
 from diffsampler.targets import GaussianMixture, sliced_wasserstein
 
 KS = (1, 4, 16, 64, 256)
@@ -142,10 +143,7 @@ def annealing(n: int, ks, steps: int) -> dict:
 
 
 def _plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     poe, flow = payload.get("product_of_experts", {}), payload.get("flow_particles")
     panels = len(poe) + (flow is not None)
@@ -163,8 +161,7 @@ def _plot(payload: dict, path: Path) -> None:
         ax.set_ylabel("sliced W2 to the exact product")
         ax.set_title(f"product of experts, {res['dim']}-D, N = {res['n']}")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
 
 
 def main(argv=None) -> None:
