@@ -19,6 +19,7 @@ from diffsampler import reference
 
 PHASE_FULL, PHASE_CONVERT, PHASE_THRESHOLD = 0, 1, 2
 BLOCK = 1024
+ROW_WIDTH, SLOTS_WIDTH = tl.constexpr(reference.ROW_WIDTH), tl.constexpr(reference.SLOTS_WIDTH)  # step tables
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -79,7 +80,7 @@ def _multistep_update_kernel(
     if INDEXED:  # the step's coefficients and history slots, read on the device (reference.ROW_*)
         i = tl.load(step_ptr)
         tl.device_assert((i >= 0) & (i < n_steps), "multistep_update_indexed: step outside the table")
-        row = table_ptr + i * 21
+        row = table_ptr + i * ROW_WIDTH
         p, q, a = tl.load(row).to(tl.float32), tl.load(row + 1).to(tl.float32), tl.load(row + 2).to(tl.float32)
         e, c = tl.load(row + 3).to(tl.float32), tl.load(row + 4).to(tl.float32)
         b0, b1 = tl.load(row + 5).to(tl.float32), tl.load(row + 6).to(tl.float32)
@@ -89,7 +90,7 @@ def _multistep_update_kernel(
         sc, sg = tl.load(row + 15).to(tl.float32), tl.load(row + 16).to(tl.float32)
         sb0, sb1 = tl.load(row + 17).to(tl.float32), tl.load(row + 18).to(tl.float32)
         sb2, sb3 = tl.load(row + 19).to(tl.float32), tl.load(row + 20).to(tl.float32)
-        slot = slots_ptr + i * 4
+        slot = slots_ptr + i * SLOTS_WIDTH
         m0_ptr = hist_ptr + tl.load(slot) * n
         r0_ptr = hist_ptr + tl.load(slot + 1) * n
         r1_ptr = hist_ptr + tl.load(slot + 2) * n
