@@ -13,9 +13,14 @@ SUBCOMMANDS = {"step": step.main, "loop": loop.main, "quality": quality.main, "l
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: python -m diffsampler.bench {{{','.join(SUBCOMMANDS)}}} [options]  (--help per subcommand)"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        sys.exit(0)
     if not argv or argv[0] not in SUBCOMMANDS:
-        print(f"usage: python -m diffsampler.bench {{{','.join(SUBCOMMANDS)}}} [options]  (--help per subcommand)")
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+        got = f"unknown subcommand {argv[0]!r}" if argv else "a subcommand is required"
+        print(f"{usage}\npython -m diffsampler.bench: error: {got}", file=sys.stderr)
+        sys.exit(2)
     SUBCOMMANDS[argv[0]](argv[1:])
 
 

@@ -10,7 +10,6 @@ as the mean and standard deviation over the seeds. Two rows frame it: `data`, th
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from dataclasses import asdict
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 import diffsampler as ds
-from diffsampler.bench import digits
+from diffsampler.bench import cli, digits
 from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.bench.plots import pyplot, save
 
@@ -88,11 +87,10 @@ def mosaic(x: torch.Tensor, rows: int = 8, cols: int = 12) -> torch.Tensor:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffsampler.bench digits", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=1000, help="samples per seed")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
+    ap = cli.parser("digits", __doc__)
+    ap.add_argument("--n", type=cli.positive_int, default=1000, help="samples per seed")
+    ap.add_argument("--seeds", type=cli.positive_int, default=3)
+    ap.add_argument("--threads", type=cli.positive_int, default=1,
                     help="torch threads (default 1: a shared machine's oversubscribed OpenMP threads slow it 10x)")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON and PNG ('' for none)")
     args = ap.parse_args(argv)

@@ -19,7 +19,6 @@ the authors' torch formula; with the bytes each moves.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import statistics
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 import diffsampler as ds
+from diffsampler.bench import cli
 from diffsampler.bench.common import copy_bandwidth, machine_record, measure, slug, write_json
 from diffsampler.bench.plots import pyplot, save
 from diffsampler.schedules import VP
@@ -235,13 +235,12 @@ def _plot(q: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffsampler.bench lml", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=2000, help="samples per run on the mixtures")
-    ap.add_argument("--digits-n", type=int, default=500, help="digits per run (0: skip the learned score)")
+    ap = cli.parser("lml", __doc__)
+    ap.add_argument("--n", type=cli.positive_int, default=2000, help="samples per run on the mixtures")
+    ap.add_argument("--digits-n", type=cli.nonnegative_int, default=500, help="digits per run (0: skip the learned score)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=cli.positive_int, default=1,
                     help="torch threads (default 1: on a shared machine, waits at thread barriers swamp timings)")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON and PNG ('' for none)")
     args = ap.parse_args(argv)

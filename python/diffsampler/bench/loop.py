@@ -11,15 +11,16 @@ on CUDA: run_plan(..., ranges=True)).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 import diffsampler as ds
+from diffsampler.bench import cli
+from diffsampler.bench.cli import DTYPES
 from diffsampler.bench.common import OpCounter, machine_record, measure, slug, write_json
 from diffsampler.bench.plots import plot_loop
-from diffsampler.bench.step import ANCHORS, DTYPES
+from diffsampler.bench.step import ANCHORS
 from diffsampler.sample import run_indexed
 
 
@@ -70,19 +71,18 @@ def profile(x, plan, out_dir: Path, solver: str) -> Path:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffsampler.bench loop", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--size", default="8,4,128,128")
-    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--solvers", default="dpmpp_2m,unipc,ddim,euler")
-    ap.add_argument("--min-time", type=float, default=1.0)
+    ap = cli.parser("loop", __doc__)
+    ap.add_argument("--device", type=cli.device, default=cli.default_device())
+    ap.add_argument("--size", type=cli.shape, default="8,4,128,128")
+    ap.add_argument("--dtype", type=cli.dtype, default="fp32",
+                    help="fp32, fp16, bf16, fp64 or torch's names (float32, ...)")
+    ap.add_argument("--steps", type=cli.positive_int, default=20)
+    ap.add_argument("--solvers", type=cli.listed(cli.choice(ANCHORS, "solver")), default="dpmpp_2m,unipc,ddim,euler")
+    ap.add_argument("--min-time", type=cli.positive_float, default=1.0)
     ap.add_argument("--profile", default="", help="directory for Chrome traces ('' for none)")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON ('' for none)")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    size = tuple(int(v) for v in args.size.split(","))
+    device, size = args.device, args.size
     x = torch.randn(size, device=device).to(DTYPES[args.dtype])
     record = machine_record(device)
     print(f"device: {record['device']}, torch {record['torch']}, {args.steps}-step loops at {size} {args.dtype}, "
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     print("-" * len(header))
     # compiled code leaves its thread pool spinning on a CPU, which slows what runs after it in the process:
     # every eager variant is timed first, the torch.compile ones last
-    solvers = args.solvers.split(",")
+    solvers = args.solvers
     plans = {solver: _plan(solver, args.steps) for solver in solvers}
     times, counts = {}, {}
     for solver in solvers:

@@ -13,7 +13,6 @@ sigma_min = 0.03 (Stable Diffusion's range), without lower-order final steps, so
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Callable
 import torch
 
 import diffsampler as ds
+from diffsampler.bench import cli
 from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.bench.plots import pyplot, save
 from diffsampler.solvers import Grid, dpm_steps, deis_steps, ghvb_steps, unipc_steps
@@ -186,11 +186,12 @@ def _plot(results: dict, nfes, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffsampler.bench quality", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default=",".join(TARGETS))
-    ap.add_argument("--nfes", default=",".join(map(str, NFES)))
-    ap.add_argument("--n", type=int, default=512, help="samples per run")
+    ap = cli.parser("quality", __doc__)
+    ap.add_argument("--targets", type=cli.listed(cli.choice(TARGETS, "target")), default=None,
+                    help=f"comma-separated, among {', '.join(TARGETS)} (default: all; --dpmv3: ring-2d, smooth-16d)")
+    ap.add_argument("--nfes", type=cli.listed(cli.positive_int), default=None,
+                    help=f"comma-separated (default {','.join(map(str, NFES))}; --dpmv3: 5,10,20)")
+    ap.add_argument("--n", type=cli.positive_int, default=512, help="samples per run")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON and PNG ('' for none)")
     ap.add_argument("--dpmv3", action="store_true",
                     help="only DPM-Solver-v3 against DPM-Solver++(2M) and UniPC (EMS fitted first; the 2-D and "
@@ -198,9 +199,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.dpmv3:
         return _dpmv3_main(args)
-    nfes = [int(v) for v in args.nfes.split(",")]
+    nfes = args.nfes or list(NFES)
     results = {}
-    for name in args.targets.split(","):
+    for name in args.targets or TARGETS:
         target = TARGETS[name]()
         curves = convergence(target, nfes=nfes, n=args.n)
         exact = noised_exact(target, args.n, 7)
@@ -236,8 +237,8 @@ def main(argv=None) -> None:
 
 
 def _dpmv3_main(args) -> None:
-    targets = args.targets.split(",") if args.targets != ",".join(TARGETS) else ["smooth-16d", "ring-2d"]
-    nfes = [int(v) for v in args.nfes.split(",")] if args.nfes != ",".join(map(str, NFES)) else [5, 10, 20]
+    targets = args.targets or ["smooth-16d", "ring-2d"]
+    nfes = args.nfes or [5, 10, 20]
     results = {}
     for name in targets:
         r = results[name] = dpmv3_comparison(TARGETS[name](), nfes, n=args.n)

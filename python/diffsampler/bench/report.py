@@ -4,10 +4,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
+
+from diffsampler.bench import cli
 
 
 def step_table(path: Path, size: list[int]) -> str:
@@ -130,9 +131,9 @@ def digits_table(path: Path) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffsampler.bench report", description=__doc__)
+    ap = cli.parser("report", __doc__)
     ap.add_argument("--results", default="bench/results")
-    ap.add_argument("--size", default="8,4,128,128")
+    ap.add_argument("--size", type=cli.shape, default="8,4,128,128", help="the step table's size")
     ap.add_argument("--target", default="smooth-16d")
     ap.add_argument("--plots", action="store_true", help="also (re)draw the PNG of each step / loop / resample JSON")
     args = ap.parse_args(argv)
@@ -144,7 +145,7 @@ def main(argv=None) -> None:
             for path in sorted(root.glob(f"{kind}-*.json")):
                 print(f"wrote {getattr(plots, f'plot_{kind}')(json.loads(path.read_text()), path.with_suffix('.png'))}")
     for path in sorted(root.glob("step-*.json")):
-        print(step_table(path, [int(v) for v in args.size.split(",")]), end="\n\n")
+        print(step_table(path, list(args.size)), end="\n\n")
     for path in sorted(root.glob("loop-*.json")):
         print(loop_table(path), end="\n\n")
     for path in sorted(root.glob("quality-*.json")):

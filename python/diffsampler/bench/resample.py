@@ -14,13 +14,13 @@ moves D / K of it. For scalar particles (P = 4 bytes) the weights dominate, and 
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import torch
 
 import diffsampler as ds
+from diffsampler.bench import cli
 from diffsampler.bench.common import copy_bandwidth, machine_record, measure, slug, write_json
 from diffsampler.bench.plots import plot_resample
 
@@ -105,21 +105,21 @@ def step_overhead(device: torch.device, min_time: float, K: int = 64, shape=(4, 
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffsampler.bench resample", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", help="cpu (the fused C++ kernels) or cuda")
-    ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    ap.add_argument("--parts", default="resample,overhead",
+    ap = cli.parser("resample", __doc__)
+    ap.add_argument("--device", type=cli.device, default="cpu", help="cpu (the fused C++ kernels) or cuda")
+    ap.add_argument("--min-time", type=cli.positive_float, default=0.5, help="seconds of timing per measurement")
+    ap.add_argument("--threads", type=cli.nonnegative_int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--parts", type=cli.listed(cli.choice(("resample", "overhead"), "part")),
+                    default="resample,overhead",
                     help="resample (the op against torch; resample-*.json) and/or overhead (per-step SMC cost "
                          "against the plain step; smc-step-overhead-*.json)")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON ('' for none)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = args.device
     record = machine_record(device)
-    parts = args.parts.split(",")
+    parts = args.parts
     if "overhead" in parts:
         overhead = step_overhead(device, args.min_time)
         if args.out:

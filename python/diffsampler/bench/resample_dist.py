@@ -12,7 +12,6 @@ resampled; "few die" / "most die": Gaussian log-weights with sigma 0.15 / 4 (the
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import statistics
@@ -25,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import diffsampler as ds
+from diffsampler.bench import cli
 from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.smc_dist import all_gather_dim0, resample_distributed
 
@@ -127,10 +127,9 @@ def _worker(rank, world, port, min_time, out_dir):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffsampler.bench resample_dist", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world", type=int, default=2, help="gloo processes on this machine")
-    ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
+    ap = cli.parser("resample_dist", __doc__)
+    ap.add_argument("--world", type=cli.positive_int, default=2, help="gloo processes on this machine")
+    ap.add_argument("--min-time", type=cli.positive_float, default=0.5, help="seconds of timing per measurement")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON ('' for none)")
     args = ap.parse_args(argv)
     with socket.socket() as s:

@@ -17,7 +17,6 @@ Budget Forcing on a rare mode (bench/flow_particles.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from diffsampler import schedules, smc
-from diffsampler.bench import flow_particles
+from diffsampler.bench import cli, flow_particles
 from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.bench.plots import pyplot, save
 from diffsampler.targets import GaussianMixture, sliced_wasserstein
@@ -165,20 +164,19 @@ def _plot(payload: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffsampler.bench smc", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=1024, help="outputs (groups) per run")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--ks", default=",".join(map(str, KS)))
+    ap = cli.parser("smc", __doc__)
+    ap.add_argument("--n", type=cli.positive_int, default=1024, help="outputs (groups) per run")
+    ap.add_argument("--steps", type=cli.positive_int, default=100)
+    ap.add_argument("--ks", type=cli.listed(cli.positive_int), default=",".join(map(str, KS)))
     ap.add_argument("--parts", default="abc", help="which parts to run: a (product of experts), b (annealing), "
                     "c (flow particles)")
-    ap.add_argument("--flow-groups", type=int, default=512, help="(c): outputs per budget and method")
+    ap.add_argument("--flow-groups", type=cli.positive_int, default=512, help="(c): outputs per budget and method")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON and PNG ('' for none)")
     args = ap.parse_args(argv)
     if not args.parts or set(args.parts) - set("abc"):
         ap.error(f"--parts must be letters among a, b, c, got {args.parts!r}")
     torch.set_num_threads(1)
-    ks = [int(v) for v in args.ks.split(",")]
+    ks = args.ks
     t0 = time.perf_counter()
     results, machine = {}, machine_record(torch.device("cpu"))
     if "a" in args.parts:

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 import diffsampler as ds
+from diffsampler.bench import cli
+from diffsampler.bench.cli import DTYPES
 from diffsampler.bench.common import copy_bandwidth, machine_record, measure, slug, write_json
 from diffsampler.bench.plots import plot_step
 
 SIZES = [(1, 4, 64, 64), (8, 4, 128, 128), (64, 4, 128, 128)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 STEP_INDEX = 5  # a multistep step in the middle of a 20-step loop (history full, corrector on)
 # solver -> (diffusers scheduler class, its config); the solvers without one (ghvb) are timed fused only
@@ -135,7 +136,8 @@ def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_
             for solver in solvers:
                 n_bytes = _fused_step(solver, "reference", x, out)[1]
                 pairs = [(x, out)] + [(x.clone(), out.clone()) for _ in range(copies_needed(device, n_bytes, rotate) - 1)]
-                impls = {b: rotating([_fused_step(solver, b, *pair)[0] for pair in pairs]) for b in backends}
+                impls = {b: rotating([_fused_step(solver, b, *pair)[0] for pair in pairs]) for b in backends
+                         if b == "reference" or dtype != torch.float64}  # fp64 runs on the reference only
                 floor = n_bytes / copy_bandwidth(device, n_bytes * len(pairs), min_time=min_time)
                 diffusers_fns = [_diffusers_step(solver, *pair) for pair in pairs]
                 if diffusers_fns[0] is not None:
@@ -159,20 +161,19 @@ def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffsampler.bench step", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sizes", default=";".join(",".join(map(str, s)) for s in SIZES),
+    ap = cli.parser("step", __doc__)
+    ap.add_argument("--device", type=cli.device, default=cli.default_device())
+    ap.add_argument("--sizes", type=cli.listed(cli.shape, ";"), default=";".join(",".join(map(str, s)) for s in SIZES),
                     help="semicolon-separated shapes, e.g. '8,4,128,128;1,4,64,64'")
-    ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--solvers", default=",".join((*ANCHORS, *UNANCHORED)))
-    ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
+    ap.add_argument("--dtypes", type=cli.listed(cli.dtype), default="fp32,bf16",
+                    help="comma-separated: fp32, fp16, bf16, fp64 (reference only) or torch's names (float32, ...)")
+    ap.add_argument("--solvers", type=cli.listed(cli.choice((*ANCHORS, *UNANCHORED), "solver")),
+                    default=",".join((*ANCHORS, *UNANCHORED)))
+    ap.add_argument("--min-time", type=cli.positive_float, default=0.5, help="seconds of timing per measurement")
     ap.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                     help="rotate operand copies past the L2 (default: on for CUDA, off on a CPU)")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON ('' for none)")
     args = ap.parse_args(argv)
-    sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes.split(";") if s]
-    device = torch.device(args.device)
-    rotate = device.type == "cuda" if args.rotate is None else args.rotate
-    run(device, sizes, args.dtypes.split(","), args.solvers.split(","), Path(args.out) if args.out else None,
-        args.min_time, rotate)
+    rotate = args.device.type == "cuda" if args.rotate is None else args.rotate
+    run(args.device, args.sizes, args.dtypes, args.solvers, Path(args.out) if args.out else None, args.min_time,
+        rotate)
