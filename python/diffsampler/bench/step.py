@@ -46,7 +46,7 @@ ANCHORS = {
 }
 
 
-def _diffusers_step(solver: str, x, out):
+def diffusers_step(solver: str, x, out):
     """A callable running diffusers' step() for the same step on the same tensors (None without diffusers or
     without a diffusers class for the solver)."""
     if solver not in ANCHORS:
@@ -96,7 +96,7 @@ def copies_needed(device: torch.device, n_bytes: int, rotate: bool) -> int:
     return min(1 + -(-2 * cache // n_bytes), MAX_COPIES)
 
 
-def _fused_step(solver: str, backend: str, x, out):
+def fused_step(solver: str, backend: str, x, out):
     """(callable running the fused update of the same step, bytes it moves)."""
     schedule = ds.schedules.Flow() if solver in ds.solvers.FLOW_SOLVERS else ds.schedules.VP.scaled_linear()
     plan = ds.solvers.make_plan(solver, schedule, 20, "flow" if solver in ds.solvers.FLOW_SOLVERS else "eps")
@@ -134,12 +134,12 @@ def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_
             g = torch.Generator(device=device).manual_seed(0)
             x, out = (torch.randn(size, generator=g, device=device).to(dtype) for _ in range(2))
             for solver in solvers:
-                n_bytes = _fused_step(solver, "reference", x, out)[1]
+                n_bytes = fused_step(solver, "reference", x, out)[1]
                 pairs = [(x, out)] + [(x.clone(), out.clone()) for _ in range(copies_needed(device, n_bytes, rotate) - 1)]
-                impls = {b: rotating([_fused_step(solver, b, *pair)[0] for pair in pairs]) for b in backends
+                impls = {b: rotating([fused_step(solver, b, *pair)[0] for pair in pairs]) for b in backends
                          if b == "reference" or dtype != torch.float64}  # fp64 runs on the reference only
                 floor = n_bytes / copy_bandwidth(device, n_bytes * len(pairs), min_time=min_time)
-                diffusers_fns = [_diffusers_step(solver, *pair) for pair in pairs]
+                diffusers_fns = [diffusers_step(solver, *pair) for pair in pairs]
                 if diffusers_fns[0] is not None:
                     impls["diffusers"] = rotating(diffusers_fns)
                 times = {name: measure(fn, device, min_time=min_time) for name, fn in impls.items()}
