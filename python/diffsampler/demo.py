@@ -111,8 +111,7 @@ def plot(path: str, nfes: list[int], q: dict, o: dict, size) -> str:
 
 
 def main(argv=None) -> None:
-    ap = cli.parser("demo", __doc__)
-    ap.prog = "python -m diffsampler.demo"
+    ap = cli.parser("demo", __doc__, prog="python -m diffsampler.demo")
     ap.add_argument("--n", type=cli.positive_int, default=1000, help="samples per solver and NFE")
     ap.add_argument("--nfes", type=cli.listed(cli.positive_int), default="5,10,20")
     ap.add_argument("--size", type=cli.shape, default="8,4,128,128", help="shape of the per-step overhead part")

@@ -13,9 +13,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, 
 _SHORT = {dtype: name for name, dtype in DTYPES.items()}
 
 
-def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
-    """The parser of `python -m diffsampler.bench <name>`, its help the module docstring."""
-    return argparse.ArgumentParser(prog=f"python -m diffsampler.bench {name}", description=doc,
+def parser(name: str, doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `python -m diffsampler.bench <name>` (or of `prog`), its help the module docstring."""
+    return argparse.ArgumentParser(prog=prog or f"python -m diffsampler.bench {name}", description=doc,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
