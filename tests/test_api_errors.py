@@ -1,0 +1,131 @@
+"""Refused arguments of the public API: sample / run_plan, the solvers' options, the k-diffusion functions, FKC,
+LML and the flow particle samplers. Each error names the argument and what was expected, at the entry point."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import diffsampler as ds
+from diffsampler import flow_smc, smc
+from diffsampler.integrations import kdiffusion as kd
+from diffsampler.schedules import VP
+from diffsampler.solvers import TimeShift, make_plan
+
+
+def model(x, t):
+    return 0.1 * x
+
+
+@pytest.fixture
+def x():
+    return torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+
+
+# ---- solver options: finite and in range, checked before any model call
+
+@pytest.mark.parametrize("solver,options,name", [
+    ("ddim", dict(eta=math.nan), "eta"),
+    ("ddim", dict(eta=math.inf), "eta"),
+    ("ddim", dict(eta=-0.5), "eta"),
+    ("ddim", dict(eta="1"), "eta"),
+    ("ghvb", dict(beta=math.nan), "beta"),
+    ("dpmpp_2m", dict(momentum=math.inf), "momentum"),
+    ("unipc", dict(dc_ratios=[1.0, math.nan, 1.0, 1.0, 1.0]), r"dc_ratios\[1\]"),
+    ("unipc", dict(disable_corrector=(1.5,)), r"disable_corrector\[0\]"),
+    ("ddim", dict(steps_offset=1.5), "steps_offset"),
+    ("dpmpp_2m", dict(lower_order_final="no"), "lower_order_final"),
+    ("unipc", dict(corrector=None), "corrector"),
+    ("dpmpp_2m", dict(clip=math.inf), "clip"),
+    ("dpmpp_2m", dict(clip=math.nan), "clip"),
+    ("dpmpp_2m", dict(threshold_ratio=0.9, threshold_max=math.inf), "threshold_max"),
+    ("dpmpp_2m", dict(check_nan="yes"), "check_nan"),
+    ("dpmpp_2m", dict(generator=0), "generator"),
+    ("dpmpp_2m", dict(time_shift=10), "time_shift"),
+])
+def test_bad_option_is_named_before_the_model_runs(x, solver, options, name):
+    calls = []
+
+    def counting(x, t):
+        calls.append(t)
+        return 0.1 * x
+
+    with pytest.raises(ValueError, match=name):
+        ds.sample(counting, x, 5, solver, **options)
+    assert calls == []
+
+
+def test_unhashable_solver_name(x):
+    with pytest.raises(ValueError, match="solver must be one of"):
+        ds.sample(model, x, 5, ["ddim"])
+
+
+# ---- integers: any integral, never bool
+
+@pytest.mark.parametrize("steps", [np.int64(5), np.int32(5), torch.tensor(5)])
+def test_integral_steps_are_accepted(x, steps):
+    assert torch.equal(ds.sample(model, x, steps), ds.sample(model, x, 5))
+
+
+@pytest.mark.parametrize("steps", [True, 5.0, np.float64(5), "5", torch.tensor([5]), torch.tensor(5.0)])
+def test_non_integer_steps_are_refused(x, steps):
+    with pytest.raises(TypeError, match="steps must be an integer >= 1"):
+        ds.sample(model, x, steps)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        make_plan("ddim", VP.scaled_linear(), steps, "eps")
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_3m", "unipc", "deis", "ghvb"])
+def test_integer_order(x, solver):
+    assert torch.equal(ds.sample(model, x, 5, solver, order=np.int64(2)), ds.sample(model, x, 5, solver, order=2))
+    for bad in (True, 2.0):
+        with pytest.raises(TypeError, match="order must be an integer"):
+            ds.sample(model, x, 5, solver, order=bad)
+
+
+# ---- x and model at the entry
+
+@pytest.mark.parametrize("bad_x,match", [
+    ([[1.0, 2.0]], "x must be a torch.Tensor"), (None, "x must be a torch.Tensor"),
+    (torch.ones(2, 3, dtype=torch.int64), "x must be a floating-point tensor"),
+])
+def test_x_must_be_a_float_tensor(bad_x, match):
+    plan = make_plan("ddim", VP.scaled_linear(), 5, "eps")
+    for call in (lambda: ds.sample(model, bad_x, 5), lambda: ds.run_plan(model, bad_x, plan)):
+        with pytest.raises(TypeError, match=match):
+            call()
+
+
+@pytest.mark.parametrize("bad_model", [None, 3, "unet"])
+def test_model_must_be_callable(x, bad_model):
+    plan = make_plan("ddim", VP.scaled_linear(), 5, "eps")
+    for call in (lambda: ds.sample(bad_model, x, 5), lambda: ds.run_plan(bad_model, x, plan)):
+        with pytest.raises(TypeError, match="model must be callable"):
+            call()
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "ddim", "unipc", "dpmpp_2m_sde", "euler"])
+def test_meta_x_runs_shape_only(solver):
+    """A meta x (shape inference without data) runs the loop; there is nothing to check for NaN."""
+    out = ds.sample(model, torch.empty(2, 3, device="meta"), 5, solver)
+    assert out.is_meta and out.shape == (2, 3)
+
+
+# ---- the loop's check of the model output
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_non_finite_model_output_names_the_step_and_time(x, bad):
+    plan = make_plan("dpmpp_2m", VP.scaled_linear(), 5, "eps")
+
+    def diverging(x, t):
+        return torch.full_like(x, bad) if int(t) == plan.steps[2].t else 0.1 * x
+
+    with pytest.raises(ValueError, match=rf"model_out contains NaN or inf at step 2 \(t = {plan.steps[2].t}\)"):
+        ds.sample(diverging, x, 5)
+    ds.sample(diverging, x, 5, check_nan=False)  # off: no check
+
+
+def test_model_output_of_the_wrong_shape_names_the_step(x):
+    with pytest.raises(ValueError, match=r"model must return a tensor of x's shape \(2, 3\), got \(2,\) at step 0"):
+        ds.sample(lambda x, t: x[:, 0], x, 5)
