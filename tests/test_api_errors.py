@@ -129,3 +129,75 @@ def test_non_finite_model_output_names_the_step_and_time(x, bad):
 def test_model_output_of_the_wrong_shape_names_the_step(x):
     with pytest.raises(ValueError, match=r"model must return a tensor of x's shape \(2, 3\), got \(2,\) at step 0"):
         ds.sample(lambda x, t: x[:, 0], x, 5)
+
+
+# ---- the k-diffusion functions' sigmas and options
+
+def denoiser(x, sigma):
+    return 0.5 * x
+
+
+KD_SAMPLERS = [kd.sample_euler, kd.sample_heun, kd.sample_dpmpp_2m, kd.sample_dpmpp_2m_sde, kd.sample_dpmpp_3m_sde,
+               kd.sample_dpmpp_sde]
+
+
+@pytest.mark.parametrize("sampler", KD_SAMPLERS)
+def test_kdiffusion_sigmas_as_a_sequence(x, sampler):
+    sigmas = kd.get_sigmas_karras(5, 0.1, 10.0)
+    run = lambda s: sampler(denoiser, x * 10.0, s, disable=True)  # noqa: E731
+    torch.manual_seed(0)
+    ref = run(sigmas)
+    for as_seq in (sigmas.tolist(), tuple(sigmas.tolist()), sigmas.numpy(), list(sigmas)):
+        torch.manual_seed(0)
+        assert torch.equal(run(as_seq), ref)
+
+
+@pytest.mark.parametrize("sampler", KD_SAMPLERS)
+@pytest.mark.parametrize("sigmas,match", [
+    ([1.0, -0.5, 0.0], r"sigmas\[1\] must be >= 0 and finite"),
+    ([1.0, math.nan, 0.0], r"sigmas\[1\] must be >= 0 and finite"),
+    ([math.inf, 1.0, 0.0], r"sigmas\[0\] must be >= 0 and finite"),
+    ([1.0, 2.0, 0.0], "sigmas must be (non-increasing|decreasing)"),
+    ([1.0, 0.0, 0.0], "sigmas must be > 0 but the last"),
+    ([], "at least 2 entries"),
+    ([1.0], "at least 2 entries"),
+    (torch.ones(2, 2), "sigmas must be 1-D"),
+    (1.0, "sigmas must be a 1-D tensor or a sequence"),
+])
+def test_kdiffusion_bad_sigmas(x, sampler, sigmas, match):
+    with pytest.raises(ValueError, match=match):
+        sampler(denoiser, x, sigmas, disable=True)
+
+
+@pytest.mark.parametrize("sampler", [kd.sample_dpmpp_2m, kd.sample_dpmpp_2m_sde, kd.sample_dpmpp_3m_sde])
+def test_kdiffusion_log_sigma_samplers_need_decreasing_sigmas(x, sampler):
+    with pytest.raises(ValueError, match="sigmas must be decreasing"):
+        sampler(denoiser, x, [2.0, 1.0, 1.0, 0.5, 0.0], disable=True)
+
+
+@pytest.mark.parametrize("sampler", [kd.sample_euler, kd.sample_heun, kd.sample_dpmpp_sde])
+def test_kdiffusion_repeated_sigma_is_a_zero_step(x, sampler):
+    torch.manual_seed(0)
+    out = sampler(denoiser, x, [2.0, 1.0, 1.0, 0.0], disable=True)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda x, s: kd.sample_euler(denoiser, x, s, s_churn=math.nan), "s_churn"),
+    (lambda x, s: kd.sample_heun(denoiser, x, s, s_noise=-1.0), "s_noise"),
+    (lambda x, s: kd.sample_dpmpp_2m_sde(denoiser, x, s, eta=math.nan), "eta"),
+    (lambda x, s: kd.sample_dpmpp_3m_sde(denoiser, x, s, eta=-1.0), "eta"),
+    (lambda x, s: kd.sample_dpmpp_sde(denoiser, x, s, r=0.0), "r must be"),
+    (lambda x, s: kd.sample_dpmpp_sde(denoiser, x, s, noise_sampler=1), "noise_sampler"),
+    (lambda x, s: kd.sample_euler(denoiser, x, s, callback=1), "callback"),
+    (lambda x, s: kd.sample_euler(denoiser, x, s, extra_args=[1]), "extra_args"),
+    (lambda x, s: kd.sample_euler(None, x, s), "model must be callable"),
+    (lambda x, s: kd.sample_euler(denoiser, x.tolist(), s), "x must be a torch.Tensor"),
+])
+def test_kdiffusion_bad_options(x, call, name):
+    with pytest.raises(ValueError, match=name):
+        call(x, kd.get_sigmas_karras(4, 0.1, 10.0))
+
+
+def test_kdiffusion_infinite_s_tmax_is_the_default(x):
+    kd.sample_euler(denoiser, x, kd.get_sigmas_karras(4, 0.1, 10.0), s_tmax=math.inf, disable=True)
