@@ -201,3 +201,86 @@ def test_kdiffusion_bad_options(x, call, name):
 
 def test_kdiffusion_infinite_s_tmax_is_the_default(x):
     kd.sample_euler(denoiser, x, kd.get_sigmas_karras(4, 0.1, 10.0), s_tmax=math.inf, disable=True)
+
+
+# ---- LML, TimeShift, FKC and the flow particle samplers: checked at construction / entry
+
+def test_integer_options_of_the_classes():
+    assert ds.LML(rank=np.int64(2)).rank == 2 and type(ds.LML(rank=np.int64(2)).rank) is int
+    assert TimeShift(window=np.int64(3)).window == 3
+    for bad in (dict(rank=True), dict(n_steps=False), dict(rank=2.0)):
+        with pytest.raises(TypeError, match="rank|n_steps"):
+            ds.LML(**bad)
+    for bad in (dict(window=True), dict(window=1.5), dict(cutoff=300.0)):
+        with pytest.raises(TypeError, match="window|cutoff"):
+            TimeShift(**bad)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(damping=math.inf), "damping"), (dict(snr=math.inf), "snr"), (dict(kappa=math.nan), "kappa"),
+    (dict(damping="1"), "damping"),
+])
+def test_lml_reals(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ds.LML(**kwargs)
+
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda: smc.FKC([None], [1.0]), r"models\[0\] must be callable"),
+    (lambda: smc.FKC(model, [1.0]), "models must be a sequence"),
+    (lambda: smc.FKC([model], [1.0, 2.0]), "equal length"),
+    (lambda: smc.FKC([model], [math.nan]), r"exponents\[0\]"),
+    (lambda: smc.FKC([model], [-1.0]), "positive sum"),
+    (lambda: smc.FKC([model], [1.0], steps=0), "steps"),
+    (lambda: smc.FKC([model], [1.0], steps=True), "steps"),
+    (lambda: smc.FKC([model], [1.0], method="best"), "method"),
+    (lambda: smc.FKC([model], [1.0], ess_threshold=2.0), "ess_threshold"),
+    (lambda: smc.FKC([model], [1.0], schedule="vp"), "schedule"),
+    (lambda: smc.FKC([model], [1.0], dtype=torch.int64), "dtype"),
+    (lambda: smc.FKC([model], [1.0], device="gpu0"), "device"),
+    (lambda: smc.FKC([model], [1.0], weighted="no"), "weighted"),
+    (lambda: smc.FKC([model], [1.0], stepz=10), "unknown FKC option"),
+    (lambda: smc.FKC.anneal(model, True), "beta"),
+    (lambda: smc.FKC.anneal(model, math.inf), "beta"),
+    (lambda: smc.FKC.guidance(model, model, math.nan), "w"),
+    (lambda: smc.FKC.product(model), "models must be a sequence"),
+])
+def test_fkc_checks_at_construction(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+def test_fkc_integral_sizes():
+    fkc = smc.FKC.product([model, model], steps=np.int64(3))
+    res = fkc.sample(np.int64(2), np.int64(3), (np.int64(2),), generator=torch.Generator().manual_seed(0))
+    assert res.particles.shape == (6, 2) and res.draw.shape == (2, 2)
+    for bad in (dict(groups=True), dict(particles=2.0), dict(shape=(True,))):
+        args = {**dict(groups=2, particles=3, shape=(2,)), **bad}
+        with pytest.raises(TypeError, match="groups|particles|shape"):
+            fkc.sample(**args)
+
+
+def velocity(x, t):
+    return -0.5 * x
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: flow_smc.sample(velocity, True, (2,)), "n must be an integer"),
+    (lambda: flow_smc.sample(velocity, 2, (2,), steps=True), "steps must be an integer"),
+    (lambda: flow_smc.sample(velocity, 2, (2,), diffusion=math.inf), "diffusion"),
+    (lambda: flow_smc.best_of_n(velocity, lambda x0: x0[:, 0], True, 2, (2,)), "groups"),
+    (lambda: flow_smc.smc(velocity, lambda x0: x0[:, 0], 2, 2, (2,), temperature=math.inf), "temperature"),
+    (lambda: flow_smc.smc(velocity, lambda x0: x0[:, 0], 2, 2, (2,), ess_threshold=math.nan), "ess_threshold"),
+    (lambda: flow_smc.rollover_budget_forcing(velocity, lambda x0: x0[:, 0], 2, 40.0, (2,)), "budget"),
+    (lambda: flow_smc.VPInterpolant(0.1, math.inf), "beta_max"),
+])
+def test_flow_smc_bad_arguments(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_flow_smc_integral_sizes():
+    gen = torch.Generator().manual_seed(0)
+    out = flow_smc.sample(velocity, np.int64(3), (np.int64(2),), steps=np.int64(4), generator=gen)
+    assert out.shape == (3, 2)
