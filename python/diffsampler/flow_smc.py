@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from . import ops
+from . import checks, ops
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Reward = Callable[[torch.Tensor], torch.Tensor]
@@ -61,6 +61,7 @@ class VPInterpolant:
     name = "vp"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        beta_min, beta_max = checks.real("beta_min", beta_min), checks.real("beta_max", beta_max)
         if not 0 < beta_min < beta_max:
             raise ValueError(f"need 0 < beta_min < beta_max, got {beta_min}, {beta_max}")
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
@@ -168,8 +169,7 @@ def time_grid(steps: int, spacing: str = "uniform", path=LINEAR) -> torch.Tensor
     (the paper's code, dense near 1); "matched" uniform from 1 down to the time of the linear grid's last noise
     level (t = 1 / steps; on the VP path r = time_of(1 / steps)), then 0, so that every path's output is the
     Tweedie estimate at the same noise level (on the linear path the same as "uniform")."""
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    steps = checks.integer("steps", steps, 1)
     u = torch.arange(steps + 1, dtype=torch.float64) / steps
     if spacing == "uniform":
         return 1 - u
@@ -212,14 +212,13 @@ def _plan(model, path, steps: int, spacing: str, device) -> _Plan:
     return _Plan(_vp_model(model, path) if isinstance(path, VPInterpolant) else model, path, times)
 
 
-def _check_common(groups, particles, shape, diffusion):
-    for name, v in (("groups", groups), ("particles", particles)):
-        if not (isinstance(v, int) and v >= 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if not all(isinstance(d, int) and d >= 1 for d in shape):
-        raise ValueError(f"shape must be a sequence of positive integers, got {shape!r}")
-    if not (callable(diffusion) or (isinstance(diffusion, (int, float)) and diffusion >= 0)):
-        raise ValueError(f"diffusion must be a number >= 0 (g = diffusion t^2) or a callable g(t), got {diffusion!r}")
+def _check_common(groups, particles, shape, diffusion) -> tuple[int, int, tuple[int, ...], object]:
+    """(groups, particles, shape, diffusion) checked, as ints and a float (or the callable g(t))."""
+    groups, particles = checks.integer("groups", groups, 1), checks.integer("particles", particles, 1)
+    shape = checks.integers("shape", shape, 1)
+    if not callable(diffusion):
+        diffusion = checks.real("diffusion (g = diffusion t^2, or a callable g(t))", diffusion, "[0, inf)")
+    return groups, particles, shape, diffusion
 
 
 def _velocity(plan: _Plan, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -276,9 +275,8 @@ def sample(model: Model, n: int, shape: Sequence[int], *, steps: int = 20, path=
            device: torch.device | str = "cpu") -> torch.Tensor:
     """n samples (n, *shape) of the flow model: diffusion = 0 the Euler ODE, else the SDE with g = diffusion t^2
     (or a callable g(t)); path "linear" or "vp" (`to_vp`). `steps` NFE per sample."""
-    if not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    _check_common(1, 1, tuple(shape), diffusion)
+    n = checks.integer("n", n, 1)
+    _, _, shape, diffusion = _check_common(1, 1, shape, diffusion)
     plan = _plan(model, path, steps, spacing, device)
     x = torch.randn(n, *shape, generator=generator, device=device, dtype=dtype)
     return _sample_loop(plan, x, diffusion, generator)[0]
@@ -305,8 +303,7 @@ def best_of_n(model: Model, reward: Reward, groups: int, particles: int, shape: 
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> BestOfNResult:
     """Best-of-N: K = `particles` independent full samples per group (ODE by default, SDE with diffusion > 0),
     keep the one of the largest reward. NFE per output: K steps."""
-    shape = tuple(shape)
-    _check_common(groups, particles, shape, diffusion)
+    groups, particles, shape, diffusion = _check_common(groups, particles, shape, diffusion)
     reward = _RewardFn(reward)
     plan = _plan(model, path, steps, spacing, device)
     x = torch.randn(groups * particles, *shape, generator=generator, device=device, dtype=dtype)
@@ -341,16 +338,13 @@ def smc(model: Model, reward: Reward, groups: int, particles: int, shape: Sequen
     ``ops.resample(log_w, x, method, ess_threshold, generator)`` before every transition (velocities and
     rewards follow their particles). select: "draw" one particle per group by weight (a sample of the tilted
     target), "max" the particle of the largest reward."""
-    shape = tuple(shape)
-    _check_common(groups, particles, shape, diffusion)
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    groups, particles, shape, diffusion = _check_common(groups, particles, shape, diffusion)
+    temperature = checks.real("temperature", temperature, "(0, inf)")
     if select not in ("draw", "max"):
         raise ValueError(f"select must be 'draw' or 'max', got {select!r}")
     if method not in ops.RESAMPLE_METHODS:
         raise ValueError(f"method must be one of {ops.RESAMPLE_METHODS}, got {method!r}")
-    if ess_threshold is not None and not (isinstance(ess_threshold, (int, float)) and 0 <= ess_threshold <= 1):
-        raise ValueError(f"ess_threshold must be None (always resample) or a number in [0, 1], got {ess_threshold!r}")
+    checks.optional_real("ess_threshold (None: always resample)", ess_threshold, "[0, 1]")
     reward = _RewardFn(reward)
     plan = _plan(model, path, steps, spacing, device)
     G, K = groups, particles
@@ -408,14 +402,11 @@ def rollover_budget_forcing(model: Model, reward: Reward, groups: int, budget: i
        the best; the output is its Tweedie estimate at t_{steps-1}.
     Groups advance independently (per-row times); every round costs one model call per group, so the loop has
     budget - initial rounds and no host sync."""
-    shape = tuple(shape)
-    _check_common(groups, 1, shape, diffusion)
-    if not (isinstance(steps, int) and steps >= 2):
-        raise ValueError(f"steps must be an integer >= 2 (one searched transition and the final one), got {steps!r}")
-    initial = max(1, budget // 10) if initial is None and isinstance(budget, int) else initial
-    if not (isinstance(initial, int) and initial >= 1):
-        raise ValueError(f"initial must be an integer >= 1, got {initial!r}")
-    if not (isinstance(budget, int) and budget >= initial + steps):
+    groups, _, shape, diffusion = _check_common(groups, 1, shape, diffusion)
+    steps = checks.integer("steps (one searched transition and the final one)", steps, 2)
+    budget = checks.integer("budget", budget, 1)
+    initial = max(1, budget // 10) if initial is None else checks.integer("initial", initial, 1)
+    if not budget >= initial + steps:
         raise ValueError(f"budget must be an integer >= initial + steps = {initial + steps} (a quota of at least "
                          f"one candidate per transition), got {budget!r}")
     reward = _RewardFn(reward)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops, reference
+from . import checks, ops, reference
 from .solvers.plan import Plan, Step
 
 MODES = ("direction", "corrector")
@@ -58,20 +58,16 @@ class LML:
     n_steps: int = 1
 
     def __post_init__(self):
-        if not self.damping > 0:
-            raise ValueError(f"LML damping must be > 0, got {self.damping}")
-        if not 0 <= self.kappa <= 1:
-            raise ValueError(f"LML kappa must be in [0, 1], got {self.kappa}")
-        if not isinstance(self.rank, int) or not 1 <= self.rank <= MAX_RANK:
-            raise ValueError(f"LML rank must be an integer in [1, {MAX_RANK}], got {self.rank!r}")
-        if not 0 <= self.freeze <= 1:
-            raise ValueError(f"LML freeze must be in [0, 1], got {self.freeze}")
+        checked = dict(damping=checks.real("LML damping", self.damping, "(0, inf)"),
+                       kappa=checks.real("LML kappa", self.kappa, "[0, 1]"),
+                       rank=checks.integer("LML rank", self.rank, 1, MAX_RANK),
+                       freeze=checks.real("LML freeze", self.freeze, "[0, 1]"),
+                       snr=checks.real("LML snr", self.snr, "(0, inf)"),
+                       n_steps=checks.integer("LML n_steps", self.n_steps, 1))
         if self.mode not in MODES:
             raise ValueError(f"LML mode must be one of {MODES}, got {self.mode!r}")
-        if not self.snr > 0:
-            raise ValueError(f"LML snr must be > 0, got {self.snr}")
-        if not isinstance(self.n_steps, int) or self.n_steps < 1:
-            raise ValueError(f"LML n_steps must be an integer >= 1, got {self.n_steps!r}")
+        for name, value in checked.items():  # a frozen dataclass: plain ints and floats from here on
+            object.__setattr__(self, name, value)
 
 
 def mixing(n: int, rank: int, kappa: float) -> list[list[float]]:

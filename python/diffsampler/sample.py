@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from . import ops
+from . import checks, ops
 from .solvers import FLOW_SOLVERS, Plan, make_plan
 
 
@@ -57,7 +57,8 @@ def sample(
         order, predictor_pseudo, corrector, corrector_pseudo, lower_order_final; ends at sigma_min / eps).
     clip / threshold_ratio, threshold_max: clamp the data prediction to [-clip, clip], or dynamic thresholding.
     generator: the torch.Generator of the noise of stochastic steps (DDIM with eta > 0, the SDE solvers).
-    check_nan: raise ValueError when the model returns NaN (a host sync per step; off for speed).
+    check_nan: raise ValueError, naming the step and its time, when the model returns NaN or inf (a host sync
+        per step; off for speed).
     time_shift: a ``diffsampler.solvers.TimeShift(window, cutoff)``: query the model at the timestep whose
         noise variance matches each sample's (TS-DPM); discrete VP schedules.
     lml: a ``diffsampler.LML(damping, kappa, rank, freeze)``: precondition each step's direction with the
@@ -68,6 +69,9 @@ def sample(
         (diffsampler.graphs; no NaN check, noise from the default generator); eager with a logged reason where
         it cannot.
     """
+    checks.model(model)
+    checks.sample_tensor(x)
+    checks.sampling_options(clip, threshold_ratio, threshold_max, check_nan, generator)
     options = dict(time_shift=time_shift, lml=lml, clip=clip, threshold_ratio=threshold_ratio, threshold_max=threshold_max,
                    backend=backend, **solver_options)
     if cuda_graph:
@@ -101,6 +105,10 @@ def prepare(model, steps, solver, schedule, prediction, options: dict):
         prediction = "flow" if flow else ("x0" if isinstance(schedule, EDM) else "eps")
     plan = make_plan(solver, schedule, steps, prediction, **options)
     if time_shift is not None:
+        from .solvers import TimeShift
+
+        if not isinstance(time_shift, TimeShift):
+            raise ValueError(f"time_shift must be a diffsampler.solvers.TimeShift, got {type(time_shift).__name__}")
         if not plan.discrete_time:
             raise ValueError(f"time_shift needs integer training timesteps; solver {solver!r} has none")
         model = time_shift.wrap(model, schedule)
@@ -135,8 +143,9 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
              lml_prediction: str = "eps", **update_options):
     """The loop of any Plan: per step, out = model(input_scale * x, t) and one fused update.
 
-    update_options go to every ops.multistep_update call (clip, threshold_ratio, threshold_max, check_nan,
-    backend). Continuous model times are float32 (float64 when x is float64); discrete ones int64.
+    update_options go to every ops.multistep_update call (clip, threshold_ratio, threshold_max, backend);
+    check_nan (default True) checks every model output: x's shape, finite (checks.model_output).
+    Continuous model times are float32 (float64 when x is float64); discrete ones int64.
     return_state: return (x, the solver's state tensor or None), e.g. UniPC's last corrected sample.
     times: model_times(plan, x) made beforehand (a CUDA-graph capture cannot upload them); tensor_coeffs:
     plan.upload_tensor_coeffs(x) likewise (DPM-Solver-v3's per-step coefficient tensors).
@@ -145,6 +154,9 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
         largest model time of the plan; lml_schedule and
         lml_prediction: the schedule and model output of its corrector mode).
     """
+    checks.model(model)
+    checks.sample_tensor(x)
+    check_nan = checks.flag("check_nan", update_options.pop("check_nan", True))
     history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
     state = torch.zeros_like(x) if plan.uses_state else None
     if plan.init_scale != 1.0:
@@ -169,6 +181,8 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
                 x = lml_run.correct(i, step, x, model, times[i], generator, update_options.get("backend", "auto"))
         with phase(f"step {i} model") if phase else contextlib.nullcontext():
             out = model(x * step.input_scale if step.input_scale != 1.0 else x, times[i])
+            if check_nan:
+                checks.model_output(out, x, i, step.t)
         with phase(f"step {i} update") if phase else contextlib.nullcontext():
             noise = None
             if step.needs_noise:
@@ -176,8 +190,8 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
             if tensor_coeffs is not None and tensor_coeffs[i] is not None:  # DPM-Solver-v3
                 x = ops.ems_update(x, out, tensor_coeffs[i], history=history, write_slot=step.write_slot,
-                                   read_slots=step.read_slots, state=state,
-                                   **{k: update_options[k] for k in ("check_nan", "backend") if k in update_options})
+                                   read_slots=step.read_slots, state=state, check_nan=False,
+                                   **{k: update_options[k] for k in ("backend",) if k in update_options})
             else:
                 extra = {}
                 if lml is not None:
@@ -185,7 +199,7 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
                                                 update_options.get("backend", "auto"))
                 x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
                                          read_slots=step.read_slots, noise=noise, state=state, **extra,
-                                         **update_options)
+                                         check_nan=False, **update_options)
     return (x, state) if return_state else x
 
 

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from . import ops
+from . import checks, ops
 from .schedules import EDM, VP, discrete_timesteps
 
 
@@ -73,6 +73,50 @@ def _steps(schedule, steps: int) -> list[tuple[torch.Tensor, float, float, float
     raise ValueError(f"schedule must be a schedules.VP or schedules.EDM, got {type(schedule).__name__}")
 
 
+def _check_target(models, exponents) -> tuple[list, list[float]]:
+    """models: a non-empty sequence of callables; exponents: one finite number per model, positive sum."""
+    if callable(models) or not isinstance(models, Sequence):
+        raise checks.ArgumentTypeError(f"models must be a sequence of callables model(x, t) -> eps, got "
+                                       f"{type(models).__name__}")
+    exponents = checks.reals("exponents", exponents)
+    if not models or len(models) != len(exponents):
+        raise ValueError(f"models and exponents must be non-empty and of equal length, got {len(models)} and "
+                         f"{len(exponents)}")
+    for i, m in enumerate(models):
+        checks.model(m, f"models[{i}]")
+    if not sum(exponents) > 0:
+        raise ValueError(f"exponents must have a positive sum (the start is N(0, I / sum)), got {exponents}")
+    return list(models), exponents
+
+
+def _check_options(options: dict) -> dict:
+    """fkc_sample's keywords (those given), checked; ints as int."""
+    known = ("schedule", "steps", "weighted", "method", "ess_threshold", "generator", "dtype", "device")
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise checks.ArgumentTypeError(f"unknown FKC option(s) {unknown}; the options are {list(known)}")
+    out = dict(options)
+    if out.get("schedule") is not None and not isinstance(out["schedule"], (VP, EDM)):
+        raise ValueError(f"schedule must be a schedules.VP or schedules.EDM, got {type(out['schedule']).__name__}")
+    if "steps" in out:
+        out["steps"] = checks.integer("steps", out["steps"], 1)
+    if "weighted" in out:
+        out["weighted"] = checks.flag("weighted", out["weighted"])
+    if "method" in out and out["method"] not in ops.RESAMPLE_METHODS:
+        raise ValueError(f"method must be one of {ops.RESAMPLE_METHODS}, got {out['method']!r}")
+    if out.get("ess_threshold") is not None:
+        out["ess_threshold"] = checks.real("ess_threshold (None: always resample)", out["ess_threshold"], "[0, 1]")
+    checks.generator(out.get("generator"))
+    if "dtype" in out and not (isinstance(out["dtype"], torch.dtype) and out["dtype"].is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {out['dtype']!r}")
+    if "device" in out:
+        try:
+            torch.device(out["device"])
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch.device or a device string, got {out['device']!r}") from None
+    return out
+
+
 def fkc_sample(
     models: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
     exponents: Sequence[float],
@@ -98,25 +142,15 @@ def fkc_sample(
     Resampling: ``ops.resample(log_w, x, method, ess_threshold, generator)`` after every step (K = 1: none).
     See also `FKC` (and its `anneal`, `product`, `guidance`).
     """
-    models, exponents = list(models), [float(b) for b in exponents]
-    if not models or len(models) != len(exponents):
-        raise ValueError(f"models and exponents must be non-empty and of equal length, got {len(models)} and "
-                         f"{len(exponents)}")
-    if not all(callable(m) for m in models):
-        raise ValueError("models must be callables model(x, t) -> eps")
+    models, exponents = _check_target(models, exponents)
     total = sum(exponents)
-    if not total > 0:
-        raise ValueError(f"exponents must have a positive sum (the start is N(0, I / sum)), got {exponents}")
-    for name, v in (("groups", groups), ("particles", particles), ("steps", steps)):
-        if not (isinstance(v, int) and v >= 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if ess_threshold is not None and not (isinstance(ess_threshold, (int, float)) and 0 <= ess_threshold <= 1):
-        raise ValueError(f"ess_threshold must be None (always resample) or a number in [0, 1], got {ess_threshold!r}")
-    if method not in ops.RESAMPLE_METHODS:
-        raise ValueError(f"method must be one of {ops.RESAMPLE_METHODS}, got {method!r}")
+    groups, particles = checks.integer("groups", groups, 1), checks.integer("particles", particles, 1)
+    shape = checks.integers("shape", shape, 1)
+    steps = _check_options(dict(schedule=schedule, steps=steps, weighted=weighted, method=method,
+                                ess_threshold=ess_threshold, generator=generator, dtype=dtype, device=device))["steps"]
     schedule = VP.linear() if schedule is None else schedule
     plan = _steps(schedule, steps)
-    G, K, shape = groups, particles, tuple(shape)
+    G, K = groups, particles
     n = G * K
     start = schedule.sigma_max if isinstance(schedule, EDM) else 1.0
     x = torch.randn(n, *shape, generator=generator, device=device, dtype=dtype) * (start / total**0.5)
@@ -148,10 +182,11 @@ class FKC:
         result = fkc.sample(groups=16, particles=32, shape=(2,), generator=g)   # an FKCResult
 
     options are fkc_sample's keywords (schedule, steps, weighted, method, ess_threshold, generator, dtype,
-    device); those given to `sample` override them."""
+    device); those given to `sample` override them. The arguments are checked here, at construction."""
 
     def __init__(self, models: Sequence[Callable], exponents: Sequence[float], **options):
-        self.models, self.exponents, self.options = list(models), [float(b) for b in exponents], options
+        self.models, self.exponents = _check_target(models, exponents)
+        self.options = _check_options(options)
 
     def sample(self, groups: int, particles: int, shape: Sequence[int], **options) -> FKCResult:
         return fkc_sample(self.models, self.exponents, groups, particles, shape, **{**self.options, **options})
@@ -159,20 +194,17 @@ class FKC:
     @classmethod
     def anneal(cls, model, beta: float, **options) -> "FKC":
         """Temperature annealing: samples of p^beta from one eps-model of p (beta > 0)."""
-        if not (isinstance(beta, (int, float)) and beta > 0):
-            raise ValueError(f"beta must be a number > 0, got {beta!r}")
-        return cls([model], [beta], **options)
+        return cls([model], [checks.real("beta", beta, "(0, inf)")], **options)
 
     @classmethod
     def product(cls, models, **options) -> "FKC":
         """Product of experts: samples of p_1 p_2 ... from eps-models of each factor."""
-        return cls(models, [1.0] * len(models), **options)
+        return cls(models, [1.0] * len(models) if isinstance(models, Sequence) else [], **options)
 
     @classmethod
     def guidance(cls, cond, uncond, w: float, **options) -> "FKC":
         """Classifier-free guidance as the geometric average p_c^w p_u^(1 - w) (w > 0)."""
-        if not (isinstance(w, (int, float)) and w > 0):
-            raise ValueError(f"w must be a number > 0, got {w!r}")
+        w = checks.real("w", w, "(0, inf)")
         return cls([cond, uncond], [w, 1.0 - w], **options)
 
 

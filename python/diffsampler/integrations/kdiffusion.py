@@ -2,6 +2,8 @@
 
 Same signatures and numbers as k-diffusion's `sample_*` functions: `model(x, sigma, **extra_args)` returns the
 denoised x0, x lives in the VE scale (x = x0 + sigma eps, start from noise * sigmas[0]), `sigmas` ends with 0.
+`sigmas`: any 1-D tensor, array or sequence of at least 2 finite noise levels, non-increasing (decreasing for the
+samplers that step in log sigma: dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde), > 0 but the last, which may be 0.
 The coefficients are computed in float64 from the sigmas; each step is one fused call (Heun: two).
 
 Noise: the SDE samplers take k-diffusion's `noise_sampler(sigma, sigma_next)`; without one they draw i.i.d.
@@ -13,10 +15,11 @@ not draw the unused noise k-diffusion draws every step, so the global RNG is lef
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
-from .. import ops
+from .. import checks, ops
 from ..ops import StateRow, UpdateCoeffs
 from ..schedules import karras_sigmas
 from ..solvers.dpm import _history_weights
@@ -62,9 +65,15 @@ class _Loop:
     """The loop state every sampler shares: model call with k-diffusion's calling convention, the callback,
     the history ring and the fused update."""
 
-    def __init__(self, model, x, sigmas, extra_args, callback, slots: int):
+    def __init__(self, model, x, sigmas, extra_args, callback, slots: int, strict: bool = False):
+        checks.model(model)
+        checks.sample_tensor(x)
+        checks.optional_callable("callback", callback, "callback(info)")
+        if extra_args is not None and not isinstance(extra_args, Mapping):
+            raise checks.ArgumentTypeError(f"extra_args must be a dict of the model's keywords or None, got "
+                                           f"{type(extra_args).__name__}")
         self.model, self.extra_args, self.callback = model, extra_args or {}, callback
-        self.sigmas = [float(s) for s in sigmas.tolist()]
+        self.sigmas = checks.sigmas(sigmas, strict)
         self.s_in = x.new_ones([x.shape[0]])
         self.history = x.new_empty((slots, *x.shape)) if slots else None
         self.slots = slots
@@ -91,6 +100,19 @@ def _euler_coeffs(sigma_hat: float, sigma_next: float) -> UpdateCoeffs:
     return UpdateCoeffs(**DENOISED, a=1.0 + r, b=(-r,))
 
 
+def _check_churn(s_churn, s_tmin, s_tmax, s_noise) -> None:
+    checks.real("s_churn", s_churn, "[0, inf)")
+    checks.real("s_tmin", s_tmin, "[0, inf]")
+    checks.real("s_tmax", s_tmax, "[0, inf]")
+    checks.real("s_noise", s_noise, "[0, inf)")
+
+
+def _check_noise(eta, s_noise, noise_sampler) -> None:
+    checks.real("eta", eta, "[0, inf)")
+    checks.real("s_noise", s_noise, "[0, inf)")
+    checks.optional_callable("noise_sampler", noise_sampler, "noise_sampler(sigma, sigma_next)")
+
+
 def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise):
     """Karras et al.'s churn: sigma_hat = sigma (1 + gamma) and x + eps sqrt(sigma_hat^2 - sigma^2)."""
     sigma = sigmas[i]
@@ -105,6 +127,7 @@ def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise):
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                  s_tmax=float("inf"), s_noise=1.0):
     """Karras et al. (2022) Algorithm 2, Euler steps."""
+    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=0)
     s = loop.sigmas
     for i in _steps(len(s) - 1, disable):
@@ -121,6 +144,7 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
     Stage 1 is an Euler step that also keeps its start x in the state and D in the history; stage 2 is
     x' = x + (d + d2) / 2 dt = (1 + r/2) s - r/2 D + r2/2 x2 - r2/2 D2, r = dt / sigma_hat, r2 = dt / sigma_next."""
+    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
     s = loop.sigmas
     state = torch.zeros_like(x)
@@ -147,7 +171,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     """DPM-Solver++(2M) in k-diffusion's form: t = -log sigma, h = t' - t,
     x' = (sigma'/sigma) x - (e^{-h} - 1) ((1 + 1/(2r)) D - 1/(2r) D_old), r = h_last / h (first order at the first
     step and into sigma = 0)."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=2, strict=True)
     s = loop.sigmas
     for i in _steps(len(s) - 1, disable):
         denoised = loop.denoise(x, i, s[i])
@@ -165,8 +189,9 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 def _sde_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order, solver_type):
     """DPM-Solver++(2M / 3M) SDE in k-diffusion's form: h = log(sigma / sigma'), h_eta = h (1 + eta),
     x' = e^{-h_eta} x + (1 - e^{-h_eta}) D + phi terms of the divided differences + sigma' sqrt(1 - e^{-2 eta h}) z."""
+    _check_noise(eta, s_noise, noise_sampler)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=order, strict=True)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    loop = _Loop(model, x, sigmas, extra_args, callback, slots=order)
     s = loop.sigmas
     hs = []  # step sizes in t = -log sigma of the steps taken so far
     for i in _steps(len(s) - 1, disable):
@@ -222,8 +247,10 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
                      noise_sampler=None, r=1 / 2):
     """DPM-Solver++ (stochastic, 2 model calls per step): an ancestral first-order step to the intermediate
     sigma(t + r h), then from the step's start (kept in the fused state) with D = (1 - 1/(2r)) D1 + 1/(2r) D2."""
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    _check_noise(eta, s_noise, noise_sampler)
+    checks.real("r", r, "(0, 1]")
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s = loop.sigmas
     state = torch.zeros_like(x)
     fac = 1 / (2 * r)

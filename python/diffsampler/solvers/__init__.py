@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+from .. import checks
 from ..models import check_prediction
 from ..schedules import EDM, VP, Flow, VPContinuous
 from .ddim import ddim_plan
@@ -55,17 +56,17 @@ CONTINUOUS = {
 
 def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> Plan:
     """The Plan of `solver` on `schedule` with `steps` model calls; options are the solver's keywords."""
-    if solver not in SOLVERS:
+    if not isinstance(solver, str) or solver not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
     want = SCHEDULES.get(solver, (VP,)) + ((VPContinuous,) if solver in CONTINUOUS else ())
     if not isinstance(schedule, want):
         names = " or ".join(f"diffsampler.schedules.{w.__name__}" for w in want)
         raise ValueError(f"solver {solver!r} needs a {names} schedule (VP.linear(), VP.scaled_linear(), "
                          f"VP.cosine(), VP(betas), VPContinuous(), Flow(shift), EDM()), got {schedule!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    steps = checks.integer("steps", steps, 1)
+    options = checks.solver_options(options)
     order = options.get("order")
-    if order is not None and isinstance(order, int) and order > steps:
+    if order is not None and order > steps:
         raise ValueError(f"order {order} needs at least {order} steps, got steps={steps}")
     check_prediction(prediction)
     try:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from .. import checks
 from ..schedules import VP
 
 
@@ -26,8 +27,8 @@ class TimeShift:
     cutoff: int = 300
 
     def __post_init__(self):
-        if self.window < 0:
-            raise ValueError(f"window must be >= 0, got {self.window}")
+        object.__setattr__(self, "window", checks.integer("window", self.window, 0))
+        object.__setattr__(self, "cutoff", checks.integer("cutoff", self.cutoff))
 
     def wrap(self, model: Callable[..., torch.Tensor], schedule: VP) -> Callable[..., torch.Tensor]:
         """model(x, t) that calls `model` at the shifted per-sample timesteps (an int64 tensor of shape (B,))."""
