@@ -1,4 +1,4 @@
-"""The learned-score benchmark's infrastructure (diffsampler.bench.digits): the data split, the weight cache, the
+"""The learned-score benchmark's infrastructure (diffsampler.digits): the data split, the weight cache, the
 Fréchet distance, and the denoiser as a model of diffsampler.sample. Small models trained into a temporary
 cache; the full default models in the heavy test."""
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import diffsampler as ds
-from diffsampler.bench import digits
+from diffsampler import digits
 from diffsampler.schedules import VP
 from diffsampler.solvers import SCHEDULES, SOLVERS
 

@@ -1,6 +1,6 @@
 """`python -m diffsampler.bench digits`: Fréchet distance of samples by solver and NFE on a learned score.
 
-The denoiser and classifier of diffsampler.bench.digits (trained on first use, then cached) give a learned
+The denoiser and classifier of diffsampler.digits (trained on first use, then cached) give a learned
 eps-prediction model on 8x8 digits; each solver samples `--n` digits from `--seeds` seeds of x_T at each NFE
 (all on diffusers' "trailing" grid, from t = 999), and the FD of each batch to the held-out digits is reported
 as the mean and standard deviation over the seeds. Two rows frame it: `data`, the FD of `--n` training digits
@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 import diffsampler as ds
-from diffsampler.bench import cli, digits
+from diffsampler import digits
+from diffsampler.bench import cli
 from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.bench.plots import pyplot, save
 

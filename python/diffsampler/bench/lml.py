@@ -70,7 +70,7 @@ def mixture_scorer(target: GaussianMixture, n: int):
 
 def digits_scorer(n: int):
     """score(solver, lml, steps, seed) -> (FD to the held-out digits, None): the learned score of bench digits."""
-    from diffsampler.bench import digits
+    from diffsampler import digits
 
     model, clf, data = digits.denoiser(), digits.classifier(), digits.load_digits()
 
