@@ -4,10 +4,10 @@ resample_ancestors: one program per group, passes over the group in BLOCK tiles 
 (tl.cumsum per tile plus the carry: a blocked scan, deterministic): max -> quantised weights, their cumulative sum
 (workspace) and ESS -> the resample decision -> offspring counts by a binary search of each cumulative weight among
 the sorted draw positions -> the in-place ancestor arrangement (survivors keep their slot, dead slots take the
-extra copies in order, by a binary search over the extras' cumulative sum). Invalid uniforms are clamped and
-flagged (DS_ERR_UNIFORM); resample_move clamps ancestors outside [0, K) and flags them (DS_ERR_ANCESTOR). Stores a later pass reads are fenced
+extra copies in order, by a binary search over the extras' cumulative sum). Stores a later pass reads are fenced
 by tl.debug_barrier. resample_move: one program per (row, BLOCK chunk), which copies only if the row's group was
-resampled and its ancestor is another row.
+resampled and its ancestor is another row. Invalid uniforms are clamped and flagged (DS_ERR_UNIFORM), ancestors
+outside [0, K) clamped and flagged (DS_ERR_ANCESTOR).
 """
 
 from __future__ import annotations

@@ -231,9 +231,12 @@ extern "C" int ds_resample_move_cuda(void* particles, const int64_t* ancestors, 
                                      int64_t K, int64_t row_bytes, int* status, cudaStream_t stream) {
   if (G * K * row_bytes == 0) return 0;
   const uintptr_t align = reinterpret_cast<uintptr_t>(particles) | static_cast<uintptr_t>(row_bytes);
-  if (align % 16 == 0) return launch_move<uint4>(particles, ancestors, resampled, G, K, row_bytes, status, stream);
-  if (align % 8 == 0) return launch_move<uint2>(particles, ancestors, resampled, G, K, row_bytes, status, stream);
-  if (align % 4 == 0) return launch_move<unsigned>(particles, ancestors, resampled, G, K, row_bytes, status, stream);
-  if (align % 2 == 0) return launch_move<unsigned short>(particles, ancestors, resampled, G, K, row_bytes, status, stream);
-  return launch_move<unsigned char>(particles, ancestors, resampled, G, K, row_bytes, status, stream);
+  const auto run = [&](auto unit) {
+    return launch_move<decltype(unit)>(particles, ancestors, resampled, G, K, row_bytes, status, stream);
+  };
+  if (align % 16 == 0) return run(uint4{});
+  if (align % 8 == 0) return run(uint2{});
+  if (align % 4 == 0) return run(0u);
+  if (align % 2 == 0) return run(static_cast<unsigned short>(0));
+  return run(static_cast<unsigned char>(0));
 }
