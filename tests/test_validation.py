@@ -133,3 +133,20 @@ def test_status_words_are_checked_and_cleared():
         ops.multistep_update_indexed(torch.randn(2, 3), torch.randn(2, 3), ops.step_table([K1], [0], [(1,)], 2, False),
                                      torch.zeros(1, dtype=torch.int64), history=torch.zeros(2, 2, 3),
                                      status=torch.zeros(1))
+
+
+def test_opcheck_with_a_status_word():
+    if not ops.backends()["cpu"]:
+        pytest.skip("the C++ extension is not built")
+    from torch.library import opcheck
+
+    table = ops.step_table([K1], [0], [(1,)], 2, False)
+    x = torch.randn(2, 3)
+    opcheck(torch.ops.diffsampler.multistep_update_indexed.default,
+            (x, x.clone(), torch.zeros(2, 2, 3), table.coeffs, table.slots, torch.zeros(1, dtype=torch.int64), 1,
+             None, 0.0, None, error_flags.new("cpu")))
+    lw = torch.randn(2, 5)
+    u = ops.resample_uniforms("systematic", 2, 5, torch.Generator().manual_seed(0), "cpu")
+    opcheck(torch.ops.diffsampler.resample_ancestors.default, (lw, u, 0, 0.9, error_flags.new("cpu")))
+    _, anc, _, res, _ = torch.ops.diffsampler.resample_ancestors(lw, u, 0, float("inf"))
+    opcheck(torch.ops.diffsampler.resample_move.default, (torch.randn(10, 3), anc, res, error_flags.new("cpu")))

@@ -326,7 +326,9 @@ def multistep_update(
     All operands share x's shape, dtype and device; history has shape (slots, *x.shape) and is written in
     place, and so are `state` when coeffs.state is set and `dirs`.
     Computes in float32 (float64 for float64 inputs, on the reference). ``check_nan`` scans model_out for NaN
-    (one reduction and a host sync per call); turn it off in graph-captured or compiled loops.
+    and inf (one reduction and a host sync per call); turn it off in graph-captured or compiled loops.
+    Written buffers (history[write_slot], a rewritten state, dirs[dir_slot]) must not share memory with the
+    other operands (docs/validation.md).
     """
     write_slot, read_slots, dir_slot = _index("write_slot", write_slot), _indices("read_slots", read_slots), \
         _index("dir_slot", dir_slot)

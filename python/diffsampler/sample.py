@@ -57,7 +57,7 @@ def sample(
         order, predictor_pseudo, corrector, corrector_pseudo, lower_order_final; ends at sigma_min / eps).
     clip / threshold_ratio, threshold_max: clamp the data prediction to [-clip, clip], or dynamic thresholding.
     generator: the torch.Generator of the noise of stochastic steps (DDIM with eta > 0, the SDE solvers).
-    check_nan: raise ValueError when the model returns NaN (a host sync per step; off for speed).
+    check_nan: raise ValueError when the model returns NaN or inf (a host sync per step; off for speed).
     time_shift: a ``diffsampler.solvers.TimeShift(window, cutoff)``: query the model at the timestep whose
         noise variance matches each sample's (TS-DPM); discrete VP schedules.
     lml: a ``diffsampler.LML(damping, kappa, rank, freeze)``: precondition each step's direction with the
