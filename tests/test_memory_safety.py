@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import memory_probe
 from diffsampler import ops
@@ -157,3 +158,32 @@ def test_random_tables_and_steps_stay_in_bounds(backend):
     pytest.importorskip("hypothesis")
     proc = run_isolated(["-c", PROPERTY.format(backend=backend, examples=25 if backend == "triton" else 60)])
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+def test_device_indices_are_clamped_and_flagged_on_the_gpu(backend):
+    """On a GPU nothing syncs: an out-of-range step, slot or ancestor is clamped, its bit set in the status
+    word, and error_flags.check raises (and clears it) when called."""
+    _available(backend)
+    from diffsampler import error_flags
+    from diffsampler.ops import StepTable, UpdateCoeffs
+
+    k = UpdateCoeffs(p=0.5, q=-0.2, a=0.9, b=(0.3, 0.1))
+    good = ops.step_table([k, k], [0, 1], [(1,), (0,)], 2, False, device="cuda")
+    x = torch.randn(2, 3, device="cuda")
+    for step, slots, bit in ((100, good.slots, 1), (-1, good.slots, 1), (0, torch.full_like(good.slots, 10**9), 2)):
+        status = error_flags.new("cuda")
+        history = torch.zeros(2, 2, 3, device="cuda")
+        out = ops.multistep_update_indexed(x, x, StepTable(good.coeffs, slots, 1, False), torch.tensor([step]).cuda(),
+                                           history=history, status=status, backend=backend)
+        assert int(status.item()) == bit and torch.isfinite(out).all()
+        with pytest.raises(RuntimeError, match="clamped"):
+            error_flags.check(status)
+        assert int(status.item()) == 0
+    particles, status = torch.randn(10, 3, device="cuda"), error_flags.new("cuda")
+    ancestors = torch.arange(5, device="cuda").repeat(2, 1)
+    ancestors[1, 3] = 10**7
+    ops.move_particles(backend, particles, ancestors, torch.ones(2, dtype=torch.bool, device="cuda"), status)
+    assert int(status.item()) == 4 and torch.isfinite(particles).all()
