@@ -118,8 +118,6 @@ def test_error_bits_agree_with_the_extension():
     from diffsampler import _C
 
     assert dict(_C.ERROR_BITS) == error_flags.BITS
-    assert (reference.ERROR_STEP, reference.ERROR_SLOT, reference.ERROR_ANCESTOR, reference.ERROR_UNIFORM) == \
-        tuple(error_flags.BITS.values())
 
 
 def test_status_words_are_checked_and_cleared():

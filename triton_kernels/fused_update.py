@@ -15,11 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from diffsampler import reference
+from diffsampler import error_flags, reference
 
 PHASE_FULL, PHASE_CONVERT, PHASE_THRESHOLD = 0, 1, 2
 BLOCK = 1024
 ROW_WIDTH, SLOTS_WIDTH = tl.constexpr(reference.ROW_WIDTH), tl.constexpr(reference.SLOTS_WIDTH)  # step tables
+ERR_STEP, ERR_SLOT = tl.constexpr(error_flags.BITS["step"]), tl.constexpr(error_flags.BITS["slot"])
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -72,9 +73,9 @@ def _clamp_slot(j, n_slots):
 
 @triton.jit
 def _slot_error(j, n_slots, USED: tl.constexpr):
-    """DS_ERR_SLOT (2) when the slot is used and outside [0, n_slots), else 0."""
+    """The slot error bit when the slot is used and outside [0, n_slots), else 0."""
     if USED:
-        return tl.where((j >= 0) & (j < n_slots), 0, 2)
+        return tl.where((j >= 0) & (j < n_slots), 0, ERR_SLOT)
     return 0
 
 
@@ -93,7 +94,7 @@ def _multistep_update_kernel(
 ):
     if INDEXED:  # the step's coefficients and history slots, read on the device (reference.ROW_*), clamped
         i = tl.load(step_ptr)
-        err = tl.where((i >= 0) & (i < n_steps), 0, 1)  # error_flags.h: DS_ERR_STEP
+        err = tl.where((i >= 0) & (i < n_steps), 0, ERR_STEP)
         i = tl.minimum(tl.maximum(i, 0), n_steps - 1)
         row = table_ptr + i * ROW_WIDTH
         p, q, a = tl.load(row).to(tl.float32), tl.load(row + 1).to(tl.float32), tl.load(row + 2).to(tl.float32)

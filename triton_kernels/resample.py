@@ -18,8 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
+from diffsampler import error_flags
+
 BLOCK = 1024
 MOVE_BLOCK = 4096
+ERR_ANCESTOR, ERR_UNIFORM = tl.constexpr(error_flags.BITS["ancestor"]), tl.constexpr(error_flags.BITS["uniform"])
 
 
 @triton.jit
@@ -101,7 +104,7 @@ def _resample_ancestors_kernel(lw_ptr, u_ptr, lw_out_ptr, anc_ptr, ess_ptr, res_
             bad = bad | (u < prev)
         invalid += tl.sum((bad & mask).to(tl.int32))
     if invalid > 0:
-        tl.atomic_or(status_ptr, tl.full((), 8, tl.int32))  # error_flags.h: DS_ERR_UNIFORM
+        tl.atomic_or(status_ptr, tl.full((), ERR_UNIFORM, tl.int32))
     m = tl.full((), float("-inf"), tl.float32)
     bad = tl.full((), 0, tl.int32)
     for start in range(0, K, BLOCK):
@@ -213,7 +216,7 @@ def _resample_move_kernel(p_ptr, anc_ptr, res_ptr, status_ptr, K, row, BLOCK: tl
     a = tl.minimum(tl.maximum(raw, 0), K - 1)  # clamped into the group; flagged below
     resampled = tl.load(res_ptr + g) != 0
     if resampled & (raw != a) & (tl.program_id(1) == 0):
-        tl.atomic_or(status_ptr, tl.full((), 4, tl.int32))  # error_flags.h: DS_ERR_ANCESTOR
+        tl.atomic_or(status_ptr, tl.full((), ERR_ANCESTOR, tl.int32))
     if resampled & (a != r - g * K):
         offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < row

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .error_flags import BITS as ERROR_BITS  # the status word's bits (csrc/cuda/error_flags.h)
+
 # Layout of the flat coefficient list shared by every backend of multistep_update:
 #   [p, q, a, e, c, b_0, b_1, ..., b_k, r_1, ..., r_k]   with k = len(read_slots)
 COEFF_P, COEFF_Q, COEFF_A, COEFF_E, COEFF_C, COEFF_B0 = range(6)
@@ -129,9 +131,6 @@ def multistep_update(
     return x_next.to(x.dtype)
 
 
-# Error bits of the status word (csrc/cuda/error_flags.h; diffsampler.error_flags).
-ERROR_STEP, ERROR_SLOT, ERROR_ANCESTOR, ERROR_UNIFORM = 1, 2, 4, 8
-
 # Indexed steps (multistep_update_indexed): a row of the step table and of its slots.
 ROW_B, ROW_R = COEFF_B0, COEFF_B0 + MAX_HISTORY_READS + 1
 ROW_G = ROW_R + MAX_HISTORY_READS
@@ -163,11 +162,11 @@ def multistep_update_indexed(x, model_out, history, table, slots, step, n_reads,
     sg s (written over s) follow multistep_update. No host sync: the row is gathered with tensor ops. A step
     outside the table or a used slot outside the history is clamped into range and flagged in `status`."""
     cd = compute_dtype(x.dtype)
-    i = clamp_index(step.view(1), table.shape[0], status, ERROR_STEP)
+    i = clamp_index(step.view(1), table.shape[0], status, ERROR_BITS["step"])
     row = table.index_select(0, i)[0].to(cd)
     slot = slots.index_select(0, i)[0, :1 + n_reads]
     if history is not None:
-        slot = clamp_index(slot, history.shape[0], status, ERROR_SLOT)
+        slot = clamp_index(slot, history.shape[0], status, ERROR_BITS["slot"])
     p, q, a, e, c = row[:ROW_B]
     b, r = row[ROW_B:ROW_B + n_reads + 1], row[ROW_R:ROW_R + n_reads]
     g, sa, se, sc, sg = row[ROW_G:ROW_SB]
@@ -439,7 +438,7 @@ def resample_ancestors(log_w: torch.Tensor, uniforms: torch.Tensor, method: int,
     """
     G, K = log_w.shape
     cd = compute_dtype(log_w.dtype)
-    flag(status, invalid_uniforms(method, uniforms), ERROR_UNIFORM)
+    flag(status, invalid_uniforms(method, uniforms), ERROR_BITS["uniform"])
     q, degenerate = quantized_weights(log_w)
     ess = quantized_ess(q)
     resampled = ess < ess_threshold * K
@@ -463,7 +462,7 @@ def resample_move(particles: torch.Tensor, ancestors: torch.Tensor, resampled: t
     is bitwise the same). Ancestors of resampled groups outside [0, K) are clamped and flagged in `status`."""
     G, K = ancestors.shape
     clamped = ancestors.clamp(0, K - 1)
-    flag(status, (clamped != ancestors) & resampled[:, None], ERROR_ANCESTOR)
+    flag(status, (clamped != ancestors) & resampled[:, None], ERROR_BITS["ancestor"])
     rows = clamped + K * torch.arange(G, device=ancestors.device)[:, None]
     rows = torch.where(resampled[:, None], rows, torch.arange(G * K, device=rows.device).view(G, K)).reshape(-1)
     flat = particles.reshape(G * K, -1)
