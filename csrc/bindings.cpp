@@ -17,7 +17,8 @@ at::Tensor multistep_update_indexed_cpu(const at::Tensor& x, const at::Tensor& m
                                         const c10::optional<at::Tensor>& history, const at::Tensor& table,
                                         const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
                                         const c10::optional<at::Tensor>& noise, double clip,
-                                        const c10::optional<at::Tensor>& state);
+                                        const c10::optional<at::Tensor>& state,
+                                        const c10::optional<at::Tensor>& status);
 at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const c10::optional<at::Tensor>& history,
                         at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
                         at::ArrayRef<double> dir_coeffs);
@@ -51,4 +52,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.attr("MAX_HISTORY_READS") = DS_MAX_READS;
   m.attr("MAX_DIRECTIONS") = DS_MAX_DIRS;
+  m.attr("ERROR_BITS") = pybind11::dict(pybind11::arg("step") = DS_ERR_STEP, pybind11::arg("slot") = DS_ERR_SLOT,
+                                        pybind11::arg("ancestor") = DS_ERR_ANCESTOR,
+                                        pybind11::arg("uniform") = DS_ERR_UNIFORM);
 }

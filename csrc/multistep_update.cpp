@@ -1,4 +1,5 @@
 #include "multistep_update.h"
+#include "status.h"
 
 namespace diffsampler {
 namespace {
@@ -220,7 +221,8 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor
                                         const c10::optional<at::Tensor>& history, const at::Tensor& table,
                                         const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
                                         const c10::optional<at::Tensor>& noise_in, double clip,
-                                        const c10::optional<at::Tensor>& state, const UpdateLaunch& launch) {
+                                        const c10::optional<at::Tensor>& state,
+                                        const c10::optional<at::Tensor>& status, const UpdateLaunch& launch) {
   const auto dev = x_in.device();
   TORCH_CHECK(table.dim() == 2 && table.size(1) == DS_ROW_WIDTH && table.scalar_type() == at::kDouble &&
                   table.is_contiguous() && table.device() == dev,
@@ -230,6 +232,7 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor
                   slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.device() == dev,
               "multistep_update_indexed: slots must be a contiguous int64 (", table.size(0), ", ", DS_SLOTS_WIDTH,
               ") tensor on ", dev, ", got ", slots.scalar_type(), " ", slots.sizes());
+  TORCH_CHECK(table.size(0) >= 1, "multistep_update_indexed: table must have at least one row");
   TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong && step.device() == dev,
               "multistep_update_indexed: step must be one int64 element on ", dev);
   TORCH_CHECK(n_reads >= 0 && n_reads <= DS_MAX_READS, "multistep_update_indexed: n_reads must be in [0, ",
@@ -242,6 +245,7 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor
   t.slots = slots.data_ptr<int64_t>();
   t.step = step.data_ptr<int64_t>();
   t.n_steps = table.size(0);
+  t.status = status_pointer(status, dev, "multistep_update_indexed");
   if (history.has_value()) {
     const auto& h = *history;
     TORCH_CHECK(h.dim() == l.x.dim() + 1 && h.sizes().slice(1) == l.x.sizes() && h.size(0) > n_reads &&
@@ -249,6 +253,7 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor
                 "multistep_update_indexed: history must be a contiguous (slots > n_reads, *x.shape) tensor of x's "
                 "dtype and device, got ", h.sizes());
     t.history = h.data_ptr();
+    t.history_slots = h.size(0);
     t.m0 = t.history;  // placeholders: the launch resolves the step's slots
     for (int64_t j = 0; j < n_reads; ++j) t.reads[j] = t.history;
   }

@@ -57,16 +57,19 @@ constexpr const char* kMultistepUpdateSchema =
 // Indexed steps, for per-step CUDA-graph capture: the step's coefficients and history slots are read from row
 // `step` (an int64 tensor of one element on x's device) of `table` (steps, DS_ROW_WIDTH) float64 and `slots`
 // (steps, DS_SLOTS_WIDTH) int64, on the device (update_params.h). n_reads, clip, noise and state are fixed for the
-// table; history and state must be contiguous (written in place).
+// table; history and state must be contiguous (written in place). A step or used slot out of range is clamped
+// into range and ORs DS_ERR_STEP / DS_ERR_SLOT into `status` (int32, one element) on the device; the CPU kernel
+// raises instead.
 constexpr const char* kMultistepUpdateIndexedSchema =
     "multistep_update_indexed(Tensor x, Tensor model_out, Tensor(a!)? history, Tensor table, Tensor slots, "
-    "Tensor step, int n_reads, Tensor? noise, float clip, Tensor(b!)? state) -> Tensor";
+    "Tensor step, int n_reads, Tensor? noise, float clip, Tensor(b!)? state, Tensor(c!)? status=None) -> Tensor";
 
 at::Tensor run_multistep_update_indexed(const at::Tensor& x, const at::Tensor& model_out,
                                         const c10::optional<at::Tensor>& history, const at::Tensor& table,
                                         const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
                                         const c10::optional<at::Tensor>& noise, double clip,
-                                        const c10::optional<at::Tensor>& state, const UpdateLaunch& launch);
+                                        const c10::optional<at::Tensor>& state,
+                                        const c10::optional<at::Tensor>& status, const UpdateLaunch& launch);
 
 // multistep_update_pure on a backend's launch.
 inline at::Tensor run_multistep_update_pure(const at::Tensor& x, const at::Tensor& model_out,

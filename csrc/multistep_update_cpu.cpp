@@ -388,9 +388,18 @@ void gram_cpu(ds_dtype dtype, const ds_update_tensors& t, const ds_update_coeffs
 void launch_cpu(ds_dtype dtype, ds_phase phase, const ds_update_tensors& t_in, const ds_update_coeffs& k_in) {
   ds_update_tensors t = t_in;
   ds_update_coeffs k = k_in;
-  if (t.table != nullptr) {  // host memory: resolved here
-    TORCH_CHECK(*t.step >= 0 && *t.step < t.n_steps, "multistep_update_indexed: step ", *t.step,
-                " is outside the table's [0, ", t.n_steps, ")");
+  if (t.table != nullptr) {  // host memory: checked and resolved here
+    const int64_t i = *t.step;
+    TORCH_CHECK(i >= 0 && i < t.n_steps, "multistep_update_indexed: step ", i, " is outside the table's [0, ",
+                t.n_steps, ")");
+    if (t.history != nullptr) {
+      const int64_t* slot = t.slots + i * DS_SLOTS_WIDTH;
+      for (int j = 0; j <= k.n_reads; ++j) {
+        TORCH_CHECK(slot[j] >= 0 && slot[j] < t.history_slots, "multistep_update_indexed: the table's ",
+                    j == 0 ? "write slot" : "read slot", " ", slot[j], " of step ", i,
+                    " is outside the history's [0, ", t.history_slots, ")");
+      }
+    }
     ds_index_step(&t, &k, dtype == DS_FLOAT32 ? 4 : 2);
   }
   constexpr int64_t kGrain = 1 << 15;  // elements per task: well above the per-task overhead
@@ -436,10 +445,11 @@ at::Tensor multistep_update_indexed_cpu(const at::Tensor& x, const at::Tensor& m
                                         const c10::optional<at::Tensor>& history, const at::Tensor& table,
                                         const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
                                         const c10::optional<at::Tensor>& noise, double clip,
-                                        const c10::optional<at::Tensor>& state) {
+                                        const c10::optional<at::Tensor>& state,
+                                        const c10::optional<at::Tensor>& status) {
   TORCH_CHECK(x.device().is_cpu(), "multistep_update_indexed_cpu: x must be a CPU tensor, got ", x.device());
   return run_multistep_update_indexed(x, model_out, history, table, slots, step, n_reads, noise, clip, state,
-                                      launch_cpu);
+                                      status, launch_cpu);
 }
 
 at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const c10::optional<at::Tensor>& history,

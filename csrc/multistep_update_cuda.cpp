@@ -69,11 +69,12 @@ at::Tensor multistep_update_indexed_cuda(const at::Tensor& x, const at::Tensor& 
                                          const c10::optional<at::Tensor>& history, const at::Tensor& table,
                                          const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
                                          const c10::optional<at::Tensor>& noise, double clip,
-                                         const c10::optional<at::Tensor>& state) {
+                                         const c10::optional<at::Tensor>& state,
+                                         const c10::optional<at::Tensor>& status) {
   TORCH_CHECK(x.is_cuda(), "multistep_update_indexed_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   return run_multistep_update_indexed(x, model_out, history, table, slots, step, n_reads, noise, clip, state,
-                                      cuda_launch(x));
+                                      status, cuda_launch(x));
 }
 
 }  // namespace

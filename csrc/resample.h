@@ -6,6 +6,7 @@
 #include <tuple>
 
 #include "cuda/resample_math.h"
+#include "status.h"
 
 namespace diffsampler {
 
@@ -13,13 +14,17 @@ namespace diffsampler {
 // method: 0 systematic, 1 stratified, 2 multinomial, 3 residual; resample a group where ESS < ess_threshold K.
 // Returns (log_w_out (G, K) float32, ancestors (G, K) int64 within-group, ess (G,) float32, resampled (G,) bool,
 // log_norm (G,) float32).
+// Invalid uniforms (ds_uniform_ok) are clamped (ds_unit) and OR DS_ERR_UNIFORM into `status` (int32, one element)
+// on the device; the CPU kernel raises instead.
 constexpr const char* kResampleAncestorsSchema =
-    "resample_ancestors(Tensor log_w, Tensor uniforms, int method, float ess_threshold) "
+    "resample_ancestors(Tensor log_w, Tensor uniforms, int method, float ess_threshold, Tensor(a!)? status=None) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)";
 // particles (G K, ...) or (G, K, ...), any dtype: rows k of resampled groups with ancestors[g, k] != k take row
-// ancestors[g, k] of their group, in place.
+// ancestors[g, k] of their group, in place. An ancestor outside [0, K) is clamped into range and ORs
+// DS_ERR_ANCESTOR into `status` on the device; the CPU kernel raises instead.
 constexpr const char* kResampleMoveSchema =
-    "resample_move(Tensor(a!) particles, Tensor ancestors, Tensor resampled) -> ()";
+    "resample_move(Tensor(a!) particles, Tensor ancestors, Tensor resampled, Tensor(b!)? status=None) -> ()";
+
 
 using ResampleOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

@@ -56,10 +56,12 @@ void resample_group(const float* lw, const double* u, int64_t K, int method, dou
   const bool resampled = ess < threshold * static_cast<double>(K);
   *out.ess = static_cast<float>(ess);
   *out.resampled = resampled;
+  const float log_s = static_cast<float>(std::log(s));
   const float log_norm = static_cast<float>(static_cast<double>(m) + std::log(s));
   *out.log_norm = degenerate ? std::numeric_limits<float>::quiet_NaN() : log_norm;
   const float uniform = static_cast<float>(-std::log(static_cast<double>(K)));
-  for (int64_t k = 0; k < K; ++k) out.log_w[k] = (resampled || degenerate) ? uniform : lw[k] - log_norm;
+  // (lw - m) - log s, not lw - log_norm: exact at any magnitude of the log-weights
+  for (int64_t k = 0; k < K; ++k) out.log_w[k] = (resampled || degenerate) ? uniform : (lw[k] - shift) - log_s;
   if (!resampled) {
     for (int64_t k = 0; k < K; ++k) out.ancestors[k] = k;
     return;
@@ -110,14 +112,20 @@ void resample_group(const float* lw, const double* u, int64_t K, int method, dou
 }
 
 ResampleOutputs resample_ancestors_cpu(const at::Tensor& log_w_in, const at::Tensor& uniforms_in, int64_t method,
-                                       double ess_threshold) {
+                                       double ess_threshold, const c10::optional<at::Tensor>& status) {
   TORCH_CHECK(log_w_in.device().is_cpu(), "resample_ancestors_cpu: log_w must be a CPU tensor");
   auto outs = resample_outputs(log_w_in, uniforms_in, method);
+  status_pointer(status, log_w_in.device(), "resample_ancestors");
   const auto log_w = log_w_in.contiguous();
   const auto uniforms = uniforms_in.contiguous();
   const int64_t G = log_w.size(0), K = log_w.size(1), width = uniforms.size(1);
   const float* lw = log_w.data_ptr<float>();
   const double* u = uniforms.data_ptr<double>();
+  for (int64_t i = 0; i < G * width; ++i) {  // host memory: refused here rather than clamped
+    TORCH_CHECK(ds_uniform_ok(static_cast<int>(method), u + i / width * width, i % width),
+                "resample_ancestors: uniforms[", i / width, ", ", i % width, "] = ", u[i],
+                method >= DS_MULTINOMIAL ? " must be in [0, 1) and sorted per group" : " must be in [0, 1)");
+  }
   float* lw_out = std::get<0>(outs).data_ptr<float>();
   int64_t* anc = std::get<1>(outs).data_ptr<int64_t>();
   float* ess = std::get<2>(outs).data_ptr<float>();
@@ -136,9 +144,11 @@ ResampleOutputs resample_ancestors_cpu(const at::Tensor& log_w_in, const at::Ten
   return outs;
 }
 
-void resample_move_cpu(const at::Tensor& particles, const at::Tensor& ancestors, const at::Tensor& resampled) {
+void resample_move_cpu(const at::Tensor& particles, const at::Tensor& ancestors, const at::Tensor& resampled,
+                       const c10::optional<at::Tensor>& status) {
   TORCH_CHECK(particles.device().is_cpu(), "resample_move_cpu: particles must be a CPU tensor");
   const int64_t row = resample_row_bytes(particles, ancestors, resampled);
+  status_pointer(status, particles.device(), "resample_move");
   const int64_t G = ancestors.size(0), K = ancestors.size(1);
   const int64_t* anc = ancestors.data_ptr<int64_t>();
   const bool* res = resampled.data_ptr<bool>();
@@ -146,7 +156,10 @@ void resample_move_cpu(const at::Tensor& particles, const at::Tensor& ancestors,
   for (int64_t g = 0; g < G; ++g) {
     if (!res[g]) continue;
     for (int64_t k = 0; k < K; ++k) {
-      if (anc[g * K + k] != k) copies.emplace_back(g * K + k, g * K + anc[g * K + k]);
+      const int64_t a = anc[g * K + k];
+      TORCH_CHECK(a >= 0 && a < K, "resample_move: ancestors[", g, ", ", k, "] = ", a, " is outside [0, K = ", K,
+                  ")");
+      if (a != k) copies.emplace_back(g * K + k, g * K + a);
     }
   }
   if (copies.empty()) return;

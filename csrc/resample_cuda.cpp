@@ -16,7 +16,7 @@ void check_launch(int err, const char* what) {
 }
 
 ResampleOutputs resample_ancestors_cuda(const at::Tensor& log_w_in, const at::Tensor& uniforms_in, int64_t method,
-                                        double ess_threshold) {
+                                        double ess_threshold, const c10::optional<at::Tensor>& status) {
   TORCH_CHECK(log_w_in.is_cuda(), "resample_ancestors_cuda: log_w must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(log_w_in.device());
   auto outs = resample_outputs(log_w_in, uniforms_in, method);
@@ -39,18 +39,21 @@ ResampleOutputs resample_ancestors_cuda(const at::Tensor& log_w_in, const at::Te
   a.width = uniforms.size(1);
   a.method = static_cast<int>(method);
   a.ess_threshold = ess_threshold;
+  a.status = status_pointer(status, log_w_in.device(), "resample_ancestors");
   check_launch(ds_resample_ancestors_cuda(a, c10::cuda::getCurrentCUDAStream(log_w.device().index())),
                "resample_ancestors_cuda");
   return outs;
 }
 
-void resample_move_cuda(const at::Tensor& particles, const at::Tensor& ancestors, const at::Tensor& resampled) {
+void resample_move_cuda(const at::Tensor& particles, const at::Tensor& ancestors, const at::Tensor& resampled,
+                        const c10::optional<at::Tensor>& status) {
   TORCH_CHECK(particles.is_cuda(), "resample_move_cuda: particles must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(particles.device());
   const int64_t row = resample_row_bytes(particles, ancestors, resampled);
   const at::Tensor work = particles.is_contiguous() ? particles : particles.contiguous();
   check_launch(ds_resample_move_cuda(work.data_ptr(), ancestors.data_ptr<int64_t>(), resampled.data_ptr<bool>(),
                                      ancestors.size(0), ancestors.size(1), row,
+                                     status_pointer(status, particles.device(), "resample_move"),
                                      c10::cuda::getCurrentCUDAStream(particles.device().index())),
                "resample_move_cuda");
   if (!work.is_same(particles)) particles.copy_(work);

@@ -161,7 +161,7 @@ def _good():
         (dict(noise=torch.randn(3, 2)), "noise must have shape"),
         (dict(history=None), "read_slots given without a history"),
         (dict(x=torch.randn(2, 3).int()), "x must be float32"),
-        (dict(model_out=torch.tensor([[0.0, float("nan"), 1.0], [0.0, 0.0, 0.0]])), "model_out contains NaN"),
+        (dict(model_out=torch.tensor([[0.0, float("nan"), 1.0], [0.0, 0.0, 0.0]])), "model_out contains non-finite"),
         (dict(threshold_ratio=1.5), "threshold_ratio must be in"),
         (dict(threshold_ratio=0.9, threshold_max=0.5), "threshold_max must be >= 1"),
         (dict(clip=-1.0), "clip must be > 0"),

@@ -255,7 +255,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"particles must have shape"):
         ops.resample(lw, torch.randn(4, 2, 3))
     with pytest.raises(ValueError, match=r"log_w must be a \(G, K\) tensor"):
-        ops.resample(torch.randn(8), particles)
+        ops.resample(torch.randn(2, 2, 2), particles)  # (1-D log_w is one group: test_validation.py)
     with pytest.raises(ValueError, match="log_w must be float32 or float64"):
         ops.resample(lw.half(), particles)
     with pytest.raises(ValueError, match="at most 131072 particles per group"):

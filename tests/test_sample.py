@@ -161,7 +161,7 @@ def test_sample_bad_input(kw, match):
 
 
 def test_sample_nan_model_output_names_it():
-    with pytest.raises(ValueError, match="model_out contains NaN"):
+    with pytest.raises(ValueError, match="model_out contains non-finite"):
         ds.sample(lambda x, t: x * float("nan"), torch.randn(1, 4, 4, 4), steps=3)
 
 

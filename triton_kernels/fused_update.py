@@ -15,11 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from diffsampler import reference
+from diffsampler import error_flags, reference
 
 PHASE_FULL, PHASE_CONVERT, PHASE_THRESHOLD = 0, 1, 2
 BLOCK = 1024
 ROW_WIDTH, SLOTS_WIDTH = tl.constexpr(reference.ROW_WIDTH), tl.constexpr(reference.SLOTS_WIDTH)  # step tables
+ERR_STEP, ERR_SLOT = tl.constexpr(error_flags.BITS["step"]), tl.constexpr(error_flags.BITS["slot"])
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -65,6 +66,20 @@ def _direction(xv, ov, m0, h0, h1, h2, gx, ge, gb0, gb1, gb2, gb3, N_READS: tl.c
 
 
 @triton.jit
+def _clamp_slot(j, n_slots):
+    """A history slot clamped into [0, n_slots)."""
+    return tl.minimum(tl.maximum(j, 0), n_slots - 1)
+
+
+@triton.jit
+def _slot_error(j, n_slots, USED: tl.constexpr):
+    """The slot error bit when the slot is used and outside [0, n_slots), else 0."""
+    if USED:
+        return tl.where((j >= 0) & (j < n_slots), 0, ERR_SLOT)
+    return 0
+
+
+@triton.jit
 def _multistep_update_kernel(
     x_ptr, out_ptr, r0_ptr, r1_ptr, r2_ptr, z_ptr, s_ptr, m0_ptr, x_next_ptr, scale_ptr,
     d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, dw_ptr, w_ptr,
@@ -72,14 +87,15 @@ def _multistep_update_kernel(
     p, q, a, e, c, g, b0, b1, b2, b3, r0, r1, r2, clip,
     sa, se, sc, sg, sb0, sb1, sb2, sb3,
     gx, ge, gb0, gb1, gb2, gb3,
-    table_ptr, slots_ptr, step_ptr, hist_ptr, n_steps,
+    table_ptr, slots_ptr, step_ptr, hist_ptr, n_steps, n_slots, status_ptr,
     N_READS: tl.constexpr, HAS_NOISE: tl.constexpr, STATE: tl.constexpr, WRITE_M0: tl.constexpr,
     CLIP: tl.constexpr, PHASE: tl.constexpr, N_DIRS: tl.constexpr, WEIGHTS: tl.constexpr, BLOCK: tl.constexpr,
     INDEXED: tl.constexpr,
 ):
-    if INDEXED:  # the step's coefficients and history slots, read on the device (reference.ROW_*)
+    if INDEXED:  # the step's coefficients and history slots, read on the device (reference.ROW_*), clamped
         i = tl.load(step_ptr)
-        tl.device_assert((i >= 0) & (i < n_steps), "multistep_update_indexed: step outside the table")
+        err = tl.where((i >= 0) & (i < n_steps), 0, ERR_STEP)
+        i = tl.minimum(tl.maximum(i, 0), n_steps - 1)
         row = table_ptr + i * ROW_WIDTH
         p, q, a = tl.load(row).to(tl.float32), tl.load(row + 1).to(tl.float32), tl.load(row + 2).to(tl.float32)
         e, c = tl.load(row + 3).to(tl.float32), tl.load(row + 4).to(tl.float32)
@@ -91,10 +107,16 @@ def _multistep_update_kernel(
         sb0, sb1 = tl.load(row + 17).to(tl.float32), tl.load(row + 18).to(tl.float32)
         sb2, sb3 = tl.load(row + 19).to(tl.float32), tl.load(row + 20).to(tl.float32)
         slot = slots_ptr + i * SLOTS_WIDTH
-        m0_ptr = hist_ptr + tl.load(slot) * n
-        r0_ptr = hist_ptr + tl.load(slot + 1) * n
-        r1_ptr = hist_ptr + tl.load(slot + 2) * n
-        r2_ptr = hist_ptr + tl.load(slot + 3) * n
+        w, j0, j1, j2 = tl.load(slot), tl.load(slot + 1), tl.load(slot + 2), tl.load(slot + 3)
+        err |= _slot_error(w, n_slots, WRITE_M0)
+        err |= _slot_error(j0, n_slots, N_READS > 0) | _slot_error(j1, n_slots, N_READS > 1)
+        err |= _slot_error(j2, n_slots, N_READS > 2)
+        m0_ptr = hist_ptr + _clamp_slot(w, n_slots) * n
+        r0_ptr = hist_ptr + _clamp_slot(j0, n_slots) * n
+        r1_ptr = hist_ptr + _clamp_slot(j1, n_slots) * n
+        r2_ptr = hist_ptr + _clamp_slot(j2, n_slots) * n
+        if (err != 0) & (tl.program_id(0) == 0):
+            tl.atomic_or(status_ptr, err.to(tl.int32))
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     xv = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
@@ -153,7 +175,8 @@ def _multistep_update_kernel(
 def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, coeffs, state_coeffs, clip,
             lml=None, indexed=None):
     """One kernel launch; lml = (ring slots, the slot written, dir_coeffs, weights or None) or None; indexed =
-    (table, slots, step, history or None): coeffs, state_coeffs and the read/m0 pointers come from the device."""
+    (table, slots, step, history or None, status): coeffs, state_coeffs and the read/m0 pointers come from the
+    device, the step and slots clamped into range (flagged in status)."""
     n = x.numel()
     k = len(reads)
     p, q, a, e, c = coeffs[:5]
@@ -169,7 +192,7 @@ def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, co
     slots, written, dir_coeffs, weights = lml if lml is not None else ([], dummy, [], None)
     gx, ge, *gb = list(dir_coeffs) + [0.0] * (6 - len(dir_coeffs))  # [gx, ge, gb_0..gb_3]
     lml_ptrs = [*slots, *[dummy] * (6 - len(slots)), written, weights if weights is not None else dummy]
-    table, slot_table, step, history = indexed if indexed is not None else (dummy, dummy, dummy, None)
+    table, slot_table, step, history, status = indexed if indexed is not None else (dummy, dummy, dummy, None, None)
     grid = (triton.cdiv(n, BLOCK),)
     torch.library.wrap_triton(_multistep_update_kernel)[grid](
         x, out, *ptrs, *lml_ptrs, n, max(n // x.shape[0], 1),
@@ -177,6 +200,7 @@ def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, co
         sa, se, sc, sg, sb[0], sb[1], sb[2], sb[3],
         gx, ge, gb[0], gb[1], gb[2], gb[3],
         table, slot_table, step, history if history is not None else dummy, table.shape[0],
+        history.shape[0] if history is not None else 1, status if status is not None else dummy,
         N_READS=len(reads), HAS_NOISE=noise is not None, STATE=0 if state is None else (2 if state_row else 1),
         WRITE_M0=m0 is not None, CLIP=clip > 0, PHASE=phase, N_DIRS=len(slots), WEIGHTS=weights is not None,
         BLOCK=BLOCK, INDEXED=indexed is not None,
@@ -255,19 +279,23 @@ def multistep_update(x, model_out, history, write_slot, read_slots, coeffs, nois
                                                          list(dir_coeffs), dir_weights)
 
 
-@torch.library.triton_op("diffsampler::multistep_update_indexed_triton", mutates_args={"history", "state"})
+@torch.library.triton_op("diffsampler::multistep_update_indexed_triton", mutates_args={"history", "state", "status"})
 def multistep_update_indexed(x: torch.Tensor, model_out: torch.Tensor, history: torch.Tensor | None,
                              table: torch.Tensor, slots: torch.Tensor, step: torch.Tensor, n_reads: int,
-                             noise: torch.Tensor | None, clip: float, state: torch.Tensor | None) -> torch.Tensor:
-    """reference.multistep_update_indexed on Triton: the row and slots are loaded by the kernel itself."""
+                             noise: torch.Tensor | None, clip: float, state: torch.Tensor | None,
+                             status: torch.Tensor | None = None) -> torch.Tensor:
+    """reference.multistep_update_indexed on Triton: the row and slots are loaded (and clamped, flagged in
+    status) by the kernel itself."""
     if x.dtype not in STORAGE_DTYPES:
         raise ValueError(f"the triton backend stores float32, float16 or bfloat16; x has dtype {x.dtype}")
     x, out = x.contiguous(), model_out.contiguous()
     noise = noise.contiguous() if noise is not None else None
+    if status is None:  # the kernel always records; nobody reads this one
+        status = torch.zeros(1, dtype=torch.int32, device=x.device)
     x_next = torch.empty_like(x)
     reads = [x] * n_reads  # placeholders: the kernel points them at the step's slots
     if x.numel() > 0:
         zeros = [0.0] * (6 + 2 * n_reads), [0.0] * (6 + n_reads if state is not None else 0)
         _launch(PHASE_FULL, x, out, reads, noise, state, state is not None, history, x_next, None, *zeros, clip,
-                indexed=(table, slots, step.reshape(1), history))
+                indexed=(table, slots, step.reshape(1), history, status))
     return x_next

@@ -6,7 +6,8 @@ resample_ancestors: one program per group, passes over the group in BLOCK tiles 
 the sorted draw positions -> the in-place ancestor arrangement (survivors keep their slot, dead slots take the
 extra copies in order, by a binary search over the extras' cumulative sum). Stores a later pass reads are fenced
 by tl.debug_barrier. resample_move: one program per (row, BLOCK chunk), which copies only if the row's group was
-resampled and its ancestor is another row.
+resampled and its ancestor is another row. Invalid uniforms are clamped and flagged (DS_ERR_UNIFORM), ancestors
+outside [0, K) clamped and flagged (DS_ERR_ANCESTOR).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
+from diffsampler import error_flags
+
 BLOCK = 1024
 MOVE_BLOCK = 4096
+ERR_ANCESTOR, ERR_UNIFORM = tl.constexpr(error_flags.BITS["ancestor"]), tl.constexpr(error_flags.BITS["uniform"])
 
 
 @triton.jit
@@ -43,19 +47,26 @@ def _weight_q(x):
 
 
 @triton.jit
+def _unit(u):
+    """u clamped into [0, 1], NaN as 0 (ds_unit)."""
+    return tl.where(u >= 0, tl.minimum(u, 1.0), 0.0)
+
+
+@triton.jit
 def _position(u_row, j, K, count, total, METHOD: tl.constexpr):
-    """min(floor(u_j total), total - 1) of draw j (ds_position); j a tensor of indices < count. float64 division
-    is IEEE (correctly rounded) in Triton, like the other backends' (float32's `/` would not be)."""
+    """min(floor(u_j total), total - 1) of draw j (ds_position, the uniforms through _unit); j a tensor of indices
+    < count. float64 division is IEEE (correctly rounded) in Triton, like the other backends' (float32's `/` would
+    not be)."""
     jf = j.to(tl.float64)
     if METHOD == 0:
-        v = (jf + tl.load(u_row)) / K.to(tl.float64)
+        v = (jf + _unit(tl.load(u_row))) / K.to(tl.float64)
     elif METHOD == 1:
-        v = (jf + tl.load(u_row + j)) / K.to(tl.float64)
+        v = (jf + _unit(tl.load(u_row + j))) / K.to(tl.float64)
     elif METHOD == 2:
-        v = tl.load(u_row + j)
+        v = _unit(tl.load(u_row + j))
     else:
-        top = tl.load(u_row + tl.minimum(count, K - 1))
-        v = tl.where(top > 0, tl.load(u_row + j) / tl.where(top > 0, top, 1.0), 0.0)
+        top = _unit(tl.load(u_row + tl.minimum(count, K - 1)))
+        v = tl.where(top > 0, _unit(tl.load(u_row + j)) / tl.where(top > 0, top, 1.0), 0.0)
     t = (v * total.to(tl.float64)).to(tl.int64)
     return tl.minimum(t, total - 1)
 
@@ -76,11 +87,24 @@ def _draws_below(u_row, c, K, count, total, METHOD: tl.constexpr, STEPS: tl.cons
 
 @triton.jit(do_not_specialize=["K", "width"])  # K = 1 must stay a tensor (K.to(...) below)
 def _resample_ancestors_kernel(lw_ptr, u_ptr, lw_out_ptr, anc_ptr, ess_ptr, res_ptr, log_norm_ptr, cum_ptr, cnt_ptr,
-                               limit_ptr, K, width, METHOD: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+                               limit_ptr, status_ptr, K, width, METHOD: tl.constexpr, STEPS: tl.constexpr,
+                               BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     lw_row, u_row = lw_ptr + g * K, u_ptr + g * width
     cum_row, cnt_row, anc_row = cum_ptr + g * K, cnt_ptr + g * K, anc_ptr + g * K
     lanes = tl.arange(0, BLOCK).to(tl.int64)
+    invalid = tl.full((), 0, tl.int32)  # uniforms outside [0, 1), NaN, or unsorted (ds_uniform_ok): flagged
+    for start in range(0, width, BLOCK):
+        offs = start + lanes
+        mask = offs < width
+        u = tl.load(u_row + offs, mask=mask, other=0.0)
+        bad = ~((u >= 0) & (u < 1))
+        if METHOD >= 2:
+            prev = tl.load(u_row + offs - 1, mask=mask & (offs > 0), other=0.0)
+            bad = bad | (u < prev)
+        invalid += tl.sum((bad & mask).to(tl.int32))
+    if invalid > 0:
+        tl.atomic_or(status_ptr, tl.full((), ERR_UNIFORM, tl.int32))
     m = tl.full((), float("-inf"), tl.float32)
     bad = tl.full((), 0, tl.int32)
     for start in range(0, K, BLOCK):
@@ -113,7 +137,8 @@ def _resample_ancestors_kernel(lw_ptr, u_ptr, lw_out_ptr, anc_ptr, ess_ptr, res_
     sq = sa.to(tl.float64) * 268435456.0 + sb.to(tl.float64) * 32768.0 + sc.to(tl.float64)
     ess = td * td / sq
     resampled = ess < tl.load(limit_ptr)  # ess_threshold K in float64 (a float argument would be float32)
-    log_norm = m + tl.log(s)
+    log_s = tl.log(s)
+    log_norm = m + log_s
     tl.store(ess_ptr + g, ess.to(tl.float32))
     tl.store(res_ptr + g, resampled.to(tl.int8))
     tl.store(log_norm_ptr + g, tl.where(degenerate, float("nan"), log_norm))
@@ -122,7 +147,7 @@ def _resample_ancestors_kernel(lw_ptr, u_ptr, lw_out_ptr, anc_ptr, ess_ptr, res_
         offs = start + lanes
         mask = offs < K
         v = tl.load(lw_row + offs, mask=mask, other=0.0)
-        tl.store(lw_out_ptr + g * K + offs, tl.where(resampled | degenerate, uniform, v - log_norm), mask=mask)
+        tl.store(lw_out_ptr + g * K + offs, tl.where(resampled | degenerate, uniform, (v - m) - log_s), mask=mask)
         tl.store(anc_row + offs, offs, mask=mask)
     if resampled:
         count = tl.zeros((), tl.int64) + K
@@ -180,23 +205,33 @@ def _resample_ancestors_kernel(lw_ptr, u_ptr, lw_out_ptr, anc_ptr, ess_ptr, res_
                 above = tl.load(cum_row + mid, mask=active, other=0) > rank
                 lo = tl.where(active & (~above), mid + 1, lo)
                 hi = tl.where(active & above, mid, hi)
-            tl.store(anc_row + offs, lo, mask=mask & (a < 0))
+            tl.store(anc_row + offs, tl.minimum(lo, K - 1), mask=mask & (a < 0))  # (the min: invalid uniforms)
 
 
 @triton.jit
-def _resample_move_kernel(p_ptr, anc_ptr, res_ptr, K, row, BLOCK: tl.constexpr):
+def _resample_move_kernel(p_ptr, anc_ptr, res_ptr, status_ptr, K, row, BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     g = r // K
-    a = tl.load(anc_ptr + r)
-    if (tl.load(res_ptr + g) != 0) & (a != r - g * K):
+    raw = tl.load(anc_ptr + r)
+    a = tl.minimum(tl.maximum(raw, 0), K - 1)  # clamped into the group; flagged below
+    resampled = tl.load(res_ptr + g) != 0
+    if resampled & (raw != a) & (tl.program_id(1) == 0):
+        tl.atomic_or(status_ptr, tl.full((), ERR_ANCESTOR, tl.int32))
+    if resampled & (a != r - g * K):
         offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < row
         v = tl.load(p_ptr + (g * K + a) * row + offs, mask=mask)
         tl.store(p_ptr + r * row + offs, v, mask=mask)
 
 
-@torch.library.triton_op("diffsampler::resample_ancestors_triton", mutates_args=())
-def resample_ancestors_triton(log_w: torch.Tensor, uniforms: torch.Tensor, method: int, ess_threshold: float
+def _status_word(status: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The caller's status word, or a scratch one (the kernels always record)."""
+    return status if status is not None else torch.zeros(1, dtype=torch.int32, device=device)
+
+
+@torch.library.triton_op("diffsampler::resample_ancestors_triton", mutates_args={"status"})
+def resample_ancestors_triton(log_w: torch.Tensor, uniforms: torch.Tensor, method: int, ess_threshold: float,
+                              status: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Signature and outputs of diffsampler.reference.resample_ancestors; log_w float32, uniforms float64."""
     G, K = log_w.shape
@@ -208,14 +243,17 @@ def resample_ancestors_triton(log_w: torch.Tensor, uniforms: torch.Tensor, metho
     cum, cnt = torch.empty_like(ancestors), torch.empty_like(ancestors)
     limit = torch.full((1,), ess_threshold * K, dtype=torch.float64, device=log_w.device)  # a fill: no copy, no sync
     torch.library.wrap_triton(_resample_ancestors_kernel)[(G,)](
-        log_w, uniforms, lw_out, ancestors, ess, resampled, log_norm, cum, cnt, limit, K, uniforms.shape[1],
+        log_w, uniforms, lw_out, ancestors, ess, resampled, log_norm, cum, cnt, limit,
+        _status_word(status, log_w.device), K, uniforms.shape[1],
         METHOD=method, STEPS=max(1, math.ceil(math.log2(K + 1))), BLOCK=BLOCK)
     return lw_out, ancestors, ess, resampled.bool(), log_norm
 
 
-@torch.library.triton_op("diffsampler::resample_move_triton", mutates_args={"particles"})
-def resample_move_triton(particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor) -> None:
-    """reference.resample_move on Triton: copies the rows of dead slots of resampled groups, in place."""
+@torch.library.triton_op("diffsampler::resample_move_triton", mutates_args={"particles", "status"})
+def resample_move_triton(particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor,
+                         status: torch.Tensor | None = None) -> None:
+    """reference.resample_move on Triton: copies the rows of dead slots of resampled groups, in place (ancestors
+    clamped into [0, K), flagged in status)."""
     G, K = ancestors.shape
     work = particles if particles.is_contiguous() else particles.contiguous()
     row_bytes = work.numel() // (G * K) * work.element_size()
@@ -224,18 +262,22 @@ def resample_move_triton(particles: torch.Tensor, ancestors: torch.Tensor, resam
     row = row_bytes // flat.element_size()
     if row > 0:
         torch.library.wrap_triton(_resample_move_kernel)[(G * K, triton.cdiv(row, MOVE_BLOCK))](
-            flat, ancestors.contiguous(), resampled.to(torch.int8), K, row, BLOCK=MOVE_BLOCK)
+            flat, ancestors.contiguous(), resampled.to(torch.int8), _status_word(status, particles.device), K, row,
+            BLOCK=MOVE_BLOCK)
     if work is not particles:
         particles.copy_(work)
 
 
-def resample_ancestors(log_w: torch.Tensor, uniforms: torch.Tensor, method: int, ess_threshold: float):
+def resample_ancestors(log_w: torch.Tensor, uniforms: torch.Tensor, method: int, ess_threshold: float,
+                       status: torch.Tensor | None = None):
     """Entry point with the reference's signature (the registered op)."""
     if log_w.dtype != torch.float32 or uniforms.dtype != torch.float64:
         raise ValueError(f"log_w must be float32 and uniforms float64, got {log_w.dtype} and {uniforms.dtype}")
-    return torch.ops.diffsampler.resample_ancestors_triton(log_w, uniforms, int(method), float(ess_threshold))
+    return torch.ops.diffsampler.resample_ancestors_triton(log_w, uniforms, int(method), float(ess_threshold),
+                                                           status)
 
 
-def resample_move(particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor) -> None:
+def resample_move(particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor,
+                  status: torch.Tensor | None = None) -> None:
     """Entry point with the reference's signature (the registered op)."""
-    torch.ops.diffsampler.resample_move_triton(particles, ancestors, resampled)
+    torch.ops.diffsampler.resample_move_triton(particles, ancestors, resampled, status)

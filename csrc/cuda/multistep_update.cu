@@ -191,7 +191,10 @@ __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_upda
 template <typename T, int kReads, bool kNoise, int kState, bool kWriteM0, int kPhase, bool kLml>
 __global__ void __launch_bounds__(kThreads)
     multistep_update_kernel(ds_update_tensors t, ds_update_coeffs k, bool packed) {
-  if (t.table != nullptr) ds_index_step(&t, &k, sizeof(T));  // indexed: this step's row and slots
+  if (t.table != nullptr) {  // indexed: this step's row and slots, clamped into range; one thread flags
+    const int err = ds_index_step(&t, &k, sizeof(T));
+    if (err != 0 && t.status != nullptr && blockIdx.x == 0 && threadIdx.x == 0) atomicOr(t.status, err);
+  }
   constexpr int kPack = Pack<T>::kSize;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;

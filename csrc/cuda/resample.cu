@@ -80,6 +80,10 @@ __global__ void __launch_bounds__(kThreads) ancestors_kernel(ds_resample_args a)
   int64_t* anc = a.ancestors + g * K;
   const int tid = threadIdx.x;
 
+  int bad_uniform = 0;  // invalid uniforms are clamped by ds_position; flagged here
+  for (long long j = tid; j < a.width; j += kThreads) bad_uniform |= !ds_uniform_ok(a.method, u, j);
+  if (bad_uniform && a.status != nullptr) atomicOr(a.status, DS_ERR_UNIFORM);
+
   float m = -INFINITY;
   int bad = 0;
   for (long long k = tid; k < K; k += kThreads) {
@@ -119,7 +123,8 @@ __global__ void __launch_bounds__(kThreads) ancestors_kernel(ds_resample_args a)
   s = sh.broadcast_f[1];
   const double ess = ds_ess(total, sa, sb, sc);
   const bool resampled = ess < a.ess_threshold * static_cast<double>(K);
-  const float log_norm = m + logf(s);
+  const float log_s = logf(s);
+  const float log_norm = m + log_s;
   if (tid == 0) {
     a.ess[g] = static_cast<float>(ess);
     a.resampled[g] = resampled;
@@ -127,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) ancestors_kernel(ds_resample_args a)
   }
   const float uniform = static_cast<float>(-log(static_cast<double>(K)));
   for (long long k = tid; k < K; k += kThreads) {
-    a.log_w_out[g * K + k] = (resampled || degenerate) ? uniform : lw[k] - log_norm;
+    a.log_w_out[g * K + k] = (resampled || degenerate) ? uniform : (lw[k] - m) - log_s;  // exact at any scale
     anc[k] = k;
   }
   if (!resampled) return;  // uniform over the block: every thread takes the same branch
@@ -184,30 +189,33 @@ __global__ void __launch_bounds__(kThreads) ancestors_kernel(ds_resample_args a)
         lo = mid + 1;
       }
     }
-    anc[k] = lo;
+    anc[k] = lo < K ? lo : K - 1;  // only reached with invalid (flagged) uniforms
   }
 }
 
 template <typename Unit>
 __global__ void move_kernel(Unit* p, const int64_t* anc, const bool* res, long long K, long long units_per_row,
-                            long long n) {
+                            long long n, int* status) {
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
     const long long r = i / units_per_row, g = r / K;
-    const long long src = anc[r];
-    if (!res[g] || src == r - g * K) continue;
+    if (!res[g]) continue;
+    int err = 0;
+    const long long src = ds_clamp_index(anc[r], K, DS_ERR_ANCESTOR, &err);
+    if (err != 0 && status != nullptr && i % units_per_row == 0) atomicOr(status, err);
+    if (src == r - g * K) continue;
     p[i] = p[(g * K + src) * units_per_row + (i - r * units_per_row)];
   }
 }
 
 template <typename Unit>
 int launch_move(void* particles, const int64_t* anc, const bool* res, long long G, long long K, long long row_bytes,
-                cudaStream_t stream) {
+                int* status, cudaStream_t stream) {
   const long long per_row = row_bytes / static_cast<long long>(sizeof(Unit));
   const long long n = G * K * per_row;
   const long long blocks = (n + 255) / 256 < 65535 * 8 ? (n + 255) / 256 : 65535 * 8;
   move_kernel<Unit><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(static_cast<Unit*>(particles), anc, res, K,
-                                                                      per_row, n);
+                                                                      per_row, n, status);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -220,12 +228,15 @@ extern "C" int ds_resample_ancestors_cuda(ds_resample_args args, cudaStream_t st
 }
 
 extern "C" int ds_resample_move_cuda(void* particles, const int64_t* ancestors, const bool* resampled, int64_t G,
-                                     int64_t K, int64_t row_bytes, cudaStream_t stream) {
+                                     int64_t K, int64_t row_bytes, int* status, cudaStream_t stream) {
   if (G * K * row_bytes == 0) return 0;
   const uintptr_t align = reinterpret_cast<uintptr_t>(particles) | static_cast<uintptr_t>(row_bytes);
-  if (align % 16 == 0) return launch_move<uint4>(particles, ancestors, resampled, G, K, row_bytes, stream);
-  if (align % 8 == 0) return launch_move<uint2>(particles, ancestors, resampled, G, K, row_bytes, stream);
-  if (align % 4 == 0) return launch_move<unsigned>(particles, ancestors, resampled, G, K, row_bytes, stream);
-  if (align % 2 == 0) return launch_move<unsigned short>(particles, ancestors, resampled, G, K, row_bytes, stream);
-  return launch_move<unsigned char>(particles, ancestors, resampled, G, K, row_bytes, stream);
+  const auto run = [&](auto unit) {
+    return launch_move<decltype(unit)>(particles, ancestors, resampled, G, K, row_bytes, status, stream);
+  };
+  if (align % 16 == 0) return run(uint4{});
+  if (align % 8 == 0) return run(uint2{});
+  if (align % 4 == 0) return run(0u);
+  if (align % 2 == 0) return run(static_cast<unsigned short>(0));
+  return run(static_cast<unsigned char>(0));
 }

@@ -12,6 +12,8 @@
 #define DS_HD inline
 #endif
 
+#include "error_flags.h"
+
 #define DS_RESAMPLE_MAX_PARTICLES (1 << 17)
 
 enum ds_resample_method { DS_SYSTEMATIC = 0, DS_STRATIFIED = 1, DS_MULTINOMIAL = 2, DS_RESIDUAL = 3 };
@@ -53,19 +55,30 @@ DS_HD double ds_ess(int64_t total, int64_t a, int64_t b, int64_t c) {
   return t * t / sq;
 }
 
-// Position of draw j in [0, total): min(floor(u_j total), total - 1), u_j by method (reference.resample_thresholds);
-// u points at the group's uniforms (1 for systematic, K sorted for multinomial and residual), count = residual's R.
+// A uniform clamped into [0, 1] (NaN as 0): out-of-range uniforms never give positions outside [0, total).
+DS_HD double ds_unit(double u) { return u >= 0.0 ? (u < 1.0 ? u : 1.0) : 0.0; }
+
+// Whether uniform j of a group (width of them) is valid: in [0, 1) and, for multinomial / residual, not below
+// uniform j - 1 (they must be sorted). Kernels flag DS_ERR_UNIFORM where it is not.
+DS_HD bool ds_uniform_ok(int method, const double* u, int64_t j) {
+  const bool in_range = u[j] >= 0.0 && u[j] < 1.0;
+  return in_range && (method < DS_MULTINOMIAL || j == 0 || u[j - 1] <= u[j]);
+}
+
+// Position of draw j in [0, total): min(floor(u_j total), total - 1), u_j by method (reference.resample_thresholds)
+// from the group's uniforms (1 for systematic, K sorted for multinomial and residual) through ds_unit;
+// count = residual's R.
 DS_HD int64_t ds_position(int method, int64_t j, const double* u, int64_t K, int64_t count, int64_t total) {
   double v;
   if (method == DS_SYSTEMATIC) {
-    v = (static_cast<double>(j) + u[0]) / static_cast<double>(K);
+    v = (static_cast<double>(j) + ds_unit(u[0])) / static_cast<double>(K);
   } else if (method == DS_STRATIFIED) {
-    v = (static_cast<double>(j) + u[j]) / static_cast<double>(K);
+    v = (static_cast<double>(j) + ds_unit(u[j])) / static_cast<double>(K);
   } else if (method == DS_MULTINOMIAL) {
-    v = u[j];
+    v = ds_unit(u[j]);
   } else {
-    const double top = u[count < K - 1 ? count : K - 1];
-    v = top > 0 ? u[j] / top : 0.0;
+    const double top = ds_unit(u[count < K - 1 ? count : K - 1]);
+    v = top > 0 ? ds_unit(u[j]) / top : 0.0;
   }
   const int64_t t = static_cast<int64_t>(v * static_cast<double>(total));
   return t < total ? t : total - 1;

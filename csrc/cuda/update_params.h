@@ -17,6 +17,8 @@
 #pragma once
 #include <stdint.h>
 
+#include "error_flags.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -79,19 +81,20 @@ typedef struct {
   int64_t per_sample;               // elements per sample (n / B)
   const double* table;              // indexed steps: (steps, DS_ROW_WIDTH); NULL: the coefficients are given
   const int64_t* slots;             // (steps, DS_SLOTS_WIDTH)
-  const int64_t* step;              // the step's row, in [0, n_steps)
+  const int64_t* step;              // the step's row, clamped into [0, n_steps)
   int64_t n_steps;                  // rows of the tables
-  void* history;                    // contiguous (slots, n) ring the slots index
+  void* history;                    // contiguous (history_slots, n) ring the slots index
+  int64_t history_slots;            // slots of history (the table's slots are clamped into [0, history_slots))
+  int* status;                      // error_flags.h bits (DS_ERR_STEP, DS_ERR_SLOT); NULL: not recorded
 } ds_update_tensors;
 
 // Indexed steps: loads the step's row into k and points reads[] and m0 at its history slots (elem_size bytes
-// per element). n_reads, clip, state_row and LML's fields of k are left as they are.
-// A step outside [0, n_steps) traps on the device; host callers check it before.
-static inline DS_HOST_DEVICE void ds_index_step(ds_update_tensors* t, ds_update_coeffs* k, int64_t elem_size) {
-  const int64_t i = *t->step;
-#ifdef __CUDA_ARCH__
-  if (i < 0 || i >= t->n_steps) __trap();
-#endif
+// per element). n_reads, clip, state_row and LML's fields of k are left as they are. A step outside
+// [0, n_steps) or a used slot outside [0, history_slots) is clamped into range; returns the error_flags.h bits
+// of what was clamped (0: nothing).
+static inline DS_HOST_DEVICE int ds_index_step(ds_update_tensors* t, ds_update_coeffs* k, int64_t elem_size) {
+  int err = 0;
+  const int64_t i = ds_clamp_index(*t->step, t->n_steps, DS_ERR_STEP, &err);
   const double* row = t->table + i * DS_ROW_WIDTH;
   const int64_t* slot = t->slots + i * DS_SLOTS_WIDTH;
   k->p = (float)row[0];
@@ -110,10 +113,13 @@ static inline DS_HOST_DEVICE void ds_index_step(ds_update_tensors* t, ds_update_
   k->sc = (float)row[DS_ROW_G + 3];
   k->sg = (float)row[DS_ROW_G + 4];
   char* base = (char*)t->history;
-  if (!base) return;
+  if (!base) return err;
   const int64_t slot_bytes = t->n * elem_size;
-  t->m0 = base + slot[0] * slot_bytes;
-  for (int j = 0; j < k->n_reads; ++j) t->reads[j] = base + slot[1 + j] * slot_bytes;
+  t->m0 = base + ds_clamp_index(slot[0], t->history_slots, DS_ERR_SLOT, &err) * slot_bytes;
+  for (int j = 0; j < k->n_reads; ++j) {
+    t->reads[j] = base + ds_clamp_index(slot[1 + j], t->history_slots, DS_ERR_SLOT, &err) * slot_bytes;
+  }
+  return err;
 }
 
 #ifdef __cplusplus

@@ -75,6 +75,7 @@ class CapturedSampler:
         loop.reset()
         for _ in self.plan.steps:
             graph.replay()
+        loop.check()  # the step counter and table slots stayed in range (one sync at the end)
         return static_in.clone()
 
     def _capture(self, key, x_T: torch.Tensor) -> str | None:

@@ -7,12 +7,13 @@ reference; a CPU tensor goes to the C++ extension, else the reference. ``backend
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
 
-from . import reference
+from . import error_flags, reference
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -73,6 +74,8 @@ def backends() -> dict:
 def _select_backend(backend: str, x: torch.Tensor) -> str:
     if backend not in BACKEND_NAMES + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    if x.device.type == "meta" and backend == "auto":  # shapes only: the registered ops' fake implementations
+        return "cpu" if _status("cpu")[0] and x.dtype in FUSED_DTYPES else "reference"
     if backend == "auto":
         if x.dtype not in FUSED_DTYPES:
             return "reference"
@@ -166,6 +169,60 @@ def _check_x(x, model_out) -> None:
     _check_like("model_out", model_out, x)
 
 
+def _index(name: str, value) -> int:
+    """value as a Python int: ints and numpy integers pass; floats, bools, tensors and the rest are refused."""
+    if isinstance(value, (bool, torch.Tensor)) or not hasattr(type(value), "__index__"):
+        raise ValueError(f"{name} must be an integer (int or numpy integer), got {value!r}")
+    return operator.index(value)
+
+
+def _indices(name: str, values) -> list[int]:
+    """A sequence of integers (see _index) as a list of ints."""
+    if isinstance(values, (str, bytes, torch.Tensor)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a sequence of integers, got {values!r}")
+    return [_index(f"{name}[{i}]", v) for i, v in enumerate(values)]
+
+
+def _has_data(t: torch.Tensor) -> bool:
+    """Whether t has real memory to inspect (not meta, not traced by torch.compile)."""
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
+
+
+def _span(operand) -> tuple[int, int]:
+    """The byte range [first, end) an operand can touch: a tensor, or (tensor, j) for its slot tensor[j] (no
+    view is made: views would be dispatched ops)."""
+    t, slot = operand if isinstance(operand, tuple) else (operand, None)
+    shape, stride, start = t.shape, t.stride(), t.data_ptr()
+    if slot is not None:
+        shape, stride, start = shape[1:], stride[1:], start + slot * stride[0] * t.element_size()
+    if 0 in shape:
+        return 0, 0
+    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(shape, stride))
+    return start, start + extent * t.element_size()
+
+
+def _check_no_overlap(written: dict, read: dict) -> None:
+    """Refuse an operand whose memory range meets a buffer the op writes in place (the kernels read elements
+    after writing others, unlike the reference: the result would depend on the backend). written / read: name
+    -> tensor, (tensor, slot) or None; a written buffer may be read by itself. Spans, not elements: two
+    interleaved views of one buffer count as overlapping."""
+    operands = [(n, o) for n, o in (*written.items(), *read.items()) if o is not None]
+    first = operands[0][1] if operands else None
+    if first is None or not _has_data(first[0] if isinstance(first, tuple) else first):
+        return
+    for name, w in written.items():
+        if w is None:
+            continue
+        w0, w1 = _span(w)
+        for other, o in operands:
+            if other == name:
+                continue
+            o0, o1 = _span(o)
+            if w0 < o1 and o0 < w1:
+                raise ValueError(f"{other} shares memory with {name}, which the op writes in place: pass separate "
+                                 f"buffers (e.g. {other}.clone())")
+
+
 def _check_history(history, x, write_slot, read_slots) -> None:
     """history (slots, *x.shape) with write_slot and read_slots inside it and distinct (write_slot None: none)."""
     if history is None:
@@ -186,23 +243,32 @@ def _check_history(history, x, write_slot, read_slots) -> None:
 
 
 def _check_nan(model_out, check_nan: bool) -> None:
-    if check_nan and torch.isnan(model_out).any():
-        raise ValueError("model_out contains NaN (the model diverged or got bad input); "
+    """With check_nan: refuse a model output with NaN or +-inf (one reduction and a host sync; not on meta)."""
+    if check_nan and _has_data(model_out) and not torch.isfinite(model_out).all():
+        raise ValueError("model_out contains non-finite values (NaN or inf: the model diverged or got bad input); "
                          "pass check_nan=False to skip this check")
+
+
+def _check_coeffs(name: str, coeffs, n_reads: int) -> None:
+    """An UpdateCoeffs for a step with n_reads history reads: b (and state.b) of 1 + n_reads, r of <= n_reads."""
+    if not isinstance(coeffs, UpdateCoeffs):
+        raise ValueError(f"{name} must be an UpdateCoeffs, got {type(coeffs).__name__}")
+    if n_reads > MAX_HISTORY_READS:
+        raise ValueError(f"read_slots: at most {MAX_HISTORY_READS} history terms are supported, got {n_reads}")
+    if len(coeffs.r) > n_reads:
+        raise ValueError(f"{name}.r weighs history reads in m_0: at most len(read_slots) = {n_reads} "
+                         f"entries, got {len(coeffs.r)}")
+    if len(coeffs.b) != 1 + n_reads:
+        raise ValueError(f"{name}.b must have 1 + len(read_slots) = {1 + n_reads} entries, got {len(coeffs.b)}")
+    if coeffs.state is not None and len(coeffs.state.b) != len(coeffs.b):
+        raise ValueError(f"{name}.state.b must have {len(coeffs.b)} entries like {name}.b, got "
+                         f"{len(coeffs.state.b)}")
 
 
 def _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, noise, clip, threshold_ratio,
                        threshold_max, state, check_nan) -> None:
     _check_x(x, model_out)
-    if not isinstance(coeffs, UpdateCoeffs):
-        raise ValueError(f"coeffs must be an UpdateCoeffs, got {type(coeffs).__name__}")
-    if len(read_slots) > MAX_HISTORY_READS:
-        raise ValueError(f"read_slots: at most {MAX_HISTORY_READS} history terms are supported, got {len(read_slots)}")
-    if len(coeffs.r) > len(read_slots):
-        raise ValueError(f"coeffs.r weighs history reads in m_0: at most len(read_slots) = {len(read_slots)} "
-                         f"entries, got {len(coeffs.r)}")
-    if len(coeffs.b) != 1 + len(read_slots):
-        raise ValueError(f"coeffs.b must have 1 + len(read_slots) = {1 + len(read_slots)} entries, got {len(coeffs.b)}")
+    _check_coeffs("coeffs", coeffs, len(read_slots))
     _check_history(history, x, write_slot, read_slots)
     if noise is not None:
         _check_like("noise", noise, x)
@@ -212,8 +278,6 @@ def _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, no
         _check_like("state", state, x)
     elif coeffs.g != 0 or coeffs.state is not None:
         raise ValueError("state is required: coeffs.g != 0 or coeffs.state is set")
-    if coeffs.state is not None and len(coeffs.state.b) != len(coeffs.b):
-        raise ValueError(f"coeffs.state.b must have {len(coeffs.b)} entries like coeffs.b, got {len(coeffs.state.b)}")
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be > 0 or None, got {clip}")
     if threshold_ratio is not None:
@@ -262,12 +326,21 @@ def multistep_update(
     All operands share x's shape, dtype and device; history has shape (slots, *x.shape) and is written in
     place, and so are `state` when coeffs.state is set and `dirs`.
     Computes in float32 (float64 for float64 inputs, on the reference). ``check_nan`` scans model_out for NaN
-    (one reduction and a host sync per call); turn it off in graph-captured or compiled loops.
+    and inf (one reduction and a host sync per call); turn it off in graph-captured or compiled loops.
+    Written buffers (history[write_slot], a rewritten state, dirs[dir_slot]) must not share memory with the
+    other operands (docs/validation.md).
     """
-    read_slots = [int(r) for r in read_slots]
+    write_slot, read_slots, dir_slot = _index("write_slot", write_slot), _indices("read_slots", read_slots), \
+        _index("dir_slot", dir_slot)
     _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, noise, clip, threshold_ratio,
                        threshold_max, state, check_nan)
     lml = _check_dir_args(x, read_slots, dirs, dir_slot, dir_coeffs, dir_weights)
+    _check_no_overlap({"history[write_slot]": (history, write_slot) if history is not None else None,
+                       "state": state if coeffs.state is not None else None,
+                       "dirs[dir_slot]": (dirs, dir_slot) if lml else None},
+                      {"x": x, "model_out": model_out, "noise": noise, "state": state, "dir_weights": dir_weights,
+                       **{f"history[{r}]": (history, r) for r in read_slots},
+                       **{f"dirs[{j}]": (dirs, j) for j in range(dirs.shape[0] if lml else 0) if j != dir_slot}})
     args = (x, model_out, history, int(write_slot), read_slots, coeffs.as_list(), noise,
             float(clip or 0.0), float(threshold_ratio or 0.0), float(threshold_max), state,
             coeffs.state_list(state is not None))
@@ -326,11 +399,10 @@ def lml_gram(
     m_0 as multistep_update computes it (clip included, no thresholding). One read-only pass; sums over all
     non-batch dimensions in a fixed order (reproducible run to run).
     """
-    read_slots = [int(r) for r in read_slots]
+    read_slots = _indices("read_slots", read_slots)
     _check_x(x, model_out)
     _check_history(history, x, None, read_slots)
-    if len(coeffs.b) != 1 + len(read_slots):
-        raise ValueError(f"coeffs.b must have 1 + len(read_slots) = {1 + len(read_slots)} entries, got {len(coeffs.b)}")
+    _check_coeffs("coeffs", coeffs, len(read_slots))
     if dirs is None:
         raise ValueError("dirs is required (LML's ring of directions)")
     _check_dir_args(x, read_slots, dirs, 0, dir_coeffs, None)
@@ -416,12 +488,15 @@ class StepTable(NamedTuple):
         slots[i]  = [write_slot, read_0, read_1, read_2]                                 (steps, 4) int64
 
     n_reads: the reads every step makes (a step with fewer reads gets zero weights on distinct unused slots);
-    state: whether the steps read and rewrite a state (a step without a state row keeps it: sg = 1)."""
+    state: whether the steps read and rewrite a state (a step without a state row keeps it: sg = 1);
+    history_slots: the history size the slots address (a history with fewer slots is refused); None for a
+    hand-made table, whose slots are then clamped into the history on the device (and flagged)."""
 
     coeffs: torch.Tensor
     slots: torch.Tensor
     n_reads: int
     state: bool
+    history_slots: int | None = None
 
 
 def step_table(coeffs: Sequence[UpdateCoeffs], write_slots: Sequence[int], read_slots: Sequence[Sequence[int]],
@@ -431,18 +506,19 @@ def step_table(coeffs: Sequence[UpdateCoeffs], write_slots: Sequence[int], read_
     if not (n == len(write_slots) == len(read_slots)) or n == 0:
         raise ValueError(f"coeffs, write_slots and read_slots must be non-empty and of equal length, got {n}, "
                          f"{len(write_slots)}, {len(read_slots)}")
+    history_slots = _index("history_slots", history_slots)
+    write_slots = _indices("write_slots", write_slots)
+    read_slots = [_indices(f"read_slots[{i}]", r) for i, r in enumerate(read_slots)]
     n_reads = max(len(r) for r in read_slots)
     if n_reads > MAX_HISTORY_READS:
         raise ValueError(f"read_slots: at most {MAX_HISTORY_READS} reads per step, got {n_reads}")
-    if n_reads and history_slots <= n_reads:
+    if history_slots < 0 or (n_reads and history_slots <= n_reads):
         raise ValueError(f"history_slots must exceed the reads per step ({n_reads}), got {history_slots}")
     rows, slot_rows = [], []
     for i, (k, w, reads) in enumerate(zip(coeffs, write_slots, read_slots)):
-        if not isinstance(k, UpdateCoeffs):
-            raise ValueError(f"coeffs[{i}] must be an UpdateCoeffs, got {type(k).__name__}")
+        _check_coeffs(f"coeffs[{i}]", k, len(reads))
         if (k.g != 0 or k.state is not None) and not state:
             raise ValueError(f"coeffs[{i}] uses a state: pass state=True")
-        reads = list(reads)
         if history_slots:
             _check_history(torch.empty(history_slots, 1), torch.empty(1), w, reads)
         pad = [j for j in range(history_slots) if j != w and j not in reads][:n_reads - len(reads)]
@@ -454,7 +530,39 @@ def step_table(coeffs: Sequence[UpdateCoeffs], write_slots: Sequence[int], read_
                     + [k.g, row.a, row.e, row.c, row.g] + fill(row.b, MAX_HISTORY_READS + 1))
         slot_rows.append([w if history_slots else 0] + fill(reads + pad, MAX_HISTORY_READS))
     return StepTable(torch.tensor(rows, dtype=torch.float64, device=device),
-                     torch.tensor(slot_rows, dtype=torch.int64, device=device), n_reads, bool(state))
+                     torch.tensor(slot_rows, dtype=torch.int64, device=device), n_reads, bool(state), history_slots)
+
+
+def _check_step_table(table, x, history) -> None:
+    """The table's tensors (as ops.step_table makes them) on x's device, and a history with its slots."""
+    if not isinstance(table, StepTable):
+        raise ValueError(f"table must be an ops.StepTable (ops.step_table), got {type(table).__name__}")
+    c, sl = table.coeffs, table.slots
+    if not (isinstance(c, torch.Tensor) and c.dtype == torch.float64 and c.dim() == 2 and c.shape[0] >= 1
+            and c.shape[1] == reference.ROW_WIDTH and c.is_contiguous()):
+        raise ValueError(f"table.coeffs must be a contiguous float64 tensor of shape (steps >= 1, "
+                         f"{reference.ROW_WIDTH}), got {getattr(c, 'dtype', type(c).__name__)} "
+                         f"{tuple(getattr(c, 'shape', ()))}")
+    if not (isinstance(sl, torch.Tensor) and sl.dtype == torch.int64 and tuple(sl.shape) ==
+            (c.shape[0], reference.SLOTS_WIDTH) and sl.is_contiguous()):
+        raise ValueError(f"table.slots must be a contiguous int64 tensor of shape ({c.shape[0]}, "
+                         f"{reference.SLOTS_WIDTH}), got {getattr(sl, 'dtype', type(sl).__name__)} "
+                         f"{tuple(getattr(sl, 'shape', ()))}")
+    if c.device != x.device or sl.device != x.device:
+        raise ValueError(f"table must be on x's device {x.device}, got {c.device}")
+    if isinstance(table.n_reads, bool) or not isinstance(table.n_reads, int) or \
+            not 0 <= table.n_reads <= MAX_HISTORY_READS:
+        raise ValueError(f"table.n_reads must be an int in [0, {MAX_HISTORY_READS}], got {table.n_reads!r}")
+    if table.n_reads and history is None:
+        raise ValueError(f"the table's steps read {table.n_reads} history slots: history is required")
+    if history is not None:
+        _check_history(history, x, None, ())
+        if not history.is_contiguous():
+            raise ValueError("history must be contiguous (its slots are addressed on the device)")
+        need = max(table.history_slots or 0, table.n_reads + 1)
+        if history.shape[0] < need:
+            raise ValueError(f"history has {history.shape[0]} slots; the table addresses {need} "
+                             f"(history_slots={table.history_slots}, n_reads={table.n_reads})")
 
 
 def multistep_update_indexed(
@@ -467,27 +575,24 @@ def multistep_update_indexed(
     noise: torch.Tensor | None = None,
     clip: float | None = None,
     state: torch.Tensor | None = None,
+    status: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """multistep_update with the coefficients and history slots of step `step` (an int64 tensor of one element
     on x's device) read on the device from `table` (ops.step_table): a captured step replays for every step.
 
     history (contiguous, zeros before the first step: reads without weight must be finite) and state are
-    written in place. No NaN check, no host sync; thresholding and LML are not supported here."""
+    written in place. No NaN check, no host sync; thresholding and LML are not supported here.
+
+    A step outside the table, or a table slot outside the history, is only known on the device: the kernel
+    clamps it into range and sets a bit of `status` (error_flags.new(); None: error_flags.default(x.device)),
+    which error_flags.check reads when the caller may sync. CPU tensors are checked at once (a RuntimeError)."""
     _check_x(x, model_out)
-    if not isinstance(table, StepTable):
-        raise ValueError(f"table must be an ops.StepTable (ops.step_table), got {type(table).__name__}")
-    if table.coeffs.device != x.device or table.slots.device != x.device:
-        raise ValueError(f"table must be on x's device {x.device}, got {table.coeffs.device}")
+    _check_step_table(table, x, history)
     if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.dtype == torch.int64
             and step.device == x.device):
         raise ValueError(f"step must be an int64 tensor of one element on x's device {x.device}")
-    if table.n_reads and history is None:
-        raise ValueError(f"the table's steps read {table.n_reads} history slots: history is required")
-    if history is not None:
-        _check_history(history, x, None, ())
-        if not history.is_contiguous():
-            raise ValueError("history must be contiguous (its slots are addressed on the device)")
+    status = error_flags.validate(status, x.device)
     if noise is not None:
         _check_like("noise", noise, x)
     if table.state != (state is not None):
@@ -499,21 +604,35 @@ def multistep_update_indexed(
             raise ValueError("state must be contiguous (it is written in place)")
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be > 0 or None, got {clip}")
-    args = (x, model_out, history, table.coeffs, table.slots, step, table.n_reads, noise, float(clip or 0.0), state)
+    _check_no_overlap({"history": history, "state": state}, {"x": x, "model_out": model_out, "noise": noise,
+                                                               "step": step, "table.coeffs": table.coeffs})
+    args = (x, model_out, history, table.coeffs, table.slots, step, table.n_reads, noise, float(clip or 0.0), state,
+            status)
     name = _select_backend(backend, x)
     if name == "reference":
-        return reference.multistep_update_indexed(*args)
-    if name == "triton":
+        x_next = reference.multistep_update_indexed(*args)
+    elif name == "triton":
         from . import triton_kernels
 
-        return triton_kernels.multistep_update_indexed(*args)
-    return torch.ops.diffsampler.multistep_update_indexed(*args)
+        x_next = triton_kernels.multistep_update_indexed(*args)
+    else:
+        x_next = torch.ops.diffsampler.multistep_update_indexed(*args)
+    _check_cpu_status(name, status)
+    return x_next
+
+
+def _check_cpu_status(name: str, status: torch.Tensor) -> None:
+    """A backend that clamps and flags, on CPU tensors: read the status word now (free; the C++ CPU kernels
+    raise by themselves)."""
+    if name != "cpu" and status.device.type == "cpu" and not torch.compiler.is_compiling():
+        error_flags.check(status)
 
 
 if _status("cpu")[0]:
 
     @torch.library.register_fake("diffsampler::multistep_update_indexed")
-    def _multistep_update_indexed_fake(x, model_out, history, table, slots, step, n_reads, noise, clip, state):
+    def _multistep_update_indexed_fake(x, model_out, history, table, slots, step, n_reads, noise, clip, state,
+                                       status=None):
         return x.new_empty(x.shape)
 
 
@@ -564,9 +683,14 @@ def ems_update(
     (+ [As, Gs, Bs_0..Bs_k, Cs]), k = len(read_slots) <= 3. DPM-Solver-v3 precomputes them per step from its
     per-dimension statistics (solvers/dpmv3.py). Computes in float32 (float64 on the reference).
     """
-    read_slots = [int(r) for r in read_slots]
+    write_slot, read_slots = _index("write_slot", write_slot), _indices("read_slots", read_slots)
     _check_ems_args(x, model_out, coeffs, history, write_slot, read_slots, state, check_nan)
-    args = (x, model_out, coeffs, history, int(write_slot), read_slots, state)
+    rewrites_state = state is not None and coeffs.shape[0] == reference.ems_rows(len(read_slots), True)
+    _check_no_overlap({"history[write_slot]": (history, write_slot) if history is not None else None,
+                       "state": state if rewrites_state else None},
+                      {"x": x, "model_out": model_out, "coeffs": coeffs, "state": state,
+                       **{f"history[{r}]": (history, r) for r in read_slots}})
+    args = (x, model_out, coeffs, history, write_slot, read_slots, state)
     name = _select_backend(backend, x)
     if name == "reference":
         return reference.ems_update(*args)
@@ -648,29 +772,55 @@ def draw_ancestors(log_w: torch.Tensor, method: str, ess_threshold: float | None
     backend's resample_ancestors; returns (backend name, (log_w_out, ancestors, ess, resampled, log_norm))."""
     G, K = log_w.shape
     uniforms = resample_uniforms(method, G, K, generator, log_w.device)
+    status = error_flags.default(log_w.device)
     args = (log_w, uniforms, RESAMPLE_METHODS.index(method), float("inf") if ess_threshold is None
-            else float(ess_threshold))
+            else float(ess_threshold), status)
     name = _select_backend(backend, log_w)
     if name == "reference":
-        return name, reference.resample_ancestors(*args)
-    if name == "triton":
-        from . import triton_kernels
-
-        return name, triton_kernels.resample_ancestors(*args)
-    return name, torch.ops.diffsampler.resample_ancestors(*args)
-
-
-def move_particles(name: str, particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor) -> None:
-    """In place: particles[g K + k] = particles[g K + ancestors[g, k]] where ancestors[g, k] != k in resampled
-    groups (the move half of `resample`, on backend `name`); sources must be rows that are not written."""
-    if name == "reference":
-        reference.resample_move(particles, ancestors, resampled)
+        out = reference.resample_ancestors(*args)
     elif name == "triton":
         from . import triton_kernels
 
-        triton_kernels.resample_move(particles, ancestors, resampled)
+        out = triton_kernels.resample_ancestors(*args)
     else:
-        torch.ops.diffsampler.resample_move(particles, ancestors, resampled)
+        out = torch.ops.diffsampler.resample_ancestors(*args)
+    return name, out
+
+
+def move_particles(name: str, particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor,
+                   status: torch.Tensor | None = None) -> None:
+    """In place: particles[g K + k] = particles[g K + ancestors[g, k]] where ancestors[g, k] != k in resampled
+    groups (the move half of `resample`, on backend `name`); sources must be rows that are not written.
+
+    ancestors (G, K) int64 and resampled (G,) bool on particles' device. An ancestor of a resampled group outside
+    [0, K) is clamped into the group and sets a bit of `status` (None: error_flags.default of the device);
+    CPU tensors raise at once."""
+    if not (isinstance(ancestors, torch.Tensor) and ancestors.dtype == torch.int64 and ancestors.dim() == 2
+            and 0 not in ancestors.shape):
+        raise ValueError(f"ancestors must be a (G, K) int64 tensor with G, K >= 1, got "
+                         f"{getattr(ancestors, 'dtype', type(ancestors).__name__)} "
+                         f"{tuple(getattr(ancestors, 'shape', ()))}")
+    G, K = ancestors.shape
+    if not (isinstance(resampled, torch.Tensor) and resampled.dtype == torch.bool and tuple(resampled.shape) == (G,)):
+        raise ValueError(f"resampled must be a ({G},) bool tensor, got {getattr(resampled, 'dtype', resampled)}")
+    if not isinstance(particles, torch.Tensor) or not (
+            (particles.dim() >= 1 and particles.shape[0] == G * K)
+            or (particles.dim() >= 2 and tuple(particles.shape[:2]) == (G, K))):
+        raise ValueError(f"particles must have shape (G*K, ...) = ({G * K}, ...) or (G, K, ...) = ({G}, {K}, ...), "
+                         f"got {tuple(getattr(particles, 'shape', ()))}")
+    if ancestors.device != particles.device or resampled.device != particles.device:
+        raise ValueError(f"ancestors and resampled must be on particles' device {particles.device}")
+    status = error_flags.validate(status, particles.device)
+    ancestors, resampled = ancestors.contiguous(), resampled.contiguous()
+    if name == "reference":
+        reference.resample_move(particles, ancestors, resampled, status)
+    elif name == "triton":
+        from . import triton_kernels
+
+        triton_kernels.resample_move(particles, ancestors, resampled, status)
+    else:
+        torch.ops.diffsampler.resample_move(particles, ancestors, resampled, status)
+    _check_cpu_status(name, status)
 
 
 def resample(
@@ -703,11 +853,20 @@ def resample(
 
     A group with a NaN or +inf log-weight, or all -inf, is degenerate: its weights are reset to uniform on the
     device (its log_norm is NaN). check=True raises a ValueError naming such groups (one host sync).
+
+    A 1-D log_w of shape (K,) is one group (as torch.multinomial takes weights): particles (K, ...), and the
+    results are shaped like the input (log_w and ancestors (K,), ess, resampled and log_norm 0-dim).
     """
+    if isinstance(log_w, torch.Tensor) and log_w.dim() == 1:
+        r = resample(log_w[None], particles, method, ess_threshold, generator, move=move, check=check,
+                     backend=backend)
+        return ResampleResult(r.particles, r.log_w[0], r.ancestors[0], r.ess[0], r.resampled[0], r.log_norm[0])
     _check_resample_args(log_w, particles, method, ess_threshold, move, backend)
     G, K = log_w.shape
     name, (log_w_out, ancestors, ess, resampled, log_norm) = draw_ancestors(log_w, method, ess_threshold,
                                                                             generator, backend)
+    if check and not _has_data(log_norm):
+        raise ValueError(f"check=True reads the log-weights on the host; not possible on {log_norm.device} tensors")
     if check:
         bad = torch.isnan(log_norm).nonzero().flatten().tolist()
         if bad:
@@ -727,11 +886,11 @@ if _status("cpu")[0]:
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("diffsampler::resample_ancestors")
-    def _resample_ancestors_fake(log_w, uniforms, method, ess_threshold):
+    def _resample_ancestors_fake(log_w, uniforms, method, ess_threshold, status=None):
         G, K = log_w.shape
         return (log_w.new_empty(G, K), log_w.new_empty((G, K), dtype=torch.int64), log_w.new_empty(G),
                 log_w.new_empty(G, dtype=torch.bool), log_w.new_empty(G))
 
     @torch.library.register_fake("diffsampler::resample_move")
-    def _resample_move_fake(particles, ancestors, resampled):
+    def _resample_move_fake(particles, ancestors, resampled, status=None):
         return None

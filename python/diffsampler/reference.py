@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .error_flags import BITS as ERROR_BITS  # the status word's bits (csrc/cuda/error_flags.h)
+
 # Layout of the flat coefficient list shared by every backend of multistep_update:
 #   [p, q, a, e, c, b_0, b_1, ..., b_k, r_1, ..., r_k]   with k = len(read_slots)
 COEFF_P, COEFF_Q, COEFF_A, COEFF_E, COEFF_C, COEFF_B0 = range(6)
@@ -31,6 +33,8 @@ def threshold_scale(m0: torch.Tensor, ratio: float, max_value: float) -> torch.T
     """
     flat = m0.reshape(m0.shape[0], -1).abs()
     n = flat.shape[1]
+    if n == 0:  # zero-size samples: nothing to scale
+        return flat.new_ones(flat.shape[0])
     pos = ratio * (n - 1)
     lo = int(pos)
     hi = min(lo + 1, n - 1)
@@ -135,17 +139,34 @@ ROW_WIDTH = ROW_SB + MAX_HISTORY_READS + 1
 SLOTS_WIDTH = 1 + MAX_HISTORY_READS
 
 
-def multistep_update_indexed(x, model_out, history, table, slots, step, n_reads, noise, clip, state):
+def flag(status: torch.Tensor | None, bad: torch.Tensor, bit: int) -> None:
+    """status |= bit where the bool tensor `bad` has any true entry (tensor ops: no host sync)."""
+    if status is not None:
+        status.bitwise_or_(bad.any().to(torch.int32) * bit)
+
+
+def clamp_index(i: torch.Tensor, n: int, status: torch.Tensor | None, bit: int) -> torch.Tensor:
+    """i clamped into [0, n), flagging `bit` in status where it was outside (csrc/cuda/error_flags.h)."""
+    clamped = i.clamp(0, n - 1)
+    flag(status, clamped != i, bit)
+    return clamped
+
+
+def multistep_update_indexed(x, model_out, history, table, slots, step, n_reads, noise, clip, state, status=None):
     """multistep_update with the step's coefficients and history slots read on the device from row `step`:
 
         table[step] = [p, q, a, e, c, b_0..b_3, r_0..r_2, g, sa, se, sc, sg, sb_0..sb_3]   (float64)
         slots[step] = [write_slot, read_0, read_1, read_2]                                 (int64)
 
     The first n_reads reads are used; x' and, when `state` is given, s' = sa x + se out + sum_i sb_i m_i + sc z +
-    sg s (written over s) follow multistep_update. No host sync: the row is gathered with tensor ops."""
+    sg s (written over s) follow multistep_update. No host sync: the row is gathered with tensor ops. A step
+    outside the table or a used slot outside the history is clamped into range and flagged in `status`."""
     cd = compute_dtype(x.dtype)
-    row = table.index_select(0, step.view(1))[0].to(cd)
-    slot = slots.index_select(0, step.view(1))[0]
+    i = clamp_index(step.view(1), table.shape[0], status, ERROR_BITS["step"])
+    row = table.index_select(0, i)[0].to(cd)
+    slot = slots.index_select(0, i)[0, :1 + n_reads]
+    if history is not None:
+        slot = clamp_index(slot, history.shape[0], status, ERROR_BITS["slot"])
     p, q, a, e, c = row[:ROW_B]
     b, r = row[ROW_B:ROW_B + n_reads + 1], row[ROW_R:ROW_R + n_reads]
     g, sa, se, sc, sg = row[ROW_G:ROW_SB]
@@ -343,6 +364,7 @@ def resample_thresholds(method: int, uniforms: torch.Tensor, total: torch.Tensor
         R sorted uniforms on [0, U_(R)]).
     All in float64, one correctly rounded operation at a time (so every backend gets the same integers)."""
     j = torch.arange(K, dtype=torch.float64, device=uniforms.device)[None, :]
+    uniforms = unit(uniforms)
     if method == 0:
         u = (j + uniforms[:, :1]) / K
     elif method == 1:
@@ -354,6 +376,20 @@ def resample_thresholds(method: int, uniforms: torch.Tensor, total: torch.Tensor
         u = torch.where(top > 0, uniforms / torch.where(top > 0, top, 1.0), 0.0)
     t = torch.minimum((u * total.double()[:, None]).to(torch.int64), total[:, None] - 1)
     return torch.where(j < count[:, None], t, total[:, None])
+
+
+def unit(u: torch.Tensor) -> torch.Tensor:
+    """Uniforms clamped into [0, 1], NaN as 0 (ds_unit): positions stay in [0, total) whatever the input."""
+    return torch.where(u >= 0, u.clamp(max=1.0), 0.0)
+
+
+def invalid_uniforms(method: int, uniforms: torch.Tensor) -> torch.Tensor:
+    """(G, width) bool: uniforms outside [0, 1) or NaN, and for multinomial / residual below their predecessor
+    (ds_uniform_ok)."""
+    bad = ~((uniforms >= 0) & (uniforms < 1))
+    if method >= 2:
+        bad[:, 1:] |= uniforms[:, 1:] < uniforms[:, :-1]
+    return bad
 
 
 def offspring_counts(method: int, q: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -380,26 +416,29 @@ def inplace_ancestors(counts: torch.Tensor) -> torch.Tensor:
     dead = counts == 0
     extras = (counts - 1).clamp(min=0).cumsum(1)
     rank = dead.to(torch.int64).cumsum(1) - 1
-    source = torch.searchsorted(extras, rank, side="right")  # smallest k' with extras_k' > rank
-    return torch.where(dead, source, torch.arange(K, device=counts.device))
+    source = torch.searchsorted(extras, rank, side="right").clamp(max=K - 1)  # smallest k' with extras_k' > rank
+    return torch.where(dead, source, torch.arange(K, device=counts.device))  # (the clamp: invalid uniforms only)
 
 
-def resample_ancestors(log_w: torch.Tensor, uniforms: torch.Tensor, method: int,
-                       ess_threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                      torch.Tensor]:
+def resample_ancestors(log_w: torch.Tensor, uniforms: torch.Tensor, method: int, ess_threshold: float,
+                       status: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor, torch.Tensor]:
     """Normalise, ESS, decide, draw ancestors (docs/smc.md); returns (log_w_out, ancestors, ess, resampled, log_norm).
 
-        log_norm = logsumexp_k lw_k                  (NaN for a degenerate group)
+        m = max_k lw_k,  s = sum_k exp(lw_k - m)
+        log_norm = m + log s = logsumexp_k lw_k      (NaN for a degenerate group)
         ESS      = 1 / sum_k w_k^2,  w = softmax(lw)  (from the quantised weights, see quantized_ess)
         resampled = ESS < ess_threshold * K          (float64; ess_threshold = inf: always)
-        log_w_out = -log K if resampled or degenerate, else lw - log_norm
+        log_w_out = -log K if resampled or degenerate, else (lw - m) - log s   (exact at any magnitude)
         ancestors = inplace_ancestors(N) if resampled, else k
 
-    log_w (G, K) float32/float64; uniforms (G, 1) (systematic) or (G, K) float64, sorted per group for
-    multinomial and residual; method indexes METHODS. float64 log_w gives float64 outputs.
+    log_w (G, K) float32/float64; uniforms (G, 1) (systematic) or (G, K) float64 in [0, 1), sorted per group
+    for multinomial and residual (invalid ones are clamped, see unit, and flagged in `status`); method indexes
+    METHODS. float64 log_w gives float64 outputs.
     """
     G, K = log_w.shape
     cd = compute_dtype(log_w.dtype)
+    flag(status, invalid_uniforms(method, uniforms), ERROR_BITS["uniform"])
     q, degenerate = quantized_weights(log_w)
     ess = quantized_ess(q)
     resampled = ess < ess_threshold * K
@@ -407,18 +446,24 @@ def resample_ancestors(log_w: torch.Tensor, uniforms: torch.Tensor, method: int,
     arange = torch.arange(K, device=log_w.device).expand(G, K)
     ancestors = torch.where(resampled[:, None], inplace_ancestors(counts), arange)
     lw = log_w.to(cd)
-    log_norm = torch.where(degenerate, float("nan"), torch.logsumexp(lw, 1))
+    m = torch.where(torch.isnan(lw), float("-inf"), lw).amax(1, keepdim=True)
+    shifted = lw - torch.where(torch.isfinite(m), m, 0.0)
+    log_s = shifted.exp().sum(1, keepdim=True).log()
+    log_norm = torch.where(degenerate, float("nan"), (m + log_s)[:, 0])
     uniform = torch.full_like(lw, -math.log(K))
-    log_w_out = torch.where((resampled | degenerate)[:, None], uniform, lw - log_norm[:, None])
+    log_w_out = torch.where((resampled | degenerate)[:, None], uniform, shifted - log_s)
     return log_w_out.to(log_w.dtype), ancestors.contiguous(), ess.to(cd), resampled, log_norm
 
 
-def resample_move(particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor) -> None:
+def resample_move(particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor,
+                  status: torch.Tensor | None = None) -> None:
     """particles[g K + k] = particles[g K + ancestors[g, k]] for every row (in place), rows = the first dim (G K)
     or the first two (G, K); with in-place ancestors only the dead slots change (the copy of a row onto itself
-    is bitwise the same)."""
+    is bitwise the same). Ancestors of resampled groups outside [0, K) are clamped and flagged in `status`."""
     G, K = ancestors.shape
-    rows = ancestors + K * torch.arange(G, device=ancestors.device)[:, None]
+    clamped = ancestors.clamp(0, K - 1)
+    flag(status, (clamped != ancestors) & resampled[:, None], ERROR_BITS["ancestor"])
+    rows = clamped + K * torch.arange(G, device=ancestors.device)[:, None]
     rows = torch.where(resampled[:, None], rows, torch.arange(G * K, device=rows.device).view(G, K)).reshape(-1)
     flat = particles.reshape(G * K, -1)
     particles.copy_(flat[rows].reshape(particles.shape))

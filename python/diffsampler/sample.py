@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from . import checks, ops
+from . import checks, error_flags, ops
 from .solvers import FLOW_SOLVERS, Plan, make_plan
 
 
@@ -232,6 +232,7 @@ class IndexedLoop:
         self.history = x.new_zeros((plan.history_slots, *shape)) if plan.history_slots else None
         self.state = x.new_zeros(shape) if plan.uses_state else None
         self.counter = torch.zeros(1, dtype=torch.int64, device=x.device)
+        self.status = error_flags.new(x.device)  # set by a step the op had to clamp (check reads it)
         self.taken = 0  # the counter's host mirror (eager calls of step; a graph replays without it)
 
     def reset(self) -> None:
@@ -256,9 +257,14 @@ class IndexedLoop:
         if self.noisy:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
         x = ops.multistep_update_indexed(x, out, self.table, self.counter, history=self.history, noise=noise,
-                                         clip=self.clip, state=self.state, backend=self.backend)
+                                         clip=self.clip, state=self.state, status=self.status, backend=self.backend)
         self.counter.add_(1)
         return x
+
+    def check(self) -> None:
+        """Raise if a step since the last check read a clamped step index or slot (error_flags.check: one host
+        sync; call it after the loop)."""
+        error_flags.check(self.status)
 
 
 def run_indexed(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
@@ -270,6 +276,7 @@ def run_indexed(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan,
         x = x * plan.init_scale
     for _ in plan.steps:
         x = loop.step(model, x, generator)
+    loop.check()
     return x
 
 
