@@ -108,7 +108,7 @@ def model_output(out, x: torch.Tensor, step: int, t) -> None:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the model must return a tensor of x's shape {tuple(x.shape)}, got {got} {where}")
     if not out.is_meta and not bool(torch.isfinite(out).all()):
-        raise ValueError(f"model_out contains NaN or inf {where}: the model diverged or got bad input; pass "
+        raise ValueError(f"model_out contains non-finite values (NaN or inf) {where}: the model diverged or got bad input; pass "
                          "check_nan=False to skip this check")
 
 
