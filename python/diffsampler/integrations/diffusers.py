@@ -29,6 +29,9 @@ from ..solvers.dpm import dpm_steps, singlestep_steps
 from ..solvers.grid import Grid
 from ..solvers.unipc import unipc_steps
 
+# the config keys that shape a multistep scheduler's grid (named by the error of a step that divides by zero)
+GRID_CONFIG = ("num_train_timesteps", "timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas",
+               "use_beta_sigmas", "use_lu_sigmas", "final_sigmas_type", "solver_order", "lower_order_final")
 PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 
 
@@ -61,6 +64,15 @@ class _MultistepMixin:
     def _lml_args(self, step, sample, model_output) -> dict:
         return {}
 
+    def _undefined_step(self, step) -> ValueError:
+        """The error of a step whose update divides by zero (diffusers' own step() returns NaN there)."""
+        c = self.config
+        config = ", ".join(f"{k}={c[k]!r}" for k in GRID_CONFIG if k in c)
+        return ValueError(f"{type(self).__name__}.step() at step {self.step_index}: {step.undefined}; diffusers' "
+                          f"formula divides by zero there as well (NaN). The grid of num_inference_steps="
+                          f"{self.num_inference_steps} with {config} repeats a sigma: use fewer steps or another "
+                          f"timestep_spacing")
+
     def _grid(self) -> Grid:
         flow = bool(getattr(self.config, "use_flow_sigmas", False))
         return Grid(timesteps=tuple(self.timesteps.tolist()), sigmas=tuple(self.sigmas.double().tolist()),
@@ -76,6 +88,8 @@ class _MultistepMixin:
             self._fused_plan = self._build_plan(start=self.step_index)
         plan = self._fused_plan
         step = plan.steps[self.step_index]
+        if step.undefined:
+            raise self._undefined_step(step)
         sample = _same_dtype(model_output, sample)
         if self._fused_history is None and plan.history_slots:
             self._fused_history = sample.new_empty((plan.history_slots, *sample.shape))
