@@ -8,8 +8,8 @@ namespace diffsampler {
 at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out,
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
-                                const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
-                                double threshold_max, const c10::optional<at::Tensor>& state,
+                                const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
+                                at::ArrayRef<double> threshold_coeffs, const c10::optional<at::Tensor>& state,
                                 at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
                                 const c10::optional<at::Tensor>& dir_weights);
@@ -23,8 +23,8 @@ at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const 
                         at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
                         at::ArrayRef<double> dir_coeffs);
 at::Tensor multistep_update_pure_cpu(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
-                                     const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
-                                     double threshold_max);
+                                     const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
+                                     at::ArrayRef<double> threshold_coeffs);
 }
 
 TORCH_LIBRARY(diffsampler, m) {

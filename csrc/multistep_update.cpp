@@ -136,8 +136,8 @@ void prepare_dirs(Layout& l, const at::Tensor& dirs, int64_t dir_slot, at::Array
 at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in,
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
-                                const c10::optional<at::Tensor>& noise_in, double clip, double threshold_ratio,
-                                double threshold_max, const c10::optional<at::Tensor>& state_in,
+                                const c10::optional<at::Tensor>& noise_in, double clip, bool thresholding,
+                                at::ArrayRef<double> threshold_coeffs, const c10::optional<at::Tensor>& state_in,
                                 at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs_in,
                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
                                 const c10::optional<at::Tensor>& dir_weights_in, const UpdateLaunch& launch) {
@@ -148,7 +148,12 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
   auto& k = l.k;
   const auto& x = l.x;
   const int64_t n_reads = k.n_reads;
-  const bool thresholding = threshold_ratio > 0;
+  TORCH_CHECK(!thresholding || threshold_coeffs.size() == 4, "multistep_update: threshold_coeffs must have 4 "
+              "entries [ratio, max_value, hx, hm] when thresholding, got ", threshold_coeffs.size());
+  if (thresholding) {  // the thresholded data prediction x0 becomes the history value hx x + hm x0
+    k.hx = static_cast<float>(threshold_coeffs[2]);
+    k.hm = static_cast<float>(threshold_coeffs[3]);
+  }
   if (!history.has_value() && thresholding) {
     l.m0 = at::empty_like(x);  // scratch for the two-pass threshold
     t.m0 = l.m0.data_ptr();
@@ -204,7 +209,7 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
   if (t.n > 0) {
     if (thresholding) {
       launch(l.dtype, DS_PHASE_CONVERT, t, k);
-      auto s = threshold_scale(l.m0, threshold_ratio, threshold_max);
+      auto s = threshold_scale(l.m0, threshold_coeffs[0], threshold_coeffs[1]);
       t.thr_scale = s.data_ptr<float>();
       launch(l.dtype, DS_PHASE_THRESHOLD, t, k);
     } else {

@@ -16,18 +16,20 @@ using UpdateLaunch = std::function<void(ds_dtype, ds_phase, const ds_update_tens
 using GramLaunch = std::function<void(ds_dtype, const ds_update_tensors&, const ds_update_coeffs&, double*)>;
 
 // Schema: multistep_update(Tensor x, Tensor model_out, Tensor(a!)? history, int write_slot, int[] read_slots,
-//                          float[] coeffs, Tensor? noise, float clip, float threshold_ratio,
-//                          float threshold_max, Tensor(b!)? state=None, float[] state_coeffs=[],
+//                          float[] coeffs, Tensor? noise, float clip, bool thresholding,
+//                          float[] threshold_coeffs, Tensor(b!)? state=None, float[] state_coeffs=[],
 //                          Tensor(c!)? dirs=None, int dir_slot=0, float[] dir_coeffs=[],
 //                          Tensor? dir_weights=None) -> Tensor
 // coeffs = [p, q, a, e, c, b_0, b_1, ..., b_k, r_1, ..., r_k], k = len(read_slots) <= DS_MAX_READS.
+// thresholding: m0 (the data prediction) -> hx x + hm clamp(m0, -s_b, s_b) / s_b, s_b = threshold_scale(m0, ratio,
+// max_value), threshold_coeffs = [ratio, max_value, hx, hm] (ignored when not thresholding).
 // state_coeffs = [] (no state), [g] (x' += g s, s read only) or [g, sa, se, sc, sg, sb_0, ..., sb_k] (s rewritten).
 // LML: dirs (R, *x.shape) with R <= DS_MAX_DIRS, dir_coeffs = [gx, ge, gb_0, ..., gb_k], dir_weights (B, 1 + R).
 at::Tensor run_multistep_update(const at::Tensor& x, const at::Tensor& model_out,
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
-                                const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
-                                double threshold_max, const c10::optional<at::Tensor>& state,
+                                const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
+                                at::ArrayRef<double> threshold_coeffs, const c10::optional<at::Tensor>& state,
                                 at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
                                 const c10::optional<at::Tensor>& dir_weights, const UpdateLaunch& launch);
@@ -45,12 +47,12 @@ at::Tensor run_lml_gram(const at::Tensor& x, const at::Tensor& model_out, const 
 // op whose mutable arguments are all None). coeffs = [p, q, a, e, c, b_0].
 constexpr const char* kMultistepUpdatePureSchema =
     "multistep_update_pure(Tensor x, Tensor model_out, float[] coeffs, Tensor? noise, float clip, "
-    "float threshold_ratio, float threshold_max) -> Tensor";
+    "bool thresholding, float[] threshold_coeffs) -> Tensor";
 
 // The schema string of the op (one place for bindings.cpp).
 constexpr const char* kMultistepUpdateSchema =
     "multistep_update(Tensor x, Tensor model_out, Tensor(a!)? history, int write_slot, int[] read_slots, "
-    "float[] coeffs, Tensor? noise, float clip, float threshold_ratio, float threshold_max, "
+    "float[] coeffs, Tensor? noise, float clip, bool thresholding, float[] threshold_coeffs, "
     "Tensor(b!)? state=None, float[] state_coeffs=[], Tensor(c!)? dirs=None, int dir_slot=0, "
     "float[] dir_coeffs=[], Tensor? dir_weights=None) -> Tensor";
 
@@ -74,10 +76,10 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x, const at::Tensor& m
 // multistep_update_pure on a backend's launch.
 inline at::Tensor run_multistep_update_pure(const at::Tensor& x, const at::Tensor& model_out,
                                             at::ArrayRef<double> coeffs, const c10::optional<at::Tensor>& noise,
-                                            double clip, double threshold_ratio, double threshold_max,
+                                            double clip, bool thresholding, at::ArrayRef<double> threshold_coeffs,
                                             const UpdateLaunch& launch) {
-  return run_multistep_update(x, model_out, c10::nullopt, 0, {}, coeffs, noise, clip, threshold_ratio,
-                              threshold_max, c10::nullopt, {}, c10::nullopt, 0, {}, c10::nullopt, launch);
+  return run_multistep_update(x, model_out, c10::nullopt, 0, {}, coeffs, noise, clip, thresholding,
+                              threshold_coeffs, c10::nullopt, {}, c10::nullopt, 0, {}, c10::nullopt, launch);
 }
 
 // Per-sample dynamic-thresholding bound clamp(quantile(|m0_b|, ratio), 1, max_value) in float32, shape (B,);

@@ -39,7 +39,7 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   const float sa = k.sa, se = k.se, sc = k.sc, sg = k.sg;
   const float sb0 = k.sb[0], sb1 = k.sb[1], sb2 = k.sb[2], sb3 = k.sb[3];
   const float clip = k.clip > 0 ? k.clip : INFINITY;
-  const float inv_s = 1.0f / s;
+  const float inv_s = 1.0f / s, hx = k.hx, hm = k.hm;
   T* dirs[DS_MAX_DIRS > 0 ? DS_MAX_DIRS : 1] = {};
   for (int j = 0; j < kDirs; ++j) dirs[j] = static_cast<T*>(t.dirs[j]);
   T* __restrict__ slot = dirs[k.dir_slot];
@@ -56,7 +56,7 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
     const float h2 = kReads > 2 ? S::load(r2[i]) : 0.0f;
     float m0;
     if constexpr (kPhase == DS_PHASE_THRESHOLD) {
-      m0 = std::min(std::max(S::load(m0_out[i]), -s), s) * inv_s;
+      m0 = hx * xi + hm * (std::min(std::max(S::load(m0_out[i]), -s), s) * inv_s);
     } else {
       m0 = p * xi + q * oi;
       if constexpr (kReads > 0) m0 += r0w * h0;
@@ -430,14 +430,14 @@ void launch_cpu(ds_dtype dtype, ds_phase phase, const ds_update_tensors& t_in, c
 at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out,
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
-                                const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
-                                double threshold_max, const c10::optional<at::Tensor>& state,
+                                const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
+                                at::ArrayRef<double> threshold_coeffs, const c10::optional<at::Tensor>& state,
                                 at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
                                 const c10::optional<at::Tensor>& dir_weights) {
   TORCH_CHECK(x.device().is_cpu(), "multistep_update_cpu: x must be a CPU tensor, got ", x.device());
-  return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio,
-                              threshold_max, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights,
+  return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding,
+                              threshold_coeffs, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights,
                               launch_cpu);
 }
 
@@ -460,10 +460,10 @@ at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const 
 }
 
 at::Tensor multistep_update_pure_cpu(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
-                                     const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
-                                     double threshold_max) {
+                                     const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
+                                     at::ArrayRef<double> threshold_coeffs) {
   TORCH_CHECK(x.device().is_cpu(), "multistep_update_pure_cpu: x must be a CPU tensor, got ", x.device());
-  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, threshold_ratio, threshold_max, launch_cpu);
+  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, thresholding, threshold_coeffs, launch_cpu);
 }
 
 }  // namespace diffsampler

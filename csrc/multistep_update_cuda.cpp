@@ -36,15 +36,15 @@ GramLaunch cuda_gram_launch(const at::Tensor& x) {
 at::Tensor multistep_update_cuda(const at::Tensor& x, const at::Tensor& model_out,
                                  const c10::optional<at::Tensor>& history, int64_t write_slot,
                                  at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
-                                 const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
-                                 double threshold_max, const c10::optional<at::Tensor>& state,
+                                 const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
+                                 at::ArrayRef<double> threshold_coeffs, const c10::optional<at::Tensor>& state,
                                  at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
                                  int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
                                  const c10::optional<at::Tensor>& dir_weights) {
   TORCH_CHECK(x.is_cuda(), "multistep_update_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio,
-                              threshold_max, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights,
+  return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding,
+                              threshold_coeffs, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights,
                               cuda_launch(x));
 }
 
@@ -57,11 +57,11 @@ at::Tensor lml_gram_cuda(const at::Tensor& x, const at::Tensor& model_out, const
 }
 
 at::Tensor multistep_update_pure_cuda(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
-                                      const c10::optional<at::Tensor>& noise, double clip, double threshold_ratio,
-                                      double threshold_max) {
+                                      const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
+                                      at::ArrayRef<double> threshold_coeffs) {
   TORCH_CHECK(x.is_cuda(), "multistep_update_pure_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, threshold_ratio, threshold_max,
+  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, thresholding, threshold_coeffs,
                                    cuda_launch(x));
 }
 

@@ -178,3 +178,81 @@ def test_dpmsolver_singlestep(config, steps):
 def test_dpmsolver_singlestep_img2img():
     ours, theirs = both("DPMSolverSinglestepScheduler", {**SD, "solver_order": 3}, make_model(), X, 12, start=4)
     assert max_rel(ours, theirs) <= 1e-5
+
+
+NOISE_HISTORY = [  # solvers whose history holds noise predictions
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min")),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver", solver_order=3, final_sigmas_type="sigma_min",
+                                         prediction_type="v_prediction")),
+    ("DEISMultistepScheduler", dict()),
+    ("DEISMultistepScheduler", dict(solver_order=3, prediction_type="v_prediction")),
+]
+
+
+@pytest.mark.parametrize("name, config", NOISE_HISTORY, ids=str)
+def test_thresholding_acts_on_the_data_prediction(name, config):
+    """thresholding=True thresholds x0 and keeps the noise prediction it implies, as diffusers does, also where
+    the history holds noise predictions (thresholding really acts here: without it the result differs)."""
+    seed = 1 if config.get("algorithm_type", "").startswith("sde") else None
+    cfg = {**SD, **config, "thresholding": True, "sample_max_value": 1.2}
+    ours, theirs = both(name, cfg, make_model(), X, 12, seed=seed)
+    assert max_rel(ours, theirs) <= 1e-5
+    assert ours.abs().max() < 2.0
+    unthresholded, _ = both(name, {**SD, **config}, make_model(), X, 12, seed=seed)
+    assert max_rel(unthresholded, theirs) > 1e-3
+
+
+def test_unipc_noise_prediction_ignores_thresholding_as_diffusers_does():
+    """diffusers' UniPC thresholds only with predict_x0; with predict_x0=False, thresholding=True changes nothing."""
+    config = dict(predict_x0=False, final_sigmas_type="sigma_min")
+    ours, theirs = both("UniPCMultistepScheduler", {**SD, **config, "thresholding": True, "sample_max_value": 1.2},
+                        make_model(), X, 12)
+    assert max_rel(ours, theirs) <= 1e-5
+    plain, _ = both("UniPCMultistepScheduler", {**SD, **config}, make_model(), X, 12)
+    assert max_rel(plain, ours) <= 1e-6
+
+
+@pytest.mark.parametrize("name, config", [("DPMSolverMultistepScheduler", dict(prediction_type="sample")),
+                                          ("DDIMScheduler", dict(prediction_type="sample")),
+                                          ("DEISMultistepScheduler", dict())], ids=str)
+@pytest.mark.parametrize("bounds", [dict(dynamic_thresholding_ratio=0.0), dict(sample_max_value=0.5)], ids=str)
+def test_threshold_bounds_diffusers_accepts(name, config, bounds):
+    """dynamic_thresholding_ratio=0 is the 0-quantile (not "off") and sample_max_value < 1 bounds at that value."""
+    ours, theirs = both(name, {**SD, **config, "thresholding": True, **bounds}, make_model(), X, 10)
+    assert max_rel(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                                  "DEISMultistepScheduler", "UniPCMultistepScheduler"])
+def test_repeated_timestep(name):
+    """num_train_timesteps=25 with 25 steps repeats timestep 12: every step diffusers computes (the zero-length
+    one included) gives its numbers; the first where diffusers' update divides by that zero length (NaN from
+    there on) raises, naming the config."""
+    model = make_model()
+    ours, theirs = getattr(fused, name)(num_train_timesteps=25), getattr(diffusers, name)(num_train_timesteps=25)
+    ours.set_timesteps(25)
+    theirs.set_timesteps(25)
+    x_ours = x_theirs = X
+    for i, t in enumerate(theirs.timesteps):
+        nxt = theirs.step(model(x_theirs, t), t, x_theirs).prev_sample
+        if not torch.isfinite(nxt).all():
+            with pytest.raises(ValueError, match=r"step\(\) at step \d+: .*zero length.*num_train_timesteps=25"):
+                ours.step(model(x_ours, t), t, x_ours)
+            break
+        x_ours = ours.step(model(x_ours, t), t, x_ours).prev_sample
+        assert max_rel(x_ours, nxt) <= 1e-5, i
+        x_theirs = nxt
+    else:
+        pytest.fail("diffusers stayed finite: the grid does not repeat a timestep")
+    assert i > 12
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_unipc_zero_length_final_step(order):
+    """Karras sigmas ending at sigma_min with final_sigmas_type="sigma_min": the last step has zero length (the
+    identity in diffusers too)."""
+    config = dict(SD, use_karras_sigmas=True, final_sigmas_type="sigma_min", lower_order_final=False,
+                  solver_order=order)
+    ours, theirs = both("UniPCMultistepScheduler", config, make_model(), X, 10)
+    assert max_rel(ours, theirs) <= 1e-5

@@ -63,7 +63,7 @@ def check_update(fn, args, dtype):
     mag = [a.double().abs() if isinstance(a, torch.Tensor) else a for a in args]
     for i in (5, 11, DIR_COEFFS):
         mag[i] = [abs(c) for c in args[i]]
-    mag[7:10] = [0.0, 0.0, 1.0]  # no clip, no threshold
+    mag[7:10] = [0.0, False, []]  # no clip, no threshold
     scale_x = reference.multistep_update(*mag)
     a = list(args)
     for i in (2, 10, DIRS):

@@ -46,6 +46,44 @@ def test_threshold_acts_and_matches_diffusers_formula():
     assert torch.equal(history[0], got)
 
 
+@pytest.mark.parametrize("ratio, max_value", [(0.0, 1.6), (0.9, 0.5), (0.0, 0.5)])
+def test_threshold_bounds_diffusers_accepts(ratio, max_value):
+    """Quantile 0 and sample_max_value < 1 threshold as diffusers' _threshold_sample does (s = clamp(q, 1, max):
+    max itself below 1) on every CPU backend; a ratio of 0 is thresholding, not "off"."""
+    from diffusers import DDPMScheduler
+
+    x, out = torch.randn(3, 2, 8, 8), 2.0 * torch.randn(3, 2, 8, 8)
+    coeffs = UpdateCoeffs(p=0.5, q=1.0, a=0.0, b=(1.0,))
+    sched = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=max_value)
+    expected = sched._threshold_sample(0.5 * x + out)
+    for backend in ("reference", "cpu", "triton"):
+        got = ds.ops.multistep_update(x, out, coeffs, threshold_ratio=ratio, threshold_max=max_value, backend=backend)
+        assert rel_err(got, expected) < 1e-6, backend
+    assert rel_err(ds.ops.multistep_update(x, out, coeffs), expected) > 1e-2
+
+
+def test_threshold_acts_on_the_data_prediction_of_a_noise_history():
+    """coeffs.eps_of = (alpha, sigma): m_0 is a noise prediction; thresholding acts on x0 = (x - sigma eps) / alpha
+    and the history and update get eps = (x - alpha x0) / sigma, as diffusers' noise-prediction solvers do."""
+    from diffusers import DDPMScheduler
+
+    alpha, sigma = 0.6, 0.8
+    x, out = torch.randn(2, 3, 8, 8), 3.0 * torch.randn(2, 3, 8, 8)
+    coeffs = UpdateCoeffs(p=0.0, q=1.0, a=1.1, b=(-0.4,), eps_of=(alpha, sigma))  # eps prediction: m_0 = out
+    sched = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.2)
+    eps = (x - alpha * sched._threshold_sample((x - sigma * out) / alpha)) / sigma
+    for backend in ("reference", "cpu", "triton"):
+        history = torch.zeros(1, *x.shape)
+        got = ds.ops.multistep_update(x, out, coeffs, history=history, threshold_ratio=0.9, threshold_max=1.2,
+                                      backend=backend)
+        assert rel_err(history[0], eps) < 1e-5, backend
+        assert rel_err(got, 1.1 * x - 0.4 * eps) < 1e-5, backend
+        pure = ds.ops.multistep_update(x, out, coeffs, threshold_ratio=0.9, threshold_max=1.2, backend=backend)
+        assert rel_err(pure, got) < 1e-6, backend
+    unthresholded = ds.ops.multistep_update(x, out, coeffs)
+    assert rel_err(unthresholded, 1.1 * x - 0.4 * out) < 1e-6  # eps_of changes nothing without thresholding
+
+
 def test_reference_is_float64_capable():
     args = make_case((5, 6), torch.float64, 2, seed=3)
     out = reference.multistep_update(*args)
@@ -162,8 +200,13 @@ def _good():
         (dict(history=None), "read_slots given without a history"),
         (dict(x=torch.randn(2, 3).int()), "x must be float32"),
         (dict(model_out=torch.tensor([[0.0, float("nan"), 1.0], [0.0, 0.0, 0.0]])), "model_out contains non-finite"),
-        (dict(threshold_ratio=1.5), "threshold_ratio must be in"),
-        (dict(threshold_ratio=0.9, threshold_max=0.5), "threshold_max must be >= 1"),
+        (dict(threshold_ratio=1.5), r"threshold_ratio must be None \(no thresholding\) or a quantile in \[0, 1\]"),
+        (dict(threshold_ratio=-0.1), "threshold_ratio must be None"),
+        (dict(threshold_ratio=True), "threshold_ratio must be None"),
+        (dict(threshold_ratio=0.9, threshold_max=0.0), "threshold_max must be a number > 0"),
+        (dict(threshold_ratio=0.9, threshold_max=float("nan")), "threshold_max must be a number > 0"),
+        (dict(clip=1.0, coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1, 1), eps_of=(0.6, 0.8))),
+         "clip acts on the data prediction"),
         (dict(clip=-1.0), "clip must be > 0"),
         (dict(coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1, 1), g=0.5)), "state is required"),
         (dict(state=torch.randn(2, 4), coeffs=UpdateCoeffs(p=1, q=0, a=1, b=(1, 1), g=0.5)), "state must have shape"),

@@ -41,9 +41,10 @@ def _operand(shape, dtype, gen, noncontig):
 
 
 def make_case(shape, dtype, n_reads=2, noise=True, noncontig=False, clip=0.0, threshold=False, slots=None, seed=0,
-              state=0):
+              state=0, threshold_coeffs=(0.9, 1.6, 0.0, 1.0)):
     """Operands and coefficients of one multistep_update call, as the positional arguments of the schema.
-    state: 0 none, 1 a state read (x' += g s), 2 a state read and rewritten with its own row."""
+    state: 0 none, 1 a state read (x' += g s), 2 a state read and rewritten with its own row.
+    threshold_coeffs: [ratio, max_value, hx, hm] of a thresholded case (hx, hm: the history value hx x + hm x0)."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     slots = slots if slots is not None else n_reads + 1
@@ -56,14 +57,19 @@ def make_case(shape, dtype, n_reads=2, noise=True, noncontig=False, clip=0.0, th
     if threshold:
         coeffs[reference.COEFF_P], coeffs[reference.COEFF_Q] = 1.0, 1.5  # push |m0| past 1 so the bound acts
     z = _operand(shape, dtype, gen, noncontig) if noise else None
-    thr_ratio, thr_max = (0.9, 1.6) if threshold else (0.0, 1.0)
+    thr_coeffs = [float(v) for v in threshold_coeffs] if threshold else []
     s = _operand(shape, dtype, gen, noncontig) if state else None
     s_coeffs = [rng.uniform(-1.5, 1.5) for _ in range({0: 0, 1: 1, 2: 6 + n_reads}[state])]
-    return [x, out, history, write_slot, read_slots, coeffs, z, clip, thr_ratio, thr_max, s, s_coeffs]
+    return [x, out, history, write_slot, read_slots, coeffs, z, clip, threshold, thr_coeffs, s, s_coeffs]
 
 
 VARIANTS = ["noncontig", "clip", "threshold", "threshold_no_history", "no_history", "state_read", "state_row",
-            "state_row_threshold", "state_noncontig"]
+            "state_row_threshold", "state_noncontig", "threshold_eps", "threshold_eps_no_history",
+            "threshold_quantile0", "threshold_max_below_1"]
+# the thresholded data prediction mapped to a noise prediction (hx, hm) = (1 / sigma, -alpha / sigma), and the
+# bounds diffusers allows: quantile 0 (the smallest |x0|, clamped to >= 1) and sample_max_value < 1 (s = max)
+THRESHOLD_VARIANTS = {"threshold_eps": (0.9, 1.6, 1.25, -0.75), "threshold_quantile0": (0.0, 1.6, 0.0, 1.0),
+                      "threshold_max_below_1": (0.9, 0.5, 0.0, 1.0)}
 VARIANT_SHAPES = [(1,), (7,), (3, 5, 7, 11), (2, 4, 9, 9)]
 
 
@@ -75,10 +81,14 @@ def variant_case(shape, dtype, variant: str, seed: int):
         return make_case(shape, dtype, 2, clip=0.7, seed=seed)
     if variant == "threshold":
         return make_case(shape, dtype, 2, threshold=True, slots=4, seed=seed)
+    if variant in THRESHOLD_VARIANTS:
+        return make_case(shape, dtype, 2, threshold=True, slots=4, seed=seed,
+                         threshold_coeffs=THRESHOLD_VARIANTS[variant])
     if variant.startswith("state"):
         return make_case(shape, dtype, 3, state=1 if variant == "state_read" else 2, seed=seed,
                          threshold=variant.endswith("threshold"), noncontig=variant.endswith("noncontig"))
-    args = make_case(shape, dtype, 0, threshold=variant == "threshold_no_history", seed=seed)
+    args = make_case(shape, dtype, 0, threshold=variant.startswith("threshold"), seed=seed,
+                     threshold_coeffs=THRESHOLD_VARIANTS["threshold_eps"] if "eps" in variant else (0.9, 1.6, 0.0, 1.0))
     args[2] = None
     return args
 
@@ -95,7 +105,7 @@ def reference_result(args):
     x_next = reference.multistep_update(*a)
     b = [t.double().abs() if isinstance(t, torch.Tensor) else t for t in args]
     b[5] = [abs(c) for c in args[5]]
-    b[7:10] = [0.0, 0.0, 1.0]
+    b[7:10] = [0.0, False, []]
     b[11] = [abs(c) for c in args[11]]
     scale = reference.multistep_update(*b)
     return x_next, a[2], scale, b[2], a[10], b[10]

@@ -3,7 +3,8 @@
 One program per BLOCK elements of the flattened (contiguous) operands, fp32 compute whatever the storage
 dtype; the operand set (reads, noise, state, m0 write, LML's N_DIRS directions and weights) and the phase are
 constexpr, so each combination compiles to a kernel without dead loads. Thresholding runs two launches around
-the per-sample quantile (torch ops): CONVERT writes m0, THRESHOLD rescales it and updates. LML's direction g is
+the per-sample quantile (torch ops): CONVERT writes the data prediction, THRESHOLD rescales it, maps it to the
+history value (hx x + hm x0) and updates. LML's direction g is
 computed from the update's loads: x' += W[b, 0] g + sum_j W[b, 1 + j] dirs[j], then dirs[dir_slot] = g.
 """
 
@@ -84,7 +85,7 @@ def _multistep_update_kernel(
     x_ptr, out_ptr, r0_ptr, r1_ptr, r2_ptr, z_ptr, s_ptr, m0_ptr, x_next_ptr, scale_ptr,
     d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, dw_ptr, w_ptr,
     n, per_sample,
-    p, q, a, e, c, g, b0, b1, b2, b3, r0, r1, r2, clip,
+    p, q, a, e, c, g, b0, b1, b2, b3, r0, r1, r2, clip, hx, hm,
     sa, se, sc, sg, sb0, sb1, sb2, sb3,
     gx, ge, gb0, gb1, gb2, gb3,
     table_ptr, slots_ptr, step_ptr, hist_ptr, n_steps, n_slots, status_ptr,
@@ -125,7 +126,7 @@ def _multistep_update_kernel(
     if PHASE == 2:
         s = tl.load(scale_ptr + offs // per_sample, mask=mask, other=1.0)
         m0 = tl.load(m0_ptr + offs, mask=mask).to(tl.float32)
-        m0 = tl.minimum(tl.maximum(m0, -s), s) / s
+        m0 = hx * xv + hm * (tl.minimum(tl.maximum(m0, -s), s) / s)  # the history value (reference.threshold)
     else:
         m0 = _data_prediction(xv, ov, h0, h1, h2, p, q, r0, r1, r2, clip, N_READS, CLIP)
     if WRITE_M0:
@@ -173,10 +174,11 @@ def _multistep_update_kernel(
 
 
 def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, coeffs, state_coeffs, clip,
-            lml=None, indexed=None):
-    """One kernel launch; lml = (ring slots, the slot written, dir_coeffs, weights or None) or None; indexed =
-    (table, slots, step, history or None, status): coeffs, state_coeffs and the read/m0 pointers come from the
-    device, the step and slots clamped into range (flagged in status)."""
+            lml=None, indexed=None, history_map=(0.0, 1.0)):
+    """One kernel launch; history_map = (hx, hm) of the threshold phase (reference.threshold); lml = (ring
+    slots, the slot written, dir_coeffs, weights or None) or None; indexed = (table, slots, step, history or
+    None, status): coeffs, state_coeffs and the read/m0 pointers come from the device, the step and slots
+    clamped into range (flagged in status)."""
     n = x.numel()
     k = len(reads)
     p, q, a, e, c = coeffs[:5]
@@ -196,7 +198,7 @@ def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, co
     grid = (triton.cdiv(n, BLOCK),)
     torch.library.wrap_triton(_multistep_update_kernel)[grid](
         x, out, *ptrs, *lml_ptrs, n, max(n // x.shape[0], 1),
-        p, q, a, e, c, g, b[0], b[1], b[2], b[3], r[0], r[1], r[2], clip,
+        p, q, a, e, c, g, b[0], b[1], b[2], b[3], r[0], r[1], r[2], clip, *history_map,
         sa, se, sc, sg, sb[0], sb[1], sb[2], sb[3],
         gx, ge, gb[0], gb[1], gb[2], gb[3],
         table, slot_table, step, history if history is not None else dummy, table.shape[0],
@@ -207,7 +209,7 @@ def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, co
     )
 
 
-def _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio, threshold_max,
+def _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, threshold_coeffs,
             state, state_coeffs, dirs=None, dir_slot=0, dir_coeffs=None, dir_weights=None):
     """The fused multistep update on Triton; the semantics of reference.multistep_update."""
     if x.dtype not in STORAGE_DTYPES:
@@ -221,7 +223,7 @@ def _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, 
     m0 = None
     if slot is not None:
         m0 = slot if slot.is_contiguous() else torch.empty_like(slot, memory_format=torch.contiguous_format)
-    elif threshold_ratio > 0:
+    elif thresholding:
         m0 = torch.empty_like(x)  # scratch of the two-pass threshold
     lml = None
     if dirs is not None:
@@ -231,10 +233,11 @@ def _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, 
     x_next = torch.empty_like(x)
     common = (x, out, reads, noise, s, state_row, m0, x_next)
     if x.numel() > 0:
-        if threshold_ratio > 0:
+        if thresholding:
+            ratio, max_value, hx, hm = threshold_coeffs
             _launch(PHASE_CONVERT, *common, None, coeffs, state_coeffs, clip)
-            scale = reference.threshold_scale(m0.float(), threshold_ratio, threshold_max).float().contiguous()
-            _launch(PHASE_THRESHOLD, *common, scale, coeffs, state_coeffs, clip, lml)
+            scale = reference.threshold_scale(m0.float(), ratio, max_value).float().contiguous()
+            _launch(PHASE_THRESHOLD, *common, scale, coeffs, state_coeffs, clip, lml, history_map=(hx, hm))
         else:
             _launch(PHASE_FULL, *common, None, coeffs, state_coeffs, clip, lml)
     if slot is not None and m0 is not slot:
@@ -249,32 +252,33 @@ def _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, 
 @torch.library.triton_op("diffsampler::multistep_update_triton", mutates_args={"history", "state", "dirs"})
 def multistep_update_triton(
     x: torch.Tensor, model_out: torch.Tensor, history: torch.Tensor | None, write_slot: int, read_slots: list[int],
-    coeffs: list[float], noise: torch.Tensor | None, clip: float, threshold_ratio: float, threshold_max: float,
+    coeffs: list[float], noise: torch.Tensor | None, clip: float, thresholding: bool, threshold_coeffs: list[float],
     state: torch.Tensor | None, state_coeffs: list[float], dirs: Optional[torch.Tensor] = None, dir_slot: int = 0,
     dir_coeffs: Optional[list[float]] = None, dir_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio,
-                   threshold_max, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights)
+    return _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding,
+                   threshold_coeffs, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights)
 
 
 @torch.library.triton_op("diffsampler::multistep_update_pure_triton", mutates_args=())
 def multistep_update_pure_triton(x: torch.Tensor, model_out: torch.Tensor, coeffs: list[float],
-                                 noise: torch.Tensor | None, clip: float, threshold_ratio: float,
-                                 threshold_max: float) -> torch.Tensor:
+                                 noise: torch.Tensor | None, clip: float, thresholding: bool,
+                                 threshold_coeffs: list[float]) -> torch.Tensor:
     """Without history or state: a functional op (see csrc/multistep_update.h, kMultistepUpdatePureSchema)."""
-    return _update(x, model_out, None, 0, [], coeffs, noise, clip, threshold_ratio, threshold_max, None, [])
+    return _update(x, model_out, None, 0, [], coeffs, noise, clip, thresholding, threshold_coeffs, None, [])
 
 
-def multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, threshold_ratio,
-                     threshold_max, state=None, state_coeffs=(), dirs=None, dir_slot=0, dir_coeffs=(),
+def multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding,
+                     threshold_coeffs, state=None, state_coeffs=(), dirs=None, dir_slot=0, dir_coeffs=(),
                      dir_weights=None):
     """Entry point with the reference's signature: the registered op, the functional one when there is neither
     history nor state nor LML's ring."""
     if history is None and state is None and dirs is None:
         return torch.ops.diffsampler.multistep_update_pure_triton(x, model_out, list(coeffs), noise, clip,
-                                                                  threshold_ratio, threshold_max)
+                                                                  thresholding, list(threshold_coeffs))
     return torch.ops.diffsampler.multistep_update_triton(x, model_out, history, write_slot, list(read_slots),
-                                                         list(coeffs), noise, clip, threshold_ratio, threshold_max,
+                                                         list(coeffs), noise, clip, thresholding,
+                                                         list(threshold_coeffs),
                                                          state, list(state_coeffs), dirs, dir_slot,
                                                          list(dir_coeffs), dir_weights)
 

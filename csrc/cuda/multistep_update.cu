@@ -144,7 +144,7 @@ __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_upda
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       if (cursor.enter(i + j, t.per_sample)) s = t.thr_scale[cursor.sample];
-      m0[j] = fminf(fmaxf(m0[j], -s), s) / s;
+      m0[j] = fmaf(k.hm, fminf(fmaxf(m0[j], -s), s) / s, k.hx * x[j]);  // the history value
     }
   } else {
 #pragma unroll

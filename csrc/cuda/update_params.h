@@ -46,8 +46,9 @@ typedef enum { DS_FLOAT32 = 0, DS_FLOAT16 = 1, DS_BFLOAT16 = 2 } ds_dtype;
 // What one launch does.
 //   DS_PHASE_FULL:      convert (+clip), update; write x_next and m0 (when m0 != NULL).
 //   DS_PHASE_CONVERT:   first pass of thresholding: convert (+clip) and write m0 only.
-//   DS_PHASE_THRESHOLD: second pass: read m0, m0 = clamp(m0, -s_b, s_b) / s_b with s_b = thr_scale[b],
-//                       write it back, update, write x_next.
+//   DS_PHASE_THRESHOLD: second pass: read m0 (the data prediction x0), m0 = hx x + hm clamp(m0, -s_b, s_b) / s_b
+//                       with s_b = thr_scale[b] (the history value: x0 itself, or the noise prediction it
+//                       implies), write it back, update, write x_next.
 typedef enum { DS_PHASE_FULL = 0, DS_PHASE_CONVERT = 1, DS_PHASE_THRESHOLD = 2 } ds_phase;
 
 typedef struct {
@@ -56,6 +57,7 @@ typedef struct {
   float r[DS_MAX_READS];      // r[j] multiplies reads[j] in m0 (GHVB's momentum, DC-Solver's compensation)
   int n_reads;                // 0 .. DS_MAX_READS
   float clip;                 // <= 0: off
+  float hx, hm;               // DS_PHASE_THRESHOLD: the history value hx x + hm x0 of the thresholded x0
   float g;                    // weight of the state s in x' (s read when tensors.state != NULL)
   int state_row;              // 1: s' (the sa..sg row) is computed and written over s
   float sa, se, sc, sg;

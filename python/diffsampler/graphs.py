@@ -35,7 +35,7 @@ class CapturedSampler:
                  warmup: int = 1, capture: str = "loop", **options):
         if capture not in ("loop", "step"):
             raise ValueError(f"capture must be 'loop' or 'step', got {capture!r}")
-        if capture == "step" and (options.get("lml") is not None or options.get("threshold_ratio")):
+        if capture == "step" and (options.get("lml") is not None or options.get("threshold_ratio") is not None):
             raise ValueError("capture='step' supports neither lml nor threshold_ratio; use capture='loop'")
         if options.get("generator") is not None:
             raise ValueError("CapturedSampler draws noise from the default CUDA generator; generator must be None")

@@ -8,12 +8,14 @@ reference; a CPU tensor goes to the C++ extension, else the reference. ``backend
 from __future__ import annotations
 
 import operator
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
 
 from . import error_flags, reference
+from .models import data_coeffs, noise_coeffs
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -118,6 +120,9 @@ class UpdateCoeffs:
 
     (r, the weights of the history reads in m_0: GHVB's momentum, DC-Solver's compensation; empty otherwise.)
 
+    eps_of: (alpha, sigma) of x = alpha x0 + sigma eps when m_0 is a noise prediction eps rather than the data
+    prediction (DPM-Solver, DEIS, UniPC without predict_x0); thresholding then acts on x0 (threshold_list).
+
     s is the optional state tensor (UniPC's corrected sample, Heun's step start, a momentum); with a
     `state` row it is rewritten in the same pass.
     """
@@ -131,11 +136,26 @@ class UpdateCoeffs:
     g: float = 0.0
     state: StateRow | None = None
     r: tuple[float, ...] = ()
+    eps_of: tuple[float, float] | None = None
 
     def as_list(self) -> list[float]:
         """The flat layout every backend takes: [p, q, a, e, c, b_0, ..., b_k, r_1, ..., r_k]."""
         r = tuple(self.r) + (0.0,) * (len(self.b) - 1 - len(self.r))
         return [float(v) for v in (self.p, self.q, self.a, self.e, self.c, *self.b, *r)]
+
+    def threshold_lists(self, ratio: float, max_value: float) -> tuple[list[float], list[float]]:
+        """(coeffs, threshold_coeffs) of a thresholded step: the conversion yields the data prediction x0, the
+        threshold maps it back to the history value. Noise prediction (eps_of = (alpha, sigma)):
+        x0 = (x - sigma eps) / alpha applied to m_0 = p x + q out + sum r m_i, then eps = (x - alpha x0) / sigma."""
+        flat = self.as_list()
+        if self.eps_of is None:
+            return flat, [float(ratio), float(max_value), 0.0, 1.0]
+        xp, mp = data_coeffs("eps", *self.eps_of)  # x0 = xp x + mp eps
+        hx, hm = noise_coeffs("x0", *self.eps_of)  # eps = hx x + hm x0
+        k = len(self.b) - 1
+        flat[0], flat[1] = xp + mp * flat[0], mp * flat[1]
+        flat[6 + k:] = [mp * v for v in flat[6 + k:]]
+        return flat, [float(ratio), float(max_value), hx, hm]
 
     def state_list(self, has_state: bool) -> list[float]:
         """state_coeffs of the backends: [] (no state), [g] (state read) or [g, sa, se, sc, sg, sb_0..sb_k]."""
@@ -280,12 +300,24 @@ def _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, no
         raise ValueError("state is required: coeffs.g != 0 or coeffs.state is set")
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be > 0 or None, got {clip}")
-    if threshold_ratio is not None:
-        if not 0 < threshold_ratio <= 1:
-            raise ValueError(f"threshold_ratio must be in (0, 1], got {threshold_ratio}")
-        if not threshold_max >= 1:
-            raise ValueError(f"threshold_max must be >= 1, got {threshold_max}")
+    if clip is not None and coeffs.eps_of is not None and threshold_ratio is None:
+        raise ValueError("clip acts on the data prediction, and these coeffs keep a noise prediction (coeffs.eps_of); "
+                         "the fused op clips it only together with thresholding (threshold_ratio)")
+    _check_threshold(threshold_ratio, threshold_max)
     _check_nan(model_out, check_nan)
+
+
+def _check_threshold(threshold_ratio, threshold_max) -> None:
+    """threshold_ratio: None (off) or the quantile in [0, 1]; threshold_max > 0 (below 1 the bound is threshold_max
+    itself, as torch.clamp(q, 1, max) gives)."""
+    if threshold_ratio is None:
+        return
+    if isinstance(threshold_ratio, bool) or not isinstance(threshold_ratio, numbers.Real) \
+            or not 0 <= threshold_ratio <= 1:
+        raise ValueError(f"threshold_ratio must be None (no thresholding) or a quantile in [0, 1], got "
+                         f"{threshold_ratio!r}")
+    if isinstance(threshold_max, bool) or not isinstance(threshold_max, numbers.Real) or not threshold_max > 0:
+        raise ValueError(f"threshold_max must be a number > 0, got {threshold_max!r}")
 
 
 def multistep_update(
@@ -313,6 +345,8 @@ def multistep_update(
         m_0 = p x + q out + sum_i r[i-1] history[read_slots[i-1]]   (raw output -> data prediction)
         m_0 = clamp(m_0, -clip, clip)              (clip)
         m_0 = clamp(m_0, -s, s) / s,  s = clamp(quantile(|m_0|, threshold_ratio), 1, threshold_max) per sample
+                                                   (threshold_ratio not None; on x0 when coeffs.eps_of is set,
+                                                   m_0 = (x - alpha x0) / sigma after it)
         x'  = a x + e out + b[0] m_0 + sum_i b[i] history[read_slots[i-1]] + c noise + g state
         state = (coeffs.state row, the same terms)  if coeffs.state is set
         history[write_slot] = m_0
@@ -341,9 +375,11 @@ def multistep_update(
                       {"x": x, "model_out": model_out, "noise": noise, "state": state, "dir_weights": dir_weights,
                        **{f"history[{r}]": (history, r) for r in read_slots},
                        **{f"dirs[{j}]": (dirs, j) for j in range(dirs.shape[0] if lml else 0) if j != dir_slot}})
-    args = (x, model_out, history, int(write_slot), read_slots, coeffs.as_list(), noise,
-            float(clip or 0.0), float(threshold_ratio or 0.0), float(threshold_max), state,
-            coeffs.state_list(state is not None))
+    thresholding = threshold_ratio is not None
+    flat, threshold_coeffs = coeffs.threshold_lists(threshold_ratio, threshold_max) if thresholding \
+        else (coeffs.as_list(), [])
+    args = (x, model_out, history, int(write_slot), read_slots, flat, noise, float(clip or 0.0), thresholding,
+            threshold_coeffs, state, coeffs.state_list(state is not None))
     if lml:
         args += (dirs, int(dir_slot), [float(v) for v in dir_coeffs], dir_weights)
     name = _select_backend(backend, x)
@@ -460,7 +496,7 @@ if _status("cpu")[0]:
 
     @torch.library.register_fake("diffsampler::multistep_update")
     def _multistep_update_fake(x, model_out, history, write_slot, read_slots, coeffs, noise, clip,
-                               threshold_ratio, threshold_max, state=None, state_coeffs=(), dirs=None, dir_slot=0,
+                               thresholding, threshold_coeffs, state=None, state_coeffs=(), dirs=None, dir_slot=0,
                                dir_coeffs=(), dir_weights=None):
         return x.new_empty(x.shape)
 
@@ -474,7 +510,7 @@ if _status("cpu")[0]:
         return gram.new_empty(gram.shape[:2])
 
     @torch.library.register_fake("diffsampler::multistep_update_pure")
-    def _multistep_update_pure_fake(x, model_out, coeffs, noise, clip, threshold_ratio, threshold_max):
+    def _multistep_update_pure_fake(x, model_out, coeffs, noise, clip, thresholding, threshold_coeffs):
         return x.new_empty(x.shape)
 
 

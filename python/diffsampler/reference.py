@@ -44,6 +44,17 @@ def threshold_scale(m0: torch.Tensor, ratio: float, max_value: float) -> torch.T
     return s.clamp(min=1.0, max=max_value)
 
 
+def threshold(m0: torch.Tensor, x: torch.Tensor, threshold_coeffs) -> torch.Tensor:
+    """Dynamic thresholding of the data prediction m0 mapped to the history value, threshold_coeffs =
+    [ratio, max_value, hx, hm]:  hx x + hm clamp(m0, -s_b, s_b) / s_b,  s_b = threshold_scale(m0, ratio, max_value).
+    (hx, hm) = (0, 1) keeps the data prediction; (1 / sigma, -alpha / sigma) gives the noise prediction
+    eps = (x - alpha x0) / sigma of a solver keeping those."""
+    ratio, max_value, hx, hm = threshold_coeffs
+    s = threshold_scale(m0, ratio, max_value).view(-1, *([1] * (m0.dim() - 1)))
+    m0 = torch.minimum(torch.maximum(m0, -s), s) / s
+    return m0 if (hx, hm) == (0.0, 1.0) else hx * x + hm * m0
+
+
 def data_prediction(x, out, reads, p, q, r, clip):
     """m_0 = p x + q out + sum_i r_i m_i, clamped to [-clip, clip] if clip > 0 (before any thresholding)."""
     m0 = p * x + q * out
@@ -62,8 +73,8 @@ def multistep_update(
     coeffs: list[float],
     noise: torch.Tensor | None,
     clip: float,
-    threshold_ratio: float,
-    threshold_max: float,
+    thresholding: bool,
+    threshold_coeffs: list[float],
     state: torch.Tensor | None = None,
     state_coeffs: list[float] = (),
     dirs: torch.Tensor | None = None,
@@ -75,12 +86,13 @@ def multistep_update(
 
         m_0  = p x + q out + sum_i r_i m_i                   data prediction (r: GHVB, DC-Solver; else 0)
         m_0  = clamp(m_0, -clip, clip)                       if clip > 0
-        m_0  = clamp(m_0, -s_b, s_b) / s_b                   if threshold_ratio > 0 (s_b: threshold_scale)
+        m_0  = hx x + hm clamp(m_0, -s_b, s_b) / s_b         if thresholding (see threshold)
         x'   = a x + e out + sum_i b_i m_i + c z + g s       m_i = history[read_slots[i-1]], i >= 1
         s'   = sa x + se out + sum_i sb_i m_i + sc z + sg s  written over the state s, if state_coeffs has the row
         history[write_slot] = m_0                            if history is given
 
     state_coeffs: [] (no state), [g] (state read) or [g, sa, se, sc, sg, sb_0, ..., sb_k].
+    threshold_coeffs: [ratio, max_value, hx, hm] when thresholding (s_b: threshold_scale; ratio 0 is the minimum).
 
     LML (diffsampler.lml), when dirs (a ring of R past raw directions, shape (R, *x.shape)) is given:
         g_n  = gx x + ge out + sum_i gb_i m_i                dir_coeffs = [gx, ge, gb_0, ..., gb_k]
@@ -95,9 +107,8 @@ def multistep_update(
     xf, of = x.to(cd), model_out.to(cd)
     reads = [history[slot].to(cd) for slot in read_slots]
     m0 = data_prediction(xf, of, reads, p, q, r, clip)
-    if threshold_ratio > 0:
-        s = threshold_scale(m0, threshold_ratio, threshold_max).view(-1, *([1] * (m0.dim() - 1)))
-        m0 = torch.minimum(torch.maximum(m0, -s), s) / s
+    if thresholding:
+        m0 = threshold(m0, xf, threshold_coeffs)
     z = noise.to(cd) if noise is not None else None
     s = state.to(cd) if state is not None else None
 

@@ -112,14 +112,14 @@ def prepare(model, steps, solver, schedule, prediction, options: dict):
         if not plan.discrete_time:
             raise ValueError(f"time_shift needs integer training timesteps; solver {solver!r} has none")
         model = time_shift.wrap(model, schedule)
-    if (update.get("clip") or update.get("threshold_ratio")) and not plan.data_prediction:
+    if (update.get("clip") or update.get("threshold_ratio") is not None) and not plan.data_prediction:
         raise ValueError(f"clip / threshold_ratio act on a data prediction; solver {solver!r} keeps noise predictions")
     if update.get("lml") is not None:
         from .lml import LML
 
         if not isinstance(update["lml"], LML):
             raise ValueError(f"lml must be a diffsampler.LML, got {type(update['lml']).__name__}")
-        if update.get("threshold_ratio"):
+        if update.get("threshold_ratio") is not None:
             raise ValueError("lml does not combine with threshold_ratio (dynamic thresholding): its Gram pass "
                              "would need the per-sample quantile first")
         update["lml_time_scale"] = getattr(schedule, "num_train_timesteps", None)
@@ -157,13 +157,14 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
     checks.model(model)
     checks.sample_tensor(x)
     check_nan = checks.flag("check_nan", update_options.pop("check_nan", True))
+    plan.check_defined()
     history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
     state = torch.zeros_like(x) if plan.uses_state else None
     if plan.init_scale != 1.0:
         x = x * plan.init_scale
     times = model_times(plan, x) if times is None else times
     tensor_coeffs = plan.upload_tensor_coeffs(x) if tensor_coeffs is None else tensor_coeffs
-    if tensor_coeffs is not None and (update_options.get("clip") or update_options.get("threshold_ratio")):
+    if tensor_coeffs is not None and (update_options.get("clip") or update_options.get("threshold_ratio") is not None):
         raise ValueError("clip / threshold_ratio act on a data prediction; this plan's steps (ems_update) keep none")
     steps_iter = plan.steps
     if progress:
@@ -217,6 +218,7 @@ class IndexedLoop:
     the last step is deterministic, as with a final sigma of 0)."""
 
     def __init__(self, plan: Plan, x: torch.Tensor, *, clip: float | None = None, backend: str = "auto"):
+        plan.check_defined()
         if any(s.coeffs is None or s.tensor_coeffs is not None for s in plan.steps):
             raise ValueError("IndexedLoop: the plan has DPM-Solver-v3 steps (ems_update), which are not indexed")
         self.plan, self.clip, self.backend = plan, clip, backend

@@ -29,6 +29,9 @@ from ..solvers.dpm import dpm_steps, singlestep_steps
 from ..solvers.grid import Grid
 from ..solvers.unipc import unipc_steps
 
+# the config keys that shape a multistep scheduler's grid (named by the error of a step that divides by zero)
+GRID_CONFIG = ("num_train_timesteps", "timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas",
+               "use_beta_sigmas", "use_lu_sigmas", "final_sigmas_type", "solver_order", "lower_order_final")
 PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 
 
@@ -61,6 +64,18 @@ class _MultistepMixin:
     def _lml_args(self, step, sample, model_output) -> dict:
         return {}
 
+    def _threshold_args(self) -> dict:
+        return _threshold_kwargs(self.config)
+
+    def _undefined_step(self, step) -> ValueError:
+        """The error of a step whose update divides by zero (diffusers' own step() returns NaN there)."""
+        c = self.config
+        config = ", ".join(f"{k}={c[k]!r}" for k in GRID_CONFIG if k in c)
+        return ValueError(f"{type(self).__name__}.step() at step {self.step_index}: {step.undefined}; diffusers' "
+                          f"formula divides by zero there as well (NaN). The grid of num_inference_steps="
+                          f"{self.num_inference_steps} with {config} repeats a sigma: use fewer steps or another "
+                          f"timestep_spacing")
+
     def _grid(self) -> Grid:
         flow = bool(getattr(self.config, "use_flow_sigmas", False))
         return Grid(timesteps=tuple(self.timesteps.tolist()), sigmas=tuple(self.sigmas.double().tolist()),
@@ -76,6 +91,8 @@ class _MultistepMixin:
             self._fused_plan = self._build_plan(start=self.step_index)
         plan = self._fused_plan
         step = plan.steps[self.step_index]
+        if step.undefined:
+            raise self._undefined_step(step)
         sample = _same_dtype(model_output, sample)
         if self._fused_history is None and plan.history_slots:
             self._fused_history = sample.new_empty((plan.history_slots, *sample.shape))
@@ -86,7 +103,7 @@ class _MultistepMixin:
         prev = ops.multistep_update(sample, model_output, step.coeffs, history=self._fused_history,
                                     write_slot=step.write_slot, read_slots=step.read_slots,
                                     noise=noise if step.needs_noise else None, state=self._fused_state,
-                                    **_threshold_kwargs(self.config), **self._lml_args(step, sample, model_output))
+                                    **self._threshold_args(), **self._lml_args(step, sample, model_output))
         self._step_index += 1
         return prev
 
@@ -149,6 +166,11 @@ class UniPCMultistepScheduler(_MultistepMixin, diffusers.UniPCMultistepScheduler
             return super().step(model_output, timestep, sample, return_dict=return_dict)
         prev = self._fused_step(model_output, timestep, sample)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _threshold_args(self) -> dict:
+        """diffusers thresholds UniPC's data prediction only with predict_x0; its noise-prediction mode ignores
+        thresholding=True."""
+        return _threshold_kwargs(self.config) if self.config.predict_x0 else {}
 
 
 class DEISMultistepScheduler(_MultistepMixin, diffusers.DEISMultistepScheduler):

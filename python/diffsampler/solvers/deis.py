@@ -67,14 +67,18 @@ def deis_steps(grid: Grid, prediction: str, *, order: int = 2, lower_order_final
         (alpha_s, sigma_s), (alpha_t, sigma_t) = grid.alpha_sigma(i), grid.alpha_sigma(i + 1)
         rho_t = sigma_t / alpha_t
         rhos = [grid.alpha_sigma(i - k)[1] / grid.alpha_sigma(i - k)[0] for k in range(this_order)]
+        write, reads = ring_slots(i, this_order, order)
+        undefined = grid.repeated(range(i - this_order + 1, i + 1))  # the Lagrange nodes (rho_t = rho_s is fine)
+        if undefined:
+            plan.append(Step(t=t, coeffs=None, write_slot=write, read_slots=reads, undefined=undefined))
+            continue
         if this_order == 1:  # diffusers' first-order form: x_t = (alpha_t / alpha_s) x - sigma_t (e^h - 1) eps
             h = grid.lam(i + 1) - grid.lam(i)
             b = (-sigma_t * math.expm1(h),)
         else:
             b = tuple(alpha_t * c for c in _deis_weights(this_order, rho_t, rhos))
         p, q = noise_coeffs(prediction, alpha_s, sigma_s)
-        write, reads = ring_slots(i, this_order, order)
-        plan.append(Step(t=t, coeffs=UpdateCoeffs(p=p, q=q, a=alpha_t / alpha_s, b=b), write_slot=write,
-                         read_slots=reads))
+        coeffs = UpdateCoeffs(p=p, q=q, a=alpha_t / alpha_s, b=b, eps_of=(alpha_s, sigma_s))
+        plan.append(Step(t=t, coeffs=coeffs, write_slot=write, read_slots=reads))
     return Plan(steps=tuple(plan), history_slots=order if order > 1 else 0, discrete_time=grid.discrete,
                 data_prediction=False)

@@ -140,9 +140,14 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
         (alpha_s, sigma_s), (alpha_t, sigma_t) = grid.alpha_sigma(i), grid.alpha_sigma(i + 1)
         h = grid.lam(i + 1) - grid.lam(i)
         p, q = convert(prediction, alpha_s, sigma_s)
+        eps_of = None if algorithm.endswith("++") else (alpha_s, sigma_s)
         write, reads = ring_slots(i, this_order, order)
+        undefined = None if h == 0 else grid.repeated(range(i - this_order + 1, i + 1))
+        if undefined:
+            plan.append(Step(t=t, coeffs=None, write_slot=write, read_slots=reads, undefined=undefined))
+            continue
         if h == 0:  # a repeated sigma (sigma_min after a grid ending at sigma_min): the step is the identity
-            coeffs = UpdateCoeffs(p=p, q=q, a=1.0, b=(0.0,) * this_order)
+            coeffs = UpdateCoeffs(p=p, q=q, a=1.0, b=(0.0,) * this_order, eps_of=eps_of)
         else:
             a, c0, c1, c2, c = _update_terms(algorithm, solver_type, this_order, alpha_s, sigma_s, alpha_t,
                                              sigma_t, h, phi3)
@@ -157,7 +162,7 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
                 coeffs = UpdateCoeffs(p=p, q=q, a=a, b=tuple(c0 * beta * w for w in d), g=c0 * (1.0 - beta),
                                       state=row)
             else:
-                coeffs = UpdateCoeffs(p=p, q=q, a=a, b=b, c=c)
+                coeffs = UpdateCoeffs(p=p, q=q, a=a, b=b, c=c, eps_of=eps_of)
         plan.append(Step(t=t, coeffs=coeffs, write_slot=write, read_slots=reads))
     return Plan(steps=tuple(plan), history_slots=order if order > 1 else 0, discrete_time=grid.discrete,
                 data_prediction=algorithm.endswith("++"), uses_state=momentum is not None)
@@ -206,10 +211,17 @@ def singlestep_steps(grid: Grid, prediction: str, order_list, *, algorithm: str 
         alpha_s, sigma_s = grid.alpha_sigma(s)
         h = grid.lam(i + 1) - grid.lam(s)
         p, q = convert(prediction, *grid.alpha_sigma(i))
+        eps_of = None if algorithm.endswith("++") else grid.alpha_sigma(i)
         reads = tuple((i - j) % slots for j in range(1, k))
+        undefined = None if h == 0 else grid.repeated(range(s, i + 1))
+        if undefined:
+            plan.append(Step(t=t, coeffs=None, write_slot=i % slots, read_slots=reads, undefined=undefined))
+            continue
         if k == 1:
             a, c0, _, _, c = _update_terms(algorithm, solver_type, 1, alpha_s, sigma_s, alpha_t, sigma_t, h)
-            coeffs = UpdateCoeffs(p=p, q=q, a=a, b=(c0,), c=c, state=StateRow(a=1.0, b=(0.0,)))
+            coeffs = UpdateCoeffs(p=p, q=q, a=a, b=(c0,), c=c, state=StateRow(a=1.0, b=(0.0,)), eps_of=eps_of)
+        elif h == 0:  # a zero-length macro step: x' = its start (the state)
+            coeffs = UpdateCoeffs(p=p, q=q, a=0.0, b=(0.0,) * k, g=1.0, eps_of=eps_of)
         else:
             a, c0, c1, c2, c = _update_terms(algorithm, "heun" if k == 3 else solver_type, k, alpha_s, sigma_s,
                                              alpha_t, sigma_t, h, phi3)
@@ -225,7 +237,7 @@ def singlestep_steps(grid: Grid, prediction: str, order_list, *, algorithm: str 
                     d11 = (-c1 * r1 + 2 * c2) / (r0 - r1)  # weight of D1_1
                     w0, w1 = d11 / r0, d10 / r1
                 b = (w0, w1, c0 - w0 - w1)
-            coeffs = UpdateCoeffs(p=p, q=q, a=0.0, b=b, c=c, g=a)
+            coeffs = UpdateCoeffs(p=p, q=q, a=0.0, b=b, c=c, g=a, eps_of=eps_of)
         plan.append(Step(t=t, coeffs=coeffs, write_slot=i % slots, read_slots=reads))
     return Plan(steps=tuple(plan), history_slots=slots, discrete_time=grid.discrete,
                 data_prediction=algorithm.endswith("++"), uses_state=True)

@@ -53,6 +53,17 @@ class Grid:
         alpha, sigma = self.alpha_sigma(i)
         return math.inf if sigma == 0 else math.log(alpha) - math.log(sigma)
 
+    def repeated(self, points) -> str | None:
+        """Why a step whose divided differences use the grid points `points` is undefined: two of them have the
+        same sigma (a repeated timestep), and it would divide by the zero length between them; None if none."""
+        points = sorted(points)
+        for j, k in zip(points, points[1:]):
+            if self.lam(j) == self.lam(k):
+                return (f"the update divides by the zero length between grid points {j} and {k} "
+                        f"(sigma {self.sigmas[j]:.6g} repeats at timesteps {self.timesteps[j]!r}, "
+                        f"{self.timesteps[k] if k < len(self.timesteps) else 'final'!r})")
+        return None
+
 
 def multistep_timesteps(schedule: VP, steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
     """The multistep schedulers' grid (DPMSolverMultistep, UniPC, DEIS): the DDIM grid of steps + 1 points

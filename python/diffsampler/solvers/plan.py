@@ -34,6 +34,7 @@ class Step:
     input_scale: float = 1.0  # the model is called on input_scale * x (Euler's scale_model_input)
     direction: Direction | None = None  # LML's direction (None: the whole increment)
     tensor_coeffs: torch.Tensor | None = field(default=None, compare=False)
+    undefined: str | None = None  # why the step has no update (coeffs None): Grid.repeated
 
     @property
     def needs_noise(self) -> bool:
@@ -59,6 +60,12 @@ class Plan:
     @property
     def timesteps(self) -> list[float]:
         return [s.t for s in self.steps]
+
+    def check_defined(self) -> None:
+        """Raises ValueError for the first step without an update (Step.undefined)."""
+        for i, step in enumerate(self.steps):
+            if step.undefined:
+                raise ValueError(f"step {i} has no update: {step.undefined}; use a grid without repeated sigmas")
 
     def upload_tensor_coeffs(self, x: torch.Tensor) -> list[torch.Tensor | None] | None:
         """Each step's tensor coefficients broadcast to x's sample shape, contiguous on x's device in float32

@@ -60,7 +60,7 @@ class _Updates:
         scale = alpha_t if self.predict_x0 else sigma_t
         a = sigma_t / sigma_s if self.predict_x0 else alpha_t / alpha_s
         w = {s: -scale * math.expm1(hh)}
-        if order == 1 and not corrector:
+        if (order == 1 and not corrector) or h == 0:  # h = 0: a zero-length step, the identity
             return a, w
         b_h = hh if self.solver_type == "bh1" else math.expm1(hh)
         rks = [(lam(s - k) - lam(s)) / h for k in range(1, order)]
@@ -72,6 +72,10 @@ class _Updates:
             w[t] = -scale * b_h * rho[-1]
             w[s] += scale * b_h * rho[-1]
         return a, w
+
+    def undefined(self, s: int, t: int, order: int) -> str | None:
+        """Why update(s, t, order) is undefined (Grid.repeated over its history points), or None."""
+        return None if self.grid.lam(t) == self.grid.lam(s) else self.grid.repeated(range(s - order + 1, s + 1))
 
 
 def unipc_plan(schedule: VP, steps: int, prediction: str, *, order: int = 2, variant: str = "bh2",
@@ -135,6 +139,11 @@ def unipc_steps(grid: Grid, prediction: str, *, order: int = 2, solver_type: str
         p_order = min(order, n - i) if lower_order_final else order
         p_order = min(p_order, i - start + 1) if i >= start else 1
         use_corrector = corrector and i > start and (i - 1) not in disable_corrector
+        undefined = updates.undefined(i, i + 1, p_order) or (use_corrector and updates.undefined(i - 1, i, orders[-1]))
+        if undefined:
+            orders.append(p_order)
+            plan.append(Step(t=t, coeffs=None, write_slot=i % slots, undefined=undefined))
+            continue
         # corrector x_c = c_a state + sum_j c_w[j] m_j (grid point i - 1 -> i, the previous step's order)
         if use_corrector:
             c_a, c_w = updates.update(i - 1, i, orders[-1], corrector=True)
@@ -157,13 +166,14 @@ def unipc_steps(grid: Grid, prediction: str, *, order: int = 2, solver_type: str
         b = (weights.get(i, 0.0),) + tuple(weights[j] for j in reads)
         p, q = convert(prediction, *grid.alpha_sigma(i))
         p, q = p * dc[i], q * dc[i]
+        eps_of = None if predict_x0 else grid.alpha_sigma(i)
         r = tuple(dc.get(j, 0.0) for j in reads)
         if use_corrector:  # x' from the state: g = p_a c_a; the state becomes x_c
             state = StateRow(a=0.0, b=(c_w.get(i, 0.0),) + tuple(c_w.get(j, 0.0) for j in reads), g=c_a)
-            coeffs = UpdateCoeffs(p=p, q=q, a=0.0, b=b, g=p_a * c_a, state=state, r=r)
+            coeffs = UpdateCoeffs(p=p, q=q, a=0.0, b=b, g=p_a * c_a, state=state, r=r, eps_of=eps_of)
         else:  # x' from x; the state becomes x
             state = StateRow(a=1.0, b=(0.0,) * len(b))
-            coeffs = UpdateCoeffs(p=p, q=q, a=p_a, b=b, state=state, r=r)
+            coeffs = UpdateCoeffs(p=p, q=q, a=p_a, b=b, state=state, r=r, eps_of=eps_of)
         plan.append(Step(t=t, coeffs=coeffs, write_slot=i % slots, read_slots=tuple(j % slots for j in reads)))
     return Plan(steps=tuple(plan), history_slots=slots, discrete_time=grid.discrete, data_prediction=predict_x0,
                 uses_state=True)
