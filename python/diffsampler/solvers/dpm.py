@@ -101,10 +101,11 @@ def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpm
 
 def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", order: int = 2,
               solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
-              final_sigma_zero: bool = True, start: int = 0, phi3: str = "k-diffusion",
+              final_sigma_zero: bool | None = None, start: int = 0, phi3: str = "k-diffusion",
               momentum: float | None = None) -> Plan:
     """The DPM-Solver multistep Plan over any Grid (the drop-in scheduler passes diffusers' own grid); the
-    loop starts at step `start` (img2img), where the history is empty.
+    loop starts at step `start` (img2img), where the history is empty. final_sigma_zero (default: the grid
+    ends at sigma = 0): the last step is first order, as diffusers' final_sigmas_type="zero".
 
     momentum = beta: heavy-ball momentum on the second-order steps of DPM-Solver++ 2M (Wizadwongsa et al.
     2023): v = (1 - beta) v + beta D (v = D at the first second-order step), D = D0 + D1 / 2, and
@@ -112,6 +113,8 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
     unchanged (as the paper's MomentumDPMSolverMultistepScheduler)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if final_sigma_zero is None:
+        final_sigma_zero = grid.sigmas[-1] == 0
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
     if solver_type not in SOLVER_TYPES:
