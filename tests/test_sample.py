@@ -614,3 +614,22 @@ def test_sample_builds_each_plan_once():
     ratios = np.ones(5)  # an array does not hash: built anew
     assert cached_plan("unipc", sch, 5, None, (("dc_ratios", ratios),)) is not cached_plan(
         "unipc", sch, 5, None, (("dc_ratios", ratios),))
+
+
+def test_every_registered_solver_runs_on_each_of_its_schedules():
+    """The registry is the one list of solver names: each builds a plan on every schedule type it names
+    (on its defaults), and describe() has a line per name."""
+    from diffsampler.schedules import EDM, VP, Flow, VPContinuous
+
+    schedules = {VP: VP.scaled_linear(), EDM: EDM(), Flow: Flow(shift=3.0), VPContinuous: VPContinuous()}
+    lines = ds.solvers.describe().splitlines()
+    assert [line.split()[0] for line in lines] == list(ds.solvers.SOLVERS)
+    for name, spec in ds.solvers.SOLVERS.items():
+        if name == "dpmv3":  # needs its statistics (test_dpmv3.py)
+            continue
+        for kind in spec.schedules:
+            schedule = schedules[kind]
+            plan = ds.solvers.make_plan(name, schedule, 6, spec.default_prediction(schedule))
+            assert len(plan.steps) >= 6, (name, kind)
+        with pytest.raises(ValueError, match=f"solver {name!r} needs a"):
+            ds.solvers.make_plan(name, object(), 6, "eps")

@@ -57,12 +57,12 @@ class SolverSpec:
         return "flow" if isinstance(schedule, Flow) else ("x0" if isinstance(schedule, EDM) else "eps")
 
     def options(self) -> list[str]:
-        """The keyword options of the solver's builders, presets excluded."""
-        builders = list(self.plans.values()) + ([self.grid_steps] if self.grid_steps is not None else [])
-        names = {"spacing", "final"} if self.grid_steps is not None else set()
-        for build in builders:
+        """The keyword options of the solver's plan builders, presets excluded (on VPContinuous also
+        spacing="logsnr" | "time" and final="zero" | "eps", the grid's)."""
+        names = set()
+        for build in self.plans.values():
             params = inspect.signature(build).parameters.values()
-            names |= {p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name != "start"}
+            names |= {p.name for p in params if p.kind == p.KEYWORD_ONLY}
         return sorted(names - set(self.presets))
 
 
@@ -104,7 +104,7 @@ def solver_spec(solver: str) -> SolverSpec:
 
 
 def describe() -> str:
-    """One line per solver: name, schedule types, options, description."""
+    """One line per solver: name, schedule types, description, options (VPContinuous adds spacing, final)."""
     lines = []
     for name, spec in SOLVERS.items():
         kinds = "/".join(t.__name__ for t in spec.schedules)
