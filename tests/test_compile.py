@@ -53,4 +53,26 @@ def test_opcheck_functional_op():
 
     args = make_case((2, 3, 5), torch.float32, 0, seed=3)
     torch.library.opcheck(torch.ops.diffsampler.multistep_update_pure.default, [args[0], args[1], args[5], args[6],
-                                                                                 0.0, 0.0, 1.0])
+                                                                                 0.0, False, []])
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "heun", "flow_euler", "ddim"])
+def test_fullgraph_one_call_sample(solver):
+    """ds.sample itself compiles with fullgraph=True (its defaults, check_nan included): the plan is built on
+    the host at trace time, once per distinct arguments; a changed step count or option retraces with its
+    own plan."""
+    schedule, prediction = CASES[solver]
+    model = lambda x, t: torch.tanh(x) * (1 + t.float() / 1000)
+    args = {"steps": 6, "eta": 0.5} if solver == "ddim" else {"steps": 6}
+    loop = lambda x: ds.sample(model, x, solver=solver, schedule=schedule, **args)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    compiled = torch.compile(loop, fullgraph=True, backend="aot_eager")
+    for steps, eta in ((6, 0.5), (4, 0.25)):
+        args["steps"] = steps
+        if "eta" in args:
+            args["eta"] = eta
+        torch.manual_seed(1)
+        got = compiled(x)
+        torch.manual_seed(1)
+        assert torch.equal(got, loop(x))

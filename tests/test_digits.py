@@ -9,13 +9,13 @@ import torch
 import diffsampler as ds
 from diffsampler import digits
 from diffsampler.schedules import VP
-from diffsampler.solvers import SCHEDULES, SOLVERS
+from diffsampler.solvers import SOLVERS
 
 pytest.importorskip("sklearn")
 
 SMALL_CLASSIFIER = digits.ClassifierConfig(width=64, features=16, iters=300)
 SMALL_DENOISER = digits.DenoiserConfig(width=64, depth=2, iters=300)
-VP_SOLVERS = [s for s in SOLVERS if VP in SCHEDULES.get(s, (VP,))]
+VP_SOLVERS = [s for s in SOLVERS if VP in SOLVERS[s].schedules]
 
 
 @pytest.fixture

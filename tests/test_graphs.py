@@ -61,7 +61,7 @@ def test_replay_equals_eager(solver, capture):
 @pytest.mark.gpu
 @gpu
 def test_indexed_loop_never_syncs():
-    from diffsampler.sample import IndexedLoop
+    from diffsampler.graphs import IndexedLoop
 
     x = torch.randn(2, 4, 16, 16, device="cuda")
     plan = ds.solvers.make_plan("unipc", ds.schedules.VP.scaled_linear(), 20, "eps")

@@ -10,7 +10,8 @@ from torch.library import opcheck
 import diffsampler as ds
 from diffsampler import ops
 from diffsampler.ops import StateRow, UpdateCoeffs
-from diffsampler.sample import IndexedLoop, prepare, run_indexed
+from diffsampler.graphs import IndexedLoop, run_indexed
+from diffsampler.sample import prepare
 
 from test_sync_free import SYNCING
 from update_cases import SESSION_SEED, rel_err

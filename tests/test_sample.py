@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -220,7 +221,7 @@ def test_dpm_family_matches_diffusers(case):
 
 @pytest.mark.parametrize("solver", ["dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpm_2m", "dpm_3m"])
 def test_dpm_solver_names_through_sample(solver):
-    alg, order = ds.solvers.SOLVERS[solver].keywords["algorithm"], ds.solvers.SOLVERS[solver].keywords["order"]
+    alg, order = ds.solvers.SOLVERS[solver].presets["algorithm"], ds.solvers.SOLVERS[solver].presets["order"]
     final = "zero" if alg.endswith("++") else "sigma_min"
     model, x = make_model(), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     sched, _ = _dpm_case(alg, order, "midpoint", "default", final, 20)
@@ -596,3 +597,39 @@ def test_heavy_ball_dpmpp_2m_follows_the_paper(beta):
     assert max_rel(got, expected) <= 1e-5
     if beta == 1.0:  # no momentum: DPM-Solver++ 2M itself
         assert max_rel(got, ds.sample(model, x, steps=12, solver="dpmpp_2m")) <= 1e-6
+
+
+def test_sample_builds_each_plan_once():
+    """sample() caches its plan per distinct arguments (values with their types: eta 0 and 0.0 differ as keys
+    but build equal plans); arguments that do not hash (a numpy array) build anew."""
+    from diffsampler.sample import cached_plan
+
+    sch = ds.schedules.VP.scaled_linear()
+    first = cached_plan("ddim", sch, 5, None, (("eta", 0.5),))
+    assert cached_plan("ddim", sch, 5, None, (("eta", 0.5),)) is first
+    assert cached_plan("ddim", sch, 6, None, (("eta", 0.5),)) is not first
+    assert cached_plan("ddim", sch, 5, None, (("eta", 0),)) == cached_plan("ddim", sch, 5, None, (("eta", 0.0),))
+    listed = cached_plan("unipc", sch, 5, None, (("dc_ratios", [1.0] * 5),))  # a list hashes as a tuple
+    assert cached_plan("unipc", sch, 5, None, (("dc_ratios", [1.0] * 5),)) is listed
+    ratios = np.ones(5)  # an array does not hash: built anew
+    assert cached_plan("unipc", sch, 5, None, (("dc_ratios", ratios),)) is not cached_plan(
+        "unipc", sch, 5, None, (("dc_ratios", ratios),))
+
+
+def test_every_registered_solver_runs_on_each_of_its_schedules():
+    """The registry is the one list of solver names: each builds a plan on every schedule type it names
+    (on its defaults), and describe() has a line per name."""
+    from diffsampler.schedules import EDM, VP, Flow, VPContinuous
+
+    schedules = {VP: VP.scaled_linear(), EDM: EDM(), Flow: Flow(shift=3.0), VPContinuous: VPContinuous()}
+    lines = ds.solvers.describe().splitlines()
+    assert [line.split()[0] for line in lines] == list(ds.solvers.SOLVERS)
+    for name, spec in ds.solvers.SOLVERS.items():
+        if name == "dpmv3":  # needs its statistics (test_dpmv3.py)
+            continue
+        for kind in spec.schedules:
+            schedule = schedules[kind]
+            plan = ds.solvers.make_plan(name, schedule, 6, spec.default_prediction(schedule))
+            assert len(plan.steps) >= 6, (name, kind)
+        with pytest.raises(ValueError, match=f"solver {name!r} needs a"):
+            ds.solvers.make_plan(name, object(), 6, "eps")

@@ -2,9 +2,10 @@
 
 from . import models, ops, reference, schedules, smc, solvers, targets
 from .ops import backends
-from .graphs import CapturedSampler
+from .graphs import CapturedSampler, IndexedLoop, run_indexed
 from .lml import LML
 from .sample import run_plan, sample
 
 __version__ = "0.1.0"
-__all__ = ["sample", "run_plan", "CapturedSampler", "LML", "backends", "ops", "reference", "schedules", "smc", "solvers", "models"]
+__all__ = ["sample", "run_plan", "CapturedSampler", "IndexedLoop", "run_indexed", "LML", "backends", "ops", "reference",
+           "schedules", "smc", "solvers", "models"]

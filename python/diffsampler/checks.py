@@ -175,7 +175,7 @@ def solver_options(options: dict) -> dict:
 def sampling_options(clip, threshold_ratio, threshold_max, check_nan, rng) -> None:
     """The update options of diffsampler.sample."""
     optional_real("clip", clip, "(0, inf)")
-    optional_real("threshold_ratio", threshold_ratio, "(0, 1]")
+    optional_real("threshold_ratio", threshold_ratio, "[0, 1]")
     real("threshold_max", threshold_max, "(0, inf)")
     flag("check_nan", check_nan)
     generator(rng)

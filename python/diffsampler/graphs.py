@@ -3,7 +3,7 @@
 The loop is sync-free (tests/test_sync_free.py): the model times are uploaded before capture and every step
 is one fused update. Two modes:
 - capture="loop": the whole loop in one graph, the coefficients as kernel arguments (one replay per call);
-- capture="step": one step in one graph (sample.IndexedLoop: the time, input scale, coefficients and history
+- capture="step": one step in one graph (IndexedLoop: the time, input scale, coefficients and history
   slots are read by a step counter on the device), replayed once per step. Capture costs one step whatever the
   step count, and the graph's memory is one step's; not for LML, thresholding or DPM-Solver-v3.
 The model is captured too and must allow it (static shapes, no host syncs, no CPU tensors made per call).
@@ -14,12 +14,93 @@ sampler logs the reason once and runs eagerly: the numbers are the same either w
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
-from .sample import IndexedLoop, model_times, prepare, run_indexed, run_plan
+from . import error_flags, ops
+from .sample import model_times, prepare, run_plan
+from .solvers import Plan
 
 log = logging.getLogger("diffsampler")
+
+
+class IndexedLoop:
+    """A Plan whose every step is the same code, for per-step CUDA-graph capture: the model time, the input
+    scale and the update's coefficients and history slots are read by a step counter on the device
+    (ops.step_table, ops.multistep_update_indexed), so one captured step replays for every step.
+
+    ``loop = IndexedLoop(plan, x)``; ``loop.reset()``; then ``x = loop.step(model, x)`` once per step. It
+    launches the model, one gather of the time (one more for the input scale where a step has one), one noise
+    draw per step where any step is stochastic, the update and the counter increment. Not for LML, thresholding
+    or DPM-Solver-v3 (their steps differ in kind). The numbers are those of run_plan: bitwise on the C++ CPU
+    and CUDA backends in float32 for deterministic solvers (a step with fewer history reads adds zero-weighted
+    reads of zeros); for stochastic ones as long as the steps that draw noise are the same (they are when only
+    the last step is deterministic, as with a final sigma of 0)."""
+
+    def __init__(self, plan: Plan, x: torch.Tensor, *, clip: float | None = None, backend: str = "auto"):
+        plan.check_defined()
+        if any(s.coeffs is None or s.tensor_coeffs is not None for s in plan.steps):
+            raise ValueError("IndexedLoop: the plan has DPM-Solver-v3 steps (ems_update), which are not indexed")
+        self.plan, self.clip, self.backend = plan, clip, backend
+        self.table = ops.step_table([s.coeffs for s in plan.steps], [s.write_slot for s in plan.steps],
+                                    [s.read_slots for s in plan.steps], plan.history_slots, plan.uses_state,
+                                    x.device)
+        self.times = model_times(plan, x)
+        scales = [s.input_scale for s in plan.steps]
+        opmath = torch.float64 if x.dtype == torch.float64 else torch.float32  # as x * a Python float computes
+        self.scales = None if all(v == 1.0 for v in scales) else torch.tensor(scales, dtype=opmath, device=x.device)
+        self.noisy = any(s.needs_noise for s in plan.steps)
+        shape = tuple(x.shape)
+        self.history = x.new_zeros((plan.history_slots, *shape)) if plan.history_slots else None
+        self.state = x.new_zeros(shape) if plan.uses_state else None
+        self.counter = torch.zeros(1, dtype=torch.int64, device=x.device)
+        self.status = error_flags.new(x.device)  # set by a step the op had to clamp (check reads it)
+        self.taken = 0  # the counter's host mirror (eager calls of step; a graph replays without it)
+
+    def reset(self) -> None:
+        """Back to step 0: zero history and state (reads without weight must read finite values)."""
+        for t in (self.history, self.state, self.counter):
+            if t is not None:
+                t.zero_()
+        self.taken = 0
+
+    def step(self, model: Callable[..., torch.Tensor], x: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """One step at the counter's index: out = model(input_scale x, t), the update; the counter advances."""
+        if self.taken >= len(self.plan.steps):
+            raise ValueError(f"IndexedLoop: all {len(self.plan.steps)} steps were taken; call reset() first")
+        self.taken += 1
+        t = self.times.index_select(0, self.counter).view(())
+        inp = x
+        if self.scales is not None:
+            inp = (x.to(self.scales.dtype) * self.scales.index_select(0, self.counter)).to(x.dtype)
+        out = model(inp, t)
+        noise = None
+        if self.noisy:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+        x = ops.multistep_update_indexed(x, out, self.table, self.counter, history=self.history, noise=noise,
+                                         clip=self.clip, state=self.state, status=self.status, backend=self.backend)
+        self.counter.add_(1)
+        return x
+
+    def check(self) -> None:
+        """Raise if a step since the last check read a clamped step index or slot (error_flags.check: one host
+        sync; call it after the loop)."""
+        error_flags.check(self.status)
+
+
+def run_indexed(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
+                generator: torch.Generator | None = None, clip: float | None = None,
+                backend: str = "auto") -> torch.Tensor:
+    """run_plan through IndexedLoop: the same loop with every step's coefficients read on the device."""
+    loop = IndexedLoop(plan, x, clip=clip, backend=backend)
+    if plan.init_scale != 1.0:
+        x = x * plan.init_scale
+    for _ in plan.steps:
+        x = loop.step(model, x, generator)
+    loop.check()
+    return x
 
 
 class CapturedSampler:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Callable
 
 import torch
 
-from . import checks, error_flags, ops
-from .solvers import FLOW_SOLVERS, Plan, make_plan
+from . import checks, ops
+from .solvers import Plan, SolverSpec, make_plan, solver_spec
 
 
 def sample(
@@ -43,22 +44,16 @@ def sample(
         for heun / euler.
     prediction: what the model returns: "eps" | "x0" | "v" | "flow" | "score" (default "eps", "flow" for the
         flow solvers).
-    solver: "ddim" (options eta, timestep_spacing="leading", steps_offset, set_alpha_to_one); the DPM-Solver
-        family "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde" (data prediction) and "dpm_2m", "dpm_3m"
-        (noise prediction) with options solver_type="midpoint"|"heun", timestep_spacing="linspace",
-        sigmas="default"|"karras"|"exponential"|"beta"|"lu", final_sigmas_type="zero"|"sigma_min",
-        lower_order_final=True, euler_at_final, steps_offset. Defaults are those of diffusers'
-        DDIMScheduler / DPMSolverMultistepScheduler. "euler" (EulerDiscreteScheduler: options timestep_spacing,
-        sigmas, final_sigmas_type; model input x / sqrt(sigma^2 + 1)); "flow_euler"
-        (FlowMatchEulerDiscreteScheduler, prediction "flow", the schedule's shift); "heun" (Karras et al.'s
-        2nd-order Heun on a ``schedules.EDM()``, 2 model calls per step but the last; the model gets sigma and
-        returns the denoised x0 by default); "euler" on an EDM schedule is Karras' Euler. "dpmv3"
-        (DPM-Solver-v3, VP / VPContinuous: option ems, required, from solvers.dpmv3.fit_ems or EMS.constant;
-        order, predictor_pseudo, corrector, corrector_pseudo, lower_order_final; ends at sigma_min / eps).
+    solver: a name of ``diffsampler.solvers.SOLVERS``; ``print(diffsampler.solvers.describe())`` lists each
+        with its schedule types and options (keyword arguments of sample()). The discrete-VP solvers' defaults
+        are those of the diffusers scheduler they follow; "heun" and "euler" on an ``EDM()`` are Karras et
+        al.'s (the model gets sigma and returns the denoised x0 by default).
     clip / threshold_ratio, threshold_max: clamp the data prediction to [-clip, clip], or dynamic thresholding.
     generator: the torch.Generator of the noise of stochastic steps (DDIM with eta > 0, the SDE solvers).
     check_nan: raise ValueError, naming the step and its time, when the model returns NaN or inf (a host sync
-        per step; off for speed).
+        per step; off for speed). Skipped inside torch.compile, whose graph cannot sync; the plan is built on the host once per distinct
+        arguments (cached), so ``torch.compile(lambda x: sample(model, x, ...), fullgraph=True)`` traces only
+        the loop.
     time_shift: a ``diffsampler.solvers.TimeShift(window, cutoff)``: query the model at the timestep whose
         noise variance matches each sample's (TS-DPM); discrete VP schedules.
     lml: a ``diffsampler.LML(damping, kappa, rank, freeze)``: precondition each step's direction with the
@@ -81,6 +76,7 @@ def sample(
             raise ValueError("cuda_graph=True draws noise from the default CUDA generator; generator must be None")
         capture = "loop" if cuda_graph is True else cuda_graph
         return CapturedSampler(model, steps, solver, schedule, prediction, capture=capture, **options)(x)
+    check_nan = check_nan and not torch.compiler.is_compiling()
     model, plan, options = prepare(model, steps, solver, schedule, prediction, dict(options, check_nan=check_nan))
     return run_plan(model, x, plan, generator=generator, progress=progress, desc=f"diffsampler {solver}",
                     **options)
@@ -92,18 +88,13 @@ UPDATE_OPTIONS = ("clip", "threshold_ratio", "threshold_max", "check_nan", "back
 def prepare(model, steps, solver, schedule, prediction, options: dict):
     """(model, Plan, update options) of a sample() call: defaults, the plan, the checks, the time shift.
     `options` holds sample()'s keywords; those that are not update options go to the solver."""
-    from .schedules import EDM, VP, Flow
-
     options = dict(options)
     update = {k: options.pop(k) for k in UPDATE_OPTIONS if k in options}
     time_shift = options.pop("time_shift", None)
     options.pop("generator", None)
-    flow = solver in FLOW_SOLVERS
-    if schedule is None:
-        schedule = Flow() if flow else (EDM() if solver == "heun" else VP.scaled_linear())
-    if prediction is None:
-        prediction = "flow" if flow else ("x0" if isinstance(schedule, EDM) else "eps")
-    plan = make_plan(solver, schedule, steps, prediction, **options)
+    plan = cached_plan(solver, schedule, steps, prediction, tuple(options.items()))
+    if time_shift is not None or update.get("lml") is not None:
+        schedule, prediction = _defaults(solver, schedule, prediction)
     if time_shift is not None:
         from .solvers import TimeShift
 
@@ -127,6 +118,73 @@ def prepare(model, steps, solver, schedule, prediction, options: dict):
     else:
         update.pop("lml", None)
     return model, plan, update
+
+
+def _defaults(solver, schedule, prediction):
+    """sample()'s defaults: schedule None -> the solver's default schedule, prediction None -> the schedule's."""
+    if schedule is None:
+        schedule = solver_spec(solver).default_schedule()
+    return schedule, SolverSpec.default_prediction(schedule) if prediction is None else prediction
+
+
+_PLANS: dict[int, Plan] = {}  # the newest PLAN_CACHE_SIZE plans by id
+_PLAN_IDS: dict[tuple, int] = {}  # the id of the plan of each hashable set of arguments
+PLAN_CACHE_SIZE = 64
+
+
+def cached_plan(solver, schedule, steps, prediction, options: tuple) -> Plan:
+    """The Plan of these sample() arguments, built on the host once per distinct arguments (a plan is a pure
+    function of them). Under torch.compile the build runs at trace time (plan_id is a constant of the graph)
+    and the traced code only reads the plan."""
+    options = tuple((k, _static(v)) for k, v in options)
+    return _PLANS[plan_id(solver, schedule, _static(steps), prediction, options)]
+
+
+@torch.compiler.assume_constant_result
+def plan_id(solver, schedule, steps, prediction, options: tuple) -> int:
+    """The id in _PLANS of the plan of these arguments, built now where it is not cached. The key holds each
+    value with its type (5 and 5.0 are different arguments); arguments that do not hash (a numpy array)
+    build their plan anew."""
+    key = (solver, schedule, _typed(steps), prediction, tuple((k, _typed(v)) for k, v in options))
+    try:
+        if key in _PLAN_IDS:
+            return _PLAN_IDS[key]
+    except TypeError:
+        key = None
+    schedule, prediction = _defaults(solver, schedule, prediction)
+    plan = make_plan(solver, schedule, steps, prediction, **dict(options))
+    new = max(_PLANS, default=-1) + 1
+    _PLANS[new] = plan
+    if key is not None:
+        _PLAN_IDS[key] = new
+    if len(_PLANS) > PLAN_CACHE_SIZE:
+        oldest = min(_PLANS)
+        del _PLANS[oldest]
+        for k in [k for k, v in _PLAN_IDS.items() if v == oldest]:
+            del _PLAN_IDS[k]
+    return new
+
+
+def _static(value):
+    """The value itself in the traced region too: torch.compile turns an int or float argument that changed
+    between calls into a symbolic one, and the plan needs the number (these round trips give it back, with a
+    guard on it)."""
+    if not torch.compiler.is_compiling():
+        return value
+    if type(value) is int:
+        return operator.index(value)
+    if type(value) is float:
+        return float.fromhex(value.hex())
+    if type(value) in (list, tuple):
+        return type(value)(_static(v) for v in value)
+    return value
+
+
+def _typed(value):
+    """A value with its type, lists and tuples as tuples of typed values: a hashable key part."""
+    if isinstance(value, (list, tuple)):
+        return type(value), tuple(_typed(v) for v in value)
+    return type(value), value
 
 
 def model_times(plan: Plan, x: torch.Tensor) -> torch.Tensor:
@@ -164,134 +222,91 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
         x = x * plan.init_scale
     times = model_times(plan, x) if times is None else times
     tensor_coeffs = plan.upload_tensor_coeffs(x) if tensor_coeffs is None else tensor_coeffs
-    if tensor_coeffs is not None and (update_options.get("clip") or update_options.get("threshold_ratio") is not None):
-        raise ValueError("clip / threshold_ratio act on a data prediction; this plan's steps (ems_update) keep none")
-    steps_iter = plan.steps
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps_iter = tqdm(steps_iter, desc=desc, total=len(plan.steps))
-    phase = _Ranges(x.is_cuda) if ranges else None
+    lml_run = None
     if lml is not None:
         from .lml import LMLRun
 
         lml_run = LMLRun(lml, plan, x, lml_time_scale, lml_schedule, lml_prediction)
-    for i, step in enumerate(steps_iter):
-        if lml is not None and lml_run.corrector:
-            with phase(f"step {i} corrector") if phase else contextlib.nullcontext():
-                x = lml_run.correct(i, step, x, model, times[i], generator, update_options.get("backend", "auto"))
-        with phase(f"step {i} model") if phase else contextlib.nullcontext():
+    update = _update_fn(history, state, generator, tensor_coeffs, lml_run, update_options)
+    correct = None
+    if lml_run is not None and lml_run.corrector:
+        backend = update_options.get("backend", "auto")
+        correct = lambda i, step, x: lml_run.correct(i, step, x, model, times[i], generator, backend)
+    span = _Ranges(x.is_cuda) if ranges else _no_range
+    steps = plan.steps
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=desc, total=len(plan.steps))
+    for i, step in enumerate(steps):
+        if correct is not None:
+            with span(i, "corrector"):
+                x = correct(i, step, x)
+        with span(i, "model"):
             out = model(x * step.input_scale if step.input_scale != 1.0 else x, times[i])
             if check_nan:
                 checks.model_output(out, x, i, step.t)
-        with phase(f"step {i} update") if phase else contextlib.nullcontext():
-            noise = None
-            if step.needs_noise:
-                # drawn in float32 as diffusers does, so a seed gives the same noise in every storage dtype
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
-            if tensor_coeffs is not None and tensor_coeffs[i] is not None:  # DPM-Solver-v3
-                x = ops.ems_update(x, out, tensor_coeffs[i], history=history, write_slot=step.write_slot,
-                                   read_slots=step.read_slots, state=state, check_nan=False,
-                                   **{k: update_options[k] for k in ("backend",) if k in update_options})
-            else:
-                extra = {}
-                if lml is not None:
-                    extra = lml_run.update_args(i, step, x, out, history, update_options.get("clip"),
-                                                update_options.get("backend", "auto"))
-                x = ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
-                                         read_slots=step.read_slots, noise=noise, state=state, **extra,
-                                         check_nan=False, **update_options)
+        with span(i, "update"):
+            x = update(i, step, x, out)
     return (x, state) if return_state else x
 
 
-class IndexedLoop:
-    """A Plan whose every step is the same code, for per-step CUDA-graph capture: the model time, the input
-    scale and the update's coefficients and history slots are read by a step counter on the device
-    (ops.step_table, ops.multistep_update_indexed), so one captured step replays for every step.
+def _update_fn(history, state, generator, tensor_coeffs, lml_run, options: dict):
+    """The update of one step, chosen once per loop: update(i, step, x, out) -> x'. The fused multistep
+    update (with LML's direction arguments when lml_run is set), or DPM-Solver-v3's ems_update on the steps
+    with tensor coefficients. The loop checks the model output (check_nan), the ops do not."""
+    options = dict(options, check_nan=False)
 
-    ``loop = IndexedLoop(plan, x)``; ``loop.reset()``; then ``x = loop.step(model, x)`` once per step. It
-    launches the model, one gather of the time (one more for the input scale where a step has one), one noise
-    draw per step where any step is stochastic, the update and the counter increment. Not for LML, thresholding
-    or DPM-Solver-v3 (their steps differ in kind). The numbers are those of run_plan: bitwise on the C++ CPU
-    and CUDA backends in float32 for deterministic solvers (a step with fewer history reads adds zero-weighted
-    reads of zeros); for stochastic ones as long as the steps that draw noise are the same (they are when only
-    the last step is deterministic, as with a final sigma of 0)."""
+    def noise_of(step, x):
+        # drawn in float32 as diffusers does, so a seed gives the same noise in every storage dtype
+        if not step.needs_noise:
+            return None
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
-    def __init__(self, plan: Plan, x: torch.Tensor, *, clip: float | None = None, backend: str = "auto"):
-        plan.check_defined()
-        if any(s.coeffs is None or s.tensor_coeffs is not None for s in plan.steps):
-            raise ValueError("IndexedLoop: the plan has DPM-Solver-v3 steps (ems_update), which are not indexed")
-        self.plan, self.clip, self.backend = plan, clip, backend
-        self.table = ops.step_table([s.coeffs for s in plan.steps], [s.write_slot for s in plan.steps],
-                                    [s.read_slots for s in plan.steps], plan.history_slots, plan.uses_state,
-                                    x.device)
-        self.times = model_times(plan, x)
-        scales = [s.input_scale for s in plan.steps]
-        opmath = torch.float64 if x.dtype == torch.float64 else torch.float32  # as x * a Python float computes
-        self.scales = None if all(v == 1.0 for v in scales) else torch.tensor(scales, dtype=opmath, device=x.device)
-        self.noisy = any(s.needs_noise for s in plan.steps)
-        shape = tuple(x.shape)
-        self.history = x.new_zeros((plan.history_slots, *shape)) if plan.history_slots else None
-        self.state = x.new_zeros(shape) if plan.uses_state else None
-        self.counter = torch.zeros(1, dtype=torch.int64, device=x.device)
-        self.status = error_flags.new(x.device)  # set by a step the op had to clamp (check reads it)
-        self.taken = 0  # the counter's host mirror (eager calls of step; a graph replays without it)
+    def fused(i, step, x, out):
+        return ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
+                                    read_slots=step.read_slots, noise=noise_of(step, x), state=state, **options)
 
-    def reset(self) -> None:
-        """Back to step 0: zero history and state (reads without weight must read finite values)."""
-        for t in (self.history, self.state, self.counter):
-            if t is not None:
-                t.zero_()
-        self.taken = 0
+    if lml_run is not None:
+        clip, backend = options.get("clip"), options.get("backend", "auto")
 
-    def step(self, model: Callable[..., torch.Tensor], x: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """One step at the counter's index: out = model(input_scale x, t), the update; the counter advances."""
-        if self.taken >= len(self.plan.steps):
-            raise ValueError(f"IndexedLoop: all {len(self.plan.steps)} steps were taken; call reset() first")
-        self.taken += 1
-        t = self.times.index_select(0, self.counter).view(())
-        inp = x
-        if self.scales is not None:
-            inp = (x.to(self.scales.dtype) * self.scales.index_select(0, self.counter)).to(x.dtype)
-        out = model(inp, t)
-        noise = None
-        if self.noisy:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
-        x = ops.multistep_update_indexed(x, out, self.table, self.counter, history=self.history, noise=noise,
-                                         clip=self.clip, state=self.state, status=self.status, backend=self.backend)
-        self.counter.add_(1)
-        return x
+        def with_lml(i, step, x, out):
+            extra = lml_run.update_args(i, step, x, out, history, clip, backend)
+            return ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
+                                        read_slots=step.read_slots, noise=noise_of(step, x), state=state,
+                                        **extra, **options)
 
-    def check(self) -> None:
-        """Raise if a step since the last check read a clamped step index or slot (error_flags.check: one host
-        sync; call it after the loop)."""
-        error_flags.check(self.status)
+        return with_lml
+    if tensor_coeffs is None:
+        return fused
+    if options.get("clip") or options.get("threshold_ratio") is not None:
+        raise ValueError("clip / threshold_ratio act on a data prediction; this plan's steps (ems_update) keep none")
+    ems_options = {k: options[k] for k in ("check_nan", "backend") if k in options}
+
+    def ems(i, step, x, out):  # DPM-Solver-v3
+        if tensor_coeffs[i] is None:
+            return fused(i, step, x, out)
+        return ops.ems_update(x, out, tensor_coeffs[i], history=history, write_slot=step.write_slot,
+                              read_slots=step.read_slots, state=state, **ems_options)
+
+    return ems
 
 
-def run_indexed(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
-                generator: torch.Generator | None = None, clip: float | None = None,
-                backend: str = "auto") -> torch.Tensor:
-    """run_plan through IndexedLoop: the same loop with every step's coefficients read on the device."""
-    loop = IndexedLoop(plan, x, clip=clip, backend=backend)
-    if plan.init_scale != 1.0:
-        x = x * plan.init_scale
-    for _ in plan.steps:
-        x = loop.step(model, x, generator)
-    loop.check()
-    return x
+def _no_range(i: int, phase: str):
+    return contextlib.nullcontext()
 
 
 class _Ranges:
-    """A torch.profiler range (and an NVTX range on CUDA) per phase of a step."""
+    """A torch.profiler range (and an NVTX range on CUDA) per phase of a step, named "step {i} {phase}"."""
 
     def __init__(self, cuda: bool):
         self.cuda = cuda
 
     @contextlib.contextmanager
-    def __call__(self, name: str):
+    def __call__(self, i: int, phase: str):
         from torch.profiler import record_function
 
+        name = f"step {i} {phase}"
         with record_function(name):
             if self.cuda:
                 torch.cuda.nvtx.range_push(name)
@@ -300,3 +315,13 @@ class _Ranges:
             finally:
                 if self.cuda:
                     torch.cuda.nvtx.range_pop()
+
+
+def __getattr__(name: str):
+    """IndexedLoop and run_indexed live with the capture code (diffsampler.graphs); this keeps
+    `from diffsampler.sample import IndexedLoop` working."""
+    if name in ("IndexedLoop", "run_indexed"):
+        from . import graphs
+
+        return getattr(graphs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

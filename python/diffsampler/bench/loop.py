@@ -21,7 +21,7 @@ from diffsampler.bench.cli import DTYPES
 from diffsampler.bench.common import OpCounter, machine_record, measure, slug, write_json
 from diffsampler.bench.plots import plot_loop
 from diffsampler.bench.step import ANCHORS
-from diffsampler.sample import run_indexed
+from diffsampler.graphs import run_indexed
 
 
 def denoiser(x, t):
@@ -29,9 +29,9 @@ def denoiser(x, t):
 
 
 def _plan(solver: str, steps: int):
-    flow = solver in ds.solvers.FLOW_SOLVERS
-    schedule = ds.schedules.Flow() if flow else ds.schedules.VP.scaled_linear()
-    return ds.solvers.make_plan(solver, schedule, steps, "flow" if flow else "eps")
+    spec = ds.solvers.SOLVERS[solver]
+    schedule = spec.default_schedule()
+    return ds.solvers.make_plan(solver, schedule, steps, spec.default_prediction(schedule))
 
 
 def _diffusers_loop(solver: str, steps: int):

@@ -98,8 +98,9 @@ def copies_needed(device: torch.device, n_bytes: int, rotate: bool) -> int:
 
 def fused_step(solver: str, backend: str, x, out):
     """(callable running the fused update of the same step, bytes it moves)."""
-    schedule = ds.schedules.Flow() if solver in ds.solvers.FLOW_SOLVERS else ds.schedules.VP.scaled_linear()
-    plan = ds.solvers.make_plan(solver, schedule, 20, "flow" if solver in ds.solvers.FLOW_SOLVERS else "eps")
+    spec = ds.solvers.SOLVERS[solver]
+    schedule = spec.default_schedule()
+    plan = ds.solvers.make_plan(solver, schedule, 20, spec.default_prediction(schedule))
     step = plan.steps[STEP_INDEX]
     history = torch.randn((plan.history_slots, *x.shape), device=x.device).to(x.dtype) if plan.history_slots else None
     state = torch.randn_like(x) if plan.uses_state else None

@@ -22,12 +22,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import ops
 from ..lml import correction_weights, mixing
-from ..models import data_coeffs, noise_coeffs
-from ..ops import UpdateCoeffs
+from ..solvers.ddim import ddim_coeffs
 from ..solvers.deis import deis_steps
 from ..solvers.dpm import dpm_steps, singlestep_steps
+from ..solvers.euler import flow_euler_coeffs
 from ..solvers.grid import Grid
 from ..solvers.unipc import unipc_steps
+from ..solvers.ve import churn, euler_coeffs, ve_data_coeffs
 
 # the config keys that shape a multistep scheduler's grid (named by the error of a step that divides by zero)
 GRID_CONFIG = ("num_train_timesteps", "timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas",
@@ -210,17 +211,8 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         prev_t = t - c.num_train_timesteps // self.num_inference_steps
         ab_t = float(self.alphas_cumprod[t])
         ab_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else float(self.final_alpha_cumprod)
-        alpha, sigma = math.sqrt(ab_t), math.sqrt(1 - ab_t)
         std = eta * math.sqrt(float(self._get_variance(t, prev_t)))
-        direction = math.sqrt(max(1 - ab_prev - std * std, 0.0))
-        pred = _prediction(c)
-        p, q = data_coeffs(pred, alpha, sigma)
-        if use_clipped_model_output:  # eps from the clipped x0: eps = (x - alpha m0) / sigma
-            coeffs = UpdateCoeffs(p=p, q=q, a=direction / sigma,
-                                  b=(math.sqrt(ab_prev) - direction * alpha / sigma,), c=std)
-        else:
-            ep, eq = noise_coeffs(pred, alpha, sigma)
-            coeffs = UpdateCoeffs(p=p, q=q, a=direction * ep, e=direction * eq, b=(math.sqrt(ab_prev),), c=std)
+        coeffs, direction = ddim_coeffs(_prediction(c), ab_t, ab_prev, std, clipped_eps=use_clipped_model_output)
         noise = None
         if eta > 0:
             if variance_noise is not None and generator is not None:
@@ -230,10 +222,10 @@ class DDIMScheduler(diffusers.DDIMScheduler):
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
             noise = noise.to(model_output.dtype)
         clip = c.clip_sample_range if c.clip_sample and not c.thresholding else None
-        # the noise prediction as a row over (x, out, m0), entering x' as `direction` * eps (LML's g)
-        eps = (1.0 / sigma, 0.0, -alpha / sigma) if use_clipped_model_output else (*noise_coeffs(pred, alpha, sigma), 0.0)
+        # the noise prediction as a row over (x, out, m0), entering x' as `direction.scale` * eps (LML's g)
+        eps = (direction.x, direction.out, *direction.b)
         sample = _same_dtype(model_output, sample)
-        lml = self._lml_args(t, sample, model_output, coeffs, eps, direction, clip)
+        lml = self._lml_args(t, sample, model_output, coeffs, eps, direction.scale, clip)
         prev, x0 = _with_prediction(sample, model_output, coeffs, noise=noise if std != 0 else None, clip=clip,
                                     **_threshold_kwargs(c), **lml)
         if not return_dict:
@@ -253,24 +245,18 @@ class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
         if self.step_index is None:
             self._init_step_index(timestep)
         sigma = float(self.sigmas[self.step_index])
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
+        sigma_hat, weight = churn(sigma, len(self.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise)
         sample = _same_dtype(model_output, sample)
-        if gamma > 0:  # churn: noise added before the conversion (a separate pass, as in diffusers)
+        if weight:  # churn: noise added before the conversion (a separate pass, as in diffusers)
             noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
                                  generator=generator)
-            sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+            sample = sample + noise * weight
         pred = _prediction(self.config)
-        if pred == "eps":
-            p, q = 1.0, -sigma_hat
-        elif pred == "x0":
-            p, q = 0.0, 1.0
-        elif pred == "v":
-            p, q = 1.0 / (sigma * sigma + 1), -sigma / math.sqrt(sigma * sigma + 1)
-        else:
+        if pred not in ("eps", "x0", "v"):
             raise ValueError(f"prediction_type {self.config.prediction_type!r} is not supported by Euler")
-        dt = float(self.sigmas[self.step_index + 1]) - sigma_hat
-        coeffs = UpdateCoeffs(p=p, q=q, a=1.0 + dt / sigma_hat, b=(-dt / sigma_hat,))
+        # diffusers converts eps at sigma_hat and v at sigma
+        p, q = ve_data_coeffs(pred, sigma_hat if pred == "eps" else sigma)
+        coeffs = euler_coeffs(p, q, sigma_hat, float(self.sigmas[self.step_index + 1]))
         prev, x0 = _with_prediction(sample, model_output, coeffs)
         self._step_index += 1
         if not return_dict:
@@ -298,11 +284,9 @@ class FlowMatchEulerDiscreteScheduler(diffusers.FlowMatchEulerDiscreteScheduler)
         sigma, sigma_next = float(self.sigmas[self.step_index]), float(self.sigmas[self.step_index + 1])
         sample = _same_dtype(model_output, sample)
         noise = None
-        if self.config.stochastic_sampling:  # x' = (1 - s') (x - s v) + s' z
+        if self.config.stochastic_sampling:
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            coeffs = UpdateCoeffs(p=1.0, q=-sigma, a=0.0, b=(1.0 - sigma_next,), c=sigma_next)
-        else:  # x' = x + (s' - s) v
-            coeffs = UpdateCoeffs(p=1.0, q=-sigma, a=1.0, e=sigma_next - sigma, b=(0.0,))
+        coeffs = flow_euler_coeffs(sigma, sigma_next, stochastic=self.config.stochastic_sampling)
         prev = ops.multistep_update(sample, model_output, coeffs, noise=noise)
         self._step_index += 1
         if not return_dict:

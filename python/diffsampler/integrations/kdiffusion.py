@@ -20,11 +20,12 @@ from collections.abc import Mapping
 import torch
 
 from .. import checks, ops
-from ..ops import StateRow, UpdateCoeffs
+from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
-from ..solvers.dpm import _history_weights
+from ..solvers.dpm import history_weights, update_terms
+from ..solvers.ve import churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
 
-DENOISED = dict(p=0.0, q=1.0)  # the model output is the data prediction itself
+DENOISED = (0.0, 1.0)  # (p, q): the model output is the data prediction itself
 
 
 def _zero_appended(sigmas: torch.Tensor) -> torch.Tensor:
@@ -94,12 +95,6 @@ class _Loop:
                                     read_slots=reads, noise=noise, state=state)
 
 
-def _euler_coeffs(sigma_hat: float, sigma_next: float) -> UpdateCoeffs:
-    """x' = x + (x - D) / sigma_hat (sigma_next - sigma_hat)."""
-    r = (sigma_next - sigma_hat) / sigma_hat
-    return UpdateCoeffs(**DENOISED, a=1.0 + r, b=(-r,))
-
-
 def _check_churn(s_churn, s_tmin, s_tmax, s_noise) -> None:
     checks.real("s_churn", s_churn, "[0, inf)")
     checks.real("s_tmin", s_tmin, "[0, inf]")
@@ -113,14 +108,10 @@ def _check_noise(eta, s_noise, noise_sampler) -> None:
     checks.optional_callable("noise_sampler", noise_sampler, "noise_sampler(sigma, sigma_next)")
 
 
-def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise):
-    """Karras et al.'s churn: sigma_hat = sigma (1 + gamma) and x + eps sqrt(sigma_hat^2 - sigma^2)."""
-    sigma = sigmas[i]
-    gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-    sigma_hat = sigma * (gamma + 1)
-    if gamma > 0:
-        x = x + torch.randn_like(x) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
-    return x, sigma_hat
+def _churned(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise):
+    """(x_hat, sigma_hat) of Karras et al.'s churn (solvers.ve.churn) at step i."""
+    sigma_hat, weight = churn(sigmas[i], len(sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise)
+    return (x + torch.randn_like(x) * weight if weight else x), sigma_hat
 
 
 @torch.no_grad()
@@ -131,90 +122,67 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=0)
     s = loop.sigmas
     for i in _steps(len(s) - 1, disable):
-        x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = _churned(x, s, i, s_churn, s_tmin, s_tmax, s_noise)
         denoised = loop.denoise(x, i, sigma_hat, sigma_hat)
-        x = loop.update(x, denoised, _euler_coeffs(sigma_hat, s[i + 1]), i)
+        x = loop.update(x, denoised, euler_coeffs(*DENOISED, sigma_hat, s[i + 1]), i)
     return x
 
 
 @torch.no_grad()
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                 s_tmax=float("inf"), s_noise=1.0):
-    """Karras et al. (2022) Algorithm 2, Heun steps (Euler into sigma = 0).
-
-    Stage 1 is an Euler step that also keeps its start x in the state and D in the history; stage 2 is
-    x' = x + (d + d2) / 2 dt = (1 + r/2) s - r/2 D + r2/2 x2 - r2/2 D2, r = dt / sigma_hat, r2 = dt / sigma_next."""
+    """Karras et al. (2022) Algorithm 2, Heun steps (Euler into sigma = 0): solvers.ve.heun_coeffs."""
     _check_churn(s_churn, s_tmin, s_tmax, s_noise)
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
     s = loop.sigmas
     state = torch.zeros_like(x)
     for i in _steps(len(s) - 1, disable):
-        x, sigma_hat = _churn(x, s, i, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = _churned(x, s, i, s_churn, s_tmin, s_tmax, s_noise)
         denoised = loop.denoise(x, i, sigma_hat, sigma_hat)
-        euler = _euler_coeffs(sigma_hat, s[i + 1])
         if s[i + 1] == 0:
-            x = ops.multistep_update(x, denoised, euler)
+            x = ops.multistep_update(x, denoised, euler_coeffs(*DENOISED, sigma_hat, s[i + 1]))
             continue
-        keep_start = UpdateCoeffs(p=euler.p, q=euler.q, a=euler.a, b=euler.b, state=StateRow(a=1.0, b=(0.0,)))
-        x2 = ops.multistep_update(x, denoised, keep_start, history=loop.history, write_slot=0, state=state)
+        first, second = heun_coeffs(*DENOISED, *DENOISED, sigma_hat, s[i + 1])
+        x2 = ops.multistep_update(x, denoised, first, history=loop.history, write_slot=0, state=state)
         denoised_2 = loop.model(x2, s[i + 1] * loop.s_in, **loop.extra_args)
-        dt = s[i + 1] - sigma_hat
-        r, r2 = dt / sigma_hat, dt / s[i + 1]
-        heun = UpdateCoeffs(**DENOISED, a=r2 / 2, b=(-r2 / 2, -r / 2), g=1.0 + r / 2)
-        x = ops.multistep_update(x2, denoised_2, heun, history=loop.history, write_slot=1, read_slots=[0],
+        x = ops.multistep_update(x2, denoised_2, second, history=loop.history, write_slot=1, read_slots=[0],
                                  state=state)
     return x
 
 
-@torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """DPM-Solver++(2M) in k-diffusion's form: t = -log sigma, h = t' - t,
-    x' = (sigma'/sigma) x - (e^{-h} - 1) ((1 + 1/(2r)) D - 1/(2r) D_old), r = h_last / h (first order at the first
-    step and into sigma = 0)."""
-    loop = _Loop(model, x, sigmas, extra_args, callback, slots=2, strict=True)
-    s = loop.sigmas
-    for i in _steps(len(s) - 1, disable):
-        denoised = loop.denoise(x, i, s[i])
-        em = -1.0 if s[i + 1] == 0 else math.expm1(-(math.log(s[i]) - math.log(s[i + 1])))
-        a = s[i + 1] / s[i]
-        if i == 0 or s[i + 1] == 0:
-            coeffs, n_hist = UpdateCoeffs(**DENOISED, a=a, b=(-em,)), 0
-        else:
-            r = (math.log(s[i - 1]) - math.log(s[i])) / (math.log(s[i]) - math.log(s[i + 1]))
-            coeffs, n_hist = UpdateCoeffs(**DENOISED, a=a, b=(-em * (1 + 1 / (2 * r)), em / (2 * r))), 1
-        x = loop.update(x, denoised, coeffs, i, n_hist)
-    return x
-
-
-def _sde_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order, solver_type):
-    """DPM-Solver++(2M / 3M) SDE in k-diffusion's form: h = log(sigma / sigma'), h_eta = h (1 + eta),
-    x' = e^{-h_eta} x + (1 - e^{-h_eta}) D + phi terms of the divided differences + sigma' sqrt(1 - e^{-2 eta h}) z."""
+def _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order, solver_type):
+    """DPM-Solver++(2M / 3M), ODE (eta = 0) or SDE, in k-diffusion's form: x in the VE scale (alpha = 1),
+    h = log(sigma / sigma'), the step of solvers.dpm.update_terms with the order of the history there is
+    (the first step first order), and x' = D at sigma' = 0."""
     _check_noise(eta, s_noise, noise_sampler)
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=order, strict=True)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    algorithm = "sde-dpmsolver++" if eta else "dpmsolver++"
     s = loop.sigmas
     hs = []  # step sizes in t = -log sigma of the steps taken so far
     for i in _steps(len(s) - 1, disable):
         denoised = loop.denoise(x, i, s[i])
         if s[i + 1] == 0:  # the denoising step
-            x = loop.update(x, denoised, UpdateCoeffs(**DENOISED, a=0.0, b=(1.0,)), i)
+            x = loop.update(x, denoised, euler_coeffs(*DENOISED, s[i], 0.0), i)
             continue
         h = math.log(s[i]) - math.log(s[i + 1])
-        h_eta = h + eta * h
-        c0 = -math.expm1(-h_eta)
-        a = s[i + 1] / s[i] * math.exp(-eta * h)  # = e^{-h_eta}
         n_hist = min(len(hs), order - 1)
-        phi_2 = c0 / -h_eta + 1  # (1 - e^{-h_eta}) / (-h_eta) + 1
-        c1 = (0.5 * c0 if solver_type == "midpoint" else phi_2) if order == 2 else phi_2
-        c2 = -(phi_2 / h_eta - 0.5) if order == 3 else 0.0
+        a, c0, c1, c2, c = update_terms(algorithm, solver_type, n_hist + 1, 1.0, s[i], 1.0, s[i + 1], h,
+                                        phi3="k-diffusion", eta=eta)
         r0 = hs[-1] / h if n_hist >= 1 else 0.0
         r1 = hs[-2] / h if n_hist >= 2 else 0.0
-        b = _history_weights(n_hist + 1, c0, c1, c2, r0, r1)
-        c = s[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise if eta else 0.0
+        coeffs = UpdateCoeffs(*DENOISED, a=a, b=history_weights(n_hist + 1, c0, c1, c2, r0, r1), c=c * s_noise)
         noise = noise_sampler(s[i], s[i + 1]) if eta else None
-        x = loop.update(x, denoised, UpdateCoeffs(**DENOISED, a=a, b=b, c=c), i, n_hist, noise=noise)
+        x = loop.update(x, denoised, coeffs, i, n_hist, noise=noise)
         hs.append(h)
     return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """DPM-Solver++(2M) in k-diffusion's form: x' = (sigma'/sigma) x - (e^{-h} - 1) ((1 + 1/(2r)) D -
+    1/(2r) D_old), r = h_last / h (first order at the first step and into sigma = 0)."""
+    return _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, 2, "midpoint")
 
 
 @torch.no_grad()
@@ -223,56 +191,39 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     """DPM-Solver++(2M) SDE."""
     if solver_type not in ("heun", "midpoint"):
         raise ValueError("solver_type must be 'heun' or 'midpoint'")
-    return _sde_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 2, solver_type)
+    return _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 2,
+                       solver_type)
 
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                         noise_sampler=None):
     """DPM-Solver++(3M) SDE."""
-    return _sde_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 3, "heun")
-
-
-def _ancestral_step(sigma_from: float, sigma_to: float, eta: float) -> tuple[float, float]:
-    """(sigma_down, sigma_up): sigma_up = min(sigma_to, eta sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) /
-    sigma_from^2)), sigma_down = sqrt(sigma_to^2 - sigma_up^2)."""
-    if not eta:
-        return sigma_to, 0.0
-    up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
-    return (sigma_to**2 - up**2) ** 0.5, up
+    return _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 3, "heun")
 
 
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                      noise_sampler=None, r=1 / 2):
-    """DPM-Solver++ (stochastic, 2 model calls per step): an ancestral first-order step to the intermediate
-    sigma(t + r h), then from the step's start (kept in the fused state) with D = (1 - 1/(2r)) D1 + 1/(2r) D2."""
+    """DPM-Solver++ (stochastic, 2 model calls per step; solvers.ve.dpmpp_sde_coeffs): an ancestral first-order
+    step to the intermediate sigma(t + r h), then from the step's start (kept in the fused state)."""
     _check_noise(eta, s_noise, noise_sampler)
     checks.real("r", r, "(0, 1]")
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s = loop.sigmas
     state = torch.zeros_like(x)
-    fac = 1 / (2 * r)
     for i in _steps(len(s) - 1, disable):
         denoised = loop.denoise(x, i, s[i])
         if s[i + 1] == 0:
-            x = ops.multistep_update(x, denoised, _euler_coeffs(s[i], s[i + 1]))
+            x = ops.multistep_update(x, denoised, euler_coeffs(*DENOISED, s[i], 0.0))
             continue
-        h = math.log(s[i]) - math.log(s[i + 1])
-        s_mid = s[i] * math.exp(-r * h)  # sigma(t + r h)
-        down, up = _ancestral_step(s[i], s_mid, eta)
-        # x2 = (sigma_down / sigma) x + (1 - sigma_down / sigma) D + up z: k-diffusion's exponential form
-        first = UpdateCoeffs(**DENOISED, a=down / s[i], b=(1.0 - down / s[i],), c=up * s_noise,
-                             state=StateRow(a=1.0, b=(0.0,)))
+        s_mid, first, second = dpmpp_sde_coeffs(s[i], s[i + 1], eta, r, s_noise)
         z = noise_sampler(s[i], s_mid)  # drawn even when unused, as k-diffusion does
         x2 = ops.multistep_update(x, denoised, first, history=loop.history, write_slot=0, state=state,
-                                  noise=z if up else None)
+                                  noise=z if first.c else None)
         denoised_2 = loop.model(x2, s_mid * loop.s_in, **loop.extra_args)
-        down, up = _ancestral_step(s[i], s[i + 1], eta)
-        w = 1.0 - down / s[i]  # -(e^{t - t'} - 1) with e^{t - t'} = sigma'/sigma
-        second = UpdateCoeffs(**DENOISED, a=0.0, b=(w * fac, w * (1 - fac)), g=down / s[i], c=up * s_noise)
         z = noise_sampler(s[i], s[i + 1])
         x = ops.multistep_update(x2, denoised_2, second, history=loop.history, write_slot=1, read_slots=[0],
-                                 state=state, noise=z if up else None)
+                                 state=state, noise=z if second.c else None)
     return x

@@ -1,9 +1,14 @@
-"""Solvers: host-side float64 coefficient math that turns a schedule into a Plan of fused updates."""
+"""Solvers: host-side float64 coefficient math that turns a schedule into a Plan of fused updates.
+
+SOLVERS holds one SolverSpec per solver name; make_plan, sample()'s defaults and describe() read it.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 from .. import checks
 from ..models import check_prediction
@@ -20,47 +25,99 @@ from .timeshift import TimeShift
 from .unipc import unipc_plan, unipc_steps
 from .plan import Plan, Step
 
-SOLVERS: dict[str, Callable[..., Plan]] = {
-    "ddim": ddim_plan,
-    "dpmpp_2m": functools.partial(dpm_plan, algorithm="dpmsolver++", order=2),
-    "dpmpp_3m": functools.partial(dpm_plan, algorithm="dpmsolver++", order=3),
-    "dpmpp_2m_sde": functools.partial(dpm_plan, algorithm="sde-dpmsolver++", order=2),
-    "dpmpp_3m_sde": functools.partial(dpm_plan, algorithm="sde-dpmsolver++", order=3),
-    "dpm_2m": functools.partial(dpm_plan, algorithm="dpmsolver", order=2, final_sigmas_type="sigma_min"),
-    "dpm_3m": functools.partial(dpm_plan, algorithm="dpmsolver", order=3, final_sigmas_type="sigma_min"),
-    "unipc": unipc_plan,
-    "deis": deis_plan,
-    "ghvb": ghvb_plan,
-    "euler": euler_plan,
-    "heun": heun_plan,
-    "flow_euler": flow_euler_plan,
-    "flow_dpmpp_2m": flow_dpm_plan,
-    "dpmv3": dpmv3_plan,
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """One solver name: its Plan builder per schedule type, and the options the name presets.
+
+    plans: schedule type -> builder(schedule, steps, prediction, **options).
+    grid_steps: builder(grid, prediction, **options) over a continuous_grid, for VPContinuous schedules (None:
+        the solver does not run on them); grid_final: where that grid ends ("zero": sigma = 0, "eps": t = eps).
+    presets: options every builder of the name gets (keyword arguments of sample() override them).
+    """
+
+    about: str
+    plans: Mapping[type, Callable[..., Plan]]
+    grid_steps: Callable[..., Plan] | None = None
+    grid_final: str = "zero"
+    presets: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def schedules(self) -> tuple[type, ...]:
+        """The schedule types the solver runs on."""
+        return tuple(self.plans) + ((VPContinuous,) if self.grid_steps is not None else ())
+
+    def default_schedule(self):
+        """Flow() for the flow solvers, EDM() for those that run on EDM only, else VP.scaled_linear()."""
+        first = next(iter(self.plans))
+        return {Flow: Flow, EDM: EDM}.get(first, VP.scaled_linear)()
+
+    @staticmethod
+    def default_prediction(schedule) -> str:
+        """"flow" on a Flow schedule, "x0" (a denoiser) on an EDM one, else "eps"."""
+        return "flow" if isinstance(schedule, Flow) else ("x0" if isinstance(schedule, EDM) else "eps")
+
+    def options(self) -> list[str]:
+        """The keyword options of the solver's plan builders, presets excluded (on VPContinuous also
+        spacing="logsnr" | "time" and final="zero" | "eps", the grid's)."""
+        names = set()
+        for build in self.plans.values():
+            params = inspect.signature(build).parameters.values()
+            names |= {p.name for p in params if p.kind == p.KEYWORD_ONLY}
+        return sorted(names - set(self.presets))
+
+
+def _dpm(algorithm: str, order: int, about: str, continuous: bool = True, **presets) -> SolverSpec:
+    return SolverSpec(about, {VP: dpm_plan}, dpm_steps if continuous else None,
+                      presets=dict(algorithm=algorithm, order=order, **presets))
+
+
+SOLVERS: dict[str, SolverSpec] = {
+    "ddim": SolverSpec("DDIM, as diffusers' DDIMScheduler (eta > 0: stochastic)", {VP: ddim_plan},
+                       functools.partial(dpm_steps, algorithm="dpmsolver++", order=1)),
+    "dpmpp_2m": _dpm("dpmsolver++", 2, "DPM-Solver++(2M), data prediction (DPMSolverMultistepScheduler)"),
+    "dpmpp_3m": _dpm("dpmsolver++", 3, "DPM-Solver++(3M)"),
+    "dpmpp_2m_sde": _dpm("sde-dpmsolver++", 2, "SDE-DPM-Solver++(2M), draws noise every step"),
+    "dpmpp_3m_sde": _dpm("sde-dpmsolver++", 3, "SDE-DPM-Solver++(3M)"),
+    "dpm_2m": _dpm("dpmsolver", 2, "DPM-Solver(2M), noise prediction; ends at sigma_min", False,
+                   final_sigmas_type="sigma_min"),
+    "dpm_3m": _dpm("dpmsolver", 3, "DPM-Solver(3M), noise prediction; ends at sigma_min", False,
+                   final_sigmas_type="sigma_min"),
+    "unipc": SolverSpec("UniPC predictor-corrector (UniPCMultistepScheduler); DC-Solver with dc_ratios",
+                        {VP: unipc_plan}, unipc_steps),
+    "deis": SolverSpec("DEIS log-rho multistep (DEISMultistepScheduler); ends at a sigma > 0", {VP: deis_plan},
+                       deis_steps, grid_final="eps"),
+    "ghvb": SolverSpec("generalized heavy-ball momentum (GHVB), order - 1 + beta", {VP: ghvb_plan}, ghvb_steps),
+    "euler": SolverSpec("Euler in the VE scale: EulerDiscreteScheduler on VP, Karras' Euler on EDM",
+                        {VP: euler_plan, EDM: edm_euler_plan}),
+    "heun": SolverSpec("Karras et al.'s Heun (2 model calls per step but the last)", {EDM: heun_plan}),
+    "flow_euler": SolverSpec("flow-matching Euler (FlowMatchEulerDiscreteScheduler)", {Flow: flow_euler_plan}),
+    "flow_dpmpp_2m": SolverSpec("DPM-Solver++(2M) on flow sigmas", {Flow: flow_dpm_plan}),
+    "dpmv3": SolverSpec("DPM-Solver-v3: needs ems (fit_ems or EMS.constant); ends at sigma_min / eps",
+                        {VP: dpmv3_plan}, dpmv3_steps, grid_final="eps"),
 }
-FLOW_SOLVERS = ("flow_euler", "flow_dpmpp_2m")
-# the schedule types each solver runs on (VP for the others); euler on an EDM schedule is Karras' Euler
-SCHEDULES = {"flow_euler": (Flow,), "flow_dpmpp_2m": (Flow,), "heun": (EDM,), "euler": (VP, EDM)}
-# the solvers that also run on a VPContinuous schedule: their Grid-level step functions and fixed options
-CONTINUOUS = {
-    "ddim": (dpm_steps, dict(algorithm="dpmsolver++", order=1)),
-    "dpmpp_2m": (dpm_steps, dict(algorithm="dpmsolver++", order=2)),
-    "dpmpp_3m": (dpm_steps, dict(algorithm="dpmsolver++", order=3)),
-    "dpmpp_2m_sde": (dpm_steps, dict(algorithm="sde-dpmsolver++", order=2)),
-    "dpmpp_3m_sde": (dpm_steps, dict(algorithm="sde-dpmsolver++", order=3)),
-    "unipc": (unipc_steps, {}),
-    "deis": (deis_steps, {}),
-    "ghvb": (ghvb_steps, {}),
-    "dpmv3": (dpmv3_steps, {}),
-}
+
+
+def solver_spec(solver: str) -> SolverSpec:
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+    return SOLVERS[solver]
+
+
+def describe() -> str:
+    """One line per solver: name, schedule types, description, options (VPContinuous adds spacing, final)."""
+    lines = []
+    for name, spec in SOLVERS.items():
+        kinds = "/".join(t.__name__ for t in spec.schedules)
+        lines.append(f"{name:<14}{kinds:<18}{spec.about}; options: {', '.join(spec.options()) or 'none'}")
+    return "\n".join(lines)
 
 
 def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> Plan:
     """The Plan of `solver` on `schedule` with `steps` model calls; options are the solver's keywords."""
-    if not isinstance(solver, str) or solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
-    want = SCHEDULES.get(solver, (VP,)) + ((VPContinuous,) if solver in CONTINUOUS else ())
-    if not isinstance(schedule, want):
-        names = " or ".join(f"diffsampler.schedules.{w.__name__}" for w in want)
+    spec = solver_spec(solver)
+    if not isinstance(schedule, spec.schedules):
+        names = " or ".join(f"diffsampler.schedules.{w.__name__}" for w in spec.schedules)
         raise ValueError(f"solver {solver!r} needs a {names} schedule (VP.linear(), VP.scaled_linear(), "
                          f"VP.cosine(), VP(betas), VPContinuous(), Flow(shift), EDM()), got {schedule!r}")
     steps = checks.integer("steps", steps, 1)
@@ -69,22 +126,19 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
     if order is not None and order > steps:
         raise ValueError(f"order {order} needs at least {order} steps, got steps={steps}")
     check_prediction(prediction)
+    options = {**spec.presets, **options}
     try:
         if isinstance(schedule, VPContinuous):
-            steps_fn, fixed = CONTINUOUS[solver]
-            spacing = options.pop("spacing", "logsnr")
-            final = options.pop("final", "eps" if steps_fn in (deis_steps, dpmv3_steps) else "zero")
-            if steps_fn is dpm_steps:
-                options.setdefault("final_sigma_zero", final == "zero")
-            return steps_fn(continuous_grid(schedule, steps, spacing, final), prediction, **fixed, **options)
-        if solver == "euler" and isinstance(schedule, EDM):
-            return edm_euler_plan(schedule, steps, prediction, **options)
-        return SOLVERS[solver](schedule, steps, prediction, **options)
+            grid = continuous_grid(schedule, steps, options.pop("spacing", "logsnr"),
+                                   options.pop("final", spec.grid_final))
+            return spec.grid_steps(grid, prediction, **options)
+        build = next(b for kind, b in spec.plans.items() if isinstance(schedule, kind))
+        return build(schedule, steps, prediction, **options)
     except TypeError as err:  # an option the solver does not take
         raise ValueError(f"solver {solver!r}: {err}") from None
 
 
-__all__ = ["SOLVERS", "Plan", "Step", "Grid", "make_plan", "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan",
-           "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps", "deis_steps", "ghvb_plan", "ghvb_steps",
-           "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems", "dpmv3_plan", "dpmv3_steps",
-           "continuous_grid"]
+__all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "Plan", "Step", "Grid", "make_plan", "ddim_plan",
+           "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps",
+           "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems",
+           "dpmv3_plan", "dpmv3_steps", "continuous_grid"]

@@ -5,7 +5,7 @@ With sigma the ratio sigma_t / alpha_t, lambda = log(alpha_t / sigma_t), h = lam
 divided differences of the history (r_i = h_i / h):
     D0 = m0,  D1 = (m0 - m1) / r0                      (2nd order)
     D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),  D2 = (D1_0 - D1_1) / (r0 + r1)   (3rd order)
-each variant is x_t = a x_s + c0 D0 + c1 D1 + c2 D2 + c z (see _update_terms); expanding the D's gives the
+each variant is x_t = a x_s + c0 D0 + c1 D1 + c2 D2 + c z (see update_terms); expanding the D's gives the
 fused update's b_i on m0, m1, m2. dpmsolver++ keeps data predictions in the history, dpmsolver noise
 predictions.
 """
@@ -27,12 +27,14 @@ SOLVER_TYPES = ("midpoint", "heun")
 PHI3 = ("k-diffusion", "diffusers", "taylor")
 
 
-def _update_terms(algorithm: str, solver_type: str, order: int, alpha_s, sigma_s, alpha_t, sigma_t, h,
-                  phi3: str = "k-diffusion"):
+def update_terms(algorithm: str, solver_type: str, order: int, alpha_s, sigma_s, alpha_t, sigma_t, h,
+                 phi3: str = "k-diffusion", eta: float = 1.0):
     """(a, c0, c1, c2, c): x_t = a x_s + c0 D0 + c1 D1 + c2 D2 + c z for one step of the given order.
 
-    phi terms per variant (em = e^{-h} - 1, e2 = 1 - e^{-2h}, ep = e^{h} - 1); "heun" and order 3 use the
-    exact first-order phi for D1, "midpoint" half of the D0 weight.
+    phi terms per variant (em = e^{-h} - 1, e2 = 1 - e^{-h_eta}, ep = e^{h} - 1); "heun" and order 3 use the
+    exact first-order phi for D1, "midpoint" half of the D0 weight. sde-dpmsolver++ takes the noise scale
+    eta (k-diffusion's; 1: the SDE, 0: the ODE): h_eta = (1 + eta) h, a = (sigma_t / sigma_s) e^{-eta h},
+    c = sigma_t sqrt(1 - e^{-2 eta h}).
 
     The D2 weight of the third-order steps (`phi3`). D2 = (D1_0 - D1_1) / (r0 + r1) estimates h^2 x0''/2, so
     the Taylor expansion of the exponential integrator asks for 2 alpha_t int_0^h w(u) u^2/2 du / h^2, with
@@ -49,12 +51,14 @@ def _update_terms(algorithm: str, solver_type: str, order: int, alpha_s, sigma_s
         if order > 2:
             c2 = -alpha_t * ((em + h) / h**2 - 0.5) * (2.0 if phi3 == "taylor" else 1.0)
     elif algorithm == "sde-dpmsolver++":
-        e2 = -math.expm1(-2.0 * h)
-        a, c0, c = sigma_t / sigma_s * math.exp(-h), alpha_t * e2, sigma_t * math.sqrt(e2)
+        h_eta = h + eta * h
+        e2 = -math.expm1(-h_eta)
+        a, c0 = sigma_t / sigma_s * math.exp(-eta * h), alpha_t * e2
+        c = sigma_t * math.sqrt(-math.expm1(-2.0 * eta * h))
         if order > 1:
-            c1 = 0.5 * c0 if order == 2 and solver_type == "midpoint" else alpha_t * (e2 / (-2.0 * h) + 1.0)
+            c1 = 0.5 * c0 if order == 2 and solver_type == "midpoint" else alpha_t * (e2 / (-h_eta) + 1.0)
         if order > 2:
-            c2 = alpha_t * ((e2 - 2.0 * h) / (2.0 * h) ** 2 + (-0.5 if phi3 == "diffusers" else 0.5))
+            c2 = alpha_t * ((e2 - h_eta) / h_eta**2 + (-0.5 if phi3 == "diffusers" else 0.5))
             c2 *= 2.0 if phi3 == "taylor" else 1.0
     elif algorithm == "dpmsolver":
         ep = math.expm1(h)
@@ -71,7 +75,7 @@ def _update_terms(algorithm: str, solver_type: str, order: int, alpha_s, sigma_s
     return a, c0, c1, c2, c
 
 
-def _history_weights(order: int, c0: float, c1: float, c2: float, r0: float, r1: float) -> tuple[float, ...]:
+def history_weights(order: int, c0: float, c1: float, c2: float, r0: float, r1: float) -> tuple[float, ...]:
     """b on (m0, m1, m2) of c0 D0 + c1 D1 + c2 D2 (the divided differences above)."""
     if order == 1:
         return (c0,)
@@ -89,7 +93,7 @@ def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpm
              euler_at_final: bool = False, phi3: str = "k-diffusion", momentum: float | None = None) -> Plan:
     """The DPM-Solver multistep Plan on a VP schedule. `sigmas`: "default" (the training sigmas at the spaced
     timesteps), "karras", "exponential", "beta" or "lu" (uniform logSNR), as diffusers' use_*_sigmas options.
-    `phi3`: the D2 weight of third-order steps, "k-diffusion" | "diffusers" | "taylor" (see _update_terms)."""
+    `phi3`: the D2 weight of third-order steps, "k-diffusion" | "diffusers" | "taylor" (see update_terms)."""
     if final_sigmas_type == "last":
         raise ValueError("final_sigmas_type must be one of ('zero', 'sigma_min'), got 'last'")
     grid = multistep_grid(schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
@@ -101,10 +105,11 @@ def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpm
 
 def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", order: int = 2,
               solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
-              final_sigma_zero: bool = True, start: int = 0, phi3: str = "k-diffusion",
+              final_sigma_zero: bool | None = None, start: int = 0, phi3: str = "k-diffusion",
               momentum: float | None = None) -> Plan:
     """The DPM-Solver multistep Plan over any Grid (the drop-in scheduler passes diffusers' own grid); the
-    loop starts at step `start` (img2img), where the history is empty.
+    loop starts at step `start` (img2img), where the history is empty. final_sigma_zero (default: the grid
+    ends at sigma = 0): the last step is first order, as diffusers' final_sigmas_type="zero".
 
     momentum = beta: heavy-ball momentum on the second-order steps of DPM-Solver++ 2M (Wizadwongsa et al.
     2023): v = (1 - beta) v + beta D (v = D at the first second-order step), D = D0 + D1 / 2, and
@@ -112,6 +117,8 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
     unchanged (as the paper's MomentumDPMSolverMultistepScheduler)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if final_sigma_zero is None:
+        final_sigma_zero = grid.sigmas[-1] == 0
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
     if solver_type not in SOLVER_TYPES:
@@ -149,11 +156,11 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
         if h == 0:  # a repeated sigma (sigma_min after a grid ending at sigma_min): the step is the identity
             coeffs = UpdateCoeffs(p=p, q=q, a=1.0, b=(0.0,) * this_order, eps_of=eps_of)
         else:
-            a, c0, c1, c2, c = _update_terms(algorithm, solver_type, this_order, alpha_s, sigma_s, alpha_t,
+            a, c0, c1, c2, c = update_terms(algorithm, solver_type, this_order, alpha_s, sigma_s, alpha_t,
                                              sigma_t, h, phi3)
             r0 = (grid.lam(i) - grid.lam(i - 1)) / h if this_order > 1 else 0.0
             r1 = (grid.lam(i - 1) - grid.lam(i - 2)) / h if this_order > 2 else 0.0
-            b = _history_weights(this_order, c0, c1, c2, r0, r1)
+            b = history_weights(this_order, c0, c1, c2, r0, r1)
             if momentum is not None and this_order == 2:  # v' = (1 - beta) v + beta D, x' = a x + c0 v'
                 beta = momentum if started else 1.0
                 started = True
@@ -218,12 +225,12 @@ def singlestep_steps(grid: Grid, prediction: str, order_list, *, algorithm: str 
             plan.append(Step(t=t, coeffs=None, write_slot=i % slots, read_slots=reads, undefined=undefined))
             continue
         if k == 1:
-            a, c0, _, _, c = _update_terms(algorithm, solver_type, 1, alpha_s, sigma_s, alpha_t, sigma_t, h)
+            a, c0, _, _, c = update_terms(algorithm, solver_type, 1, alpha_s, sigma_s, alpha_t, sigma_t, h)
             coeffs = UpdateCoeffs(p=p, q=q, a=a, b=(c0,), c=c, state=StateRow(a=1.0, b=(0.0,)), eps_of=eps_of)
         elif h == 0:  # a zero-length macro step: x' = its start (the state)
             coeffs = UpdateCoeffs(p=p, q=q, a=0.0, b=(0.0,) * k, g=1.0, eps_of=eps_of)
         else:
-            a, c0, c1, c2, c = _update_terms(algorithm, "heun" if k == 3 else solver_type, k, alpha_s, sigma_s,
+            a, c0, c1, c2, c = update_terms(algorithm, "heun" if k == 3 else solver_type, k, alpha_s, sigma_s,
                                              alpha_t, sigma_t, h, phi3)
             if k == 2:  # D0 = m1, D1 = (m0 - m1) / r0
                 r0 = (grid.lam(i) - grid.lam(s)) / h

@@ -1,9 +1,9 @@
 """Euler steps: diffusers' EulerDiscreteScheduler (VP model, sampled in the VE scale x / alpha) and
 FlowMatchEulerDiscreteScheduler (flow matching).
 
-    VP Euler:   x' = x + (sigma' - sigma) (x - m0) / sigma,   model input x / sqrt(sigma^2 + 1),  x_T scaled by
-                init_noise_sigma;  m0 = x - sigma eps (eps), out (x0), -sigma/sqrt(sigma^2+1) v + x/(sigma^2+1) (v)
-    flow Euler: x' = x + (sigma' - sigma) v
+    VP Euler:   the VE-scale Euler step (solvers.ve), model input x / sqrt(sigma^2 + 1), x_T scaled by
+                init_noise_sigma
+    flow Euler: x' = x + (sigma' - sigma) v;  stochastic: x' = (1 - sigma') (x - sigma v) + sigma' z
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from ..ops import UpdateCoeffs
 from ..schedules import VP, Flow, discrete_timesteps, sigma_grid
 from .plan import Direction, Plan, Step
+from .ve import euler_coeffs, ve_data_coeffs
 
 
 def _euler_timesteps(schedule: VP, steps: int, spacing: str, steps_offset: int) -> np.ndarray:
@@ -24,17 +25,6 @@ def _euler_timesteps(schedule: VP, steps: int, spacing: str, steps_offset: int) 
         discrete_timesteps(n, steps, spacing)  # checks steps
         return np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
     return discrete_timesteps(n, steps, spacing, steps_offset).astype(np.float32)
-
-
-def _ve_data_coeffs(prediction: str, sigma: float) -> tuple[float, float]:
-    """(p, q) of the data prediction in the VE scale (x = x_VP / alpha)."""
-    if prediction == "eps":
-        return 1.0, -sigma
-    if prediction == "x0":
-        return 0.0, 1.0
-    if prediction == "v":
-        return 1.0 / (sigma * sigma + 1), -sigma / math.sqrt(sigma * sigma + 1)
-    raise ValueError(f"solver 'euler' takes prediction 'eps', 'x0' or 'v', got {prediction!r}")
 
 
 def euler_plan(schedule: VP, steps: int, prediction: str, *, timestep_spacing: str = "linspace",
@@ -49,9 +39,8 @@ def euler_plan(schedule: VP, steps: int, prediction: str, *, timestep_spacing: s
     init = max(ratios) if timestep_spacing in ("linspace", "trailing") else math.sqrt(max(ratios) ** 2 + 1)
     plan = []
     for i, t in enumerate(timesteps):
-        sigma, dt = ratios[i], ratios[i + 1] - ratios[i]
-        p, q = _ve_data_coeffs(prediction, sigma)
-        coeffs = UpdateCoeffs(p=p, q=q, a=1.0 + dt / sigma, b=(-dt / sigma,))
+        sigma = ratios[i]
+        coeffs = euler_coeffs(*ve_data_coeffs(prediction, sigma), sigma, ratios[i + 1])
         plan.append(Step(t=float(t), coeffs=coeffs, input_scale=1.0 / math.sqrt(sigma * sigma + 1)))
     return Plan(steps=tuple(plan), history_slots=0, discrete_time=False, init_scale=init)
 
@@ -64,6 +53,14 @@ def flow_euler_plan(schedule: Flow, steps: int, prediction: str) -> Plan:
     plan = []
     for i in range(steps):
         sigma, dt = sigmas[i], sigmas[i + 1] - sigmas[i]
-        coeffs = UpdateCoeffs(p=1.0, q=-sigma, a=1.0, e=dt, b=(0.0,))  # x' = x + dt v, as diffusers adds it
-        plan.append(Step(t=float(np.float32(sigma) * n), coeffs=coeffs, direction=Direction(dt, 0.0, 1.0, (0.0,))))
+        plan.append(Step(t=float(np.float32(sigma) * n), coeffs=flow_euler_coeffs(sigma, sigmas[i + 1]),
+                         direction=Direction(dt, 0.0, 1.0, (0.0,))))
     return Plan(steps=tuple(plan), history_slots=0, discrete_time=False)
+
+
+def flow_euler_coeffs(sigma: float, sigma_next: float, stochastic: bool = False) -> UpdateCoeffs:
+    """x' = x + (sigma' - sigma) v (the velocity added as diffusers adds it), or with `stochastic` the data
+    prediction x - sigma v renoised to sigma': x' = (1 - sigma') (x - sigma v) + sigma' z."""
+    if stochastic:
+        return UpdateCoeffs(p=1.0, q=-sigma, a=0.0, b=(1.0 - sigma_next,), c=sigma_next)
+    return UpdateCoeffs(p=1.0, q=-sigma, a=1.0, e=sigma_next - sigma, b=(0.0,))

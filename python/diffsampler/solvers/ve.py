@@ -1,0 +1,80 @@
+"""Steps in the VE scale x = x0 + sigma eps (Karras et al. 2022), where diffusers' Euler schedulers, the EDM
+solvers and k-diffusion sample; D = p x + q out is the data prediction, d = (x - D) / sigma.
+
+    data prediction  eps: D = x - sigma eps;  x0: D = out;  v: D = x / (sigma^2 + 1) - sigma v / sqrt(sigma^2 + 1)
+    Euler            x' = x + (sigma' - sigma) d
+    Heun             stage 1 the Euler step to x2, keeping its start s; stage 2
+                     x' = s + (sigma' - sigma) (d + d2) / 2 = (1 + r/2) s - r/2 D + r2/2 x2 - r2/2 D2,
+                     r = (sigma' - sigma) / sigma, r2 = (sigma' - sigma) / sigma'
+    churn            sigma_hat = sigma (1 + gamma), gamma = min(s_churn / n, sqrt(2) - 1) for sigma in
+                     [s_tmin, s_tmax] (else 0), x_hat = x + s_noise sqrt(sigma_hat^2 - sigma^2) z
+    ancestral split  sigma_up = min(sigma_to, eta sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2)),
+                     sigma_down = sqrt(sigma_to^2 - sigma_up^2)
+    DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde, two calls per step, h = log(sigma / sigma'),
+                     fac = 1 / (2 r)): an ancestral Euler step to sigma(t + r h), then from the start s
+                     x' = (sigma_down / sigma) s + (1 - sigma_down / sigma) ((1 - fac) D + fac D2) + sigma_up z
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..ops import StateRow, UpdateCoeffs
+
+KEEP_START = StateRow(a=1.0, b=(0.0,))  # the state becomes the step's start x
+
+
+def ve_data_coeffs(prediction: str, sigma: float) -> tuple[float, float]:
+    """(p, q) of D = p x + q out."""
+    if prediction == "eps":
+        return 1.0, -sigma
+    if prediction == "x0":
+        return 0.0, 1.0
+    if prediction == "v":
+        return 1.0 / (sigma * sigma + 1), -sigma / math.sqrt(sigma * sigma + 1)
+    raise ValueError(f"the VE-scale solvers (euler, heun) take prediction 'eps', 'x0' or 'v', got {prediction!r}")
+
+
+def euler_coeffs(p: float, q: float, sigma: float, sigma_next: float, **extra) -> UpdateCoeffs:
+    """x' = x + (sigma' - sigma) (x - D) / sigma; extra: more UpdateCoeffs fields (noise c, a state row)."""
+    r = (sigma_next - sigma) / sigma
+    return UpdateCoeffs(p=p, q=q, a=1.0 + r, b=(-r,), **extra)
+
+
+def heun_coeffs(p: float, q: float, p2: float, q2: float, sigma: float, sigma_next: float
+                ) -> tuple[UpdateCoeffs, UpdateCoeffs]:
+    """The two fused calls of a Heun step (sigma_next > 0): stage 1 writes D into history slot 0 and keeps
+    its start in the state; stage 2 (conversion p2, q2 at sigma_next) writes slot 1 and reads slot 0."""
+    r, r2 = (sigma_next - sigma) / sigma, (sigma_next - sigma) / sigma_next
+    second = UpdateCoeffs(p=p2, q=q2, a=r2 / 2, b=(-r2 / 2, -r / 2), g=1.0 + r / 2)
+    return euler_coeffs(p, q, sigma, sigma_next, state=KEEP_START), second
+
+
+def churn(sigma: float, n: int, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float
+          ) -> tuple[float, float]:
+    """(sigma_hat, the weight of the noise added to x): Karras et al.'s churn over n steps."""
+    gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    return sigma_hat, (s_noise * (sigma_hat**2 - sigma**2) ** 0.5 if gamma > 0 else 0.0)
+
+
+def ancestral_split(sigma_from: float, sigma_to: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step from sigma_from to sigma_to."""
+    if not eta:
+        return sigma_to, 0.0
+    up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    return (sigma_to**2 - up**2) ** 0.5, up
+
+
+def dpmpp_sde_coeffs(sigma: float, sigma_next: float, eta: float, r: float, s_noise: float
+                     ) -> tuple[float, UpdateCoeffs, UpdateCoeffs]:
+    """(sigma of the intermediate call, stage 1, stage 2) of a DPM-Solver++ SDE step (sigma_next > 0) on a
+    denoiser (p = 0, q = 1). Stage 1 writes D into history slot 0 and keeps the start in the state; stage 2
+    writes slot 1 and reads slot 0; noise where c != 0."""
+    s_mid = sigma * math.exp(-r * (math.log(sigma) - math.log(sigma_next)))  # sigma(t + r h)
+    down, up = ancestral_split(sigma, s_mid, eta)
+    first = euler_coeffs(0.0, 1.0, sigma, down, c=up * s_noise, state=KEEP_START)
+    down, up = ancestral_split(sigma, sigma_next, eta)
+    w, fac = 1.0 - down / sigma, 1 / (2 * r)
+    second = UpdateCoeffs(p=0.0, q=1.0, a=0.0, b=(w * fac, w * (1 - fac)), g=down / sigma, c=up * s_noise)
+    return s_mid, first, second
