@@ -257,24 +257,23 @@ def _update_fn(history, state, generator, tensor_coeffs, lml_run, options: dict)
     with tensor coefficients. The loop checks the model output (check_nan), the ops do not."""
     options = dict(options, check_nan=False)
 
-    def noise_of(step, x):
+    def noise_of(x):
         # drawn in float32 as diffusers does, so a seed gives the same noise in every storage dtype
-        if not step.needs_noise:
-            return None
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
     def fused(i, step, x, out):
+        z = noise_of(x) if step.needs_noise else None
         return ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
-                                    read_slots=step.read_slots, noise=noise_of(step, x), state=state, **options)
+                                    read_slots=step.read_slots, noise=z, state=state, **options)
 
     if lml_run is not None:
         clip, backend = options.get("clip"), options.get("backend", "auto")
 
         def with_lml(i, step, x, out):
             extra = lml_run.update_args(i, step, x, out, history, clip, backend)
+            z = noise_of(x) if step.needs_noise else None
             return ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
-                                        read_slots=step.read_slots, noise=noise_of(step, x), state=state,
-                                        **extra, **options)
+                                        read_slots=step.read_slots, noise=z, state=state, **extra, **options)
 
         return with_lml
     if tensor_coeffs is None:
@@ -292,8 +291,11 @@ def _update_fn(history, state, generator, tensor_coeffs, lml_run, options: dict)
     return ems
 
 
+_NO_RANGE = contextlib.nullcontext()
+
+
 def _no_range(i: int, phase: str):
-    return contextlib.nullcontext()
+    return _NO_RANGE
 
 
 class _Ranges:
