@@ -236,9 +236,25 @@ def test_dpm_solver_names_through_sample(solver):
     assert max_rel(got, expected) <= 1e-5
 
 
-def test_noise_prediction_solver_rejects_thresholding():
+def test_noise_prediction_solver_rejects_clip_alone():
     with pytest.raises(ValueError, match="keeps noise predictions"):
-        ds.sample(make_model(), torch.randn(1, 4, 4, 4), solver="dpm_2m", threshold_ratio=0.9)
+        ds.sample(make_model(), torch.randn(1, 4, 4, 4), solver="dpm_2m", clip=1.0)
+
+
+@pytest.mark.parametrize("solver, scheduler", [("dpm_2m", "DPMSolverMultistepScheduler"),
+                                               ("deis", "DEISMultistepScheduler")])
+def test_noise_prediction_solver_thresholds_as_diffusers_does(solver, scheduler):
+    """A solver keeping noise predictions thresholds the data prediction they imply (diffusers' numbers)."""
+    import diffusers
+
+    model, x = make_model(), 3 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    config = dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min") if solver == "dpm_2m" else {}
+    sched = getattr(diffusers, scheduler)(**SD, **config, thresholding=True, dynamic_thresholding_ratio=0.9,
+                                          sample_max_value=1.2)
+    expected = run_diffusers(sched, model, x, 10)
+    got = ds.sample(model, x, steps=10, solver=solver, threshold_ratio=0.9, threshold_max=1.2)
+    assert max_rel(got, expected) <= 1e-5
+    assert max_rel(ds.sample(model, x, steps=10, solver=solver), expected) > 1e-3  # thresholding acted
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])

@@ -103,8 +103,14 @@ def prepare(model, steps, solver, schedule, prediction, options: dict):
         if not plan.discrete_time:
             raise ValueError(f"time_shift needs integer training timesteps; solver {solver!r} has none")
         model = time_shift.wrap(model, schedule)
-    if (update.get("clip") or update.get("threshold_ratio") is not None) and not plan.data_prediction:
-        raise ValueError(f"clip / threshold_ratio act on a data prediction; solver {solver!r} keeps noise predictions")
+    thresholding = update.get("threshold_ratio") is not None
+    if not plan.data_prediction:  # a noise-prediction history: the op thresholds the x0 it implies (eps_of)
+        if thresholding and not all(s.coeffs is not None and s.coeffs.eps_of is not None for s in plan.steps):
+            raise ValueError(f"threshold_ratio acts on a data prediction; solver {solver!r} keeps neither one nor "
+                             "the noise prediction's (alpha, sigma)")
+        if update.get("clip") and not thresholding:
+            raise ValueError(f"clip acts on a data prediction; solver {solver!r} keeps noise predictions (it "
+                             "clips the data prediction they imply only together with threshold_ratio)")
     if update.get("lml") is not None:
         from .lml import LML
 
