@@ -32,7 +32,7 @@ def _entry(base, a: tl.constexpr, c: tl.constexpr, M: tl.constexpr, va, vc):
 def _lml_gram_kernel(
     x_ptr, out_ptr, r0_ptr, r1_ptr, r2_ptr, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, partial_ptr,
     per_sample, chunks,
-    p, q, r0, r1, r2, clip, dx, de, db0, db1, db2, db3,
+    p, q, r0, r1, r2, clip, da, de, db0, db1, db2, db3,
     N_READS: tl.constexpr, N_DIRS: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -45,7 +45,7 @@ def _lml_gram_kernel(
     ov = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h0, h1, h2 = _load_reads(r0_ptr, r1_ptr, r2_ptr, offs, mask, N_READS)
     m0 = _data_prediction(xv, ov, h0, h1, h2, p, q, r0, r1, r2, clip, N_READS, CLIP)
-    d = _direction(xv, ov, m0, h0, h1, h2, dx, de, db0, db1, db2, db3, N_READS)  # 0 past the sample's end
+    d = _direction(xv, ov, m0, h0, h1, h2, da, de, db0, db1, db2, db3, N_READS)  # 0 past the sample's end
     M: tl.constexpr = N_DIRS + 1
     base = partial_ptr + pid * (M * M)
     _entry(base, 0, 0, M, d, d)
@@ -103,13 +103,13 @@ def lml_gram_triton(x: torch.Tensor, model_out: torch.Tensor, history: Optional[
     k = len(reads)
     p, q = coeffs[0], coeffs[1]
     r = list(coeffs[6 + k:]) + [0.0] * (3 - k)
-    dx, de, *db = list(dir_coeffs) + [0.0] * (6 - len(dir_coeffs))  # [dx, de, db_0..db_3]
+    da, de, *db = list(dir_coeffs) + [0.0] * (6 - len(dir_coeffs))  # [da, de, db_0..db_3]
     chunks = max(triton.cdiv(per_sample, BLOCK), 1)
     partial = torch.zeros((batch, chunks, n_dirs + 1, n_dirs + 1), dtype=torch.float64, device=x.device)
     if per_sample > 0:
         torch.library.wrap_triton(_lml_gram_kernel)[(batch * chunks,)](
             x, out, *reads, *[x] * (3 - k), *slots, *[x] * (6 - n_dirs), partial,
-            per_sample, chunks, p, q, r[0], r[1], r[2], clip, dx, de, db[0], db[1], db[2], db[3],
+            per_sample, chunks, p, q, r[0], r[1], r[2], clip, da, de, db[0], db[1], db[2], db[3],
             N_READS=k, N_DIRS=n_dirs, CLIP=clip > 0, BLOCK=BLOCK,
         )
     return partial.sum(dim=1)

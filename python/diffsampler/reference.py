@@ -207,9 +207,9 @@ def multistep_update_indexed(x, model_out, history, table, slots, step, n_reads,
 
 
 def direction(x, out, m0, reads, dir_coeffs):
-    """LML's raw direction d_n = dx x + de out + db_0 m_0 + sum_i db_i m_i (dir_coeffs = [dx, de, db_0..db_k])."""
-    dx, de, *db = dir_coeffs
-    d = dx * x + de * out + db[0] * m0
+    """LML's raw direction d_n = da x + de out + db_0 m_0 + sum_i db_i m_i (dir_coeffs = [da, de, db_0..db_k])."""
+    da, de, *db = dir_coeffs
+    d = da * x + de * out + db[0] * m0
     for w, m in zip(db[1:], reads):
         d = d + w * m
     return d

@@ -101,8 +101,8 @@ def _move_sharded(name: str, particles: torch.Tensor, ancestors: torch.Tensor, r
     counts = _exchange_counts(src, world).tolist()
     exchange = None
     if any(map(any, counts)):
-        group = torch.arange(G, device=ancestors.device)[:, None, None]
-        rows = group * K_local + ancestors.view(G, world, K_local) - src * K_local  # n K_local + a mod K_local
+        group_index = torch.arange(G, device=ancestors.device)[:, None, None]
+        rows = group_index * K_local + ancestors.view(G, world, K_local) - src * K_local  # n K_local + a mod K_local
         send_rows, recv_rows = _exchange_rows(rows, src, rank, sum(counts[rank]))
         flat = particles.shape[0] == G * K_local
         row_shape = particles.shape[1:] if flat else particles.shape[2:]
