@@ -213,11 +213,11 @@ def _plan(model, path, steps: int, spacing: str, device) -> _Plan:
 
 
 def _check_common(groups, particles, shape, diffusion) -> tuple[int, int, tuple[int, ...], object]:
-    """(groups, particles, shape, diffusion) checked, as ints and a float (or the callable gamma(t))."""
+    """(groups, particles, shape, diffusion) checked, as ints and a float (or the callable t -> gamma(t))."""
     groups, particles = checks.integer("groups", groups, 1), checks.integer("particles", particles, 1)
     shape = checks.integers("shape", shape, 1)
     if not callable(diffusion):
-        diffusion = checks.real("diffusion (gamma = diffusion t^2, or a callable gamma(t))", diffusion, "[0, inf)")
+        diffusion = checks.real("diffusion (gamma = diffusion t^2, or a callable t -> gamma(t))", diffusion, "[0, inf)")
     return groups, particles, shape, diffusion
 
 
@@ -274,7 +274,7 @@ def sample(model: Model, n: int, shape: Sequence[int], *, steps: int = 20, path=
            spacing: str = "uniform", generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
            device: torch.device | str = "cpu") -> torch.Tensor:
     """n samples (n, *shape) of the flow model: diffusion = 0 the Euler ODE, else the SDE with gamma = diffusion t^2
-    (or a callable gamma(t)); path "linear" or "vp" (`to_vp`). `steps` NFE per sample."""
+    (or a callable t -> gamma(t)); path "linear" or "vp" (`to_vp`). `steps` NFE per sample."""
     n = checks.integer("n", n, 1)
     _, _, shape, diffusion = _check_common(1, 1, shape, diffusion)
     plan = _plan(model, path, steps, spacing, device)
