@@ -14,11 +14,11 @@ at::Tensor lml_weights_cpu(const at::Tensor& gram_in, const at::Tensor& mix_in, 
   const auto [gram, mix] = lml_weights_operands(gram_in, mix_in);
   const int64_t batch = gram.size(0), m = gram.size(1);
   auto w = at::empty({batch, m}, gram.options());
-  const double* g = gram.data_ptr<double>();
+  const double* gram_data = gram.data_ptr<double>();
   const double* c = mix.data_ptr<double>();
   double* out = w.data_ptr<double>();
   for (int64_t b = 0; b < batch; ++b)
-    ds_lml_sample_weights(g + b * m * m, c, static_cast<int>(m), static_cast<int>(mix.size(1)), damping, scale,
+    ds_lml_sample_weights(gram_data + b * m * m, c, static_cast<int>(m), static_cast<int>(mix.size(1)), damping, scale,
                           out + b * m);
   return w;
 }

@@ -19,8 +19,8 @@ namespace diffsampler {
 constexpr const char* kResampleAncestorsSchema =
     "resample_ancestors(Tensor log_w, Tensor uniforms, int method, float ess_threshold, Tensor(a!)? status=None) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)";
-// particles (G K, ...) or (G, K, ...), any dtype: rows k of resampled groups with ancestors[g, k] != k take row
-// ancestors[g, k] of their group, in place. An ancestor outside [0, K) is clamped into range and ORs
+// particles (G K, ...) or (G, K, ...), any dtype: rows k of resampled groups with ancestors[n, k] != k take row
+// ancestors[n, k] of their group, in place. An ancestor outside [0, K) is clamped into range and ORs
 // DS_ERR_ANCESTOR into `status` on the device; the CPU kernel raises instead.
 constexpr const char* kResampleMoveSchema =
     "resample_move(Tensor(a!) particles, Tensor ancestors, Tensor resampled, Tensor(b!)? status=None) -> ()";

@@ -134,10 +134,10 @@ ResampleOutputs resample_ancestors_cpu(const at::Tensor& log_w_in, const at::Ten
   const int64_t grain = std::max<int64_t>(1, 4096 / K);
   at::parallel_for(0, G, grain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> scratch(4 * (K + 1));
-    for (int64_t g = begin; g < end; ++g) {
-      GroupOut o{lw_out + g * K, anc + g * K, ess + g, res + g, log_norm + g};
+    for (int64_t group = begin; group < end; ++group) {
+      GroupOut o{lw_out + group * K, anc + group * K, ess + group, res + group, log_norm + group};
       int64_t* w = scratch.data();
-      resample_group(lw + g * K, u + g * width, K, static_cast<int>(method), ess_threshold, o, w, w + (K + 1),
+      resample_group(lw + group * K, u + group * width, K, static_cast<int>(method), ess_threshold, o, w, w + (K + 1),
                      w + 2 * (K + 1), w + 3 * (K + 1));
     }
   });
@@ -153,13 +153,13 @@ void resample_move_cpu(const at::Tensor& particles, const at::Tensor& ancestors,
   const int64_t* anc = ancestors.data_ptr<int64_t>();
   const bool* res = resampled.data_ptr<bool>();
   std::vector<std::pair<int64_t, int64_t>> copies;  // (destination, source) rows: the dead slots
-  for (int64_t g = 0; g < G; ++g) {
-    if (!res[g]) continue;
+  for (int64_t group = 0; group < G; ++group) {
+    if (!res[group]) continue;
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t a = anc[g * K + k];
-      TORCH_CHECK(a >= 0 && a < K, "resample_move: ancestors[", g, ", ", k, "] = ", a, " is outside [0, K = ", K,
+      const int64_t a = anc[group * K + k];
+      TORCH_CHECK(a >= 0 && a < K, "resample_move: ancestors[", group, ", ", k, "] = ", a, " is outside [0, K = ", K,
                   ")");
-      if (a != k) copies.emplace_back(g * K + k, g * K + a);
+      if (a != k) copies.emplace_back(group * K + k, group * K + a);
     }
   }
   if (copies.empty()) return;

@@ -25,24 +25,24 @@ SHAPES = [(1,), (7,), (3, 1023), (2, 4, 9, 9), (3, 5, 7, 11)]
 
 def ems_case(shape, dtype, n_reads, state_mode, seed, noncontig=False, history=True):
     """Positional arguments of ems_update: x, out, coeffs, history, write_slot, read_slots, state."""
-    g = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
 
     def operand(s):
         if not noncontig:
-            return torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
-        return torch.randn((*s[:-1], 2 * s[-1]), generator=g, dtype=torch.float64).to(dtype)[..., ::2]
+            return torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)
+        return torch.randn((*s[:-1], 2 * s[-1]), generator=gen, dtype=torch.float64).to(dtype)[..., ::2]
 
     x, out = operand(shape), operand(shape)
     slots = n_reads + 1
-    hist = torch.randn((slots, *shape), generator=g, dtype=torch.float64).to(dtype) if history else None
+    hist = torch.randn((slots, *shape), generator=gen, dtype=torch.float64).to(dtype) if history else None
     if noncontig and history:  # slot index last in memory: every slot a strided view
         strided = torch.empty((*shape, slots), dtype=dtype).movedim(-1, 0)
         strided.copy_(hist)
         hist = strided
-    write = int(torch.randint(slots, (1,), generator=g))
+    write = int(torch.randint(slots, (1,), generator=gen))
     reads = [s for s in range(slots) if s != write][:n_reads]
     state = operand(shape) if state_mode else None
-    coeffs = torch.randn((reference.ems_rows(n_reads, state_mode == 2), *shape[1:]), generator=g)
+    coeffs = torch.randn((reference.ems_rows(n_reads, state_mode == 2), *shape[1:]), generator=gen)
     return [x, out, coeffs, hist, write, reads, state]
 
 
@@ -173,7 +173,7 @@ def cumtrapz(y, x):
 
 
 def paper_v3(eps_model, x, sigmas, idx, lam, l, s, b, order, p_pseudo, use_corrector, c_pseudo, lower_order_final):
-    """DPM-Solver-v3 (Algorithm of the paper; eqs. for x_t, g, the derivative estimates and the corrector) on a
+    """DPM-Solver-v3 (Algorithm of the paper; eqs. for x_t, y, the derivative estimates and the corrector) on a
     continuous grid of sigma ratios whose lambdas are EMS grid points idx; integrals by the trapezoid rule on
     the EMS grid: L = int l, S = int s, I = int e^{L+S}, B = int e^{-S} b, C = int e^{L+S} B."""
     L, S = cumtrapz(l, lam), cumtrapz(s, lam)
@@ -185,31 +185,31 @@ def paper_v3(eps_model, x, sigmas, idx, lam, l, s, b, order, p_pseudo, use_corre
     n = len(sigmas) - 1
     xs, eps, pts = [], [], []  # cached samples, noise predictions, grid points
 
-    def g(f, i_s, i_j):
+    def y(f, i_s, i_j):
         return np.exp(S[i_s] - S[i_j]) * f - np.exp(S[i_s]) * (B[i_j] - B[i_s])
 
-    def derivatives(lams, gs, pseudo):
-        m = len(gs) - 1
+    def derivatives(lams, ys, pseudo):
+        m = len(ys) - 1
         if pseudo:
-            table = [gs]
+            table = [ys]
             for i in range(1, m + 1):
                 table.append([(table[-1][j] - table[-1][j + 1]) / (lams[j] - lams[j + i]) for j in range(m - i + 1)])
             return [table[i][0] * math.factorial(i) for i in range(1, m + 1)]
         R = np.array([[(lams[k] - lams[0]) ** i for i in range(1, m + 1)] for k in range(1, m + 1)])
-        sol = np.linalg.solve(R, np.stack([gk - gs[0] for gk in gs[1:]]).reshape(m, -1))
-        return [sol[i - 1].reshape(gs[0].shape) * math.factorial(i) for i in range(1, m + 1)]
+        sol = np.linalg.solve(R, np.stack([yk - ys[0] for yk in ys[1:]]).reshape(m, -1))
+        return [sol[i - 1].reshape(ys[0].shape) * math.factorial(i) for i in range(1, m + 1)]
 
     def update(points, t):  # points: [s, others...] as indices into the caches; t: target grid point
         s_pt = pts[points[0]]
         i_s, i_t = idx[s_pt], idx[t]
         fs = [(sig(pts[p]) * eps[p] - l[idx[pts[p]]] * xs[p]) / alpha(pts[p]) for p in points]
-        gs = [g(f, i_s, idx[pts[p]]) for f, p in zip(fs, points)]
+        ys = [y(f, i_s, idx[pts[p]]) for f, p in zip(fs, points)]
         x_t = (alpha(t) / alpha(s_pt) * np.exp(L[i_s] - L[i_t]) * xs[points[0]]
-               - alpha(t) * np.exp(-L[i_t] - S[i_s]) * (I[i_t] - I[i_s]) * gs[0]
+               - alpha(t) * np.exp(-L[i_t] - S[i_s]) * (I[i_t] - I[i_s]) * ys[0]
                - alpha(t) * np.exp(-L[i_t]) * (C[i_t] - C[i_s] - B[i_s] * (I[i_t] - I[i_s])))
         if len(points) > 1:
             lams = [lam[idx[pts[p]]] for p in points]
-            for k, dk in enumerate(derivatives(lams, gs, pseudo=pseudo_now[0]), start=1):
+            for k, dk in enumerate(derivatives(lams, ys, pseudo=pseudo_now[0]), start=1):
                 u = lam[i_s:i_t + 1] - lam[i_s]
                 w = np.exp(L[i_s:i_t + 1] + S[i_s:i_t + 1] - L[i_s] - S[i_s]) * (u ** k / math.factorial(k))[:, None]
                 x_t = x_t - alpha(t) * np.exp(L[i_s] - L[i_t]) * trapz(w, lam[i_s:i_t + 1]) * dk
@@ -325,15 +325,15 @@ def test_sample_entry_point():
     """sample(solver="dpmv3") on a discrete VP schedule (ending at sigma_min) and on VPContinuous (ending at
     eps) with EMS fitted over the same schedule."""
     target = ds.targets.GaussianMixture.random(dim=4, modes=2, seed=3)
-    g = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     for schedule in (ds.schedules.VP.scaled_linear(), ds.schedules.VPContinuous()):
         def model(x, t):
             if isinstance(schedule, ds.schedules.VP):
                 return target.model(schedule, "eps")(x, t)
             log_alpha = -0.25 * schedule.beta_d * t.double() ** 2 - 0.5 * schedule.beta_min * t.double()
             return target.model(None, "eps")(x, torch.sqrt(torch.expm1(-2 * log_alpha)))
-        ems = fit_ems(model, torch.randn(64, 4, generator=g, dtype=torch.float64), schedule, points=60, generator=g)
-        x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        ems = fit_ems(model, torch.randn(64, 4, generator=gen, dtype=torch.float64), schedule, points=60, generator=gen)
+        x = torch.randn(8, 4, generator=gen, dtype=torch.float64)
         fine = ds.sample(model, x, steps=200, solver="dpmv3", schedule=schedule, ems=ems, order=3)
         coarse = ds.sample(model, x, steps=10, solver="dpmv3", schedule=schedule, ems=ems, order=3)
         ref = ds.sample(model, x, steps=10, solver="dpmpp_2m", schedule=schedule,
@@ -408,16 +408,16 @@ def test_fit_ems_on_a_gaussian_closed_form():
     mu = torch.tensor([0.5, -1.0, 0.0, 2.0, 0.3], dtype=torch.float64)
     sd = torch.tensor([0.3, 1.0, 0.1, 0.5, 2.0], dtype=torch.float64)
     model = gaussian(mu, sd)
-    g = torch.Generator().manual_seed(case_seed("gaussian-ems"))
-    ems = fit_ems(model, torch.randn(32, 5, generator=g, dtype=torch.float64), np.geomspace(14.6, 0.03, 201),
-                  probes=1, generator=g)
+    gen = torch.Generator().manual_seed(case_seed("gaussian-ems"))
+    ems = fit_ems(model, torch.randn(32, 5, generator=gen, dtype=torch.float64), np.geomspace(14.6, 0.03, 201),
+                  probes=1, generator=gen)
     lam = ems.lambdas[:, None]
     l_true = 1 / (1 + sd ** 2 * torch.exp(2 * lam))
     assert (ems.l - l_true).abs().max() < 1e-9
     assert ems.s.abs().max() == 0
     b_true = 2 * mu * sd ** 2 * torch.exp(2 * lam) * l_true ** 2
     assert (ems.b - b_true).abs().max() < 1e-3 * b_true.abs().max()
-    x = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(64, 5, generator=gen, dtype=torch.float64)
     a0, a1 = 1 / math.sqrt(1 + 14.6 ** 2), 1 / math.sqrt(1 + 0.03 ** 2)  # (x - alpha mu) / std is constant
     exact = a1 * mu + torch.sqrt(a1 ** 2 * sd ** 2 + (0.03 * a1) ** 2) * (x - a0 * mu) / torch.sqrt(
         a0 ** 2 * sd ** 2 + (14.6 * a0) ** 2)
@@ -441,9 +441,9 @@ def test_fit_ems_s_and_b_where_f_varies():
         f = a * torch.exp(s_true * u) + b_true / s_true * torch.expm1(s_true * u)
         return (f / r).expand(x.shape).clone()  # eps = f alpha / sigma = f / r
 
-    g = torch.Generator().manual_seed(1)
-    ems = fit_ems(model, torch.randn(40, 3, generator=g, dtype=torch.float64), np.geomspace(14.6, 0.03, 101),
-                  generator=g)
+    gen = torch.Generator().manual_seed(1)
+    ems = fit_ems(model, torch.randn(40, 3, generator=gen, dtype=torch.float64), np.geomspace(14.6, 0.03, 101),
+                  generator=gen)
     assert ems.l.abs().max() < 1e-12
     assert (ems.s - s_true).abs().max() < 1e-3
     assert (ems.b - b_true).abs().max() < 1e-3
@@ -462,9 +462,9 @@ def gmm_errors():
     model = target.model(None, "eps")
     x_T = torch.randn(128, target.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     truth = run(target, _multistep(unipc_steps, order=3), 1000, x_T)
-    g = torch.Generator().manual_seed(100)
-    ems = fit_ems(model, torch.randn(2048, target.dim, generator=g, dtype=torch.float64),
-                  np.geomspace(SIGMA_MAX, SIGMA_MIN, 201), generator=g)
+    gen = torch.Generator().manual_seed(100)
+    ems = fit_ems(model, torch.randn(2048, target.dim, generator=gen, dtype=torch.float64),
+                  np.geomspace(SIGMA_MAX, SIGMA_MIN, 201), generator=gen)
     solvers = {"dpmpp_2m": _multistep(dpm_steps, order=2), "unipc_2": _multistep(unipc_steps, order=2),
                "dpmv3": lambda grid: dpmv3_steps(grid, "eps", ems=ems, order=2, lower_order_final=False)}
     return {name: [((run(target, fn, nfe, x_T) - truth).norm(dim=1) / truth.norm(dim=1)).median().item()

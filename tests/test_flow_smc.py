@@ -1,6 +1,6 @@
 """Flow particle sampling (diffsampler.flow_smc) on exact Gaussian-mixture targets: the score and Tweedie estimate
 from the velocity against the mixture's exact ones, the SDE with the ODE's marginals (and not with a wrong factor
-on g^2), the VP interpolant conversion (same ODE end points, velocity from the exact VP denoiser), Best-of-N,
+on gamma^2), the VP interpolant conversion (same ODE end points, velocity from the exact VP denoiser), Best-of-N,
 SMC towards a tilted target known in closed form, Rollover Budget Forcing's budget accounting, no host sync,
 determinism, half precision, and bad input."""
 
@@ -127,7 +127,7 @@ EXACT_N = 4000
 
 
 def sde_w2(path, factor=0.5, steps=100):
-    """Sliced W2 to exact samples of SDE samples whose drift uses v - factor g^2 score (0.5 is right)."""
+    """Sliced W2 to exact samples of SDE samples whose drift uses v - factor gamma^2 score (0.5 is right)."""
     gm = mixture()
     model, path_ = (gm.flow_model(), F.LINEAR) if path == "linear" else (F.to_vp(gm.flow_model(), 1)[0],
                                                                           F.VPInterpolant())
@@ -136,9 +136,9 @@ def sde_w2(path, factor=0.5, steps=100):
     x = torch.randn(EXACT_N, 2, generator=gen)
     for i in range(steps - 1):
         v = model(x, times[i].float().expand(EXACT_N))
-        g = 3.0 * times[i].item() ** 2  # the default g = 3 t^2
-        wrong = F.flow_score(v, x, times[i], path_) * (factor - 0.5) * g * g  # extra drift of a wrong factor
-        x = F.sde_step(x, v, times[i], times[i + 1], g, path_, torch.randn(x.shape, generator=gen))
+        gamma = 3.0 * times[i].item() ** 2  # the default gamma = 3 t^2
+        wrong = F.flow_score(v, x, times[i], path_) * (factor - 0.5) * gamma * gamma  # extra drift of a wrong factor
+        x = F.sde_step(x, v, times[i], times[i + 1], gamma, path_, torch.randn(x.shape, generator=gen))
         x = x + (times[i] - times[i + 1]).item() * wrong
     return sliced_wasserstein(F.denoise(model(x, times[-2].float().expand(EXACT_N)), x, times[-2], path_),
                               gm.sample(EXACT_N, torch.Generator().manual_seed(1)).float())
@@ -158,7 +158,7 @@ def test_sde_samples_the_exact_target(path):
     # at N = 4000 the distances are sampling noise (two exact samples: 0.017-0.05): the SDE is as close as the ODE
     assert w_sde < 2 * floor and w_ode < 2 * floor and abs(w_sde - w_ode) < floor, (w_sde, w_ode, floor)
     assert abs(sde_w2(path) - w_sde) < 1e-6  # the hand-written loop above is the library's
-    for factor in (1.0, 0.0):  # g^2 score instead of g^2 / 2 score, or none
+    for factor in (1.0, 0.0):  # gamma^2 score instead of gamma^2 / 2 score, or none
         assert sde_w2(path, factor) > 2.5 * max(w_sde, floor)
 
 

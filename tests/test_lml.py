@@ -26,12 +26,12 @@ def rel(a, b):
 
 
 def lml_case(dtype, shape=(3, 5, 7, 9), reads=2, rank=2, weights=True, seed=0, contiguous=True):
-    g = torch.Generator().manual_seed(SESSION_SEED + seed)
+    gen = torch.Generator().manual_seed(SESSION_SEED + seed)
 
     def randn(*s):
-        t = torch.randn(*s, generator=g)
+        t = torch.randn(*s, generator=gen)
         if not contiguous:  # a strided view with the same values
-            t = torch.randn(*s[:-1], 2 * s[-1], generator=g)[..., ::2]
+            t = torch.randn(*s[:-1], 2 * s[-1], generator=gen)[..., ::2]
         return t.to(dtype)
 
     x, out = randn(*shape), randn(*shape)
@@ -40,7 +40,7 @@ def lml_case(dtype, shape=(3, 5, 7, 9), reads=2, rank=2, weights=True, seed=0, c
     coeffs = ops.UpdateCoeffs(p=0.9, q=-0.4, a=0.7, b=tuple([0.6] + [-0.3 / (j + 1) for j in range(reads)]), e=0.05,
                               r=tuple([0.1] * min(reads, 1)))
     dir_coeffs = [0.2, -0.5] + [0.4] + [0.25 * (-1) ** j for j in range(reads)]
-    w = torch.randn(shape[0], rank + 1, generator=g, dtype=torch.float64) if weights else None
+    w = torch.randn(shape[0], rank + 1, generator=gen, dtype=torch.float64) if weights else None
     return dict(x=x, out=out, history=history, dirs=dirs, coeffs=coeffs, dir_coeffs=dir_coeffs, weights=w,
                 read_slots=list(range(1, reads + 1)))
 
@@ -97,16 +97,16 @@ def test_gram_cpu_matches_reference(dtype, shape, contiguous):
     assert torch.equal(got, gram(case, "cpu"))  # fixed summation order: bitwise reproducible
 
 
-def explicit_direction(gs, kappa, damping, rank):
-    """g'' at the last step from the raw directions g_0..g_n (float64, one sample): the explicit inverse."""
-    n = len(gs) - 1
+def explicit_direction(directions, kappa, damping, rank):
+    """d'' at the last step from the raw directions d_0..d_n (float64, one sample): the explicit inverse."""
+    n = len(directions) - 1
     us = []
     for j in range(1, min(rank, n + 1) + 1):
-        us.append(kappa * gs[n - j] + (1 - kappa) * gs[n - j + 1] if j <= n else gs[0])
+        us.append(kappa * directions[n - j] + (1 - kappa) * directions[n - j + 1] if j <= n else directions[0])
     u = torch.stack(us, 1)
-    m = damping * torch.eye(len(gs[0]), dtype=torch.float64) + u @ u.T
-    g1 = damping * torch.linalg.solve(m, gs[n])
-    return g1 * gs[n].norm() / g1.norm()
+    m = damping * torch.eye(len(directions[0]), dtype=torch.float64) + u @ u.T
+    d1 = damping * torch.linalg.solve(m, directions[n])
+    return d1 * directions[n].norm() / d1.norm()
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3, 4])
@@ -114,25 +114,25 @@ def explicit_direction(gs, kappa, damping, rank):
 def test_woodbury_weights_equal_the_explicit_inverse(rank, kappa):
     torch.manual_seed(SESSION_SEED)
     dim, steps, damping, scale = 11, 6, 0.7, 1.3
-    gs = [torch.randn(dim, dtype=torch.float64) for _ in range(steps)]
+    directions = [torch.randn(dim, dtype=torch.float64) for _ in range(steps)]
     dirs = torch.zeros(rank, dim, dtype=torch.float64)
-    for n, g in enumerate(gs):
-        basis = torch.stack([g, *dirs])
+    for n, d in enumerate(directions):
+        basis = torch.stack([d, *dirs])
         w = lml.correction_weights((basis @ basis.T)[None], torch.tensor(lml.mixing(n, rank, kappa), dtype=torch.float64), damping, scale)
-        got = g + (w[0] @ basis) / scale  # g'' = g + (scale (g'' - g)) / scale
-        assert torch.allclose(got, explicit_direction(gs[:n + 1], kappa, damping, rank), rtol=1e-10, atol=1e-12)
-        dirs[n % rank] = g
+        got = d + (w[0] @ basis) / scale  # d'' = d + (scale (d'' - d)) / scale
+        assert torch.allclose(got, explicit_direction(directions[:n + 1], kappa, damping, rank), rtol=1e-10, atol=1e-12)
+        dirs[n % rank] = d
 
 
 def test_rank1_is_the_authors_formula():
-    g, gp = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    d, dp = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
     kappa, lam = 0.4, 0.05
-    u = kappa * gp + (1 - kappa) * g
-    g1 = g - u * (g @ u) / (lam + u @ u)
-    want = g1 * g.norm() / g1.norm()
-    basis = torch.stack([g, gp])
+    u = kappa * dp + (1 - kappa) * d
+    d1 = d - u * (d @ u) / (lam + u @ u)
+    want = d1 * d.norm() / d1.norm()
+    basis = torch.stack([d, dp])
     w = lml.correction_weights((basis @ basis.T)[None], torch.tensor(lml.mixing(1, 1, kappa), dtype=torch.float64), lam, 1.0)
-    assert torch.allclose(g + w[0] @ basis, want, rtol=1e-12)
+    assert torch.allclose(d + w[0] @ basis, want, rtol=1e-12)
 
 
 def test_zero_direction_falls_back_to_g():
@@ -142,8 +142,8 @@ def test_zero_direction_falls_back_to_g():
 
 
 def test_mixing_warm_up():
-    assert lml.mixing(0, 3, 0.25) == [[1.0], [0.0], [0.0], [0.0]]  # u = g at the first step
-    m = lml.mixing(1, 3, 0.25)  # u_1 = 0.25 g_0 + 0.75 g_1, u_2 = g_0; g_0 in slot 0
+    assert lml.mixing(0, 3, 0.25) == [[1.0], [0.0], [0.0], [0.0]]  # u = d at the first step
+    m = lml.mixing(1, 3, 0.25)  # u_1 = 0.25 d_0 + 0.75 d_1, u_2 = d_0; d_0 in slot 0
     assert m == [[0.75, 0.0], [0.25, 1.0], [0.0, 0.0], [0.0, 0.0]]
 
 
@@ -169,12 +169,12 @@ def test_kappa_zero_is_the_identity(ring, solver, backend):
 @pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc"])
 def test_sample_cpu_matches_reference(ring, solver):
     _, schedule = ring
-    # 64-D: g is far from the span of U, so ||g|| / ||g'|| (which amplifies fp32 rounding) stays moderate
+    # 64-D: d is far from the span of U, so ||d|| / ||d'|| (which amplifies fp32 rounding) stays moderate
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(SESSION_SEED))
     target = GaussianMixture.random(dim=64, modes=3, seed=1)
     args = (target.model(schedule), x, 10, solver, schedule)
-    # The truth is the float64 reference. LML's rescale ||g|| / ||g'|| amplifies fp32 rounding (docs/lml.md): for
-    # DDIM, g = eps barely changes between high-noise steps, so g' is tiny unless the damping is large. Over 60 seeds
+    # The truth is the float64 reference. LML's rescale ||d|| / ||d'|| amplifies fp32 rounding (docs/lml.md): for
+    # DDIM, d = eps barely changes between high-noise steps, so d' is tiny unless the damping is large. Over 60 seeds
     # the fp32 reference itself is up to 1.3e-4 (DDIM, damping 50) and 4e-5 (the others) away from float64, and the
     # fused CPU path up to 1.0e-4 and 2.6e-5: the bounds leave a factor 3 over the reference's own worst case. The
     # fused and reference fp32 runs are not compared to each other, since both carry the amplified rounding.
@@ -228,15 +228,15 @@ def test_zero_model_output_gives_no_nan():
 
 # --- the drop-ins against the authors' formula re-implemented here, on top of diffusers' own schedulers ---
 
-def authors_lm(prev, g, lamb, kappa):
+def authors_lm(prev, d, lamb, kappa):
     """The authors' lm_correct (per sample, sums over non-batch dims), float64; prev None at the first step."""
-    u = g if prev is None else kappa * prev + (1 - kappa) * g
-    dims = tuple(range(1, g.dim()))
-    shape = (-1,) + (1,) * (g.dim() - 1)
-    inner = (g * u).sum(dims).view(shape)
-    g1 = g - u * inner / (lamb + (u * u).sum(dims).view(shape))
+    u = d if prev is None else kappa * prev + (1 - kappa) * d
+    dims = tuple(range(1, d.dim()))
+    shape = (-1,) + (1,) * (d.dim() - 1)
+    inner = (d * u).sum(dims).view(shape)
+    d1 = d - u * inner / (lamb + (u * u).sum(dims).view(shape))
     norm = torch.linalg.vector_norm
-    return g1 * norm(g, dim=dims).view(shape) / norm(g1, dim=dims).view(shape)
+    return d1 * norm(d, dim=dims).view(shape) / norm(d1, dim=dims).view(shape)
 
 
 def toy_model(x, t):
@@ -270,13 +270,13 @@ def test_ddim_lm_matches_the_authors_formula(config):
     base.final_alpha_cumprod = base.final_alpha_cumprod.double()
     state = {"prev": None}
 
-    def correct(t, x, eps, plain):  # x' = plain - d eps + d lm(eps), d = sqrt(1 - abar_prev) (eta = 0)
+    def correct(t, x, eps, plain):  # x' = plain - k eps + k lm(eps), k = sqrt(1 - abar_prev) (eta = 0)
         prev_t = int(t) - base.config.num_train_timesteps // base.num_inference_steps
         ab_prev = base.alphas_cumprod[prev_t] if prev_t >= 0 else base.final_alpha_cumprod
-        d = torch.sqrt(1 - ab_prev)
+        k = torch.sqrt(1 - ab_prev)
         new = plain
         if int(t) < 1000 - 1000 * freeze:
-            new = plain - d * eps + d * authors_lm(state["prev"], eps, lamb, kappa)
+            new = plain - k * eps + k * authors_lm(state["prev"], eps, lamb, kappa)
         state["prev"] = eps
         return new
 
@@ -338,7 +338,7 @@ def test_lm_config_round_trips():
 # --- corrector mode ---
 
 def test_corrector_weights_are_p_s_and_the_root_of_p():
-    """V d = P s and V n = P^{1/2} z with P = (lambda I + U U^T)^{-1}, against the explicit D x D matrices."""
+    """V ps = P s and V pz = P^{1/2} z with P = (lambda I + U U^T)^{-1}, against the explicit D x D matrices."""
     torch.manual_seed(SESSION_SEED)
     dim, slots, rank, lam = 9, 3, 2, 0.3
     s, z = torch.randn(dim, dtype=torch.float64), torch.randn(dim, dtype=torch.float64)
@@ -357,8 +357,8 @@ def test_corrector_weights_are_p_s_and_the_root_of_p():
 
 def test_corrector_mixing_warm_up():
     assert lml.corrector_mixing(0, 2, 0.5, 3) == [[]] * 5  # no direction yet: plain Langevin
-    assert lml.corrector_mixing(1, 2, 0.5, 3) == [[0.0], [1.0], [0.0], [0.0], [0.0]]  # u_1 = g_0
-    # level 2: u_1 = kappa g_0 + (1 - kappa) g_1, u_2 = g_0 (g_m in slot m % 3)
+    assert lml.corrector_mixing(1, 2, 0.5, 3) == [[0.0], [1.0], [0.0], [0.0], [0.0]]  # u_1 = d_0
+    # level 2: u_1 = kappa d_0 + (1 - kappa) d_1, u_2 = d_0 (d_m in slot m % 3)
     assert lml.corrector_mixing(2, 2, 0.25, 3) == [[0.0, 0.0], [0.25, 1.0], [0.75, 0.0], [0.0, 0.0], [0.0, 0.0]]
 
 
@@ -366,15 +366,15 @@ def test_corrector_mixing_warm_up():
 def test_preconditioned_langevin_keeps_a_gaussian(lam):
     """Exact score of N(0, v I): the preconditioned corrector keeps the variance (5 %) along and across U,
     which noise P z instead of P^{1/2} z (or no preconditioning of the noise) would not."""
-    g = torch.Generator().manual_seed(SESSION_SEED)
+    gen = torch.Generator().manual_seed(SESSION_SEED)
     # n = 16000: over 40 seeds the variance ratio along U has a standard deviation of 0.012 and a mean of
     # +0.002 (the step's discretisation), so the 5 % bound is 4 standard deviations (n = 4000 failed 3 % of seeds)
     n, dim, slots, v = 16000, 6, 2, 1.7
-    x = v**0.5 * torch.randn(n, dim, generator=g, dtype=torch.float64)
-    ring = 3 * torch.randn(slots, 1, dim, generator=g, dtype=torch.float64).expand(slots, n, dim)
+    x = v**0.5 * torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    ring = 3 * torch.randn(slots, 1, dim, generator=gen, dtype=torch.float64).expand(slots, n, dim)
     mix = torch.tensor(lml.corrector_mixing(2, 1, 0.5, slots), dtype=torch.float64)
     for _ in range(40):
-        z = torch.randn(n, dim, generator=g, dtype=torch.float64)
+        z = torch.randn(n, dim, generator=gen, dtype=torch.float64)
         basis = torch.stack([-x / v, *ring, z], 1)
         w = lml.corrector_weights(basis @ basis.transpose(1, 2), mix, lam, snr=0.16, alpha=1.0)
         x = x + (w.unsqueeze(1) @ basis).squeeze(1)

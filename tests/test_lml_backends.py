@@ -14,7 +14,7 @@ from test_cuda import cuda_kernels, to_cuda  # noqa: F401  (cuda_kernels: the fi
 from update_cases import BOUNDS, case_seed, make_case, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# ||G - G_ref|| / ||G_ref|| (a reduction: fp32 accumulation within a chunk, float64 across)
+# ||Gram - Gram_ref|| / ||Gram_ref|| (a reduction: fp32 accumulation within a chunk, float64 across)
 GRAM_BOUNDS = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 HAS_CUDA = torch.cuda.is_available()
 TRITON_OK, TRITON_WHY = ds.triton_kernels.available()
@@ -26,7 +26,7 @@ DIRS, DIR_SLOT, DIR_COEFFS, DIR_WEIGHTS = 12, 13, 14, 15
 def lml_case(shape, dtype, rank, n_reads, seed, *, history=True, clip=0.0, threshold=False, weights="float32",
              noncontig=False, noise=True, state=0):
     """multistep_update's 16 positional arguments with a random ring of `rank` directions (a strided view when
-    noncontig) and random per-sample weights (float32, float64 or None: g is only recorded)."""
+    noncontig) and random per-sample weights (float32, float64 or None: d is only recorded)."""
     assert history or n_reads == 0
     slots = max(n_reads + 1, 4 if threshold else 1)
     args = make_case(shape, dtype, n_reads, noise=noise, noncontig=noncontig, clip=clip, threshold=threshold,

@@ -35,7 +35,7 @@ def test_cpu_matches_reference(m):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_step_weights_from_lml_gram(dtype):
-    """The weights of a real step (Gram of g and a ring of 3 directions in the storage dtype, the mixing of
+    """The weights of a real step (Gram of d and a ring of 3 directions in the storage dtype, the mixing of
     step 5 at rank 3) on a (3, 5, 37) batch: CPU op and reference agree on the same Gram."""
     gen = torch.Generator().manual_seed(SESSION_SEED)
     x, out = (torch.randn(3, 5, 37, generator=gen).to(dtype) for _ in range(2))
@@ -57,12 +57,12 @@ def test_non_contiguous_inputs():
     wide[::2] = gram
     assert not gram_t.is_contiguous() and not mix_t.is_contiguous() and not wide[::2].is_contiguous()
     ref = reference.lml_weights(gram, mix, 0.1, 1.0)
-    for g, c in [(gram_t, mix_t), (wide[::2], mix)]:
-        assert rel_err(ds.ops.lml_weights(g, c, 0.1, 1.0, backend="cpu"), ref) < 1e-12
+    for matrix, c in [(gram_t, mix_t), (wide[::2], mix)]:
+        assert rel_err(ds.ops.lml_weights(matrix, c, 0.1, 1.0, backend="cpu"), ref) < 1e-12
 
 
 def test_degenerate_grams_give_zero_weights():
-    """g = 0 (G = 0), and NaN in the Gram: weights 0 (the step keeps g), never NaN; as the reference."""
+    """d = 0 (Gram = 0), and NaN in the Gram: weights 0 (the step keeps d), never NaN; as the reference."""
     mix = torch.tensor(lml.mixing(3, 2, 0.5), dtype=torch.float64)
     gram, _ = random_case(3, 3, 2, seed=4)
     gram[0] = 0

@@ -145,15 +145,15 @@ def check_threshold_boundary(fn, device, seed):
     lw = torch.randn(3, K, generator=torch.Generator().manual_seed(seed))
     uniforms = torch.rand(3, 1, dtype=torch.float64)
     ess = reference.quantized_ess(reference.quantized_weights(lw)[0])  # float64, what the decision compares
-    for g in range(3):
-        above = below = ess[g].item() / K
-        while not ess[g].item() < above * K:
+    for group in range(3):
+        above = below = ess[group].item() / K
+        while not ess[group].item() < above * K:
             above = math.nextafter(above, 2.0)
-        while ess[g].item() < below * K:
+        while ess[group].item() < below * K:
             below = math.nextafter(below, 0.0)
         for threshold, expected in [(above, True), (below, False)]:
             resampled = fn(lw.to(device), uniforms.to(device), 0, threshold)[3].cpu()
-            assert resampled[g].item() is expected
+            assert resampled[group].item() is expected
             assert torch.equal(resampled, reference.resample_ancestors(lw, uniforms, 0, threshold)[3])
 
 

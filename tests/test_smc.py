@@ -49,8 +49,8 @@ def test_power_of_separated_mixture():
 
 
 def test_log_weight_increment_closed_forms():
-    g = torch.Generator().manual_seed(0)
-    s1, s2 = torch.randn(2, 7, 3, 5, generator=g, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    s1, s2 = torch.randn(2, 7, 3, 5, generator=gen, dtype=torch.float64)
     h = 0.013
     sq = lambda v: (v**2).sum((1, 2))  # noqa: E731
     beta, w = 2.5, 3.0

@@ -1,8 +1,8 @@
 """Triton kernel of LML's per-sample Gram matrix (math: python/diffsampler/reference.py, lml_gram).
 
-Program b chunks + c covers elements [c BLOCK, (c + 1) BLOCK) of sample b: it computes g = the direction row from the
+Program b chunks + c covers elements [c BLOCK, (c + 1) BLOCK) of sample b: it computes d = the direction row from the
 update's operands (m0 clipped, never thresholded) and writes the (1 + R)^2 dot products of
-v = [g, dirs[0..R-1]] over its elements (an fp32 tree sum, then float64) to partial[b, c]. The partials are
+v = [d, dirs[0..R-1]] over its elements (an fp32 tree sum, then float64) to partial[b, c]. The partials are
 summed over c in float64 by torch: no atomics, the same bits run to run.
 """
 
@@ -21,7 +21,7 @@ BLOCK = 1024
 
 @triton.jit
 def _entry(base, a: tl.constexpr, c: tl.constexpr, M: tl.constexpr, va, vc):
-    """G[a, c] = G[c, a] = sum va vc over the program's elements."""
+    """Gram[a, c] = Gram[c, a] = sum va vc over the program's elements."""
     s = tl.sum(va * vc, axis=0).to(tl.float64)
     tl.store(base + a * M + c, s)
     if a != c:
@@ -32,7 +32,7 @@ def _entry(base, a: tl.constexpr, c: tl.constexpr, M: tl.constexpr, va, vc):
 def _lml_gram_kernel(
     x_ptr, out_ptr, r0_ptr, r1_ptr, r2_ptr, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, partial_ptr,
     per_sample, chunks,
-    p, q, r0, r1, r2, clip, gx, ge, gb0, gb1, gb2, gb3,
+    p, q, r0, r1, r2, clip, da, de, db0, db1, db2, db3,
     N_READS: tl.constexpr, N_DIRS: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -45,34 +45,34 @@ def _lml_gram_kernel(
     ov = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h0, h1, h2 = _load_reads(r0_ptr, r1_ptr, r2_ptr, offs, mask, N_READS)
     m0 = _data_prediction(xv, ov, h0, h1, h2, p, q, r0, r1, r2, clip, N_READS, CLIP)
-    g = _direction(xv, ov, m0, h0, h1, h2, gx, ge, gb0, gb1, gb2, gb3, N_READS)  # 0 past the sample's end
+    d = _direction(xv, ov, m0, h0, h1, h2, da, de, db0, db1, db2, db3, N_READS)  # 0 past the sample's end
     M: tl.constexpr = N_DIRS + 1
     base = partial_ptr + pid * (M * M)
-    _entry(base, 0, 0, M, g, g)
+    _entry(base, 0, 0, M, d, d)
     v1 = tl.load(d0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    _entry(base, 0, 1, M, g, v1)
+    _entry(base, 0, 1, M, d, v1)
     _entry(base, 1, 1, M, v1, v1)
     if N_DIRS > 1:
         v2 = tl.load(d1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        _entry(base, 0, 2, M, g, v2)
+        _entry(base, 0, 2, M, d, v2)
         _entry(base, 1, 2, M, v1, v2)
         _entry(base, 2, 2, M, v2, v2)
     if N_DIRS > 2:
         v3 = tl.load(d2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        _entry(base, 0, 3, M, g, v3)
+        _entry(base, 0, 3, M, d, v3)
         _entry(base, 1, 3, M, v1, v3)
         _entry(base, 2, 3, M, v2, v3)
         _entry(base, 3, 3, M, v3, v3)
     if N_DIRS > 3:
         v4 = tl.load(d3_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        _entry(base, 0, 4, M, g, v4)
+        _entry(base, 0, 4, M, d, v4)
         _entry(base, 1, 4, M, v1, v4)
         _entry(base, 2, 4, M, v2, v4)
         _entry(base, 3, 4, M, v3, v4)
         _entry(base, 4, 4, M, v4, v4)
     if N_DIRS > 4:
         v5 = tl.load(d4_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        _entry(base, 0, 5, M, g, v5)
+        _entry(base, 0, 5, M, d, v5)
         _entry(base, 1, 5, M, v1, v5)
         _entry(base, 2, 5, M, v2, v5)
         _entry(base, 3, 5, M, v3, v5)
@@ -80,7 +80,7 @@ def _lml_gram_kernel(
         _entry(base, 5, 5, M, v5, v5)
     if N_DIRS > 5:
         v6 = tl.load(d5_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        _entry(base, 0, 6, M, g, v6)
+        _entry(base, 0, 6, M, d, v6)
         _entry(base, 1, 6, M, v1, v6)
         _entry(base, 2, 6, M, v2, v6)
         _entry(base, 3, 6, M, v3, v6)
@@ -103,13 +103,13 @@ def lml_gram_triton(x: torch.Tensor, model_out: torch.Tensor, history: Optional[
     k = len(reads)
     p, q = coeffs[0], coeffs[1]
     r = list(coeffs[6 + k:]) + [0.0] * (3 - k)
-    gx, ge, *gb = list(dir_coeffs) + [0.0] * (6 - len(dir_coeffs))  # [gx, ge, gb_0..gb_3]
+    da, de, *db = list(dir_coeffs) + [0.0] * (6 - len(dir_coeffs))  # [da, de, db_0..db_3]
     chunks = max(triton.cdiv(per_sample, BLOCK), 1)
     partial = torch.zeros((batch, chunks, n_dirs + 1, n_dirs + 1), dtype=torch.float64, device=x.device)
     if per_sample > 0:
         torch.library.wrap_triton(_lml_gram_kernel)[(batch * chunks,)](
             x, out, *reads, *[x] * (3 - k), *slots, *[x] * (6 - n_dirs), partial,
-            per_sample, chunks, p, q, r[0], r[1], r[2], clip, gx, ge, gb[0], gb[1], gb[2], gb[3],
+            per_sample, chunks, p, q, r[0], r[1], r[2], clip, da, de, db[0], db[1], db[2], db[3],
             N_READS=k, N_DIRS=n_dirs, CLIP=clip > 0, BLOCK=BLOCK,
         )
     return partial.sum(dim=1)

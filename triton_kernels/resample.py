@@ -89,9 +89,9 @@ def _draws_below(u_row, c, K, count, total, METHOD: tl.constexpr, STEPS: tl.cons
 def _resample_ancestors_kernel(lw_ptr, u_ptr, lw_out_ptr, anc_ptr, ess_ptr, res_ptr, log_norm_ptr, cum_ptr, cnt_ptr,
                                limit_ptr, status_ptr, K, width, METHOD: tl.constexpr, STEPS: tl.constexpr,
                                BLOCK: tl.constexpr):
-    g = tl.program_id(0).to(tl.int64)
-    lw_row, u_row = lw_ptr + g * K, u_ptr + g * width
-    cum_row, cnt_row, anc_row = cum_ptr + g * K, cnt_ptr + g * K, anc_ptr + g * K
+    group = tl.program_id(0).to(tl.int64)
+    lw_row, u_row = lw_ptr + group * K, u_ptr + group * width
+    cum_row, cnt_row, anc_row = cum_ptr + group * K, cnt_ptr + group * K, anc_ptr + group * K
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     invalid = tl.full((), 0, tl.int32)  # uniforms outside [0, 1), NaN, or unsorted (ds_uniform_ok): flagged
     for start in range(0, width, BLOCK):
@@ -139,15 +139,15 @@ def _resample_ancestors_kernel(lw_ptr, u_ptr, lw_out_ptr, anc_ptr, ess_ptr, res_
     resampled = ess < tl.load(limit_ptr)  # ess_threshold K in float64 (a float argument would be float32)
     log_s = tl.log(s)
     log_norm = m + log_s
-    tl.store(ess_ptr + g, ess.to(tl.float32))
-    tl.store(res_ptr + g, resampled.to(tl.int8))
-    tl.store(log_norm_ptr + g, tl.where(degenerate, float("nan"), log_norm))
+    tl.store(ess_ptr + group, ess.to(tl.float32))
+    tl.store(res_ptr + group, resampled.to(tl.int8))
+    tl.store(log_norm_ptr + group, tl.where(degenerate, float("nan"), log_norm))
     uniform = -tl.log(K.to(tl.float32))
     for start in range(0, K, BLOCK):
         offs = start + lanes
         mask = offs < K
         v = tl.load(lw_row + offs, mask=mask, other=0.0)
-        tl.store(lw_out_ptr + g * K + offs, tl.where(resampled | degenerate, uniform, (v - m) - log_s), mask=mask)
+        tl.store(lw_out_ptr + group * K + offs, tl.where(resampled | degenerate, uniform, (v - m) - log_s), mask=mask)
         tl.store(anc_row + offs, offs, mask=mask)
     if resampled:
         count = tl.zeros((), tl.int64) + K
@@ -211,16 +211,16 @@ def _resample_ancestors_kernel(lw_ptr, u_ptr, lw_out_ptr, anc_ptr, ess_ptr, res_
 @triton.jit
 def _resample_move_kernel(p_ptr, anc_ptr, res_ptr, status_ptr, K, row, BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
-    g = r // K
+    group = r // K
     raw = tl.load(anc_ptr + r)
     a = tl.minimum(tl.maximum(raw, 0), K - 1)  # clamped into the group; flagged below
-    resampled = tl.load(res_ptr + g) != 0
+    resampled = tl.load(res_ptr + group) != 0
     if resampled & (raw != a) & (tl.program_id(1) == 0):
         tl.atomic_or(status_ptr, tl.full((), ERR_ANCESTOR, tl.int32))
-    if resampled & (a != r - g * K):
+    if resampled & (a != r - group * K):
         offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < row
-        v = tl.load(p_ptr + (g * K + a) * row + offs, mask=mask)
+        v = tl.load(p_ptr + (group * K + a) * row + offs, mask=mask)
         tl.store(p_ptr + r * row + offs, v, mask=mask)
 
 

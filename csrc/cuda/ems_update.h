@@ -2,9 +2,9 @@
 // coefficients). No torch headers, so `nvcc -c` checks it anywhere. Math, per element i of a sample,
 // d = i mod per_sample, row r at coeffs[r * per_sample + d], fp32:
 //   m0 = P x + Q out
-//   x' = A x + G s + B_0 m0 + sum_{j<n_reads} B_{j+1} read_j + C
-//   s' = As x + Gs s + Bs_0 m0 + sum_j Bs_{j+1} read_j + Cs        (state_mode 2; written over s)
-// Rows: P, Q, A, G, B_0..B_k, C, then (state_mode 2) As, Gs, Bs_0..Bs_k, Cs.
+//   x' = A x + H s + B_0 m0 + sum_{j<n_reads} B_{j+1} read_j + C
+//   s' = As x + Hs s + Bs_0 m0 + sum_j Bs_{j+1} read_j + Cs        (state_mode 2; written over s)
+// Rows: P, Q, A, H, B_0..B_k, C, then (state_mode 2) As, Hs, Bs_0..Bs_k, Cs.
 #pragma once
 #include <stdint.h>
 
@@ -27,7 +27,7 @@ typedef struct {
   int64_t n;                            // elements of x
   int64_t per_sample;                   // elements per sample (n / batch)
   int n_reads;                          // 0 .. DS_EMS_MAX_READS
-  int state_mode;                       // 0 none, 1 state read (G), 2 state read and rewritten
+  int state_mode;                       // 0 none, 1 state read (H), 2 state read and rewritten
 } ds_ems_tensors;
 
 #ifdef __cplusplus

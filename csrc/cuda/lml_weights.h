@@ -1,9 +1,9 @@
 // LML's direction weights from the per-sample Gram, shared by the CPU op (csrc/lml_weights.cpp) and the CUDA
-// kernel (lml_weights.cu): plain code on fixed-size arrays, no torch headers. Per sample, in float64, with G the
-// (m x m) Gram of V = [g, dirs...] and C the (m x r) mixing matrix (U = V C), both row-major
-// (math: reference.lml_weights):
-//   w = (damping I + C^T G C)^{-1} C^T G e_0,  c = e_0 - C w,  n2 = c^T G c,
-//   W = scale (sqrt(G_00 / n2) c - e_0) where n2 > 0, else 0 (also for NaN: the step keeps g).
+// kernel (lml_weights.cu): plain code on fixed-size arrays, no torch headers. Per sample, in float64, with Gram
+// the (m x m) Gram matrix of V = [d, dirs...] (d the raw direction) and C the (m x r) mixing matrix (U = V C),
+// both row-major (math: reference.lml_weights):
+//   w = (damping I + C^T Gram C)^{-1} C^T Gram e_0,  c = e_0 - C w,  n2 = c^T Gram c,
+//   W = scale (sqrt(Gram_00 / n2) c - e_0) where n2 > 0, else 0 (also for NaN: the step keeps d).
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -47,25 +47,25 @@ DS_HOST_DEVICE inline void ds_lml_solve(double* a, double* rhs, int n) {
   }
 }
 
-// One sample: g (m x m), c (m x r) with m <= DS_LML_MAX_M, r <= m; writes w (m).
-DS_HOST_DEVICE inline void ds_lml_sample_weights(const double* g, const double* c, int m, int r, double damping,
+// One sample: gram (m x m), c (m x r) with m <= DS_LML_MAX_M, r <= m; writes w (m).
+DS_HOST_DEVICE inline void ds_lml_sample_weights(const double* gram, const double* c, int m, int r, double damping,
                                                  double scale, double* w) {
-  double gc[DS_LML_MAX_M * DS_LML_MAX_M];  // G C, m x r
+  double gram_c[DS_LML_MAX_M * DS_LML_MAX_M];  // Gram C, m x r
   for (int i = 0; i < m; ++i)
     for (int k = 0; k < r; ++k) {
       double s = 0.0;
-      for (int j = 0; j < m; ++j) s += g[i * m + j] * c[j * r + k];
-      gc[i * r + k] = s;
+      for (int j = 0; j < m; ++j) s += gram[i * m + j] * c[j * r + k];
+      gram_c[i * r + k] = s;
     }
-  double a[DS_LML_MAX_M * DS_LML_MAX_M], sol[DS_LML_MAX_M];  // damping I + C^T G C and C^T G e_0
+  double a[DS_LML_MAX_M * DS_LML_MAX_M], sol[DS_LML_MAX_M];  // damping I + C^T Gram C and C^T Gram e_0
   for (int k = 0; k < r; ++k) {
     for (int l = 0; l < r; ++l) {
       double s = 0.0;
-      for (int i = 0; i < m; ++i) s += c[i * r + k] * gc[i * r + l];
+      for (int i = 0; i < m; ++i) s += c[i * r + k] * gram_c[i * r + l];
       a[k * r + l] = s + (k == l ? damping : 0.0);
     }
     sol[k] = 0.0;
-    for (int i = 0; i < m; ++i) sol[k] += c[i * r + k] * g[i * m];
+    for (int i = 0; i < m; ++i) sol[k] += c[i * r + k] * gram[i * m];
   }
   ds_lml_solve(a, sol, r);
   double cv[DS_LML_MAX_M];  // c = e_0 - C w
@@ -77,11 +77,11 @@ DS_HOST_DEVICE inline void ds_lml_sample_weights(const double* g, const double* 
   double n2 = 0.0;
   for (int i = 0; i < m; ++i) {
     double s = 0.0;
-    for (int j = 0; j < m; ++j) s += g[i * m + j] * cv[j];
+    for (int j = 0; j < m; ++j) s += gram[i * m + j] * cv[j];
     n2 += cv[i] * s;
   }
   const bool ok = n2 > 0;
-  const double f = ok ? sqrt(g[0] / n2) : 0.0;
+  const double f = ok ? sqrt(gram[0] / n2) : 0.0;
   for (int i = 0; i < m; ++i) w[i] = ok ? scale * (f * cv[i] - (i == 0 ? 1.0 : 0.0)) : 0.0;
 }
 

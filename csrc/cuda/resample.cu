@@ -72,12 +72,12 @@ __device__ long long draws_below(int method, const double* u, long long K, long 
 
 __global__ void __launch_bounds__(kThreads) ancestors_kernel(ds_resample_args a) {
   __shared__ Shared sh;
-  const long long g = blockIdx.x, K = a.K;
-  const float* lw = a.log_w + g * K;
-  const double* u = a.uniforms + g * a.width;
-  int64_t* cum = a.cum + g * K;
-  int64_t* cnt = a.counts + g * K;
-  int64_t* anc = a.ancestors + g * K;
+  const long long group = blockIdx.x, K = a.K;
+  const float* lw = a.log_w + group * K;
+  const double* u = a.uniforms + group * a.width;
+  int64_t* cum = a.cum + group * K;
+  int64_t* cnt = a.counts + group * K;
+  int64_t* anc = a.ancestors + group * K;
   const int tid = threadIdx.x;
 
   int bad_uniform = 0;  // invalid uniforms are clamped by ds_position; flagged here
@@ -126,13 +126,13 @@ __global__ void __launch_bounds__(kThreads) ancestors_kernel(ds_resample_args a)
   const float log_s = logf(s);
   const float log_norm = m + log_s;
   if (tid == 0) {
-    a.ess[g] = static_cast<float>(ess);
-    a.resampled[g] = resampled;
-    a.log_norm[g] = degenerate ? NAN : log_norm;
+    a.ess[group] = static_cast<float>(ess);
+    a.resampled[group] = resampled;
+    a.log_norm[group] = degenerate ? NAN : log_norm;
   }
   const float uniform = static_cast<float>(-log(static_cast<double>(K)));
   for (long long k = tid; k < K; k += kThreads) {
-    a.log_w_out[g * K + k] = (resampled || degenerate) ? uniform : (lw[k] - m) - log_s;  // exact at any scale
+    a.log_w_out[group * K + k] = (resampled || degenerate) ? uniform : (lw[k] - m) - log_s;  // exact at any scale
     anc[k] = k;
   }
   if (!resampled) return;  // uniform over the block: every thread takes the same branch
@@ -198,13 +198,13 @@ __global__ void move_kernel(Unit* p, const int64_t* anc, const bool* res, long l
                             long long n, int* status) {
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long r = i / units_per_row, g = r / K;
-    if (!res[g]) continue;
+    const long long r = i / units_per_row, group = r / K;
+    if (!res[group]) continue;
     int err = 0;
     const long long src = ds_clamp_index(anc[r], K, DS_ERR_ANCESTOR, &err);
     if (err != 0 && status != nullptr && i % units_per_row == 0) atomicOr(status, err);
-    if (src == r - g * K) continue;
-    p[i] = p[(g * K + src) * units_per_row + (i - r * units_per_row)];
+    if (src == r - group * K) continue;
+    p[i] = p[(group * K + src) * units_per_row + (i - r * units_per_row)];
   }
 }
 

@@ -31,7 +31,7 @@ typedef struct {
 // Returns a cudaError_t value (cudaSuccess = 0) of the launch.
 int ds_resample_ancestors_cuda(ds_resample_args args, cudaStream_t stream);
 
-// particles: G K rows of row_bytes bytes; row g K + k of a resampled group takes row g K + ancestors[g K + k],
+// particles: G K rows of row_bytes bytes; row n K + k of a resampled group takes row n K + ancestors[n K + k],
 // the ancestor clamped into [0, K) (DS_ERR_ANCESTOR ORed into *status when it was outside; status may be NULL).
 int ds_resample_move_cuda(void* particles, const int64_t* ancestors, const bool* resampled, int64_t G, int64_t K,
                           int64_t row_bytes, int* status, cudaStream_t stream);

@@ -10,8 +10,8 @@ sampling".
   x0 = (sigma' x - sigma v) / D (`denoise`, the Tweedie estimate), score = (alpha' x - alpha v) / (sigma D)
   (`flow_score`).
 - Reverse SDE with the ODE's marginals, integrated from t = 1 to 0 (`sde_step`, Euler-Maruyama, dt = t - t' > 0):
-  x' = x - dt (v - g^2 / 2 score) + g sqrt(dt) z, g = g(t) = diffusion * t^2 (the paper's code: 3 t^2); g = 0 is
-  the flow ODE (Euler).
+  x' = x - dt (v - gamma^2 / 2 score) + gamma sqrt(dt) z, gamma = gamma(t) = diffusion * t^2 (the paper's code:
+  3 t^2); gamma = 0 is the flow ODE (Euler).
 - `to_vp`: the same model on the VP path alpha_r = exp(-T/2), sigma_r = sqrt(1 - e^-T), T = beta_min r +
   (beta_max - beta_min) r^2 / 2 (`schedules.VPContinuous`): t(r) = sigma_r / (alpha_r + sigma_r) (equal SNR),
   x_r = s_r x_t with s_r = alpha_r + sigma_r, u_r(x) = (s_r' / s_r) x + s_r t'(r) v(x / s_r, t(r)).
@@ -20,7 +20,7 @@ sampling".
   step of the linear ODE to t = 0, and what the paper's code outputs). Rewards reward(x0) -> (B,) are evaluated on
   the Tweedie estimate after every model call.
 - `best_of_n`, `smc` (potential exp((r_t - r_{t-1}) / temperature), resampling by ``ops.resample``) and
-  `rollover_budget_forcing` take G groups of K particles, group-major (row g K + k) like `diffsampler.smc`.
+  `rollover_budget_forcing` take G groups of K particles, group-major (row n K + k) like `diffsampler.smc`.
 
 The per-step math is torch ops (no fused kernel). The loops have a fixed trip count and decide on the device
 (`torch.where`, ``ops.resample``); the only host syncs are the one-time checks of the first reward (finite).
@@ -125,7 +125,7 @@ def flow_score(v: torch.Tensor, x: torch.Tensor, t, path=LINEAR) -> torch.Tensor
 
 
 def diffusion_coefficient(diffusion, t: torch.Tensor) -> torch.Tensor:
-    """g(t): diffusion * t^2 for a number (the paper's code: 3 t^2, "square" with norm 3), else diffusion(t)."""
+    """gamma(t): diffusion * t^2 for a number (the paper's code: 3 t^2, "square" with norm 3), else diffusion(t)."""
     if callable(diffusion):
         return torch.as_tensor(diffusion(t), dtype=torch.float64, device=t.device)
     return diffusion * t.double() ** 2
@@ -135,16 +135,16 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, t, t_next, g, path=LINEAR,
              noise: torch.Tensor | None = None) -> torch.Tensor:
     """One Euler-Maruyama step from t to t_next < t of the reverse SDE with the flow ODE's marginals,
 
-        x' = x - dt (v - g^2 / 2 score) + g sqrt(dt) z,    dt = t - t_next,
+        x' = x - dt (v - gamma^2 / 2 score) + gamma sqrt(dt) z,    dt = t - t_next,
 
-    score = flow_score(v, x, t, path); g = 0 (noise may be None) is the Euler step of the ODE. t, t_next, g:
-    scalars or one per row. Returns float32."""
-    t, t_next, g = _times(t, x), _times(t_next, x), _times(g, x)
+    score = flow_score(v, x, t, path); the argument g is the diffusion coefficient gamma(t) (diffusion_coefficient),
+    g = 0 (noise may be None) the Euler step of the ODE. t, t_next, g: scalars or one per row. Returns float32."""
+    t, t_next, gamma = _times(t, x), _times(t_next, x), _times(g, x)
     dt = t - t_next
-    drift = v.float() - _rows(0.5 * g * g, x) * flow_score(v, x, t, path)
+    drift = v.float() - _rows(0.5 * gamma * gamma, x) * flow_score(v, x, t, path)
     out = x.float() - _rows(dt, x) * drift
     if noise is not None:
-        out = out + _rows(g * dt.sqrt(), x) * noise.float()
+        out = out + _rows(gamma * dt.sqrt(), x) * noise.float()
     return out
 
 
@@ -213,11 +213,11 @@ def _plan(model, path, steps: int, spacing: str, device) -> _Plan:
 
 
 def _check_common(groups, particles, shape, diffusion) -> tuple[int, int, tuple[int, ...], object]:
-    """(groups, particles, shape, diffusion) checked, as ints and a float (or the callable g(t))."""
+    """(groups, particles, shape, diffusion) checked, as ints and a float (or the callable t -> gamma(t))."""
     groups, particles = checks.integer("groups", groups, 1), checks.integer("particles", particles, 1)
     shape = checks.integers("shape", shape, 1)
     if not callable(diffusion):
-        diffusion = checks.real("diffusion (g = diffusion t^2, or a callable g(t))", diffusion, "[0, inf)")
+        diffusion = checks.real("diffusion (gamma = diffusion t^2, or a callable t -> gamma(t))", diffusion, "[0, inf)")
     return groups, particles, shape, diffusion
 
 
@@ -246,8 +246,8 @@ class _RewardFn:
         return r.float()
 
 
-def _noise(x: torch.Tensor, g: torch.Tensor, generator) -> torch.Tensor | None:
-    if not isinstance(g, torch.Tensor) and g == 0:
+def _noise(x: torch.Tensor, gamma: torch.Tensor, generator) -> torch.Tensor | None:
+    if not isinstance(gamma, torch.Tensor) and gamma == 0:
         return None
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
 
@@ -255,8 +255,8 @@ def _noise(x: torch.Tensor, g: torch.Tensor, generator) -> torch.Tensor | None:
 def _transition(plan: _Plan, x, v, i, diffusion, generator):
     """The SDE step from times[i] to times[i + 1] (i an int or a (B,) index tensor), in x's dtype."""
     t, t_next = plan.times[i], plan.times[i + 1]
-    g = diffusion_coefficient(diffusion, t) if (callable(diffusion) or diffusion) else 0.0
-    return sde_step(x, v, t, t_next, g, plan.path, _noise(x, g, generator)).to(x.dtype)
+    gamma = diffusion_coefficient(diffusion, t) if (callable(diffusion) or diffusion) else 0.0
+    return sde_step(x, v, t, t_next, gamma, plan.path, _noise(x, gamma, generator)).to(x.dtype)
 
 
 def _sample_loop(plan: _Plan, x, diffusion, generator, reward: _RewardFn | None = None):
@@ -273,8 +273,8 @@ def _sample_loop(plan: _Plan, x, diffusion, generator, reward: _RewardFn | None 
 def sample(model: Model, n: int, shape: Sequence[int], *, steps: int = 20, path="linear", diffusion=0.0,
            spacing: str = "uniform", generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
            device: torch.device | str = "cpu") -> torch.Tensor:
-    """n samples (n, *shape) of the flow model: diffusion = 0 the Euler ODE, else the SDE with g = diffusion t^2
-    (or a callable g(t)); path "linear" or "vp" (`to_vp`). `steps` NFE per sample."""
+    """n samples (n, *shape) of the flow model: diffusion = 0 the Euler ODE, else the SDE with gamma = diffusion t^2
+    (or a callable t -> gamma(t)); path "linear" or "vp" (`to_vp`). `steps` NFE per sample."""
     n = checks.integer("n", n, 1)
     _, _, shape, diffusion = _check_common(1, 1, shape, diffusion)
     plan = _plan(model, path, steps, spacing, device)
@@ -294,7 +294,7 @@ class BestOfNResult(NamedTuple):
 
 
 def _pick(values: torch.Tensor, rows: torch.Tensor, K: int) -> torch.Tensor:
-    """rows[g] is a within-group index; returns values[g K + rows[g]]."""
+    """rows[n] is a within-group index; returns values[n K + rows[n]]."""
     return values[torch.arange(len(rows), device=values.device) * K + rows]
 
 

@@ -1,18 +1,18 @@
-"""Levenberg-Marquardt-Langevin (Wang et al., ICCV 2025): each step's direction g is preconditioned by a
+"""Levenberg-Marquardt-Langevin (Wang et al., ICCV 2025): each step's direction d is preconditioned by a
 damped low-rank approximation of the Hessian, at no extra model call.
 
-Per sample, with U = [u_1..u_r] built from the solver's recent raw directions g_n, g_{n-1}, ...:
+Per sample, with U = [u_1..u_r] built from the solver's recent raw directions d_n, d_{n-1}, ...:
 
-    u_j  = kappa g_{n-j} + (1 - kappa) g_{n-j+1}      (j <= n;  u_{n+1} = g_0, the first step's u = g)
-    g'   = g - U (lambda I_r + U^T U)^{-1} U^T g       (= lambda (lambda I + U U^T)^{-1} g, Woodbury)
-    g''  = g' ||g|| / ||g'||                           (g'' = g when g = 0)
+    u_j  = kappa d_{n-j} + (1 - kappa) d_{n-j+1}      (j <= n;  u_{n+1} = d_0, the first step's u = d)
+    d'   = d - U (lambda I_r + U^T U)^{-1} U^T d       (= lambda (lambda I + U U^T)^{-1} d, Woodbury)
+    d''  = d' ||d|| / ||d'||                           (d'' = d when d = 0)
 
-and the step uses g'' in place of g. Rank 1 is the authors' formula g - u <g, u> / (lambda + <u, u>).
-With kappa = 0 and rank 1, u = g and g'' = g: the identity. With rank r > 1, U also holds the past directions.
-Everything is linear in the basis V = [g_n, dirs[0..R-1]] (the ring of the last R raw directions), so one
-read-only pass computes the Gram matrix V^T V per sample (ops.lml_gram), an r x r solve on the device gives
-the coefficients (no host sync), and the fused update applies x' += scale (g'' - g) without writing g''
-(ops.multistep_update's dirs arguments), recording g in the ring.
+and the step uses d'' in place of d. Rank 1 is the authors' formula d - u <d, u> / (lambda + <u, u>).
+With kappa = 0 and rank 1, u = d and d'' = d: the identity. With rank r > 1, U also holds the past directions.
+Everything is linear in the basis V = [d_n, dirs[0..R-1]] (the ring of the last R raw directions), so one
+read-only pass computes the Gram matrix Gram = V^T V per sample (ops.lml_gram), an r x r solve on the device
+gives the coefficients (no host sync), and the fused update applies x' += scale (d'' - d) without writing d''
+(ops.multistep_update's dirs arguments), recording d in the ring.
 
 mode="corrector" adds the Langevin half the authors' code leaves out: at each noise level, before the solver
 step, n_steps Langevin corrections (score-SDE's corrector, n_steps extra model calls per level)
@@ -44,7 +44,7 @@ class LML:
     """LML options for ``diffsampler.sample(..., lml=LML(...))``.
 
     damping: lambda > 0 (the authors recommend about 1e-3 for Stable Diffusion, 0.005 for CelebA-HQ DDIM,
-        0.01 for FLUX Euler); kappa in [0, 1]: weight of the previous direction in u (kappa = 0 makes u = g and
+        0.01 for FLUX Euler); kappa in [0, 1]: weight of the previous direction in u (kappa = 0 makes u = d and
         LML the identity); rank: directions kept (1 is the paper's method, up to 4); freeze: no correction at
         the model times t >= (1 - freeze) T (T: the schedule's num_train_timesteps, 1 for continuous time).
     """
@@ -71,10 +71,10 @@ class LML:
 
 
 def mixing(n: int, rank: int, kappa: float) -> list[list[float]]:
-    """U in the basis [g_n, dirs[0..rank-1]] at step n (0-based): a (1 + rank) x min(rank, n + 1) matrix.
+    """U in the basis [d_n, dirs[0..rank-1]] at step n (0-based): a (1 + rank) x min(rank, n + 1) matrix.
 
-    g_{n-j} (j >= 1) lives in ring slot (n - j) % rank, i.e. basis row 1 + (n - j) % rank."""
-    def row(j: int) -> int:  # basis row of g_{n-j}
+    d_{n-j} (j >= 1) lives in ring slot (n - j) % rank, i.e. basis row 1 + (n - j) % rank."""
+    def row(j: int) -> int:  # basis row of d_{n-j}
         return 0 if j == 0 else 1 + (n - j) % rank
 
     cols = []
@@ -83,7 +83,7 @@ def mixing(n: int, rank: int, kappa: float) -> list[list[float]]:
         if j <= n:
             col[row(j)] += kappa
             col[row(j - 1)] += 1.0 - kappa
-        else:  # j = n + 1: the first step's u = g_0
+        else:  # j = n + 1: the first step's u = d_0
             col[row(n)] = 1.0
         cols.append(col)
     return [list(r) for r in zip(*cols)]
@@ -91,19 +91,19 @@ def mixing(n: int, rank: int, kappa: float) -> list[list[float]]:
 
 def correction_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, scale: float,
                        backend: str = "auto") -> torch.Tensor:
-    """Per-sample weights W (B, 1 + R) with scale (g'' - g) = V W^T, from G = V^T V (B, 1 + R, 1 + R).
+    """Per-sample weights W (B, 1 + R) with scale (d'' - d) = V W^T, from Gram = V^T V (B, 1 + R, 1 + R).
 
-    In the basis V: g = e_0, U = V C, so U^T U = C^T G C and U^T g = C^T G e_0; w solves
-    (lambda I + C^T G C) w = C^T G e_0, g' = V c with c = e_0 - C w, ||g'||^2 = c^T G c, ||g||^2 = G_00, and
-    W = scale (||g|| / ||g'|| c - e_0); W = 0 where ||g'|| = 0 (ops.lml_weights: one C++ call on the CPU,
-    torch ops without a host sync on other devices).
+    In the basis V: d = e_0, U = V C, so U^T U = C^T Gram C and U^T d = C^T Gram e_0; w solves
+    (lambda I + C^T Gram C) w = C^T Gram e_0, d' = V c with c = e_0 - C w, ||d'||^2 = c^T Gram c,
+    ||d||^2 = Gram_00, and W = scale (||d|| / ||d'|| c - e_0); W = 0 where ||d'|| = 0 (ops.lml_weights: one C++
+    call on the CPU, torch ops without a host sync on other devices).
     """
     return ops.lml_weights(gram.to(torch.float64), mix.to(torch.float64), damping, scale, backend=backend)
 
 
 def corrector_mixing(n: int, rank: int, kappa: float, slots: int) -> list[list[float]]:
     """U at noise level n in the corrector's basis [s, ring_0..ring_{slots-1}, z], with the directions
-    g_0..g_{n-1} of the steps before recorded (g_m in ring slot m % slots): a (slots + 2) x min(rank, n) matrix,
+    d_0..d_{n-1} of the steps before recorded (d_m in ring slot m % slots): a (slots + 2) x min(rank, n) matrix,
     the u_j the direction mode would use at step n - 1."""
     cols = []
     for j in range(1, min(rank, n) + 1):
@@ -111,7 +111,7 @@ def corrector_mixing(n: int, rank: int, kappa: float, slots: int) -> list[list[f
         if j < n:
             col[1 + (n - 1 - j) % slots] += kappa
             col[1 + (n - j) % slots] += 1.0 - kappa
-        else:  # j = n: the first step's u = g_0
+        else:  # j = n: the first step's u = d_0
             col[1] = 1.0
         cols.append(col)
     return [list(r) for r in zip(*cols)] if cols else [[] for _ in range(slots + 2)]
@@ -119,24 +119,24 @@ def corrector_mixing(n: int, rank: int, kappa: float, slots: int) -> list[list[f
 
 def corrector_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, snr: float, alpha: float):
     """Weights W (B, M) of one preconditioned Langevin step x += V W^T in the basis V = [s, ring.., z] (M terms)
-    from G = V^T V: W = eps d + sqrt(2 eps) n with P s = V d and P^{1/2} z = V n (module docstring)."""
-    g = gram.to(torch.float64)
-    m = g.shape[-1]
-    eye = torch.eye(m, dtype=g.dtype, device=g.device)
-    d = eye[:, :1].expand(g.shape[0], m, 1) / damping
-    nz = eye[:, -1:].expand(g.shape[0], m, 1) / damping**0.5
-    c = mix.to(g)
+    from Gram = V^T V: W = eps ps + sqrt(2 eps) pz with P s = V ps and P^{1/2} z = V pz (module docstring)."""
+    gram = gram.to(torch.float64)
+    m = gram.shape[-1]
+    eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
+    ps = eye[:, :1].expand(gram.shape[0], m, 1) / damping
+    pz = eye[:, -1:].expand(gram.shape[0], m, 1) / damping**0.5
+    c = mix.to(gram)
     if c.shape[-1]:
-        a = c.T @ g @ c
-        d = d - c @ reference.damped_solve(a, c.T @ g[:, :, :1], damping) / damping
+        a = c.T @ gram @ c
+        ps = ps - c @ reference.damped_solve(a, c.T @ gram[:, :, :1], damping) / damping
         lam, q = torch.linalg.eigh(a)
         root = (lam.clamp_min(0) + damping).sqrt()
         f = 1.0 / (root * (root + damping**0.5))  # c_k / l_k, finite at l_k = 0
-        nz = nz - c @ (q @ (f.unsqueeze(-1) * (q.transpose(1, 2) @ (c.T @ g[:, :, -1:])))) / damping**0.5
-    norm_s = (d.transpose(1, 2) @ g @ d).view(-1).clamp_min(0).sqrt().mean()
-    norm_z = (nz.transpose(1, 2) @ g @ nz).view(-1).clamp_min(0).sqrt().mean()
+        pz = pz - c @ (q @ (f.unsqueeze(-1) * (q.transpose(1, 2) @ (c.T @ gram[:, :, -1:])))) / damping**0.5
+    norm_s = (ps.transpose(1, 2) @ gram @ ps).view(-1).clamp_min(0).sqrt().mean()
+    norm_z = (pz.transpose(1, 2) @ gram @ pz).view(-1).clamp_min(0).sqrt().mean()
     eps = torch.where(norm_s > 0, 2 * alpha * (snr * norm_z / norm_s.clamp_min(1e-300)) ** 2, 0.0)
-    return (eps * d + (2 * eps).sqrt() * nz).squeeze(-1)
+    return (eps * ps + (2 * eps).sqrt() * pz).squeeze(-1)
 
 
 class LMLRun:
@@ -149,7 +149,7 @@ class LMLRun:
                              "coefficients (ems_update) have no LML path")
         self.lml = lml
         self.corrector = lml.mode == "corrector"
-        # corrector: rank + 1 recorded directions (u_r needs g_{n-1-r}) and a slot for the noise
+        # corrector: rank + 1 recorded directions (u_r needs d_{n-1-r}) and a slot for the noise
         self.slots = lml.rank + 1 if self.corrector else lml.rank
         self.dirs = torch.zeros((self.slots + self.corrector, *x.shape), dtype=x.dtype, device=x.device)
         if time_scale is None:  # T of the freeze option: the largest model time of the plan

@@ -207,12 +207,12 @@ def multistep_update_indexed(x, model_out, history, table, slots, step, n_reads,
 
 
 def direction(x, out, m0, reads, dir_coeffs):
-    """LML's raw direction g_n = gx x + ge out + gb_0 m_0 + sum_i gb_i m_i (dir_coeffs = [gx, ge, gb_0..gb_k])."""
-    gx, ge, *gb = dir_coeffs
-    g = gx * x + ge * out + gb[0] * m0
-    for w, m in zip(gb[1:], reads):
-        g = g + w * m
-    return g
+    """LML's raw direction d_n = da x + de out + db_0 m_0 + sum_i db_i m_i (dir_coeffs = [da, de, db_0..db_k])."""
+    da, de, *db = dir_coeffs
+    d = da * x + de * out + db[0] * m0
+    for w, m in zip(db[1:], reads):
+        d = d + w * m
+    return d
 
 
 def lml_gram(
@@ -227,9 +227,9 @@ def lml_gram(
 ) -> torch.Tensor:
     """Per-sample Gram matrix of LML's directions, float64 of shape (B, 1 + R, 1 + R):
 
-        G[b] = V_b^T V_b,   V_b = [g_n, dirs[0], ..., dirs[R-1]] restricted to sample b
+        Gram[b] = V_b^T V_b,   V_b = [d_n, dirs[0], ..., dirs[R-1]] restricted to sample b
 
-    with g_n the raw direction of this step (multistep_update's dir_coeffs row, m_0 computed as there, clip
+    with d_n the raw direction of this step (multistep_update's dir_coeffs row, m_0 computed as there, clip
     included). Sums run over all non-batch dimensions.
     """
     cd = compute_dtype(x.dtype)
@@ -239,8 +239,8 @@ def lml_gram(
     xf, of = x.to(cd), model_out.to(cd)
     reads = [history[slot].to(cd) for slot in read_slots]
     m0 = data_prediction(xf, of, reads, p, q, r, clip)
-    g_n = direction(xf, of, m0, reads, dir_coeffs)
-    v = torch.stack([g_n, *[d.to(cd) for d in dirs]], dim=1).reshape(x.shape[0], dirs.shape[0] + 1, -1)
+    d_n = direction(xf, of, m0, reads, dir_coeffs)
+    v = torch.stack([d_n, *[d.to(cd) for d in dirs]], dim=1).reshape(x.shape[0], dirs.shape[0] + 1, -1)
     v = v.to(torch.float64)
     return v @ v.transpose(1, 2)
 
@@ -252,28 +252,28 @@ def damped_solve(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Te
 
 
 def lml_weights(gram: torch.Tensor, mix: torch.Tensor, damping: float, scale: float) -> torch.Tensor:
-    """LML's per-sample direction weights W (B, M) with scale (g'' - g) = V W^T, from the Gram G = V^T V
-    (B, M, M) of the basis V = [g, dirs...] and the mixing matrix C (M, r) with U = V C (float64):
+    """LML's per-sample direction weights W (B, M) with scale (d'' - d) = V W^T, from Gram = V^T V
+    (B, M, M) of the basis V = [d, dirs...] and the mixing matrix C (M, r) with U = V C (float64):
 
-        w = (damping I + C^T G C)^{-1} C^T G e_0,   c = e_0 - C w   (g' = V c)
-        ||g'||^2 = c^T G c,  ||g||^2 = G_00,  W = scale (||g|| / ||g'|| c - e_0);  W = 0 where ||g'|| = 0.
+        w = (damping I + C^T Gram C)^{-1} C^T Gram e_0,   c = e_0 - C w   (d' = V c)
+        ||d'||^2 = c^T Gram c,  ||d||^2 = Gram_00,  W = scale (||d|| / ||d'|| c - e_0);  W = 0 where ||d'|| = 0.
     """
-    g = gram.to(torch.float64)
-    c_mat = mix.to(g)
-    w = damped_solve(c_mat.T @ g @ c_mat, c_mat.T @ g[:, :, :1], damping)
-    e0 = torch.eye(g.shape[-1], 1, dtype=g.dtype, device=g.device)  # built on the device: no upload
+    gram = gram.to(torch.float64)
+    c_mat = mix.to(gram)
+    w = damped_solve(c_mat.T @ gram @ c_mat, c_mat.T @ gram[:, :, :1], damping)
+    e0 = torch.eye(gram.shape[-1], 1, dtype=gram.dtype, device=gram.device)  # built on the device: no upload
     c = e0 - c_mat @ w  # (B, M, 1)
-    n2 = (c.transpose(1, 2) @ g @ c).view(-1)
-    g2 = g[:, 0, 0]
+    n2 = (c.transpose(1, 2) @ gram @ c).view(-1)
+    d2 = gram[:, 0, 0]
     ok = n2 > 0
-    s = torch.where(ok, torch.sqrt(g2 / torch.where(ok, n2, 1.0)), 1.0)
+    s = torch.where(ok, torch.sqrt(d2 / torch.where(ok, n2, 1.0)), 1.0)
     weights = scale * (s.view(-1, 1) * c.squeeze(-1) - e0.view(1, -1))
     return torch.where(ok.view(-1, 1), weights, 0.0)
 
 
 # ---- ems_update: the per-step map with tensor coefficients (DPM-Solver-v3's per-dimension statistics) ----
 # Rows of its coefficient tensor (R, *x.shape[1:]), k = len(read_slots):
-#   [P, Q, A, G, B_0, ..., B_k, C]  (+ [As, Gs, Bs_0, ..., Bs_k, Cs] when the state is rewritten)
+#   [P, Q, A, H, B_0, ..., B_k, C]  (+ [As, Hs, Bs_0, ..., Bs_k, Cs] when the state is rewritten)
 EMS_MAX_READS = 3
 
 
@@ -294,11 +294,11 @@ def ems_update(
     """One step with per-element coefficients that broadcast over the batch (dimension 0):
 
         m_0 = P x + Q out
-        x'  = A x + G s + sum_i B_i m_i + C           m_i = history[read_slots[i-1]], i >= 1
-        s'  = As x + Gs s + sum_i Bs_i m_i + Cs       written over the state s when coeffs has that row
+        x'  = A x + H s + sum_i B_i m_i + C           m_i = history[read_slots[i-1]], i >= 1
+        s'  = As x + Hs s + sum_i Bs_i m_i + Cs       written over the state s when coeffs has that row
         history[write_slot] = m_0                     if history is given
 
-    coeffs: (ems_rows(k, state row), *x.shape[1:]) in float32 (float64 with float64 x); G (and the state)
+    coeffs: (ems_rows(k, state row), *x.shape[1:]) in float32 (float64 with float64 x); H (and the state)
     only count when a state is given. Returns x'; writes history (and the state) in place.
     """
     cd = compute_dtype(x.dtype)
@@ -309,7 +309,7 @@ def ems_update(
     s = state.to(cd) if state is not None else None
     m0 = c[0] * xf + c[1] * of
 
-    def row(r):  # r: [A, G, B_0..B_k, C]
+    def row(r):  # r: [A, H, B_0..B_k, C]
         y = r[0] * xf + r[2] * m0 + r[3 + k]
         for bi, m in zip(r[3:3 + k], reads):
             y = y + bi * m
@@ -468,7 +468,7 @@ def resample_ancestors(log_w: torch.Tensor, uniforms: torch.Tensor, method: int,
 
 def resample_move(particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor,
                   status: torch.Tensor | None = None) -> None:
-    """particles[g K + k] = particles[g K + ancestors[g, k]] for every row (in place), rows = the first dim (G K)
+    """particles[n K + k] = particles[n K + ancestors[n, k]] for every row (in place), rows = the first dim (G K)
     or the first two (G, K); with in-place ancestors only the dead slots change (the copy of a row onto itself
     is bitwise the same). Ancestors of resampled groups outside [0, K) are clamped and flagged in `status`."""
     G, K = ancestors.shape

@@ -5,7 +5,7 @@ p^beta (one model, b = beta), a product of experts p1 p2 (b = 1, 1), classifier-
 (b = w, 1 - w). Each particle follows the reverse SDE of the combined score S = sum_i b_i s_i and carries the
 log-weight (docs/smc.md, "Feynman-Kac correctors")
 
-    d log w = g^2 / 2 (|S|^2 - sum_i b_i |s_i|^2) dtau,    g^2 dtau = h: the step's noise variance,
+    d log w = gamma^2 / 2 (|S|^2 - sum_i b_i |s_i|^2) dtau,    gamma^2 dtau = h: the step's noise variance,
 
 which makes the weighted particles track pi_t exactly in continuous time. Discretisation per step, with h the
 step's variance: VP schedule (x = alpha x0 + sigma eps), h = 1 - abar_t / abar_t',
@@ -135,8 +135,8 @@ def fkc_sample(
 ) -> FKCResult:
     """Sample `groups` outputs of pi ∝ prod_i p_i^{exponents[i]}, each from `particles` (K) weighted particles.
 
-    models: eps-predictors model(x, t) -> eps for x of shape (G*K, *shape), group-major (particle k of group g
-        is row g K + k). schedule: ``schedules.VP`` (default ``VP.linear()``) or ``schedules.EDM``.
+    models: eps-predictors model(x, t) -> eps for x of shape (G*K, *shape), group-major (particle k of group n
+        is row n K + k). schedule: ``schedules.VP`` (default ``VP.linear()``) or ``schedules.EDM``.
     The start is N(0, I / sum b) (VP) or N(0, sigma_max^2 I / sum b) (EDM), the noised target at the first step.
     weighted=False gives the naive sampler: the same SDE of the summed scores, no weights, no resampling.
     Resampling: ``ops.resample(log_w, x, method, ess_threshold, generator)`` after every step (K = 1: none).
@@ -179,7 +179,7 @@ class FKC:
     """A Feynman-Kac corrector for pi ∝ prod_i p_i^{exponents[i]}, run by ``sample``:
 
         fkc = FKC.product([expert_a, expert_b], schedule=VP.linear(), steps=200)
-        result = fkc.sample(groups=16, particles=32, shape=(2,), generator=g)   # an FKCResult
+        result = fkc.sample(groups=16, particles=32, shape=(2,), generator=gen)   # an FKCResult
 
     options are fkc_sample's keywords (schedule, steps, weighted, method, ess_threshold, generator, dtype,
     device); those given to `sample` override them. The arguments are checked here, at construction."""

@@ -1,7 +1,7 @@
 """Resampling particles sharded across the ranks of a torch.distributed group (docs/smc.md, "Distributed
 resampling").
 
-Rank r holds K_local particles of each of G groups; the global group g has K = world K_local particles in
+Rank r holds K_local particles of each of G groups; the global group n has K = world K_local particles in
 rank-major order: global particle j = r K_local + k is local particle k of rank r. Every rank gathers the (G, K)
 log-weights, draws the same uniforms from an identically seeded generator and so computes the same global
 ancestors as `ops.resample` on the concatenated problem; then only the particles whose ancestor lives on another
@@ -73,13 +73,14 @@ def _exchange_counts(src: torch.Tensor, world: int) -> torch.Tensor:
 
 def _exchange_rows(rows: torch.Tensor, src: torch.Tensor, rank: int,
                    n_send: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(send_rows, recv_rows) of this rank: rows (G, world, K_local) = g K_local + (a mod K_local) of each global
-    slot's ancestor a, src its rank. send_rows: the n_send rows this rank sends, ordered by (destination, g, slot);
-    recv_rows: the local rows g K_local + k to overwrite, ordered by (source, g, slot), the first sum(M[:, rank])
-    valid. Both sides of a pair list its rows in (g, slot) order, so all_to_all_single matches them up."""
+    """(send_rows, recv_rows) of this rank: rows (G, world, K_local) = n K_local + (a mod K_local) of each global
+    slot's ancestor a (group n), src its rank. send_rows: the n_send rows this rank sends, ordered by (destination,
+    group, slot); recv_rows: the local rows n K_local + k to overwrite, ordered by (source, group, slot), the first
+    sum(M[:, rank]) valid. Both sides of a pair list its rows in (group, slot) order, so all_to_all_single matches
+    them up."""
     G, world, K_local = src.shape
     dst = torch.arange(world, device=src.device)[None, :, None]
-    sends = ((src == rank) & (dst != rank)).transpose(0, 1).flatten()   # (destination, g, slot) order
+    sends = ((src == rank) & (dst != rank)).transpose(0, 1).flatten()   # (destination, group, slot) order
     position = torch.where(sends, sends.cumsum(0) - 1, n_send)
     send_rows = rows.new_empty(n_send + 1).scatter_(0, position, rows.transpose(0, 1).flatten())[:n_send]
     key = torch.where(src[:, rank] != rank, src[:, rank], world).flatten()
@@ -89,8 +90,8 @@ def _exchange_rows(rows: torch.Tensor, src: torch.Tensor, rank: int,
 
 def _move_sharded(name: str, particles: torch.Tensor, ancestors: torch.Tensor, resampled: torch.Tensor, rank: int,
                   world: int, group) -> None:
-    """In place: particle k of group g on this rank <- particle a mod K_local of rank a // K_local, a = the global
-    ancestors[g, rank K_local + k]: local sources by the fused move (backend `name`), the others by one
+    """In place: particle k of group n on this rank <- particle a mod K_local of rank a // K_local, a = the global
+    ancestors[n, rank K_local + k]: local sources by the fused move (backend `name`), the others by one
     all_to_all_single (after one host read of the (world, world) counts; skipped when no row crosses ranks)."""
     G, K = ancestors.shape
     K_local = K // world
@@ -100,8 +101,8 @@ def _move_sharded(name: str, particles: torch.Tensor, ancestors: torch.Tensor, r
     counts = _exchange_counts(src, world).tolist()
     exchange = None
     if any(map(any, counts)):
-        g = torch.arange(G, device=ancestors.device)[:, None, None]
-        rows = g * K_local + ancestors.view(G, world, K_local) - src * K_local  # g K_local + a mod K_local
+        group_index = torch.arange(G, device=ancestors.device)[:, None, None]
+        rows = group_index * K_local + ancestors.view(G, world, K_local) - src * K_local  # n K_local + a mod K_local
         send_rows, recv_rows = _exchange_rows(rows, src, rank, sum(counts[rank]))
         flat = particles.shape[0] == G * K_local
         row_shape = particles.shape[1:] if flat else particles.shape[2:]
@@ -139,7 +140,7 @@ def resample_distributed(
 
         log_w = all_gather(log_w_local) (G, K);  ancestors, ess, resampled, log_norm as in ops.resample(log_w)
         ancestors_local = ancestors[:, r K_local:(r+1) K_local]  (global within-group indices in [0, K))
-        particle k of rank r <- particle a mod K_local of rank a // K_local,  a = ancestors_local[g, k]
+        particle k of rank r <- particle a mod K_local of rank a // K_local,  a = ancestors_local[n, k]
 
     `generator` must be in the same state on every rank (the uniforms of the global problem are drawn from it
     on every rank, as ops.resample draws them); the move is in place: survivors stay, a dead slot whose

@@ -39,10 +39,10 @@ class GaussianMixture:
     @classmethod
     def random(cls, dim: int = 64, modes: int = 8, seed: int = 0) -> "GaussianMixture":
         """`modes` components with random means (scale 1/sqrt(dim) per coordinate), weights and widths."""
-        g = torch.Generator().manual_seed(seed)
-        means = torch.randn(modes, dim, generator=g, dtype=torch.float64) / math.sqrt(dim) * 2
-        weights = torch.rand(modes, generator=g, dtype=torch.float64) + 0.5
-        stds = 0.05 + 0.15 * torch.rand(modes, generator=g, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(seed)
+        means = torch.randn(modes, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim) * 2
+        weights = torch.rand(modes, generator=gen, dtype=torch.float64) + 0.5
+        stds = 0.05 + 0.15 * torch.rand(modes, generator=gen, dtype=torch.float64)
         return cls(weights, means, stds)
 
     def product(self, other: "GaussianMixture") -> "GaussianMixture":
@@ -151,8 +151,8 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256,
     """Sliced Wasserstein-2 distance between two equal-size point clouds (n, dim), by sorting projections."""
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], projections, generator=gen, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
     pa, _ = (a.double() @ dirs).sort(dim=0)
     pb, _ = (b.double() @ dirs).sort(dim=0)

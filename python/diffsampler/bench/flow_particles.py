@@ -7,7 +7,7 @@ Best-of-N over ODE and SDE samples, SMC and Rollover Budget Forcing on the linea
 20 steps (20 NFE per full sample); the VP runs use the "matched" grid (uniform in r down to the linear grid's last
 noise level), so that every method's output is the Tweedie estimate at the same noise level t = 0.05 (the uniform
 r grid ends at t = 0.15, whose blurrier outputs sit nearer the mode centre, which this reward favours). Settings
-(diffusion scale g = c t^2, SMC temperature, RBF's initial share) are chosen at one budget on tuning seeds, then
+(diffusion c in gamma = c t^2, SMC temperature, RBF's initial share) are chosen at one budget on tuning seeds, then
 every budget is measured on other seeds. SMC returns the particle of the largest reward (select="max"), like
 Best-of-N.
 """
@@ -27,13 +27,13 @@ STEPS = 20
 BUDGETS = (40, 80, 160, 320, 640)
 TUNE_BUDGET = 160
 TUNE_SEED, TEST_SEED = 1000, 0
-DIFFUSIONS = (1.0, 3.0, 6.0, 10.0, 20.0)  # g = diffusion t^2; the paper's code uses 3
+DIFFUSIONS = (1.0, 3.0, 6.0, 10.0, 20.0)  # gamma = diffusion t^2; the paper's code uses 3
 
 
 def rare_mode_target() -> tuple[GaussianMixture, torch.Tensor]:
     """8 modes in 8-D (means N(0, 0.9^2 I), std 0.3); mode 0 has weight 0.03, the others equal."""
-    g = torch.Generator().manual_seed(7)
-    means = torch.randn(8, 8, generator=g, dtype=torch.float64) * 0.9
+    gen = torch.Generator().manual_seed(7)
+    means = torch.randn(8, 8, generator=gen, dtype=torch.float64) * 0.9
     weights = torch.tensor([0.03] + [0.97 / 7] * 7, dtype=torch.float64)
     return GaussianMixture(weights, means, torch.full((8,), 0.3, dtype=torch.float64)), means[0]
 
@@ -68,14 +68,14 @@ def _method_runs(model, reward, dim: int):
         return run
 
     grid = lambda **axes: [dict(zip(axes, v)) for v in itertools.product(*axes.values())]  # noqa: E731
-    g = DIFFUSIONS
+    scales = DIFFUSIONS
     return {
         "BoN ODE": (bon(0.0), [{}]),
-        "BoN SDE": (bon(3.0), grid(diffusion=g)),
-        "SMC linear": (smc("linear"), grid(diffusion=g, temperature=(0.1, 0.3, 1.0))),
-        "SMC VP": (smc("vp"), grid(diffusion=g, temperature=(0.1, 0.3, 1.0))),
-        "RBF linear": (rbf("linear"), grid(diffusion=g, initial_share=(0.0, 0.1))),
-        "RBF VP": (rbf("vp"), grid(diffusion=g, initial_share=(0.0, 0.1))),
+        "BoN SDE": (bon(3.0), grid(diffusion=scales)),
+        "SMC linear": (smc("linear"), grid(diffusion=scales, temperature=(0.1, 0.3, 1.0))),
+        "SMC VP": (smc("vp"), grid(diffusion=scales, temperature=(0.1, 0.3, 1.0))),
+        "RBF linear": (rbf("linear"), grid(diffusion=scales, initial_share=(0.0, 0.1))),
+        "RBF VP": (rbf("vp"), grid(diffusion=scales, initial_share=(0.0, 0.1))),
     }
 
 

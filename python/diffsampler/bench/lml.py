@@ -59,9 +59,9 @@ def mixture_scorer(target: GaussianMixture, n: int):
     schedule = VP.linear()
 
     def score(solver, lml, steps, seed):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, target.dim, generator=g)
-        y = ds.sample(target.model(schedule), x, steps, solver, schedule, lml=lml, generator=g, check_nan=False)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, target.dim, generator=gen)
+        y = ds.sample(target.model(schedule), x, steps, solver, schedule, lml=lml, generator=gen, check_nan=False)
         exact = target.sample(n, torch.Generator().manual_seed(10_000 + seed)).float()
         return sliced_wasserstein(y.double(), exact.double()), target.log_prob(y.double()).mean().item()
 
@@ -147,15 +147,15 @@ def overhead(shape=(8, 4, 128, 128), min_time: float = 0.2, rounds: int = 5) -> 
     from diffsampler.ops import UpdateCoeffs, lml_gram, multistep_update
 
     device = torch.device("cpu")
-    g = torch.Generator().manual_seed(0)
-    x, out = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    history = torch.randn(2, *shape, generator=g)
+    gen = torch.Generator().manual_seed(0)
+    x, out = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    history = torch.randn(2, *shape, generator=gen)
     coeffs = UpdateCoeffs(p=1.02, q=-0.2, a=0.95, b=(0.9, -0.4))
     dc = [0.0, 0.0, 0.9, -0.4]
     upd = dict(history=history, write_slot=0, read_slots=[1], check_nan=False)
     steps = {"fused update": lambda: multistep_update(x, out, coeffs, **upd)}
     for rank in (1, 4):
-        dirs = torch.randn(rank, *shape, generator=g)
+        dirs = torch.randn(rank, *shape, generator=gen)
         mix = torch.tensor(lml_math.mixing(7, rank, 0.5), dtype=torch.float64)
         lml = dict(dirs=dirs, dir_slot=7 % rank, dir_coeffs=dc)
 
@@ -166,8 +166,8 @@ def overhead(shape=(8, 4, 128, 128), min_time: float = 0.2, rounds: int = 5) -> 
             w = lml_math.correction_weights(gram(), mix, 1e-3, 1.0)
             return multistep_update(x, out, coeffs, dir_weights=w, **lml, **upd)
 
-        def weights(g=gram(), mix=mix):
-            return lml_math.correction_weights(g, mix, 1e-3, 1.0)
+        def weights(matrix=gram(), mix=mix):
+            return lml_math.correction_weights(matrix, mix, 1e-3, 1.0)
 
         def update(lml=lml, w=weights()):
             return multistep_update(x, out, coeffs, dir_weights=w, **lml, **upd)
@@ -179,7 +179,7 @@ def overhead(shape=(8, 4, 128, 128), min_time: float = 0.2, rounds: int = 5) -> 
 
     sched = diffusers.DPMSolverMultistepScheduler()
     sched.set_timesteps(20)
-    prev = torch.randn(shape, generator=g)
+    prev = torch.randn(shape, generator=gen)
 
     def authors_step():
         sched._step_index = 5
@@ -190,9 +190,9 @@ def overhead(shape=(8, 4, 128, 128), min_time: float = 0.2, rounds: int = 5) -> 
         u = 0.5 * prev + 0.5 * inc
         dims = tuple(range(1, inc.dim()))
         ip = (inc * u).sum(dims, keepdim=True)
-        g1 = inc - u * ip / (1e-3 + (u * u).sum(dims, keepdim=True))
+        d1 = inc - u * ip / (1e-3 + (u * u).sum(dims, keepdim=True))
         norm = torch.linalg.vector_norm
-        return 0.95 * x + g1 * norm(inc, dim=dims, keepdim=True) / norm(g1, dim=dims, keepdim=True)
+        return 0.95 * x + d1 * norm(inc, dim=dims, keepdim=True) / norm(d1, dim=dims, keepdim=True)
 
     steps["diffusers step + authors' LM formula"] = authors_step
     steps["diffusers step"] = lambda: (setattr(sched, "_step_index", 5), sched.step(out, sched.timesteps[5], x))
@@ -202,7 +202,7 @@ def overhead(shape=(8, 4, 128, 128), min_time: float = 0.2, rounds: int = 5) -> 
             result[k] = min(result[k], measure(fn, device, min_time))
     nbytes = x.numel() * 4
     # tensors read or written: the update 5 (x, out, a history read; x', m0); the Gram 3 + r (x, out, the
-    # history read, r directions); the update with the correction 5 + r + 1 (the ring read, g written)
+    # history read, r directions); the update with the correction 5 + r + 1 (the ring read, d written)
     moved = {"fused update": 5}
     for r in (1, 4):
         moved.update({f"LML step rank {r}": 5 + (3 + r) + (r + 1), f"LML Gram pass rank {r}": 3 + r,

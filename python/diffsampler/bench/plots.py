@@ -66,7 +66,7 @@ def _grouped(rows, group, series, value, ylabel: str, title: str, path: Path, wi
         table[group(r)][series(r)] = value(r)
     names = list(dict.fromkeys(series(r) for r in rows))
     fig, ax = plt.subplots(figsize=(width, 4.6))
-    _bars(ax, list(table), {n: [table[g].get(n, 0.0) for g in table] for n in names})
+    _bars(ax, list(table), {n: [table[key].get(n, 0.0) for key in table] for n in names})
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     return save(fig, path)

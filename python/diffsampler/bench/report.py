@@ -93,8 +93,8 @@ def lml_table(path: Path) -> str:
             lines.append(f"| {r['target']} | {r['solver']} | {r['nfe']} | {r['test_none']:.4f} | "
                          f"{r['test_best']:.4f} | {logp} | {r['best']} |")
         lines += ["", "Best single setting over all cells on the tuning seeds: "
-                  + "; ".join(f"{name} {g['global_best']['label']} (mean ratio to no LML {g['global_best']['mean_tune_ratio']:.3f})"
-                              for name, g in (("mixtures", q), ("digits", q.get("digits"))) if g)
+                  + "; ".join(f"{name} {res['global_best']['label']} (mean ratio to no LML {res['global_best']['mean_tune_ratio']:.3f})"
+                              for name, res in (("mixtures", q), ("digits", q.get("digits"))) if res)
                   + ". Sliced W2 between two exact sample sets of the same size (the metric's noise floor): "
                   + ", ".join(f"{k} {v:.4f}" for k, v in q.get("sw2_exact_vs_exact", {}).items()) + "."]
     for key in sorted(k for k in data if k.startswith("overhead")):  # "overhead" (1 thread), then the others

@@ -83,9 +83,9 @@ def step_overhead(device: torch.device, min_time: float, K: int = 64, shape=(4, 
     resampled (ESS/K ~ 0.98), and forced (no threshold) where few / half die."""
     plan = ds.solvers.make_plan("dpmpp_2m", ds.schedules.VP.scaled_linear(), 20, "eps")
     step = plan.steps[5]
-    g = torch.Generator(device).manual_seed(0)
-    x, out, s2 = (torch.randn(K, *shape, device=device, generator=g) for _ in range(3))
-    history = torch.randn(plan.history_slots, K, *shape, device=device, generator=g)
+    gen = torch.Generator(device).manual_seed(0)
+    x, out, s2 = (torch.randn(K, *shape, device=device, generator=gen) for _ in range(3))
+    history = torch.randn(plan.history_slots, K, *shape, device=device, generator=gen)
     update = lambda: ds.ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,  # noqa: E731
                                              read_slots=step.read_slots, check_nan=False)
     t_plain = measure(update, device, min_time=min_time, best=True)
@@ -94,7 +94,7 @@ def step_overhead(device: torch.device, min_time: float, K: int = 64, shape=(4, 
                                     ("resample, half die", 1.3, None)):
         lw = sigma * torch.randn(1, K, generator=torch.Generator().manual_seed(1)).to(device)
         extras[label] = lambda lw=lw, threshold=threshold: ds.ops.resample(lw, x, "systematic", threshold,
-                                                                              generator=g)
+                                                                              generator=gen)
     rows = [{"part": "plain step (fused DPM++ 2M update)", "seconds": t_plain, "vs_plain_step": 1.0}]
     print(f"SMC step overhead, K={K} x {shape} fp32: plain step {t_plain * 1e6:.1f} us (best)")
     for name, fn in extras.items():

@@ -42,9 +42,9 @@ def poe_2d() -> tuple[GaussianMixture, GaussianMixture]:
 
 def poe_8d() -> tuple[GaussianMixture, GaussianMixture]:
     """4 x 3 random modes in 8-D (means N(0, 0.8^2 I)); the product has 12 components, perplexity 8.4."""
-    g = torch.Generator().manual_seed(3)
-    m1 = torch.randn(4, 8, generator=g, dtype=torch.float64) * 0.8
-    m2 = torch.randn(3, 8, generator=g, dtype=torch.float64) * 0.8
+    gen = torch.Generator().manual_seed(3)
+    m1 = torch.randn(4, 8, generator=gen, dtype=torch.float64) * 0.8
+    m2 = torch.randn(3, 8, generator=gen, dtype=torch.float64) * 0.8
     return (GaussianMixture(torch.ones(4), m1, torch.full((4,), 0.7)),
             GaussianMixture(torch.ones(3), m2, torch.tensor([0.8, 1.0, 1.2])))
 
@@ -89,7 +89,7 @@ def _mode_weights(x: torch.Tensor, weights: torch.Tensor, mix: GaussianMixture) 
 
 
 def annealing(n: int, ks, steps: int) -> dict:
-    """Per K: the N draws' statistic ("draw") and the weighted-particle estimate sum_g sum_k w_gk f(x_gk) / G
+    """Per K: the N draws' statistic ("draw") and the weighted-particle estimate sum_n sum_k w_nk f(x_nk) / G
     ("weighted", lower variance); naive: N independent samples."""
     vp = schedules.VP.linear()
     out = {"n": n, "gaussian": [], "mixture": []}

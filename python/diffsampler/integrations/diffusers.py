@@ -222,7 +222,7 @@ class DDIMScheduler(diffusers.DDIMScheduler):
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
             noise = noise.to(model_output.dtype)
         clip = c.clip_sample_range if c.clip_sample and not c.thresholding else None
-        # the noise prediction as a row over (x, out, m0), entering x' as `direction.scale` * eps (LML's g)
+        # the noise prediction as a row over (x, out, m0), entering x' as `direction.scale` * eps (LML's direction d)
         eps = (direction.x, direction.out, *direction.b)
         sample = _same_dtype(model_output, sample)
         lml = self._lml_args(t, sample, model_output, coeffs, eps, direction.scale, clip)
@@ -305,7 +305,7 @@ class _LMRing:
 
     def _lm_args(self, active, sample, model_output, coeffs, dir_coeffs, scale, history=None, read_slots=(),
                  clip=None) -> dict:
-        if self._lm_dirs is None:  # the ring and the two mixing matrices (first step: u = g; then the EMA)
+        if self._lm_dirs is None:  # the ring and the two mixing matrices (first step: u = d; then the EMA)
             self._lm_dirs = torch.zeros((1, *sample.shape), dtype=sample.dtype, device=sample.device)
             self._lm_mix = [torch.tensor(mixing(n, 1, float(self.config.kappa)), dtype=torch.float64,
                                          device=sample.device) for n in (0, 1)]

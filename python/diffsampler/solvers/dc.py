@@ -67,17 +67,17 @@ def fit_dc_ratios(model: Callable, x_T: torch.Tensor, schedule: VP, steps: int, 
         loss = lambda r: torch.mean((run_to(i, r) - target) ** 2).item()
         best_r, best = 1.0, loss(1.0)
         a, b = lo, hi
-        g = (math.sqrt(5) - 1) / 2
-        c, d = b - g * (b - a), a + g * (b - a)
+        golden = (math.sqrt(5) - 1) / 2
+        c, d = b - golden * (b - a), a + golden * (b - a)
         fc, fd = loss(c), loss(d)
         for _ in range(max(evals - 3, 0)):
             if fc < fd:
                 b, d, fd = d, c, fc
-                c = b - g * (b - a)
+                c = b - golden * (b - a)
                 fc = loss(c)
             else:
                 a, c, fc = c, d, fd
-                d = a + g * (b - a)
+                d = a + golden * (b - a)
                 fd = loss(d)
         r, f = (c, fc) if fc < fd else (d, fd)
         ratios[i] = r if f < best else best_r

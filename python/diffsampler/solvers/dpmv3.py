@@ -8,16 +8,16 @@ sample): l, s, b. With N = sigma eps - l x and f = N / alpha, the ODE is d(x/alp
     x_t = (alpha_t / alpha_s) e^{-(L_t - L_s)} x_s - alpha_t int_s^t e^{L_u - L_t} f_u du,     L = int l dlambda.
 
 s and b model the change of f along the trajectory, f' ~ s f + b: with S = int s dlambda and
-g_u = e^{-(S_u - S_s)} f_u - int_s^u e^{-(S_r - S_s)} b_r dr (constant when f' = s f + b exactly),
+y_u = e^{-(S_u - S_s)} f_u - int_s^u e^{-(S_r - S_s)} b_r dr (the paper's g; constant when f' = s f + b exactly),
 
-    x_t = a x_s - alpha_t K_I g_s - alpha_t K_C - alpha_t e^{-(L_t - L_s)} sum_{n>=1} E_n g^(n)_s
+    x_t = a x_s - alpha_t K_I y_s - alpha_t K_C - alpha_t e^{-(L_t - L_s)} sum_{n>=1} E_n y^(n)_s
     a   = (alpha_t / alpha_s) e^{-(L_t - L_s)},   K_I = int_s^t e^{(L_u - L_t) + (S_u - S_s)} du,
     K_C = int_s^t e^{(L_u - L_t) + (S_u - S_s)} int_s^u e^{-(S_r - S_s)} b_r dr du,
     E_n = int_s^t e^{(L_u - L_s) + (S_u - S_s)} (u - lambda_s)^n / n! du.
 
-The derivatives g^(n)_s come from the g of the previous points (multistep): the full polynomial fit through
-them (R c = g_k - g_0, R_kn = (lambda_k - lambda_0)^n, g^(n) = n! c_n), or, "pseudo-order", the divided
-differences g^(n) = n! g[lambda_0, ..., lambda_n]. The corrector redoes the last step with the new point's g
+The derivatives y^(n)_s come from the y of the previous points (multistep): the full polynomial fit through
+them (R c = y_k - y_0, R_kn = (lambda_k - lambda_0)^n, y^(n) = n! c_n), or, "pseudo-order", the divided
+differences y^(n) = n! y[lambda_0, ..., lambda_n]. The corrector redoes the last step with the new point's y
 (order + 1 with pseudo-order, as the paper's code) and keeps f of the new point (N is not re-evaluated). The
 integrals are trapezoid sums over the EMS lambda grid (the paper's code), here on the union of that grid and the
 sampling points (l, s, b interpolated linearly in lambda between EMS points; the paper snaps the sampling points
@@ -115,16 +115,16 @@ class EMS:
         return cls(**torch.load(path, weights_only=True))
 
 
-def _trapz(y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """int y dlambda over the whole of lam by the trapezoid rule; y (m, *dims)."""
-    d = (lam[1:] - lam[:-1]).reshape(-1, *([1] * (y.dim() - 1)))
-    return (0.5 * d * (y[1:] + y[:-1])).sum(0)
+def _trapz(values: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """int values dlambda over the whole of lam by the trapezoid rule; values (m, *dims)."""
+    d = (lam[1:] - lam[:-1]).reshape(-1, *([1] * (values.dim() - 1)))
+    return (0.5 * d * (values[1:] + values[:-1])).sum(0)
 
 
-def _cumtrapz(y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Cumulative trapezoid integral from lam[0], same shape as y (0 at lam[0])."""
-    d = (lam[1:] - lam[:-1]).reshape(-1, *([1] * (y.dim() - 1)))
-    return torch.cat([torch.zeros_like(y[:1]), torch.cumsum(0.5 * d * (y[1:] + y[:-1]), 0)])
+def _cumtrapz(values: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Cumulative trapezoid integral from lam[0], same shape as values (0 at lam[0])."""
+    d = (lam[1:] - lam[:-1]).reshape(-1, *([1] * (values.dim() - 1)))
+    return torch.cat([torch.zeros_like(values[:1]), torch.cumsum(0.5 * d * (values[1:] + values[:-1]), 0)])
 
 
 class _Integrals:
@@ -161,7 +161,7 @@ class _Integrals:
         return self.where[self.points[i]]
 
     def step(self, a: int, c: int, others: Sequence[int], orders: int):
-        """The integrals of a step a -> c (merged indices, a < c) whose g come from the points a, *others:
+        """The integrals of a step a -> c (merged indices, a < c) whose y come from the points a, *others:
         (e^{-(L_c - L_a)}, K_I, K_C, [E_1..E_{orders-1}], {j: e^{-(S_j - S_a)}}, {j: beta_j}), with
         beta_j = int_{lambda_a}^{lambda_j} e^{-(S_r - S_a)} b_r dr (signed; 0 at a)."""
         lo = min(a, *others)
@@ -180,10 +180,10 @@ class _Integrals:
 
 
 def derivative_weights(lams: Sequence[float], pseudo: bool) -> list[list[float]]:
-    """w[n-1][j]: g^(n)(lams[0]) ~ sum_j w[n-1][j] g(lams[j]), n = 1 .. len(lams) - 1.
+    """w[n-1][j]: y^(n)(lams[0]) ~ sum_j w[n-1][j] y(lams[j]), n = 1 .. len(lams) - 1.
 
     Full order: the n-th derivative at lams[0] of the polynomial through all points. Pseudo-order:
-    n! g[lams[0], ..., lams[n]] (Newton's divided difference over the first n + 1 points)."""
+    n! y[lams[0], ..., lams[n]] (Newton's divided difference over the first n + 1 points)."""
     m = len(lams) - 1
     x = np.asarray(lams, dtype=np.float64)
     if m == 0:
@@ -197,7 +197,7 @@ def derivative_weights(lams: Sequence[float], pseudo: bool) -> list[list[float]]
             rows.append(row)
         return rows
     r = np.stack([(x[1:] - x[0]) ** n for n in range(1, m + 1)], axis=1)  # R[k, n] = (x_k - x_0)^n
-    inv = np.linalg.inv(r)  # c = R^{-1} (g_k - g_0)
+    inv = np.linalg.inv(r)  # c = R^{-1} (y_k - y_0)
     rows = []
     for n in range(1, m + 1):
         w = [math.factorial(n) * inv[n - 1, k] for k in range(m)]
@@ -214,10 +214,10 @@ def _update(q: _Integrals, grid: Grid, s: int, t: int, points: list[int], pseudo
     weights = {s: -alpha_t * k_i}
     const = -alpha_t * k_c
     rows = derivative_weights([float(q.lam[idx[j]]) for j in points], pseudo)
-    for k, j in enumerate(points if rows else []):  # - alpha_t e^{-(L_t-L_s)} sum_n E_n sum_j w_nj g_j
-        on_g = sum(-alpha_t * decay * e[n] * row[k] for n, row in enumerate(rows))  # the weight of g_j
-        weights[j] = weights.get(j, 0.0) + on_g * gains[idx[j]]  # g_j = e^{-(S_j - S_s)} f_j - beta_j
-        const = const - on_g * betas[idx[j]]
+    for k, j in enumerate(points if rows else []):  # - alpha_t e^{-(L_t-L_s)} sum_n E_n sum_j w_nj y_j
+        on_y = sum(-alpha_t * decay * e[n] * row[k] for n, row in enumerate(rows))  # the weight of y_j
+        weights[j] = weights.get(j, 0.0) + on_y * gains[idx[j]]  # y_j = e^{-(S_j - S_s)} f_j - beta_j
+        const = const - on_y * betas[idx[j]]
     return alpha_t / alpha_s * decay, weights, const
 
 
@@ -281,10 +281,10 @@ def dpmv3_steps(grid: Grid, prediction: str, *, ems: EMS | None = None, order: i
 
 
 def _row(row, i: int, reads: list[int]) -> list[torch.Tensor]:
-    """[A, G, B_0 (new f_i), B_1.. (reads), C] of one row [A, G, {point: W}, C]."""
-    a, g, w, c = row
+    """[A, H, B_0 (new f_i), B_1.. (reads), C] of one row [A, H, {point: W}, C]."""
+    a, h, w, c = row
     zero = torch.zeros_like(a)
-    return [a, g, w.get(i, zero)] + [w.get(j, zero) for j in reads] + [c]
+    return [a, h, w.get(i, zero)] + [w.get(j, zero) for j in reads] + [c]
 
 
 def dpmv3_plan(schedule: VP, steps: int, prediction: str, *, ems: EMS | None = None, order: int = 2,

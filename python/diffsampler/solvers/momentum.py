@@ -1,12 +1,12 @@
 """Generalized heavy-ball momentum (GHVB; Wizadwongsa et al. 2023, "Diffusion Sampling with Momentum for
 Mitigating Divergence Artifacts").
 
-In the DDIM coordinates xbar = x / alpha, g = sigma / alpha the probability-flow ODE is d xbar / dg = eps.
+In the DDIM coordinates xbar = x / alpha, sbar = sigma / alpha the probability-flow ODE is d xbar / d sbar = eps.
 GHVB keeps a velocity v, an exponential average of eps, and takes an Adams-Bashforth-like step on the last
 k velocities with weights that depend on beta:
 
     v_n   = (1 - beta) v_{n-1} + beta eps_n            (v_0 = eps_0)
-    xbar' = xbar + (g' - g) sum_j w_j(beta) v_{n-j}    (k = min(order, n + 1) terms)
+    xbar' = xbar + (sbar' - sbar) sum_j w_j(beta) v_{n-j}  (k = min(order, n + 1) terms)
 
 beta = 1 is PLMS (Adams-Bashforth of order k); order 1 with beta = 1 is DDIM. The fused update stores v_n as
 its "m0" (m0 = beta eps + (1 - beta) m_1: the op's r weights), so the velocity history is the ordinary history ring.

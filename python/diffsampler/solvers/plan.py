@@ -11,7 +11,7 @@ from ..ops import UpdateCoeffs
 
 @dataclass(frozen=True)
 class Direction:
-    """The step's update direction for LML: g = x_w x + out_w out + sum_i b_i m_i, entering x' as scale * g.
+    """The step's update direction for LML: d = x_w x + out_w out + sum_i b_i m_i, entering x' as scale * d.
 
     The default (Step.direction None) is the whole increment x' - a x - c z - g s (scale 1), as the
     LML authors' DPM-Solver code has it; DDIM uses its noise prediction and flow Euler its velocity."""
