@@ -431,13 +431,12 @@ at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                 const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
-                                at::ArrayRef<double> threshold_coeffs, const c10::optional<at::Tensor>& state,
-                                at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
+                                const c10::optional<at::Tensor>& state, const c10::optional<at::Tensor>& dirs,
                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
                                 const c10::optional<at::Tensor>& dir_weights) {
   TORCH_CHECK(x.device().is_cpu(), "multistep_update_cpu: x must be a CPU tensor, got ", x.device());
   return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding,
-                              threshold_coeffs, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights,
+                              state, dirs, dir_slot, dir_coeffs, dir_weights,
                               launch_cpu);
 }
 
@@ -460,10 +459,9 @@ at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const 
 }
 
 at::Tensor multistep_update_pure_cpu(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
-                                     const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
-                                     at::ArrayRef<double> threshold_coeffs) {
+                                     const c10::optional<at::Tensor>& noise, double clip, bool thresholding) {
   TORCH_CHECK(x.device().is_cpu(), "multistep_update_pure_cpu: x must be a CPU tensor, got ", x.device());
-  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, thresholding, threshold_coeffs, launch_cpu);
+  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, thresholding, launch_cpu);
 }
 
 }  // namespace diffsampler

@@ -184,7 +184,9 @@ __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_upda
     }
     if constexpr (kLml) lml_correct<T, N, kReads>(t, k, i, x, out, m0, hist, acc);
     store<T, N>(t.x_next, i, acc);
-    if constexpr (kState == 2) store<T, N>(t.state, i, sacc);
+    if constexpr (kState == 2) {
+      if (k.state_row) store<T, N>(t.state, i, sacc);  // indexed: the step's row decides (ds_load_row)
+    }
   }
 }
 
