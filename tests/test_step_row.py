@@ -94,12 +94,13 @@ def test_ops_refuse_a_row_of_another_width(backend):
                 gram(x, out, history, [], bad, 0.0, torch.zeros(1, 2, 5), [0.0, 0.0, 1.0])
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.skipif(
     not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}"))])
 def test_a_row_that_rewrites_the_state_needs_one(backend):
     x, out, history, _ = _case()
     row = step_row.row(UpdateCoeffs(p=1.0, q=0.0, a=1.0, b=(1.0,)), writes_state=True)
-    update = torch.ops.diffsampler.multistep_update if backend == "cpu" else ds.triton_kernels.multistep_update
+    update = {"reference": reference.multistep_update, "cpu": torch.ops.diffsampler.multistep_update,
+              "triton": ds.triton_kernels.multistep_update}[backend]
     with pytest.raises((RuntimeError, ValueError), match="writes_state entry.*state is required"):
         update(x, out, history, 0, [], row, None, 0.0, False)
 

@@ -107,6 +107,8 @@ def multistep_update(
     """
     cd = compute_dtype(x.dtype)
     k = step_row.fields(coeffs)
+    if k.writes_state and state is None:
+        raise ValueError("coeffs rewrites the state (its writes_state entry is set): state is required")
     xf, of = x.to(cd), model_out.to(cd)
     reads = [history[slot].to(cd) for slot in read_slots]
     m0 = data_prediction(xf, of, reads, k.p, k.q, k.r, clip)
@@ -123,7 +125,7 @@ def multistep_update(
             for j in range(dirs.shape[0]):
                 x_next = x_next + w[:, 1 + j] * dirs[j].to(cd)
         dirs[dir_slot].copy_(g_n)
-    if s is not None and k.writes_state:
+    if k.writes_state:
         state.copy_(combine(xf, of, m0, reads, z, s, k.sa, k.se, k.sc, k.sg, k.sb))
     if history is not None:
         history[write_slot].copy_(m0)
