@@ -9,8 +9,7 @@ at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                 const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
-                                at::ArrayRef<double> threshold_coeffs, const c10::optional<at::Tensor>& state,
-                                at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
+                                const c10::optional<at::Tensor>& state, const c10::optional<at::Tensor>& dirs,
                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
                                 const c10::optional<at::Tensor>& dir_weights);
 at::Tensor multistep_update_indexed_cpu(const at::Tensor& x, const at::Tensor& model_out,
@@ -23,8 +22,7 @@ at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const 
                         at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
                         at::ArrayRef<double> dir_coeffs);
 at::Tensor multistep_update_pure_cpu(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
-                                     const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
-                                     at::ArrayRef<double> threshold_coeffs);
+                                     const c10::optional<at::Tensor>& noise, double clip, bool thresholding);
 }
 
 TORCH_LIBRARY(diffsampler, m) {
@@ -55,4 +53,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ERROR_BITS") = pybind11::dict(pybind11::arg("step") = DS_ERR_STEP, pybind11::arg("slot") = DS_ERR_SLOT,
                                         pybind11::arg("ancestor") = DS_ERR_ANCESTOR,
                                         pybind11::arg("uniform") = DS_ERR_UNIFORM);
+  // The step row's offsets (update_params.h), checked against python/diffsampler/step_row.py by the tests.
+  pybind11::dict row;
+  const std::pair<const char*, int> fields[] = {
+      {"P", DS_ROW_P}, {"Q", DS_ROW_Q}, {"A", DS_ROW_A}, {"E", DS_ROW_E}, {"C", DS_ROW_C}, {"B", DS_ROW_B},
+      {"R", DS_ROW_R}, {"G", DS_ROW_G}, {"SA", DS_ROW_SA}, {"SE", DS_ROW_SE}, {"SC", DS_ROW_SC},
+      {"SG", DS_ROW_SG}, {"SB", DS_ROW_SB}, {"WRITES_STATE", DS_ROW_WRITES_STATE},
+      {"THR_RATIO", DS_ROW_THR_RATIO}, {"THR_MAX", DS_ROW_THR_MAX}, {"THR_HX", DS_ROW_THR_HX},
+      {"THR_HM", DS_ROW_THR_HM}, {"WIDTH", DS_ROW_WIDTH}};
+  for (const auto& [name, offset] : fields) row[name] = offset;
+  m.attr("ROW_LAYOUT") = row;
+  m.attr("SLOTS_WIDTH") = DS_SLOTS_WIDTH;
 }

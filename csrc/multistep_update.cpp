@@ -51,30 +51,26 @@ struct Layout {
   std::vector<at::Tensor> keep;
 };
 
-void load_coeffs(ds_update_coeffs& k, at::ArrayRef<double> coeffs, int64_t n_reads, double clip) {
-  TORCH_CHECK(static_cast<int64_t>(coeffs.size()) == 6 + 2 * n_reads, "multistep_update: coeffs must have ",
-              6 + 2 * n_reads, " entries [p, q, a, e, c, b_0..b_k, r_1..r_k], got ", coeffs.size());
-  k.p = static_cast<float>(coeffs[0]);
-  k.q = static_cast<float>(coeffs[1]);
-  k.a = static_cast<float>(coeffs[2]);
-  k.e = static_cast<float>(coeffs[3]);
-  k.c = static_cast<float>(coeffs[4]);
-  for (int64_t j = 0; j <= n_reads; ++j) k.b[j] = static_cast<float>(coeffs[5 + j]);
-  for (int64_t j = 0; j < n_reads; ++j) k.r[j] = static_cast<float>(coeffs[6 + n_reads + j]);
+// The step row (update_params.h): exactly DS_ROW_WIDTH entries, loaded by ds_load_row.
+void load_row(ds_update_coeffs& k, const char* op, at::ArrayRef<double> coeffs, int64_t n_reads, double clip) {
+  TORCH_CHECK(static_cast<int64_t>(coeffs.size()) == DS_ROW_WIDTH, op, ": coeffs must be a step row of ",
+              DS_ROW_WIDTH, " entries (diffsampler.step_row.WIDTH), got ", coeffs.size());
+  ds_load_row(coeffs.data(), &k);
   k.n_reads = static_cast<int>(n_reads);
   k.clip = static_cast<float>(clip);
 }
 
 // x, model_out and the history slots: checks, contiguous views, the m0 slot (written only when write_slot >= 0).
-Layout prepare(const at::Tensor& x_in, const at::Tensor& out_in, const c10::optional<at::Tensor>& history,
-               int64_t write_slot, at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip) {
+Layout prepare(const char* op, const at::Tensor& x_in, const at::Tensor& out_in,
+               const c10::optional<at::Tensor>& history, int64_t write_slot, at::IntArrayRef read_slots,
+               at::ArrayRef<double> coeffs, double clip) {
   Layout l;
   l.dtype = to_ds_dtype(x_in.scalar_type());
   check_operand(out_in, x_in, "model_out");
   const int64_t n_reads = static_cast<int64_t>(read_slots.size());
   TORCH_CHECK(n_reads <= DS_MAX_READS, "multistep_update: at most ", DS_MAX_READS, " read_slots, got ", n_reads);
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(0) > 0, "multistep_update: x must have a non-empty batch dim 0");
-  load_coeffs(l.k, coeffs, n_reads, clip);
+  load_row(l.k, op, coeffs, n_reads, clip);
   l.x = x_in.contiguous();
   l.out = out_in.contiguous();
   l.t.x = l.x.data_ptr();
@@ -108,7 +104,7 @@ Layout prepare(const at::Tensor& x_in, const at::Tensor& out_in, const c10::opti
   return l;
 }
 
-// LML's ring of directions and its row: dirs (R, *x.shape), dir_coeffs [gx, ge, gb_0..gb_k].
+// LML's ring of directions and its row: dirs (R, *x.shape), dir_coeffs [da, de, db_0..db_k].
 void prepare_dirs(Layout& l, const at::Tensor& dirs, int64_t dir_slot, at::ArrayRef<double> dir_coeffs) {
   const auto& x = l.x;
   TORCH_CHECK(dirs.dim() == x.dim() + 1 && dirs.sizes().slice(1) == x.sizes() && dirs.size(0) >= 1 &&
@@ -119,15 +115,15 @@ void prepare_dirs(Layout& l, const at::Tensor& dirs, int64_t dir_slot, at::Array
               "multistep_update: dirs must have x's dtype and device");
   const int64_t n_reads = l.k.n_reads;
   TORCH_CHECK(static_cast<int64_t>(dir_coeffs.size()) == 3 + n_reads, "multistep_update: dir_coeffs must have ",
-              3 + n_reads, " entries [gx, ge, gb_0..gb_k], got ", dir_coeffs.size());
+              3 + n_reads, " entries [da, de, db_0..db_k], got ", dir_coeffs.size());
   TORCH_CHECK(dir_slot >= 0 && dir_slot < dirs.size(0), "multistep_update: dir_slot ", dir_slot,
               " out of range [0, ", dirs.size(0), ")");
   l.dirs = dirs.contiguous();
   l.k.n_dirs = static_cast<int>(dirs.size(0));
   l.k.dir_slot = static_cast<int>(dir_slot);
-  l.k.gx = static_cast<float>(dir_coeffs[0]);
-  l.k.ge = static_cast<float>(dir_coeffs[1]);
-  for (int64_t j = 0; j <= n_reads; ++j) l.k.gb[j] = static_cast<float>(dir_coeffs[2 + j]);
+  l.k.da = static_cast<float>(dir_coeffs[0]);
+  l.k.de = static_cast<float>(dir_coeffs[1]);
+  for (int64_t j = 0; j <= n_reads; ++j) l.k.db[j] = static_cast<float>(dir_coeffs[2 + j]);
   for (int64_t j = 0; j < l.k.n_dirs; ++j) l.t.dirs[j] = l.dirs.select(0, j).data_ptr();
 }
 
@@ -137,41 +133,22 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                 const c10::optional<at::Tensor>& noise_in, double clip, bool thresholding,
-                                at::ArrayRef<double> threshold_coeffs, const c10::optional<at::Tensor>& state_in,
-                                at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs_in,
+                                const c10::optional<at::Tensor>& state_in, const c10::optional<at::Tensor>& dirs_in,
                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
                                 const c10::optional<at::Tensor>& dir_weights_in, const UpdateLaunch& launch) {
   TORCH_CHECK(!history.has_value() || write_slot >= 0, "multistep_update: write_slot must be >= 0, got ",
               write_slot);
-  Layout l = prepare(x_in, out_in, history, write_slot, read_slots, coeffs, clip);
+  Layout l = prepare("multistep_update", x_in, out_in, history, write_slot, read_slots, coeffs, clip);
   auto& t = l.t;
   auto& k = l.k;
   const auto& x = l.x;
-  const int64_t n_reads = k.n_reads;
-  TORCH_CHECK(!thresholding || threshold_coeffs.size() == 4, "multistep_update: threshold_coeffs must have 4 "
-              "entries [ratio, max_value, hx, hm] when thresholding, got ", threshold_coeffs.size());
-  if (thresholding) {  // the thresholded data prediction x0 becomes the history value hx x + hm x0
-    k.hx = static_cast<float>(threshold_coeffs[2]);
-    k.hm = static_cast<float>(threshold_coeffs[3]);
-  }
   if (!history.has_value() && thresholding) {
     l.m0 = at::empty_like(x);  // scratch for the two-pass threshold
     t.m0 = l.m0.data_ptr();
   }
 
-  const int64_t n_state = static_cast<int64_t>(state_coeffs.size());
-  TORCH_CHECK(n_state == 0 || n_state == 1 || n_state == 6 + n_reads, "multistep_update: state_coeffs must have 0, 1 or ",
-              6 + n_reads, " entries [g, sa, se, sc, sg, sb_0..sb_k], got ", n_state);
-  TORCH_CHECK((n_state > 0) == state_in.has_value(), "multistep_update: state and state_coeffs go together");
-  if (n_state > 0) k.g = static_cast<float>(state_coeffs[0]);
-  if (n_state > 1) {
-    k.state_row = 1;
-    k.sa = static_cast<float>(state_coeffs[1]);
-    k.se = static_cast<float>(state_coeffs[2]);
-    k.sc = static_cast<float>(state_coeffs[3]);
-    k.sg = static_cast<float>(state_coeffs[4]);
-    for (int64_t j = 0; j <= n_reads; ++j) k.sb[j] = static_cast<float>(state_coeffs[5 + j]);
-  }
+  TORCH_CHECK(!k.state_row || state_in.has_value(), "multistep_update: coeffs rewrites the state (its "
+              "writes_state entry, index ", DS_ROW_WRITES_STATE, ", is set): state is required");
 
   at::Tensor noise;
   if (noise_in.has_value()) {
@@ -196,7 +173,7 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
                   "), got ", w.sizes());
       TORCH_CHECK(w.device() == x.device(), "multistep_update: dir_weights must be on x's device");
       weights = w.to(at::kFloat).contiguous();
-    } else {  // g is only recorded
+    } else {  // d is only recorded
       weights = at::zeros({x.size(0), 1 + k.n_dirs}, x.options().dtype(at::kFloat));
     }
     t.dir_weights = weights.data_ptr<float>();
@@ -209,7 +186,7 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
   if (t.n > 0) {
     if (thresholding) {
       launch(l.dtype, DS_PHASE_CONVERT, t, k);
-      auto s = threshold_scale(l.m0, threshold_coeffs[0], threshold_coeffs[1]);
+      auto s = threshold_scale(l.m0, coeffs[DS_ROW_THR_RATIO], coeffs[DS_ROW_THR_MAX]);
       t.thr_scale = s.data_ptr<float>();
       launch(l.dtype, DS_PHASE_THRESHOLD, t, k);
     } else {
@@ -243,7 +220,8 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor
   TORCH_CHECK(n_reads >= 0 && n_reads <= DS_MAX_READS, "multistep_update_indexed: n_reads must be in [0, ",
               DS_MAX_READS, "], got ", n_reads);
   TORCH_CHECK(n_reads == 0 || history.has_value(), "multistep_update_indexed: n_reads > 0 needs a history");
-  Layout l = prepare(x_in, out_in, c10::nullopt, -1, {}, std::vector<double>(6, 0.0), clip);
+  Layout l = prepare("multistep_update_indexed", x_in, out_in, c10::nullopt, -1, {},
+                     std::vector<double>(DS_ROW_WIDTH, 0.0), clip);
   auto& t = l.t;
   l.k.n_reads = static_cast<int>(n_reads);
   t.table = table.data_ptr<double>();
@@ -272,7 +250,7 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor
     check_operand(*state, l.x, "state");
     TORCH_CHECK(state->is_contiguous(), "multistep_update_indexed: state must be contiguous (written in place)");
     t.state = state->data_ptr();
-    l.k.state_row = 1;
+    l.k.state_row = 1;  // the kernel's form; each step's row decides whether it writes s (ds_load_row)
   }
   auto x_next = at::empty_like(l.x);
   t.x_next = x_next.data_ptr();
@@ -283,7 +261,7 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor
 at::Tensor run_lml_gram(const at::Tensor& x_in, const at::Tensor& out_in, const c10::optional<at::Tensor>& history,
                         at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
                         at::ArrayRef<double> dir_coeffs, const GramLaunch& launch) {
-  Layout l = prepare(x_in, out_in, history, -1, read_slots, coeffs, clip);
+  Layout l = prepare("lml_gram", x_in, out_in, history, -1, read_slots, coeffs, clip);
   prepare_dirs(l, dirs, 0, dir_coeffs);
   const int64_t m = 1 + l.k.n_dirs;
   auto gram = at::zeros({l.x.size(0), m, m}, l.x.options().dtype(at::kDouble));

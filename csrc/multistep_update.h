@@ -15,26 +15,21 @@ using UpdateLaunch = std::function<void(ds_dtype, ds_phase, const ds_update_tens
 // Computes the LML Gram (B x (1+n_dirs)^2 doubles, on the tensors' device) over prepared raw pointers.
 using GramLaunch = std::function<void(ds_dtype, const ds_update_tensors&, const ds_update_coeffs&, double*)>;
 
-// Schema: multistep_update(Tensor x, Tensor model_out, Tensor(a!)? history, int write_slot, int[] read_slots,
-//                          float[] coeffs, Tensor? noise, float clip, bool thresholding,
-//                          float[] threshold_coeffs, Tensor(b!)? state=None, float[] state_coeffs=[],
-//                          Tensor(c!)? dirs=None, int dir_slot=0, float[] dir_coeffs=[],
-//                          Tensor? dir_weights=None) -> Tensor
-// coeffs = [p, q, a, e, c, b_0, b_1, ..., b_k, r_1, ..., r_k], k = len(read_slots) <= DS_MAX_READS.
-// thresholding: m0 (the data prediction) -> hx x + hm clamp(m0, -s_b, s_b) / s_b, s_b = threshold_scale(m0, ratio,
-// max_value), threshold_coeffs = [ratio, max_value, hx, hm] (ignored when not thresholding).
-// state_coeffs = [] (no state), [g] (x' += g s, s read only) or [g, sa, se, sc, sg, sb_0, ..., sb_k] (s rewritten).
-// LML: dirs (R, *x.shape) with R <= DS_MAX_DIRS, dir_coeffs = [gx, ge, gb_0, ..., gb_k], dir_weights (B, 1 + R).
+// Schema: kMultistepUpdateSchema. coeffs = the step row (update_params.h, DS_ROW_WIDTH entries; reads beyond
+// k = len(read_slots) <= DS_MAX_READS are not used). thresholding: m0 (the data prediction) -> hx x + hm
+// clamp(m0, -s_b, s_b) / s_b, s_b = threshold_scale(m0, ratio, max_value), all four from the row. The state is
+// read when given (x' += g s) and rewritten when the row's writes_state is set (then it is required).
+// LML: dirs (R, *x.shape) with R <= DS_MAX_DIRS, dir_coeffs = [da, de, db_0, ..., db_k], dir_weights (B, 1 + R).
 at::Tensor run_multistep_update(const at::Tensor& x, const at::Tensor& model_out,
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                 const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
-                                at::ArrayRef<double> threshold_coeffs, const c10::optional<at::Tensor>& state,
-                                at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
+                                const c10::optional<at::Tensor>& state, const c10::optional<at::Tensor>& dirs,
                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
                                 const c10::optional<at::Tensor>& dir_weights, const UpdateLaunch& launch);
 
-// LML's per-sample Gram matrix of [g, dirs[0..R-1]] (float64, shape (B, 1 + R, 1 + R)); g as in the update.
+// LML's per-sample Gram matrix of [d, dirs[0..R-1]] (float64, shape (B, 1 + R, 1 + R)); d as in the update
+// (coeffs: the step row; its p, q, r give m0).
 constexpr const char* kLmlGramSchema =
     "lml_gram(Tensor x, Tensor model_out, Tensor? history, int[] read_slots, float[] coeffs, float clip, "
     "Tensor dirs, float[] dir_coeffs) -> Tensor";
@@ -44,17 +39,16 @@ at::Tensor run_lml_gram(const at::Tensor& x, const at::Tensor& model_out, const 
                         at::ArrayRef<double> dir_coeffs, const GramLaunch& launch);
 
 // The same update without history or state: a functional op (torch.compile's inductor cannot lower a mutating
-// op whose mutable arguments are all None). coeffs = [p, q, a, e, c, b_0].
+// op whose mutable arguments are all None). coeffs = the step row.
 constexpr const char* kMultistepUpdatePureSchema =
     "multistep_update_pure(Tensor x, Tensor model_out, float[] coeffs, Tensor? noise, float clip, "
-    "bool thresholding, float[] threshold_coeffs) -> Tensor";
+    "bool thresholding) -> Tensor";
 
 // The schema string of the op (one place for bindings.cpp).
 constexpr const char* kMultistepUpdateSchema =
     "multistep_update(Tensor x, Tensor model_out, Tensor(a!)? history, int write_slot, int[] read_slots, "
-    "float[] coeffs, Tensor? noise, float clip, bool thresholding, float[] threshold_coeffs, "
-    "Tensor(b!)? state=None, float[] state_coeffs=[], Tensor(c!)? dirs=None, int dir_slot=0, "
-    "float[] dir_coeffs=[], Tensor? dir_weights=None) -> Tensor";
+    "float[] coeffs, Tensor? noise, float clip, bool thresholding, Tensor(b!)? state=None, "
+    "Tensor(c!)? dirs=None, int dir_slot=0, float[] dir_coeffs=[], Tensor? dir_weights=None) -> Tensor";
 
 // Indexed steps, for per-step CUDA-graph capture: the step's coefficients and history slots are read from row
 // `step` (an int64 tensor of one element on x's device) of `table` (steps, DS_ROW_WIDTH) float64 and `slots`
@@ -76,10 +70,9 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x, const at::Tensor& m
 // multistep_update_pure on a backend's launch.
 inline at::Tensor run_multistep_update_pure(const at::Tensor& x, const at::Tensor& model_out,
                                             at::ArrayRef<double> coeffs, const c10::optional<at::Tensor>& noise,
-                                            double clip, bool thresholding, at::ArrayRef<double> threshold_coeffs,
-                                            const UpdateLaunch& launch) {
-  return run_multistep_update(x, model_out, c10::nullopt, 0, {}, coeffs, noise, clip, thresholding,
-                              threshold_coeffs, c10::nullopt, {}, c10::nullopt, 0, {}, c10::nullopt, launch);
+                                            double clip, bool thresholding, const UpdateLaunch& launch) {
+  return run_multistep_update(x, model_out, c10::nullopt, 0, {}, coeffs, noise, clip, thresholding, c10::nullopt,
+                              c10::nullopt, 0, {}, c10::nullopt, launch);
 }
 
 // Per-sample dynamic-thresholding bound clamp(quantile(|m0_b|, ratio), 1, max_value) in float32, shape (B,);

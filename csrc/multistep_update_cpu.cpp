@@ -43,7 +43,7 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   T* dirs[DS_MAX_DIRS > 0 ? DS_MAX_DIRS : 1] = {};
   for (int j = 0; j < kDirs; ++j) dirs[j] = static_cast<T*>(t.dirs[j]);
   T* __restrict__ slot = dirs[k.dir_slot];
-  const float gx = k.gx, ge = k.ge, gb0 = k.gb[0], gb1 = k.gb[1], gb2 = k.gb[2], gb3 = k.gb[3];
+  const float da = k.da, de = k.de, db0 = k.db[0], db1 = k.db[1], db2 = k.db[2], db3 = k.db[3];
   float wd[DS_MAX_DIRS];
   for (int j = 0; j < DS_MAX_DIRS; ++j) wd[j] = j < kDirs ? w[1 + j] : 0.0f;
   const float w0 = kDirs > 0 ? w[0] : 0.0f;
@@ -90,14 +90,14 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
         acc += g * si;
         sacc += sg * si;
       }
-      if constexpr (kDirs > 0) {  // g_n = the direction row; x' += W_0 g_n + sum_j W_j dirs[j]; record g_n
-        float gn = gx * xi + ge * oi + gb0 * m0;
-        if constexpr (kReads > 0) gn += gb1 * h0;
-        if constexpr (kReads > 1) gn += gb2 * h1;
-        if constexpr (kReads > 2) gn += gb3 * h2;
-        acc += w0 * gn;
+      if constexpr (kDirs > 0) {  // d_n = the direction row; x' += W_0 d_n + sum_j W_j dirs[j]; record d_n
+        float dn = da * xi + de * oi + db0 * m0;
+        if constexpr (kReads > 0) dn += db1 * h0;
+        if constexpr (kReads > 1) dn += db2 * h1;
+        if constexpr (kReads > 2) dn += db3 * h2;
+        acc += w0 * dn;
         for (int j = 0; j < kDirs; ++j) acc += wd[j] * S::load(dirs[j][i]);
-        slot[i] = S::store(gn);
+        slot[i] = S::store(dn);
       }
       x_next[i] = S::store(acc);
       if constexpr (kState == 2) st[i] = S::store(sacc);
@@ -183,9 +183,9 @@ inline float data_prediction(const ds_update_coeffs& k, float xi, float oi, cons
   return std::min(std::max(m0, -clip), clip);
 }
 
-// LML on [begin, end) after the update wrote x_next there: g = the direction row (m0 read back from the
-// history slot when it was stored, recomputed otherwise), x_next += W[b][0] g + sum_j W[b][1+j] dirs[j],
-// dirs[dir_slot] = g. The range lies in one sample (weights are per sample).
+// LML on [begin, end) after the update wrote x_next there: d = the direction row (m0 read back from the
+// history slot when it was stored, recomputed otherwise), x_next += W[b][0] d + sum_j W[b][1+j] dirs[j],
+// dirs[dir_slot] = d. The range lies in one sample (weights are per sample).
 template <typename S, int kReads, int kDirs, bool kM0Stored>
 void lml_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end, const float* w) {
   using T = typename S::Raw;
@@ -198,9 +198,9 @@ void lml_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begi
   for (int j = 0; j < kDirs; ++j) dirs[j] = static_cast<T*>(t.dirs[j]);
   T* __restrict__ slot = dirs[k.dir_slot];
   T* __restrict__ x_next = static_cast<T*>(t.x_next);
-  const float gx = k.gx, ge = k.ge, gb0 = k.gb[0];
-  float gb[DS_MAX_READS], wd[DS_MAX_DIRS];
-  for (int j = 0; j < DS_MAX_READS; ++j) gb[j] = k.gb[j + 1];
+  const float da = k.da, de = k.de, db0 = k.db[0];
+  float db[DS_MAX_READS], wd[DS_MAX_DIRS];
+  for (int j = 0; j < DS_MAX_READS; ++j) db[j] = k.db[j + 1];
   for (int j = 0; j < DS_MAX_DIRS; ++j) wd[j] = j < kDirs ? w[1 + j] : 0.0f;
   const float w0 = w[0];
 #pragma omp simd
@@ -210,12 +210,12 @@ void lml_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begi
     float h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
     for (int j = 0; j < kReads; ++j) h[j] = S::load(reads[j][i]);
     const float m0 = kM0Stored ? S::load(m0s[i]) : data_prediction<kReads>(k, xi, oi, h);
-    float g = gx * xi + ge * oi + gb0 * m0;
-    for (int j = 0; j < kReads; ++j) g += gb[j] * h[j];
-    float acc = S::load(x_next[i]) + w0 * g;
+    float dn = da * xi + de * oi + db0 * m0;
+    for (int j = 0; j < kReads; ++j) dn += db[j] * h[j];
+    float acc = S::load(x_next[i]) + w0 * dn;
     for (int j = 0; j < kDirs; ++j) acc += wd[j] * S::load(dirs[j][i]);
     x_next[i] = S::store(acc);
-    slot[i] = S::store(g);
+    slot[i] = S::store(dn);
   }
 }
 
@@ -240,7 +240,7 @@ void lml_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t
   }
 }
 
-// LML's Gram: per sample, the dot products of v = [g, dirs[0..n_dirs-1]] (g and the directions in fp32) over
+// LML's Gram: per sample, the dot products of v = [d, dirs[0..n_dirs-1]] (d and the directions in fp32) over
 // fixed chunks (one task each), the chunks summed in order: the result does not depend on the thread count.
 // The products of two floats are exact in double; each pair sums them in double lanes (two independent sets)
 // over the chunk, the lanes added in a fixed order at its end. (fp32 products and sums would halve the
@@ -299,12 +299,12 @@ void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   for (int j = 0; j < kReads; ++j) reads[j] = static_cast<const T*>(t.reads[j]);
   const T* dirs[DS_MAX_DIRS] = {};
   for (int j = 0; j < kDirs; ++j) dirs[j] = static_cast<const T*>(t.dirs[j]);
-  // g = gx x + ge out + gb0 m0 + sum_j gb[j+1] read_j; without clip m0 is linear and the row folds into
-  // g = cx x + co out + sum_j ch[j] read_j.
+  // d = da x + de out + db0 m0 + sum_j db[j+1] read_j; without clip m0 is linear and the row folds into
+  // d = cx x + co out + sum_j ch[j] read_j.
   const float clip = k.clip > 0 ? k.clip : INFINITY;
-  const float cx = kClip ? k.gx : k.gx + k.gb[0] * k.p, co = kClip ? k.ge : k.ge + k.gb[0] * k.q;
+  const float cx = kClip ? k.da : k.da + k.db[0] * k.p, co = kClip ? k.de : k.de + k.db[0] * k.q;
   float ch[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
-  for (int j = 0; j < DS_MAX_READS; ++j) ch[j] = kClip ? k.gb[j + 1] : k.gb[j + 1] + k.gb[0] * k.r[j];
+  for (int j = 0; j < DS_MAX_READS; ++j) ch[j] = kClip ? k.db[j + 1] : k.db[j + 1] + k.db[0] * k.r[j];
   LanesD sums[2][kP] = {};  // the low and high halves: independent chains
   auto lanes = [&](int64_t i, auto load) {  // the products of elements [i, i + kLanes)
     LanesF v[kM];
@@ -318,7 +318,7 @@ void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
       for (int j = 0; j < kReads; ++j) m0 += k.r[j] * h[j];
       m0 = m0 < -clip ? -clip : m0;
       m0 = m0 > clip ? clip : m0;
-      v[0] += k.gb[0] * m0;
+      v[0] += k.db[0] * m0;
     }
     for (int j = 0; j < kDirs; ++j) v[1 + j] = load(dirs[j] + i);
     for (int half = 0; half < 2; ++half) {
@@ -431,13 +431,12 @@ at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out
                                 const c10::optional<at::Tensor>& history, int64_t write_slot,
                                 at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                 const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
-                                at::ArrayRef<double> threshold_coeffs, const c10::optional<at::Tensor>& state,
-                                at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
+                                const c10::optional<at::Tensor>& state, const c10::optional<at::Tensor>& dirs,
                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
                                 const c10::optional<at::Tensor>& dir_weights) {
   TORCH_CHECK(x.device().is_cpu(), "multistep_update_cpu: x must be a CPU tensor, got ", x.device());
   return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding,
-                              threshold_coeffs, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights,
+                              state, dirs, dir_slot, dir_coeffs, dir_weights,
                               launch_cpu);
 }
 
@@ -460,10 +459,9 @@ at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const 
 }
 
 at::Tensor multistep_update_pure_cpu(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
-                                     const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
-                                     at::ArrayRef<double> threshold_coeffs) {
+                                     const c10::optional<at::Tensor>& noise, double clip, bool thresholding) {
   TORCH_CHECK(x.device().is_cpu(), "multistep_update_pure_cpu: x must be a CPU tensor, got ", x.device());
-  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, thresholding, threshold_coeffs, launch_cpu);
+  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, thresholding, launch_cpu);
 }
 
 }  // namespace diffsampler

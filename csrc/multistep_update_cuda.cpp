@@ -37,14 +37,13 @@ at::Tensor multistep_update_cuda(const at::Tensor& x, const at::Tensor& model_ou
                                  const c10::optional<at::Tensor>& history, int64_t write_slot,
                                  at::IntArrayRef read_slots, at::ArrayRef<double> coeffs,
                                  const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
-                                 at::ArrayRef<double> threshold_coeffs, const c10::optional<at::Tensor>& state,
-                                 at::ArrayRef<double> state_coeffs, const c10::optional<at::Tensor>& dirs,
+                                 const c10::optional<at::Tensor>& state, const c10::optional<at::Tensor>& dirs,
                                  int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
                                  const c10::optional<at::Tensor>& dir_weights) {
   TORCH_CHECK(x.is_cuda(), "multistep_update_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding,
-                              threshold_coeffs, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights,
+                              state, dirs, dir_slot, dir_coeffs, dir_weights,
                               cuda_launch(x));
 }
 
@@ -57,12 +56,10 @@ at::Tensor lml_gram_cuda(const at::Tensor& x, const at::Tensor& model_out, const
 }
 
 at::Tensor multistep_update_pure_cuda(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
-                                      const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
-                                      at::ArrayRef<double> threshold_coeffs) {
+                                      const c10::optional<at::Tensor>& noise, double clip, bool thresholding) {
   TORCH_CHECK(x.is_cuda(), "multistep_update_pure_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, thresholding, threshold_coeffs,
-                                   cuda_launch(x));
+  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, thresholding, cuda_launch(x));
 }
 
 at::Tensor multistep_update_indexed_cuda(const at::Tensor& x, const at::Tensor& model_out,

@@ -53,7 +53,7 @@ def test_opcheck_functional_op():
 
     args = make_case((2, 3, 5), torch.float32, 0, seed=3)
     torch.library.opcheck(torch.ops.diffsampler.multistep_update_pure.default, [args[0], args[1], args[5], args[6],
-                                                                                 0.0, False, []])
+                                                                                 0.0, False])
 
 
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "heun", "flow_euler", "ddim"])

@@ -151,7 +151,7 @@ def test_captures_in_a_cuda_graph(cuda_kernels, dtype):
     side makes no synchronizing call; the replayed graph gives the reference numbers."""
 
     def captured(*args):
-        state = args[10].clone() if args[10] is not None else None  # a state row rewrites it per call
+        state = args[9].clone() if args[9] is not None else None  # a state row rewrites it per call
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside capture (the history write is idempotent)
@@ -162,7 +162,7 @@ def test_captures_in_a_cuda_graph(cuda_kernels, dtype):
             x_next = cuda_op(*args)
         x_next.zero_()
         if state is not None:
-            args[10].copy_(state)
+            args[9].copy_(state)
         graph.replay()
         torch.cuda.synchronize()
         return x_next
@@ -179,16 +179,16 @@ def test_captures_in_a_cuda_graph(cuda_kernels, dtype):
 def test_functional_op(cuda_kernels, dtype, variant):
     """multistep_update_pure (no history, no state), registered from the same host file, on the same kernels."""
 
-    def pure(x, out, history, write_slot, read_slots, coeffs, noise, clip, ratio, max_value, state, state_coeffs):
+    def pure(x, out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, state):
         assert history is None and not read_slots and state is None
-        return torch.ops.diffsampler.multistep_update_pure(x, out, coeffs, noise, clip, ratio, max_value)
+        return torch.ops.diffsampler.multistep_update_pure(x, out, coeffs, noise, clip, thresholding)
 
     for shape in VARIANT_SHAPES + [(8, 4, 64, 64)]:
         args = to_cuda(variant_case(shape, dtype, variant, case_seed("cuda-pure", shape, dtype, variant)))
         check_backend(pure, args, dtype)
     args = to_cuda(variant_case((2, 3, 5), torch.float32, variant, 5))
     torch.library.opcheck(torch.ops.diffsampler.multistep_update_pure.default,
-                          [args[0], args[1], args[5], args[6], *args[7:10]])
+                          [args[0], args[1], args[5], args[6], *args[7:9]])
 
 
 @pytest.mark.gpu

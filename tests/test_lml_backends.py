@@ -11,7 +11,7 @@ import diffsampler as ds
 import diffsampler.triton_kernels  # noqa: F401  (the subpackage, also when ops has not probed it yet)
 from diffsampler import reference
 from test_cuda import cuda_kernels, to_cuda  # noqa: F401  (cuda_kernels: the fixture that loads the CUDA kernels)
-from update_cases import BOUNDS, case_seed, make_case, rel_err
+from update_cases import BOUNDS, case_seed, make_case, rel_err, writes_state
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # ||Gram - Gram_ref|| / ||Gram_ref|| (a reduction: fp32 accumulation within a chunk, float64 across)
@@ -19,13 +19,13 @@ GRAM_BOUNDS = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 HAS_CUDA = torch.cuda.is_available()
 TRITON_OK, TRITON_WHY = ds.triton_kernels.available()
 
-# Positions of LML's arguments after the 12 of update_cases.make_case (the schema's order).
-DIRS, DIR_SLOT, DIR_COEFFS, DIR_WEIGHTS = 12, 13, 14, 15
+# Positions of LML's arguments after the 10 of update_cases.make_case (the schema's order).
+DIRS, DIR_SLOT, DIR_COEFFS, DIR_WEIGHTS = 10, 11, 12, 13
 
 
 def lml_case(shape, dtype, rank, n_reads, seed, *, history=True, clip=0.0, threshold=False, weights="float32",
              noncontig=False, noise=True, state=0):
-    """multistep_update's 16 positional arguments with a random ring of `rank` directions (a strided view when
+    """multistep_update's 14 positional arguments with a random ring of `rank` directions (a strided view when
     noncontig) and random per-sample weights (float32, float64 or None: d is only recorded)."""
     assert history or n_reads == 0
     slots = max(n_reads + 1, 4 if threshold else 1)
@@ -61,12 +61,12 @@ def check_update(fn, args, dtype):
     ref = _double(args)
     ref_x = reference.multistep_update(*ref)
     mag = [a.double().abs() if isinstance(a, torch.Tensor) else a for a in args]
-    for i in (5, 11, DIR_COEFFS):
+    for i in (5, DIR_COEFFS):
         mag[i] = [abs(c) for c in args[i]]
-    mag[7:10] = [0.0, False, []]  # no clip, no threshold
+    mag[7:9] = [0.0, False]  # no clip, no threshold
     scale_x = reference.multistep_update(*mag)
     a = list(args)
-    for i in (2, 10, DIRS):
+    for i in (2, 9, DIRS):
         a[i] = a[i].clone() if a[i] is not None else None
     got_x = fn(*a)
     bound = BOUNDS[dtype]
@@ -81,8 +81,8 @@ def check_update(fn, args, dtype):
         assert rel_err(a[2][w], ref[2][w], mag[2][w]) < bound
         untouched = [s for s in range(args[2].shape[0]) if s != w]
         assert torch.equal(a[2][untouched], args[2][untouched]), "a slot other than write_slot was modified"
-    if len(args[11]) > 1:
-        assert rel_err(a[10], ref[10], mag[10]) < bound
+    if writes_state(args):
+        assert rel_err(a[9], ref[9], mag[9]) < bound
 
 
 def check_gram(fn, args, dtype):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import diffsampler as ds
-from diffsampler import reference
+from diffsampler import reference, step_row
 from diffsampler.ops import StateRow, UpdateCoeffs
 from update_cases import (ODD_SHAPES, VARIANT_SHAPES, VARIANTS, case_seed as _seed, check_backend, make_case,
                           rel_err, variant_case)
@@ -37,7 +37,7 @@ def test_threshold_acts_and_matches_diffusers_formula():
     args = make_case((4, 3, 8, 8), torch.float32, 0, threshold=True, noise=False, seed=1)
     x, out = args[0], args[1]
     history = torch.zeros(1, *x.shape)
-    coeffs = UpdateCoeffs(p=args[5][0], q=args[5][1], a=0.0, b=(1.0,))
+    coeffs = UpdateCoeffs(p=args[5][step_row.P], q=args[5][step_row.Q], a=0.0, b=(1.0,))
     got = ds.ops.multistep_update(x, out, coeffs, history=history, threshold_ratio=0.9, threshold_max=1.6)
     sched = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.6)
     expected = sched._threshold_sample(coeffs.p * x + coeffs.q * out)
@@ -90,7 +90,8 @@ def test_reference_is_float64_capable():
     assert out.dtype == torch.float64
     # auto dispatch sends float64 to the reference, bit for bit
     a = list(args)
-    c = UpdateCoeffs(p=a[5][0], q=a[5][1], a=a[5][2], e=a[5][3], c=a[5][4], b=tuple(a[5][5:8]), r=tuple(a[5][8:]))
+    k = step_row.fields(a[5])
+    c = UpdateCoeffs(p=k.p, q=k.q, a=k.a, e=k.e, c=k.c, b=k.b[:3], r=k.r[:2])
     h = a[2].clone()
     got = ds.ops.multistep_update(a[0], a[1], c, history=h, write_slot=a[3], read_slots=a[4], noise=a[6])
     assert torch.equal(got, out)

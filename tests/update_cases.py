@@ -8,7 +8,8 @@ import zlib
 
 import torch
 
-from diffsampler import reference
+from diffsampler import reference, step_row
+from diffsampler.ops import StateRow, UpdateCoeffs
 
 # ||out - ref|| / ||ref|| against the float64 reference (design.md section 1)
 BOUNDS = {torch.float32: 1e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -40,11 +41,22 @@ def _operand(shape, dtype, gen, noncontig):
     return view
 
 
+# Positions of multistep_update's schema arguments in a case (LML's dirs, dir_slot, dir_coeffs, dir_weights follow).
+HISTORY, COEFFS, CLIP, STATE = 2, 5, 7, 9
+
+
+def writes_state(args) -> bool:
+    """Whether the case's step row rewrites the state."""
+    return args[COEFFS][step_row.WRITES_STATE] != 0
+
+
 def make_case(shape, dtype, n_reads=2, noise=True, noncontig=False, clip=0.0, threshold=False, slots=None, seed=0,
               state=0, threshold_coeffs=(0.9, 1.6, 0.0, 1.0)):
-    """Operands and coefficients of one multistep_update call, as the positional arguments of the schema.
+    """Operands and the step row of one multistep_update call, as the positional arguments of the schema
+    (x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, state).
     state: 0 none, 1 a state read (x' += g s), 2 a state read and rewritten with its own row.
-    threshold_coeffs: [ratio, max_value, hx, hm] of a thresholded case (hx, hm: the history value hx x + hm x0)."""
+    threshold_coeffs: the row's [ratio, max_value, hx, hm] in a thresholded case (hx, hm: the history value
+    hx x + hm x0)."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     slots = slots if slots is not None else n_reads + 1
@@ -53,14 +65,19 @@ def make_case(shape, dtype, n_reads=2, noise=True, noncontig=False, clip=0.0, th
     history = torch.randn((slots, *shape), generator=gen, dtype=torch.float64).to(dtype)
     write_slot = rng.randrange(slots)
     read_slots = rng.sample([s for s in range(slots) if s != write_slot], n_reads)
-    coeffs = [rng.uniform(-1.5, 1.5) for _ in range(6 + 2 * n_reads)]  # [p, q, a, e, c, b_0..b_k, r_1..r_k]
+    u = lambda m: tuple(rng.uniform(-1.5, 1.5) for _ in range(m))  # noqa: E731
+    p, q, a, e, c = u(5)
     if threshold:
-        coeffs[reference.COEFF_P], coeffs[reference.COEFF_Q] = 1.0, 1.5  # push |m0| past 1 so the bound acts
+        p, q = 1.0, 1.5  # push |m0| past 1 so the bound acts
+    s_row = StateRow(a=u(1)[0], b=u(n_reads + 1), e=u(1)[0], c=u(1)[0], g=u(1)[0]) if state == 2 else None
+    coeffs = UpdateCoeffs(p=p, q=q, a=a, e=e, c=c, b=u(n_reads + 1), r=u(n_reads), g=u(1)[0] if state else 0.0,
+                          state=s_row)
+    row = step_row.row(coeffs)
+    if threshold:
+        row[step_row.THR_RATIO:step_row.THR_HM + 1] = [float(v) for v in threshold_coeffs]
     z = _operand(shape, dtype, gen, noncontig) if noise else None
-    thr_coeffs = [float(v) for v in threshold_coeffs] if threshold else []
     s = _operand(shape, dtype, gen, noncontig) if state else None
-    s_coeffs = [rng.uniform(-1.5, 1.5) for _ in range({0: 0, 1: 1, 2: 6 + n_reads}[state])]
-    return [x, out, history, write_slot, read_slots, coeffs, z, clip, threshold, thr_coeffs, s, s_coeffs]
+    return [x, out, history, write_slot, read_slots, row, z, clip, threshold, s]
 
 
 VARIANTS = ["noncontig", "clip", "threshold", "threshold_no_history", "no_history", "state_read", "state_row",
@@ -104,18 +121,17 @@ def reference_result(args):
     a = [t.double().clone() if isinstance(t, torch.Tensor) else t for t in args]
     x_next = reference.multistep_update(*a)
     b = [t.double().abs() if isinstance(t, torch.Tensor) else t for t in args]
-    b[5] = [abs(c) for c in args[5]]
-    b[7:10] = [0.0, False, []]
-    b[11] = [abs(c) for c in args[11]]
+    b[COEFFS] = [abs(c) for c in args[COEFFS]]
+    b[CLIP:STATE] = [0.0, False]
     scale = reference.multistep_update(*b)
-    return x_next, a[2], scale, b[2], a[10], b[10]
+    return x_next, a[HISTORY], scale, b[HISTORY], a[STATE], b[STATE]
 
 
 def check_backend(fn, args, dtype):
     """Run backend `fn` on a copy of `args` and assert x_next and the written slot meet the bound."""
     ref_x, ref_h, scale, h_scale, ref_s, s_scale = reference_result(args)
     a = list(args)
-    for i in (2, 10):
+    for i in (HISTORY, STATE):
         a[i] = a[i].clone() if a[i] is not None else None
     got_x = fn(*a)
     assert got_x.dtype == args[0].dtype and got_x.shape == args[0].shape
@@ -126,7 +142,7 @@ def check_backend(fn, args, dtype):
         assert rel_err(a[2][w], ref_h[w], h_scale[w]) < bound
         untouched = [s for s in range(a[2].shape[0]) if s != w]
         assert torch.equal(a[2][untouched], args[2][untouched]), "a slot other than write_slot was modified"
-    if len(args[11]) > 1:
-        assert rel_err(a[10], ref_s, s_scale) < bound
-    elif a[10] is not None:
-        assert torch.equal(a[10], args[10]), "a read-only state was modified"
+    if writes_state(args):
+        assert rel_err(a[STATE], ref_s, s_scale) < bound
+    elif a[STATE] is not None:
+        assert torch.equal(a[STATE], args[STATE]), "a read-only state was modified"

@@ -4,8 +4,8 @@ One program per BLOCK elements of the flattened (contiguous) operands, fp32 comp
 dtype; the operand set (reads, noise, state, m0 write, LML's N_DIRS directions and weights) and the phase are
 constexpr, so each combination compiles to a kernel without dead loads. Thresholding runs two launches around
 the per-sample quantile (torch ops): CONVERT writes the data prediction, THRESHOLD rescales it, maps it to the
-history value (hx x + hm x0) and updates. LML's direction g is
-computed from the update's loads: x' += W[b, 0] g + sum_j W[b, 1 + j] dirs[j], then dirs[dir_slot] = g.
+history value (hx x + hm x0) and updates. LML's direction d is
+computed from the update's loads: x' += W[b, 0] d + sum_j W[b, 1 + j] dirs[j], then dirs[dir_slot] = d.
 """
 
 from __future__ import annotations
@@ -16,11 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
-from diffsampler import error_flags, reference
+from diffsampler import error_flags, reference, step_row
 
 PHASE_FULL, PHASE_CONVERT, PHASE_THRESHOLD = 0, 1, 2
 BLOCK = 1024
-ROW_WIDTH, SLOTS_WIDTH = tl.constexpr(reference.ROW_WIDTH), tl.constexpr(reference.SLOTS_WIDTH)  # step tables
+# The step row's offsets (diffsampler.step_row, the one definition) as constexprs of the kernels.
+ROW = {name: tl.constexpr(offset) for name, offset in step_row.LAYOUT.items()}
+ROW_P, ROW_Q, ROW_A, ROW_E, ROW_C = ROW["P"], ROW["Q"], ROW["A"], ROW["E"], ROW["C"]
+ROW_B, ROW_R, ROW_G, ROW_SA, ROW_SE, ROW_SC, ROW_SG, ROW_SB = (ROW[n] for n in ("B", "R", "G", "SA", "SE", "SC",
+                                                                                 "SG", "SB"))
+ROW_WRITES_STATE, ROW_WIDTH = ROW["WRITES_STATE"], ROW["WIDTH"]
+SLOTS_WIDTH = tl.constexpr(step_row.SLOTS_WIDTH)
 ERR_STEP, ERR_SLOT = tl.constexpr(error_flags.BITS["step"]), tl.constexpr(error_flags.BITS["slot"])
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,16 +60,34 @@ def _data_prediction(xv, ov, h0, h1, h2, p, q, r0, r1, r2, clip, N_READS: tl.con
 
 
 @triton.jit
-def _direction(xv, ov, m0, h0, h1, h2, gx, ge, gb0, gb1, gb2, gb3, N_READS: tl.constexpr):
-    """LML's raw direction g = gx x + ge out + gb0 m0 + sum_i gb_i read_i."""
-    g = gx * xv + ge * ov + gb0 * m0
+def _direction(xv, ov, m0, h0, h1, h2, da, de, db0, db1, db2, db3, N_READS: tl.constexpr):
+    """LML's raw direction d = da x + de out + db0 m0 + sum_i db_i read_i."""
+    d = da * xv + de * ov + db0 * m0
     if N_READS > 0:
-        g += gb1 * h0
+        d += db1 * h0
     if N_READS > 1:
-        g += gb2 * h1
+        d += db2 * h1
     if N_READS > 2:
-        g += gb3 * h2
-    return g
+        d += db3 * h2
+    return d
+
+
+@triton.jit
+def _row_field(row, offset: tl.constexpr):
+    return tl.load(row + offset).to(tl.float32)
+
+
+@triton.jit
+def _load_row(row):
+    """The step row at pointer `row` (float64, diffsampler.step_row) as fp32 scalars, in the kernel's order:
+    (p, q, a, e, c, g, b0..b3, r0..r2, sa, se, sc, sg, sb0..sb3, writes_state)."""
+    return (_row_field(row, ROW_P), _row_field(row, ROW_Q), _row_field(row, ROW_A), _row_field(row, ROW_E),
+            _row_field(row, ROW_C), _row_field(row, ROW_G),
+            _row_field(row, ROW_B), _row_field(row, ROW_B + 1), _row_field(row, ROW_B + 2), _row_field(row, ROW_B + 3),
+            _row_field(row, ROW_R), _row_field(row, ROW_R + 1), _row_field(row, ROW_R + 2),
+            _row_field(row, ROW_SA), _row_field(row, ROW_SE), _row_field(row, ROW_SC), _row_field(row, ROW_SG),
+            _row_field(row, ROW_SB), _row_field(row, ROW_SB + 1), _row_field(row, ROW_SB + 2),
+            _row_field(row, ROW_SB + 3), _row_field(row, ROW_WRITES_STATE))
 
 
 @triton.jit
@@ -86,27 +110,19 @@ def _multistep_update_kernel(
     d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, dw_ptr, w_ptr,
     n, per_sample,
     p, q, a, e, c, g, b0, b1, b2, b3, r0, r1, r2, clip, hx, hm,
-    sa, se, sc, sg, sb0, sb1, sb2, sb3,
-    gx, ge, gb0, gb1, gb2, gb3,
+    sa, se, sc, sg, sb0, sb1, sb2, sb3, writes_state,
+    da, de, db0, db1, db2, db3,
     table_ptr, slots_ptr, step_ptr, hist_ptr, n_steps, n_slots, status_ptr,
     N_READS: tl.constexpr, HAS_NOISE: tl.constexpr, STATE: tl.constexpr, WRITE_M0: tl.constexpr,
     CLIP: tl.constexpr, PHASE: tl.constexpr, N_DIRS: tl.constexpr, WEIGHTS: tl.constexpr, BLOCK: tl.constexpr,
     INDEXED: tl.constexpr,
 ):
-    if INDEXED:  # the step's coefficients and history slots, read on the device (reference.ROW_*), clamped
+    if INDEXED:  # the step's row and history slots, read on the device (_load_row), clamped
         i = tl.load(step_ptr)
         err = tl.where((i >= 0) & (i < n_steps), 0, ERR_STEP)
         i = tl.minimum(tl.maximum(i, 0), n_steps - 1)
-        row = table_ptr + i * ROW_WIDTH
-        p, q, a = tl.load(row).to(tl.float32), tl.load(row + 1).to(tl.float32), tl.load(row + 2).to(tl.float32)
-        e, c = tl.load(row + 3).to(tl.float32), tl.load(row + 4).to(tl.float32)
-        b0, b1 = tl.load(row + 5).to(tl.float32), tl.load(row + 6).to(tl.float32)
-        b2, b3 = tl.load(row + 7).to(tl.float32), tl.load(row + 8).to(tl.float32)
-        r0, r1, r2 = tl.load(row + 9).to(tl.float32), tl.load(row + 10).to(tl.float32), tl.load(row + 11).to(tl.float32)
-        g, sa, se = tl.load(row + 12).to(tl.float32), tl.load(row + 13).to(tl.float32), tl.load(row + 14).to(tl.float32)
-        sc, sg = tl.load(row + 15).to(tl.float32), tl.load(row + 16).to(tl.float32)
-        sb0, sb1 = tl.load(row + 17).to(tl.float32), tl.load(row + 18).to(tl.float32)
-        sb2, sb3 = tl.load(row + 19).to(tl.float32), tl.load(row + 20).to(tl.float32)
+        (p, q, a, e, c, g, b0, b1, b2, b3, r0, r1, r2, sa, se, sc, sg, sb0, sb1, sb2, sb3,
+         writes_state) = _load_row(table_ptr + i * ROW_WIDTH)
         slot = slots_ptr + i * SLOTS_WIDTH
         w, j0, j1, j2 = tl.load(slot), tl.load(slot + 1), tl.load(slot + 2), tl.load(slot + 3)
         err |= _slot_error(w, n_slots, WRITE_M0)
@@ -152,8 +168,8 @@ def _multistep_update_kernel(
             acc += g * sv
             sacc += sg * sv
         if N_DIRS > 0:
-            dv = _direction(xv, ov, m0, h0, h1, h2, gx, ge, gb0, gb1, gb2, gb3, N_READS)
-            if WEIGHTS:  # W[b, 0] g + sum_j W[b, 1 + j] dirs[j], b = the element's sample
+            dv = _direction(xv, ov, m0, h0, h1, h2, da, de, db0, db1, db2, db3, N_READS)
+            if WEIGHTS:  # W[b, 0] d + sum_j W[b, 1 + j] dirs[j], b = the element's sample
                 w_row = w_ptr + (offs // per_sample) * (N_DIRS + 1)
                 acc += tl.load(w_row, mask=mask, other=0.0) * dv
                 acc += tl.load(w_row + 1, mask=mask, other=0.0) * tl.load(d0_ptr + offs, mask=mask).to(tl.float32)
@@ -170,54 +186,55 @@ def _multistep_update_kernel(
             tl.store(dw_ptr + offs, dv.to(dw_ptr.dtype.element_ty), mask=mask)  # after the ring's reads
         tl.store(x_next_ptr + offs, acc.to(x_next_ptr.dtype.element_ty), mask=mask)
         if STATE == 2:
-            tl.store(s_ptr + offs, sacc.to(s_ptr.dtype.element_ty), mask=mask)
+            if writes_state != 0:  # indexed: the step's row decides
+                tl.store(s_ptr + offs, sacc.to(s_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(phase, x, out, reads, noise, state, state_row, m0, x_next, scale, coeffs, state_coeffs, clip,
-            lml=None, indexed=None, history_map=(0.0, 1.0)):
-    """One kernel launch; history_map = (hx, hm) of the threshold phase (reference.threshold); lml = (ring
-    slots, the slot written, dir_coeffs, weights or None) or None; indexed = (table, slots, step, history or
-    None, status): coeffs, state_coeffs and the read/m0 pointers come from the device, the step and slots
-    clamped into range (flagged in status)."""
+def _launch(phase, x, out, reads, noise, state, m0, x_next, scale, coeffs, clip, lml=None, indexed=None):
+    """One kernel launch with the step row `coeffs` (step_row.fields: its hx, hm serve the threshold phase);
+    lml = (ring slots, the slot written, dir_coeffs, weights or None) or None; indexed = (table, slots, step,
+    history or None, status): the row and the read/m0 pointers come from the device, the step and slots clamped
+    into range (flagged in status)."""
     n = x.numel()
-    k = len(reads)
-    p, q, a, e, c = coeffs[:5]
-    b = list(coeffs[5:6 + k]) + [0.0] * (3 - k)
-    r = list(coeffs[6 + k:]) + [0.0] * (3 - k)
-    g = state_coeffs[0] if state_coeffs else 0.0
-    sa, se, sc, sg = state_coeffs[1:5] if state_row else (0.0, 0.0, 0.0, 0.0)
-    sb = (list(state_coeffs[5:]) if state_row else []) + [0.0] * (4 - (len(state_coeffs) - 5 if state_row else 0))
+    k = step_row.fields(coeffs)
     dummy = x  # stands in for absent pointers; never dereferenced (the constexpr flags skip it)
     ptrs = [*(reads + [dummy] * (3 - len(reads))), noise if noise is not None else dummy,
             state if state is not None else dummy, m0 if m0 is not None else dummy, x_next,
             scale if scale is not None else dummy]
     slots, written, dir_coeffs, weights = lml if lml is not None else ([], dummy, [], None)
-    gx, ge, *gb = list(dir_coeffs) + [0.0] * (6 - len(dir_coeffs))  # [gx, ge, gb_0..gb_3]
+    da, de, *db = list(dir_coeffs) + [0.0] * (6 - len(dir_coeffs))  # [da, de, db_0..db_3]
     lml_ptrs = [*slots, *[dummy] * (6 - len(slots)), written, weights if weights is not None else dummy]
     table, slot_table, step, history, status = indexed if indexed is not None else (dummy, dummy, dummy, None, None)
+    writes_state = indexed is not None or k.writes_state != 0  # indexed: each step's row decides on the device
     grid = (triton.cdiv(n, BLOCK),)
     torch.library.wrap_triton(_multistep_update_kernel)[grid](
         x, out, *ptrs, *lml_ptrs, n, max(n // x.shape[0], 1),
-        p, q, a, e, c, g, b[0], b[1], b[2], b[3], r[0], r[1], r[2], clip, *history_map,
-        sa, se, sc, sg, sb[0], sb[1], sb[2], sb[3],
-        gx, ge, gb[0], gb[1], gb[2], gb[3],
+        k.p, k.q, k.a, k.e, k.c, k.g, *k.b, *k.r, clip, k.hx, k.hm,
+        k.sa, k.se, k.sc, k.sg, *k.sb, k.writes_state,
+        da, de, db[0], db[1], db[2], db[3],
         table, slot_table, step, history if history is not None else dummy, table.shape[0],
         history.shape[0] if history is not None else 1, status if status is not None else dummy,
-        N_READS=len(reads), HAS_NOISE=noise is not None, STATE=0 if state is None else (2 if state_row else 1),
+        N_READS=len(reads), HAS_NOISE=noise is not None, STATE=0 if state is None else (2 if writes_state else 1),
         WRITE_M0=m0 is not None, CLIP=clip > 0, PHASE=phase, N_DIRS=len(slots), WEIGHTS=weights is not None,
         BLOCK=BLOCK, INDEXED=indexed is not None,
     )
 
 
-def _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, threshold_coeffs,
-            state, state_coeffs, dirs=None, dir_slot=0, dir_coeffs=None, dir_weights=None):
-    """The fused multistep update on Triton; the semantics of reference.multistep_update."""
+def _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, state, dirs=None,
+            dir_slot=0, dir_coeffs=None, dir_weights=None):
+    """The fused multistep update on Triton; the semantics of reference.multistep_update (coeffs: the step row)."""
     if x.dtype not in STORAGE_DTYPES:
         raise ValueError(f"the triton backend stores float32, float16 or bfloat16; x has dtype {x.dtype}")
+    if len(coeffs) != step_row.WIDTH:
+        raise ValueError(f"coeffs must be a step row of {step_row.WIDTH} entries (diffsampler.step_row), got "
+                         f"{len(coeffs)}")
+    k = step_row.fields(coeffs)
+    writes_state = k.writes_state != 0
+    if writes_state and state is None:
+        raise ValueError("coeffs rewrites the state (its writes_state entry is set): state is required")
     x, out = x.contiguous(), model_out.contiguous()
     reads = [history[r].contiguous() for r in read_slots] if history is not None else []
     noise = noise.contiguous() if noise is not None else None
-    state_row = len(state_coeffs) > 1
     s = state.contiguous() if state is not None else None
     slot = history[write_slot] if history is not None else None
     m0 = None
@@ -231,20 +248,19 @@ def _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, 
         weights = dir_weights.to(torch.float32).contiguous() if dir_weights is not None else None
         lml = (slots, slots[dir_slot], list(dir_coeffs), weights)
     x_next = torch.empty_like(x)
-    common = (x, out, reads, noise, s, state_row, m0, x_next)
+    common = (x, out, reads, noise, s, m0, x_next)
     if x.numel() > 0:
         if thresholding:
-            ratio, max_value, hx, hm = threshold_coeffs
-            _launch(PHASE_CONVERT, *common, None, coeffs, state_coeffs, clip)
-            scale = reference.threshold_scale(m0.float(), ratio, max_value).float().contiguous()
-            _launch(PHASE_THRESHOLD, *common, scale, coeffs, state_coeffs, clip, lml, history_map=(hx, hm))
+            _launch(PHASE_CONVERT, *common, None, coeffs, clip)
+            scale = reference.threshold_scale(m0.float(), k.ratio, k.max_value).float().contiguous()
+            _launch(PHASE_THRESHOLD, *common, scale, coeffs, clip, lml)
         else:
-            _launch(PHASE_FULL, *common, None, coeffs, state_coeffs, clip, lml)
+            _launch(PHASE_FULL, *common, None, coeffs, clip, lml)
     if slot is not None and m0 is not slot:
         slot.copy_(m0)
     if lml is not None and not dirs[dir_slot].is_contiguous():
         dirs[dir_slot].copy_(lml[1])
-    if state_row and s is not state:
+    if writes_state and s is not state:
         state.copy_(s)
     return x_next
 
@@ -252,35 +268,31 @@ def _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, 
 @torch.library.triton_op("diffsampler::multistep_update_triton", mutates_args={"history", "state", "dirs"})
 def multistep_update_triton(
     x: torch.Tensor, model_out: torch.Tensor, history: torch.Tensor | None, write_slot: int, read_slots: list[int],
-    coeffs: list[float], noise: torch.Tensor | None, clip: float, thresholding: bool, threshold_coeffs: list[float],
-    state: torch.Tensor | None, state_coeffs: list[float], dirs: Optional[torch.Tensor] = None, dir_slot: int = 0,
+    coeffs: list[float], noise: torch.Tensor | None, clip: float, thresholding: bool,
+    state: torch.Tensor | None = None, dirs: Optional[torch.Tensor] = None, dir_slot: int = 0,
     dir_coeffs: Optional[list[float]] = None, dir_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding,
-                   threshold_coeffs, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights)
+    return _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, state, dirs,
+                   dir_slot, dir_coeffs, dir_weights)
 
 
 @torch.library.triton_op("diffsampler::multistep_update_pure_triton", mutates_args=())
 def multistep_update_pure_triton(x: torch.Tensor, model_out: torch.Tensor, coeffs: list[float],
-                                 noise: torch.Tensor | None, clip: float, thresholding: bool,
-                                 threshold_coeffs: list[float]) -> torch.Tensor:
+                                 noise: torch.Tensor | None, clip: float, thresholding: bool) -> torch.Tensor:
     """Without history or state: a functional op (see csrc/multistep_update.h, kMultistepUpdatePureSchema)."""
-    return _update(x, model_out, None, 0, [], coeffs, noise, clip, thresholding, threshold_coeffs, None, [])
+    return _update(x, model_out, None, 0, [], coeffs, noise, clip, thresholding, None)
 
 
-def multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding,
-                     threshold_coeffs, state=None, state_coeffs=(), dirs=None, dir_slot=0, dir_coeffs=(),
-                     dir_weights=None):
+def multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, state=None,
+                     dirs=None, dir_slot=0, dir_coeffs=(), dir_weights=None):
     """Entry point with the reference's signature: the registered op, the functional one when there is neither
     history nor state nor LML's ring."""
     if history is None and state is None and dirs is None:
         return torch.ops.diffsampler.multistep_update_pure_triton(x, model_out, list(coeffs), noise, clip,
-                                                                  thresholding, list(threshold_coeffs))
+                                                                  thresholding)
     return torch.ops.diffsampler.multistep_update_triton(x, model_out, history, write_slot, list(read_slots),
-                                                         list(coeffs), noise, clip, thresholding,
-                                                         list(threshold_coeffs),
-                                                         state, list(state_coeffs), dirs, dir_slot,
-                                                         list(dir_coeffs), dir_weights)
+                                                         list(coeffs), noise, clip, thresholding, state, dirs,
+                                                         dir_slot, list(dir_coeffs), dir_weights)
 
 
 @torch.library.triton_op("diffsampler::multistep_update_indexed_triton", mutates_args={"history", "state", "status"})
@@ -298,8 +310,7 @@ def multistep_update_indexed(x: torch.Tensor, model_out: torch.Tensor, history: 
         status = torch.zeros(1, dtype=torch.int32, device=x.device)
     x_next = torch.empty_like(x)
     reads = [x] * n_reads  # placeholders: the kernel points them at the step's slots
-    if x.numel() > 0:
-        zeros = [0.0] * (6 + 2 * n_reads), [0.0] * (6 + n_reads if state is not None else 0)
-        _launch(PHASE_FULL, x, out, reads, noise, state, state is not None, history, x_next, None, *zeros, clip,
+    if x.numel() > 0:  # the kernel loads each step's row: the host row is a placeholder
+        _launch(PHASE_FULL, x, out, reads, noise, state, history, x_next, None, [0.0] * step_row.WIDTH, clip,
                 indexed=(table, slots, step.reshape(1), history, status))
     return x_next

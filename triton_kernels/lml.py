@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from diffsampler import step_row
+
 from .fused_update import STORAGE_DTYPES, _data_prediction, _direction, _load_reads
 
 BLOCK = 1024
@@ -101,8 +103,8 @@ def lml_gram_triton(x: torch.Tensor, model_out: torch.Tensor, history: Optional[
     reads = [history[r].contiguous() for r in read_slots] if history is not None else []
     slots = [d.contiguous() for d in dirs.unbind(0)]
     k = len(reads)
-    p, q = coeffs[0], coeffs[1]
-    r = list(coeffs[6 + k:]) + [0.0] * (3 - k)
+    row = step_row.fields(coeffs)
+    p, q, r = row.p, row.q, row.r
     da, de, *db = list(dir_coeffs) + [0.0] * (6 - len(dir_coeffs))  # [da, de, db_0..db_3]
     chunks = max(triton.cdiv(per_sample, BLOCK), 1)
     partial = torch.zeros((batch, chunks, n_dirs + 1, n_dirs + 1), dtype=torch.float64, device=x.device)

@@ -4,7 +4,7 @@
 // Update: a grid-stride loop over 16-byte packs (4 floats or 8 halves / bfloat16s) when every operand is 16-byte
 // aligned, then a scalar tail; fp32 compute whatever the storage dtype. The operand set (reads, noise, state,
 // the m0 write, LML on or off) and the phase are template parameters, so each combination is a kernel without
-// dead loads and without runtime branches on them in the loop. With LML the direction g is computed in registers
+// dead loads and without runtime branches on them in the loop. With LML the direction d is computed in registers
 // from the update's loads and the ring is read and written in the same pass; the number of directions is a
 // warp-uniform runtime bound (templating it too would make 4x the LML kernels for no gain in a memory-bound pass).
 //
@@ -73,14 +73,14 @@ __device__ __forceinline__ float data_prediction(const ds_update_coeffs& k, floa
   return k.clip > 0.f ? fminf(fmaxf(m0, -k.clip), k.clip) : m0;
 }
 
-// LML's raw direction g = gx x + ge out + gb0 m0 + sum_r gb[r+1] read_r of element j.
+// LML's raw direction dn = da x + de out + db0 m0 + sum_r db[r+1] read_r of element j.
 template <int kReads, int N>
 __device__ __forceinline__ float direction(const ds_update_coeffs& k, float x, float out, float m0,
                                            const Hist<kReads, N>& hist, int j) {
-  float g = fmaf(k.gb[0], m0, fmaf(k.ge, out, k.gx * x));
+  float dn = fmaf(k.db[0], m0, fmaf(k.de, out, k.da * x));
 #pragma unroll
-  for (int r = 0; r < kReads; ++r) g = fmaf(k.gb[r + 1], hist[r][j], g);
-  return g;
+  for (int r = 0; r < kReads; ++r) dn = fmaf(k.db[r + 1], hist[r][j], dn);
+  return dn;
 }
 
 // The sample of element i, followed over the consecutive elements of a pack: one 64-bit division per pack, and
@@ -97,16 +97,16 @@ struct SampleCursor {
   }
 };
 
-// LML on the pack at i: acc += W[b][0] g + sum_j W[b][1+j] dirs[j] (b: each element's sample), then
-// dirs[dir_slot] = g, after every read of the ring.
+// LML on the pack at i: acc += W[b][0] d + sum_j W[b][1+j] dirs[j] (b: each element's sample), then
+// dirs[dir_slot] = d, after every read of the ring.
 template <typename T, int N, int kReads>
 __device__ __forceinline__ void lml_correct(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t i,
                                             const float (&x)[N], const float (&out)[N], const float (&m0)[N],
                                             const Hist<kReads, N>& hist, float (&acc)[N]) {
   const int n_dirs = k.n_dirs;
-  float g[N], d[DS_MAX_DIRS][N];
+  float dn[N], d[DS_MAX_DIRS][N];
 #pragma unroll
-  for (int j = 0; j < N; ++j) g[j] = direction<kReads, N>(k, x[j], out[j], m0[j], hist, j);
+  for (int j = 0; j < N; ++j) dn[j] = direction<kReads, N>(k, x[j], out[j], m0[j], hist, j);
 #pragma unroll
   for (int r = 0; r < DS_MAX_DIRS; ++r) {
     if (r < n_dirs) load<T, N>(t.dirs[r], i, d[r]);
@@ -116,14 +116,14 @@ __device__ __forceinline__ void lml_correct(const ds_update_tensors& t, const ds
 #pragma unroll
   for (int j = 0; j < N; ++j) {
     if (cursor.enter(i + j, t.per_sample)) w += 1 + n_dirs;
-    float v = fmaf(w[0], g[j], acc[j]);
+    float v = fmaf(w[0], dn[j], acc[j]);
 #pragma unroll
     for (int r = 0; r < DS_MAX_DIRS; ++r) {
       if (r < n_dirs) v = fmaf(w[1 + r], d[r][j], v);
     }
     acc[j] = v;
   }
-  store<T, N>(t.dirs[k.dir_slot], i, g);
+  store<T, N>(t.dirs[k.dir_slot], i, dn);
 }
 
 // kState: 0 no state, 1 state read (x' += g s), 2 state read and rewritten with its own row.
@@ -184,7 +184,9 @@ __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_upda
     }
     if constexpr (kLml) lml_correct<T, N, kReads>(t, k, i, x, out, m0, hist, acc);
     store<T, N>(t.x_next, i, acc);
-    if constexpr (kState == 2) store<T, N>(t.state, i, sacc);
+    if constexpr (kState == 2) {
+      if (k.state_row) store<T, N>(t.state, i, sacc);  // indexed: the step's row decides (ds_load_row)
+    }
   }
 }
 
@@ -297,7 +299,7 @@ constexpr int kGramFinishThreads = 128;
 __host__ __device__ constexpr int upper_entries(int m) { return m * (m + 1) / 2; }
 
 // The N elements from i, as floats: one 16-byte load when packed, else N guarded scalar loads with zeros past
-// end (a zero element adds exactly nothing: its g and its ring entries are 0).
+// end (a zero element adds exactly nothing: its d and its ring entries are 0).
 template <typename T, int N>
 __device__ __forceinline__ void load_guarded(const void* base, int64_t i, int64_t end, bool packed, float (&out)[N]) {
   if (packed) return load<T, N>(base, i, out);
@@ -306,7 +308,7 @@ __device__ __forceinline__ void load_guarded(const void* base, int64_t i, int64_
   for (int j = 0; j < N; ++j) out[j] = i + j < end ? to_f32(p[i + j]) : 0.f;
 }
 
-// One partial per block: the upper triangle of sum v v^T over its elements, v = [g, dirs[0..kDirs-1]].
+// One partial per block: the upper triangle of sum v v^T over its elements, v = [d, dirs[0..kDirs-1]].
 // Thread tid takes the packs tid, tid + kGramThreads, ... of the chunk (packs of N elements counted from the
 // chunk's start) in both load paths, so the sums do not depend on the operands' alignment.
 template <typename T, int kReads, int kDirs>

@@ -5,13 +5,14 @@
 //   s' = sa x + se out + sb0 m0 + sum_{j<n_reads} sb[j+1] read_j + sc z + sg s   (state_row; written over s)
 // s is an optional state tensor of x's shape (UniPC's last sample, Heun's step start, a momentum).
 // LML (n_dirs > 0; dirs = a ring of n_dirs past raw directions, each of x's shape):
-//   g  = gx x + ge out + gb0 m0 + sum_{j<n_reads} gb[j+1] read_j      (m0 after clip / threshold)
-//   x' += W[b][0] g + sum_{j<n_dirs} W[b][1+j] dirs[j]                 (W = dir_weights, (B, 1+n_dirs) fp32)
-//   dirs[dir_slot] = g                                                   (after every read)
+//   d  = da x + de out + db0 m0 + sum_{j<n_reads} db[j+1] read_j      (m0 after clip / threshold)
+//   x' += W[b][0] d + sum_{j<n_dirs} W[b][1+j] dirs[j]                 (W = dir_weights, (B, 1+n_dirs) fp32)
+//   dirs[dir_slot] = d                                                   (after every read)
 // Indexed steps (tensors.table != NULL; the per-step CUDA-graph capture): the step's coefficients and history
 // slots are read on the device from row *step of `table` (DS_ROW_WIDTH doubles, layout DS_ROW_*) and of
 // `slots` ([write, read_0, .., read_{DS_MAX_READS-1}]); slot j is history + j n elements. n_reads, clip, noise
-// and state stay fixed over the table (unused reads carry zero weights; steps without a state row keep s).
+// and state stay fixed over the table (unused reads carry zero weights; steps without a state row keep s); a
+// row's writes_state = 0 leaves the state unwritten.
 // The LML Gram (ds_lml_gram_*) is, per sample b, the (1+n_dirs)^2 matrix of dot products of
 // [g, dirs[0], ..., dirs[n_dirs-1]] over the sample's per_sample elements, in double, row-major.
 #pragma once
@@ -26,12 +27,28 @@ extern "C" {
 #define DS_MAX_READS 3
 #define DS_MAX_DIRS 6
 
-// A row of the step table: [p, q, a, e, c, b_0..b_3, r_0..r_2, g, sa, se, sc, sg, sb_0..sb_3].
+// The step row, one fixed-width float64 layout for every call (its one definition: python/diffsampler/step_row.py;
+// exported as diffsampler._C.ROW_LAYOUT): [p, q, a, e, c, b_0..b_3, r_1..r_3, g, sa, se, sc, sg, sb_0..sb_3,
+// writes_state, ratio, max_value, hx, hm]. Eager calls pass one row; an indexed table is (steps, DS_ROW_WIDTH).
+#define DS_ROW_P 0
+#define DS_ROW_Q 1
+#define DS_ROW_A 2
+#define DS_ROW_E 3
+#define DS_ROW_C 4
 #define DS_ROW_B 5
 #define DS_ROW_R (DS_ROW_B + DS_MAX_READS + 1)
 #define DS_ROW_G (DS_ROW_R + DS_MAX_READS)
-#define DS_ROW_SB (DS_ROW_G + 5)
-#define DS_ROW_WIDTH (DS_ROW_SB + DS_MAX_READS + 1)
+#define DS_ROW_SA (DS_ROW_G + 1)
+#define DS_ROW_SE (DS_ROW_G + 2)
+#define DS_ROW_SC (DS_ROW_G + 3)
+#define DS_ROW_SG (DS_ROW_G + 4)
+#define DS_ROW_SB (DS_ROW_SG + 1)
+#define DS_ROW_WRITES_STATE (DS_ROW_SB + DS_MAX_READS + 1)
+#define DS_ROW_THR_RATIO (DS_ROW_WRITES_STATE + 1)
+#define DS_ROW_THR_MAX (DS_ROW_WRITES_STATE + 2)
+#define DS_ROW_THR_HX (DS_ROW_WRITES_STATE + 3)
+#define DS_ROW_THR_HM (DS_ROW_WRITES_STATE + 4)
+#define DS_ROW_WIDTH (DS_ROW_THR_HM + 1)
 #define DS_SLOTS_WIDTH (1 + DS_MAX_READS)
 
 #ifdef __CUDACC__
@@ -59,13 +76,13 @@ typedef struct {
   float clip;                 // <= 0: off
   float hx, hm;               // DS_PHASE_THRESHOLD: the history value hx x + hm x0 of the thresholded x0
   float g;                    // weight of the state s in x' (s read when tensors.state != NULL)
-  int state_row;              // 1: s' (the sa..sg row) is computed and written over s
+  int state_row;              // 1: s' (the sa..sg row) is computed and written over s (row's writes_state)
   float sa, se, sc, sg;
   float sb[DS_MAX_READS + 1];
   int n_dirs;                 // LML: past directions in the ring (0: off)
   int dir_slot;               // the ring slot g is written to
-  float gx, ge;               // the direction row
-  float gb[DS_MAX_READS + 1];
+  float da, de;               // the direction row
+  float db[DS_MAX_READS + 1];
 } ds_update_coeffs;
 
 typedef struct {
@@ -90,30 +107,38 @@ typedef struct {
   int* status;                      // error_flags.h bits (DS_ERR_STEP, DS_ERR_SLOT); NULL: not recorded
 } ds_update_tensors;
 
-// Indexed steps: loads the step's row into k and points reads[] and m0 at its history slots (elem_size bytes
-// per element). n_reads, clip, state_row and LML's fields of k are left as they are. A step outside
-// [0, n_steps) or a used slot outside [0, history_slots) is clamped into range; returns the error_flags.h bits
-// of what was clamped (0: nothing).
-static inline DS_HOST_DEVICE int ds_index_step(ds_update_tensors* t, ds_update_coeffs* k, int64_t elem_size) {
-  int err = 0;
-  const int64_t i = ds_clamp_index(*t->step, t->n_steps, DS_ERR_STEP, &err);
-  const double* row = t->table + i * DS_ROW_WIDTH;
-  const int64_t* slot = t->slots + i * DS_SLOTS_WIDTH;
-  k->p = (float)row[0];
-  k->q = (float)row[1];
-  k->a = (float)row[2];
-  k->e = (float)row[3];
-  k->c = (float)row[4];
+// The one row loader (eager and indexed, CPU and CUDA): fills k's coefficients, hx, hm and state_row from a
+// DS_ROW_WIDTH row. n_reads, clip and LML's fields of k are left as they are. (ratio and max_value are read by
+// the host, which computes the threshold bounds.)
+static inline DS_HOST_DEVICE void ds_load_row(const double* row, ds_update_coeffs* k) {
+  k->p = (float)row[DS_ROW_P];
+  k->q = (float)row[DS_ROW_Q];
+  k->a = (float)row[DS_ROW_A];
+  k->e = (float)row[DS_ROW_E];
+  k->c = (float)row[DS_ROW_C];
   for (int j = 0; j <= DS_MAX_READS; ++j) {
     k->b[j] = (float)row[DS_ROW_B + j];
     k->sb[j] = (float)row[DS_ROW_SB + j];
   }
   for (int j = 0; j < DS_MAX_READS; ++j) k->r[j] = (float)row[DS_ROW_R + j];
   k->g = (float)row[DS_ROW_G];
-  k->sa = (float)row[DS_ROW_G + 1];
-  k->se = (float)row[DS_ROW_G + 2];
-  k->sc = (float)row[DS_ROW_G + 3];
-  k->sg = (float)row[DS_ROW_G + 4];
+  k->sa = (float)row[DS_ROW_SA];
+  k->se = (float)row[DS_ROW_SE];
+  k->sc = (float)row[DS_ROW_SC];
+  k->sg = (float)row[DS_ROW_SG];
+  k->state_row = row[DS_ROW_WRITES_STATE] != 0.0;
+  k->hx = (float)row[DS_ROW_THR_HX];
+  k->hm = (float)row[DS_ROW_THR_HM];
+}
+
+// Indexed steps: loads the step's row into k (ds_load_row) and points reads[] and m0 at its history slots
+// (elem_size bytes per element). A step outside [0, n_steps) or a used slot outside [0, history_slots) is clamped
+// into range; returns the error_flags.h bits of what was clamped (0: nothing).
+static inline DS_HOST_DEVICE int ds_index_step(ds_update_tensors* t, ds_update_coeffs* k, int64_t elem_size) {
+  int err = 0;
+  const int64_t i = ds_clamp_index(*t->step, t->n_steps, DS_ERR_STEP, &err);
+  const int64_t* slot = t->slots + i * DS_SLOTS_WIDTH;
+  ds_load_row(t->table + i * DS_ROW_WIDTH, k);
   char* base = (char*)t->history;
   if (!base) return err;
   const int64_t slot_bytes = t->n * elem_size;

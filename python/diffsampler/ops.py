@@ -14,8 +14,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from . import error_flags, reference
-from .models import data_coeffs, noise_coeffs
+from . import error_flags, reference, step_row
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -121,7 +120,7 @@ class UpdateCoeffs:
     (r, the weights of the history reads in m_0: GHVB's momentum, DC-Solver's compensation; empty otherwise.)
 
     eps_of: (alpha, sigma) of x = alpha x0 + sigma eps when m_0 is a noise prediction eps rather than the data
-    prediction (DPM-Solver, DEIS, UniPC without predict_x0); thresholding then acts on x0 (threshold_list).
+    prediction (DPM-Solver, DEIS, UniPC without predict_x0); thresholding then acts on x0 (step_row.row).
 
     s is the optional state tensor (UniPC's corrected sample, Heun's step start, a momentum); with a
     `state` row it is rewritten in the same pass.
@@ -137,34 +136,6 @@ class UpdateCoeffs:
     state: StateRow | None = None
     r: tuple[float, ...] = ()
     eps_of: tuple[float, float] | None = None
-
-    def as_list(self) -> list[float]:
-        """The flat layout every backend takes: [p, q, a, e, c, b_0, ..., b_k, r_1, ..., r_k]."""
-        r = tuple(self.r) + (0.0,) * (len(self.b) - 1 - len(self.r))
-        return [float(v) for v in (self.p, self.q, self.a, self.e, self.c, *self.b, *r)]
-
-    def threshold_lists(self, ratio: float, max_value: float) -> tuple[list[float], list[float]]:
-        """(coeffs, threshold_coeffs) of a thresholded step: the conversion yields the data prediction x0, the
-        threshold maps it back to the history value. Noise prediction (eps_of = (alpha, sigma)):
-        x0 = (x - sigma eps) / alpha applied to m_0 = p x + q out + sum r m_i, then eps = (x - alpha x0) / sigma."""
-        flat = self.as_list()
-        if self.eps_of is None:
-            return flat, [float(ratio), float(max_value), 0.0, 1.0]
-        xp, mp = data_coeffs("eps", *self.eps_of)  # x0 = xp x + mp eps
-        hx, hm = noise_coeffs("x0", *self.eps_of)  # eps = hx x + hm x0
-        k = len(self.b) - 1
-        flat[0], flat[1] = xp + mp * flat[0], mp * flat[1]
-        flat[6 + k:] = [mp * v for v in flat[6 + k:]]
-        return flat, [float(ratio), float(max_value), hx, hm]
-
-    def state_list(self, has_state: bool) -> list[float]:
-        """state_coeffs of the backends: [] (no state), [g] (state read) or [g, sa, se, sc, sg, sb_0..sb_k]."""
-        if not has_state:
-            return []
-        if self.state is None:
-            return [float(self.g)]
-        r = self.state
-        return [float(v) for v in (self.g, r.a, r.e, r.c, r.g, *r.b)]
 
 
 def _check_like(name: str, t: torch.Tensor, x: torch.Tensor, shape: Sequence[int] | None = None) -> None:
@@ -376,10 +347,8 @@ def multistep_update(
                        **{f"history[{r}]": (history, r) for r in read_slots},
                        **{f"dirs[{j}]": (dirs, j) for j in range(dirs.shape[0] if lml else 0) if j != dir_slot}})
     thresholding = threshold_ratio is not None
-    flat, threshold_coeffs = coeffs.threshold_lists(threshold_ratio, threshold_max) if thresholding \
-        else (coeffs.as_list(), [])
-    args = (x, model_out, history, int(write_slot), read_slots, flat, noise, float(clip or 0.0), thresholding,
-            threshold_coeffs, state, coeffs.state_list(state is not None))
+    row = step_row.row(coeffs, threshold=(threshold_ratio, threshold_max) if thresholding else None)
+    args = (x, model_out, history, int(write_slot), read_slots, row, noise, float(clip or 0.0), thresholding, state)
     if lml:
         args += (dirs, int(dir_slot), [float(v) for v in dir_coeffs], dir_weights)
     name = _select_backend(backend, x)
@@ -390,7 +359,7 @@ def multistep_update(
 
         return triton_kernels.multistep_update(*args)
     if history is None and state is None and not lml:  # functional: inductor lowers it, not the mutating one
-        return torch.ops.diffsampler.multistep_update_pure(x, model_out, args[5], noise, *args[7:10])
+        return torch.ops.diffsampler.multistep_update_pure(x, model_out, row, noise, *args[7:9])
     return torch.ops.diffsampler.multistep_update(*args)
 
 
@@ -442,7 +411,7 @@ def lml_gram(
     if dirs is None:
         raise ValueError("dirs is required (LML's ring of directions)")
     _check_dir_args(x, read_slots, dirs, 0, dir_coeffs, None)
-    args = (x, model_out, history, read_slots, coeffs.as_list(), float(clip or 0.0), dirs,
+    args = (x, model_out, history, read_slots, step_row.row(coeffs), float(clip or 0.0), dirs,
             [float(v) for v in dir_coeffs])
     name = _select_backend(backend, x)
     if name == "reference":
@@ -496,8 +465,7 @@ if _status("cpu")[0]:
 
     @torch.library.register_fake("diffsampler::multistep_update")
     def _multistep_update_fake(x, model_out, history, write_slot, read_slots, coeffs, noise, clip,
-                               thresholding, threshold_coeffs, state=None, state_coeffs=(), dirs=None, dir_slot=0,
-                               dir_coeffs=(), dir_weights=None):
+                               thresholding, state=None, dirs=None, dir_slot=0, dir_coeffs=(), dir_weights=None):
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("diffsampler::lml_gram")
@@ -510,7 +478,7 @@ if _status("cpu")[0]:
         return gram.new_empty(gram.shape[:2])
 
     @torch.library.register_fake("diffsampler::multistep_update_pure")
-    def _multistep_update_pure_fake(x, model_out, coeffs, noise, clip, thresholding, threshold_coeffs):
+    def _multistep_update_pure_fake(x, model_out, coeffs, noise, clip, thresholding):
         return x.new_empty(x.shape)
 
 
@@ -520,8 +488,8 @@ if _status("cpu")[0]:
 class StepTable(NamedTuple):
     """The coefficients and history slots of a whole schedule on the device (made once, host float64 math):
 
-        coeffs[i] = [p, q, a, e, c, b_0..b_3, r_0..r_2, g, sa, se, sc, sg, sb_0..sb_3]   (steps, 21) float64
-        slots[i]  = [write_slot, read_0, read_1, read_2]                                 (steps, 4) int64
+        coeffs[i] = the step row of step i (diffsampler.step_row)   (steps, step_row.WIDTH) float64
+        slots[i]  = [write_slot, read_0, read_1, read_2]            (steps, step_row.SLOTS_WIDTH) int64
 
     n_reads: the reads every step makes (a step with fewer reads gets zero weights on distinct unused slots);
     state: whether the steps read and rewrite a state (a step without a state row keeps it: sg = 1);
@@ -558,13 +526,9 @@ def step_table(coeffs: Sequence[UpdateCoeffs], write_slots: Sequence[int], read_
         if history_slots:
             _check_history(torch.empty(history_slots, 1), torch.empty(1), w, reads)
         pad = [j for j in range(history_slots) if j != w and j not in reads][:n_reads - len(reads)]
-        flat = k.as_list()  # [p, q, a, e, c, b_0..b_k, r_1..r_k]
-        b, r = flat[5:6 + len(reads)], flat[6 + len(reads):]
-        row = k.state or StateRow(a=0.0, b=(0.0,) * len(b), g=1.0)
-        fill = lambda v, m: list(v) + [0.0] * (m - len(v))  # noqa: E731
-        rows.append(flat[:5] + fill(b, MAX_HISTORY_READS + 1) + fill(r, MAX_HISTORY_READS)
-                    + [k.g, row.a, row.e, row.c, row.g] + fill(row.b, MAX_HISTORY_READS + 1))
-        slot_rows.append([w if history_slots else 0] + fill(reads + pad, MAX_HISTORY_READS))
+        rows.append(step_row.row(k, writes_state=state))
+        slots = reads + pad
+        slot_rows.append([w if history_slots else 0] + slots + [0] * (MAX_HISTORY_READS - len(slots)))
     return StepTable(torch.tensor(rows, dtype=torch.float64, device=device),
                      torch.tensor(slot_rows, dtype=torch.int64, device=device), n_reads, bool(state), history_slots)
 
@@ -575,14 +539,14 @@ def _check_step_table(table, x, history) -> None:
         raise ValueError(f"table must be an ops.StepTable (ops.step_table), got {type(table).__name__}")
     c, sl = table.coeffs, table.slots
     if not (isinstance(c, torch.Tensor) and c.dtype == torch.float64 and c.dim() == 2 and c.shape[0] >= 1
-            and c.shape[1] == reference.ROW_WIDTH and c.is_contiguous()):
+            and c.shape[1] == step_row.WIDTH and c.is_contiguous()):
         raise ValueError(f"table.coeffs must be a contiguous float64 tensor of shape (steps >= 1, "
-                         f"{reference.ROW_WIDTH}), got {getattr(c, 'dtype', type(c).__name__)} "
+                         f"{step_row.WIDTH}), got {getattr(c, 'dtype', type(c).__name__)} "
                          f"{tuple(getattr(c, 'shape', ()))}")
     if not (isinstance(sl, torch.Tensor) and sl.dtype == torch.int64 and tuple(sl.shape) ==
-            (c.shape[0], reference.SLOTS_WIDTH) and sl.is_contiguous()):
+            (c.shape[0], step_row.SLOTS_WIDTH) and sl.is_contiguous()):
         raise ValueError(f"table.slots must be a contiguous int64 tensor of shape ({c.shape[0]}, "
-                         f"{reference.SLOTS_WIDTH}), got {getattr(sl, 'dtype', type(sl).__name__)} "
+                         f"{step_row.SLOTS_WIDTH}), got {getattr(sl, 'dtype', type(sl).__name__)} "
                          f"{tuple(getattr(sl, 'shape', ()))}")
     if c.device != x.device or sl.device != x.device:
         raise ValueError(f"table must be on x's device {x.device}, got {c.device}")

@@ -11,12 +11,10 @@ import math
 
 import torch
 
+from . import step_row
 from .error_flags import BITS as ERROR_BITS  # the status word's bits (csrc/cuda/error_flags.h)
 
-# Layout of the flat coefficient list shared by every backend of multistep_update:
-#   [p, q, a, e, c, b_0, b_1, ..., b_k, r_1, ..., r_k]   with k = len(read_slots)
-COEFF_P, COEFF_Q, COEFF_A, COEFF_E, COEFF_C, COEFF_B0 = range(6)
-MAX_HISTORY_READS = 3
+MAX_HISTORY_READS = step_row.MAX_READS
 MAX_DIRECTIONS = 6  # LML's ring of directions (direction mode: rank <= 4; corrector: rank + 1 and the noise)
 
 
@@ -44,24 +42,35 @@ def threshold_scale(m0: torch.Tensor, ratio: float, max_value: float) -> torch.T
     return s.clamp(min=1.0, max=max_value)
 
 
-def threshold(m0: torch.Tensor, x: torch.Tensor, threshold_coeffs) -> torch.Tensor:
-    """Dynamic thresholding of the data prediction m0 mapped to the history value, threshold_coeffs =
-    [ratio, max_value, hx, hm]:  hx x + hm clamp(m0, -s_b, s_b) / s_b,  s_b = threshold_scale(m0, ratio, max_value).
+def threshold(m0: torch.Tensor, x: torch.Tensor, k: step_row.Fields) -> torch.Tensor:
+    """Dynamic thresholding of the data prediction m0 mapped to the history value, with the step row's
+    (ratio, max_value, hx, hm):  hx x + hm clamp(m0, -s_b, s_b) / s_b,  s_b = threshold_scale(m0, ratio, max_value).
     (hx, hm) = (0, 1) keeps the data prediction; (1 / sigma, -alpha / sigma) gives the noise prediction
     eps = (x - alpha x0) / sigma of a solver keeping those."""
-    ratio, max_value, hx, hm = threshold_coeffs
-    s = threshold_scale(m0, ratio, max_value).view(-1, *([1] * (m0.dim() - 1)))
+    s = threshold_scale(m0, k.ratio, k.max_value).view(-1, *([1] * (m0.dim() - 1)))
     m0 = torch.minimum(torch.maximum(m0, -s), s) / s
-    return m0 if (hx, hm) == (0.0, 1.0) else hx * x + hm * m0
+    return m0 if (k.hx, k.hm) == (0.0, 1.0) else k.hx * x + k.hm * m0
 
 
 def data_prediction(x, out, reads, p, q, r, clip):
     """m_0 = p x + q out + sum_i r_i m_i, clamped to [-clip, clip] if clip > 0 (before any thresholding)."""
     m0 = p * x + q * out
     for ri, m in zip(r, reads):
-        if ri != 0:
-            m0 = m0 + ri * m
+        m0 = m0 + ri * m
     return m0.clamp(-clip, clip) if clip > 0 else m0
+
+
+def combine(x, out, m0, reads, z, s, a, e, c, g, b):
+    """a x + e out + b_0 m_0 + sum_i b_i m_i + c z + g s (z, s None: absent); x' with the row's (a, e, c, g, b),
+    s' with its (sa, se, sc, sg, sb)."""
+    y = a * x + e * out + b[0] * m0
+    for bi, m in zip(b[1:], reads):
+        y = y + bi * m
+    if z is not None:
+        y = y + c * z
+    if s is not None:
+        y = y + g * s
+    return y
 
 
 def multistep_update(
@@ -74,80 +83,53 @@ def multistep_update(
     noise: torch.Tensor | None,
     clip: float,
     thresholding: bool,
-    threshold_coeffs: list[float],
     state: torch.Tensor | None = None,
-    state_coeffs: list[float] = (),
     dirs: torch.Tensor | None = None,
     dir_slot: int = 0,
     dir_coeffs: list[float] = (),
     dir_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One fused solver step (design.md section 2), with LML's low-rank direction correction.
+    """One fused solver step (design.md section 2), with LML's low-rank direction correction; coeffs is the
+    step row (diffsampler.step_row, WIDTH entries):
 
         m_0  = p x + q out + sum_i r_i m_i                   data prediction (r: GHVB, DC-Solver; else 0)
         m_0  = clamp(m_0, -clip, clip)                       if clip > 0
         m_0  = hx x + hm clamp(m_0, -s_b, s_b) / s_b         if thresholding (see threshold)
-        x'   = a x + e out + sum_i b_i m_i + c z + g s       m_i = history[read_slots[i-1]], i >= 1
-        s'   = sa x + se out + sum_i sb_i m_i + sc z + sg s  written over the state s, if state_coeffs has the row
+        x'   = a x + e out + sum_i b_i m_i + c z + g s       m_i = history[read_slots[i-1]], i >= 1 (s: if given)
+        s'   = sa x + se out + sum_i sb_i m_i + sc z + sg s  written over the state s, if the row's writes_state
         history[write_slot] = m_0                            if history is given
 
-    state_coeffs: [] (no state), [g] (state read) or [g, sa, se, sc, sg, sb_0, ..., sb_k].
-    threshold_coeffs: [ratio, max_value, hx, hm] when thresholding (s_b: threshold_scale; ratio 0 is the minimum).
-
     LML (diffsampler.lml), when dirs (a ring of R past raw directions, shape (R, *x.shape)) is given:
-        g_n  = gx x + ge out + sum_i gb_i m_i                dir_coeffs = [gx, ge, gb_0, ..., gb_k]
-        x'  += W[b, 0] g_n + sum_j W[b, 1 + j] dirs[j]       dir_weights W of shape (B, 1 + R), if given
-        dirs[dir_slot] = g_n                                 (after the reads)
+        d_n  = da x + de out + sum_i db_i m_i                dir_coeffs = [da, de, db_0, ..., db_k]
+        x'  += W[b, 0] d_n + sum_j W[b, 1 + j] dirs[j]       dir_weights W of shape (B, 1 + R), if given
+        dirs[dir_slot] = d_n                                 (after the reads)
     Returns x'; writes history, the state and dirs in place.
     """
     cd = compute_dtype(x.dtype)
-    k = len(read_slots)
-    p, q, a, e, c = coeffs[:COEFF_B0]
-    b, r = coeffs[COEFF_B0:COEFF_B0 + k + 1], coeffs[COEFF_B0 + k + 1:]
+    k = step_row.fields(coeffs)
+    if k.writes_state and state is None:
+        raise ValueError("coeffs rewrites the state (its writes_state entry is set): state is required")
     xf, of = x.to(cd), model_out.to(cd)
     reads = [history[slot].to(cd) for slot in read_slots]
-    m0 = data_prediction(xf, of, reads, p, q, r, clip)
+    m0 = data_prediction(xf, of, reads, k.p, k.q, k.r, clip)
     if thresholding:
-        m0 = threshold(m0, xf, threshold_coeffs)
+        m0 = threshold(m0, xf, k)
     z = noise.to(cd) if noise is not None else None
     s = state.to(cd) if state is not None else None
-
-    def row(a, e, c, g, b):
-        y = a * xf + b[0] * m0
-        if e != 0:
-            y = y + e * of
-        for bi, m in zip(b[1:], reads):
-            y = y + bi * m
-        if z is not None:
-            y = y + c * z
-        if s is not None:
-            y = y + g * s
-        return y
-
-    g = state_coeffs[0] if len(state_coeffs) else 0.0
-    x_next = row(a, e, c, g, b)
+    x_next = combine(xf, of, m0, reads, z, s, k.a, k.e, k.c, k.g, k.b)
     if dirs is not None:
-        g_n = direction(xf, of, m0, reads, dir_coeffs)
+        d_n = direction(xf, of, m0, reads, dir_coeffs)
         if dir_weights is not None:
             w = dir_weights.to(cd).view(-1, dirs.shape[0] + 1, *([1] * (x.dim() - 1)))
-            x_next = x_next + w[:, 0] * g_n
+            x_next = x_next + w[:, 0] * d_n
             for j in range(dirs.shape[0]):
                 x_next = x_next + w[:, 1 + j] * dirs[j].to(cd)
-        dirs[dir_slot].copy_(g_n)
-    if len(state_coeffs) > 1:
-        sa, se, sc, sg = state_coeffs[1:5]
-        state.copy_(row(sa, se, sc, sg, state_coeffs[5:]))
+        dirs[dir_slot].copy_(d_n)
+    if k.writes_state:
+        state.copy_(combine(xf, of, m0, reads, z, s, k.sa, k.se, k.sc, k.sg, k.sb))
     if history is not None:
         history[write_slot].copy_(m0)
     return x_next.to(x.dtype)
-
-
-# Indexed steps (multistep_update_indexed): a row of the step table and of its slots.
-ROW_B, ROW_R = COEFF_B0, COEFF_B0 + MAX_HISTORY_READS + 1
-ROW_G = ROW_R + MAX_HISTORY_READS
-ROW_SB = ROW_G + 5
-ROW_WIDTH = ROW_SB + MAX_HISTORY_READS + 1
-SLOTS_WIDTH = 1 + MAX_HISTORY_READS
 
 
 def flag(status: torch.Tensor | None, bad: torch.Tensor, bit: int) -> None:
@@ -164,43 +146,28 @@ def clamp_index(i: torch.Tensor, n: int, status: torch.Tensor | None, bit: int) 
 
 
 def multistep_update_indexed(x, model_out, history, table, slots, step, n_reads, noise, clip, state, status=None):
-    """multistep_update with the step's coefficients and history slots read on the device from row `step`:
+    """multistep_update with the step row (diffsampler.step_row) and history slots read on the device from row
+    `step` of table (steps, step_row.WIDTH) float64 and of slots (steps, 1 + MAX_HISTORY_READS) int64
+    ([write_slot, read_0, read_1, read_2]).
 
-        table[step] = [p, q, a, e, c, b_0..b_3, r_0..r_2, g, sa, se, sc, sg, sb_0..sb_3]   (float64)
-        slots[step] = [write_slot, read_0, read_1, read_2]                                 (int64)
-
-    The first n_reads reads are used; x' and, when `state` is given, s' = sa x + se out + sum_i sb_i m_i + sc z +
-    sg s (written over s) follow multistep_update. No host sync: the row is gathered with tensor ops. A step
-    outside the table or a used slot outside the history is clamped into range and flagged in `status`."""
+    The first n_reads reads are used; no thresholding, no LML; the state, when given, is rewritten where the
+    row's writes_state is set. No host sync: the row is gathered with tensor ops. A step outside the table or a
+    used slot outside the history is clamped into range and flagged in `status`."""
     cd = compute_dtype(x.dtype)
     i = clamp_index(step.view(1), table.shape[0], status, ERROR_BITS["step"])
-    row = table.index_select(0, i)[0].to(cd)
+    k = step_row.fields(table.index_select(0, i)[0].to(cd))
     slot = slots.index_select(0, i)[0, :1 + n_reads]
     if history is not None:
         slot = clamp_index(slot, history.shape[0], status, ERROR_BITS["slot"])
-    p, q, a, e, c = row[:ROW_B]
-    b, r = row[ROW_B:ROW_B + n_reads + 1], row[ROW_R:ROW_R + n_reads]
-    g, sa, se, sc, sg = row[ROW_G:ROW_SB]
-    sb = row[ROW_SB:ROW_SB + n_reads + 1]
     xf, of = x.to(cd), model_out.to(cd)
     reads = list(history.index_select(0, slot[1:1 + n_reads]).to(cd).unbind(0)) if n_reads else []
-    m0 = p * xf + q * of
-    for ri, m in zip(r, reads):
-        m0 = m0 + ri * m
-    if clip > 0:
-        m0 = m0.clamp(-clip, clip)
-    z = noise.to(cd) if noise is not None else torch.zeros_like(xf)
-    s = state.to(cd) if state is not None else torch.zeros_like(xf)
-
-    def combine(a, e, b, c, g):
-        y = a * xf + e * of + b[0] * m0 + c * z + g * s
-        for bi, m in zip(b[1:], reads):
-            y = y + bi * m
-        return y
-
-    x_next = combine(a, e, b, c, g)
+    m0 = data_prediction(xf, of, reads, k.p, k.q, k.r, clip)
+    z = noise.to(cd) if noise is not None else None
+    s = state.to(cd) if state is not None else None
+    x_next = combine(xf, of, m0, reads, z, s, k.a, k.e, k.c, k.g, k.b)
     if state is not None:
-        state.copy_(combine(sa, se, sb, sc, sg))
+        s_next = combine(xf, of, m0, reads, z, s, k.sa, k.se, k.sc, k.sg, k.sb)
+        state.copy_(torch.where(k.writes_state != 0, s_next, s))
     if history is not None:
         history.index_copy_(0, slot[:1], m0.to(history.dtype)[None])
     return x_next.to(x.dtype)
@@ -229,16 +196,14 @@ def lml_gram(
 
         Gram[b] = V_b^T V_b,   V_b = [d_n, dirs[0], ..., dirs[R-1]] restricted to sample b
 
-    with d_n the raw direction of this step (multistep_update's dir_coeffs row, m_0 computed as there, clip
-    included). Sums run over all non-batch dimensions.
+    with d_n the raw direction of this step (multistep_update's dir_coeffs row, m_0 computed as there from the
+    step row coeffs, clip included). Sums run over all non-batch dimensions.
     """
     cd = compute_dtype(x.dtype)
-    k = len(read_slots)
-    p, q = coeffs[COEFF_P], coeffs[COEFF_Q]
-    r = coeffs[COEFF_B0 + k + 1:]
+    k = step_row.fields(coeffs)
     xf, of = x.to(cd), model_out.to(cd)
     reads = [history[slot].to(cd) for slot in read_slots]
-    m0 = data_prediction(xf, of, reads, p, q, r, clip)
+    m0 = data_prediction(xf, of, reads, k.p, k.q, k.r, clip)
     d_n = direction(xf, of, m0, reads, dir_coeffs)
     v = torch.stack([d_n, *[d.to(cd) for d in dirs]], dim=1).reshape(x.shape[0], dirs.shape[0] + 1, -1)
     v = v.to(torch.float64)
