@@ -14,8 +14,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from . import error_flags, reference
-from .models import data_coeffs, noise_coeffs
+from .. import error_flags, reference
+from ..models import data_coeffs, noise_coeffs
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -26,7 +26,7 @@ MAX_DIRECTIONS = reference.MAX_DIRECTIONS
 
 def _probe_cpp() -> tuple[bool, str]:
     try:
-        from . import _C  # noqa: F401  (registers torch.ops.diffsampler.*)
+        from .. import _C  # noqa: F401  (registers torch.ops.diffsampler.*)
     except ImportError as err:
         return False, f"the C++ extension diffsampler._C is not built ({err})"
     return True, "built"
@@ -38,14 +38,14 @@ def _probe_cuda() -> tuple[bool, str]:
     ok, why = _status("cpu")
     if not ok:
         return False, why
-    from . import _cuda_jit
+    from .. import _cuda_jit
 
     return _cuda_jit.load()
 
 
 def _probe_triton() -> tuple[bool, str]:
     try:
-        from . import triton_kernels
+        from .. import triton_kernels
     except ImportError as err:
         return False, f"diffsampler.triton_kernels does not import ({err})"
     return triton_kernels.available()
@@ -386,7 +386,7 @@ def multistep_update(
     if name == "reference":
         return reference.multistep_update(*args)
     if name == "triton":
-        from . import triton_kernels
+        from .. import triton_kernels
 
         return triton_kernels.multistep_update(*args)
     if history is None and state is None and not lml:  # functional: inductor lowers it, not the mutating one
@@ -448,7 +448,7 @@ def lml_gram(
     if name == "reference":
         return reference.lml_gram(*args)
     if name == "triton":
-        from . import triton_kernels
+        from .. import triton_kernels
 
         return triton_kernels.lml_gram(*args)
     return torch.ops.diffsampler.lml_gram(*args)
@@ -648,7 +648,7 @@ def multistep_update_indexed(
     if name == "reference":
         x_next = reference.multistep_update_indexed(*args)
     elif name == "triton":
-        from . import triton_kernels
+        from .. import triton_kernels
 
         x_next = triton_kernels.multistep_update_indexed(*args)
     else:
@@ -731,7 +731,7 @@ def ems_update(
     if name == "reference":
         return reference.ems_update(*args)
     if name == "triton":
-        from .triton_kernels.ems_update import ems_update as triton_ems_update
+        from ..triton_kernels.ems_update import ems_update as triton_ems_update
 
         return triton_ems_update(*args)
     return torch.ops.diffsampler.ems_update(*args)
@@ -815,7 +815,7 @@ def draw_ancestors(log_w: torch.Tensor, method: str, ess_threshold: float | None
     if name == "reference":
         out = reference.resample_ancestors(*args)
     elif name == "triton":
-        from . import triton_kernels
+        from .. import triton_kernels
 
         out = triton_kernels.resample_ancestors(*args)
     else:
@@ -851,7 +851,7 @@ def move_particles(name: str, particles: torch.Tensor, ancestors: torch.Tensor, 
     if name == "reference":
         reference.resample_move(particles, ancestors, resampled, status)
     elif name == "triton":
-        from . import triton_kernels
+        from .. import triton_kernels
 
         triton_kernels.resample_move(particles, ancestors, resampled, status)
     else:
