@@ -260,11 +260,11 @@ def multistep_update_triton(
                    threshold_coeffs, state, state_coeffs, dirs, dir_slot, dir_coeffs, dir_weights)
 
 
-@torch.library.triton_op("diffsampler::multistep_update_pure_triton", mutates_args=())
-def multistep_update_pure_triton(x: torch.Tensor, model_out: torch.Tensor, coeffs: list[float],
-                                 noise: torch.Tensor | None, clip: float, thresholding: bool,
-                                 threshold_coeffs: list[float]) -> torch.Tensor:
-    """Without history or state: a functional op (see csrc/multistep_update.h, kMultistepUpdatePureSchema)."""
+@torch.library.triton_op("diffsampler::multistep_update_functional_triton", mutates_args=())
+def multistep_update_functional_triton(x: torch.Tensor, model_out: torch.Tensor, coeffs: list[float],
+                                       noise: torch.Tensor | None, clip: float, thresholding: bool,
+                                       threshold_coeffs: list[float]) -> torch.Tensor:
+    """Without history or state: a functional op (see csrc/multistep_update.h, kMultistepUpdateFunctionalSchema)."""
     return _update(x, model_out, None, 0, [], coeffs, noise, clip, thresholding, threshold_coeffs, None, [])
 
 
@@ -274,8 +274,8 @@ def multistep_update(x, model_out, history, write_slot, read_slots, coeffs, nois
     """Entry point with the reference's signature: the registered op, the functional one when there is neither
     history nor state nor LML's ring."""
     if history is None and state is None and dirs is None:
-        return torch.ops.diffsampler.multistep_update_pure_triton(x, model_out, list(coeffs), noise, clip,
-                                                                  thresholding, list(threshold_coeffs))
+        return torch.ops.diffsampler.multistep_update_functional_triton(x, model_out, list(coeffs), noise, clip,
+                                                                        thresholding, list(threshold_coeffs))
     return torch.ops.diffsampler.multistep_update_triton(x, model_out, history, write_slot, list(read_slots),
                                                          list(coeffs), noise, clip, thresholding,
                                                          list(threshold_coeffs),

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops, reference
-from .ops.update import _check_resample_args
+from .ops.resample import _check_resample_args
 
 # all_gather(out, inp, group=None): the ranks' inputs concatenated along dim 0 (all_gather_into_tensor before
 # torch 2.13, deprecated there).
