@@ -9,9 +9,11 @@ import zlib
 import torch
 
 from diffsampler import reference
+from diffsampler.ops import registry
 
 # ||out - ref|| / ||ref|| against the float64 reference (design.md section 1)
 BOUNDS = {torch.float32: 1e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DTYPES = list(BOUNDS)
 # Fresh random inputs every run; rerun one with DIFFSAMPLER_TEST_SEED=<the seed in pytest's header>.
 SESSION_SEED = int(os.environ.get("DIFFSAMPLER_TEST_SEED", random.SystemRandom().randrange(2**31)))
 ODD_SHAPES = [(1,), (7,), (1023,), (65537,), (3, 5, 7, 11), (2, 4, 9, 9)]
@@ -130,3 +132,50 @@ def check_backend(fn, args, dtype):
         assert rel_err(a[10], ref_s, s_scale) < bound
     elif a[10] is not None:
         assert torch.equal(a[10], args[10]), "a read-only state was modified"
+
+
+def backend_op(op: str, backend: str):
+    """The backend-level function of `op` on `backend`, with reference.<op>'s signature: the reference, the Triton
+    function, or the compiled torch.ops.diffsampler.<op> (the table's entry, without the dispatch)."""
+    entry = registry.OPS[op]
+    if backend == "reference" or (backend == "triton" and entry.triton is None):
+        return entry.reference
+    if backend == "triton":
+        return registry._triton(entry.triton)
+    return getattr(torch.ops.diffsampler, op)
+
+
+SAMPLE_KWARGS = [dict(), dict(threshold=True, slots=4), dict(noise=False), dict(n_reads=0, history=False),
+                 dict(state=1), dict(state=2), dict(noncontig=True, state=2, clip=0.8)]
+
+
+def update_samples(shape=(2, 3, 5), dtypes=DTYPES, seed=7):
+    """The sample inputs of multistep_update (the schema's positional arguments) that its correctness and opcheck
+    tests share: random, with and without history (history=False), noise, thresholding and state, non-contiguous,
+    per storage dtype."""
+    samples = []
+    for dtype in dtypes:
+        for i, kw in enumerate(SAMPLE_KWARGS):
+            kw = dict(kw)
+            history = kw.pop("history", True)
+            args = make_case(shape, dtype, seed=case_seed("sample", shape, dtype, i, seed), **kw)
+            if not history:
+                args[2] = None
+            samples.append(args)
+    return samples
+
+
+def indexed_samples(steps, shape=(3, 2, 5), dtypes=DTYPES, seed=11):
+    """The sample inputs of multistep_update_indexed (the schema's positional arguments, without status) for a
+    StepTable `steps` with state, shared by its correctness and opcheck tests: each step of the table, random
+    operands per storage dtype, with and without noise, one with strided model output."""
+    samples = []
+    for dtype in dtypes:
+        gen = torch.Generator().manual_seed(case_seed("indexed-sample", shape, dtype, seed))
+        for i in range(steps.coeffs.shape[0]):
+            rand = lambda *s: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+            out = rand(*shape, 2)[..., 0] if i == 1 else rand(*shape)
+            noise = rand(*shape) if i % 2 == 0 else None
+            samples.append([rand(*shape), out, rand(steps.slots.max().item() + 1, *shape), steps.coeffs, steps.slots,
+                            torch.tensor([i]), steps.n_reads, noise, 0.7 if i == 2 else 0.0, rand(*shape)])
+    return samples
