@@ -179,3 +179,19 @@ def indexed_samples(steps, shape=(3, 2, 5), dtypes=DTYPES, seed=11):
             samples.append([rand(*shape), out, rand(steps.slots.max().item() + 1, *shape), steps.coeffs, steps.slots,
                             torch.tensor([i]), steps.n_reads, noise, 0.7 if i == 2 else 0.0, rand(*shape)])
     return samples
+
+
+def resample_samples(seed=13):
+    """The sample inputs of resample_ancestors (log_w, uniforms, method index, ess_threshold) shared by its
+    correctness and opcheck tests: every method, groups of odd sizes, -inf log-weights, always / at a threshold."""
+    from diffsampler import ops
+
+    samples = []
+    for G, K in [(1, 1), (3, 7), (2, 65)]:
+        for m, method in enumerate(ops.RESAMPLE_METHODS):
+            gen = torch.Generator().manual_seed(case_seed("resample-sample", G, K, method, seed))
+            log_w = torch.randn(G, K, generator=gen) * 3
+            log_w[:, 1:][torch.rand(G, K - 1, generator=gen) < 0.2] = -float("inf")
+            uniforms = ops.resample_uniforms(method, G, K, gen, "cpu")
+            samples += [[log_w, uniforms, m, float("inf")], [log_w, uniforms, m, 0.9]]
+    return samples
