@@ -195,3 +195,46 @@ def resample_samples(seed=13):
             uniforms = ops.resample_uniforms(method, G, K, gen, "cpu")
             samples += [[log_w, uniforms, m, float("inf")], [log_w, uniforms, m, 0.9]]
     return samples
+
+
+# Positions of LML's arguments after the 12 of update_cases.make_case (the schema's order).
+DIRS, DIR_SLOT, DIR_COEFFS, DIR_WEIGHTS = 12, 13, 14, 15
+
+
+def lml_case(shape, dtype, rank, n_reads, seed, *, history=True, clip=0.0, threshold=False, weights="float32",
+             noncontig=False, noise=True, state=0):
+    """multistep_update's 16 positional arguments with a random ring of `rank` directions (a strided view when
+    noncontig) and random per-sample weights (float32, float64 or None: g is only recorded)."""
+    assert history or n_reads == 0
+    slots = max(n_reads + 1, 4 if threshold else 1)
+    args = make_case(shape, dtype, n_reads, noise=noise, noncontig=noncontig, clip=clip, threshold=threshold,
+                     slots=slots, seed=seed, state=state)
+    if not history:
+        args[2] = None
+    gen = torch.Generator().manual_seed(seed + 1)
+    rng = random.Random(seed + 1)
+    width = 2 if noncontig else 1
+    dirs = torch.randn((rank, *shape[:-1], width * shape[-1]), generator=gen, dtype=torch.float64).to(dtype)
+    dirs = dirs[..., ::width]
+    dir_coeffs = [rng.uniform(-1.5, 1.5) for _ in range(3 + n_reads)]
+    w = None
+    if weights is not None:
+        w = torch.randn((shape[0], rank + 1), generator=gen, dtype=torch.float64).to(getattr(torch, weights))
+    return args + [dirs, rng.randrange(rank), dir_coeffs, w]
+
+
+def gram_args(args):
+    """lml_gram's arguments (x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs) of an update case."""
+    return [args[0], args[1], args[2], args[4], args[5], args[7], args[DIRS], args[DIR_COEFFS]]
+
+
+LML_SAMPLE_KWARGS = [dict(), dict(state=2, threshold=True), dict(weights=None, history=False), dict(noncontig=True)]
+
+
+def lml_samples(shape=(2, 3, 5), dtypes=DTYPES, seed=7):
+    """The sample inputs of multistep_update with LML's ring (its 16 positional arguments; gram_args gives
+    lml_gram's) shared by their correctness and opcheck tests: with and without history, weights, state and
+    thresholding, non-contiguous, per storage dtype."""
+    return [lml_case(shape, dtype, 2, 0 if kw.get("history") is False else 2,
+                     case_seed("lml-sample", shape, dtype, i, seed), **kw)
+            for dtype in dtypes for i, kw in enumerate(LML_SAMPLE_KWARGS)]
