@@ -8,7 +8,6 @@ built. A public op checks its arguments, picks a backend (backends._select_backe
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -82,8 +81,12 @@ if _status("cpu")[0]:
 
 
 def _triton(path: str) -> Callable:
-    module, function = path.rsplit(".", 1)
-    return getattr(importlib.import_module(f"..triton_kernels.{module}", __package__), function)
+    """The Triton function at `path` (import statements, not importlib: torch.compile traces them)."""
+    from ..triton_kernels import ems_update, fused_update, lml, resample  # noqa: F401  (the kernel modules)
+
+    module, function = path.split(".")
+    return getattr({"ems_update": ems_update, "fused_update": fused_update, "lml": lml, "resample": resample}[module],
+                   function)
 
 
 def run(op: str, name: str, *args):
