@@ -53,7 +53,7 @@ def extension():
 
 
 setup(
-    packages=["diffsampler", "diffsampler.solvers", "diffsampler.bench", "diffsampler.integrations",
+    packages=["diffsampler", "diffsampler.solvers", "diffsampler.bench", "diffsampler.integrations", "diffsampler.ops",
               "diffsampler.triton_kernels",
               "diffsampler._csrc"],
     package_dir={

@@ -21,20 +21,21 @@ at::Tensor multistep_update_indexed_cpu(const at::Tensor& x, const at::Tensor& m
 at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const c10::optional<at::Tensor>& history,
                         at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
                         at::ArrayRef<double> dir_coeffs);
-at::Tensor multistep_update_pure_cpu(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
-                                     const c10::optional<at::Tensor>& noise, double clip, bool thresholding);
+at::Tensor multistep_update_functional_cpu(const at::Tensor& x, const at::Tensor& model_out,
+                                           at::ArrayRef<double> coeffs, const c10::optional<at::Tensor>& noise,
+                                           double clip, bool thresholding);
 }
 
 TORCH_LIBRARY(diffsampler, m) {
   m.def(diffsampler::kMultistepUpdateSchema);
-  m.def(diffsampler::kMultistepUpdatePureSchema);
+  m.def(diffsampler::kMultistepUpdateFunctionalSchema);
   m.def(diffsampler::kLmlGramSchema);
   m.def(diffsampler::kMultistepUpdateIndexedSchema);
 }
 
 TORCH_LIBRARY_IMPL(diffsampler, CPU, m) {
   m.impl("multistep_update", &diffsampler::multistep_update_cpu);
-  m.impl("multistep_update_pure", &diffsampler::multistep_update_pure_cpu);
+  m.impl("multistep_update_functional", &diffsampler::multistep_update_functional_cpu);
   m.impl("lml_gram", &diffsampler::lml_gram_cpu);
   m.impl("multistep_update_indexed", &diffsampler::multistep_update_indexed_cpu);
 }

@@ -40,8 +40,8 @@ at::Tensor run_lml_gram(const at::Tensor& x, const at::Tensor& model_out, const 
 
 // The same update without history or state: a functional op (torch.compile's inductor cannot lower a mutating
 // op whose mutable arguments are all None). coeffs = the step row.
-constexpr const char* kMultistepUpdatePureSchema =
-    "multistep_update_pure(Tensor x, Tensor model_out, float[] coeffs, Tensor? noise, float clip, "
+constexpr const char* kMultistepUpdateFunctionalSchema =
+    "multistep_update_functional(Tensor x, Tensor model_out, float[] coeffs, Tensor? noise, float clip, "
     "bool thresholding) -> Tensor";
 
 // The schema string of the op (one place for bindings.cpp).
@@ -67,10 +67,10 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x, const at::Tensor& m
                                         const c10::optional<at::Tensor>& state,
                                         const c10::optional<at::Tensor>& status, const UpdateLaunch& launch);
 
-// multistep_update_pure on a backend's launch.
-inline at::Tensor run_multistep_update_pure(const at::Tensor& x, const at::Tensor& model_out,
-                                            at::ArrayRef<double> coeffs, const c10::optional<at::Tensor>& noise,
-                                            double clip, bool thresholding, const UpdateLaunch& launch) {
+// multistep_update_functional on a backend's launch.
+inline at::Tensor run_multistep_update_functional(const at::Tensor& x, const at::Tensor& model_out,
+                                                  at::ArrayRef<double> coeffs, const c10::optional<at::Tensor>& noise,
+                                                  double clip, bool thresholding, const UpdateLaunch& launch) {
   return run_multistep_update(x, model_out, c10::nullopt, 0, {}, coeffs, noise, clip, thresholding, c10::nullopt,
                               c10::nullopt, 0, {}, c10::nullopt, launch);
 }

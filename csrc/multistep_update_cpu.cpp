@@ -458,10 +458,11 @@ at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const 
   return run_lml_gram(x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs, gram_cpu);
 }
 
-at::Tensor multistep_update_pure_cpu(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
-                                     const c10::optional<at::Tensor>& noise, double clip, bool thresholding) {
-  TORCH_CHECK(x.device().is_cpu(), "multistep_update_pure_cpu: x must be a CPU tensor, got ", x.device());
-  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, thresholding, launch_cpu);
+at::Tensor multistep_update_functional_cpu(const at::Tensor& x, const at::Tensor& model_out,
+                                           at::ArrayRef<double> coeffs, const c10::optional<at::Tensor>& noise,
+                                           double clip, bool thresholding) {
+  TORCH_CHECK(x.device().is_cpu(), "multistep_update_functional_cpu: x must be a CPU tensor, got ", x.device());
+  return run_multistep_update_functional(x, model_out, coeffs, noise, clip, thresholding, launch_cpu);
 }
 
 }  // namespace diffsampler

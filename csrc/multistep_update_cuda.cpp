@@ -55,11 +55,12 @@ at::Tensor lml_gram_cuda(const at::Tensor& x, const at::Tensor& model_out, const
   return run_lml_gram(x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs, cuda_gram_launch(x));
 }
 
-at::Tensor multistep_update_pure_cuda(const at::Tensor& x, const at::Tensor& model_out, at::ArrayRef<double> coeffs,
-                                      const c10::optional<at::Tensor>& noise, double clip, bool thresholding) {
-  TORCH_CHECK(x.is_cuda(), "multistep_update_pure_cuda: x must be a CUDA tensor, got ", x.device());
+at::Tensor multistep_update_functional_cuda(const at::Tensor& x, const at::Tensor& model_out,
+                                            at::ArrayRef<double> coeffs, const c10::optional<at::Tensor>& noise,
+                                            double clip, bool thresholding) {
+  TORCH_CHECK(x.is_cuda(), "multistep_update_functional_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  return run_multistep_update_pure(x, model_out, coeffs, noise, clip, thresholding, cuda_launch(x));
+  return run_multistep_update_functional(x, model_out, coeffs, noise, clip, thresholding, cuda_launch(x));
 }
 
 at::Tensor multistep_update_indexed_cuda(const at::Tensor& x, const at::Tensor& model_out,
@@ -79,7 +80,7 @@ at::Tensor multistep_update_indexed_cuda(const at::Tensor& x, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(diffsampler, CUDA, m) {
   m.impl("multistep_update", &diffsampler::multistep_update_cuda);
-  m.impl("multistep_update_pure", &diffsampler::multistep_update_pure_cuda);
+  m.impl("multistep_update_functional", &diffsampler::multistep_update_functional_cuda);
   m.impl("lml_gram", &diffsampler::lml_gram_cuda);
   m.impl("multistep_update_indexed", &diffsampler::multistep_update_indexed_cuda);
 }

@@ -52,8 +52,8 @@ def test_opcheck_functional_op():
     from update_cases import make_case
 
     args = make_case((2, 3, 5), torch.float32, 0, seed=3)
-    torch.library.opcheck(torch.ops.diffsampler.multistep_update_pure.default, [args[0], args[1], args[5], args[6],
-                                                                                 0.0, False])
+    torch.library.opcheck(torch.ops.diffsampler.multistep_update_functional.default,
+                          [args[0], args[1], args[5], args[6], 0.0, False])
 
 
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "heun", "flow_euler", "ddim"])

@@ -177,17 +177,17 @@ def test_captures_in_a_cuda_graph(cuda_kernels, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("variant", ["no_history", "threshold_no_history"])
 def test_functional_op(cuda_kernels, dtype, variant):
-    """multistep_update_pure (no history, no state), registered from the same host file, on the same kernels."""
+    """multistep_update_functional (no history, no state), registered from the same host file, on the same kernels."""
 
-    def pure(x, out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, state):
+    def functional(x, out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, state):
         assert history is None and not read_slots and state is None
-        return torch.ops.diffsampler.multistep_update_pure(x, out, coeffs, noise, clip, thresholding)
+        return torch.ops.diffsampler.multistep_update_functional(x, out, coeffs, noise, clip, thresholding)
 
     for shape in VARIANT_SHAPES + [(8, 4, 64, 64)]:
-        args = to_cuda(variant_case(shape, dtype, variant, case_seed("cuda-pure", shape, dtype, variant)))
-        check_backend(pure, args, dtype)
+        args = to_cuda(variant_case(shape, dtype, variant, case_seed("cuda-functional", shape, dtype, variant)))
+        check_backend(functional, args, dtype)
     args = to_cuda(variant_case((2, 3, 5), torch.float32, variant, 5))
-    torch.library.opcheck(torch.ops.diffsampler.multistep_update_pure.default,
+    torch.library.opcheck(torch.ops.diffsampler.multistep_update_functional.default,
                           [args[0], args[1], args[5], args[6], *args[7:9]])
 
 

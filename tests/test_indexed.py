@@ -14,12 +14,10 @@ from diffsampler.graphs import IndexedLoop, run_indexed
 from diffsampler.sample import prepare
 
 from test_sync_free import SYNCING
-from update_cases import SESSION_SEED, rel_err
+from update_cases import DTYPES, SESSION_SEED, backend_op, indexed_samples, rel_err
 
 from diffsampler.bench.common import OpCounter
 
-BACKENDS = ["reference", "cpu", "triton"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def random_steps(gen, n_steps=5, state=True):
@@ -66,13 +64,9 @@ def run_steps(indexed, backend, dtype, seed, shape=(3, 5, 7, 9), state=True, cli
     return x, history, s
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", ["state", "no_state", "clip", "noncontig", "odd"])
 def test_indexed_op_matches_the_host_coefficient_op(backend, dtype, variant):
-    status = ops.backends()
-    if not status[backend]:
-        pytest.skip(status["reasons"][backend])
     opts = dict(state=variant != "no_state", clip=0.7 if variant == "clip" else None, noncontig=variant == "noncontig",
                 shape=(1, 1023) if variant == "odd" else (3, 5, 7, 9))
     seed = SESSION_SEED + hash(variant) % 1000
@@ -143,13 +137,26 @@ def test_indexed_step_dispatches_a_fixed_set_and_never_syncs(solver):
     assert not SYNCING & set(counter.ops)
 
 
+def _sample_table():
+    return ops.step_table(*random_steps(torch.Generator().manual_seed(SESSION_SEED)), 3, True)
+
+
+def test_indexed_samples_match_reference(backend):
+    """One indexed step of each sample on `backend` against the float64 reference: x', the history, the state."""
+    for args in indexed_samples(_sample_table()):
+        want = [a.double().clone() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        want = [want[0], ds.reference.multistep_update_indexed(*want), want[2], want[9]]
+        got = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        got = [got[0], backend_op("multistep_update_indexed", backend)(*got), got[2], got[9]]
+        bound = 1e-5 if args[0].dtype == torch.float32 else 2e-2
+        for g, w in zip(got[1:], want[1:]):
+            assert g.dtype == args[0].dtype and rel_err(g, w) < bound
+
+
 def test_opcheck_indexed():
-    coeffs, writes, reads = random_steps(torch.Generator().manual_seed(SESSION_SEED))
-    table = ops.step_table(coeffs, writes, reads, 3, True)
-    x, out, z = torch.randn(3, 2, 5), torch.randn(3, 2, 5), torch.randn(3, 2, 5)
-    args = (x, out, torch.zeros(3, 3, 2, 5), table.coeffs, table.slots, torch.tensor([2]), table.n_reads, z, 0.0,
-            torch.zeros(3, 2, 5))
-    opcheck(torch.ops.diffsampler.multistep_update_indexed.default, args)
+    """torch.library.opcheck of the compiled op on the samples of test_indexed_samples_match_reference."""
+    for args in indexed_samples(_sample_table()):
+        opcheck(torch.ops.diffsampler.multistep_update_indexed.default, args)
 
 
 def test_bad_input():

@@ -2,8 +2,6 @@
 (dirs, dir_slot, dir_coeffs, dir_weights) and lml_gram, on the C++ CPU kernels, Triton (CPU tensors under
 TRITON_INTERPRET=1; CUDA tensors on a GPU) and the CUDA kernels (tests marked gpu, skipped without one)."""
 
-import random
-
 import pytest
 import torch
 
@@ -11,44 +9,14 @@ import diffsampler as ds
 import diffsampler.triton_kernels  # noqa: F401  (the subpackage, also when ops has not probed it yet)
 from diffsampler import reference
 from test_cuda import cuda_kernels, to_cuda  # noqa: F401  (cuda_kernels: the fixture that loads the CUDA kernels)
-from update_cases import BOUNDS, case_seed, make_case, rel_err, writes_state
+from update_cases import (BOUNDS, DIR_COEFFS, DIR_SLOT, DIRS, backend_op, case_seed, gram_args,
+                          lml_case, lml_samples, rel_err, writes_state)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # ||Gram - Gram_ref|| / ||Gram_ref|| (a reduction: fp32 accumulation within a chunk, float64 across)
 GRAM_BOUNDS = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 HAS_CUDA = torch.cuda.is_available()
 TRITON_OK, TRITON_WHY = ds.triton_kernels.available()
-
-# Positions of LML's arguments after the 10 of update_cases.make_case (the schema's order).
-DIRS, DIR_SLOT, DIR_COEFFS, DIR_WEIGHTS = 10, 11, 12, 13
-
-
-def lml_case(shape, dtype, rank, n_reads, seed, *, history=True, clip=0.0, threshold=False, weights="float32",
-             noncontig=False, noise=True, state=0):
-    """multistep_update's 14 positional arguments with a random ring of `rank` directions (a strided view when
-    noncontig) and random per-sample weights (float32, float64 or None: d is only recorded)."""
-    assert history or n_reads == 0
-    slots = max(n_reads + 1, 4 if threshold else 1)
-    args = make_case(shape, dtype, n_reads, noise=noise, noncontig=noncontig, clip=clip, threshold=threshold,
-                     slots=slots, seed=seed, state=state)
-    if not history:
-        args[2] = None
-    gen = torch.Generator().manual_seed(seed + 1)
-    rng = random.Random(seed + 1)
-    width = 2 if noncontig else 1
-    dirs = torch.randn((rank, *shape[:-1], width * shape[-1]), generator=gen, dtype=torch.float64).to(dtype)
-    dirs = dirs[..., ::width]
-    dir_coeffs = [rng.uniform(-1.5, 1.5) for _ in range(3 + n_reads)]
-    w = None
-    if weights is not None:
-        w = torch.randn((shape[0], rank + 1), generator=gen, dtype=torch.float64).to(getattr(torch, weights))
-    return args + [dirs, rng.randrange(rank), dir_coeffs, w]
-
-
-def gram_args(args):
-    """lml_gram's arguments (x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs) of an update case."""
-    return [args[0], args[1], args[2], args[4], args[5], args[7], args[DIRS], args[DIR_COEFFS]]
-
 
 def _double(args):
     return [a.double().clone() if isinstance(a, torch.Tensor) else a for a in args]
@@ -139,6 +107,19 @@ def backend_ops(request):
     if name in ("cuda", "triton_cuda"):
         request.getfixturevalue("cuda_kernels")
     return (name, *BACKENDS[name])
+
+
+def test_lml_samples_match_reference(backend):
+    for args in lml_samples():
+        check_update(backend_op("multistep_update", backend), args, args[0].dtype)
+        check_gram(backend_op("lml_gram", backend), args, args[0].dtype)
+
+
+def test_opcheck():
+    """torch.library.opcheck of the compiled ops on the samples of test_lml_samples_match_reference."""
+    for args in lml_samples():
+        torch.library.opcheck(torch.ops.diffsampler.multistep_update.default, args)
+        torch.library.opcheck(torch.ops.diffsampler.lml_gram.default, gram_args(args))
 
 
 @pytest.mark.parametrize("backend_ops", BACKEND_PARAMS, indirect=True)
@@ -241,8 +222,8 @@ def test_triton_ops_schema():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_opcheck_on_cuda(cuda_kernels):  # noqa: F811
-    for kw in [dict(), dict(state=2, threshold=True), dict(weights=None, history=False)]:
-        args = to_cuda(lml_case((2, 3, 5), torch.float32, 2, 0 if kw.get("history") is False else 2, seed=7, **kw))
+    for args in lml_samples(dtypes=[torch.float32]):
+        args = to_cuda(args)
         torch.library.opcheck(torch.ops.diffsampler.multistep_update.default, args)
         torch.library.opcheck(torch.ops.diffsampler.lml_gram.default, gram_args(args))
         if TRITON_OK:

@@ -1,5 +1,5 @@
-"""The fused multistep update: the C++ CPU backend and the reference against the float64 truth, dispatch,
-torch.library registration, and bad input."""
+"""The fused multistep update: every backend (the `backend` fixture: reference, C++ CPU, Triton) against the
+float64 truth on the same inputs, dispatch, torch.library registration, and bad input."""
 
 import pytest
 import torch
@@ -7,27 +7,51 @@ import torch
 import diffsampler as ds
 from diffsampler import reference, step_row
 from diffsampler.ops import StateRow, UpdateCoeffs
-from update_cases import (ODD_SHAPES, VARIANT_SHAPES, VARIANTS, case_seed as _seed, check_backend, make_case,
-                          rel_err, variant_case)
+from update_cases import (DTYPES, HISTORY, ODD_SHAPES, STATE, VARIANT_SHAPES, VARIANTS, backend_op, case_seed as _seed,
+                          check_backend, make_case, rel_err, update_samples, variant_case)
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 cpu_op = torch.ops.diffsampler.multistep_update
+
+
+def test_samples_match_reference(backend):
+    for args in update_samples():
+        check_backend(backend_op("multistep_update", backend), args, args[0].dtype)
+
+
+def test_opcheck():
+    """torch.library.opcheck of the compiled op on the samples of test_samples_match_reference."""
+    for args in update_samples():
+        torch.library.opcheck(cpu_op, args)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
 @pytest.mark.parametrize("n_reads", [0, 1, 2, 3])
-def test_cpu_matches_reference(shape, dtype, n_reads):
+def test_matches_reference(backend, shape, dtype, n_reads):
     for noise in (True, False):
-        check_backend(cpu_op, make_case(shape, dtype, n_reads, noise=noise, seed=_seed(shape, dtype, n_reads, noise)),
-                      dtype)
+        check_backend(backend_op("multistep_update", backend),
+                      make_case(shape, dtype, n_reads, noise=noise, seed=_seed(shape, dtype, n_reads, noise)), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_cpu_variants(dtype, variant):
+def test_variants(backend, dtype, variant):
     for shape in VARIANT_SHAPES:
-        check_backend(cpu_op, variant_case(shape, dtype, variant, _seed(shape, dtype, variant)), dtype)
+        check_backend(backend_op("multistep_update", backend),
+                      variant_case(shape, dtype, variant, _seed(shape, dtype, variant)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_noncontiguous_history_against_reference(backend, dtype):
+    """A history whose slots are strided views (slot index last in memory): reads and the m0 write."""
+    for shape in [(7,), (2, 4, 9, 9)]:
+        for kw in [dict(n_reads=3), dict(n_reads=2, threshold=True, slots=4), dict(n_reads=1, state=2, clip=0.8)]:
+            args = make_case(shape, dtype, seed=_seed("strided-history", shape, dtype, str(kw)), **kw)
+            strided = torch.empty((*shape, args[2].shape[0]), dtype=dtype).movedim(-1, 0)
+            strided.copy_(args[2])
+            assert not strided[args[3]].is_contiguous()
+            args[2] = strided
+            check_backend(backend_op("multistep_update", backend), args, dtype)
 
 
 def test_threshold_acts_and_matches_diffusers_formula():
@@ -47,22 +71,21 @@ def test_threshold_acts_and_matches_diffusers_formula():
 
 
 @pytest.mark.parametrize("ratio, max_value", [(0.0, 1.6), (0.9, 0.5), (0.0, 0.5)])
-def test_threshold_bounds_diffusers_accepts(ratio, max_value):
+def test_threshold_bounds_diffusers_accepts(backend, ratio, max_value):
     """Quantile 0 and sample_max_value < 1 threshold as diffusers' _threshold_sample does (s = clamp(q, 1, max):
-    max itself below 1) on every CPU backend; a ratio of 0 is thresholding, not "off"."""
+    max itself below 1); a ratio of 0 is thresholding, not "off"."""
     from diffusers import DDPMScheduler
 
     x, out = torch.randn(3, 2, 8, 8), 2.0 * torch.randn(3, 2, 8, 8)
     coeffs = UpdateCoeffs(p=0.5, q=1.0, a=0.0, b=(1.0,))
     sched = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=max_value)
     expected = sched._threshold_sample(0.5 * x + out)
-    for backend in ("reference", "cpu", "triton"):
-        got = ds.ops.multistep_update(x, out, coeffs, threshold_ratio=ratio, threshold_max=max_value, backend=backend)
-        assert rel_err(got, expected) < 1e-6, backend
+    got = ds.ops.multistep_update(x, out, coeffs, threshold_ratio=ratio, threshold_max=max_value, backend=backend)
+    assert rel_err(got, expected) < 1e-6
     assert rel_err(ds.ops.multistep_update(x, out, coeffs), expected) > 1e-2
 
 
-def test_threshold_acts_on_the_data_prediction_of_a_noise_history():
+def test_threshold_acts_on_the_data_prediction_of_a_noise_history(backend):
     """coeffs.eps_of = (alpha, sigma): m_0 is a noise prediction; thresholding acts on x0 = (x - sigma eps) / alpha
     and the history and update get eps = (x - alpha x0) / sigma, as diffusers' noise-prediction solvers do."""
     from diffusers import DDPMScheduler
@@ -72,14 +95,13 @@ def test_threshold_acts_on_the_data_prediction_of_a_noise_history():
     coeffs = UpdateCoeffs(p=0.0, q=1.0, a=1.1, b=(-0.4,), eps_of=(alpha, sigma))  # eps prediction: m_0 = out
     sched = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.2)
     eps = (x - alpha * sched._threshold_sample((x - sigma * out) / alpha)) / sigma
-    for backend in ("reference", "cpu", "triton"):
-        history = torch.zeros(1, *x.shape)
-        got = ds.ops.multistep_update(x, out, coeffs, history=history, threshold_ratio=0.9, threshold_max=1.2,
-                                      backend=backend)
-        assert rel_err(history[0], eps) < 1e-5, backend
-        assert rel_err(got, 1.1 * x - 0.4 * eps) < 1e-5, backend
-        pure = ds.ops.multistep_update(x, out, coeffs, threshold_ratio=0.9, threshold_max=1.2, backend=backend)
-        assert rel_err(pure, got) < 1e-6, backend
+    history = torch.zeros(1, *x.shape)
+    got = ds.ops.multistep_update(x, out, coeffs, history=history, threshold_ratio=0.9, threshold_max=1.2,
+                                  backend=backend)
+    assert rel_err(history[0], eps) < 1e-5
+    assert rel_err(got, 1.1 * x - 0.4 * eps) < 1e-5
+    functional = ds.ops.multistep_update(x, out, coeffs, threshold_ratio=0.9, threshold_max=1.2, backend=backend)
+    assert rel_err(functional, got) < 1e-6
     unthresholded = ds.ops.multistep_update(x, out, coeffs)
     assert rel_err(unthresholded, 1.1 * x - 0.4 * out) < 1e-6  # eps_of changes nothing without thresholding
 
@@ -97,23 +119,29 @@ def test_reference_is_float64_capable():
     assert torch.equal(got, out)
 
 
-def test_deterministic_run_to_run():
-    args = make_case((3, 1000), torch.float32, 3, threshold=True, slots=4, seed=5)
-    h1, h2 = args[2].clone(), args[2].clone()
-    a1, a2 = list(args), list(args)
-    a1[2], a2[2] = h1, h2
-    assert torch.equal(cpu_op(*a1), cpu_op(*a2))
-    assert torch.equal(h1, h2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bitwise_deterministic(backend, dtype):
+    op = backend_op("multistep_update", backend)
+    for shape, kw in [((3, 1000), dict(n_reads=3, threshold=True, slots=4)), ((2, 3, 37), dict(n_reads=3)),
+                      ((2, 3, 37), dict(n_reads=2, threshold=True, slots=4, state=2))]:
+        args = make_case(shape, dtype, seed=_seed("determinism", shape, dtype, str(kw)), **kw)
+        runs = []
+        for _ in range(2):
+            a = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+            runs.append((op(*a), a[HISTORY], a[STATE]))
+        (x1, h1, s1), (x2, h2, s2) = runs
+        assert torch.equal(x1, x2) and torch.equal(h1, h2)
+        assert s1 is None or torch.equal(s1, s2)
 
 
-def test_noncontiguous_history_slot_is_written_in_place():
+def test_noncontiguous_history_slot_is_written_in_place(backend):
     x = torch.randn(2, 3, 5)
     out = torch.randn(2, 3, 5)
     base = torch.zeros(2, 3, 5, 2)  # slot axis last: every slot view is non-contiguous
     history = base.movedim(-1, 0)
     assert not history[0].is_contiguous()
     coeffs = UpdateCoeffs(p=0.5, q=2.0, a=1.0, b=(1.0,))
-    ds.ops.multistep_update(x, out, coeffs, history=history, write_slot=1, backend="cpu")
+    ds.ops.multistep_update(x, out, coeffs, history=history, write_slot=1, backend=backend)
     assert torch.allclose(base[..., 1], 0.5 * x + 2.0 * out, rtol=1e-6, atol=1e-6)
     assert torch.equal(base[..., 0], torch.zeros(2, 3, 5))
 
@@ -137,17 +165,6 @@ def test_forced_backend_errors():
             ds.ops.multistep_update(x, x, c, backend="cuda")
     with pytest.raises(ValueError, match="float64"):
         ds.ops.multistep_update(x.double(), x.double(), c, backend="cpu")
-
-
-def test_opcheck():
-    for kw in [dict(), dict(threshold=True, slots=4), dict(noise=False)]:
-        args = make_case((2, 3, 5), torch.float32, 2, seed=7, **kw)
-        torch.library.opcheck(cpu_op, args)
-    args = make_case((2, 3, 5), torch.float32, 0, seed=8)
-    args[2] = None
-    torch.library.opcheck(cpu_op, args)
-    for state in (1, 2):
-        torch.library.opcheck(cpu_op, make_case((2, 3, 5), torch.float32, 2, seed=9, state=state))
 
 
 def test_compile_fullgraph_loop():
@@ -225,7 +242,7 @@ def test_bad_input(change, match):
         ds.ops.multistep_update(kw.pop("x"), kw.pop("model_out"), kw.pop("coeffs"), **kw)
 
 
-def test_state_row_updates_state_in_place():
+def test_state_row_updates_state_in_place(backend):
     """UniPC-like use: x' and the state both from the old state and the history, in one call."""
     x, out, st = torch.randn(3, 7), torch.randn(3, 7), torch.randn(3, 7)
     history = torch.randn(2, 3, 7)
@@ -233,11 +250,9 @@ def test_state_row_updates_state_in_place():
     m0 = 0.5 * x - out
     expected_x = 0.2 * m0 + 0.3 * history[1] + 0.7 * st
     expected_s = 0.1 * x + 0.4 * m0 - 0.2 * history[1] + 0.9 * st
-    for backend in ("reference", "cpu"):
-        s, h = st.clone(), history.clone()
-        got = ds.ops.multistep_update(x, out, coeffs, history=h, write_slot=0, read_slots=[1], state=s,
-                                      backend=backend)
-        assert torch.allclose(got, expected_x, atol=1e-6) and torch.allclose(s, expected_s, atol=1e-6)
+    s, h = st.clone(), history.clone()
+    got = ds.ops.multistep_update(x, out, coeffs, history=h, write_slot=0, read_slots=[1], state=s, backend=backend)
+    assert torch.allclose(got, expected_x, atol=1e-6) and torch.allclose(s, expected_s, atol=1e-6)
 
 
 def test_nan_check_can_be_skipped():

@@ -10,19 +10,11 @@ import diffsampler as ds
 import diffsampler.triton_kernels  # noqa: F401  (the subpackage, also when ops has not probed it yet)
 from diffsampler import ops, reference
 from diffsampler.bench.common import OpCounter
-from update_cases import case_seed
+from update_cases import backend_op, case_seed, resample_samples
 
 METHODS = ops.RESAMPLE_METHODS
-CPU_BACKENDS = [b for b in ("cpu", "triton") if ops.backends()[b]]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INF = float("inf")
-
-
-def fused(backend):
-    """resample_ancestors of a backend (signature of reference.resample_ancestors)."""
-    if backend == "triton":
-        return ds.triton_kernels.resample_ancestors
-    return torch.ops.diffsampler.resample_ancestors
 
 
 def random_log_w(G, K, gen, spread=3.0):
@@ -46,7 +38,12 @@ def assert_same_as_reference(out, ref):
     assert torch.allclose(log_norm.double(), ref[4].double(), rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_samples_match_reference(backend):
+    for args in resample_samples():
+        ref = reference.resample_ancestors(*args)
+        assert_same_as_reference(backend_op("resample_ancestors", backend)(*args), ref)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_backends_give_identical_ancestors(backend, method):
     for G, K in [(1, 1), (3, 2), (5, 7), (4, 64), (2, 1031)] + ([(1, 4099)] if backend == "cpu" else []):
@@ -55,7 +52,7 @@ def test_backends_give_identical_ancestors(backend, method):
         uniforms = ops.resample_uniforms(method, G, K, gen, "cpu")
         for threshold in (INF, 0.5):
             ref = reference.resample_ancestors(lw, uniforms, METHODS.index(method), threshold)
-            out = fused(backend)(lw, uniforms, METHODS.index(method), threshold)
+            out = backend_op("resample_ancestors", backend)(lw, uniforms, METHODS.index(method), threshold)
             assert_same_as_reference(out, ref)
             if threshold == INF:
                 assert out[3].all()
@@ -68,7 +65,8 @@ def test_cpu_large_group_and_many_groups():
         for method in METHODS:
             uniforms = ops.resample_uniforms(method, G, K, gen, "cpu")
             ref = reference.resample_ancestors(lw, uniforms, METHODS.index(method), INF)
-            assert_same_as_reference(fused("cpu")(lw, uniforms, METHODS.index(method), INF), ref)
+            out = backend_op("resample_ancestors", "cpu")(lw, uniforms, METHODS.index(method), INF)
+            assert_same_as_reference(out, ref)
 
 
 def test_reference_weights_and_ess_against_float64():
@@ -87,7 +85,6 @@ def test_reference_weights_and_ess_against_float64():
     assert torch.allclose(log_norm, torch.logsumexp(lw, 1), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_particle_move(backend, dtype):
     """Flat, grouped and non-contiguous particles: out = old[ancestor_rows], survivors' slots untouched, the same
@@ -116,7 +113,6 @@ def test_particle_move(backend, dtype):
             assert torch.equal(base[..., 1::2], odd)  # the columns between the view's stay as they were
 
 
-@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
 def test_ess_threshold(backend):
     """A group above the threshold is not resampled: particles bitwise untouched, identity ancestors, normalised
     log-weights; one below it is, and its log-weights are all -log K. Threshold 0 never resamples."""
@@ -157,9 +153,8 @@ def check_threshold_boundary(fn, device, seed):
             assert torch.equal(resampled, reference.resample_ancestors(lw, uniforms, 0, threshold)[3])
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_decision_at_the_threshold_boundary(backend):
-    check_threshold_boundary(fused(backend), "cpu", case_seed("resample-boundary", backend))
+    check_threshold_boundary(backend_op("resample_ancestors", backend), "cpu", case_seed("resample-boundary", backend))
 
 
 # Statistics: N_g = 4000 groups with the same weights in one call (one row of uniforms each: independent draws).
@@ -215,7 +210,6 @@ def test_variance_ordering():
         assert var[m] <= var["multinomial"], var
 
 
-@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
 def test_degenerate_groups_reset_to_uniform(backend):
     K = 5
     lw = torch.randn(4, K)
@@ -292,13 +286,12 @@ def test_reproducible_and_sync_free():
 
 
 def test_opcheck():
-    lw = torch.randn(3, 7)
-    lw[0, 1] = -INF
-    for method in range(4):
-        uniforms = ops.resample_uniforms(METHODS[method], 3, 7, torch.Generator().manual_seed(method), "cpu")
-        torch.library.opcheck(torch.ops.diffsampler.resample_ancestors.default, (lw, uniforms, method, 0.9))
-    _, ancestors, _, resampled, _ = torch.ops.diffsampler.resample_ancestors(lw, uniforms, 3, INF)
-    torch.library.opcheck(torch.ops.diffsampler.resample_move.default, (torch.randn(21, 4), ancestors, resampled))
+    """torch.library.opcheck of the compiled ops on the samples of test_samples_match_reference."""
+    for args in resample_samples():
+        torch.library.opcheck(torch.ops.diffsampler.resample_ancestors.default, args)
+        _, ancestors, _, resampled, _ = torch.ops.diffsampler.resample_ancestors(*args)
+        particles = torch.randn(ancestors.numel(), 4)
+        torch.library.opcheck(torch.ops.diffsampler.resample_move.default, (particles, ancestors, resampled))
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

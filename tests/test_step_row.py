@@ -78,17 +78,17 @@ def test_ops_refuse_a_row_of_another_width(backend):
     row = step_row.row(UpdateCoeffs(p=1.0, q=0.0, a=1.0, b=(1.0,)))
     if backend == "cpu":
         update, gram = torch.ops.diffsampler.multistep_update, torch.ops.diffsampler.lml_gram
-        pure = torch.ops.diffsampler.multistep_update_pure
+        functional = torch.ops.diffsampler.multistep_update_functional
         error = RuntimeError
     else:
-        update, gram, pure = ds.triton_kernels.multistep_update, ds.triton_kernels.lml_gram, None
+        update, gram, functional = ds.triton_kernels.multistep_update, ds.triton_kernels.lml_gram, None
         error = ValueError
     for bad in (row[:-1], row + [0.0], row[:6]):
         with pytest.raises(error, match=f"coeffs must be a step row of {step_row.WIDTH} entries"):
             update(x, out, history, 0, [], bad, None, 0.0, False)
-        if pure is not None:
+        if functional is not None:
             with pytest.raises(error, match=f"coeffs must be a step row of {step_row.WIDTH} entries"):
-                pure(x, out, bad, None, 0.0, False)
+                functional(x, out, bad, None, 0.0, False)
         if backend == "cpu":
             with pytest.raises(error, match=f"lml_gram: coeffs must be a step row of {step_row.WIDTH} entries"):
                 gram(x, out, history, [], bad, 0.0, torch.zeros(1, 2, 5), [0.0, 0.0, 1.0])

@@ -9,10 +9,11 @@ import zlib
 import torch
 
 from diffsampler import reference, step_row
-from diffsampler.ops import StateRow, UpdateCoeffs
+from diffsampler.ops import StateRow, UpdateCoeffs, registry
 
 # ||out - ref|| / ||ref|| against the float64 reference (design.md section 1)
 BOUNDS = {torch.float32: 1e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DTYPES = list(BOUNDS)
 # Fresh random inputs every run; rerun one with DIFFSAMPLER_TEST_SEED=<the seed in pytest's header>.
 SESSION_SEED = int(os.environ.get("DIFFSAMPLER_TEST_SEED", random.SystemRandom().randrange(2**31)))
 ODD_SHAPES = [(1,), (7,), (1023,), (65537,), (3, 5, 7, 11), (2, 4, 9, 9)]
@@ -146,3 +147,109 @@ def check_backend(fn, args, dtype):
         assert rel_err(a[STATE], ref_s, s_scale) < bound
     elif a[STATE] is not None:
         assert torch.equal(a[STATE], args[STATE]), "a read-only state was modified"
+
+
+def backend_op(op: str, backend: str):
+    """The backend-level function of `op` on `backend`, with reference.<op>'s signature: the reference, the Triton
+    function, or the compiled torch.ops.diffsampler.<op> (the table's entry, without the dispatch)."""
+    entry = registry.OPS[op]
+    if backend == "reference" or (backend == "triton" and entry.triton is None):
+        return entry.reference
+    if backend == "triton":
+        return registry._triton(entry.triton)
+    return getattr(torch.ops.diffsampler, op)
+
+
+SAMPLE_KWARGS = [dict(), dict(threshold=True, slots=4), dict(noise=False), dict(n_reads=0, history=False),
+                 dict(state=1), dict(state=2), dict(noncontig=True, state=2, clip=0.8)]
+
+
+def update_samples(shape=(2, 3, 5), dtypes=DTYPES, seed=7):
+    """The sample inputs of multistep_update (the schema's positional arguments) that its correctness and opcheck
+    tests share: random, with and without history (history=False), noise, thresholding and state, non-contiguous,
+    per storage dtype."""
+    samples = []
+    for dtype in dtypes:
+        for i, kw in enumerate(SAMPLE_KWARGS):
+            kw = dict(kw)
+            history = kw.pop("history", True)
+            args = make_case(shape, dtype, seed=case_seed("sample", shape, dtype, i, seed), **kw)
+            if not history:
+                args[2] = None
+            samples.append(args)
+    return samples
+
+
+def indexed_samples(steps, shape=(3, 2, 5), dtypes=DTYPES, seed=11):
+    """The sample inputs of multistep_update_indexed (the schema's positional arguments, without status) for a
+    StepTable `steps` with state, shared by its correctness and opcheck tests: each step of the table, random
+    operands per storage dtype, with and without noise, one with strided model output."""
+    samples = []
+    for dtype in dtypes:
+        gen = torch.Generator().manual_seed(case_seed("indexed-sample", shape, dtype, seed))
+        for i in range(steps.coeffs.shape[0]):
+            rand = lambda *s: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+            out = rand(*shape, 2)[..., 0] if i == 1 else rand(*shape)
+            noise = rand(*shape) if i % 2 == 0 else None
+            samples.append([rand(*shape), out, rand(steps.slots.max().item() + 1, *shape), steps.coeffs, steps.slots,
+                            torch.tensor([i]), steps.n_reads, noise, 0.7 if i == 2 else 0.0, rand(*shape)])
+    return samples
+
+
+def resample_samples(seed=13):
+    """The sample inputs of resample_ancestors (log_w, uniforms, method index, ess_threshold) shared by its
+    correctness and opcheck tests: every method, groups of odd sizes, -inf log-weights, always / at a threshold."""
+    from diffsampler import ops
+
+    samples = []
+    for G, K in [(1, 1), (3, 7), (2, 65)]:
+        for m, method in enumerate(ops.RESAMPLE_METHODS):
+            gen = torch.Generator().manual_seed(case_seed("resample-sample", G, K, method, seed))
+            log_w = torch.randn(G, K, generator=gen) * 3
+            log_w[:, 1:][torch.rand(G, K - 1, generator=gen) < 0.2] = -float("inf")
+            uniforms = ops.resample_uniforms(method, G, K, gen, "cpu")
+            samples += [[log_w, uniforms, m, float("inf")], [log_w, uniforms, m, 0.9]]
+    return samples
+
+
+# Positions of LML's arguments after the 10 of make_case (the schema's order).
+DIRS, DIR_SLOT, DIR_COEFFS, DIR_WEIGHTS = 10, 11, 12, 13
+
+
+def lml_case(shape, dtype, rank, n_reads, seed, *, history=True, clip=0.0, threshold=False, weights="float32",
+             noncontig=False, noise=True, state=0):
+    """multistep_update's 14 positional arguments with a random ring of `rank` directions (a strided view when
+    noncontig) and random per-sample weights (float32, float64 or None: d is only recorded)."""
+    assert history or n_reads == 0
+    slots = max(n_reads + 1, 4 if threshold else 1)
+    args = make_case(shape, dtype, n_reads, noise=noise, noncontig=noncontig, clip=clip, threshold=threshold,
+                     slots=slots, seed=seed, state=state)
+    if not history:
+        args[2] = None
+    gen = torch.Generator().manual_seed(seed + 1)
+    rng = random.Random(seed + 1)
+    width = 2 if noncontig else 1
+    dirs = torch.randn((rank, *shape[:-1], width * shape[-1]), generator=gen, dtype=torch.float64).to(dtype)
+    dirs = dirs[..., ::width]
+    dir_coeffs = [rng.uniform(-1.5, 1.5) for _ in range(3 + n_reads)]
+    w = None
+    if weights is not None:
+        w = torch.randn((shape[0], rank + 1), generator=gen, dtype=torch.float64).to(getattr(torch, weights))
+    return args + [dirs, rng.randrange(rank), dir_coeffs, w]
+
+
+def gram_args(args):
+    """lml_gram's arguments (x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs) of an update case."""
+    return [args[0], args[1], args[2], args[4], args[5], args[7], args[DIRS], args[DIR_COEFFS]]
+
+
+LML_SAMPLE_KWARGS = [dict(), dict(state=2, threshold=True), dict(weights=None, history=False), dict(noncontig=True)]
+
+
+def lml_samples(shape=(2, 3, 5), dtypes=DTYPES, seed=7):
+    """The sample inputs of multistep_update with LML's ring (its 14 positional arguments; gram_args gives
+    lml_gram's) shared by their correctness and opcheck tests: with and without history, weights, state and
+    thresholding, non-contiguous, per storage dtype."""
+    return [lml_case(shape, dtype, 2, 0 if kw.get("history") is False else 2,
+                     case_seed("lml-sample", shape, dtype, i, seed), **kw)
+            for dtype in dtypes for i, kw in enumerate(LML_SAMPLE_KWARGS)]

@@ -276,10 +276,10 @@ def multistep_update_triton(
                    dir_slot, dir_coeffs, dir_weights)
 
 
-@torch.library.triton_op("diffsampler::multistep_update_pure_triton", mutates_args=())
-def multistep_update_pure_triton(x: torch.Tensor, model_out: torch.Tensor, coeffs: list[float],
+@torch.library.triton_op("diffsampler::multistep_update_functional_triton", mutates_args=())
+def multistep_update_functional_triton(x: torch.Tensor, model_out: torch.Tensor, coeffs: list[float],
                                  noise: torch.Tensor | None, clip: float, thresholding: bool) -> torch.Tensor:
-    """Without history or state: a functional op (see csrc/multistep_update.h, kMultistepUpdatePureSchema)."""
+    """Without history or state: a functional op (see csrc/multistep_update.h, kMultistepUpdateFunctionalSchema)."""
     return _update(x, model_out, None, 0, [], coeffs, noise, clip, thresholding, None)
 
 
@@ -288,7 +288,7 @@ def multistep_update(x, model_out, history, write_slot, read_slots, coeffs, nois
     """Entry point with the reference's signature: the registered op, the functional one when there is neither
     history nor state nor LML's ring."""
     if history is None and state is None and dirs is None:
-        return torch.ops.diffsampler.multistep_update_pure_triton(x, model_out, list(coeffs), noise, clip,
+        return torch.ops.diffsampler.multistep_update_functional_triton(x, model_out, list(coeffs), noise, clip,
                                                                   thresholding)
     return torch.ops.diffsampler.multistep_update_triton(x, model_out, history, write_slot, list(read_slots),
                                                          list(coeffs), noise, clip, thresholding, state, dirs,

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops, reference
+from .ops.resample import _check_resample_args
 
 # all_gather(out, inp, group=None): the ranks' inputs concatenated along dim 0 (all_gather_into_tensor before
 # torch 2.13, deprecated there).
@@ -157,7 +158,7 @@ def resample_distributed(
     on every rank when no row crosses ranks.
     """
     try:
-        ops._check_resample_args(log_w_local, particles_local, method, ess_threshold, "inplace", backend)
+        _check_resample_args(log_w_local, particles_local, method, ess_threshold, "inplace", backend)
         local_error = None
     except ValueError as error:
         local_error = error
