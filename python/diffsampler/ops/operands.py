@@ -70,9 +70,11 @@ def _check_no_overlap(written: dict, read: dict) -> None:
     after writing others, unlike the reference: the result would depend on the backend). written / read: name
     -> tensor, (tensor, slot) or None; a written buffer may be read by itself. Spans, not elements: two
     interleaved views of one buffer count as overlapping."""
+    if all(w is None for w in written.values()):
+        return
     operands = [(n, o) for n, o in (*written.items(), *read.items()) if o is not None]
-    first = operands[0][1] if operands else None
-    if first is None or not _has_data(first[0] if isinstance(first, tuple) else first):
+    first = operands[0][1]
+    if not _has_data(first[0] if isinstance(first, tuple) else first):
         return
     spans = {n: _span(o) for n, o in operands}
     for name, w in written.items():
