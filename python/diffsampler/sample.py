@@ -51,9 +51,9 @@ def sample(
     clip / threshold_ratio, threshold_max: clamp the data prediction to [-clip, clip], or dynamic thresholding.
     generator: the torch.Generator of the noise of stochastic steps (DDIM with eta > 0, the SDE solvers).
     check_nan: raise ValueError, naming the step and its time, when the model returns NaN or inf (a host sync
-        per step; off for speed). Skipped inside torch.compile, whose graph cannot sync; the plan is built on the host once per distinct
-        arguments (cached), so ``torch.compile(lambda x: sample(model, x, ...), fullgraph=True)`` traces only
-        the loop.
+        per step; off for speed). Skipped inside torch.compile, whose graph cannot sync; the plan is built on
+        the host once per distinct arguments (cached), so ``torch.compile(lambda x: sample(model, x, ...),
+        fullgraph=True)`` traces only the loop.
     time_shift: a ``diffsampler.solvers.TimeShift(window, cutoff)``: query the model at the timestep whose
         noise variance matches each sample's (TS-DPM); discrete VP schedules.
     lml: a ``diffsampler.LML(damping, kappa, rank, freeze)``: precondition each step's direction with the
