@@ -215,8 +215,14 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor
               "multistep_update_indexed: slots must be a contiguous int64 (", table.size(0), ", ", DS_SLOTS_WIDTH,
               ") tensor on ", dev, ", got ", slots.scalar_type(), " ", slots.sizes());
   TORCH_CHECK(table.size(0) >= 1, "multistep_update_indexed: table must have at least one row");
-  TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong && step.device() == dev,
-              "multistep_update_indexed: step must be one int64 element on ", dev);
+  const int64_t batch = x_in.dim() >= 1 ? x_in.size(0) : 0;
+  TORCH_CHECK(step.dim() <= 1 && (step.numel() == 1 || step.numel() == batch) && step.scalar_type() == at::kLong &&
+                  step.device() == dev,
+              "multistep_update_indexed: step must be an int64 tensor on ", dev, " of one element or one per sample "
+              "(", batch, "), got ", step.scalar_type(), " ", step.sizes());
+  TORCH_CHECK(step.numel() == 1 || batch <= kMaxPerSampleSteps, "multistep_update_indexed: per-sample steps take "
+              "at most ", kMaxPerSampleSteps, " samples, got ", batch);
+  const at::Tensor steps = step.contiguous();  // outlives the launch (stream-ordered on the device)
   TORCH_CHECK(n_reads >= 0 && n_reads <= DS_MAX_READS, "multistep_update_indexed: n_reads must be in [0, ",
               DS_MAX_READS, "], got ", n_reads);
   TORCH_CHECK(n_reads == 0 || history.has_value(), "multistep_update_indexed: n_reads > 0 needs a history");
@@ -226,7 +232,8 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor
   l.k.n_reads = static_cast<int>(n_reads);
   t.table = table.data_ptr<double>();
   t.slots = slots.data_ptr<int64_t>();
-  t.step = step.data_ptr<int64_t>();
+  t.step = steps.data_ptr<int64_t>();
+  t.per_sample_steps = steps.numel() > 1;
   t.n_steps = table.size(0);
   t.status = status_pointer(status, dev, "multistep_update_indexed");
   if (history.has_value()) {

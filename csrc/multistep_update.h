@@ -51,11 +51,13 @@ constexpr const char* kMultistepUpdateSchema =
     "Tensor(c!)? dirs=None, int dir_slot=0, float[] dir_coeffs=[], Tensor? dir_weights=None) -> Tensor";
 
 // Indexed steps, for per-step CUDA-graph capture: the step's coefficients and history slots are read from row
-// `step` (an int64 tensor of one element on x's device) of `table` (steps, DS_ROW_WIDTH) float64 and `slots`
+// `step` (an int64 tensor on x's device of one element, or of B: sample b takes row step[b], at most
+// kMaxPerSampleSteps samples) of `table` (steps, DS_ROW_WIDTH) float64 and `slots`
 // (steps, DS_SLOTS_WIDTH) int64, on the device (update_params.h). n_reads, clip, noise and state are fixed for the
 // table; history and state must be contiguous (written in place). A step or used slot out of range is clamped
 // into range and ORs DS_ERR_STEP / DS_ERR_SLOT into `status` (int32, one element) on the device; the CPU kernel
 // raises instead.
+constexpr int64_t kMaxPerSampleSteps = 65535;  // the CUDA grid's second dimension: one sample per row of blocks
 constexpr const char* kMultistepUpdateIndexedSchema =
     "multistep_update_indexed(Tensor x, Tensor model_out, Tensor(a!)? history, Tensor table, Tensor slots, "
     "Tensor step, int n_reads, Tensor? noise, float clip, Tensor(b!)? state, Tensor(c!)? status=None) -> Tensor";

@@ -385,29 +385,43 @@ void gram_cpu(ds_dtype dtype, const ds_update_tensors& t, const ds_update_coeffs
   }
 }
 
-void launch_cpu(ds_dtype dtype, ds_phase phase, const ds_update_tensors& t_in, const ds_update_coeffs& k_in) {
-  ds_update_tensors t = t_in;
-  ds_update_coeffs k = k_in;
-  if (t.table != nullptr) {  // host memory: checked and resolved here
-    const int64_t i = *t.step;
-    TORCH_CHECK(i >= 0 && i < t.n_steps, "multistep_update_indexed: step ", i, " is outside the table's [0, ",
-                t.n_steps, ")");
-    if (t.history != nullptr) {
-      const int64_t* slot = t.slots + i * DS_SLOTS_WIDTH;
-      for (int j = 0; j <= k.n_reads; ++j) {
-        TORCH_CHECK(slot[j] >= 0 && slot[j] < t.history_slots, "multistep_update_indexed: the table's ",
-                    j == 0 ? "write slot" : "read slot", " ", slot[j], " of step ", i,
-                    " is outside the history's [0, ", t.history_slots, ")");
-      }
+// Indexed steps on host memory: the row and every used slot of t.step's entry are checked (raising), then
+// resolved into (t, k).
+void resolve_step(ds_dtype dtype, ds_update_tensors& t, ds_update_coeffs& k) {
+  const int64_t i = *t.step;
+  TORCH_CHECK(i >= 0 && i < t.n_steps, "multistep_update_indexed: step ", i, " is outside the table's [0, ",
+              t.n_steps, ")");
+  if (t.history != nullptr) {
+    const int64_t* slot = t.slots + i * DS_SLOTS_WIDTH;
+    for (int j = 0; j <= k.n_reads; ++j) {
+      TORCH_CHECK(slot[j] >= 0 && slot[j] < t.history_slots, "multistep_update_indexed: the table's ",
+                  j == 0 ? "write slot" : "read slot", " ", slot[j], " of step ", i, " is outside the history's [0, ",
+                  t.history_slots, ")");
     }
-    ds_index_step(&t, &k, dtype == DS_FLOAT32 ? 4 : 2);
   }
+  ds_index_step(&t, &k, dtype == DS_FLOAT32 ? 4 : 2);
+}
+
+void launch_cpu(ds_dtype dtype, ds_phase phase, const ds_update_tensors& t_in, const ds_update_coeffs& k_in) {
+  // One (t, k) for the batch, or one per sample (indexed per-sample steps; a range never crosses a sample).
+  std::vector<ds_update_tensors> ts{t_in};
+  std::vector<ds_update_coeffs> ks{k_in};
+  if (t_in.table != nullptr) {
+    const int64_t rows = t_in.per_sample_steps ? t_in.n / t_in.per_sample : 1;
+    ts.assign(rows, t_in);
+    ks.assign(rows, k_in);
+    for (int64_t b = 0; b < rows; ++b) {
+      ts[b].step = t_in.step + b;
+      resolve_step(dtype, ts[b], ks[b]);
+    }
+  }
+  const bool per_sample = ts.size() > 1;
   constexpr int64_t kGrain = 1 << 15;  // elements per task: well above the per-task overhead
   constexpr int64_t kLmlBlock = 1 << 9;  // LML follows the update block by block, its operands still in L1
-  const bool lml = k.n_dirs > 0 && phase != DS_PHASE_CONVERT;
-  const bool fused = phase == DS_PHASE_FULL && t.state == nullptr && t.m0 != nullptr;
-  auto run = [&](auto tag, int64_t begin, int64_t end) {
+  auto run = [&](auto tag, const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end) {
     using S = decltype(tag);
+    const bool lml = k.n_dirs > 0 && phase != DS_PHASE_CONVERT;
+    const bool fused = phase == DS_PHASE_FULL && t.state == nullptr && t.m0 != nullptr;
     if (!lml) return dispatch<S>(phase, t, k, begin, end);
     if (fused) return lml_fused_dispatch<S>(t, k, begin, end);
     for (int64_t lo = begin; lo < end; lo += kLmlBlock) {
@@ -416,11 +430,16 @@ void launch_cpu(ds_dtype dtype, ds_phase phase, const ds_update_tensors& t_in, c
       lml_dispatch<S>(t, k, lo, hi);
     }
   };
-  at::parallel_for(0, t.n, kGrain, [&](int64_t begin, int64_t end) {
-    switch (dtype) {
-      case DS_FLOAT32: run(F32{}, begin, end); break;
-      case DS_FLOAT16: run(F16{}, begin, end); break;
-      case DS_BFLOAT16: run(BF16{}, begin, end); break;
+  at::parallel_for(0, t_in.n, kGrain, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t b = per_sample ? begin / t_in.per_sample : 0;
+      const int64_t stop = per_sample ? std::min(end, (b + 1) * t_in.per_sample) : end;
+      switch (dtype) {
+        case DS_FLOAT32: run(F32{}, ts[b], ks[b], begin, stop); break;
+        case DS_FLOAT16: run(F16{}, ts[b], ks[b], begin, stop); break;
+        case DS_BFLOAT16: run(BF16{}, ts[b], ks[b], begin, stop); break;
+      }
+      begin = stop;
     }
   });
 }

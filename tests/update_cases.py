@@ -183,16 +183,23 @@ def update_samples(shape=(2, 3, 5), dtypes=DTYPES, seed=7):
 def indexed_samples(steps, shape=(3, 2, 5), dtypes=DTYPES, seed=11):
     """The sample inputs of multistep_update_indexed (the schema's positional arguments, without status) for a
     StepTable `steps` with state, shared by its correctness and opcheck tests: each step of the table, random
-    operands per storage dtype, with and without noise, one with strided model output."""
+    operands per storage dtype, with and without noise, one with strided model output; then per-sample steps
+    (step of shape (B,): each sample at its own random step)."""
     samples = []
+    n_steps = steps.coeffs.shape[0]
     for dtype in dtypes:
         gen = torch.Generator().manual_seed(case_seed("indexed-sample", shape, dtype, seed))
-        for i in range(steps.coeffs.shape[0]):
-            rand = lambda *s: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+        rand = lambda *s: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+        slots = steps.slots.max().item() + 1
+        for i in range(n_steps):
             out = rand(*shape, 2)[..., 0] if i == 1 else rand(*shape)
             noise = rand(*shape) if i % 2 == 0 else None
-            samples.append([rand(*shape), out, rand(steps.slots.max().item() + 1, *shape), steps.coeffs, steps.slots,
-                            torch.tensor([i]), steps.n_reads, noise, 0.7 if i == 2 else 0.0, rand(*shape)])
+            samples.append([rand(*shape), out, rand(slots, *shape), steps.coeffs, steps.slots, torch.tensor([i]),
+                            steps.n_reads, noise, 0.7 if i == 2 else 0.0, rand(*shape)])
+        for noisy in (True, False):
+            step = torch.randint(0, n_steps, (shape[0],), generator=gen)
+            samples.append([rand(*shape), rand(*shape), rand(slots, *shape), steps.coeffs, steps.slots, step,
+                            steps.n_reads, rand(*shape) if noisy else None, 0.0 if noisy else 0.7, rand(*shape)])
     return samples
 
 

@@ -115,8 +115,14 @@ def _multistep_update_kernel(
     table_ptr, slots_ptr, step_ptr, hist_ptr, n_steps, n_slots, status_ptr,
     N_READS: tl.constexpr, HAS_NOISE: tl.constexpr, STATE: tl.constexpr, WRITE_M0: tl.constexpr,
     CLIP: tl.constexpr, PHASE: tl.constexpr, N_DIRS: tl.constexpr, WEIGHTS: tl.constexpr, BLOCK: tl.constexpr,
-    INDEXED: tl.constexpr,
+    INDEXED: tl.constexpr, PER_SAMPLE_STEPS: tl.constexpr,
 ):
+    # elements [start, end): the whole tensor, or with per-sample steps sample program_id(1)'s
+    start, end = 0, n
+    if PER_SAMPLE_STEPS:
+        sample = tl.program_id(1).to(tl.int64)
+        start, end = sample * per_sample, sample * per_sample + per_sample
+        step_ptr += sample
     if INDEXED:  # the step's row and history slots, read on the device (_load_row), clamped
         i = tl.load(step_ptr)
         err = tl.where((i >= 0) & (i < n_steps), 0, ERR_STEP)
@@ -134,8 +140,8 @@ def _multistep_update_kernel(
         r2_ptr = hist_ptr + _clamp_slot(j2, n_slots) * n
         if (err != 0) & (tl.program_id(0) == 0):
             tl.atomic_or(status_ptr, err.to(tl.int32))
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < end
     xv = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     ov = tl.load(out_ptr + offs, mask=mask).to(tl.float32)
     h0, h1, h2 = _load_reads(r0_ptr, r1_ptr, r2_ptr, offs, mask, N_READS)
@@ -194,7 +200,7 @@ def _launch(phase, x, out, reads, noise, state, m0, x_next, scale, coeffs, clip,
     """One kernel launch with the step row `coeffs` (step_row.fields: its hx, hm serve the threshold phase);
     lml = (ring slots, the slot written, dir_coeffs, weights or None) or None; indexed = (table, slots, step,
     history or None, status): the row and the read/m0 pointers come from the device, the step and slots clamped
-    into range (flagged in status)."""
+    into range (flagged in status); a step of B entries gives each sample its own row (a grid row per sample)."""
     n = x.numel()
     k = step_row.fields(coeffs)
     dummy = x  # stands in for absent pointers; never dereferenced (the constexpr flags skip it)
@@ -206,9 +212,11 @@ def _launch(phase, x, out, reads, noise, state, m0, x_next, scale, coeffs, clip,
     lml_ptrs = [*slots, *[dummy] * (6 - len(slots)), written, weights if weights is not None else dummy]
     table, slot_table, step, history, status = indexed if indexed is not None else (dummy, dummy, dummy, None, None)
     writes_state = indexed is not None or k.writes_state != 0  # indexed: each step's row decides on the device
-    grid = (triton.cdiv(n, BLOCK),)
+    per_sample = max(n // x.shape[0], 1)
+    per_sample_steps = indexed is not None and indexed[2].numel() > 1
+    grid = (triton.cdiv(per_sample, BLOCK), x.shape[0]) if per_sample_steps else (triton.cdiv(n, BLOCK),)
     torch.library.wrap_triton(_multistep_update_kernel)[grid](
-        x, out, *ptrs, *lml_ptrs, n, max(n // x.shape[0], 1),
+        x, out, *ptrs, *lml_ptrs, n, per_sample,
         k.p, k.q, k.a, k.e, k.c, k.g, *k.b, *k.r, clip, k.hx, k.hm,
         k.sa, k.se, k.sc, k.sg, *k.sb, k.writes_state,
         da, de, db[0], db[1], db[2], db[3],
@@ -216,7 +224,7 @@ def _launch(phase, x, out, reads, noise, state, m0, x_next, scale, coeffs, clip,
         history.shape[0] if history is not None else 1, status if status is not None else dummy,
         N_READS=len(reads), HAS_NOISE=noise is not None, STATE=0 if state is None else (2 if writes_state else 1),
         WRITE_M0=m0 is not None, CLIP=clip > 0, PHASE=phase, N_DIRS=len(slots), WEIGHTS=weights is not None,
-        BLOCK=BLOCK, INDEXED=indexed is not None,
+        BLOCK=BLOCK, INDEXED=indexed is not None, PER_SAMPLE_STEPS=per_sample_steps,
     )
 
 
@@ -312,5 +320,5 @@ def multistep_update_indexed(x: torch.Tensor, model_out: torch.Tensor, history: 
     reads = [x] * n_reads  # placeholders: the kernel points them at the step's slots
     if x.numel() > 0:  # the kernel loads each step's row: the host row is a placeholder
         _launch(PHASE_FULL, x, out, reads, noise, state, history, x_next, None, [0.0] * step_row.WIDTH, clip,
-                indexed=(table, slots, step.reshape(1), history, status))
+                indexed=(table, slots, step.reshape(-1).contiguous(), history, status))
     return x_next

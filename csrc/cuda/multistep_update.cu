@@ -190,9 +190,17 @@ __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_upda
   }
 }
 
+// A grid-stride loop over the elements [begin, end): over the whole tensor, or with per-sample steps over
+// sample blockIdx.y's (each row of blocks loads its sample's step row once).
 template <typename T, int kReads, bool kNoise, int kState, bool kWriteM0, int kPhase, bool kLml>
 __global__ void __launch_bounds__(kThreads)
     multistep_update_kernel(ds_update_tensors t, ds_update_coeffs k, bool packed) {
+  int64_t begin = 0, end = t.n;
+  if (t.per_sample_steps) {
+    begin = static_cast<int64_t>(blockIdx.y) * t.per_sample;
+    end = begin + t.per_sample;
+    t.step += blockIdx.y;
+  }
   if (t.table != nullptr) {  // indexed: this step's row and slots, clamped into range; one thread flags
     const int err = ds_index_step(&t, &k, sizeof(T));
     if (err != 0 && t.status != nullptr && blockIdx.x == 0 && threadIdx.x == 0) atomicOr(t.status, err);
@@ -200,11 +208,11 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kPack = Pack<T>::kSize;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t n_packs = packed ? t.n / kPack : 0;
-  for (int64_t v = tid; v < n_packs; v += stride) {
+  const int64_t pack_end = packed ? end / kPack : 0;  // packed: begin is a multiple of kPack
+  for (int64_t v = begin / kPack + tid; v < pack_end; v += stride) {
     update<T, kPack, kReads, kNoise, kState, kWriteM0, kPhase, kLml>(t, k, v * kPack);
   }
-  for (int64_t i = n_packs * kPack + tid; i < t.n; i += stride) {
+  for (int64_t i = (packed ? pack_end * kPack : begin) + tid; i < end; i += stride) {
     update<T, 1, kReads, kNoise, kState, kWriteM0, kPhase, kLml>(t, k, i);
   }
 }
@@ -220,11 +228,15 @@ cudaError_t launch(const ds_update_tensors& t, const ds_update_coeffs& k, cudaSt
   if (t.table != nullptr) {  // the slots are only known on the device: every one must be aligned
     packed = packed && aligned16(t.history) && (t.n * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   }
+  const int64_t rows = t.per_sample_steps ? t.n / t.per_sample : 1;  // blockIdx.y: the sample
+  const int64_t span = t.per_sample_steps ? t.per_sample : t.n;
+  if (t.per_sample_steps) packed = packed && (t.per_sample * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   for (int r = 0; lml && r < k.n_dirs; ++r) packed = packed && aligned16(t.dirs[r]);
-  const int64_t work = packed ? (t.n + Pack<T>::kSize - 1) / Pack<T>::kSize : t.n;
-  const int64_t max_blocks = static_cast<int64_t>(sm_count()) * 8;
+  const int64_t work = packed ? (span + Pack<T>::kSize - 1) / Pack<T>::kSize : span;
+  const int64_t max_blocks = static_cast<int64_t>(sm_count()) * 8 / rows;
   const int64_t wanted = (work + kThreads - 1) / kThreads;
-  const int blocks = static_cast<int>(wanted < max_blocks ? (wanted > 0 ? wanted : 1) : max_blocks);
+  const int bx = static_cast<int>(wanted < max_blocks ? (wanted > 0 ? wanted : 1) : (max_blocks > 0 ? max_blocks : 1));
+  const dim3 blocks(bx, static_cast<unsigned>(rows));
   if constexpr (kPhase != DS_PHASE_CONVERT) {
     if (lml) {
       multistep_update_kernel<T, kReads, kNoise, kState, kWriteM0, kPhase, true>
@@ -416,6 +428,10 @@ cudaError_t gram_launch(const ds_update_tensors& t, const ds_update_coeffs& k, d
 extern "C" int ds_multistep_update_cuda(ds_dtype dtype, ds_phase phase, ds_update_tensors t, ds_update_coeffs k,
                                         cudaStream_t stream) {
   if (t.n <= 0) return cudaSuccess;
+  if (t.per_sample_steps && (t.table == nullptr || t.per_sample <= 0 || t.n % t.per_sample != 0 ||
+                             t.n / t.per_sample > 65535 || phase != DS_PHASE_FULL || k.n_dirs != 0)) {
+    return cudaErrorInvalidValue;
+  }
   if (k.n_dirs < 0 || k.n_dirs > DS_MAX_DIRS) return cudaErrorInvalidValue;
   if (k.n_dirs > 0) {
     if (t.dir_weights == nullptr || k.dir_slot < 0 || k.dir_slot >= k.n_dirs) return cudaErrorInvalidValue;

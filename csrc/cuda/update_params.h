@@ -10,9 +10,11 @@
 //   dirs[dir_slot] = d                                                   (after every read)
 // Indexed steps (tensors.table != NULL; the per-step CUDA-graph capture): the step's coefficients and history
 // slots are read on the device from row *step of `table` (DS_ROW_WIDTH doubles, layout DS_ROW_*) and of
-// `slots` ([write, read_0, .., read_{DS_MAX_READS-1}]); slot j is history + j n elements. n_reads, clip, noise
-// and state stay fixed over the table (unused reads carry zero weights; steps without a state row keep s); a
-// row's writes_state = 0 leaves the state unwritten.
+// `slots` ([write, read_0, .., read_{DS_MAX_READS-1}]); slot j is history + j n elements. With per_sample_steps
+// every sample b has its own row step[b] (a heterogeneous batch: requests at different steps or noise levels),
+// applied to its elements [b per_sample, (b + 1) per_sample) of the slots. n_reads, clip, noise and state stay
+// fixed over the table (unused reads carry zero weights; steps without a state row keep s); a row's
+// writes_state = 0 leaves the state unwritten.
 // The LML Gram (ds_lml_gram_*) is, per sample b, the (1+n_dirs)^2 matrix of dot products of
 // [g, dirs[0], ..., dirs[n_dirs-1]] over the sample's per_sample elements, in double, row-major.
 #pragma once
@@ -100,7 +102,8 @@ typedef struct {
   int64_t per_sample;               // elements per sample (n / B)
   const double* table;              // indexed steps: (steps, DS_ROW_WIDTH); NULL: the coefficients are given
   const int64_t* slots;             // (steps, DS_SLOTS_WIDTH)
-  const int64_t* step;              // the step's row, clamped into [0, n_steps)
+  const int64_t* step;              // the step's row, clamped into [0, n_steps); per_sample_steps: B of them
+  int per_sample_steps;             // 1: sample b takes row step[b] (its coefficients and history slots)
   int64_t n_steps;                  // rows of the tables
   void* history;                    // contiguous (history_slots, n) ring the slots index
   int64_t history_slots;            // slots of history (the table's slots are clamped into [0, history_slots))
@@ -131,8 +134,8 @@ static inline DS_HOST_DEVICE void ds_load_row(const double* row, ds_update_coeff
   k->hm = (float)row[DS_ROW_THR_HM];
 }
 
-// Indexed steps: loads the step's row into k (ds_load_row) and points reads[] and m0 at its history slots
-// (elem_size bytes per element). A step outside [0, n_steps) or a used slot outside [0, history_slots) is clamped
+// Indexed steps: loads the row *t->step into k (ds_load_row) and points reads[] and m0 at its history slots
+// (elem_size bytes per element; per-sample steps: the caller points t->step at the sample's entry first). A step outside [0, n_steps) or a used slot outside [0, history_slots) is clamped
 // into range; returns the error_flags.h bits of what was clamped (0: nothing).
 static inline DS_HOST_DEVICE int ds_index_step(ds_update_tensors* t, ds_update_coeffs* k, int64_t elem_size) {
   int err = 0;

@@ -148,19 +148,23 @@ def clamp_index(i: torch.Tensor, n: int, status: torch.Tensor | None, bit: int) 
 def multistep_update_indexed(x, model_out, history, table, slots, step, n_reads, noise, clip, state, status=None):
     """multistep_update with the step row (diffsampler.step_row) and history slots read on the device from row
     `step` of table (steps, step_row.WIDTH) float64 and of slots (steps, 1 + MAX_HISTORY_READS) int64
-    ([write_slot, read_0, read_1, read_2]).
+    ([write_slot, read_0, read_1, read_2]). step has one element (every sample takes that row) or B (sample b
+    takes row step[b]: its coefficients and its history slots, history[slot, b]).
 
     The first n_reads reads are used; no thresholding, no LML; the state, when given, is rewritten where the
-    row's writes_state is set. No host sync: the row is gathered with tensor ops. A step outside the table or a
+    row's writes_state is set. No host sync: the rows are gathered with tensor ops. A step outside the table or a
     used slot outside the history is clamped into range and flagged in `status`."""
     cd = compute_dtype(x.dtype)
-    i = clamp_index(step.view(1), table.shape[0], status, ERROR_BITS["step"])
-    k = step_row.fields(table.index_select(0, i)[0].to(cd))
-    slot = slots.index_select(0, i)[0, :1 + n_reads]
+    batch = x.shape[0]
+    i = clamp_index(step.reshape(-1), table.shape[0], status, ERROR_BITS["step"])
+    per_sample = (step_row.WIDTH, -1) + (1,) * (x.dim() - 1)  # each field (1 or B, 1, ..): broadcasts over x
+    k = step_row.fields(table.index_select(0, i).to(cd).t().reshape(per_sample))
+    slot = slots.index_select(0, i)[:, :1 + n_reads].expand(batch, 1 + n_reads)
     if history is not None:
         slot = clamp_index(slot, history.shape[0], status, ERROR_BITS["slot"])
+    samples = torch.arange(batch, device=x.device)
     xf, of = x.to(cd), model_out.to(cd)
-    reads = list(history.index_select(0, slot[1:1 + n_reads]).to(cd).unbind(0)) if n_reads else []
+    reads = [history[slot[:, 1 + j], samples].to(cd) for j in range(n_reads)]
     m0 = data_prediction(xf, of, reads, k.p, k.q, k.r, clip)
     z = noise.to(cd) if noise is not None else None
     s = state.to(cd) if state is not None else None
@@ -169,7 +173,7 @@ def multistep_update_indexed(x, model_out, history, table, slots, step, n_reads,
         s_next = combine(xf, of, m0, reads, z, s, k.sa, k.se, k.sc, k.sg, k.sb)
         state.copy_(torch.where(k.writes_state != 0, s_next, s))
     if history is not None:
-        history.index_copy_(0, slot[:1], m0.to(history.dtype)[None])
+        history.index_put_((slot[:, 0], samples), m0.to(history.dtype))
     return x_next.to(x.dtype)
 
 

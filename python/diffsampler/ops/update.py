@@ -4,6 +4,7 @@ with their argument checks."""
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -18,6 +19,7 @@ from .registry import run
 
 MAX_HISTORY_READS = reference.MAX_HISTORY_READS
 MAX_DIRECTIONS = reference.MAX_DIRECTIONS
+MAX_PER_SAMPLE_STEPS = 65535  # csrc/multistep_update.h kMaxPerSampleSteps (the CUDA grid's second dimension)
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def _check_threshold(threshold_ratio, threshold_max) -> None:
 def multistep_update(
     x: torch.Tensor,
     model_out: torch.Tensor,
-    coeffs: UpdateCoeffs,
+    coeffs: UpdateCoeffs | torch.Tensor,
     *,
     history: torch.Tensor | None = None,
     write_slot: int = 0,
@@ -152,9 +154,17 @@ def multistep_update(
     and inf (one reduction and a host sync per call); turn it off in graph-captured or compiled loops.
     Written buffers (history[write_slot], a rewritten state, dirs[dir_slot]) must not share memory with the
     other operands (docs/validation.md).
+
+    Heterogeneous batches: coeffs may instead be a (B, step_row.WIDTH) float64 tensor on x's device, one step
+    row per sample (ops.step_rows, or rows computed on the device), with the same history slots for every
+    sample; history and state must then be contiguous, and neither thresholding nor LML applies. The rows are
+    device data, so their noise and state terms apply where noise / state are given and are dropped otherwise.
     """
     write_slot, read_slots, dir_slot = _index("write_slot", write_slot), _indices("read_slots", read_slots), \
         _index("dir_slot", dir_slot)
+    if isinstance(coeffs, torch.Tensor):
+        return _update_rows(x, model_out, coeffs, history, write_slot, read_slots, noise, clip, threshold_ratio,
+                            state, dirs, check_nan, backend)
     _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, noise, clip, threshold_ratio,
                        threshold_max, state, check_nan)
     lml = _check_dir_args(x, read_slots, dirs, dir_slot, dir_coeffs, dir_weights)
@@ -170,6 +180,51 @@ def multistep_update(
     if lml:
         args += (dirs, int(dir_slot), [float(v) for v in dir_coeffs], dir_weights)
     return run("multistep_update", _select_backend(backend, x), *args)
+
+
+def step_rows(coeffs: Sequence[UpdateCoeffs], device: torch.device | str = "cpu",
+              writes_state: bool | None = None) -> torch.Tensor:
+    """The (len(coeffs), step_row.WIDTH) float64 rows of per-sample coefficients, sample b stepping with
+    coeffs[b] (multistep_update's heterogeneous form; writes_state as step_row.row)."""
+    if len(coeffs) == 0:
+        raise ValueError("coeffs must hold one UpdateCoeffs per sample, got none")
+    for b, k in enumerate(coeffs):
+        if not isinstance(k, UpdateCoeffs):
+            raise ValueError(f"coeffs[{b}] must be an UpdateCoeffs, got {type(k).__name__}")
+    return torch.tensor([step_row.row(k, writes_state) for k in coeffs], dtype=torch.float64, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_slots(write_slot: int, read_slots: tuple[int, ...], batch: int, device: torch.device):
+    """(slots, step) of an eager per-sample call: every sample's slots row [write, reads.., 0..] and step b."""
+    row = [write_slot, *read_slots] + [0] * (step_row.SLOTS_WIDTH - 1 - len(read_slots))
+    return (torch.tensor([row], dtype=torch.int64, device=device).expand(batch, -1).contiguous(),
+            torch.arange(batch, dtype=torch.int64, device=device))
+
+
+def _update_rows(x, model_out, rows, history, write_slot, read_slots, noise, clip, threshold_ratio, state, dirs,
+                 check_nan, backend) -> torch.Tensor:
+    """multistep_update with one step row per sample: the indexed op over the rows, sample b taking row b."""
+    _check_x(x, model_out)
+    if not (rows.dtype == torch.float64 and tuple(rows.shape) == (x.shape[0], step_row.WIDTH)
+            and rows.device == x.device):
+        raise ValueError(f"coeffs as a tensor must be the float64 step rows of every sample, shape (B, "
+                         f"step_row.WIDTH) = {(x.shape[0], step_row.WIDTH)} on x's device {x.device}, got "
+                         f"{rows.dtype} {tuple(rows.shape)} on {rows.device}")
+    if threshold_ratio is not None or dirs is not None:
+        raise ValueError("per-sample coeffs rows support neither thresholding (threshold_ratio) nor LML (dirs)")
+    if len(read_slots) > MAX_HISTORY_READS:
+        raise ValueError(f"read_slots: at most {MAX_HISTORY_READS} history terms are supported, got {len(read_slots)}")
+    _check_history(history, x, write_slot, read_slots)
+    for name, t in (("history", history), ("state", state)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous with per-sample coeffs rows (written in place)")
+    _check_nan(model_out, check_nan)
+    slots, step = _shared_slots(write_slot, tuple(read_slots), x.shape[0], x.device)
+    table = StepTable(rows.contiguous(), slots, len(read_slots), state is not None,
+                      history.shape[0] if history is not None else None)
+    return multistep_update_indexed(x, model_out, table, step, history=history, noise=noise, clip=clip, state=state,
+                                    backend=backend)
 
 
 def _check_dir_args(x, read_slots, dirs, dir_slot, dir_coeffs, dir_weights) -> bool:
@@ -292,8 +347,10 @@ def multistep_update_indexed(
     status: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """multistep_update with the coefficients and history slots of step `step` (an int64 tensor of one element
-    on x's device) read on the device from `table` (ops.step_table): a captured step replays for every step.
+    """multistep_update with the coefficients and history slots of step `step` (an int64 tensor on x's device)
+    read on the device from `table` (ops.step_table): a captured step replays for every step. step has one
+    element, or one per sample (shape (B,)): sample b then takes row step[b], its coefficients and its history
+    slots (history[slot, b]), a batch whose samples are at different steps (diffsampler.serve).
 
     history (contiguous, zeros before the first step: reads without weight must be finite) and state are
     written in place. No NaN check, no host sync; thresholding and LML are not supported here.
@@ -303,9 +360,13 @@ def multistep_update_indexed(
     which error_flags.check reads when the caller may sync. CPU tensors are checked at once (a RuntimeError)."""
     _check_x(x, model_out)
     _check_step_table(table, x, history)
-    if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.dtype == torch.int64
-            and step.device == x.device):
-        raise ValueError(f"step must be an int64 tensor of one element on x's device {x.device}")
+    if not (isinstance(step, torch.Tensor) and step.dtype == torch.int64 and step.device == x.device
+            and step.dim() <= 1 and step.numel() in (1, x.shape[0])):
+        raise ValueError(f"step must be an int64 tensor on x's device {x.device} of one element or one per "
+                         f"sample (shape ({x.shape[0]},)), got "
+                         f"{getattr(step, 'dtype', type(step).__name__)} {tuple(getattr(step, 'shape', ()))}")
+    if step.numel() > 1 and x.shape[0] > MAX_PER_SAMPLE_STEPS:
+        raise ValueError(f"per-sample steps take at most {MAX_PER_SAMPLE_STEPS} samples, got {x.shape[0]}")
     status = error_flags.validate(status, x.device)
     if noise is not None:
         _check_like("noise", noise, x)
