@@ -36,9 +36,9 @@ CONTINUOUS = [  # float times; Euler scales x_T and each model input
 ]
 
 
-def serve_all(requests, backend, capacity=3):
+def serve_all(requests, backend, capacity=3, pad=False):
     """Submit requests at their arrival ticks (or as soon as a row is free after it); {index: x0} and x_T."""
-    server = BatchSampler(model, capacity, SHAPE, backend=backend)
+    server = BatchSampler(model, capacity, SHAPE, backend=backend, pad=pad)
     x_T = {i: torch.randn(SHAPE, generator=torch.Generator().manual_seed(case_seed("serve", i))) for i in
            range(len(requests))}
     waiting, ids, done, tick = list(range(len(requests))), {}, {}, 0
@@ -54,9 +54,10 @@ def serve_all(requests, backend, capacity=3):
     return done, x_T
 
 
+@pytest.mark.parametrize("pad", [False, True], ids=["busy-rows", "padded"])
 @pytest.mark.parametrize("requests", [DISCRETE, CONTINUOUS], ids=["discrete", "continuous"])
-def test_every_request_is_its_own_sample_call(backend, requests):
-    done, x_T = serve_all(requests, backend)
+def test_every_request_is_its_own_sample_call(backend, requests, pad):
+    done, x_T = serve_all(requests, backend, pad=pad)
     assert sorted(done) == list(range(len(requests)))
     for i, (steps, solver, options, _) in enumerate(requests):
         alone = ds.sample(model, x_T[i][None], steps, solver, generator=torch.Generator().manual_seed(100 + i),

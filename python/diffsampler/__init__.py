@@ -1,6 +1,6 @@
 """diffsampler: fused kernels for diffusion and flow sampling behind a thin PyTorch API."""
 
-from . import models, ops, reference, schedules, smc, solvers, targets
+from . import models, ops, reference, schedules, serve, smc, solvers, targets
 from .ops import backends
 from .graphs import CapturedSampler, IndexedLoop, run_indexed
 from .lml import LML
@@ -8,4 +8,4 @@ from .sample import run_plan, sample
 
 __version__ = "0.1.0"
 __all__ = ["sample", "run_plan", "CapturedSampler", "IndexedLoop", "run_indexed", "LML", "backends", "ops", "reference",
-           "schedules", "smc", "solvers", "models"]
+           "schedules", "serve", "smc", "solvers", "models"]

@@ -4,8 +4,8 @@ Every request has its own solver plan (solver, step count, schedule, options) an
 row b of x, of the history ring and of the state. One tick is one model call over the whole batch and one
 fused update with a step per sample (ops.multistep_update_indexed with step of shape (B,)): sample b takes row
 step[b] of one table that holds every admitted plan's steps, its coefficients and its history slots. Rows
-without a request step with the identity (x' = x) and are fed to the model like the others (the batch keeps
-its shape, as a captured graph needs).
+without a request step with the identity (x' = x); the model sees only the rows with a request (gathered when
+some are idle), or with pad=True the whole batch every tick (a fixed shape, as a captured graph needs).
 """
 
 from __future__ import annotations
@@ -43,11 +43,12 @@ class BatchSampler:
     alone (bitwise on the C++ CPU backend in float32 when the model computes each sample as it would alone);
     stochastic steps draw the request's noise from its own generator, as sample() would. Plans must be
     indexable (no DPM-Solver-v3, LML or thresholding) and agree on discrete or continuous model times.
+    pad: call the model on all `capacity` rows every tick (idle ones too) instead of the busy rows only.
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], capacity: int, sample_shape, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", clip: float | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", pad: bool = False):
         checks.model(model)
         if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= \
                 ops.update.MAX_PER_SAMPLE_STEPS:
@@ -55,6 +56,8 @@ class BatchSampler:
         if clip is not None and not clip > 0:
             raise ValueError(f"clip must be > 0 or None, got {clip}")
         self.model, self.capacity, self.clip, self.backend = model, capacity, clip, backend
+        self.pad = checks.flag("pad", pad)
+        self.busy: torch.Tensor | None = None  # the busy rows' indices while some rows are idle (pad=False)
         self.shape = (capacity, *tuple(int(d) for d in sample_shape))
         self.x = torch.zeros(self.shape, dtype=dtype, device=device)
         self.plans: list[Plan] = []
@@ -95,7 +98,13 @@ class BatchSampler:
             self.state[row] = 0
         self.step_index[row] = start
         self.active[row] = 1
+        self._rows_changed()
         return rid
+
+    def _rows_changed(self) -> None:
+        rows = sorted(r.row for r in self.requests.values())
+        full = self.pad or len(rows) == self.capacity
+        self.busy = None if full else torch.tensor(rows, dtype=torch.int64, device=self.x.device)
 
     def _register(self, plan: Plan) -> int:
         """The first table row of plan's steps, rebuilding the table (and growing the ring) for a new plan."""
@@ -142,7 +151,11 @@ class BatchSampler:
         if self.scales is not None:
             scale = self.scales.index_select(0, self.step_index).view(-1, *[1] * (self.x.dim() - 1))
             inp = (self.x.to(scale.dtype) * scale).to(self.x.dtype)
-        out = self.model(inp, t)
+        if self.busy is None:
+            out = self.model(inp, t)
+        else:  # the model on the busy rows only; the idle rows' identity step ignores their output
+            out = torch.zeros_like(self.x).index_copy_(
+                0, self.busy, self.model(inp.index_select(0, self.busy), t.index_select(0, self.busy)))
         noise = self._noise()
         self.x = ops.multistep_update_indexed(self.x, out, self.table, self.step_index, history=self.history,
                                               noise=noise, clip=self.clip, state=self.state, status=self.status,
@@ -174,6 +187,7 @@ class BatchSampler:
         self.active[row] = 0
         self.free.append(row)
         self.free.sort()
+        self._rows_changed()
 
     def run(self) -> dict[int, torch.Tensor]:
         """Tick until every admitted request is finished; {id: x0} of those finished now. Then raises if a step

@@ -1,6 +1,6 @@
 """`python -m diffsampler.bench report [--write docs/benchmarks.md] [--size 8,4,128,128] [--plots]`: the page of
-benchmark tables (docs/benchmarks.md) from the committed results in bench/results/ (step, loop, quality, dpmv3,
-digits, lml, resample and SMC-overhead JSON); --plots redraws the PNG beside each step / loop / resample JSON."""
+benchmark tables (docs/benchmarks.md) from the committed results in bench/results/ (step, loop, serve, quality,
+dpmv3, digits, lml, resample and SMC-overhead JSON); --plots redraws the PNG beside each step / loop / resample JSON."""
 
 from __future__ import annotations
 
@@ -164,6 +164,19 @@ def smc_overhead_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def serve_table(path: Path) -> str:
+    """Continuous batching against one request at a time (bench serve)."""
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    lines = [f"{m['device']} ({m['threads']} threads), torch {m['torch']}, {m['date'][:10]}; {data['requests']} "
+             f"requests of {tuple(data['sample_shape'])}, {data['solver']} with {data['steps']} steps, Poisson "
+             f"arrivals at {data['load']}x the one-at-a-time rate (`{path}`):", "",
+             "| server | requests/s | vs one at a time | mean latency [s] | p90 latency [s] |", "|---|---|---|---|---|"]
+    lines += [f"| {r['server']} | {r['throughput']:.2f} | {r['throughput_vs_alone']:.2f}x | {r['mean_latency']:.3f} | "
+              f"{r['p90_latency']:.3f} |" for r in data["rows"]]
+    return "\n".join(lines)
+
+
 # (glob, title, what is measured, table) in page order; the discussion of each lives on the topic pages
 SECTIONS = [
     ("step-*.json", "Step overhead (`bench step`)",
@@ -172,6 +185,10 @@ SECTIONS = [
     ("loop-*.json", "Whole loops (`bench loop`)",
      "A 20-step loop with a one-op denoiser (`tanh`), so the sampler's own overhead shows, against diffusers' "
      "scheduler loop; ops per step counted with a TorchDispatchMode.", loop_table),
+    ("serve-*.json", "Continuous batching (`bench serve`)",
+     "`diffsampler.serve.BatchSampler` (requests join a running batch at any step; one fused update with a step "
+     "per sample) against one `sample()` call per request, on one stream of requests with mixed step counts and "
+     "a small convolutional denoiser.", serve_table),
     ("quality-*.json", "Quality on analytic targets (`bench quality`)",
      "Gaussian mixtures have exact denoisers: each solver's ODE error against a 1000-step float64 reference from "
      "the same x_T, on one grid uniform in logSNR from sigma 14.6 to 0.03.", quality_table),
