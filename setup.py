@@ -20,11 +20,10 @@ def want_cuda() -> bool:
 
 
 def cuda_arch_flags() -> list[str]:
-    archs = {"80", "90"}
-    for a in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").replace(" ", ";").split(";"):
-        a = a.replace(".", "").replace("+PTX", "")
-        if a.isdigit():
-            archs.add(a)
+    """sm_80 and sm_90, or exactly the architectures TORCH_CUDA_ARCH_LIST names (e.g. "9.0" builds sm_90 alone)."""
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").replace(" ", ";").split(";")
+    archs = {a.replace(".", "").replace("+PTX", "") for a in listed} - {""}
+    archs = {a for a in archs if a.isdigit()} or {"80", "90"}
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in sorted(archs)]
 
 

@@ -24,3 +24,20 @@ def backend(request):
     if not ok:
         pytest.skip(f"backend {request.param!r} is not available: {why}")
     return request.param
+
+
+@pytest.fixture(params=["cuda", "triton"])
+def gpu_backend(request):
+    """Each backend that runs CUDA tensors, for tests marked gpu: skipped without a CUDA device, and a backend
+    that is not available on one is skipped with the reason. Triton runs compiled for the GPU only with
+    TRITON_INTERPRET=0 set (unset, this file turns the interpreter on; scripts/gpu_check.sh sets 0)."""
+    import torch
+
+    from diffsampler.ops.backends import _status
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    ok, why = _status(request.param)
+    if not ok:
+        pytest.skip(f"backend {request.param!r} is not available: {why}")
+    return request.param

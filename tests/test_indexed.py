@@ -220,3 +220,51 @@ def test_steps_past_the_table_raise():
     table = loop.table
     with pytest.raises(RuntimeError, match="step 3 is outside the table's"):
         ops.multistep_update_indexed(x, x, table, torch.tensor([3]), history=torch.zeros(2, 2, 3), backend="cpu")
+
+
+# --- on a GPU (marked gpu): the samples, opcheck and whole loops as CUDA tensors, on the CUDA and Triton kernels --
+
+
+@pytest.mark.gpu
+def test_indexed_samples_match_reference_on_gpu(gpu_backend):
+    """test_indexed_samples_match_reference with every operand, the table and the step on the GPU."""
+    from test_cuda import to_cuda
+
+    for args in indexed_samples(_sample_table()):
+        args = to_cuda(args)
+        want = [a.double().clone() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        want = [want[0], ds.reference.multistep_update_indexed(*want), want[2], want[9]]
+        got = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        got = [got[0], backend_op("multistep_update_indexed", gpu_backend)(*got), got[2], got[9]]
+        bound = 1e-5 if args[0].dtype == torch.float32 else 2e-2
+        for g, w in zip(got[1:], want[1:]):
+            assert g.is_cuda and g.dtype == args[0].dtype and rel_err(g, w) < bound
+
+
+@pytest.mark.gpu
+def test_opcheck_indexed_on_gpu(gpu_backend):
+    from test_cuda import to_cuda
+
+    if gpu_backend == "triton":
+        from diffsampler.triton_kernels import fused_update  # noqa: F401  (registers the Triton op)
+    op = {"cuda": "multistep_update_indexed", "triton": "multistep_update_indexed_triton"}[gpu_backend]
+    op = getattr(torch.ops.diffsampler, op)
+    for args in indexed_samples(_sample_table(), dtypes=[torch.float32]):
+        opcheck(op.default, to_cuda(args))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "ghvb"])
+def test_indexed_loop_is_run_plan_on_gpu(gpu_backend, solver):
+    """test_indexed_loop_is_run_plan on the GPU: the device-indexed loop against the host-coefficient loop on
+    the same backend (the same step row, read from the device instead of passed as arguments)."""
+    _, plan, _ = prepare(None, 8, solver, ds.schedules.VP.linear(), None, {})
+
+    def model(x, t):
+        return torch.tanh(x) + 1e-3 * t.to(x.dtype) * x
+
+    x = torch.randn(16, 2, 9, generator=torch.Generator().manual_seed(SESSION_SEED)).cuda()
+    want = ds.run_plan(model, x, plan, check_nan=False, backend=gpu_backend)
+    got = run_indexed(model, x, plan, backend=gpu_backend)
+    assert torch.isfinite(want).all() and got.is_cuda
+    assert rel_err(got, want) < 1e-6, rel_err(got, want)

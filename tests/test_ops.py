@@ -260,3 +260,34 @@ def test_nan_check_can_be_skipped():
     kw["model_out"][0, 0] = float("nan")
     out = ds.ops.multistep_update(kw.pop("x"), kw.pop("model_out"), kw.pop("coeffs"), check_nan=False, **kw)
     assert torch.isnan(out[0, 0])  # documented: the caller opted out, NaN propagates
+
+
+# --- on a GPU (marked gpu): the CPU cases above as CUDA tensors, strides kept, on the CUDA and Triton kernels --
+
+
+@pytest.mark.gpu
+def test_samples_match_reference_on_gpu(gpu_backend):
+    from test_cuda import to_cuda
+
+    for args in update_samples():
+        check_backend(backend_op("multistep_update", gpu_backend), to_cuda(args), args[0].dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_variants_and_strided_history_on_gpu(gpu_backend, dtype):
+    """test_variants and test_noncontiguous_history_against_reference as CUDA tensors."""
+    from test_cuda import to_cuda
+
+    op = backend_op("multistep_update", gpu_backend)
+    for variant in VARIANTS:
+        for shape in VARIANT_SHAPES:
+            check_backend(op, to_cuda(variant_case(shape, dtype, variant, _seed("gpu", shape, dtype, variant))), dtype)
+    for shape in [(7,), (2, 4, 9, 9)]:
+        args = make_case(shape, dtype, n_reads=2, state=2, seed=_seed("gpu-strided-history", shape, dtype))
+        strided = torch.empty((*shape, args[2].shape[0]), dtype=dtype).movedim(-1, 0)
+        strided.copy_(args[2])
+        args[2] = strided
+        args = to_cuda(args)
+        assert not args[2][args[3]].is_contiguous()
+        check_backend(op, args, dtype)

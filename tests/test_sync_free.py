@@ -53,3 +53,40 @@ def test_lml_steps_are_sync_free(rank):
     assert total.ops["diffsampler::lml_weights"] == steps
     # host-to-device uploads: the model times and the distinct mixing matrices, all before the loop
     assert total.ops["aten::lift_fresh"] == 1 + rank + min(max(steps - rank, 0), rank)
+
+
+# --- on a GPU (marked gpu): torch.cuda.set_sync_debug_mode("error") raises on any host sync ----------------------
+
+
+def _never_syncs(fn):
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "unipc", "dpmpp_2m_sde"])
+def test_loop_never_syncs_on_gpu(gpu_backend, solver):
+    """A 20-step loop on each GPU backend (test_graphs checks the default one, test_loop_never_syncs)."""
+    from diffsampler.sample import model_times
+
+    x = torch.randn(2, 4, 16, 16, device="cuda")
+    plan = ds.solvers.make_plan(solver, ds.schedules.VP.scaled_linear(), 20, "eps")
+    times = model_times(plan, x)  # uploaded before the checked region
+    model = lambda y, t: torch.tanh(y) * (1 + t.float() / 1000)
+    out = _never_syncs(lambda: ds.run_plan(model, x, plan, times=times, check_nan=False, backend=gpu_backend))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+def test_resample_with_a_threshold_never_syncs_on_gpu(gpu_backend):
+    """The ESS decision is taken on the device (docs/smc.md): no host sync without check=True."""
+    lw, particles = torch.randn(3, 10, device="cuda") * 2, torch.randn(30, 4, device="cuda")
+    before = particles.clone()
+    out = _never_syncs(lambda: ds.ops.resample(lw, particles, "systematic", 0.5, backend=gpu_backend))
+    rows = ds.ops.ancestor_rows(out.ancestors)
+    assert torch.equal(particles, before[rows])

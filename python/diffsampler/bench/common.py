@@ -31,7 +31,8 @@ def device_name(device: torch.device) -> str:
 
 
 def machine_record(device: torch.device) -> dict:
-    """Device name, versions and date, stored beside every result."""
+    """Device name, versions and date (on a GPU its capability, multiprocessors, memory and L2 too), stored
+    beside every result."""
     record = {
         "device": device_name(device),
         "device_type": device.type,
@@ -47,7 +48,10 @@ def machine_record(device: torch.device) -> dict:
         except ImportError:
             record[pkg] = None
     if device.type == "cuda":
-        record["cuda"] = torch.version.cuda
+        props = torch.cuda.get_device_properties(device)
+        record.update(cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}",
+                      sm_count=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                      l2_cache_mib=round(props.L2_cache_size / 2**20, 1))
     return record
 
 

@@ -137,26 +137,25 @@ def _global_best(rows) -> dict:
     return dict(label=best, mean_tune_ratio=ratio[best])
 
 
-def overhead(shape=(8, 4, 128, 128), min_time: float = 0.2, rounds: int = 5) -> dict:
+def overhead(shape=(8, 4, 128, 128), min_time: float = 0.2, rounds: int = 5,
+             device: torch.device = torch.device("cpu")) -> dict:
     """Seconds per step of the plain fused update, the LML step and its three parts (Gram pass, weights, update
-    with the correction), and diffusers + the authors' formula. Each is the fastest of `rounds` interleaved
-    rounds (a round: the median of 5 batches): on a shared machine other load only adds time."""
-    import diffusers
-
+    with the correction), and diffusers + the authors' formula (when diffusers is installed), on `device`. Each
+    is the fastest of `rounds` interleaved rounds (a round: the median of 5 batches): on a shared machine other
+    load only adds time."""
     from diffsampler import lml as lml_math
     from diffsampler.ops import UpdateCoeffs, lml_gram, multistep_update
 
-    device = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
-    x, out = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
-    history = torch.randn(2, *shape, generator=gen)
+    x, out = torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device)
+    history = torch.randn(2, *shape, generator=gen).to(device)
     coeffs = UpdateCoeffs(p=1.02, q=-0.2, a=0.95, b=(0.9, -0.4))
     dc = [0.0, 0.0, 0.9, -0.4]
     upd = dict(history=history, write_slot=0, read_slots=[1], check_nan=False)
     steps = {"fused update": lambda: multistep_update(x, out, coeffs, **upd)}
     for rank in (1, 4):
-        dirs = torch.randn(rank, *shape, generator=gen)
-        mix = torch.tensor(lml_math.mixing(7, rank, 0.5), dtype=torch.float64)
+        dirs = torch.randn(rank, *shape, generator=gen).to(device)
+        mix = torch.tensor(lml_math.mixing(7, rank, 0.5), dtype=torch.float64, device=device)
         lml = dict(dirs=dirs, dir_slot=7 % rank, dir_coeffs=dc)
 
         def gram(dirs=dirs):
@@ -176,10 +175,33 @@ def overhead(shape=(8, 4, 128, 128), min_time: float = 0.2, rounds: int = 5) -> 
         steps[f"LML Gram pass rank {rank}"] = gram
         steps[f"LML weights rank {rank}"] = weights
         steps[f"LML update pass rank {rank}"] = update
+    steps.update(_diffusers_steps(x, out, torch.randn(shape, generator=gen).to(device)))
+    result = {k: float("inf") for k in steps}
+    for _ in range(rounds):
+        for k, fn in steps.items():
+            result[k] = min(result[k], measure(fn, device, min_time))
+    nbytes = x.numel() * 4
+    # tensors read or written: the update 5 (x, out, a history read; x', m0); the Gram 3 + r (x, out, the
+    # history read, r directions); the update with the correction 5 + r + 1 (the ring read, d written)
+    moved = {"fused update": 5}
+    for r in (1, 4):
+        moved.update({f"LML step rank {r}": 5 + (3 + r) + (r + 1), f"LML Gram pass rank {r}": 3 + r,
+                      f"LML update pass rank {r}": 5 + r + 1})
+    bw = copy_bandwidth(device, nbytes=8 * nbytes)
+    return dict(shape=list(shape), device=str(device), threads=torch.get_num_threads(), seconds=result,
+                copy_bandwidth=bw, predicted_seconds={k: v * nbytes / bw for k, v in moved.items()},
+                bytes_moved={k: v * nbytes for k, v in moved.items()})
 
+
+def _diffusers_steps(x, out, prev) -> dict:
+    """diffusers' DPM-Solver++ 2M step() on the same tensors, alone and followed by the authors' LM formula
+    ({} without diffusers)."""
+    try:
+        import diffusers
+    except ImportError:
+        return {}
     sched = diffusers.DPMSolverMultistepScheduler()
     sched.set_timesteps(20)
-    prev = torch.randn(shape, generator=gen)
 
     def authors_step():
         sched._step_index = 5
@@ -194,23 +216,8 @@ def overhead(shape=(8, 4, 128, 128), min_time: float = 0.2, rounds: int = 5) -> 
         norm = torch.linalg.vector_norm
         return 0.95 * x + d1 * norm(inc, dim=dims, keepdim=True) / norm(d1, dim=dims, keepdim=True)
 
-    steps["diffusers step + authors' LM formula"] = authors_step
-    steps["diffusers step"] = lambda: (setattr(sched, "_step_index", 5), sched.step(out, sched.timesteps[5], x))
-    result = {k: float("inf") for k in steps}
-    for _ in range(rounds):
-        for k, fn in steps.items():
-            result[k] = min(result[k], measure(fn, device, min_time))
-    nbytes = x.numel() * 4
-    # tensors read or written: the update 5 (x, out, a history read; x', m0); the Gram 3 + r (x, out, the
-    # history read, r directions); the update with the correction 5 + r + 1 (the ring read, d written)
-    moved = {"fused update": 5}
-    for r in (1, 4):
-        moved.update({f"LML step rank {r}": 5 + (3 + r) + (r + 1), f"LML Gram pass rank {r}": 3 + r,
-                      f"LML update pass rank {r}": 5 + r + 1})
-    bw = copy_bandwidth(device, nbytes=8 * nbytes)
-    return dict(shape=list(shape), threads=torch.get_num_threads(), seconds=result, copy_bandwidth=bw,
-                predicted_seconds={k: v * nbytes / bw for k, v in moved.items()},
-                bytes_moved={k: v * nbytes for k, v in moved.items()})
+    return {"diffusers step + authors' LM formula": authors_step,
+            "diffusers step": lambda: (setattr(sched, "_step_index", 5), sched.step(out, sched.timesteps[5], x))}
 
 
 def _plot(q: dict, path: Path) -> None:
@@ -240,12 +247,14 @@ def main(argv=None) -> None:
     ap.add_argument("--digits-n", type=cli.nonnegative_int, default=500, help="digits per run (0: skip the learned score)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--device", type=cli.device, default="cpu",
+                    help="where the overhead is timed (cpu or cuda; the quality sweep runs on the CPU)")
     ap.add_argument("--threads", type=cli.positive_int, default=1,
                     help="torch threads (default 1: on a shared machine, waits at thread barriers swamp timings)")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON and PNG ('' for none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    payload = dict(benchmark="lml", machine=machine_record(torch.device("cpu")), note=__doc__.strip().splitlines()[0],
+    payload = dict(benchmark="lml", machine=machine_record(args.device), note=__doc__.strip().splitlines()[0],
                    sweep=dict(dampings=DAMPINGS, kappas=KAPPAS, ranks=RANKS, nfes=NFES, tune_seeds=TUNE_SEEDS,
                               test_seeds=TEST_SEEDS, n=args.n))
     if not args.skip_quality:
@@ -258,10 +267,10 @@ def main(argv=None) -> None:
                       f"{gb['mean_tune_ratio']:.3f})")
     overhead_key = "overhead" if args.threads == 1 else f"overhead_{args.threads}_threads"
     if not args.skip_overhead:
-        o = overhead()
+        o = overhead(device=args.device)
         payload[overhead_key] = o
         base = o["seconds"]["fused update"]
-        print(f"\nstep overhead at {tuple(o['shape'])} fp32, {args.threads} thread(s), copy bandwidth "
+        print(f"\nstep overhead at {tuple(o['shape'])} fp32 on {o['device']}, {args.threads} thread(s), copy bandwidth "
               f"{o['copy_bandwidth'] / 1e9:.1f} GB/s")
         for k, v in o["seconds"].items():
             pred = o["predicted_seconds"].get(k)
