@@ -160,7 +160,7 @@ for name in sys.argv[1:]:
     try:
         SUBCOMMANDS[name](["--help"])
     except SystemExit as done:
-        assert done.code == 0, (name, done.code)' loop lml resample
+        assert done.code == 0, (name, done.code)' loop lml resample serve
 else
   rm -f python/diffsampler/_C.*.so   # a failed build must not leave an older extension to be tested
   step build 360 env DIFFSAMPLER_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="$(nproc)" \
@@ -174,6 +174,7 @@ else
     --min-time 0.3 --out "$WORK/bench"
   step bench-resample 90 "${BENCH[@]}" resample --device cuda --min-time 0.1 --out "$WORK/bench"
   step bench-lml 60 "${BENCH[@]}" lml --device cuda --skip-quality --out "$WORK/bench"
+  step bench-serve 60 "${BENCH[@]}" serve --device cuda --size 4,64,64 --requests 16 --out "$WORK/bench"
 fi
 if bench_subcommands | grep -qw pipeline; then
   if [ "$MODE" = dry ]; then step bench-pipeline 60 "${BENCH[@]}" pipeline --help
