@@ -16,7 +16,7 @@ import torch
 
 SOURCES = ("multistep_update.cpp", "multistep_update_cuda.cpp", "cuda/multistep_update.cu",
            "ems_update.cpp", "ems_update_cuda.cpp", "cuda/ems_update.cu", "lml_weights_cuda.cpp", "cuda/lml_weights.cu",
-           "resample_cuda.cpp", "cuda/resample.cu")
+           "resample_cuda.cpp", "cuda/resample.cu", "fkc_update.cpp", "fkc_update_cuda.cpp", "cuda/fkc_update.cu")
 
 
 def source_dir() -> Path:

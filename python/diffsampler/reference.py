@@ -299,6 +299,37 @@ def ems_update(
 #   X_k = floor(x_k 2^24)  (int64),  q_k = floor(2^28 e^{x_k})  by a fixed-point exp2 (Horner in int64)
 #   C = cumsum(q) (exact), T = C_{K-1};  ESS = T^2 / sum q^2  (sum q^2 from three exact int64 sums, in float64)
 # Weights below 2^-28 of the group's largest get q = 0 (no offspring); the rest are exact to ~1e-8 relative.
+FKC_MAX_OUTS = 4
+
+
+def fkc_pairs(n_outs: int) -> list[tuple[int, int]]:
+    """The (m, n >= m) pairs of fkc_update's weights, row-major."""
+    return [(m, n) for m in range(n_outs) for n in range(m, n_outs)]
+
+
+def fkc_update(x: torch.Tensor, outs: list[torch.Tensor], coeffs: list[float],
+               noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-step math of Feynman-Kac correctors (diffsampler.smc), coeffs = [a, c, e_0..e_{M-1}, w_pairs]:
+
+        x'      = a x + sum_m e_m out_m + c z
+        inc[b]  = sum_{m <= n} w_mn <out_m, out_n>_b        (float64 dot products over sample b)
+
+    Returns (x', inc); x' in x's dtype, computed in float32 (float64 for float64 inputs)."""
+    m = len(outs)
+    cd = compute_dtype(x.dtype)
+    a, c, e, w = coeffs[0], coeffs[1], coeffs[2:2 + m], coeffs[2 + m:]
+    y = a * x.to(cd)
+    for em, o in zip(e, outs):
+        y = y + em * o.to(cd)
+    if noise is not None:
+        y = y + c * noise.to(cd)
+    flat = [o.reshape(o.shape[0], -1).double() for o in outs]
+    inc = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for wp, (i, j) in zip(w, fkc_pairs(m)):
+        inc = inc + wp * torch.linalg.vecdot(flat[i], flat[j], dim=1)
+    return y.to(x.dtype), inc
+
+
 METHODS = ("systematic", "stratified", "multinomial", "residual")
 RESAMPLE_WEIGHT_BITS = 28  # q_k <= 2^28; with K <= MAX_PARTICLES every int64 sum below stays under 2^63
 MAX_PARTICLES = 1 << 17

@@ -11,8 +11,9 @@ which makes the weighted particles track pi_t exactly in continuous time. Discre
 step's variance: VP schedule (x = alpha x0 + sigma eps), h = 1 - abar_t / abar_t',
 x' = (x + h S) / sqrt(1 - h) + sqrt(h) z (DDPM's ancestral step with S); EDM (x = x0 + sigma eps),
 h = sigma^2 - sigma'^2, x' = x + h S + sqrt(h) z. Models are eps-predictors model(x, t) -> eps (t an int64
-timestep for VP, sigma for EDM), so s_i = -eps_i / sigma. The per-step math is torch ops; all normalisation,
-ESS and resampling go through ``ops.resample`` (the decision stays on the device: no host sync in the loop).
+timestep for VP, sigma for EDM), so s_i = -eps_i / sigma. The per-step math (the SDE step and the increment) is
+one fused pass, ``ops.fkc_update``; all normalisation, ESS and resampling go through ``ops.resample`` (the
+decision stays on the device: no host sync in the loop).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from . import checks, ops
+from .reference import fkc_pairs
 from .schedules import EDM, VP, discrete_timesteps
 
 
@@ -35,26 +37,33 @@ class FKCResult(NamedTuple):
     draw: torch.Tensor
 
 
-def combined_score(scores: Sequence[torch.Tensor], exponents: Sequence[float]) -> torch.Tensor:
-    """S = sum_i b_i s_i, the score of prod_i p_i^{b_i}."""
-    return sum(b * s for b, s in zip(exponents, scores))
-
-
-def log_weight_increment(scores: Sequence[torch.Tensor], exponents: Sequence[float], h: float) -> torch.Tensor:
-    """h / 2 (|S|^2 - sum_i b_i |s_i|^2) per row of the scores (n, ...), S = combined_score, expanded as
+def pair_weights(exponents: Sequence[float], h: float) -> list[float]:
+    """The weights of the increment h / 2 (|S|^2 - sum_i b_i |s_i|^2) on the score pairs <s_i, s_j>, i <= j, in
+    the order of reference.fkc_pairs, from its expansion
 
         h / 2 [sum_i b_i (b_i - 1) |s_i|^2 + 2 sum_{i<j} b_i b_j <s_i, s_j>]
 
-    one row-wise dot product per nonzero term (float32 or wider), no temporary of the scores' size.
     Annealing: h/2 beta (beta - 1) |s|^2; product: h <s1, s2>; guidance: h/2 w (w - 1) |s_c - s_u|^2."""
+    b = list(exponents)
+    return [0.5 * h * (b[i] * (b[i] - 1) if i == j else 2 * b[i] * b[j]) for i, j in fkc_pairs(len(b))]
+
+
+def log_weight_increment(scores: Sequence[torch.Tensor], exponents: Sequence[float], h: float) -> torch.Tensor:
+    """h / 2 (|S|^2 - sum_i b_i |s_i|^2) per row of the scores (n, ...), S = sum_i b_i s_i (pair_weights): one
+    row-wise dot product per nonzero pair (float32 or wider), no temporary of the scores' size."""
     flat = [s.flatten(1).float() if s.dtype in (torch.float16, torch.bfloat16) else s.flatten(1) for s in scores]
     total = torch.zeros(flat[0].shape[0], dtype=flat[0].dtype, device=flat[0].device)
-    for i, (bi, si) in enumerate(zip(exponents, flat)):
-        for j in range(i, len(flat)):
-            coef = bi * (bi - 1) if j == i else 2 * bi * exponents[j]
-            if coef != 0:
-                total = total + coef * torch.linalg.vecdot(si, flat[j], dim=1)
-    return 0.5 * h * total
+    for w, (i, j) in zip(pair_weights(exponents, h), fkc_pairs(len(flat))):
+        if w != 0:
+            total = total + w * torch.linalg.vecdot(flat[i], flat[j], dim=1)
+    return total
+
+
+def step_coeffs(exponents: Sequence[float], sigma: float, h: float, scale: float) -> dict:
+    """ops.fkc_update's coefficients of one step on the eps-predictions (s_i = -eps_i / sigma):
+    x' = scale (x + h S) + sqrt(h) z, and the increment's pair weights over sigma^2."""
+    return dict(a=scale, e=[-scale * h * b / sigma for b in exponents], c=h**0.5,
+                weights=[w / sigma**2 for w in pair_weights(exponents, h)])
 
 
 def _steps(schedule, steps: int) -> list[tuple[torch.Tensor, float, float, float]]:
@@ -156,18 +165,17 @@ def fkc_sample(
     x = torch.randn(n, *shape, generator=generator, device=device, dtype=dtype) * (start / total**0.5)
     log_w = torch.full((G, K), -math.log(K), device=device)
     for t, sigma, h, scale in [(t.to(device), *rest) for t, *rest in plan]:
-        scores = []
+        eps = []
         for i, m in enumerate(models):
-            eps = m(x, t)
-            if eps.shape != x.shape:
-                raise ValueError(f"models: model {i} returned shape {tuple(eps.shape)} for x of shape "
+            out = m(x, t)
+            if out.shape != x.shape:
+                raise ValueError(f"models: model {i} returned shape {tuple(out.shape)} for x of shape "
                                  f"{tuple(x.shape)}")
-            scores.append(eps.float() / -sigma)
-        combined = combined_score(scores, exponents)
-        noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
-        x = (scale * (x.float() + h * combined) + h**0.5 * noise).to(dtype)
+            eps.append(out.to(x.dtype))
+        noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+        x, inc = ops.fkc_update(x, eps, noise=noise, check_nan=False, **step_coeffs(exponents, sigma, h, scale))
         if weighted and K > 1:
-            log_w = log_w + log_weight_increment(scores, exponents, h).reshape(G, K)
+            log_w = log_w + inc.to(log_w.dtype).reshape(G, K)
             x, log_w = ops.resample(log_w, x, method, ess_threshold, generator)[:2]
     final = ops.resample(log_w, x, method, None, generator, move="gather")
     slot = torch.randint(K, (G,), generator=generator, device=device)

@@ -78,9 +78,9 @@ def run(device: torch.device, min_time: float) -> list[dict]:
 
 def step_overhead(device: torch.device, min_time: float, K: int = 64, shape=(4, 128, 128)) -> list[dict]:
     """Per-step SMC cost against the plain step, K particles as one batch: the fused DPM++ 2M update alone, then
-    the SMC extras of a step: FKC's product-of-experts log-weight increment (one reduction over two scores,
-    smc.log_weight_increment) and ops.resample with an ESS threshold of 0.5 at weights where nothing is
-    resampled (ESS/K ~ 0.98), and forced (no threshold) where few / half die."""
+    the SMC extras of a step: FKC's product-of-experts step of two experts (the SDE step and the log-weight
+    increment) as torch ops and fused (ops.fkc_update), and ops.resample with an ESS threshold of 0.5 at weights
+    where nothing is resampled (ESS/K ~ 0.98), and forced (no threshold) where few / half die."""
     plan = ds.solvers.make_plan("dpmpp_2m", ds.schedules.VP.scaled_linear(), 20, "eps")
     step = plan.steps[5]
     gen = torch.Generator(device).manual_seed(0)
@@ -89,7 +89,17 @@ def step_overhead(device: torch.device, min_time: float, K: int = 64, shape=(4, 
     update = lambda: ds.ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,  # noqa: E731
                                              read_slots=step.read_slots, check_nan=False)
     t_plain = measure(update, device, min_time=min_time, best=True)
-    extras = {"FKC log-weight increment": lambda: ds.smc.log_weight_increment([out, s2], [1.0, 1.0], 0.01)}
+    z = torch.randn(K, *shape, device=device, generator=gen)
+    b, sigma, h, scale = [1.0, 1.0], 0.5, 0.01, 1.005
+
+    def fkc_torch():  # the step as torch ops: scores, their sum, the SDE step, the increment
+        scores = [out / -sigma, s2 / -sigma]
+        x_next = scale * (x + h * (b[0] * scores[0] + b[1] * scores[1])) + h**0.5 * z
+        return x_next, ds.smc.log_weight_increment(scores, b, h)
+
+    extras = {"FKC step, torch ops": fkc_torch,
+              "FKC step, fused": lambda: ds.ops.fkc_update(x, [out, s2], noise=z, check_nan=False,
+                                                           **ds.smc.step_coeffs(b, sigma, h, scale))}
     for label, sigma, threshold in (("resample, none due", 0.15, 0.5), ("resample, few die", 0.15, None),
                                     ("resample, half die", 1.3, None)):
         lw = sigma * torch.randn(1, K, generator=torch.Generator().manual_seed(1)).to(device)

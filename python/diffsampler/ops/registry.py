@@ -44,6 +44,10 @@ def _lml_weights_fake(gram, mix, damping, scale):
     return gram.new_empty(gram.shape[:2])
 
 
+def _fkc_fake(x, outs, coeffs, noise):
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=torch.float64)
+
+
 def _resample_ancestors_fake(log_w, uniforms, method, ess_threshold, status=None):
     G, K = log_w.shape
     return (log_w.new_empty(G, K), log_w.new_empty((G, K), dtype=torch.int64), log_w.new_empty(G),
@@ -70,6 +74,7 @@ OPS = {
     "lml_gram": Op(reference.lml_gram, "lml.lml_gram", _gram_fake),
     "lml_weights": Op(reference.lml_weights, None, _lml_weights_fake),
     "ems_update": Op(reference.ems_update, "ems_update.ems_update", _like_x),
+    "fkc_update": Op(reference.fkc_update, "fkc_update.fkc_update", _fkc_fake),
     "resample_ancestors": Op(reference.resample_ancestors, "resample.resample_ancestors", _resample_ancestors_fake),
     "resample_move": Op(reference.resample_move, "resample.resample_move", _resample_move_fake),
 }
@@ -82,11 +87,12 @@ if _status("cpu")[0]:
 
 def _triton(path: str) -> Callable:
     """The Triton function at `path` (import statements, not importlib: torch.compile traces them)."""
-    from ..triton_kernels import ems_update, fused_update, lml, resample  # noqa: F401  (the kernel modules)
+    from ..triton_kernels import ems_update, fkc_update, fused_update, lml, resample  # noqa: F401  (the modules)
 
     module, function = path.split(".")
-    return getattr({"ems_update": ems_update, "fused_update": fused_update, "lml": lml, "resample": resample}[module],
-                   function)
+    modules = {"ems_update": ems_update, "fkc_update": fkc_update, "fused_update": fused_update, "lml": lml,
+               "resample": resample}
+    return getattr(modules[module], function)
 
 
 def run(op: str, name: str, *args):
