@@ -2,7 +2,8 @@
 // one register of the widest vector unit the file is compiled for), with the same bits either way. Raw is the
 // element as the loops read and write it.
 //   bfloat16: the raw bits with integer ops; store rounds to nearest even, a NaN keeps its top bits and is made
-//     quiet (bit 6 set). The lane version is the same integer ops on vector lanes.
+//     quiet (bit 6 set). The lane version is the same integer ops on vector lanes (with AVX2 the widening and the
+//     packing as intrinsics: GCC's generic vector conversions cost a few shuffles more).
 //   float16: c10's conversion, which is F16C's vcvtps2ph (round to nearest even) / vcvtph2ps when the target has
 //     F16C; the lane version issues those instructions on a whole register (AVX-512F: its 16-lane forms), and
 //     without F16C converts lane by lane with c10's portable code. (AVX512-BF16's vcvtneps2bf16 is not used: it
@@ -16,7 +17,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -56,17 +57,29 @@ struct BF16 {
     return static_cast<Raw>((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded);
   }
   static LanesF load_lanes(const Raw* p) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return __builtin_bit_cast(LanesF, _mm256_slli_epi32(wide, 16));
+#else
     LanesU16 raw;
     std::memcpy(&raw, p, sizeof raw);
     return __builtin_bit_cast(LanesF, __builtin_convertvector(raw, LanesU) << 16);
+#endif
   }
-  static void store_lanes(Raw* p, LanesF v) {  // store()'s ops; the NaN test as a signed compare (both < 2^31)
+  // store()'s result in the top half of each lane (the quiet NaN as (u | 0x400000) >> 16, the NaN test as a
+  // signed compare: both sides are below 2^31), then the halves packed.
+  static void store_lanes(Raw* p, LanesF v) {
     const LanesU u = __builtin_bit_cast(LanesU, v);
-    const LanesU rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const LanesU quiet_nan = (u >> 16) | 0x40u;
+    const LanesU rounded = u + 0x7FFFu + ((u >> 16) & 1u);
     const LanesI is_nan = __builtin_bit_cast(LanesI, u & 0x7FFFFFFFu) > 0x7F800000;
-    const LanesU16 raw = __builtin_convertvector(is_nan ? quiet_nan : rounded, LanesU16);
+    const LanesU top = (is_nan ? u | 0x400000u : rounded) >> 16;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    const __m256i packed = _mm256_packus_epi32(__builtin_bit_cast(__m256i, top), __builtin_bit_cast(__m256i, top));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0xD8)));
+#else
+    const LanesU16 raw = __builtin_convertvector(top, LanesU16);
     std::memcpy(p, &raw, sizeof raw);
+#endif
   }
 };
 
