@@ -1,7 +1,7 @@
 // CPU kernel of ems_update (math: csrc/cuda/ems_update.h) and the op's registration: its schema as a fragment
 // of the diffsampler library (bindings.cpp holds the others) and its CPU implementation. One pass in fp32
-// whatever the storage dtype; runs never cross a sample boundary, so each reads its coefficient rows
-// contiguously and the loop vectorizes.
+// whatever the storage dtype, on vector lanes (cpu_storage.h); runs never cross a sample boundary, so each reads
+// its coefficient rows contiguously.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,29 +29,27 @@ void ems_run(const ds_ems_tensors& t, int64_t begin, int64_t end, int64_t off) {
   const int64_t D = t.per_sample;
   const float* __restrict__ c = t.coeffs + off;
   const float* __restrict__ s = c + (6 + kReads) * D;  // the state row, when kState == 2
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    const float xi = S::load(x[i]);
-    const float m0 = c[i] * xi + c[D + i] * S::load(out[i]);
-    if constexpr (kWriteM0) m0_out[i] = S::store(m0);
-    float acc = c[2 * D + i] * xi + c[4 * D + i] * m0 + c[(5 + kReads) * D + i];
-    float sacc = 0.0f;
-    if constexpr (kState == 2) sacc = s[i] * xi + s[2 * D + i] * m0 + s[(3 + kReads) * D + i];
-    const float hv[3] = {kReads > 0 ? S::load(h0[i]) : 0.0f, kReads > 1 ? S::load(h1[i]) : 0.0f,
-                         kReads > 2 ? S::load(h2[i]) : 0.0f};
-#pragma unroll
+  for_lanes(begin, end, [&](int64_t i, auto load, auto store) {
+    const LanesF xi = load(x + i);
+    const LanesF m0 = load(c + i) * xi + load(c + D + i) * load(out + i);
+    if constexpr (kWriteM0) store(m0_out + i, m0);
+    LanesF acc = load(c + 2 * D + i) * xi + load(c + 4 * D + i) * m0 + load(c + (5 + kReads) * D + i);
+    LanesF sacc = {};
+    if constexpr (kState == 2) sacc = load(s + i) * xi + load(s + 2 * D + i) * m0 + load(s + (3 + kReads) * D + i);
+    const T* reads[3] = {h0, h1, h2};
     for (int j = 0; j < kReads; ++j) {
-      acc += c[(5 + j) * D + i] * hv[j];
-      if constexpr (kState == 2) sacc += s[(3 + j) * D + i] * hv[j];
+      const LanesF hj = load(reads[j] + i);
+      acc += load(c + (5 + j) * D + i) * hj;
+      if constexpr (kState == 2) sacc += load(s + (3 + j) * D + i) * hj;
     }
     if constexpr (kState > 0) {
-      const float si = S::load(st[i]);
-      acc += c[3 * D + i] * si;
-      if constexpr (kState == 2) sacc += s[D + i] * si;
+      const LanesF si = load(st + i);
+      acc += load(c + 3 * D + i) * si;
+      if constexpr (kState == 2) sacc += load(s + D + i) * si;
     }
-    x_next[i] = S::store(acc);
-    if constexpr (kState == 2) st[i] = S::store(sacc);
-  }
+    store(x_next + i, acc);
+    if constexpr (kState == 2) store(st + i, sacc);
+  });
 }
 
 template <typename S, int kReads, int kState, bool kWriteM0>

@@ -1,5 +1,5 @@
-// CPU kernels of the fused multistep update and of LML's Gram: fp32 whatever the storage dtype, plain loops
-// specialised on the number of reads and the noise term so the compiler vectorizes them, and at::parallel_for
+// CPU kernels of the fused multistep update and of LML's Gram: fp32 whatever the storage dtype, loops on fp32
+// vector lanes (cpu_storage.h) specialised on the number of reads and the noise term, and at::parallel_for
 // over contiguous chunks. LML's correction joins the update's loop in the common case (no state, no
 // thresholding, m0 stored); otherwise it is a second loop over each L1-sized block right after the update's,
 // its operands read from cache. Math: csrc/cuda/update_params.h.
@@ -15,6 +15,12 @@
 
 namespace diffsampler {
 namespace {
+
+// clamp(v, -bound, bound) as std::min(std::max(v, -bound), bound) does it on each lane: NaN passes through.
+inline LanesF clamp_lanes(LanesF v, float bound) {
+  v = v < -bound ? -bound : v;
+  return v > bound ? bound : v;
+}
 
 // Elements [begin, end) with the phase's math; s = the threshold bound of the (single) sample they lie in.
 // kState: 0 no state, 1 state read (x' += g s), 2 state read and rewritten with its own row.
@@ -47,27 +53,28 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   float wd[DS_MAX_DIRS];
   for (int j = 0; j < DS_MAX_DIRS; ++j) wd[j] = j < kDirs ? w[1 + j] : 0.0f;
   const float w0 = kDirs > 0 ? w[0] : 0.0f;
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    const float xi = S::load(x[i]);
-    const float oi = S::load(out[i]);
-    const float h0 = kReads > 0 ? S::load(r0[i]) : 0.0f;
-    const float h1 = kReads > 1 ? S::load(r1[i]) : 0.0f;
-    const float h2 = kReads > 2 ? S::load(r2[i]) : 0.0f;
-    float m0;
+  // Elements [i, i + kLanes) as fp32 lanes: load(ptr) / store(ptr, lanes) move them (the last, partial ones of
+  // the range through a buffer, with the same conversions).
+  auto lanes = [&](int64_t i, auto load, auto store) {
+    const LanesF xi = load(x + i);
+    const LanesF oi = load(out + i);
+    const LanesF h0 = kReads > 0 ? load(r0 + i) : LanesF{};
+    const LanesF h1 = kReads > 1 ? load(r1 + i) : LanesF{};
+    const LanesF h2 = kReads > 2 ? load(r2 + i) : LanesF{};
+    LanesF m0;
     if constexpr (kPhase == DS_PHASE_THRESHOLD) {
-      m0 = hx * xi + hm * (std::min(std::max(S::load(m0_out[i]), -s), s) * inv_s);
+      m0 = hx * xi + hm * (clamp_lanes(load(m0_out + i), s) * inv_s);
     } else {
       m0 = p * xi + q * oi;
       if constexpr (kReads > 0) m0 += r0w * h0;
       if constexpr (kReads > 1) m0 += r1w * h1;
       if constexpr (kReads > 2) m0 += r2w * h2;
-      m0 = std::min(std::max(m0, -clip), clip);
+      m0 = clamp_lanes(m0, clip);
     }
-    if constexpr (kWriteM0) m0_out[i] = S::store(m0);
+    if constexpr (kWriteM0) store(m0_out + i, m0);
     if constexpr (kPhase != DS_PHASE_CONVERT) {
-      float acc = a * xi + b0 * m0 + e * oi;
-      float sacc = sa * xi + sb0 * m0 + se * oi;
+      LanesF acc = a * xi + b0 * m0 + e * oi;
+      LanesF sacc = sa * xi + sb0 * m0 + se * oi;
       if constexpr (kReads > 0) {
         acc += b1 * h0;
         sacc += sb1 * h0;
@@ -81,28 +88,29 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
         sacc += sb3 * h2;
       }
       if constexpr (kNoise) {
-        const float zi = S::load(z[i]);
+        const LanesF zi = load(z + i);
         acc += c * zi;
         sacc += sc * zi;
       }
       if constexpr (kState > 0) {
-        const float si = S::load(st[i]);
+        const LanesF si = load(st + i);
         acc += g * si;
         sacc += sg * si;
       }
       if constexpr (kDirs > 0) {  // d_n = the direction row; x' += W_0 d_n + sum_j W_j dirs[j]; record d_n
-        float dn = da * xi + de * oi + db0 * m0;
+        LanesF dn = da * xi + de * oi + db0 * m0;
         if constexpr (kReads > 0) dn += db1 * h0;
         if constexpr (kReads > 1) dn += db2 * h1;
         if constexpr (kReads > 2) dn += db3 * h2;
         acc += w0 * dn;
-        for (int j = 0; j < kDirs; ++j) acc += wd[j] * S::load(dirs[j][i]);
-        slot[i] = S::store(dn);
+        for (int j = 0; j < kDirs; ++j) acc += wd[j] * load(dirs[j] + i);
+        store(slot + i, dn);
       }
-      x_next[i] = S::store(acc);
-      if constexpr (kState == 2) st[i] = S::store(sacc);
+      store(x_next + i, acc);
+      if constexpr (kState == 2) store(st + i, sacc);
     }
-  }
+  };
+  for_lanes(begin, end, lanes);
 }
 
 template <typename S, int kReads, bool kNoise, int kState, ds_phase kPhase>
@@ -176,11 +184,10 @@ void lml_fused_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, i
 
 // m0 as the update computes it before any thresholding (p x + q out + sum r read, clipped).
 template <int kReads>
-inline float data_prediction(const ds_update_coeffs& k, float xi, float oi, const float* h) {
-  float m0 = k.p * xi + k.q * oi;
+inline LanesF data_prediction(const ds_update_coeffs& k, LanesF xi, LanesF oi, const LanesF* h) {
+  LanesF m0 = k.p * xi + k.q * oi;
   for (int j = 0; j < kReads; ++j) m0 += k.r[j] * h[j];
-  const float clip = k.clip > 0 ? k.clip : INFINITY;
-  return std::min(std::max(m0, -clip), clip);
+  return clamp_lanes(m0, k.clip > 0 ? k.clip : INFINITY);
 }
 
 // LML on [begin, end) after the update wrote x_next there: d = the direction row (m0 read back from the
@@ -203,20 +210,24 @@ void lml_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begi
   for (int j = 0; j < DS_MAX_READS; ++j) db[j] = k.db[j + 1];
   for (int j = 0; j < DS_MAX_DIRS; ++j) wd[j] = j < kDirs ? w[1 + j] : 0.0f;
   const float w0 = w[0];
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    const float xi = S::load(x[i]);
-    const float oi = S::load(out[i]);
-    float h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
-    for (int j = 0; j < kReads; ++j) h[j] = S::load(reads[j][i]);
-    const float m0 = kM0Stored ? S::load(m0s[i]) : data_prediction<kReads>(k, xi, oi, h);
-    float dn = da * xi + de * oi + db0 * m0;
+  for_lanes(begin, end, [&](int64_t i, auto load, auto store) {
+    const LanesF xi = load(x + i);
+    const LanesF oi = load(out + i);
+    LanesF h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
+    for (int j = 0; j < kReads; ++j) h[j] = load(reads[j] + i);
+    LanesF m0;
+    if constexpr (kM0Stored) {
+      m0 = load(m0s + i);
+    } else {
+      m0 = data_prediction<kReads>(k, xi, oi, h);
+    }
+    LanesF dn = da * xi + de * oi + db0 * m0;
     for (int j = 0; j < kReads; ++j) dn += db[j] * h[j];
-    float acc = S::load(x_next[i]) + w0 * dn;
-    for (int j = 0; j < kDirs; ++j) acc += wd[j] * S::load(dirs[j][i]);
-    x_next[i] = S::store(acc);
-    slot[i] = S::store(dn);
-  }
+    LanesF acc = load(x_next + i) + w0 * dn;
+    for (int j = 0; j < kDirs; ++j) acc += wd[j] * load(dirs[j] + i);
+    store(x_next + i, acc);
+    store(slot + i, dn);
+  });
 }
 
 template <typename S, int kReads = 0, int kDirs = 1>
@@ -248,45 +259,9 @@ void lml_dispatch(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t
 // samples by 1e-3.)
 constexpr int64_t kGramChunk = 1 << 13;
 
-// kLanes fp32 lanes, one register of the instruction set the file is compiled for, as vector extensions; each
-// half widens to kLanes / 2 double lanes.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
-typedef float LanesF __attribute__((vector_size(4 * kLanes)));
+// Each half of kLanes fp32 lanes (cpu_storage.h) widens to kLanes / 2 double lanes.
 typedef float HalfF __attribute__((vector_size(2 * kLanes)));
 typedef double LanesD __attribute__((vector_size(4 * kLanes)));
-
-// kLanes elements from p as fp32 lanes: one load (fp32), a widening shift (bf16), a conversion each (fp16).
-template <typename S>
-inline LanesF load_lanes(const typename S::Raw* p) {
-  LanesF v;
-  if constexpr (std::is_same_v<S, F32>) {
-    __builtin_memcpy(&v, p, sizeof v);
-  } else if constexpr (std::is_same_v<S, BF16>) {
-    typedef uint16_t Raw __attribute__((vector_size(2 * kLanes)));
-    typedef uint32_t Wide __attribute__((vector_size(4 * kLanes)));
-    Raw raw;
-    __builtin_memcpy(&raw, p, sizeof raw);
-    const Wide bits = __builtin_convertvector(raw, Wide) << 16;
-    __builtin_memcpy(&v, &bits, sizeof v);
-  } else {
-    for (int l = 0; l < kLanes; ++l) v[l] = S::load(p[l]);
-  }
-  return v;
-}
-
-// n < kLanes elements from p as fp32 lanes, zeros after them (a chunk's last lanes).
-template <typename S>
-inline LanesF load_partial_lanes(const typename S::Raw* p, int64_t n) {
-  LanesF v = {};
-  for (int64_t l = 0; l < n; ++l) v[l] = S::load(p[l]);
-  return v;
-}
 
 template <typename S, int kReads, int kDirs, bool kClip>
 void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begin, int64_t end, double* acc) {
@@ -301,25 +276,18 @@ void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   for (int j = 0; j < kDirs; ++j) dirs[j] = static_cast<const T*>(t.dirs[j]);
   // d = da x + de out + db0 m0 + sum_j db[j+1] read_j; without clip m0 is linear and the row folds into
   // d = cx x + co out + sum_j ch[j] read_j.
-  const float clip = k.clip > 0 ? k.clip : INFINITY;
   const float cx = kClip ? k.da : k.da + k.db[0] * k.p, co = kClip ? k.de : k.de + k.db[0] * k.q;
   float ch[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
   for (int j = 0; j < DS_MAX_READS; ++j) ch[j] = kClip ? k.db[j + 1] : k.db[j + 1] + k.db[0] * k.r[j];
   LanesD sums[2][kP] = {};  // the low and high halves: independent chains
-  auto lanes = [&](int64_t i, auto load) {  // the products of elements [i, i + kLanes)
+  auto lanes = [&](int64_t i, auto load, auto) {  // the products of elements [i, i + kLanes)
     LanesF v[kM];
     const LanesF xi = load(x + i), oi = load(out + i);
     LanesF h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
     for (int j = 0; j < kReads; ++j) h[j] = load(reads[j] + i);
     v[0] = cx * xi + co * oi;
     for (int j = 0; j < kReads; ++j) v[0] += ch[j] * h[j];
-    if constexpr (kClip) {  // data_prediction on lanes
-      LanesF m0 = k.p * xi + k.q * oi;
-      for (int j = 0; j < kReads; ++j) m0 += k.r[j] * h[j];
-      m0 = m0 < -clip ? -clip : m0;
-      m0 = m0 > clip ? clip : m0;
-      v[0] += k.db[0] * m0;
-    }
+    if constexpr (kClip) v[0] += k.db[0] * data_prediction<kReads>(k, xi, oi, h);
     for (int j = 0; j < kDirs; ++j) v[1 + j] = load(dirs[j] + i);
     for (int half = 0; half < 2; ++half) {
       LanesD d[kM];
@@ -333,9 +301,7 @@ void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
         for (int c = a; c < kM; ++c, ++p) sums[half][p] += d[a] * d[c];
     }
   };
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) lanes(i, [](const T* ptr) { return load_lanes<S>(ptr); });
-  if (i < end) lanes(i, [n = end - i](const T* ptr) { return load_partial_lanes<S>(ptr, n); });
+  for_lanes(begin, end, lanes);
   int p = 0;
   for (int a = 0; a < kM; ++a) {
     for (int c = a; c < kM; ++c, ++p) {
