@@ -238,7 +238,7 @@ class CapturedForward:
         self.fallbacks: list[str] = []  # every distinct reason for an eager call, in order
 
     def __call__(self, *args, **kwargs):
-        leaves, spec = pytree.tree_flatten((args, kwargs))
+        leaves, spec = _flatten(args, kwargs)
         key, reason = _signature(leaves, spec)
         if reason is None:
             reason = self.failed.get(key)
@@ -255,12 +255,12 @@ class CapturedForward:
             if isinstance(dst, torch.Tensor):
                 dst.copy_(src)
         graph.replay()
-        return pytree.tree_map_only(torch.Tensor, torch.clone, out)
+        return _fresh(out)
 
     def _capture(self, key, leaves, spec) -> str | None:
         """Capture the forward for this signature; the reason it cannot be, or None."""
         static = [v.clone() if isinstance(v, torch.Tensor) else v for v in leaves]
-        args, kwargs = pytree.tree_unflatten(static, spec)
+        args, kwargs = _unflatten(static, spec)
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -276,6 +276,33 @@ class CapturedForward:
             return self.failed[key]
         self.graphs[key] = (graph, static, out)
         return None
+
+
+# the argument types of a flat call, flattened without pytree (whose cost per call is that of a small kernel)
+_PLAIN = (torch.Tensor, type(None), bool, int, float, str)
+
+
+def _flatten(args: tuple, kwargs: dict) -> tuple[list, object]:
+    """The arguments' leaves and their structure: (number of positional arguments, keyword names) when each is
+    a tensor or a plain value, else pytree's spec of the nesting."""
+    values = (*args, *kwargs.values())
+    if all(isinstance(v, _PLAIN) for v in values):
+        return list(values), (len(args), tuple(kwargs))
+    return pytree.tree_flatten((args, kwargs))
+
+
+def _unflatten(leaves: list, spec) -> tuple[tuple, dict]:
+    if isinstance(spec, tuple):
+        n, names = spec
+        return tuple(leaves[:n]), dict(zip(names, leaves[n:]))
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _fresh(out):
+    """The outputs with every tensor cloned out of the graph's static memory."""
+    if type(out) is tuple and all(isinstance(v, torch.Tensor) for v in out):
+        return tuple(v.clone() for v in out)
+    return pytree.tree_map_only(torch.Tensor, torch.clone, out)
 
 
 def _signature(leaves: list, spec) -> tuple[tuple | None, str | None]:
