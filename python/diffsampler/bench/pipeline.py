@@ -5,20 +5,23 @@ from a CUDA graph at every step).
 The pipelines are diffusers' own `StableDiffusionPipeline` (DPM-Solver++ 2M) and `StableDiffusion3Pipeline`
 (flow matching Euler, shift 3), built offline from small randomly initialised denoisers at a real latent size
 (no text encoders, tokenizers or VAE: the prompt embeddings are random tensors passed in, and the output is the
-final latents, so what is timed is the denoising loop), with classifier-free guidance. The images of the three
-variants start from the same generator seed: the fused ones against diffusers' (max abs difference) and the
-captured one against the fused eager one (torch.equal) are recorded.
+final latents, so what is timed is the denoising loop), with classifier-free guidance. The variants are switched on one pipeline object and timed in interleaved rounds
+(one call of each per round), so a shared machine's drifting load hits all alike. Every call starts from the
+same generator seed: the fused images against diffusers' (max abs difference) and every captured call's against
+the fused eager one (torch.equal) are recorded.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
 
 import torch
 
 from diffsampler.bench import cli
 from diffsampler.bench.cli import DTYPES
-from diffsampler.bench.common import machine_record, measure, slug, write_json
+from diffsampler.bench.common import machine_record, slug, write_json
 
 VARIANTS = ("diffusers", "accelerate", "accelerate + cuda_graph")
 # the latent side of each pipeline by device: SD 512 px and SD3 1024 px on a GPU, 256 px on a CPU
@@ -94,38 +97,63 @@ def images(pipe, conditioning: dict, device: torch.device, latent: int, steps: i
                 num_images_per_prompt=batch, generator=generator, output_type="latent").images
 
 
+def interleaved(fns: dict, device: torch.device, rounds: int) -> tuple[dict, dict]:
+    """Seconds per call of each fn(), timed in rounds that call every fn once in turn (a shared machine's
+    drifting load then hits all alike), after one untimed round; the median and the fastest over the rounds,
+    and every call's output."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times, outputs = {name: [] for name in fns}, {name: [] for name in fns}
+    for r in range(rounds + 1):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            outputs[name].append(fn())
+            sync()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {n: (statistics.median(t), min(t)) for n, t in times.items()}, outputs
+
+
 def run_variants(name: str, device: torch.device, dtype: torch.dtype, latent: int, steps: int, guidance: float,
-                 batch: int, min_time: float) -> dict:
-    """The three variants of one pipeline in order (diffusers, accelerate, accelerate + cuda_graph) on the same
-    pipeline object: seconds per image, speed-ups, and the equality of their images."""
+                 batch: int, rounds: int) -> dict:
+    """The three variants of one pipeline (diffusers, accelerate, accelerate + cuda_graph), switched on one
+    pipeline object: seconds per image, speed-ups, and the equality of their images (every call starts from
+    the same seed, so each variant's calls must agree too)."""
     from diffsampler.integrations.diffusers import accelerate, captured_forward
 
     pipe, conditioning = build(name, device, dtype)
+    module = denoiser(pipe)
     theirs = pipe.scheduler
-    call = lambda: images(pipe, conditioning, device, latent, steps, guidance, batch)
-    seconds, outputs = {}, {}
-    for variant in VARIANTS:
-        if variant == "accelerate":
-            accelerate(pipe, verbose=False)
-        elif variant == "accelerate + cuda_graph":
-            accelerate(pipe, verbose=False, cuda_graph=True)
-        first = call()  # also the warm-up (and the capture, with cuda_graph)
-        seconds[variant] = measure(call, device, min_time=min_time, warmup=0) / batch
-        outputs[variant] = (first, call())
-    fused = outputs["accelerate"][0]
-    graph_first, graph_last = outputs["accelerate + cuda_graph"]
-    forward = captured_forward(pipe)
+    fused = accelerate(pipe, verbose=False)
+    accelerate(pipe, verbose=False, cuda_graph=True)
+    captured = captured_forward(pipe)
+
+    def variant(scheduler, forward):
+        def call():
+            pipe.scheduler = scheduler
+            if forward is None:
+                vars(module).pop("forward", None)  # the class's own forward
+            else:
+                module.forward = forward
+            return images(pipe, conditioning, device, latent, steps, guidance, batch)
+        return call
+
+    fns = dict(zip(VARIANTS, (variant(theirs, None), variant(fused, None), variant(fused, captured))))
+    timed, outputs = interleaved(fns, device, rounds)
+    ref = outputs["accelerate"][0]
+    same = lambda v: all(torch.equal(ref, out) for out in outputs[v])
+    seconds = {v: timed[v][0] / batch for v in VARIANTS}
     return dict(
         pipeline=name, pipeline_class=type(pipe).__name__, scheduler=type(theirs).__name__,
-        denoiser=type(denoiser(pipe)).__name__, denoiser_parameters=sum(p.numel() for p in denoiser(pipe).parameters()),
-        latent=list(fused.shape[1:]), seconds_per_image=seconds,
+        denoiser=type(module).__name__, denoiser_parameters=sum(p.numel() for p in module.parameters()),
+        latent=list(ref.shape[1:]), seconds_per_image=seconds,
+        best_seconds_per_image={v: timed[v][1] / batch for v in VARIANTS},
         speedup_vs_diffusers={v: seconds["diffusers"] / seconds[v] for v in VARIANTS[1:]},
         speedup_graph_vs_accelerate=seconds["accelerate"] / seconds["accelerate + cuda_graph"],
-        graph_equals_accelerate=bool(torch.equal(fused, graph_first) and torch.equal(fused, graph_last)),
-        accelerate_repeatable=bool(torch.equal(fused, outputs["accelerate"][1])),
-        accelerate_vs_diffusers_max_abs_diff=float((fused.double() - outputs["diffusers"][0].double()).abs().max()),
-        output_max_abs=float(fused.double().abs().max()),
-        cuda_graphs_captured=len(forward.graphs), cuda_graph_fallbacks=list(forward.fallbacks))
+        graph_equals_accelerate=same("accelerate + cuda_graph"), accelerate_repeatable=same("accelerate"),
+        accelerate_vs_diffusers_max_abs_diff=float((ref.double() - outputs["diffusers"][0].double()).abs().max()),
+        output_max_abs=float(ref.double().abs().max()),
+        cuda_graphs_captured=len(captured.graphs), cuda_graph_fallbacks=list(captured.fallbacks))
 
 
 def main(argv=None) -> None:
@@ -140,7 +168,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=cli.positive_int, default=1, help="images per pipeline call")
     ap.add_argument("--dtype", type=cli.dtype, default="fp32", help="fp32, fp16, bf16, fp64 or torch's names")
     ap.add_argument("--threads", type=cli.nonnegative_int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--min-time", type=cli.positive_float, default=1.0)
+    ap.add_argument("--rounds", type=cli.positive_int, default=5,
+                    help="timed rounds (each calls every variant once; one untimed round first)")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON ('' for none)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -157,7 +186,7 @@ def main(argv=None) -> None:
     rows = []
     for name in args.pipelines:
         row = run_variants(name, device, dtype, latents[name], args.steps, args.guidance, args.batch,
-                           args.min_time)
+                           args.rounds)
         rows.append(row)
         cells = "".join(f"{row['seconds_per_image'][v]:>28.3f}" for v in VARIANTS)
         print(f"{name:<10}{'x'.join(map(str, row['latent'])):<14}{cells}{str(row['graph_equals_accelerate']):>16}"
@@ -167,10 +196,10 @@ def main(argv=None) -> None:
     if args.out:
         payload = dict(benchmark="pipeline", machine=record,
                        config=dict(steps=args.steps, guidance_scale=args.guidance, batch=args.batch,
-                                   dtype=args.dtype, latent=latents, min_time=args.min_time,
+                                   dtype=args.dtype, latent=latents, rounds=args.rounds,
                                    output="final latents (no VAE decode)", conditioning="random prompt embeddings"),
-                       note="seconds per image, median of 5 batches of whole pipeline calls; the three variants "
-                            "run in order on one pipeline object",
+                       note="seconds per image: the median over the rounds of whole pipeline calls, each round "
+                            "calling the three variants in turn on one pipeline object after an untimed round",
                        rows=rows)
         path = write_json(Path(args.out) / f"pipeline-{slug(record['device'])}.json", payload)
         print(f"wrote {path}")
