@@ -9,14 +9,19 @@ is one fused update. Two modes:
 The model is captured too and must allow it (static shapes, no host syncs, no CPU tensors made per call).
 Where capture is impossible (a CPU tensor, no CUDA, a model that syncs, a torch.Generator for the noise) the
 sampler logs the reason once and runs eagerly: the numbers are the same either way.
+
+CapturedForward captures a model's forward alone (a pipeline's denoiser, whatever loop calls it): one graph per
+signature of its arguments, the tensors copied into the graph's static inputs and the outputs cloned per call.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable
 
 import torch
+from torch.utils import _pytree as pytree
 
 from . import error_flags, ops
 from .sample import model_times, prepare, run_plan
@@ -205,3 +210,116 @@ class CapturedSampler:
             return f"capture failed: {type(err).__name__}: {err}"
         self.graphs[key] = (graph, static_in, None, loop)
         return None
+
+
+class CapturedForward:
+    """``module.forward = CapturedForward(module.forward)``: the forward captured in a CUDA graph per signature
+    of its arguments and replayed, the caller's code unchanged.
+
+    A signature is the nesting of the positional and keyword arguments, each tensor's (shape, dtype, device)
+    and the value of every other argument (which must be hashable). Its first call warms up ``warmup`` times
+    on a side stream and captures; every call copies the argument tensors into the graph's static inputs,
+    replays, and returns clones of the output tensors (a caller may keep them across calls). The forward must
+    allow capture (no host syncs, no CPU tensors made per call) and its weights must stay where they are
+    after the capture (no ``.to()``, no reloading). Where capture is impossible (CPU tensors, autograd on,
+    an unhashable argument, a forward that fails under capture) it runs eagerly and logs the reason once; the
+    reasons are kept in ``fallbacks``.
+    """
+
+    def __init__(self, fn: Callable, warmup: int = 1):
+        if not callable(fn):
+            raise ValueError(f"CapturedForward: fn must be callable, got {type(fn).__name__}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"CapturedForward: warmup must be an integer >= 1, got {warmup!r}")
+        functools.update_wrapper(self, fn)
+        self.fn, self.warmup = fn, warmup
+        self.graphs: dict[tuple, tuple] = {}
+        self.failed: dict[tuple, str] = {}  # signature -> why its capture failed
+        self.fallbacks: list[str] = []  # every distinct reason for an eager call, in order
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = _flatten(args, kwargs)
+        key, reason = _signature(leaves, spec)
+        if reason is None:
+            reason = self.failed.get(key)
+        if reason is None and key not in self.graphs:
+            reason = self._capture(key, leaves, spec)
+        if reason is not None:
+            if reason not in self.fallbacks:
+                self.fallbacks.append(reason)
+                log.warning("diffsampler: running %s eagerly: %s", getattr(self.fn, "__qualname__", "the forward"),
+                            reason)
+            return self.fn(*args, **kwargs)
+        graph, static, out = self.graphs[key]
+        for dst, src in zip(static, leaves):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+        graph.replay()
+        return _fresh(out)
+
+    def _capture(self, key, leaves, spec) -> str | None:
+        """Capture the forward for this signature; the reason it cannot be, or None."""
+        static = [v.clone() if isinstance(v, torch.Tensor) else v for v in leaves]
+        args, kwargs = _unflatten(static, spec)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn(*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.fn(*args, **kwargs)
+        except Exception as err:  # a forward that cannot be captured: eager, with the reason
+            self.failed[key] = f"capture failed: {type(err).__name__}: {err}"
+            return self.failed[key]
+        self.graphs[key] = (graph, static, out)
+        return None
+
+
+# the argument types of a flat call, flattened without pytree (whose cost per call is that of a small kernel)
+_PLAIN = (torch.Tensor, type(None), bool, int, float, str)
+
+
+def _flatten(args: tuple, kwargs: dict) -> tuple[list, object]:
+    """The arguments' leaves and their structure: (number of positional arguments, keyword names) when each is
+    a tensor or a plain value, else pytree's spec of the nesting."""
+    values = (*args, *kwargs.values())
+    if all(isinstance(v, _PLAIN) for v in values):
+        return list(values), (len(args), tuple(kwargs))
+    return pytree.tree_flatten((args, kwargs))
+
+
+def _unflatten(leaves: list, spec) -> tuple[tuple, dict]:
+    if isinstance(spec, tuple):
+        n, names = spec
+        return tuple(leaves[:n]), dict(zip(names, leaves[n:]))
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _fresh(out):
+    """The outputs with every tensor cloned out of the graph's static memory."""
+    if type(out) is tuple and all(isinstance(v, torch.Tensor) for v in out):
+        return tuple(v.clone() for v in out)
+    return pytree.tree_map_only(torch.Tensor, torch.clone, out)
+
+
+def _signature(leaves: list, spec) -> tuple[tuple | None, str | None]:
+    """The capture key of flattened arguments, or the reason they cannot be captured."""
+    if torch.is_grad_enabled():
+        return None, "autograd is on; a captured forward is for inference (run under torch.no_grad())"
+    parts = []
+    for v in leaves:
+        if isinstance(v, torch.Tensor):
+            if not v.is_cuda:
+                return None, f"an argument is on {v.device}; CUDA graphs need CUDA tensors"
+            parts.append((tuple(v.shape), v.dtype, v.device))
+        else:
+            parts.append((type(v), v))
+    key = (spec, torch.is_inference_mode_enabled(), tuple(parts))
+    try:
+        hash(key)
+    except TypeError as err:
+        return None, f"an argument is not hashable ({err}); the signature of a capture must be"
+    return key, None

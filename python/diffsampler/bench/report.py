@@ -1,6 +1,7 @@
 """`python -m diffsampler.bench report [--write docs/benchmarks.md] [--size 8,4,128,128] [--plots]`: the page of
 benchmark tables (docs/benchmarks.md) from the committed results in bench/results/ (step, loop, serve, quality,
-dpmv3, digits, lml, resample and SMC-overhead JSON); --plots redraws the PNG beside each step / loop / resample JSON."""
+dpmv3, digits, lml, resample, SMC-overhead and pipeline JSON); --plots redraws the PNG beside each step / loop /
+resample JSON."""
 
 from __future__ import annotations
 
@@ -177,6 +178,30 @@ def serve_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def pipeline_table(path: Path) -> str:
+    """Whole diffusers pipelines (bench pipeline): seconds per image with diffusers' scheduler, accelerate(pipe)
+    and accelerate(pipe, cuda_graph=True), and how their images compare."""
+    data = json.loads(path.read_text())
+    m, c = data["machine"], data["config"]
+    lines = [f"{m['device']} ({m['threads']} threads), torch {m['torch']}, diffusers {m['diffusers']}, "
+             f"{m['date'][:10]}; {c['steps']} steps, guidance {c['guidance_scale']}, batch {c['batch']}, {c['dtype']}, "
+             f"output: {c['output']} (`{path}`):", "",
+             "| pipeline (denoiser, parameters) | latent | diffusers [s/image] | `accelerate` [s/image] | "
+             "`cuda_graph=True` [s/image] | accelerate vs diffusers | graph vs accelerate | graph == accelerate | "
+             "max abs diff to diffusers | CUDA graph |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        t = r["seconds_per_image"]
+        graph = (f"{r['cuda_graphs_captured']} captured" if not r["cuda_graph_fallbacks"]
+                 else "eager: " + "; ".join(r["cuda_graph_fallbacks"]))
+        lines.append(f"| {r['pipeline_class']} + {r['scheduler']} ({r['denoiser']}, "
+                     f"{r['denoiser_parameters'] / 1e6:.2f} M) | {'x'.join(map(str, r['latent']))} | "
+                     f"{t['diffusers']:.3f} | {t['accelerate']:.3f} | {t['accelerate + cuda_graph']:.3f} | "
+                     f"{r['speedup_vs_diffusers']['accelerate']:.2f}x | {r['speedup_graph_vs_accelerate']:.2f}x | "
+                     f"{'yes' if r['graph_equals_accelerate'] else 'NO'} | "
+                     f"{r['accelerate_vs_diffusers_max_abs_diff']:.1e} (of {r['output_max_abs']:.1f}) | {graph} |")
+    return "\n".join(lines)
+
+
 # (glob, title, what is measured, table) in page order; the discussion of each lives on the topic pages
 SECTIONS = [
     ("step-*.json", "Step overhead (`bench step`)",
@@ -204,6 +229,10 @@ SECTIONS = [
      resample_table),
     ("smc-step-overhead-*.json", "Per-step SMC overhead (`bench resample --parts overhead`)",
      "K = 64 particles of (4,128,128) fp32 as one batch, against the plain fused DPM++ 2M step.", smc_overhead_table),
+    ("pipeline-*.json", "Whole diffusers pipelines (`bench pipeline`)",
+     "Stable Diffusion and SD3 pipelines of diffusers with small random denoisers at a real latent size and "
+     "classifier-free guidance: time per image with diffusers' scheduler, with `accelerate(pipe)` and with "
+     "`accelerate(pipe, cuda_graph=True)`, from one seed.", pipeline_table),
 ]
 
 

@@ -6,7 +6,8 @@ from diffsampler's solver math (float64, on the host) over the scheduler's own t
 tensor work is one `diffsampler.ops.multistep_update` call. The results equal diffusers' (fp32 max relative
 difference <= 1e-5 over full loops, `tests/test_integrations_diffusers.py`).
 
-`accelerate(pipe)` swaps a pipeline's scheduler for the fused equivalent and says which it chose.
+`accelerate(pipe)` swaps a pipeline's scheduler for the fused equivalent and says which it chose;
+`accelerate(pipe, cuda_graph=True)` also replays the denoiser from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import ops
+from ..graphs import CapturedForward
 from ..lml import correction_weights, mixing
 from ..solvers.ddim import ddim_coeffs
 from ..solvers.deis import deis_steps
@@ -375,9 +377,24 @@ FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)}
 
 
-def accelerate(pipe, verbose: bool = True):
+# the pipeline attributes that hold the denoiser, in the order they are looked for
+DENOISERS = ("unet", "transformer")
+
+
+def accelerate(pipe, verbose: bool = True, cuda_graph: bool = False):
     """Replace `pipe.scheduler` by its fused drop-in (same config); returns the new scheduler, or the old one
-    (with a message) when there is none for its class."""
+    (with a message) when there is none for its class.
+
+    With cuda_graph=True the denoiser's forward (`pipe.unet`, else `pipe.transformer`) is also captured in a
+    CUDA graph per input shape and replayed at every step (graphs.CapturedForward; the pipeline's code is
+    unchanged, the scheduler step and the guidance arithmetic stay eager). Where it cannot be captured (CPU
+    tensors, autograd on, a forward that fails under capture) it runs eagerly and logs the reason once; the
+    images are those of the eager run either way. Capture happens at the first call per shape: move the
+    pipeline to its device before it."""
+    if not isinstance(verbose, bool):
+        raise ValueError(f"accelerate: verbose must be True or False, got {verbose!r}")
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"accelerate: cuda_graph must be True or False, got {cuda_graph!r}")
     old = pipe.scheduler
     name = type(old).__name__
     if type(old) in FUSED.values():
@@ -391,6 +408,30 @@ def accelerate(pipe, verbose: bool = True):
         new = old
         message = (f"diffsampler: no fused drop-in for {name}; the pipeline keeps it "
                    f"(fused: {', '.join(sorted(FUSED))})")
+    if cuda_graph:
+        message += "\n" + _capture_denoiser(pipe)
     if verbose:
         print(message)
     return new
+
+
+def _capture_denoiser(pipe) -> str:
+    """Wrap the pipeline's denoiser forward in a CapturedForward (once); what was done."""
+    attr = next((a for a in DENOISERS if isinstance(getattr(pipe, a, None), torch.nn.Module)), None)
+    if attr is None:
+        raise ValueError(f"accelerate(cuda_graph=True): {type(pipe).__name__} has no denoiser module; expected "
+                         f"one of {', '.join('pipe.' + a for a in DENOISERS)}")
+    module = getattr(pipe, attr)
+    if isinstance(module.forward, CapturedForward):
+        return f"diffsampler: pipe.{attr}.forward is already captured"
+    module.forward = CapturedForward(module.forward)
+    return f"diffsampler: pipe.{attr}.forward is captured in a CUDA graph per input shape (eager where it cannot be)"
+
+
+def captured_forward(pipe) -> CapturedForward | None:
+    """The CapturedForward that accelerate(pipe, cuda_graph=True) put on the denoiser, or None."""
+    for attr in DENOISERS:
+        forward = getattr(getattr(pipe, attr, None), "forward", None)
+        if isinstance(forward, CapturedForward):
+            return forward
+    return None
