@@ -34,25 +34,27 @@ if [ $# -gt 1 ]; then
   echo "gpu_check.sh: one option at most, got $# ($*)" >&2; echo "$USAGE" >&2; exit 2
 fi
 
-# --- --fetch-wheels: diffusers and its pure-Python requirements, for a python 3.12 machine without an index ---
+# --- --fetch-wheels: diffusers, transformers and their pure-Python requirements, for an offline python 3.12 ---
 fetch_wheels() {
-  local version spec req wheel have=()
-  version="$("$PY" -c 'import diffusers; print(diffusers.__version__)' 2>/dev/null)"
-  spec="diffusers${version:+==$version}"   # the version the tests pass with here, else the newest
+  local pkg version spec req wheel have=()
   mkdir -p "$WHEELS"
-  echo "fetching $spec and its pure-Python requirements into $WHEELS"
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation py \
-      --abi none --platform any -d "$WHEELS" "$spec" || { echo "gpu_check.sh: pip download of $spec failed" >&2; exit 1; }
-  wheel="$(find "$WHEELS" -maxdepth 1 -name 'diffusers-*.whl' | sort | tail -n 1)"
-  while read -r req; do
-    case "$req" in torch*|"") continue ;; esac   # torch is the machine's own
-    if "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation py \
-        --abi none --platform any -d "$WHEELS" "$req" 2>/dev/null; then
-      have+=("$req")
-    else
-      echo "  not fetched (no pure-Python wheel; the GPU machine must have it): $req"
-    fi
-  done < <("$PY" "$REPORT" requires "$wheel")
+  for pkg in diffusers transformers; do   # transformers: diffusers' Stable Diffusion pipelines import it
+    version="$("$PY" -c "import $pkg; print($pkg.__version__)" 2>/dev/null)"
+    spec="$pkg${version:+==$version}"   # the version the tests pass with here, else the newest
+    echo "fetching $spec and its pure-Python requirements into $WHEELS"
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation py \
+        --abi none --platform any -d "$WHEELS" "$spec" || { echo "gpu_check.sh: pip download of $spec failed" >&2; exit 1; }
+    wheel="$(find "$WHEELS" -maxdepth 1 -name "$pkg-*.whl" | sort | tail -n 1)"
+    while read -r req; do
+      case "$req" in torch*|"") continue ;; esac   # torch is the machine's own
+      if "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation py \
+          --abi none --platform any -d "$WHEELS" "$req" 2>/dev/null; then
+        have+=("$req")
+      else
+        echo "  not fetched (no pure-Python wheel; the GPU machine must have it): $req"
+      fi
+    done < <("$PY" "$REPORT" requires "$wheel")
+  done
   echo "  fetched: ${have[*]:-nothing else}"
   ls -1 "$WHEELS"
   echo "wheel folder size: $(du -sh "$WHEELS" | cut -f1) (keep it under ~40 MB: it travels with the repository)"
@@ -128,7 +130,7 @@ wheels_step() {
     else record wheels fail $((SECONDS - t0)) "dry run: exit $rc; log logs/wheels.log"; fi
     return
   fi
-  install_wheels "$WHEELS" diffusers > "$WORK/logs/wheels.log" 2>&1
+  { install_wheels "$WHEELS" diffusers && install_wheels "$WHEELS" transformers; } > "$WORK/logs/wheels.log" 2>&1
   rc=$?
   case $rc in
     0) record wheels pass $((SECONDS - t0)) "$(tail -n 1 "$WORK/logs/wheels.log" | cut -c1-100)" ;;
