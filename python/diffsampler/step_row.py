@@ -13,7 +13,10 @@ layout (csrc/cuda/update_params.h, DS_ROW_*, exported as diffsampler._C.ROW_LAYO
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
+
+import torch
 
 from .models import data_coeffs, noise_coeffs
 
@@ -65,6 +68,23 @@ def row(coeffs, writes_state: bool | None = None, threshold: tuple[float, float]
            float(coeffs.g), *s_row, 1.0 if writes_state else 0.0, *[float(v) for v in thr]]
     assert len(out) == WIDTH
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached(coeffs, writes_state, threshold) -> tuple[float, ...]:
+    return tuple(row(coeffs, writes_state, threshold))
+
+
+def cached_row(coeffs, writes_state: bool | None = None,
+               threshold: tuple[float, float] | None = None) -> tuple[float, ...]:
+    """row() as an immutable tuple, computed once per distinct (hashable) arguments: the eager op's row of a
+    plan's step, which a loop passes every time it runs (traced code computes it: the trace holds constants)."""
+    if torch.compiler.is_compiling():
+        return tuple(row(coeffs, writes_state, threshold))
+    try:
+        return _cached(coeffs, writes_state, threshold)
+    except TypeError:  # unhashable fields (lists): no cache
+        return tuple(row(coeffs, writes_state, threshold))
 
 
 class Fields(NamedTuple):

@@ -56,6 +56,14 @@ def _span(operand) -> tuple[int, int]:
     """The byte range [first, end) an operand can touch: a tensor, or (tensor, j) for its slot tensor[j] (no
     view is made: views would be dispatched ops)."""
     t, slot = operand if isinstance(operand, tuple) else (operand, None)
+    if t.is_contiguous():  # the common case, without a pass over the dims
+        n = t.numel() * t.element_size()
+        if n == 0:
+            return 0, 0
+        if slot is not None:
+            n //= t.shape[0]
+        start = t.data_ptr() + (slot or 0) * n
+        return start, start + n
     shape, stride, start = t.shape, t.stride(), t.data_ptr()
     if slot is not None:
         shape, stride, start = shape[1:], stride[1:], start + slot * stride[0] * t.element_size()

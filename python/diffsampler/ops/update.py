@@ -175,7 +175,7 @@ def multistep_update(
                        **{f"history[{r}]": (history, r) for r in read_slots},
                        **{f"dirs[{j}]": (dirs, j) for j in range(dirs.shape[0] if lml else 0) if j != dir_slot}})
     thresholding = threshold_ratio is not None
-    row = step_row.row(coeffs, threshold=(threshold_ratio, threshold_max) if thresholding else None)
+    row = step_row.cached_row(coeffs, threshold=(threshold_ratio, threshold_max) if thresholding else None)
     args = (x, model_out, history, int(write_slot), read_slots, row, noise, float(clip or 0.0), thresholding, state)
     if lml:
         args += (dirs, int(dir_slot), [float(v) for v in dir_coeffs], dir_weights)
