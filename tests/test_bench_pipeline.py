@@ -37,7 +37,8 @@ def test_cuda_graph_falls_back_on_cpu_with_the_reason_logged_once(name, caplog):
     with caplog.at_level(logging.WARNING, logger="diffsampler"):
         first, second = tiny_images(pipe, conditioning), tiny_images(pipe, conditioning)
     assert torch.equal(first, fused) and torch.equal(second, fused)
-    assert [r.getMessage().split(": ", 2)[-1] for r in caplog.records] == [CPU_REASON]  # once for both calls
+    ours = [r.getMessage().split(": ", 2)[-1] for r in caplog.records if r.name == "diffsampler"]
+    assert ours == [CPU_REASON]  # once for both calls (other libraries may warn too)
     forward = captured_forward(pipe)
     assert forward.fallbacks == [CPU_REASON] and forward.graphs == {}
 
