@@ -141,16 +141,22 @@ def _sample_table():
     return ops.step_table(*random_steps(torch.Generator().manual_seed(SESSION_SEED)), 3, True)
 
 
-def test_indexed_samples_match_reference(backend):
-    """One indexed step of each sample on `backend` against the float64 reference: x', the history, the state."""
+def check_indexed_samples(backend, move=lambda args: args):
+    """One indexed step of each sample (its operands through `move`) on `backend` against the float64 reference:
+    x', the history, the state, each on the operands' device and in their dtype."""
     for args in indexed_samples(_sample_table()):
+        args = move(args)
         want = [a.double().clone() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
         want = [want[0], ds.reference.multistep_update_indexed(*want), want[2], want[9]]
         got = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         got = [got[0], backend_op("multistep_update_indexed", backend)(*got), got[2], got[9]]
         bound = 1e-5 if args[0].dtype == torch.float32 else 2e-2
         for g, w in zip(got[1:], want[1:]):
-            assert g.dtype == args[0].dtype and rel_err(g, w) < bound
+            assert g.device == args[0].device and g.dtype == args[0].dtype and rel_err(g, w) < bound
+
+
+def test_indexed_samples_match_reference(backend):
+    check_indexed_samples(backend)
 
 
 def test_opcheck_indexed():
@@ -230,15 +236,7 @@ def test_indexed_samples_match_reference_on_gpu(gpu_backend):
     """test_indexed_samples_match_reference with every operand, the table and the step on the GPU."""
     from test_cuda import to_cuda
 
-    for args in indexed_samples(_sample_table()):
-        args = to_cuda(args)
-        want = [a.double().clone() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-        want = [want[0], ds.reference.multistep_update_indexed(*want), want[2], want[9]]
-        got = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-        got = [got[0], backend_op("multistep_update_indexed", gpu_backend)(*got), got[2], got[9]]
-        bound = 1e-5 if args[0].dtype == torch.float32 else 2e-2
-        for g, w in zip(got[1:], want[1:]):
-            assert g.is_cuda and g.dtype == args[0].dtype and rel_err(g, w) < bound
+    check_indexed_samples(gpu_backend, to_cuda)
 
 
 @pytest.mark.gpu

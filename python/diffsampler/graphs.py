@@ -24,7 +24,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import error_flags, ops
-from .sample import model_times, prepare, run_plan
+from .sample import model_times, prepare, run_plan, scale_table, scaled_input
 from .solvers import Plan
 
 log = logging.getLogger("diffsampler")
@@ -52,9 +52,7 @@ class IndexedLoop:
                                     [s.read_slots for s in plan.steps], plan.history_slots, plan.uses_state,
                                     x.device)
         self.times = model_times(plan, x)
-        scales = [s.input_scale for s in plan.steps]
-        opmath = torch.float64 if x.dtype == torch.float64 else torch.float32  # as x * a Python float computes
-        self.scales = None if all(v == 1.0 for v in scales) else torch.tensor(scales, dtype=opmath, device=x.device)
+        self.scales = scale_table([s.input_scale for s in plan.steps], x)
         self.noisy = any(s.needs_noise for s in plan.steps)
         shape = tuple(x.shape)
         self.history = x.new_zeros((plan.history_slots, *shape)) if plan.history_slots else None
@@ -79,7 +77,7 @@ class IndexedLoop:
         t = self.times.index_select(0, self.counter).view(())
         inp = x
         if self.scales is not None:
-            inp = (x.to(self.scales.dtype) * self.scales.index_select(0, self.counter)).to(x.dtype)
+            inp = scaled_input(x, self.scales, self.counter)
         out = model(inp, t)
         noise = None
         if self.noisy:

@@ -194,10 +194,30 @@ def _typed(value):
 
 
 def model_times(plan: Plan, x: torch.Tensor) -> torch.Tensor:
-    """The model times of a Plan as one tensor on x's device (int64 for discrete ones; float32, or float64 for
-    float64 x, otherwise): uploaded once, indexed per step without a sync."""
-    t_dtype = torch.int64 if plan.discrete_time else (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return torch.tensor(plan.timesteps, dtype=t_dtype, device=x.device)
+    """The model times of a Plan as one tensor on x's device: uploaded once, indexed per step without a sync."""
+    return time_table(plan.timesteps, plan.discrete_time, x)
+
+
+def time_table(times, discrete: bool, x: torch.Tensor) -> torch.Tensor:
+    """Model times as one tensor on x's device: int64 for discrete ones; float32, or float64 for float64 x,
+    otherwise."""
+    t_dtype = torch.int64 if discrete else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return torch.tensor(list(times), dtype=t_dtype, device=x.device)
+
+
+def scale_table(scales, x: torch.Tensor) -> torch.Tensor | None:
+    """Per-step input scales (Euler's scale_model_input) on x's device, in the dtype x * a Python float computes
+    in (float64 for float64 x, else float32); None when every scale is 1."""
+    scales = list(scales)
+    if all(v == 1.0 for v in scales):
+        return None
+    return torch.tensor(scales, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+
+
+def scaled_input(x: torch.Tensor, scales: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x times scales[index] (index: one step for the batch, or one per sample), as run_plan's x * input_scale."""
+    s = scales.index_select(0, index).view(-1, *[1] * (x.dim() - 1))
+    return (x.to(s.dtype) * s).to(x.dtype)
 
 
 def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from . import checks, error_flags, ops
-from .sample import cached_plan
+from .sample import cached_plan, scale_table, scaled_input, time_table
 from .solvers import Plan
 
 IDENTITY = ops.UpdateCoeffs(p=0.0, q=0.0, a=1.0, b=(0.0,))  # the idle rows' step: x' = x
@@ -125,13 +125,8 @@ class BatchSampler:
         slots = max([p.history_slots for p in self.plans] + [n_reads + 1 if n_reads else 0])
         self.table = ops.step_table([IDENTITY] + [s.coeffs for s in steps], [0] + [s.write_slot for s in steps],
                                     [()] + [s.read_slots for s in steps], slots, uses_state, self.x.device)
-        t_dtype = torch.int64 if self.discrete else (torch.float64 if self.x.dtype == torch.float64 else
-                                                     torch.float32)
-        self.times = torch.tensor([steps[0].t] + [s.t for s in steps], dtype=t_dtype, device=self.x.device)
-        scales = [1.0] + [s.input_scale for s in steps]
-        opmath = torch.float64 if self.x.dtype == torch.float64 else torch.float32
-        self.scales = None if all(v == 1.0 for v in scales) else torch.tensor(scales, dtype=opmath,
-                                                                                device=self.x.device)
+        self.times = time_table([steps[0].t] + [s.t for s in steps], self.discrete, self.x)
+        self.scales = scale_table([1.0] + [s.input_scale for s in steps], self.x)
         if slots and (self.history is None or self.history.shape[0] < slots):
             grown = self.x.new_zeros((slots, *self.shape))
             if self.history is not None:
@@ -149,8 +144,7 @@ class BatchSampler:
         t = self.times.index_select(0, self.step_index)
         inp = self.x
         if self.scales is not None:
-            scale = self.scales.index_select(0, self.step_index).view(-1, *[1] * (self.x.dim() - 1))
-            inp = (self.x.to(scale.dtype) * scale).to(self.x.dtype)
+            inp = scaled_input(self.x, self.scales, self.step_index)
         if self.busy is None:
             out = self.model(inp, t)
         else:  # the model on the busy rows only; the idle rows' identity step ignores their output

@@ -37,7 +37,7 @@ def lml_gram(
     if dirs is None:
         raise ValueError("dirs is required (LML's ring of directions)")
     _check_dir_args(x, read_slots, dirs, 0, dir_coeffs, None)
-    args = (x, model_out, history, read_slots, step_row.row(coeffs), float(clip or 0.0), dirs,
+    args = (x, model_out, history, read_slots, step_row.cached_row(coeffs), float(clip or 0.0), dirs,
             [float(v) for v in dir_coeffs])
     return run("lml_gram", _select_backend(backend, x), *args)
 
