@@ -24,7 +24,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import ops
 from ..graphs import CapturedForward
 from ..lml import correction_weights, mixing
+from ..solvers.consistency import lcm_coeffs, tcd_coeffs, tcd_inner_timestep
 from ..solvers.ddim import ddim_coeffs
+from ..solvers.ddpm import ddpm_coeffs, fixed_std, posterior_variance
 from ..solvers.deis import deis_steps
 from ..solvers.dpm import dpm_steps, singlestep_steps
 from ..solvers.euler import flow_euler_coeffs
@@ -235,6 +237,125 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         return diffusers.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
+def _vp_prediction(config, name: str) -> str:
+    """The prediction of a VP scheduler that takes epsilon, sample or v_prediction only."""
+    pred = _prediction(config)
+    if pred not in ("eps", "x0", "v"):
+        raise ValueError(f"prediction_type given as {config.prediction_type} must be one of `epsilon`, `sample` or "
+                         f"`v_prediction` for {name}")
+    return pred
+
+
+def _clip(config):
+    return config.clip_sample_range if config.clip_sample and not config.thresholding else None
+
+
+class DDPMScheduler(diffusers.DDPMScheduler):
+    """diffusers' DDPMScheduler (every variance type but fixed_large_log, clip_sample, thresholding) with the
+    fused update (solvers.ddpm). The learned variance types form their per-element noise std from the model's
+    variance channels before the fused call; fixed_large_log is refused: diffusers' step() takes the square
+    root of log(beta_t) < 0 there and returns NaN."""
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        c = self.config
+        if self.variance_type == "fixed_large_log":
+            raise ValueError("DDPMScheduler: variance_type='fixed_large_log' is not supported: diffusers' step() "
+                             "takes the square root of log(beta_t) < 0 and returns NaN; use 'fixed_large'")
+        t = int(timestep)
+        prev_t = int(self.previous_timestep(t))
+        learned = self.variance_type in ("learned", "learned_range")
+        predicted_variance = None
+        if learned and model_output.shape[1] == sample.shape[1] * 2:
+            model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
+        ab_t = float(self.alphas_cumprod[t])
+        ab_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else float(self.one)
+        noise, std = None, 0.0
+        if t > 0:
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                 dtype=model_output.dtype)
+            if learned:
+                if predicted_variance is None:
+                    raise ValueError(f"DDPMScheduler: variance_type={self.variance_type!r} needs a model output with "
+                                     f"2 * {sample.shape[1]} channels (the variance after the prediction), got "
+                                     f"{model_output.shape[1]}")
+                noise, std = self._learned_std(predicted_variance, ab_t, ab_prev) * noise, 1.0
+            else:
+                std = fixed_std(self.variance_type, ab_t, ab_prev)
+        coeffs = ddpm_coeffs(_vp_prediction(c, "the DDPMScheduler"), ab_t, ab_prev, std)
+        prev, x0 = _with_prediction(_same_dtype(model_output, sample), model_output, coeffs, noise=noise,
+                                    clip=_clip(c), **_threshold_kwargs(c))
+        if not return_dict:
+            return prev, x0
+        return diffusers.schedulers.scheduling_ddpm.DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _learned_std(self, v, ab_t: float, ab_prev: float) -> torch.Tensor:
+        """The per-element noise std of the learned variance types (solvers.ddpm)."""
+        if self.variance_type == "learned":
+            return v**0.5
+        tilde, beta = posterior_variance(ab_t, ab_prev)
+        frac = (v + 1) / 2
+        return torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(tilde)))
+
+
+class LCMScheduler(diffusers.LCMScheduler):
+    """diffusers' LCMScheduler (eps / sample / v, clip_sample, thresholding, custom timesteps, strength) with
+    the fused update (solvers.consistency.lcm_coeffs): one call gives prev_sample and `denoised`."""
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
+                             "creating the scheduler")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        c, i, t = self.config, self.step_index, int(timestep)
+        prev_t = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t
+        ab_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else float(self.final_alpha_cumprod)
+        last = i == self.num_inference_steps - 1
+        coeffs = lcm_coeffs(_vp_prediction(c, "`LCMScheduler`"), float(self.alphas_cumprod[t]), ab_prev, t,
+                            c.timestep_scaling, last)
+        sample = _same_dtype(model_output, sample)
+        noise = None if last else randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                               dtype=model_output.dtype)
+        denoised = torch.zeros_like(sample)
+        prev = ops.multistep_update(sample, model_output, coeffs, noise=noise, state=denoised, clip=_clip(c),
+                                    **_threshold_kwargs(c))
+        self._step_index += 1
+        if not return_dict:
+            return prev, denoised
+        return diffusers.schedulers.scheduling_lcm.LCMSchedulerOutput(prev_sample=prev, denoised=denoised)
+
+
+class TCDScheduler(diffusers.TCDScheduler):
+    """diffusers' TCDScheduler (eps / sample / v, gamma as step()'s eta, custom timesteps, strength) with the
+    fused update (solvers.consistency.tcd_coeffs): one call gives prev_sample and `pred_noised_sample`. Like
+    diffusers' step(), it neither clips nor thresholds."""
+
+    def step(self, model_output, timestep, sample, eta=0.3, generator=None, return_dict=True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
+                             "creating the scheduler")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"TCDScheduler.step: eta (TCD's gamma) must be in [0, 1], got {eta}")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, t = self.step_index, int(timestep)
+        prev_t = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else 0
+        s = tcd_inner_timestep(prev_t, eta)
+        last = i == self.num_inference_steps - 1
+        ab_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else float(self.final_alpha_cumprod)
+        coeffs = tcd_coeffs(_vp_prediction(self.config, "`TCDScheduler`"), float(self.alphas_cumprod[t]), ab_prev,
+                            float(self.alphas_cumprod[s]), eta, last)
+        sample = _same_dtype(model_output, sample)
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                             dtype=model_output.dtype) if coeffs.c else None
+        noised = torch.zeros_like(sample)
+        prev = ops.multistep_update(sample, model_output, coeffs, noise=noise, state=noised)
+        self._step_index += 1
+        if not return_dict:
+            return prev, noised
+        return diffusers.schedulers.scheduling_tcd.TCDSchedulerOutput(prev_sample=prev, pred_noised_sample=noised)
+
+
 class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
     """diffusers' EulerDiscreteScheduler (eps / x0 / v, every sigma spacing, s_churn) with the fused update."""
 
@@ -374,7 +495,7 @@ class DPMSolverMultistepLMScheduler(_LMRing, DPMSolverMultistepScheduler):
 
 FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, DDIMScheduler,
-    EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)}
+    EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, DDPMScheduler, LCMScheduler, TCDScheduler)}
 
 
 # the pipeline attributes that hold the denoiser, in the order they are looked for

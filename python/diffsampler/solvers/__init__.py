@@ -15,6 +15,7 @@ from ..models import check_prediction
 from ..schedules import EDM, VP, Flow, VPContinuous
 from .ddim import ddim_plan
 from .deis import deis_plan, deis_steps
+from .consistency import lcm_plan, tcd_plan
 from .dpm import dpm_plan, dpm_steps, flow_dpm_plan
 from .dpmv3 import EMS, dpmv3_plan, dpmv3_steps, fit_ems
 from .euler import euler_plan, flow_euler_plan
@@ -93,6 +94,10 @@ SOLVERS: dict[str, SolverSpec] = {
     "heun": SolverSpec("Karras et al.'s Heun (2 model calls per step but the last)", {EDM: heun_plan}),
     "flow_euler": SolverSpec("flow-matching Euler (FlowMatchEulerDiscreteScheduler)", {Flow: flow_euler_plan}),
     "flow_dpmpp_2m": SolverSpec("DPM-Solver++(2M) on flow sigmas", {Flow: flow_dpm_plan}),
+    "lcm": SolverSpec("LCM multistep sampling of a latent consistency model (LCMScheduler); renoises every step",
+                      {VP: lcm_plan}),
+    "tcd": SolverSpec("TCD strategic stochastic sampling (TCDScheduler), gamma: the stochasticity (0: deterministic)",
+                      {VP: tcd_plan}),
     "dpmv3": SolverSpec("DPM-Solver-v3: needs ems (fit_ems or EMS.constant); ends at sigma_min / eps",
                         {VP: dpmv3_plan}, dpmv3_steps, grid_final="eps"),
 }
@@ -141,4 +146,4 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
 __all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "Plan", "Step", "Grid", "make_plan", "ddim_plan",
            "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps",
            "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems",
-           "dpmv3_plan", "dpmv3_steps", "continuous_grid"]
+           "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan"]
