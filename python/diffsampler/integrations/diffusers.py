@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import ops
 from ..graphs import CapturedForward
 from ..lml import correction_weights, mixing
+from ..noise import BrownianTreeNoiseSampler
 from ..solvers.consistency import lcm_coeffs, tcd_coeffs, tcd_inner_timestep
 from ..solvers.ddim import ddim_coeffs
 from ..solvers.ddpm import ddpm_coeffs, fixed_std, posterior_variance
@@ -32,7 +33,7 @@ from ..solvers.dpm import dpm_steps, singlestep_steps
 from ..solvers.euler import flow_euler_coeffs
 from ..solvers.grid import Grid
 from ..solvers.unipc import unipc_steps
-from ..solvers.ve import churn, euler_coeffs, ve_data_coeffs
+from ..solvers.ve import churn, dpmpp_sde_coeffs, euler_coeffs, ve_data_coeffs
 
 # the config keys that shape a multistep scheduler's grid (named by the error of a step that divides by zero)
 GRID_CONFIG = ("num_train_timesteps", "timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas",
@@ -418,6 +419,72 @@ class FlowMatchEulerDiscreteScheduler(diffusers.FlowMatchEulerDiscreteScheduler)
             prev_sample=prev)
 
 
+def _optional_base(name: str):
+    """diffusers' class `name`, or None when it needs a package that is missing (DPMSolverSDEScheduler: torchsde)."""
+    try:
+        return getattr(diffusers, name)
+    except (ImportError, AttributeError):
+        return None
+
+
+if _optional_base("DPMSolverSDEScheduler") is not None:
+    class DPMSolverSDEScheduler(diffusers.DPMSolverSDEScheduler):
+        """diffusers' DPMSolverSDEScheduler (eps / v, every sigma spacing, noise_sampler_seed, s_noise) with the
+        fused update: each interval's two step() calls are the two stages of solvers.ve.dpmpp_sde_coeffs (r = 1/2,
+        eta = 1), the interval's start kept in the fused state; the Brownian-tree noise is diffusers' draws
+        (diffsampler.noise.BrownianTreeNoiseSampler, queried at the same noise levels). Needs torchsde."""
+
+        def set_timesteps(self, *args, **kwargs):
+            super().set_timesteps(*args, **kwargs)
+            self._fused_history = self._fused_state = None
+
+        def step(self, model_output, timestep, sample, return_dict=True, s_noise=1.0):
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            if self.noise_sampler is None:
+                positive = self.sigmas[self.sigmas > 0]
+                self.noise_sampler = BrownianTreeNoiseSampler(sample, positive.min().item(), self.sigmas.max().item(),
+                                                              self.noise_sampler_seed)
+            pred = _prediction(self.config)
+            if pred not in ("eps", "v"):
+                raise NotImplementedError(f"prediction_type not implemented yet: {self.config.prediction_type}")
+            first = self.state_in_first_order
+            i = self.step_index
+            sigma_t, next_t = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
+            sigma, sigma_next = float(sigma_t), float(next_t)
+            sample = _same_dtype(model_output, sample)
+            if sigma_next == 0:
+                coeffs = euler_coeffs(*ve_data_coeffs(pred, sigma), sigma, 0.0)
+                prev, x0 = _with_prediction(sample, model_output, coeffs)
+            else:
+                # the noise levels diffusers queries its tree at: sigma_fn(t_fn(.)) of its float32 sigmas
+                t, t_next = sigma_t.log().neg(), next_t.log().neg()
+                t_mid = t + (t_next - t) * 0.5
+                s_mid = float(t_mid.neg().exp())
+                _, stage1, stage2 = dpmpp_sde_coeffs(sigma, sigma_next, 1.0, 0.5, s_noise,
+                                                     ve_data_coeffs(pred, sigma), ve_data_coeffs(pred, s_mid))
+                if first:
+                    if self._fused_history is None:
+                        self._fused_history = sample.new_empty((2, *sample.shape))
+                        self._fused_state = torch.zeros_like(sample)
+                    noise = self.noise_sampler(t.neg().exp(), t_mid.neg().exp())
+                else:
+                    noise = self.noise_sampler(t.neg().exp(), t_next.neg().exp())
+                noise = noise.to(device=sample.device, dtype=sample.dtype)
+                coeffs, write, reads = (stage1, 0, ()) if first else (stage2, 1, (0,))
+                prev = ops.multistep_update(sample, model_output, coeffs, history=self._fused_history,
+                                            write_slot=write, read_slots=reads, noise=noise if coeffs.c else None,
+                                            state=self._fused_state)
+                x0 = self._fused_history[write].clone()
+                # diffusers' first-order flag: the stored start (here the fused state) and the midpoint sigma
+                self.sample, self.mid_point_sigma = (self._fused_state, t_mid.neg().exp()) if first else (None, None)
+            self._step_index += 1
+            if not return_dict:
+                return prev, x0
+            return diffusers.schedulers.scheduling_dpmsolver_sde.DPMSolverSDESchedulerOutput(
+                prev_sample=prev, pred_original_sample=x0)
+
+
 class _LMRing:
     """The authors' rank-1 LM correction (config keys lamb, lm, kappa) over a one-slot ring of the previous raw
     direction, reset by set_timesteps (the authors' classes keep it across runs: a fresh run's first step
@@ -496,6 +563,8 @@ class DPMSolverMultistepLMScheduler(_LMRing, DPMSolverMultistepScheduler):
 FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, DDIMScheduler,
     EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, DDPMScheduler, LCMScheduler, TCDScheduler)}
+if _optional_base("DPMSolverSDEScheduler") is not None:
+    FUSED["DPMSolverSDEScheduler"] = DPMSolverSDEScheduler
 
 
 # the pipeline attributes that hold the denoiser, in the order they are looked for

@@ -6,10 +6,11 @@ denoised x0, x lives in the VE scale (x = x0 + sigma eps, start from noise * sig
 samplers that step in log sigma: dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde), > 0 but the last, which may be 0.
 The coefficients are computed in float64 from the sigmas; each step is one fused call (Heun: two).
 
-Noise: the SDE samplers take k-diffusion's `noise_sampler(sigma, sigma_next)`; without one they draw i.i.d.
-`torch.randn_like(x)` (k-diffusion's default there is a Brownian tree from torchsde: statistically the same
-increments, other bits; pass its BrownianTreeNoiseSampler to reproduce them). Euler and Heun without churn do
-not draw the unused noise k-diffusion draws every step, so the global RNG is left untouched.
+Noise: the SDE samplers take k-diffusion's `noise_sampler(sigma, sigma_next)`; without one they draw from
+k-diffusion's default, a Brownian tree over the sigmas' range (diffsampler.noise.BrownianTreeNoiseSampler: the
+same bits from the same global seed) when torchsde is installed, else i.i.d. `torch.randn_like(x)`. Euler and
+Heun without churn do not draw the unused noise k-diffusion draws every step, so the global RNG is left
+untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from .. import checks, ops
+from ..noise import BrownianTreeNoiseSampler, sde_noise_sampler  # noqa: F401 (k-diffusion's name, re-exported)
 from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
 from ..solvers.dpm import history_weights, update_terms
@@ -150,13 +152,14 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     return x
 
 
-def _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order, solver_type):
+def _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order, solver_type,
+                sde=True):
     """DPM-Solver++(2M / 3M), ODE (eta = 0) or SDE, in k-diffusion's form: x in the VE scale (alpha = 1),
     h = log(sigma / sigma'), the step of solvers.dpm.update_terms with the order of the history there is
     (the first step first order), and x' = D at sigma' = 0."""
     _check_noise(eta, s_noise, noise_sampler)
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=order, strict=True)
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    noise_sampler = sde_noise_sampler(x, sigmas, noise_sampler) if sde else None
     algorithm = "sde-dpmsolver++" if eta else "dpmsolver++"
     s = loop.sigmas
     hs = []  # step sizes in t = -log sigma of the steps taken so far
@@ -182,7 +185,7 @@ def _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, n
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """DPM-Solver++(2M) in k-diffusion's form: x' = (sigma'/sigma) x - (e^{-h} - 1) ((1 + 1/(2r)) D -
     1/(2r) D_old), r = h_last / h (first order at the first step and into sigma = 0)."""
-    return _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, 2, "midpoint")
+    return _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, 2, "midpoint", sde=False)
 
 
 @torch.no_grad()
@@ -210,7 +213,7 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
     _check_noise(eta, s_noise, noise_sampler)
     checks.real("r", r, "(0, 1]")
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    noise_sampler = sde_noise_sampler(x, sigmas, noise_sampler)
     s = loop.sigmas
     state = torch.zeros_like(x)
     for i in _steps(len(s) - 1, disable):
