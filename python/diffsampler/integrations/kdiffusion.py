@@ -25,6 +25,7 @@ from ..noise import BrownianTreeNoiseSampler, sde_noise_sampler  # noqa: F401 (k
 from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
 from ..solvers.dpm import history_weights, update_terms
+from ..solvers.res import er_noise_scaler, er_sde_coeffs, res_multistep_coeffs
 from ..solvers.ve import churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
 
 DENOISED = (0.0, 1.0)  # (p, q): the model output is the data prediction itself
@@ -230,3 +231,65 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
         x = ops.multistep_update(x2, denoised_2, second, history=loop.history, write_slot=1, read_slots=[0],
                                  state=state, noise=z if second.c else None)
     return x
+
+
+def _multistep_history_loop(loop, x, coeffs_of, noise_sampler, disable):
+    """Steps whose coefficients coeffs_of(i) -> (UpdateCoeffs, n_reads) read the last n_reads data predictions
+    from the ring; noise from noise_sampler where c != 0."""
+    s = loop.sigmas
+    for i in _steps(len(s) - 1, disable):
+        denoised = loop.denoise(x, i, s[i])
+        coeffs, n_hist = coeffs_of(i)
+        noise = noise_sampler(s[i], s[i + 1]) if coeffs.c else None
+        x = loop.update(x, denoised, coeffs, i, n_hist, noise=noise)
+    return x
+
+
+@torch.no_grad()
+def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0,
+                         noise_sampler=None, eta=0.0):
+    """RES second-order exponential multistep (solvers.res.res_multistep_coeffs), ComfyUI's res_multistep; eta > 0
+    is its ancestral variant (noise from noise_sampler, default randn_like)."""
+    _check_noise(eta, s_noise, noise_sampler)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s, prev = loop.sigmas, [None]
+
+    def coeffs_of(i):
+        coeffs, down = res_multistep_coeffs(DENOISED, s[i], s[i + 1], eta, s_noise, prev[0])
+        prev[0] = (s[i], down)
+        return coeffs, len(coeffs.b) - 1
+
+    return _multistep_history_loop(loop, x, coeffs_of, noise_sampler, disable)
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                   s_noise=1.0, noise_sampler=None):
+    """sample_res_multistep with eta = 1 (ComfyUI's res_multistep_ancestral)."""
+    return sample_res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta)
+
+
+@torch.no_grad()
+def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, noise_sampler=None,
+                  noise_scaler=None, max_stage=3):
+    """ER-SDE-Solver (solvers.res.er_sde_coeffs) in the VE scale (lambda = sigma), ComfyUI's er_sde: stages up
+    to max_stage, noise_scaler(lambda) the noise function (default l (e^{l^0.3} + 10))."""
+    _check_noise(0.0, s_noise, noise_sampler)
+    checks.optional_callable("noise_scaler", noise_scaler, "noise_scaler(lambda)")
+    if max_stage not in (1, 2, 3):
+        raise ValueError(f"max_stage must be 1, 2 or 3, got {max_stage!r}")
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=3)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    scaler = er_noise_scaler if noise_scaler is None else noise_scaler
+    s = loop.sigmas
+
+    def coeffs_of(i):
+        if s[i + 1] == 0:
+            return UpdateCoeffs(*DENOISED, a=0.0, b=(1.0,)), 0
+        stage = min(max_stage, i + 1)
+        coeffs = er_sde_coeffs(DENOISED, [s[i - k] for k in range(stage)], s[i + 1], 1.0, 1.0, stage, s_noise,
+                               scaler)
+        return coeffs, stage - 1
+
+    return _multistep_history_loop(loop, x, coeffs_of, noise_sampler, disable)

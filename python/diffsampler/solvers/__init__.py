@@ -25,6 +25,7 @@ from .momentum import ghvb_plan, ghvb_steps
 from .timeshift import TimeShift
 from .unipc import unipc_plan, unipc_steps
 from .plan import Plan, Step
+from .res import er_sde_plan, res_multistep_plan
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,10 @@ SOLVERS: dict[str, SolverSpec] = {
                       {VP: lcm_plan}),
     "tcd": SolverSpec("TCD strategic stochastic sampling (TCDScheduler), gamma: the stochasticity (0: deterministic)",
                       {VP: tcd_plan}),
+    "res_multistep": SolverSpec("RES second-order exponential multistep in the VE scale (ComfyUI's res_multistep); "
+                                "eta > 0: its ancestral variant", {VP: res_multistep_plan, EDM: res_multistep_plan}),
+    "er_sde": SolverSpec("ER-SDE-Solver-3 (extended reverse-time SDE, ComfyUI's er_sde); on Flow its CONST form",
+                         {VP: er_sde_plan, EDM: er_sde_plan, Flow: er_sde_plan}),
     "dpmv3": SolverSpec("DPM-Solver-v3: needs ems (fit_ems or EMS.constant); ends at sigma_min / eps",
                         {VP: dpmv3_plan}, dpmv3_steps, grid_final="eps"),
 }
@@ -146,4 +151,5 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
 __all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "Plan", "Step", "Grid", "make_plan", "ddim_plan",
            "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps",
            "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems",
-           "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan"]
+           "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan",
+           "res_multistep_plan", "er_sde_plan"]
