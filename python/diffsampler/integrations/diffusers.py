@@ -114,26 +114,49 @@ class _MultistepMixin:
         return prev
 
 
-class DPMSolverMultistepScheduler(_MultistepMixin, diffusers.DPMSolverMultistepScheduler):
-    """diffusers' DPMSolverMultistepScheduler (all algorithm types, orders 1-3, midpoint / heun, every sigma
-    spacing and final sigma) with the fused update."""
+class _DPMSolverMultistep(_MultistepMixin):
+    """step() of the DPM-Solver multistep schedulers; the inverse one (data to noise) forces no lower order at
+    its last step and refuses the SDE algorithms (diffusers' inverse SDE step takes sqrt(1 - e^{-2h}) with
+    h < 0 and returns NaN, or fails an assertion at third order)."""
+
+    _inverse = False
 
     def _build_plan(self, start: int):
         c = self.config
         return dpm_steps(self._grid(), _prediction(c), algorithm=c.algorithm_type, order=c.solver_order,
                          solver_type=c.solver_type, lower_order_final=c.lower_order_final,
-                         euler_at_final=c.euler_at_final, final_sigma_zero=c.final_sigmas_type == "zero",
-                         start=start, phi3="diffusers")
+                         euler_at_final=c.euler_at_final,
+                         final_sigma_zero=not self._inverse and c.final_sigmas_type == "zero", start=start,
+                         phi3="diffusers")
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
-        if self.config.variance_type in ("learned", "learned_range") and self.config.prediction_type == "epsilon":
+        c = self.config
+        sde = c.algorithm_type.startswith("sde")
+        if self._inverse and sde:
+            raise ValueError(f"{type(self).__name__}: algorithm_type={c.algorithm_type!r} is not supported: an SDE "
+                             f"step from data to noise has noise weight sqrt(1 - e^(-2h)) with h < 0 (diffusers' "
+                             f"step() returns NaN there); use 'dpmsolver++' or 'dpmsolver'")
+        if c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon":
             model_output = model_output[:, :3]
         noise = None
-        if self.config.algorithm_type.startswith("sde"):
+        if sde:
             noise = variance_noise if variance_noise is not None else randn_tensor(
-                model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+                model_output.shape, generator=generator, device=model_output.device,
+                dtype=torch.float32)
         prev = self._fused_step(model_output, timestep, sample, noise)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+class DPMSolverMultistepScheduler(_DPMSolverMultistep, diffusers.DPMSolverMultistepScheduler):
+    """diffusers' DPMSolverMultistepScheduler (all algorithm types, orders 1-3, midpoint / heun, every sigma
+    spacing and final sigma) with the fused update."""
+
+
+class DPMSolverMultistepInverseScheduler(_DPMSolverMultistep, diffusers.DPMSolverMultistepInverseScheduler):
+    """diffusers' DPMSolverMultistepInverseScheduler (inversion for editing: the same solver from data to noise
+    over its ascending grid) with the fused update."""
+
+    _inverse = True
 
 
 class DPMSolverSinglestepScheduler(_MultistepMixin, diffusers.DPMSolverSinglestepScheduler):
@@ -357,6 +380,29 @@ class TCDScheduler(diffusers.TCDScheduler):
         return diffusers.schedulers.scheduling_tcd.TCDSchedulerOutput(prev_sample=prev, pred_noised_sample=noised)
 
 
+class DDIMInverseScheduler(diffusers.DDIMInverseScheduler):
+    """diffusers' DDIMInverseScheduler (DDIM inversion for editing: x0 and eps at t, then the deterministic DDIM
+    map to the next, noisier timestep; clip_sample) with the fused update."""
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        c = self.config
+        prev_t = int(timestep)
+        t = min(prev_t - c.num_train_timesteps // self.num_inference_steps, c.num_train_timesteps - 1)
+        ab_t = float(self.alphas_cumprod[t]) if t >= 0 else float(self.initial_alpha_cumprod)
+        pred = _vp_prediction(c, "the DDIMInverseScheduler")
+        if pred == "x0" and ab_t == 1:
+            raise ValueError("DDIMInverseScheduler: prediction_type='sample' at alpha_bar = 1 (the first step with "
+                             "set_alpha_to_one=True) gives eps = (x - x0) / 0 (diffusers returns inf / NaN); use "
+                             "set_alpha_to_one=False")
+        coeffs, _ = ddim_coeffs(pred, ab_t,
+                                float(self.alphas_cumprod[prev_t]), 0.0)
+        clip = c.clip_sample_range if c.clip_sample else None
+        prev, x0 = _with_prediction(_same_dtype(model_output, sample), model_output, coeffs, clip=clip)
+        if not return_dict:
+            return prev, x0
+        return diffusers.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
 class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
     """diffusers' EulerDiscreteScheduler (eps / x0 / v, every sigma spacing, s_churn) with the fused update."""
 
@@ -562,7 +608,8 @@ class DPMSolverMultistepLMScheduler(_LMRing, DPMSolverMultistepScheduler):
 
 FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, DDIMScheduler,
-    EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, DDPMScheduler, LCMScheduler, TCDScheduler)}
+    EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, DDPMScheduler, LCMScheduler, TCDScheduler,
+    DPMSolverMultistepInverseScheduler, DDIMInverseScheduler)}
 if _optional_base("DPMSolverSDEScheduler") is not None:
     FUSED["DPMSolverSDEScheduler"] = DPMSolverSDEScheduler
 
