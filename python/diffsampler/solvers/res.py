@@ -25,7 +25,7 @@ from ..ops import UpdateCoeffs
 from ..schedules import EDM, VP, Flow
 from .plan import Plan, Step
 from .ve import ancestral_split, euler_coeffs, ve_data_coeffs
-from .ve_grid import ve_grid
+from .ve_grid import to_vp_scale, ve_grid
 
 
 def phi_1(h: float) -> float:
@@ -94,6 +94,8 @@ def res_multistep_plan(schedule, steps: int, prediction: str, *, eta: float = 0.
         coeffs, down = res_multistep_coeffs(ve_data_coeffs(prediction, sigma), sigma, g.sigmas[i + 1], eta,
                                             s_noise, prev)
         reads = ((i - 1) % 2,) if len(coeffs.b) == 2 else ()
+        if i == steps - 1:
+            coeffs = to_vp_scale(coeffs, g.final_alpha)
         plan.append(Step(t=g.times[i], coeffs=coeffs, write_slot=i % 2, read_slots=reads,
                          input_scale=g.input_scales[i]))
         prev = (sigma, down)
@@ -117,11 +119,12 @@ def er_sde_plan(schedule, steps: int, prediction: str, *, s_noise: float = 1.0, 
         times = [float(np.float32(s) * n) for s in sigmas[:-1]]
         alphas, lams = [1 - s for s in sigmas], [s / (1 - s) for s in sigmas]
         data = [(1.0, -s) for s in sigmas[:-1]]
-        scales, init = (1.0,) * steps, 1.0
+        scales, init, final_alpha = (1.0,) * steps, 1.0, 1.0
     else:
         g = ve_grid(schedule, steps, **grid)
         sigmas, times, scales, init = list(g.sigmas), g.times, g.input_scales, g.init_scale
         alphas, lams = [1.0] * len(sigmas), sigmas
+        final_alpha = g.final_alpha
         data = [ve_data_coeffs(prediction, s) for s in sigmas[:-1]]
     plan = []
     for i in range(steps):
@@ -132,6 +135,8 @@ def er_sde_plan(schedule, steps: int, prediction: str, *, s_noise: float = 1.0, 
             coeffs = er_sde_coeffs(data[i], [lams[i - k] for k in range(stage)], lams[i + 1], alphas[i],
                                    alphas[i + 1], stage, s_noise)
             reads = tuple((i - k) % 3 for k in range(1, stage))
+        if i == steps - 1:
+            coeffs = to_vp_scale(coeffs, final_alpha)
         plan.append(Step(t=times[i], coeffs=coeffs, write_slot=i % 3, read_slots=reads, input_scale=scales[i]))
     return Plan(steps=tuple(plan), history_slots=3, discrete_time=False, init_scale=init)
 
