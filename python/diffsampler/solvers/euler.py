@@ -14,7 +14,8 @@ from ..ops import UpdateCoeffs
 from ..schedules import VP, Flow
 from .plan import Direction, Plan, Step
 from .ve import euler_coeffs, ve_data_coeffs
-from .ve_grid import vp_ve_grid
+from .grid import Grid
+from .ve_grid import grid_ve_grid, to_vp_scale, vp_ve_grid
 
 
 def euler_plan(schedule: VP, steps: int, prediction: str, *, timestep_spacing: str = "linspace",
@@ -23,6 +24,17 @@ def euler_plan(schedule: VP, steps: int, prediction: str, *, timestep_spacing: s
     plan = [Step(t=grid.times[i], coeffs=euler_coeffs(*ve_data_coeffs(prediction, sigma), sigma, grid.sigmas[i + 1]),
                  input_scale=grid.input_scales[i]) for i, sigma in enumerate(grid.sigmas[:-1])]
     return Plan(steps=tuple(plan), history_slots=0, discrete_time=False, init_scale=grid.init_scale)
+
+
+def euler_grid_plan(grid: Grid, steps: int, prediction: str) -> Plan:
+    """The VE-scale Euler step over any VP Grid (x_T and the result in the VP scale, solvers.ve_grid)."""
+    g = grid_ve_grid(grid)
+    plan = []
+    for i, sigma in enumerate(g.sigmas[:-1]):
+        coeffs = euler_coeffs(*ve_data_coeffs(prediction, sigma), sigma, g.sigmas[i + 1])
+        plan.append(Step(t=g.times[i], coeffs=to_vp_scale(coeffs, g.final_alpha) if i == steps - 1 else coeffs,
+                         input_scale=g.input_scales[i]))
+    return Plan(steps=tuple(plan), history_slots=0, discrete_time=False, init_scale=g.init_scale)
 
 
 def flow_euler_plan(schedule: Flow, steps: int, prediction: str) -> Plan:
