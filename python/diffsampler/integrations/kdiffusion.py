@@ -22,8 +22,10 @@ import torch
 from .. import checks, ops
 from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
+from ..solvers.ancestral import dpm2_coeffs, dpmpp_2s_coeffs, log_midpoint, rf_ancestral_split, \
+    rf_euler_ancestral_coeffs, rf_midpoint
 from ..solvers.dpm import history_weights, update_terms
-from ..solvers.ve import churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
+from ..solvers.ve import ancestral_split, churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
 
 DENOISED = (0.0, 1.0)  # (p, q): the model output is the data prediction itself
 
@@ -85,6 +87,14 @@ class _Loop:
             self.callback({"x": x, "i": i, "sigma": self.sigmas[i], "sigma_hat": sigma_hat or self.sigmas[i],
                            "denoised": denoised})
         return denoised
+
+    def two_calls(self, x, denoised, first, second, sigma_mid, state, noise=None):
+        """A two-call step without history reads (solvers.ancestral): stage 1 writes D into slot 0 and keeps
+        the start in `state`, the model is called at sigma_mid, stage 2 combines."""
+        x2 = ops.multistep_update(x, denoised, first, history=self.history, write_slot=0, state=state)
+        denoised_2 = self.model(x2, sigma_mid * self.s_in, **self.extra_args)
+        return ops.multistep_update(x2, denoised_2, second, history=self.history, write_slot=0, state=state,
+                                    noise=noise if second.c else None)
 
     def update(self, x, denoised, coeffs, i, n_hist=0, noise=None, state=None):
         """x' from the fused op; history slot i % slots gets the denoised x0, the n_hist before it are read."""
@@ -226,4 +236,135 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
         z = noise_sampler(s[i], s[i + 1])
         x = ops.multistep_update(x2, denoised_2, second, history=loop.history, write_slot=1, read_slots=[0],
                                  state=state, noise=z if second.c else None)
+    return x
+
+
+def _flow_sigmas(loop) -> None:
+    if loop.sigmas[0] > 1:
+        raise ValueError(f"sigmas: the flow (CONST, rectified-flow) samplers take sigmas in [0, 1], got sigmas[0] = "
+                         f"{loop.sigmas[0]}")
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                           noise_sampler=None):
+    """Ancestral Euler: x' = x + (sigma_down - sigma) d + s_noise sigma_up z (solvers.ve.ancestral_split); z is
+    drawn wherever sigma' > 0, as k-diffusion draws it."""
+    _check_noise(eta, s_noise, noise_sampler)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=0)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s = loop.sigmas
+    for i in _steps(len(s) - 1, disable):
+        denoised = loop.denoise(x, i, s[i])
+        down, up = ancestral_split(s[i], s[i + 1], eta)
+        coeffs = euler_coeffs(*DENOISED, s[i], down, c=s_noise * up)
+        z = noise_sampler(s[i], s[i + 1]) if s[i + 1] > 0 else None
+        x = loop.update(x, denoised, coeffs, i, noise=z if coeffs.c else None)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                              noise_sampler=None):
+    """ComfyUI's flow (CONST) ancestral Euler: x' = k (x + (sigma_down - sigma) d) + s_noise w z
+    (solvers.ancestral.rf_ancestral_split), x' = D into sigma' = 0; z drawn where sigma' > 0 and eta > 0."""
+    _check_noise(eta, s_noise, noise_sampler)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=0)
+    _flow_sigmas(loop)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s = loop.sigmas
+    for i in _steps(len(s) - 1, disable):
+        denoised = loop.denoise(x, i, s[i])
+        coeffs = rf_euler_ancestral_coeffs(*DENOISED, s[i], s[i + 1], eta, s_noise)
+        z = noise_sampler(s[i], s[i + 1]) if s[i + 1] > 0 and eta > 0 else None
+        x = loop.update(x, denoised, coeffs, i, noise=z if coeffs.c else None)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                 s_tmax=float("inf"), s_noise=1.0):
+    """DPM-2 (k-diffusion's, after Karras et al.'s Algorithm 2): the midpoint in log sigma, Euler into sigma = 0
+    (solvers.ancestral.dpm2_coeffs); churn as sample_euler's."""
+    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=1)
+    s = loop.sigmas
+    state = torch.zeros_like(x)
+    for i in _steps(len(s) - 1, disable):
+        x, sigma_hat = _churned(x, s, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = loop.denoise(x, i, sigma_hat, sigma_hat)
+        if s[i + 1] == 0:
+            x = ops.multistep_update(x, denoised, euler_coeffs(*DENOISED, sigma_hat, 0.0))
+            continue
+        mid = log_midpoint(sigma_hat, s[i + 1])
+        x = loop.two_calls(x, denoised, *dpm2_coeffs(*DENOISED, *DENOISED, sigma_hat, mid, s[i + 1]), mid, state)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                           noise_sampler=None):
+    """Ancestral DPM-2: the DPM-2 step to sigma_down, then + s_noise sigma_up z (no noise where sigma_down = 0,
+    an Euler step there, as k-diffusion)."""
+    _check_noise(eta, s_noise, noise_sampler)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=1)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s = loop.sigmas
+    state = torch.zeros_like(x)
+    for i in _steps(len(s) - 1, disable):
+        denoised = loop.denoise(x, i, s[i])
+        down, up = ancestral_split(s[i], s[i + 1], eta)
+        if down == 0:
+            x = ops.multistep_update(x, denoised, euler_coeffs(*DENOISED, s[i], 0.0))
+            continue
+        mid = log_midpoint(s[i], down)
+        first, second = dpm2_coeffs(*DENOISED, *DENOISED, s[i], mid, down, noise=s_noise * up)
+        x = loop.two_calls(x, denoised, first, second, mid, state, noise_sampler(s[i], s[i + 1]))
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                              noise_sampler=None):
+    """Ancestral DPM-Solver++(2S): solvers.ancestral.dpmpp_2s_coeffs to sigma_down with sigma_mid =
+    sqrt(sigma sigma_down), + s_noise sigma_up z where sigma' > 0 (an Euler step where sigma_down = 0)."""
+    _check_noise(eta, s_noise, noise_sampler)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=1)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s = loop.sigmas
+    state = torch.zeros_like(x)
+    for i in _steps(len(s) - 1, disable):
+        denoised = loop.denoise(x, i, s[i])
+        down, up = ancestral_split(s[i], s[i + 1], eta)
+        if down == 0:
+            coeffs = euler_coeffs(*DENOISED, s[i], 0.0, c=s_noise * up)
+            z = noise_sampler(s[i], s[i + 1]) if s[i + 1] > 0 else None
+            x = ops.multistep_update(x, denoised, coeffs, noise=z if coeffs.c else None)
+            continue
+        mid = log_midpoint(s[i], down)
+        first, second = dpmpp_2s_coeffs(*DENOISED, *DENOISED, s[i], mid, down, noise=s_noise * up)
+        x = loop.two_calls(x, denoised, first, second, mid, state, noise_sampler(s[i], s[i + 1]))
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                 s_noise=1.0, noise_sampler=None):
+    """ComfyUI's flow (CONST) DPM-Solver++(2S) ancestral: solvers.ancestral.dpmpp_2s_coeffs with ComfyUI's split
+    (rf_ancestral_split) and the midpoint in lambda = log((1 - sigma) / sigma); x' = D into sigma' = 0."""
+    _check_noise(eta, s_noise, noise_sampler)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=1)
+    _flow_sigmas(loop)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s = loop.sigmas
+    state = torch.zeros_like(x)
+    for i in _steps(len(s) - 1, disable):
+        denoised = loop.denoise(x, i, s[i])
+        if s[i + 1] == 0:
+            x = ops.multistep_update(x, denoised, euler_coeffs(*DENOISED, s[i], 0.0))
+            continue
+        down, k, w = rf_ancestral_split(s[i], s[i + 1], eta)
+        mid = rf_midpoint(s[i], down)
+        first, second = dpmpp_2s_coeffs(*DENOISED, *DENOISED, s[i], mid, down, k=k, noise=s_noise * w if eta else 0.0)
+        x = loop.two_calls(x, denoised, first, second, mid, state, noise_sampler(s[i], s[i + 1]) if eta > 0 else None)
     return x
