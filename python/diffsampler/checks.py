@@ -156,6 +156,7 @@ _FLAGS = ("set_alpha_to_one", "lower_order_final", "euler_at_final", "predict_x0
           "corrector_pseudo")
 SOLVER_OPTIONS: dict[str, Callable] = {
     "eta": lambda v: real("eta", v, "[0, inf)"),
+    "s_noise": lambda v: real("s_noise", v, "[0, inf)"),
     "beta": lambda v: real("beta", v, "(0, 1]"),
     "momentum": lambda v: optional_real("momentum", v, "(0, 1]"),
     "order": lambda v: integer("order", v, 1),

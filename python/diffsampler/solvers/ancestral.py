@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..ops import UpdateCoeffs
-from .ve import KEEP_START, euler_coeffs
+from ..schedules import EDM, Flow, sigma_to_t
+from .euler import _euler_timesteps
+from .plan import Plan, Step
+from .ve import KEEP_START, ancestral_split, euler_coeffs, ve_data_coeffs
 
 
 def log_midpoint(sigma: float, sigma_to: float) -> float:
@@ -69,3 +74,119 @@ def dpmpp_2s_coeffs(p: float, q: float, p2: float, q2: float, sigma: float, sigm
     ratio = sigma_down / sigma
     second = UpdateCoeffs(p=p2, q=q2, a=0.0, b=(k * (1 - ratio),), g=k * ratio, c=noise)
     return euler_coeffs(p, q, sigma, sigma_mid, state=KEEP_START), second
+
+
+# Plans of diffsampler.sample: `steps` intervals on a VP (diffusers' Euler grid, the VE scale x / alpha), EDM or
+# Flow schedule; the two-call methods take two model calls per interval but an Euler step into sigma = 0.
+
+class _Grid:
+    """The sigmas (then 0) of a schedule family, the model time and input scale at any sigma, x_T's scale and
+    the conversion (p, q) of the model output to D."""
+
+    def __init__(self, schedule, steps: int, prediction: str, timestep_spacing: str = "linspace",
+                 steps_offset: int = 0):
+        self.schedule, self.prediction = schedule, prediction
+        if isinstance(schedule, Flow):
+            if prediction != "flow":
+                raise ValueError(f"the flow solvers take prediction 'flow' (the velocity eps - x0), got "
+                                 f"{prediction!r}")
+            self.sigmas, self.init_scale = [float(s) for s in schedule.sigmas(steps)], 1.0
+        elif isinstance(schedule, EDM):
+            self.sigmas = schedule.sigmas(steps)
+            self.init_scale = self.sigmas[0]
+        else:
+            timesteps = _euler_timesteps(schedule, steps, timestep_spacing, steps_offset)
+            self.train = (((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5).numpy()
+            self.timesteps = [float(t) for t in timesteps]
+            grid = np.interp(timesteps, np.arange(len(self.train)), self.train).astype(np.float32)
+            self.sigmas = [float(s) for s in grid] + [0.0]
+            top = max(self.sigmas)
+            self.init_scale = top if timestep_spacing in ("linspace", "trailing") else math.sqrt(top * top + 1)
+        if not isinstance(schedule, Flow):
+            ve_data_coeffs(prediction, 1.0)  # checks the prediction
+
+    def coeffs(self, sigma: float) -> tuple[float, float]:
+        return (1.0, -sigma) if isinstance(self.schedule, Flow) else ve_data_coeffs(self.prediction, sigma)
+
+    def step(self, sigma: float, coeffs: UpdateCoeffs, i: int | None = None, **kw) -> Step:
+        """The step calling the model at sigma (at grid point i: its own timestep)."""
+        if isinstance(self.schedule, Flow):
+            return Step(t=float(np.float32(sigma) * np.float32(self.schedule.num_train_timesteps)), coeffs=coeffs,
+                        **kw)
+        if isinstance(self.schedule, EDM):
+            return Step(t=sigma, coeffs=coeffs, **kw)
+        t = self.timesteps[i] if i is not None else float(sigma_to_t(np.array(sigma), np.log(self.train)))
+        return Step(t=t, coeffs=coeffs, input_scale=1.0 / math.sqrt(sigma * sigma + 1), **kw)
+
+    def plan(self, steps: list[Step], two_calls: bool) -> Plan:
+        return Plan(steps=tuple(steps), history_slots=1 if two_calls else 0, discrete_time=False,
+                    init_scale=self.init_scale, uses_state=two_calls)
+
+
+def euler_ancestral_plan(schedule, steps: int, prediction: str, *, eta: float = 1.0, s_noise: float = 1.0,
+                         timestep_spacing: str = "linspace", steps_offset: int = 0) -> Plan:
+    """Ancestral Euler: EulerAncestralDiscreteScheduler's on VP (eta = 1), k-diffusion's on EDM, ComfyUI's
+    sample_euler_ancestral_RF on Flow."""
+    grid = _Grid(schedule, steps, prediction, timestep_spacing, steps_offset)
+    s, plan = grid.sigmas, []
+    for i in range(steps):
+        p, q = grid.coeffs(s[i])
+        if isinstance(schedule, Flow):
+            coeffs = rf_euler_ancestral_coeffs(p, q, s[i], s[i + 1], eta, s_noise)
+        else:
+            down, up = ancestral_split(s[i], s[i + 1], eta)
+            coeffs = euler_coeffs(p, q, s[i], down, c=s_noise * up)
+        plan.append(grid.step(s[i], coeffs, i))
+    return grid.plan(plan, two_calls=False)
+
+
+def _two_call_plan(grid: _Grid, stages) -> Plan:
+    """stages(i, p, q) -> the coefficients of a one-call step (the Euler step into sigma = 0) or (sigma_mid,
+    first, second)."""
+    s, plan = grid.sigmas, []
+    for i in range(len(s) - 1):
+        p, q = grid.coeffs(s[i])
+        two = stages(i, p, q)
+        if isinstance(two, UpdateCoeffs):
+            plan.append(grid.step(s[i], two, i))
+            continue
+        mid, first, second = two
+        plan += [grid.step(s[i], first, i), grid.step(mid, second)]
+    return grid.plan(plan, two_calls=True)
+
+
+def dpm2_plan(schedule, steps: int, prediction: str, *, timestep_spacing: str = "linspace",
+              steps_offset: int = 0) -> Plan:
+    """DPM-2: KDPM2DiscreteScheduler's on VP, k-diffusion's sample_dpm_2 on EDM (2 model calls per step but
+    the last)."""
+    grid = _Grid(schedule, steps, prediction, timestep_spacing, steps_offset)
+    s = grid.sigmas
+
+    def stages(i, p, q):
+        if s[i + 1] == 0:
+            return euler_coeffs(p, q, s[i], 0.0)
+        mid = log_midpoint(s[i], s[i + 1])
+        return (mid, *dpm2_coeffs(p, q, *grid.coeffs(mid), s[i], mid, s[i + 1]))
+    return _two_call_plan(grid, stages)
+
+
+def dpmpp_2s_ancestral_plan(schedule, steps: int, prediction: str, *, eta: float = 1.0, s_noise: float = 1.0,
+                            timestep_spacing: str = "linspace", steps_offset: int = 0) -> Plan:
+    """Ancestral DPM-Solver++(2S): k-diffusion's sample_dpmpp_2s_ancestral on VP (the Euler grid) and EDM,
+    ComfyUI's sample_dpmpp_2s_ancestral_RF on Flow."""
+    grid = _Grid(schedule, steps, prediction, timestep_spacing, steps_offset)
+    s, flow = grid.sigmas, isinstance(schedule, Flow)
+
+    def stages(i, p, q):
+        if s[i + 1] == 0:
+            return euler_coeffs(p, q, s[i], 0.0)
+        if flow:
+            down, k, w = rf_ancestral_split(s[i], s[i + 1], eta)
+            mid, noise = rf_midpoint(s[i], down), (s_noise * w if eta else 0.0)
+        else:
+            (down, up), k = ancestral_split(s[i], s[i + 1], eta), 1.0
+            if down == 0:  # eta > 1: the Euler step into 0, renoised
+                return euler_coeffs(p, q, s[i], 0.0, c=s_noise * up)
+            mid, noise = log_midpoint(s[i], down), s_noise * up
+        return (mid, *dpmpp_2s_coeffs(p, q, *grid.coeffs(mid), s[i], mid, down, k=k, noise=noise))
+    return _two_call_plan(grid, stages)
