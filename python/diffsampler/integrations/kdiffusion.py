@@ -22,8 +22,7 @@ import torch
 from .. import checks, ops
 from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
-from ..solvers.ancestral import dpm2_coeffs, dpmpp_2s_coeffs, log_midpoint, rf_ancestral_split, \
-    rf_euler_ancestral_coeffs, rf_midpoint
+from ..solvers.ancestral import dpm2_step, dpmpp_2s_ancestral_step, euler_ancestral_step
 from ..solvers.dpm import history_weights, update_terms
 from ..solvers.ve import ancestral_split, churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
 
@@ -88,9 +87,12 @@ class _Loop:
                            "denoised": denoised})
         return denoised
 
-    def two_calls(self, x, denoised, first, second, sigma_mid, state, noise=None):
-        """A two-call step without history reads (solvers.ancestral): stage 1 writes D into slot 0 and keeps
-        the start in `state`, the model is called at sigma_mid, stage 2 combines."""
+    def ancestral(self, x, denoised, step, state, noise=None):
+        """A step of solvers.ancestral: one fused call, or two (TwoCalls) without history reads: stage 1 writes
+        D into slot 0 and keeps the start in `state`, the model is called at sigma_mid, stage 2 combines."""
+        if isinstance(step, UpdateCoeffs):
+            return ops.multistep_update(x, denoised, step, noise=noise if step.c else None)
+        sigma_mid, first, second = step
         x2 = ops.multistep_update(x, denoised, first, history=self.history, write_slot=0, state=state)
         denoised_2 = self.model(x2, sigma_mid * self.s_in, **self.extra_args)
         return ops.multistep_update(x2, denoised_2, second, history=self.history, write_slot=0, state=state,
@@ -245,22 +247,39 @@ def _flow_sigmas(loop) -> None:
                          f"{loop.sigmas[0]}")
 
 
+def _denoised(sigma):
+    return DENOISED
+
+
+def _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of, draws,
+                    flow=False):
+    """The loop of the ancestral samplers: step_of(sigma, sigma_next) -> a step of solvers.ancestral;
+    draws(sigma_next, step) says whether k-diffusion (ComfyUI) calls noise_sampler(sigma, sigma_next) there."""
+    _check_noise(eta, s_noise, noise_sampler)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=1)
+    if flow:
+        _flow_sigmas(loop)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s = loop.sigmas
+    state = None
+    for i in _steps(len(s) - 1, disable):
+        denoised = loop.denoise(x, i, s[i])
+        step = step_of(s[i], s[i + 1])
+        if state is None and not isinstance(step, UpdateCoeffs):
+            state = torch.zeros_like(x)
+        z = noise_sampler(s[i], s[i + 1]) if draws(s[i + 1], step) else None
+        x = loop.ancestral(x, denoised, step, state, z)
+    return x
+
+
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                            noise_sampler=None):
-    """Ancestral Euler: x' = x + (sigma_down - sigma) d + s_noise sigma_up z (solvers.ve.ancestral_split); z is
-    drawn wherever sigma' > 0, as k-diffusion draws it."""
-    _check_noise(eta, s_noise, noise_sampler)
-    loop = _Loop(model, x, sigmas, extra_args, callback, slots=0)
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    s = loop.sigmas
-    for i in _steps(len(s) - 1, disable):
-        denoised = loop.denoise(x, i, s[i])
-        down, up = ancestral_split(s[i], s[i + 1], eta)
-        coeffs = euler_coeffs(*DENOISED, s[i], down, c=s_noise * up)
-        z = noise_sampler(s[i], s[i + 1]) if s[i + 1] > 0 else None
-        x = loop.update(x, denoised, coeffs, i, noise=z if coeffs.c else None)
-    return x
+    """Ancestral Euler: x' = x + (sigma_down - sigma) d + s_noise sigma_up z (solvers.ancestral); z is drawn
+    wherever sigma' > 0, as k-diffusion draws it."""
+    step_of = lambda sigma, nxt: euler_ancestral_step(_denoised, sigma, nxt, eta, s_noise)
+    return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
+                           lambda nxt, step: nxt > 0)
 
 
 @torch.no_grad()
@@ -268,24 +287,16 @@ def sample_euler_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, 
                               noise_sampler=None):
     """ComfyUI's flow (CONST) ancestral Euler: x' = k (x + (sigma_down - sigma) d) + s_noise w z
     (solvers.ancestral.rf_ancestral_split), x' = D into sigma' = 0; z drawn where sigma' > 0 and eta > 0."""
-    _check_noise(eta, s_noise, noise_sampler)
-    loop = _Loop(model, x, sigmas, extra_args, callback, slots=0)
-    _flow_sigmas(loop)
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    s = loop.sigmas
-    for i in _steps(len(s) - 1, disable):
-        denoised = loop.denoise(x, i, s[i])
-        coeffs = rf_euler_ancestral_coeffs(*DENOISED, s[i], s[i + 1], eta, s_noise)
-        z = noise_sampler(s[i], s[i + 1]) if s[i + 1] > 0 and eta > 0 else None
-        x = loop.update(x, denoised, coeffs, i, noise=z if coeffs.c else None)
-    return x
+    step_of = lambda sigma, nxt: euler_ancestral_step(_denoised, sigma, nxt, eta, s_noise, flow=True)
+    return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
+                           lambda nxt, step: nxt > 0 and eta > 0, flow=True)
 
 
 @torch.no_grad()
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                  s_tmax=float("inf"), s_noise=1.0):
     """DPM-2 (k-diffusion's, after Karras et al.'s Algorithm 2): the midpoint in log sigma, Euler into sigma = 0
-    (solvers.ancestral.dpm2_coeffs); churn as sample_euler's."""
+    (solvers.ancestral.dpm2_step); churn as sample_euler's."""
     _check_churn(s_churn, s_tmin, s_tmax, s_noise)
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=1)
     s = loop.sigmas
@@ -293,11 +304,7 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
     for i in _steps(len(s) - 1, disable):
         x, sigma_hat = _churned(x, s, i, s_churn, s_tmin, s_tmax, s_noise)
         denoised = loop.denoise(x, i, sigma_hat, sigma_hat)
-        if s[i + 1] == 0:
-            x = ops.multistep_update(x, denoised, euler_coeffs(*DENOISED, sigma_hat, 0.0))
-            continue
-        mid = log_midpoint(sigma_hat, s[i + 1])
-        x = loop.two_calls(x, denoised, *dpm2_coeffs(*DENOISED, *DENOISED, sigma_hat, mid, s[i + 1]), mid, state)
+        x = loop.ancestral(x, denoised, dpm2_step(_denoised, sigma_hat, s[i + 1]), state)
     return x
 
 
@@ -306,65 +313,28 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
                            noise_sampler=None):
     """Ancestral DPM-2: the DPM-2 step to sigma_down, then + s_noise sigma_up z (no noise where sigma_down = 0,
     an Euler step there, as k-diffusion)."""
-    _check_noise(eta, s_noise, noise_sampler)
-    loop = _Loop(model, x, sigmas, extra_args, callback, slots=1)
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    s = loop.sigmas
-    state = torch.zeros_like(x)
-    for i in _steps(len(s) - 1, disable):
-        denoised = loop.denoise(x, i, s[i])
-        down, up = ancestral_split(s[i], s[i + 1], eta)
-        if down == 0:
-            x = ops.multistep_update(x, denoised, euler_coeffs(*DENOISED, s[i], 0.0))
-            continue
-        mid = log_midpoint(s[i], down)
-        first, second = dpm2_coeffs(*DENOISED, *DENOISED, s[i], mid, down, noise=s_noise * up)
-        x = loop.two_calls(x, denoised, first, second, mid, state, noise_sampler(s[i], s[i + 1]))
-    return x
+    def step_of(sigma, nxt):
+        down, up = ancestral_split(sigma, nxt, eta)
+        return dpm2_step(_denoised, sigma, down, noise=s_noise * up)
+    return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
+                           lambda nxt, step: not isinstance(step, UpdateCoeffs))
 
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                               noise_sampler=None):
-    """Ancestral DPM-Solver++(2S): solvers.ancestral.dpmpp_2s_coeffs to sigma_down with sigma_mid =
-    sqrt(sigma sigma_down), + s_noise sigma_up z where sigma' > 0 (an Euler step where sigma_down = 0)."""
-    _check_noise(eta, s_noise, noise_sampler)
-    loop = _Loop(model, x, sigmas, extra_args, callback, slots=1)
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    s = loop.sigmas
-    state = torch.zeros_like(x)
-    for i in _steps(len(s) - 1, disable):
-        denoised = loop.denoise(x, i, s[i])
-        down, up = ancestral_split(s[i], s[i + 1], eta)
-        if down == 0:
-            coeffs = euler_coeffs(*DENOISED, s[i], 0.0, c=s_noise * up)
-            z = noise_sampler(s[i], s[i + 1]) if s[i + 1] > 0 else None
-            x = ops.multistep_update(x, denoised, coeffs, noise=z if coeffs.c else None)
-            continue
-        mid = log_midpoint(s[i], down)
-        first, second = dpmpp_2s_coeffs(*DENOISED, *DENOISED, s[i], mid, down, noise=s_noise * up)
-        x = loop.two_calls(x, denoised, first, second, mid, state, noise_sampler(s[i], s[i + 1]))
-    return x
+    """Ancestral DPM-Solver++(2S) (solvers.ancestral.dpmpp_2s_ancestral_step): to sigma_down with sigma_mid =
+    sqrt(sigma sigma_down), + s_noise sigma_up z where sigma' > 0."""
+    step_of = lambda sigma, nxt: dpmpp_2s_ancestral_step(_denoised, sigma, nxt, eta, s_noise)
+    return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
+                           lambda nxt, step: nxt > 0)
 
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
                                  s_noise=1.0, noise_sampler=None):
-    """ComfyUI's flow (CONST) DPM-Solver++(2S) ancestral: solvers.ancestral.dpmpp_2s_coeffs with ComfyUI's split
-    (rf_ancestral_split) and the midpoint in lambda = log((1 - sigma) / sigma); x' = D into sigma' = 0."""
-    _check_noise(eta, s_noise, noise_sampler)
-    loop = _Loop(model, x, sigmas, extra_args, callback, slots=1)
-    _flow_sigmas(loop)
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    s = loop.sigmas
-    state = torch.zeros_like(x)
-    for i in _steps(len(s) - 1, disable):
-        denoised = loop.denoise(x, i, s[i])
-        if s[i + 1] == 0:
-            x = ops.multistep_update(x, denoised, euler_coeffs(*DENOISED, s[i], 0.0))
-            continue
-        down, k, w = rf_ancestral_split(s[i], s[i + 1], eta)
-        mid = rf_midpoint(s[i], down)
-        first, second = dpmpp_2s_coeffs(*DENOISED, *DENOISED, s[i], mid, down, k=k, noise=s_noise * w if eta else 0.0)
-        x = loop.two_calls(x, denoised, first, second, mid, state, noise_sampler(s[i], s[i + 1]) if eta > 0 else None)
-    return x
+    """ComfyUI's flow (CONST) DPM-Solver++(2S) ancestral: ComfyUI's split (rf_ancestral_split) and the midpoint
+    in lambda = log((1 - sigma) / sigma); x' = D into sigma' = 0; z drawn where sigma' > 0 and eta > 0."""
+    step_of = lambda sigma, nxt: dpmpp_2s_ancestral_step(_denoised, sigma, nxt, eta, s_noise, flow=True)
+    return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
+                           lambda nxt, step: nxt > 0 and eta > 0, flow=True)

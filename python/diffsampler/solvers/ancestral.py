@@ -76,6 +76,47 @@ def dpmpp_2s_coeffs(p: float, q: float, p2: float, q2: float, sigma: float, sigm
     return euler_coeffs(p, q, sigma, sigma_mid, state=KEEP_START), second
 
 
+TwoCalls = tuple  # (sigma_mid, stage 1, stage 2): the model is called again at sigma_mid between the stages
+
+
+def euler_ancestral_step(convert, sigma: float, sigma_next: float, eta: float, s_noise: float,
+                         flow: bool = False) -> UpdateCoeffs:
+    """An ancestral Euler step, k-diffusion's (VE scale) or ComfyUI's RF one (flow); convert(sigma) -> (p, q)."""
+    p, q = convert(sigma)
+    if flow:
+        return rf_euler_ancestral_coeffs(p, q, sigma, sigma_next, eta, s_noise)
+    down, up = ancestral_split(sigma, sigma_next, eta)
+    return euler_coeffs(p, q, sigma, down, c=s_noise * up)
+
+
+def dpm2_step(convert, sigma: float, sigma_to: float, noise: float = 0.0) -> UpdateCoeffs | TwoCalls:
+    """A DPM-2 step to sigma_to (+ noise z) with the midpoint in log sigma; the Euler step where sigma_to = 0
+    (without noise, as k-diffusion's sample_dpm_2_ancestral)."""
+    p, q = convert(sigma)
+    if sigma_to == 0:
+        return euler_coeffs(p, q, sigma, 0.0)
+    mid = log_midpoint(sigma, sigma_to)
+    return (mid, *dpm2_coeffs(p, q, *convert(mid), sigma, mid, sigma_to, noise=noise))
+
+
+def dpmpp_2s_ancestral_step(convert, sigma: float, sigma_next: float, eta: float, s_noise: float,
+                            flow: bool = False) -> UpdateCoeffs | TwoCalls:
+    """An ancestral DPM-Solver++(2S) step, k-diffusion's (VE scale) or ComfyUI's RF one (flow); the Euler step
+    into sigma_next = 0 (and, VE, where sigma_down = 0: eta > 1, renoised)."""
+    p, q = convert(sigma)
+    if sigma_next == 0:
+        return euler_coeffs(p, q, sigma, 0.0)
+    if flow:
+        down, k, w = rf_ancestral_split(sigma, sigma_next, eta)
+        mid, noise = rf_midpoint(sigma, down), (s_noise * w if eta else 0.0)
+    else:
+        (down, up), k = ancestral_split(sigma, sigma_next, eta), 1.0
+        if down == 0:
+            return euler_coeffs(p, q, sigma, 0.0, c=s_noise * up)
+        mid, noise = log_midpoint(sigma, down), s_noise * up
+    return (mid, *dpmpp_2s_coeffs(p, q, *convert(mid), sigma, mid, down, k=k, noise=noise))
+
+
 # Plans of diffsampler.sample: `steps` intervals on a VP (diffusers' Euler grid, the VE scale x / alpha), EDM or
 # Flow schedule; the two-call methods take two model calls per interval but an Euler step into sigma = 0.
 
@@ -128,30 +169,22 @@ def euler_ancestral_plan(schedule, steps: int, prediction: str, *, eta: float = 
     """Ancestral Euler: EulerAncestralDiscreteScheduler's on VP (eta = 1), k-diffusion's on EDM, ComfyUI's
     sample_euler_ancestral_RF on Flow."""
     grid = _Grid(schedule, steps, prediction, timestep_spacing, steps_offset)
-    s, plan = grid.sigmas, []
-    for i in range(steps):
-        p, q = grid.coeffs(s[i])
-        if isinstance(schedule, Flow):
-            coeffs = rf_euler_ancestral_coeffs(p, q, s[i], s[i + 1], eta, s_noise)
-        else:
-            down, up = ancestral_split(s[i], s[i + 1], eta)
-            coeffs = euler_coeffs(p, q, s[i], down, c=s_noise * up)
-        plan.append(grid.step(s[i], coeffs, i))
+    s, flow = grid.sigmas, isinstance(schedule, Flow)
+    plan = [grid.step(s[i], euler_ancestral_step(grid.coeffs, s[i], s[i + 1], eta, s_noise, flow), i)
+            for i in range(steps)]
     return grid.plan(plan, two_calls=False)
 
 
-def _two_call_plan(grid: _Grid, stages) -> Plan:
-    """stages(i, p, q) -> the coefficients of a one-call step (the Euler step into sigma = 0) or (sigma_mid,
-    first, second)."""
-    s, plan = grid.sigmas, []
-    for i in range(len(s) - 1):
-        p, q = grid.coeffs(s[i])
-        two = stages(i, p, q)
-        if isinstance(two, UpdateCoeffs):
-            plan.append(grid.step(s[i], two, i))
+def _two_call_plan(grid: _Grid, step_of) -> Plan:
+    """step_of(i) -> the UpdateCoeffs of a one-call step or the TwoCalls of interval i."""
+    plan = []
+    for i, sigma in enumerate(grid.sigmas[:-1]):
+        step = step_of(i)
+        if isinstance(step, UpdateCoeffs):
+            plan.append(grid.step(sigma, step, i))
             continue
-        mid, first, second = two
-        plan += [grid.step(s[i], first, i), grid.step(mid, second)]
+        mid, first, second = step
+        plan += [grid.step(sigma, first, i), grid.step(mid, second)]
     return grid.plan(plan, two_calls=True)
 
 
@@ -161,13 +194,7 @@ def dpm2_plan(schedule, steps: int, prediction: str, *, timestep_spacing: str = 
     the last)."""
     grid = _Grid(schedule, steps, prediction, timestep_spacing, steps_offset)
     s = grid.sigmas
-
-    def stages(i, p, q):
-        if s[i + 1] == 0:
-            return euler_coeffs(p, q, s[i], 0.0)
-        mid = log_midpoint(s[i], s[i + 1])
-        return (mid, *dpm2_coeffs(p, q, *grid.coeffs(mid), s[i], mid, s[i + 1]))
-    return _two_call_plan(grid, stages)
+    return _two_call_plan(grid, lambda i: dpm2_step(grid.coeffs, s[i], s[i + 1]))
 
 
 def dpmpp_2s_ancestral_plan(schedule, steps: int, prediction: str, *, eta: float = 1.0, s_noise: float = 1.0,
@@ -176,17 +203,4 @@ def dpmpp_2s_ancestral_plan(schedule, steps: int, prediction: str, *, eta: float
     ComfyUI's sample_dpmpp_2s_ancestral_RF on Flow."""
     grid = _Grid(schedule, steps, prediction, timestep_spacing, steps_offset)
     s, flow = grid.sigmas, isinstance(schedule, Flow)
-
-    def stages(i, p, q):
-        if s[i + 1] == 0:
-            return euler_coeffs(p, q, s[i], 0.0)
-        if flow:
-            down, k, w = rf_ancestral_split(s[i], s[i + 1], eta)
-            mid, noise = rf_midpoint(s[i], down), (s_noise * w if eta else 0.0)
-        else:
-            (down, up), k = ancestral_split(s[i], s[i + 1], eta), 1.0
-            if down == 0:  # eta > 1: the Euler step into 0, renoised
-                return euler_coeffs(p, q, s[i], 0.0, c=s_noise * up)
-            mid, noise = log_midpoint(s[i], down), s_noise * up
-        return (mid, *dpmpp_2s_coeffs(p, q, *grid.coeffs(mid), s[i], mid, down, k=k, noise=noise))
-    return _two_call_plan(grid, stages)
+    return _two_call_plan(grid, lambda i: dpmpp_2s_ancestral_step(grid.coeffs, s[i], s[i + 1], eta, s_noise, flow))
