@@ -42,9 +42,13 @@ def euler_ancestral_eq(x, sigmas, eta, noise, s_noise=1.0):
     return x
 
 
-def dpm_2_eq(x, sigmas):
-    for i in range(len(sigmas) - 1):
+def dpm_2_eq(x, sigmas, s_churn=0.0):
+    n = len(sigmas) - 1
+    for i in range(n):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        if s_churn:  # Karras et al.'s churn: sigma_hat = sigma (1 + gamma), x + sqrt(sigma_hat^2 - sigma^2) z
+            s_hat = s * (1 + min(s_churn / n, 2**0.5 - 1))
+            x, s = x + torch.randn_like(x) * math.sqrt(s_hat**2 - s**2), s_hat
         d = (x - call(x, s)) / s
         if s_next == 0:
             x = x + d * (s_next - s)
@@ -134,6 +138,10 @@ def test_euler_ancestral_eta_0_is_euler():
 
 def test_dpm_2_follows_its_equations():
     assert close(K.sample_dpm_2(denoiser, start(), SIGMAS, disable=True), dpm_2_eq(start(), SIGMAS))
+    torch.manual_seed(3)
+    got = K.sample_dpm_2(denoiser, start(), SIGMAS, disable=True, s_churn=2.0)
+    torch.manual_seed(3)
+    assert close(got, dpm_2_eq(start(), SIGMAS, s_churn=2.0))
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.0])

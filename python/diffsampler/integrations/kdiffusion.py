@@ -8,8 +8,8 @@ The coefficients are computed in float64 from the sigmas; each step is one fused
 
 Noise: the SDE samplers take k-diffusion's `noise_sampler(sigma, sigma_next)`; without one they draw i.i.d.
 `torch.randn_like(x)` (k-diffusion's default there is a Brownian tree from torchsde: statistically the same
-increments, other bits; pass its BrownianTreeNoiseSampler to reproduce them). Euler and Heun without churn do
-not draw the unused noise k-diffusion draws every step, so the global RNG is left untouched.
+increments, other bits; pass its BrownianTreeNoiseSampler to reproduce them). Euler, Heun and DPM-2 without churn
+do not draw the unused noise k-diffusion draws every step, so the global RNG is left untouched.
 """
 
 from __future__ import annotations
