@@ -11,8 +11,7 @@ import torch
 from diffsampler.integrations import kdiffusion as K
 from test_integrations_kdiffusion import SIGMAS, ListNoise, close, denoiser, start
 
-FLOW_SIGMAS = torch.linspace(1, 0, 11, dtype=torch.float64) * 0.98 + 0.0  # sigma_0 < 1; ends at 0
-FLOW_SIGMAS[-1] = 0.0
+FLOW_SIGMAS = torch.linspace(0.98, 0, 11, dtype=torch.float64)  # flow sigmas in [0, 1), ending at 0
 
 
 def call(x, sigma):
