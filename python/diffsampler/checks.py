@@ -156,6 +156,7 @@ _FLAGS = ("set_alpha_to_one", "lower_order_final", "euler_at_final", "predict_x0
           "corrector_pseudo")
 SOLVER_OPTIONS: dict[str, Callable] = {
     "eta": lambda v: real("eta", v, "[0, inf)"),
+    "s_noise": lambda v: real("s_noise", v, "[0, inf)"),
     "beta": lambda v: real("beta", v, "(0, 1]"),
     "momentum": lambda v: optional_real("momentum", v, "(0, 1]"),
     "order": lambda v: integer("order", v, 1),
@@ -163,7 +164,6 @@ SOLVER_OPTIONS: dict[str, Callable] = {
     "steps_offset": lambda v: integer("steps_offset", v, 0),
     "disable_corrector": lambda v: integers("disable_corrector", v, 0),
     "dc_ratios": lambda v: None if v is None else reals("dc_ratios", v),
-    "s_noise": lambda v: real("s_noise", v, "[0, inf)"),
     "gamma": lambda v: real("gamma", v, "[0, 1]"),
     "max_stage": lambda v: integer("max_stage", v, 1),
     "original_steps": lambda v: integer("original_steps", v, 1),

@@ -25,6 +25,7 @@ from .. import ops
 from ..graphs import CapturedForward
 from ..lml import correction_weights, mixing
 from ..noise import BrownianTreeNoiseSampler
+from ..solvers.ancestral import dpm2_coeffs
 from ..solvers.consistency import lcm_coeffs, tcd_coeffs, tcd_inner_timestep
 from ..solvers.ddim import ddim_coeffs
 from ..solvers.ddpm import ddpm_coeffs, fixed_std, posterior_variance
@@ -33,7 +34,8 @@ from ..solvers.dpm import dpm_steps, singlestep_steps
 from ..solvers.euler import flow_euler_coeffs
 from ..solvers.grid import Grid
 from ..solvers.unipc import unipc_steps
-from ..solvers.ve import churn, dpmpp_sde_coeffs, euler_coeffs, ve_data_coeffs
+from ..solvers.ve import (ancestral_split, churn, dpmpp_sde_coeffs, edm_data_coeffs, euler_coeffs, heun_coeffs,
+                          ve_data_coeffs)
 
 # the config keys that shape a multistep scheduler's grid (named by the error of a step that divides by zero)
 GRID_CONFIG = ("num_train_timesteps", "timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas",
@@ -531,6 +533,203 @@ if _optional_base("DPMSolverSDEScheduler") is not None:
                 prev_sample=prev, pred_original_sample=x0)
 
 
+class EulerAncestralDiscreteScheduler(diffusers.EulerAncestralDiscreteScheduler):
+    """diffusers' EulerAncestralDiscreteScheduler (eps / v, every sigma spacing) with the fused update:
+    x' = x + (sigma_down - sigma) d + sigma_up z (solvers.ve.ancestral_split, eta = 1)."""
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        if self.config.prediction_type not in ("epsilon", "v_prediction"):  # diffusers' own error
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             "`EulerDiscreteScheduler.step()` is not supported. Make sure to pass one of the "
+                             "`scheduler.timesteps` as a timestep.")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma, sigma_next = float(self.sigmas[self.step_index]), float(self.sigmas[self.step_index + 1])
+        down, up = ancestral_split(sigma, sigma_next, 1.0)
+        sample = _same_dtype(model_output, sample)
+        noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                             generator=generator)  # drawn at every step, as diffusers draws it
+        coeffs = euler_coeffs(*ve_data_coeffs(_prediction(self.config), sigma), sigma, down, c=up)
+        prev, x0 = _with_prediction(sample, model_output, coeffs, noise=noise if coeffs.c else None)
+        self._step_index += 1
+        if not return_dict:
+            return prev, x0
+        return diffusers.schedulers.scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput(
+            prev_sample=prev, pred_original_sample=x0)
+
+
+class EDMEulerScheduler(diffusers.EDMEulerScheduler):
+    """diffusers' EDMEulerScheduler (karras / exponential sigmas, eps / v preconditioning, s_churn) with the fused
+    update: the Euler step on D = c_skip x + c_out out (solvers.ve.edm_data_coeffs)."""
+
+    def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+             generator=None, return_dict=True, pred_original_sample=None):
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             "`EDMEulerScheduler.step()` is not supported. Make sure to pass one of the "
+                             "`scheduler.timesteps` as a timestep.")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma = float(self.sigmas[self.step_index])
+        sigma_hat, weight = churn(sigma, len(self.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise)
+        sample = _same_dtype(model_output, sample)
+        if weight:  # churn: noise added before the conversion (a separate pass, as in diffusers)
+            sample = sample + randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                                           generator=generator) * weight
+        if pred_original_sample is None:
+            out, (p, q) = model_output, edm_data_coeffs(self.config.prediction_type, sigma_hat, self.config.sigma_data)
+        else:
+            out, (p, q) = pred_original_sample.to(sample.dtype), (0.0, 1.0)
+        prev, x0 = _with_prediction(sample, out, euler_coeffs(p, q, sigma_hat, float(self.sigmas[self.step_index + 1])))
+        self._step_index += 1
+        if not return_dict:
+            return prev, x0
+        return diffusers.schedulers.scheduling_edm_euler.EDMEulerSchedulerOutput(prev_sample=prev,
+                                                                               pred_original_sample=x0)
+
+
+class _TwoCallMixin:
+    """diffusers' interleaved second-order schedulers (Heun, KDPM2, ...): step() alternates a first-order call
+    and the second-order call that completes the step from its start. Here the start is the fused op's state
+    tensor (rewritten by the first call, StateRow KEEP_START) and the two data predictions are slots 0 and 1 of
+    a fresh history per step (the second call reads slot 0; each call returns its slot as pred_original_sample)."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fused_second, self._fused_state, self._fused_history = False, None, None
+
+    @property
+    def state_in_first_order(self) -> bool:
+        return not self._fused_second
+
+    def _stage_index(self, timestep) -> int:
+        """The index of the step's first call (its sigmas)."""
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
+                             "creating the scheduler")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        return self.step_index - 1 if self._fused_second else self.step_index
+
+    def _stage(self, sample, model_output, coeffs: tuple, noise=None, clip=None):
+        """Runs the current stage of coeffs = (first, second); (x', the stage's data prediction)."""
+        stage = int(self._fused_second)
+        sample = _same_dtype(model_output, sample)
+        if not stage:
+            self._fused_history = sample.new_empty((2, *sample.shape))
+            if self._fused_state is None or self._fused_state.shape != sample.shape \
+                    or self._fused_state.dtype != sample.dtype or self._fused_state.device != sample.device:
+                self._fused_state = torch.zeros_like(sample)
+        step = coeffs[stage]
+        reads = (0,) if len(step.b) == 2 else ()
+        if noise is not None:
+            noise = noise.to(device=sample.device, dtype=sample.dtype)
+        prev = ops.multistep_update(sample, model_output, step, history=self._fused_history, write_slot=stage,
+                                    read_slots=reads, noise=noise if step.c else None, state=self._fused_state,
+                                    clip=clip)
+        self._fused_second = not stage
+        self._step_index += 1
+        return prev, self._fused_history[stage]
+
+
+class HeunDiscreteScheduler(_TwoCallMixin, diffusers.HeunDiscreteScheduler):
+    """diffusers' HeunDiscreteScheduler (eps / x0 / v, every sigma spacing, clip_sample) with the fused update:
+    solvers.ve.heun_coeffs, an Euler step into sigma = 0."""
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        j = self._stage_index(timestep)
+        sigma, sigma_next = float(self.sigmas[j]), float(self.sigmas[j + 1])
+        pred = _prediction(self.config)
+        p, q = ve_data_coeffs(pred, sigma)
+        coeffs = (euler_coeffs(p, q, sigma, 0.0), None) if sigma_next == 0 else \
+            heun_coeffs(p, q, *ve_data_coeffs(pred, sigma_next), sigma, sigma_next)
+        clip = self.config.clip_sample_range if self.config.clip_sample else None
+        prev, x0 = self._stage(sample, model_output, coeffs, clip=clip)
+        if not return_dict:
+            return prev, x0
+        return diffusers.schedulers.scheduling_heun_discrete.HeunDiscreteSchedulerOutput(prev_sample=prev,
+                                                                                       pred_original_sample=x0)
+
+
+class KDPM2DiscreteScheduler(_TwoCallMixin, diffusers.KDPM2DiscreteScheduler):
+    """diffusers' KDPM2DiscreteScheduler (eps / v, every sigma spacing) with the fused update: DPM-2 with the
+    midpoint sigmas_interpol (solvers.ancestral.dpm2_coeffs), an Euler step into sigma = 0."""
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        if self.config.prediction_type not in ("epsilon", "v_prediction"):  # diffusers' own error
+            return super().step(model_output, timestep, sample, return_dict=return_dict)
+        j = self._stage_index(timestep)
+        sigma, mid, sigma_next = (float(v) for v in (self.sigmas[j], self.sigmas_interpol[j + 1],
+                                                       self.sigmas[j + 1]))
+        prev, x0 = self._stage(sample, model_output, _dpm2_stages(self.config, sigma, mid, sigma_next))
+        if not return_dict:
+            return prev, x0
+        return diffusers.schedulers.scheduling_k_dpm_2_discrete.KDPM2DiscreteSchedulerOutput(
+            prev_sample=prev, pred_original_sample=x0)
+
+
+class KDPM2AncestralDiscreteScheduler(_TwoCallMixin, diffusers.KDPM2AncestralDiscreteScheduler):
+    """diffusers' KDPM2AncestralDiscreteScheduler (eps / v, every sigma spacing) with the fused update: DPM-2 to
+    sigma_down, + sigma_up z at the second call (solvers.ancestral.dpm2_coeffs), an Euler step into sigma = 0."""
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        if self.config.prediction_type not in ("epsilon", "v_prediction"):  # diffusers' own error
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        j = self._stage_index(timestep)
+        sigma, mid, down, up = (float(v[j]) for v in (self.sigmas, self.sigmas_interpol, self.sigmas_down,
+                                                      self.sigmas_up))
+        noise = None
+        if self._fused_second:
+            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                                 generator=generator)
+        prev, x0 = self._stage(sample, model_output, _dpm2_stages(self.config, sigma, mid, down, up), noise)
+        if not return_dict:
+            return prev, x0
+        return diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete.KDPM2AncestralDiscreteSchedulerOutput(
+            prev_sample=prev, pred_original_sample=x0)
+
+
+def _dpm2_stages(config, sigma, mid, sigma_to, noise=0.0) -> tuple:
+    """KDPM2's two calls: eps / v converted at sigma, then at the midpoint; an Euler step where mid = 0 (the
+    step into sigma = 0)."""
+    pred = _prediction(config)
+    p, q = ve_data_coeffs(pred, sigma)
+    if mid == 0:
+        return euler_coeffs(p, q, sigma, 0.0), None
+    return dpm2_coeffs(p, q, *ve_data_coeffs(pred, mid), sigma, mid, sigma_to, noise=noise)
+
+
+class FlowMatchHeunDiscreteScheduler(_TwoCallMixin, diffusers.FlowMatchHeunDiscreteScheduler):
+    """diffusers' FlowMatchHeunDiscreteScheduler (shift, s_churn) with the fused update: Heun on D = x - sigma v
+    (solvers.ve.heun_coeffs), an Euler step into sigma = 0."""
+
+    def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+             generator=None, return_dict=True):
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             "`FlowMatchHeunDiscreteScheduler.step()` is not supported. Make sure to pass one of "
+                             "the `scheduler.timesteps` as a timestep.")
+        j = self._stage_index(timestep)
+        sigma, sigma_next = float(self.sigmas[j]), float(self.sigmas[j + 1])
+        sigma_hat, weight = churn(sigma, len(self.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise)
+        sample = _same_dtype(model_output, sample)
+        if weight:  # churn, added to either call's sample as diffusers adds it
+            sample = sample + randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                                           generator=generator) * weight
+        if self._fused_second:
+            sigma_hat = self._fused_sigma_hat  # the first call's
+        self._fused_sigma_hat = sigma_hat
+        coeffs = (euler_coeffs(1.0, -sigma, sigma_hat, 0.0), None) if sigma_next == 0 else \
+            heun_coeffs(1.0, -sigma, 1.0, -sigma_next, sigma_hat, sigma_next)
+        prev, _ = self._stage(sample, model_output, coeffs)
+        if not return_dict:
+            return (prev,)
+        return diffusers.schedulers.scheduling_flow_match_heun_discrete.FlowMatchHeunDiscreteSchedulerOutput(
+            prev_sample=prev)
+
+
 class _LMRing:
     """The authors' rank-1 LM correction (config keys lamb, lm, kappa) over a one-slot ring of the previous raw
     direction, reset by set_timesteps (the authors' classes keep it across runs: a fresh run's first step
@@ -609,7 +808,8 @@ class DPMSolverMultistepLMScheduler(_LMRing, DPMSolverMultistepScheduler):
 FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, DDIMScheduler,
     EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, DDPMScheduler, LCMScheduler, TCDScheduler,
-    DPMSolverMultistepInverseScheduler, DDIMInverseScheduler)}
+    DPMSolverMultistepInverseScheduler, DDIMInverseScheduler, EulerAncestralDiscreteScheduler, EDMEulerScheduler,
+    HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, FlowMatchHeunDiscreteScheduler)}
 if _optional_base("DPMSolverSDEScheduler") is not None:
     FUSED["DPMSolverSDEScheduler"] = DPMSolverSDEScheduler
 

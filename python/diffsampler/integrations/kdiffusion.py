@@ -8,8 +8,8 @@ The coefficients are computed in float64 from the sigmas; each step is one fused
 
 Noise: the SDE samplers take k-diffusion's `noise_sampler(sigma, sigma_next)`; without one they draw from
 k-diffusion's default, a Brownian tree over the sigmas' range (diffsampler.noise.BrownianTreeNoiseSampler: the
-same bits from the same global seed) when torchsde is installed, else i.i.d. `torch.randn_like(x)`. Euler and
-Heun without churn do not draw the unused noise k-diffusion draws every step, so the global RNG is left
+same bits from the same global seed) when torchsde is installed, else i.i.d. `torch.randn_like(x)`. Euler,
+Heun and DPM-2 without churn do not draw the unused noise k-diffusion draws every step, so the global RNG is left
 untouched.
 """
 
@@ -24,9 +24,10 @@ from .. import checks, ops
 from ..noise import BrownianTreeNoiseSampler, sde_noise_sampler  # noqa: F401 (k-diffusion's name, re-exported)
 from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
+from ..solvers.ancestral import dpm2_step, dpmpp_2s_ancestral_step, euler_ancestral_step
 from ..solvers.dpm import history_weights, update_terms
 from ..solvers.res import er_noise_scaler, er_sde_coeffs, res_multistep_coeffs
-from ..solvers.ve import churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
+from ..solvers.ve import ancestral_split, churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
 
 DENOISED = (0.0, 1.0)  # (p, q): the model output is the data prediction itself
 
@@ -88,6 +89,17 @@ class _Loop:
             self.callback({"x": x, "i": i, "sigma": self.sigmas[i], "sigma_hat": sigma_hat or self.sigmas[i],
                            "denoised": denoised})
         return denoised
+
+    def ancestral(self, x, denoised, step, state, noise=None):
+        """A step of solvers.ancestral: one fused call, or two (TwoCalls) without history reads: stage 1 writes
+        D into slot 0 and keeps the start in `state`, the model is called at sigma_mid, stage 2 combines."""
+        if isinstance(step, UpdateCoeffs):
+            return ops.multistep_update(x, denoised, step, noise=noise if step.c else None)
+        sigma_mid, first, second = step
+        x2 = ops.multistep_update(x, denoised, first, history=self.history, write_slot=0, state=state)
+        denoised_2 = self.model(x2, sigma_mid * self.s_in, **self.extra_args)
+        return ops.multistep_update(x2, denoised_2, second, history=self.history, write_slot=0, state=state,
+                                    noise=noise if second.c else None)
 
     def update(self, x, denoised, coeffs, i, n_hist=0, noise=None, state=None):
         """x' from the fused op; history slot i % slots gets the denoised x0, the n_hist before it are read."""
@@ -245,6 +257,37 @@ def _multistep_history_loop(loop, x, coeffs_of, noise_sampler, disable):
     return x
 
 
+def _flow_sigmas(loop) -> None:
+    if loop.sigmas[0] > 1:
+        raise ValueError(f"sigmas: the flow (CONST, rectified-flow) samplers take sigmas in [0, 1], got sigmas[0] = "
+                         f"{loop.sigmas[0]}")
+
+
+def _denoised(sigma):
+    return DENOISED
+
+
+def _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of, draws,
+                    flow=False):
+    """The loop of the ancestral samplers: step_of(sigma, sigma_next) -> a step of solvers.ancestral;
+    draws(sigma_next, step) says whether k-diffusion (ComfyUI) calls noise_sampler(sigma, sigma_next) there."""
+    _check_noise(eta, s_noise, noise_sampler)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=1)
+    if flow:
+        _flow_sigmas(loop)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s = loop.sigmas
+    state = None
+    for i in _steps(len(s) - 1, disable):
+        denoised = loop.denoise(x, i, s[i])
+        step = step_of(s[i], s[i + 1])
+        if state is None and not isinstance(step, UpdateCoeffs):
+            state = torch.zeros_like(x)
+        z = noise_sampler(s[i], s[i + 1]) if draws(s[i + 1], step) else None
+        x = loop.ancestral(x, denoised, step, state, z)
+    return x
+
+
 @torch.no_grad()
 def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0,
                          noise_sampler=None, eta=0.0):
@@ -293,3 +336,71 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
         return coeffs, stage - 1
 
     return _multistep_history_loop(loop, x, coeffs_of, noise_sampler, disable)
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                           noise_sampler=None):
+    """Ancestral Euler: x' = x + (sigma_down - sigma) d + s_noise sigma_up z (solvers.ancestral); z is drawn
+    wherever sigma' > 0, as k-diffusion draws it."""
+    step_of = lambda sigma, nxt: euler_ancestral_step(_denoised, sigma, nxt, eta, s_noise)
+    return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
+                           lambda nxt, step: nxt > 0)
+
+
+@torch.no_grad()
+def sample_euler_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                              noise_sampler=None):
+    """ComfyUI's flow (CONST) ancestral Euler: x' = k (x + (sigma_down - sigma) d) + s_noise w z
+    (solvers.ancestral.rf_ancestral_split), x' = D into sigma' = 0; z drawn where sigma' > 0 and eta > 0."""
+    step_of = lambda sigma, nxt: euler_ancestral_step(_denoised, sigma, nxt, eta, s_noise, flow=True)
+    return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
+                           lambda nxt, step: nxt > 0 and eta > 0, flow=True)
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                 s_tmax=float("inf"), s_noise=1.0):
+    """DPM-2 (k-diffusion's, after Karras et al.'s Algorithm 2): the midpoint in log sigma, Euler into sigma = 0
+    (solvers.ancestral.dpm2_step); churn as sample_euler's."""
+    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=1)
+    s = loop.sigmas
+    state = torch.zeros_like(x)
+    for i in _steps(len(s) - 1, disable):
+        x, sigma_hat = _churned(x, s, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = loop.denoise(x, i, sigma_hat, sigma_hat)
+        x = loop.ancestral(x, denoised, dpm2_step(_denoised, sigma_hat, s[i + 1]), state)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                           noise_sampler=None):
+    """Ancestral DPM-2: the DPM-2 step to sigma_down, then + s_noise sigma_up z (no noise where sigma_down = 0,
+    an Euler step there, as k-diffusion)."""
+    def step_of(sigma, nxt):
+        down, up = ancestral_split(sigma, nxt, eta)
+        return dpm2_step(_denoised, sigma, down, noise=s_noise * up)
+    return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
+                           lambda nxt, step: not isinstance(step, UpdateCoeffs))
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                              noise_sampler=None):
+    """Ancestral DPM-Solver++(2S) (solvers.ancestral.dpmpp_2s_ancestral_step): to sigma_down with sigma_mid =
+    sqrt(sigma sigma_down), + s_noise sigma_up z where sigma' > 0."""
+    step_of = lambda sigma, nxt: dpmpp_2s_ancestral_step(_denoised, sigma, nxt, eta, s_noise)
+    return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
+                           lambda nxt, step: nxt > 0)
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                 s_noise=1.0, noise_sampler=None):
+    """ComfyUI's flow (CONST) DPM-Solver++(2S) ancestral: ComfyUI's split (rf_ancestral_split) and the midpoint
+    in lambda = log((1 - sigma) / sigma); x' = D into sigma' = 0; z drawn where sigma' > 0 and eta > 0."""
+    step_of = lambda sigma, nxt: dpmpp_2s_ancestral_step(_denoised, sigma, nxt, eta, s_noise, flow=True)
+    return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
+                           lambda nxt, step: nxt > 0 and eta > 0, flow=True)

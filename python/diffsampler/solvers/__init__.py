@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 from .. import checks
 from ..models import check_prediction
 from ..schedules import EDM, VP, Flow, VPContinuous
+from .ancestral import dpm2_plan, dpmpp_2s_ancestral_plan, euler_ancestral_plan
 from .ddim import ddim_plan
 from .deis import deis_plan, deis_steps
 from .consistency import lcm_plan, tcd_plan
@@ -94,6 +95,15 @@ SOLVERS: dict[str, SolverSpec] = {
     "euler": SolverSpec("Euler in the VE scale: EulerDiscreteScheduler on VP, Karras' Euler on EDM",
                         {VP: euler_plan, EDM: edm_euler_plan, Grid: euler_grid_plan}),
     "heun": SolverSpec("Karras et al.'s Heun (2 model calls per step but the last)", {EDM: heun_plan}),
+    "euler_ancestral": SolverSpec("ancestral Euler (eta, s_noise): EulerAncestralDiscreteScheduler on VP, "
+                                  "k-diffusion's on EDM, ComfyUI's RF variant on Flow",
+                                  {VP: euler_ancestral_plan, EDM: euler_ancestral_plan, Flow: euler_ancestral_plan}),
+    "dpm_2": SolverSpec("DPM-2, midpoint in log sigma (2 model calls per step but the last): KDPM2DiscreteScheduler "
+                        "on VP, k-diffusion's sample_dpm_2 on EDM", {VP: dpm2_plan, EDM: dpm2_plan}),
+    "dpmpp_2s_ancestral": SolverSpec("ancestral DPM-Solver++(2S) (eta, s_noise; 2 model calls per step but the "
+                                     "last): k-diffusion's on VP / EDM, ComfyUI's RF variant on Flow",
+                                     {VP: dpmpp_2s_ancestral_plan, EDM: dpmpp_2s_ancestral_plan,
+                                      Flow: dpmpp_2s_ancestral_plan}),
     "flow_euler": SolverSpec("flow-matching Euler (FlowMatchEulerDiscreteScheduler)", {Flow: flow_euler_plan}),
     "flow_dpmpp_2m": SolverSpec("DPM-Solver++(2M) on flow sigmas", {Flow: flow_dpm_plan}),
     "lcm": SolverSpec("LCM multistep sampling of a latent consistency model (LCMScheduler); renoises every step",
@@ -120,7 +130,7 @@ def describe() -> str:
     lines = []
     for name, spec in SOLVERS.items():
         kinds = "/".join(t.__name__ for t in spec.schedules)
-        lines.append(f"{name:<14}{kinds:<18}{spec.about}; options: {', '.join(spec.options()) or 'none'}")
+        lines.append(f"{name:<20}{kinds:<18}{spec.about}; options: {', '.join(spec.options()) or 'none'}")
     return "\n".join(lines)
 
 
@@ -174,5 +184,5 @@ def _grid_plan(solver: str, spec: SolverSpec, grid: Grid, steps: int, prediction
 __all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "Plan", "Step", "Grid", "make_plan", "ddim_plan",
            "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps",
            "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems",
-           "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan",
-           "res_multistep_plan", "er_sde_plan"]
+           "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan", "res_multistep_plan",
+           "er_sde_plan", "euler_ancestral_plan", "dpm2_plan", "dpmpp_2s_ancestral_plan"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..ops import UpdateCoeffs
-from ..schedules import EDM, VP, Flow
+from ..schedules import Flow
 from .plan import Plan, Step
 from .ve import ancestral_split, euler_coeffs, ve_data_coeffs
 from .ve_grid import to_vp_scale, ve_grid

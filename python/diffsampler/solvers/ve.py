@@ -2,6 +2,7 @@
 solvers and k-diffusion sample; D = p x + q out is the data prediction, d = (x - D) / sigma.
 
     data prediction  eps: D = x - sigma eps;  x0: D = out;  v: D = x / (sigma^2 + 1) - sigma v / sqrt(sigma^2 + 1)
+                     EDM preconditioned: D = c_skip x + c_out out (edm_data_coeffs)
     Euler            x' = x + (sigma' - sigma) d
     Heun             stage 1 the Euler step to x2, keeping its start s; stage 2
                      x' = s + (sigma' - sigma) (d + d2) / 2 = (1 + r/2) s - r/2 D + r2/2 x2 - r2/2 D2,
@@ -33,6 +34,17 @@ def ve_data_coeffs(prediction: str, sigma: float) -> tuple[float, float]:
     if prediction == "v":
         return 1.0 / (sigma * sigma + 1), -sigma / math.sqrt(sigma * sigma + 1)
     raise ValueError(f"the VE-scale solvers (euler, heun) take prediction 'eps', 'x0' or 'v', got {prediction!r}")
+
+
+def edm_data_coeffs(prediction: str, sigma: float, sigma_data: float) -> tuple[float, float]:
+    """(p, q) of EDM's preconditioned denoiser D = c_skip x + c_out out (diffusers' EDMEulerScheduler):
+    c_skip = sigma_data^2 / (sigma^2 + sigma_data^2), c_out = +- sigma sigma_data / sqrt(sigma^2 + sigma_data^2)
+    (+ for "epsilon", - for "v_prediction")."""
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"EDM's preconditioning takes prediction_type 'epsilon' or 'v_prediction', got {prediction!r}")
+    norm = sigma * sigma + sigma_data * sigma_data
+    c_out = sigma * sigma_data / math.sqrt(norm)
+    return sigma_data * sigma_data / norm, c_out if prediction == "epsilon" else -c_out
 
 
 def euler_coeffs(p: float, q: float, sigma: float, sigma_next: float, **extra) -> UpdateCoeffs:
