@@ -31,3 +31,19 @@ def test_empirical_order(curves, solver):
         assert slope > 3.5, (solver, slope)
     else:
         assert abs(slope - order) <= 0.35, (solver, slope, order)
+
+
+def test_catalogue_runs_every_vp_solver_and_the_deterministic_ones_converge():
+    """The catalogue table: every VP solver of ds.sample at NFE 5 / 20 with at most that many model calls; the
+    deterministic ones' ODE error falls with the NFE, the stochastic ones have none."""
+    from diffsampler.bench.quality import catalogue, catalogue_solvers
+
+    rows = catalogue(TARGETS["smooth-16d"](), nfes=(5, 20), n=64)
+    assert [r["solver"] for r in rows[:-1]] == catalogue_solvers()
+    assert {"lcm", "tcd", "euler_ancestral", "dpm_2", "res_multistep", "er_sde"} <= set(catalogue_solvers())
+    for r in rows[:-1]:
+        if r["ode_error"][0] is None:
+            assert r["ode_error"][1] is None and r["solver"] in ("dpmpp_2m_sde", "dpmpp_3m_sde", "euler_ancestral",
+                                                                    "dpmpp_2s_ancestral", "lcm", "tcd", "er_sde"), r
+        else:
+            assert r["ode_error"][1] < r["ode_error"][0] / 2, r

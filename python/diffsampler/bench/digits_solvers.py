@@ -2,7 +2,8 @@
 
 The denoiser and classifier of diffsampler.digits (trained on first use, then cached) give a learned
 eps-prediction model on 8x8 digits; each solver samples `--n` digits from `--seeds` seeds of x_T at each NFE
-(all on diffusers' "trailing" grid, from t = 999), and the FD of each batch to the held-out digits is reported
+(all on diffusers' "trailing" grid, from t = 999, but the solvers tied to their own grid: lcm, tcd; the two-call
+solvers with as many steps as fit in the NFE), and the FD of each batch to the held-out digits is reported
 as the mean and standard deviation over the seeds. Two rows frame it: `data`, the FD of `--n` training digits
 (a different subset per seed) to the held-out ones, the floor of the metric at this sample size; and
 `dpmpp_2m` at NFE 100, the model's own FD with the discretization error gone.
@@ -23,7 +24,8 @@ from diffsampler.bench import cli
 from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.bench.plots import pyplot, save
 
-SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc")
+SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "euler", "res_multistep", "dpm_2", "dpmpp_2m_sde",
+           "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "lcm", "tcd")
 NFES = (5, 10, 20)
 REFERENCE = ("dpmpp_2m", 100)
 OPTIONS = dict(timestep_spacing="trailing")  # one grid for every solver, starting at the last training timestep
@@ -32,9 +34,11 @@ OPTIONS = dict(timestep_spacing="trailing")  # one grid for every solver, starti
 def sample_digits(model: digits.Denoiser, solver: str, nfe: int, n: int, seed: int) -> torch.Tensor:
     """n digits (n, 64) from `solver` with `nfe` model calls, x_T drawn from `seed`."""
     x_T = torch.randn(n, digits.PIXELS, generator=torch.Generator().manual_seed(seed))
+    options = OPTIONS if "timestep_spacing" in ds.solvers.SOLVERS[solver].options() else {}
+    steps = ds.solvers.steps_for_nfe(solver, model.schedule, nfe, model.prediction, **options)
     with torch.no_grad():
-        return ds.sample(model, x_T, steps=nfe, solver=solver, schedule=model.schedule,
-                         prediction=model.prediction, **OPTIONS)
+        return ds.sample(model, x_T, steps=steps, solver=solver, schedule=model.schedule,
+                         prediction=model.prediction, generator=torch.Generator().manual_seed(seed + 1000), **options)
 
 
 def _row(solver: str, nfe: int | None, fds: list[float]) -> dict:
@@ -107,9 +111,9 @@ def main(argv=None) -> None:
     rows = fd_rows(model, clf, data, n=args.n, seeds=tuple(range(args.seeds)))
     print(f"FD to {len(data.held_x)} held-out digits, mean ± std over {args.seeds} seeds of {args.n} samples "
           f"({time.perf_counter() - t0:.0f} s):")
-    print(f"{'solver':<10}" + "".join(f"{'NFE ' + str(n):>16}" for n in NFES))
+    print(f"{'solver':<20}" + "".join(f"{'NFE ' + str(n):>16}" for n in NFES))
     for solver in SOLVERS:
-        print(f"{solver:<10}" + "".join(f"{r['fd_mean']:>9.2f} ± {r['fd_std']:<4.2f}" for r in rows
+        print(f"{solver:<20}" + "".join(f"{r['fd_mean']:>9.2f} ± {r['fd_std']:<4.2f}" for r in rows
                                         if r["solver"] == solver and r["nfe"] in NFES))
     for r in rows[-2:]:
         print(f"{r['solver']}{'' if r['nfe'] is None else ', NFE ' + str(r['nfe'])}: {r['fd_mean']:.2f} ± {r['fd_std']:.2f}")

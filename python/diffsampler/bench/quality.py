@@ -173,6 +173,70 @@ def dpmv3_comparison(target: GaussianMixture, nfes=(5, 10, 20), n: int = 512, fi
                 errors={c.solver: c.errors for c in curves})
 
 
+CATALOGUE_NFES = (5, 10, 20)
+
+
+def catalogue_solvers() -> list[str]:
+    """Every solver of ds.sample that runs on a discrete VP schedule without fitted statistics."""
+    return [name for name, spec in ds.solvers.SOLVERS.items() if ds.schedules.VP in spec.plans and name != "dpmv3"]
+
+
+def catalogue(target: GaussianMixture, nfes=CATALOGUE_NFES, n: int = 512, seed: int = 0) -> list[dict]:
+    """Every solver as a user runs it: ds.sample on Stable Diffusion's schedule with diffusers' trailing grid
+    (the solvers tied to their own grid on it), as many steps as fit in the NFE, the exact eps model. Per
+    NFE: sliced W2 of the samples to exact data samples, and for the deterministic solvers the median ODE error
+    against a 999-step DDIM run from the same x_T (stochastic solvers: None)."""
+    schedule = ds.schedules.VP.scaled_linear()
+    model = target.model(schedule, "eps")
+    x_T = torch.randn(n, target.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    truth = ds.sample(model, x_T, steps=999, solver="ddim", schedule=schedule, timestep_spacing="trailing")
+    exact = target.sample(n, generator=torch.Generator().manual_seed(seed + 1))
+    rows = []
+    for solver in catalogue_solvers():
+        options = {"timestep_spacing": "trailing"} if "timestep_spacing" in ds.solvers.SOLVERS[solver].options() else {}
+        row = dict(solver=solver, nfes=list(nfes), steps=[], ode_error=[], sliced_w2=[], options=options)
+        for nfe in nfes:
+            steps = ds.solvers.steps_for_nfe(solver, schedule, nfe, "eps", **options)
+            plan = ds.solvers.make_plan(solver, schedule, steps, "eps", **options)
+            x = ds.sample(model, x_T, steps=steps, solver=solver, schedule=schedule,
+                          generator=torch.Generator().manual_seed(seed + 2), **options)
+            stochastic = any(step.needs_noise for step in plan.steps)
+            row["steps"].append(steps)
+            row["ode_error"].append(None if stochastic else ((x - truth).norm(dim=1) / truth.norm(dim=1)).median().item())
+            row["sliced_w2"].append(sliced_wasserstein(x, exact))
+        rows.append(row)
+    rows.append(dict(solver="exact", sliced_w2=[sliced_wasserstein(target.sample(n, generator=torch.Generator()
+                                                                                 .manual_seed(seed + 3)), exact)]))
+    return rows
+
+
+def print_catalogue(name: str, rows: list[dict]) -> None:
+    nfes = rows[0]["nfes"]
+    print(f"\n{name}, every solver on SD's schedule (trailing grid), sliced W2 to exact data / ODE error:")
+    print(f"{'solver':<20}" + "".join(f"{'SW2@' + str(n):>10}" for n in nfes) + "".join(f"{'err@' + str(n):>11}" for n in nfes))
+    for r in rows[:-1]:
+        errs = "".join(f"{e:>11.2e}" if e is not None else f"{'sde':>11}" for e in r["ode_error"])
+        print(f"{r['solver']:<20}" + "".join(f"{v:>10.4f}" for v in r["sliced_w2"]) + errs)
+    print(f"exact vs exact sliced W2 (the floor at this sample size): {rows[-1]['sliced_w2'][0]:.4f}")
+
+
+def _plot_catalogue(results: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(5.6 * len(results), 4.6))
+    axes = axes if len(results) > 1 else [axes]
+    for ax, (name, rows) in zip(axes, results.items()):
+        for k, r in enumerate(rows[:-1]):
+            ax.loglog(r["nfes"], r["sliced_w2"], marker="os^vD"[k % 5], linestyle="-" if k < 10 else "--",
+                      label=r["solver"])
+        ax.axhline(rows[-1]["sliced_w2"][0], color="gray", linestyle=":", label="exact vs exact")
+        ax.set_title(name)
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("sliced W2 to exact samples")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=6, ncol=2)
+    save(fig, path)
+
+
 def _plot(results: dict, nfes, path: Path) -> None:
     plt = pyplot()
 
@@ -196,6 +260,8 @@ def main(argv=None) -> None:
                     help=f"comma-separated (default {','.join(map(str, NFES))}; --dpmv3: 5,10,20)")
     ap.add_argument("--n", type=cli.positive_int, default=512, help="samples per run")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON and PNG ('' for none)")
+    ap.add_argument("--no-catalogue", action="store_true",
+                    help="skip the table of every solver on Stable Diffusion's schedule (quality-catalogue.png)")
     ap.add_argument("--dpmv3", action="store_true",
                     help="only DPM-Solver-v3 against DPM-Solver++(2M) and UniPC (EMS fitted first; the 2-D and "
                          "16-D targets by default) into dpmv3-quality-*.json")
@@ -222,6 +288,9 @@ def main(argv=None) -> None:
                               sliced_w2=c.sliced_w2, log_likelihood=c.log_likelihood) for c in curves]
         results[name + ":reference"] = dict(sliced_w2_exact_vs_exact=ref_sw,
                                             log_likelihood_exact=marginal_log_prob(target, exact).mean().item())
+        if not args.no_catalogue:
+            results[name + ":catalogue"] = catalogue(target, n=args.n)
+            print_catalogue(name, results[name + ":catalogue"])
         if target.dim > 2:
             dc = dc_comparison(target)
             results[name + ":dc-solver"] = dc
@@ -236,7 +305,10 @@ def main(argv=None) -> None:
         path = write_json(out / f"quality-{slug(record['device'])}.json", payload)
         curves_only = {k: v for k, v in results.items() if ":" not in k}
         _plot(curves_only, nfes, out / "quality.png")
-        print(f"\nwrote {path} and {out / 'quality.png'}")
+        cat = {k.split(":")[0]: v for k, v in results.items() if k.endswith(":catalogue")}
+        if cat:
+            _plot_catalogue(cat, out / "quality-catalogue.png")
+        print(f"\nwrote {path} and {out / 'quality.png'}" + (f", {out / 'quality-catalogue.png'}" if cat else ""))
 
 
 def _dpmv3_main(args) -> None:

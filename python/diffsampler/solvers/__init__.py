@@ -165,6 +165,19 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
         raise ValueError(f"solver {solver!r}: {err}") from None
 
 
+def steps_for_nfe(solver: str, schedule, nfe: int, prediction: str, **options) -> int:
+    """The most steps whose plan makes at most `nfe` model calls (a Plan has one Step per call: the two-call
+    solvers take about nfe / 2 steps)."""
+    nfe = checks.integer("nfe", nfe, 1)
+    for steps in range(nfe, 0, -1):
+        try:
+            if len(make_plan(solver, schedule, steps, prediction, **options).steps) <= nfe:
+                return steps
+        except ValueError:
+            continue
+    raise ValueError(f"solver {solver!r} has no plan of at most {nfe} model calls with these options")
+
+
 def _grid_plan(solver: str, spec: SolverSpec, grid: Grid, steps: int, prediction: str, options: dict) -> Plan:
     """The plan over explicit VP sigmas: the solver's Grid builder (its grid_steps, or a plans entry for Grid)."""
     build = spec.plans.get(Grid)
@@ -181,7 +194,7 @@ def _grid_plan(solver: str, spec: SolverSpec, grid: Grid, steps: int, prediction
         raise ValueError(f"solver {solver!r}: {err}") from None
 
 
-__all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "Plan", "Step", "Grid", "make_plan", "ddim_plan",
+__all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "steps_for_nfe", "Plan", "Step", "Grid", "make_plan", "ddim_plan",
            "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps",
            "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems",
            "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan", "res_multistep_plan",

@@ -86,9 +86,18 @@ def er_sde_coeffs(data: tuple[float, float], lams: list[float], lam_next: float,
                         c=alpha_next * s_noise * noise)
 
 
+def _grid_options(timestep_spacing, steps_offset, sigmas, final_sigmas_type) -> dict:
+    """The VP grid options that were given (EDM and Grid schedules take none)."""
+    given = dict(timestep_spacing=timestep_spacing, steps_offset=steps_offset, sigmas=sigmas,
+                 final_sigmas_type=final_sigmas_type)
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def res_multistep_plan(schedule, steps: int, prediction: str, *, eta: float = 0.0, s_noise: float = 1.0,
-                       **grid) -> Plan:
-    g = ve_grid(schedule, steps, **grid)
+                       timestep_spacing: str | None = None, steps_offset: int | None = None, sigmas: str | None = None,
+                       final_sigmas_type: str | None = None) -> Plan:
+    """On a VP schedule (EulerDiscreteScheduler's grid and its options), an EDM one or a VP Grid."""
+    g = ve_grid(schedule, steps, **_grid_options(timestep_spacing, steps_offset, sigmas, final_sigmas_type))
     plan, prev = [], None
     for i, sigma in enumerate(g.sigmas[:-1]):
         coeffs, down = res_multistep_coeffs(ve_data_coeffs(prediction, sigma), sigma, g.sigmas[i + 1], eta,
@@ -102,9 +111,13 @@ def res_multistep_plan(schedule, steps: int, prediction: str, *, eta: float = 0.
     return Plan(steps=tuple(plan), history_slots=2, discrete_time=False, init_scale=g.init_scale)
 
 
-def er_sde_plan(schedule, steps: int, prediction: str, *, s_noise: float = 1.0, max_stage: int = 3, **grid) -> Plan:
-    """On VP / EDM in the VE scale (alpha = 1, lambda = sigma); on Flow in ComfyUI's CONST form (alpha = 1 - s,
-    lambda = s / (1 - s), the first sigma nudged below 1 when it is 1)."""
+def er_sde_plan(schedule, steps: int, prediction: str, *, s_noise: float = 1.0, max_stage: int = 3,
+                timestep_spacing: str | None = None, steps_offset: int | None = None, sigmas: str | None = None,
+                final_sigmas_type: str | None = None) -> Plan:
+    """On VP (EulerDiscreteScheduler's grid and its options), EDM or a VP Grid in the VE scale (alpha = 1,
+    lambda = sigma); on Flow in ComfyUI's CONST form (alpha = 1 - s, lambda = s / (1 - s), the first sigma
+    nudged below 1 when it is 1)."""
+    grid = _grid_options(timestep_spacing, steps_offset, sigmas, final_sigmas_type)
     if not 1 <= max_stage <= 3:
         raise ValueError(f"max_stage must be 1, 2 or 3, got {max_stage}")
     if isinstance(schedule, Flow):
