@@ -29,6 +29,7 @@ from ..solvers.deis import deis_steps
 from ..solvers.dpm import dpm_steps, singlestep_steps
 from ..solvers.euler import flow_euler_coeffs
 from ..solvers.grid import Grid
+from ..solvers.lms import MAX_ORDER as LMS_MAX_ORDER, lms_step
 from ..solvers.unipc import unipc_steps
 from ..solvers.ve import churn, euler_coeffs, ve_data_coeffs
 
@@ -297,6 +298,43 @@ class FlowMatchEulerDiscreteScheduler(diffusers.FlowMatchEulerDiscreteScheduler)
             prev_sample=prev)
 
 
+class LMSDiscreteScheduler(diffusers.LMSDiscreteScheduler):
+    """diffusers' LMSDiscreteScheduler (eps / x0 / v, every sigma spacing, step orders 1-4) with the fused
+    update (solvers.lms): the derivatives list is a ring of 4 history slots. A step of order > 4 runs
+    diffusers' own step()."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fused_history, self._fused_taken = None, 0
+        self._fused_sigmas = tuple(self.sigmas.double().tolist())
+
+    def step(self, model_output, timestep, sample, order=4, return_dict=True):
+        if isinstance(order, int) and not isinstance(order, bool) and order > LMS_MAX_ORDER:
+            warnings.warn(f"diffsampler LMSDiscreteScheduler: order {order} > {LMS_MAX_ORDER} (the fused op's "
+                          f"history reads), running diffusers' own step()")
+            return super().step(model_output, timestep, sample, order=order, return_dict=return_dict)
+        if not self.is_scale_input_called:
+            warnings.warn("The `scale_model_input` function should be called before `step` to ensure correct "
+                          "denoising. See `StableDiffusionPipeline` for a usage example.")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, sigma = self.step_index, self._fused_sigmas[self.step_index]
+        p, q = ve_data_coeffs(_prediction(self.config), sigma)
+        coeffs, write, reads = lms_step(self._fused_sigmas, i, _prediction(self.config), order, self._fused_taken)
+        sample = _same_dtype(model_output, sample)
+        if self._fused_history is None:
+            self._fused_history = sample.new_empty((LMS_MAX_ORDER, *sample.shape))
+        prev = ops.multistep_update(sample, model_output, coeffs, history=self._fused_history, write_slot=write,
+                                    read_slots=reads)
+        x0 = sample * p + model_output * q
+        self._fused_taken += 1
+        self._step_index += 1
+        if not return_dict:
+            return prev, x0
+        return diffusers.schedulers.scheduling_lms_discrete.LMSDiscreteSchedulerOutput(prev_sample=prev,
+                                                                                       pred_original_sample=x0)
+
+
 class _LMRing:
     """The authors' rank-1 LM correction (config keys lamb, lm, kappa) over a one-slot ring of the previous raw
     direction, reset by set_timesteps (the authors' classes keep it across runs: a fresh run's first step
@@ -374,7 +412,7 @@ class DPMSolverMultistepLMScheduler(_LMRing, DPMSolverMultistepScheduler):
 
 FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, DDIMScheduler,
-    EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)}
+    EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, LMSDiscreteScheduler)}
 
 
 # the pipeline attributes that hold the denoiser, in the order they are looked for

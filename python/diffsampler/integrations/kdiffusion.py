@@ -23,6 +23,7 @@ from .. import checks, ops
 from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
 from ..solvers.dpm import history_weights, update_terms
+from ..solvers.lms import MAX_ORDER, lms_step
 from ..solvers.ve import churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
 
 DENOISED = (0.0, 1.0)  # (p, q): the model output is the data prediction itself
@@ -226,4 +227,18 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
         z = noise_sampler(s[i], s[i + 1])
         x = ops.multistep_update(x2, denoised_2, second, history=loop.history, write_slot=1, read_slots=[0],
                                  state=state, noise=z if second.c else None)
+    return x
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+    """Linear multistep (solvers.lms): x' = x + sum_j c_j d_{i-j} over the derivatives d = (x - D) / sigma of
+    the last min(i + 1, order) steps, c_j the exact integrals of the Lagrange basis through their sigmas."""
+    order = checks.integer("order", order, 1, MAX_ORDER)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=MAX_ORDER, strict=order > 1)
+    s = loop.sigmas
+    for i in _steps(len(s) - 1, disable):
+        denoised = loop.denoise(x, i, s[i])
+        coeffs, write, reads = lms_step(s, i, "x0", order, i)
+        x = ops.multistep_update(x, denoised, coeffs, history=loop.history, write_slot=write, read_slots=reads)
     return x
