@@ -30,6 +30,7 @@ from ..solvers.dpm import dpm_steps, singlestep_steps
 from ..solvers.euler import flow_euler_coeffs
 from ..solvers.grid import Grid
 from ..solvers.lms import MAX_ORDER as LMS_MAX_ORDER, lms_step
+from ..solvers.pndm import RING, pndm_call, pndm_coeffs
 from ..solvers.unipc import unipc_steps
 from ..solvers.ve import churn, euler_coeffs, ve_data_coeffs
 
@@ -335,6 +336,44 @@ class LMSDiscreteScheduler(diffusers.LMSDiscreteScheduler):
                                                                                        pred_original_sample=x0)
 
 
+class PNDMScheduler(diffusers.PNDMScheduler):
+    """diffusers' PNDMScheduler (PLMS with skip_prk_steps, else the PRK warm-up; epsilon / v_prediction) with the
+    fused update (solvers.pndm): the stored outputs are a ring of history slots, the kept start the state."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fused_history = self._fused_state = None
+        self._fused_stored = 0
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        c = self.config
+        prediction = {"epsilon": "eps", "v_prediction": "v"}.get(c.prediction_type)
+        if prediction is None:
+            raise ValueError(f"prediction_type given as {c.prediction_type} must be one of `epsilon` or "
+                             f"`v_prediction`")
+        prk = not c.skip_prk_steps and self.counter < len(self.prk_timesteps)
+        if not c.skip_prk_steps and not prk and self._fused_stored < 3:
+            raise ValueError(f"{self.__class__} can only be run AFTER scheduler has been run in 'prk' mode for at "
+                             f"least 12 iterations")
+        call = pndm_call(self.counter, int(timestep), c.num_train_timesteps // self.num_inference_steps,
+                         self._fused_stored, bool(c.skip_prk_steps), self.prk_timesteps)
+        ab = self.alphas_cumprod
+        ab_prev = float(ab[call.t_prev]) if call.t_prev >= 0 else float(self.final_alpha_cumprod)
+        coeffs = pndm_coeffs(prediction, float(ab[call.t]), ab_prev, call)
+        sample = _same_dtype(model_output, sample)
+        if self._fused_history is None:
+            self._fused_history = sample.new_empty((RING + (0 if c.skip_prk_steps else 2), *sample.shape))
+            self._fused_state = torch.zeros_like(sample)
+        prev = ops.multistep_update(sample, model_output, coeffs, history=self._fused_history,
+                                    write_slot=call.write_slot, read_slots=call.read_slots, state=self._fused_state)
+        self._fused_stored = call.stored
+        self.counter += 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
 class _LMRing:
     """The authors' rank-1 LM correction (config keys lamb, lm, kappa) over a one-slot ring of the previous raw
     direction, reset by set_timesteps (the authors' classes keep it across runs: a fresh run's first step
@@ -412,7 +451,8 @@ class DPMSolverMultistepLMScheduler(_LMRing, DPMSolverMultistepScheduler):
 
 FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, DDIMScheduler,
-    EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, LMSDiscreteScheduler)}
+    EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, LMSDiscreteScheduler,
+    PNDMScheduler)}
 
 
 # the pipeline attributes that hold the denoiser, in the order they are looked for
