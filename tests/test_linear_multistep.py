@@ -1,5 +1,6 @@
-"""The linear multistep family (LMS): diffusers' LMSDiscreteScheduler and k-diffusion's sample_lms, against
-their published equations, each other, and the convergence order on an analytic target."""
+"""The linear multistep family: LMS (diffusers' LMSDiscreteScheduler, k-diffusion's sample_lms), PNDM / PLMS
+(PNDMScheduler) and iPNDM, against their published equations, each other, diffusers, and the convergence order
+on analytic targets."""
 
 import math
 import warnings
@@ -14,7 +15,7 @@ import diffsampler as ds
 import diffsampler.integrations.diffusers  # noqa: F401
 from diffsampler.integrations import kdiffusion as K
 from diffsampler.solvers.lms import lms_weights
-from test_integrations_diffusers import X, both
+from test_integrations_diffusers import X, _tiny_unet, both
 from test_sample import SD, make_model, max_rel
 
 SIGMAS = K.get_sigmas_karras(12, 0.03, 14.6).double()
@@ -156,3 +157,37 @@ def test_lms_convergence_order(order):
     errors = [(K.sample_lms(flat_start_denoiser, x, torch.linspace(S0, S1, n + 1, dtype=torch.float64),
                             disable=True, order=order) - flat_start_exact(x)).abs().max().item() for n in ns]
     assert abs(fitted_order(errors, ns) - order) < 0.3, errors
+
+
+PNDM_CONFIGS = [dict(skip_prk_steps=True), dict(), dict(prediction_type="v_prediction"),
+                dict(skip_prk_steps=True, prediction_type="v_prediction"),
+                dict(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1),
+                dict(set_alpha_to_one=False, steps_offset=1), dict(skip_prk_steps=True, timestep_spacing="linspace"),
+                dict(timestep_spacing="trailing"), dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)]
+
+
+@pytest.mark.parametrize("config", PNDM_CONFIGS, ids=str)
+@pytest.mark.parametrize("steps", [7, 20])
+def test_pndm(config, steps):
+    ours, theirs = both("PNDMScheduler", {**SD, **config}, make_model(), X, steps)
+    assert max_rel(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("skip_prk_steps", [False, True])
+def test_inside_pndm_pipeline(skip_prk_steps):
+    """A real pipeline (offline, a tiny random UNet2DModel): accelerate() swaps the scheduler, same images."""
+    pipe = diffusers.PNDMPipeline(unet=_tiny_unet(), scheduler=diffusers.PNDMScheduler(skip_prk_steps=skip_prk_steps))
+    expected = pipe(batch_size=2, num_inference_steps=10, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+    ds.integrations.diffusers.accelerate(pipe, verbose=False)
+    assert isinstance(pipe.scheduler, ds.integrations.diffusers.PNDMScheduler)
+    got = pipe(batch_size=2, num_inference_steps=10, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert abs(got - expected).max() <= 1e-5
+
+
+def test_pndm_rejects_sample_prediction_as_diffusers_does():
+    sched = ds.integrations.diffusers.PNDMScheduler(prediction_type="sample")
+    sched.set_timesteps(5)
+    with pytest.raises(ValueError, match="must be one of `epsilon` or `v_prediction`"):
+        sched.step(X, sched.timesteps[0], X)
