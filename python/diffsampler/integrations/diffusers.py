@@ -30,7 +30,7 @@ from ..solvers.dpm import dpm_steps, singlestep_steps
 from ..solvers.euler import flow_euler_coeffs
 from ..solvers.grid import Grid
 from ..solvers.lms import MAX_ORDER as LMS_MAX_ORDER, lms_step
-from ..solvers.pndm import RING, pndm_call, pndm_coeffs
+from ..solvers.pndm import ADAMS_BASHFORTH, RING, ipndm_coeffs, pndm_call, pndm_coeffs
 from ..solvers.unipc import unipc_steps
 from ..solvers.ve import churn, euler_coeffs, ve_data_coeffs
 
@@ -374,6 +374,34 @@ class PNDMScheduler(diffusers.PNDMScheduler):
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
+class IPNDMScheduler(diffusers.IPNDMScheduler):
+    """diffusers' IPNDMScheduler with the fused update (solvers.pndm.ipndm_coeffs): its `ets` are a ring of 4
+    history slots, Adams-Bashforth over the ones stored since set_timesteps."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fused_history, self._fused_stored = None, 0
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, n = self.step_index, min(self._fused_stored + 1, RING)
+        coeffs = ipndm_coeffs(float(self.alphas[i]), float(self.betas[i]), float(self.alphas[i + 1]),
+                              float(self.betas[i + 1]), ADAMS_BASHFORTH[n - 1])
+        sample = _same_dtype(model_output, sample)
+        if self._fused_history is None:
+            self._fused_history = sample.new_empty((RING, *sample.shape))
+        stored = self._fused_stored
+        prev = ops.multistep_update(sample, model_output, coeffs, history=self._fused_history,
+                                    write_slot=stored % RING, read_slots=[(stored - j) % RING for j in range(1, n)])
+        self._fused_stored += 1
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
 class _LMRing:
     """The authors' rank-1 LM correction (config keys lamb, lm, kappa) over a one-slot ring of the previous raw
     direction, reset by set_timesteps (the authors' classes keep it across runs: a fresh run's first step
@@ -452,7 +480,7 @@ class DPMSolverMultistepLMScheduler(_LMRing, DPMSolverMultistepScheduler):
 FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, DDIMScheduler,
     EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, LMSDiscreteScheduler,
-    PNDMScheduler)}
+    PNDMScheduler, IPNDMScheduler)}
 
 
 # the pipeline attributes that hold the denoiser, in the order they are looked for

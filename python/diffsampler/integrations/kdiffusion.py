@@ -23,7 +23,8 @@ from .. import checks, ops
 from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
 from ..solvers.dpm import history_weights, update_terms
-from ..solvers.lms import MAX_ORDER, lms_step
+from ..solvers.lms import MAX_ORDER, lms_coeffs, lms_step
+from ..solvers.pndm import ipndm_weights
 from ..solvers.ve import churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
 
 DENOISED = (0.0, 1.0)  # (p, q): the model output is the data prediction itself
@@ -242,3 +243,30 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, o
         coeffs, write, reads = lms_step(s, i, "x0", order, i)
         x = ops.multistep_update(x, denoised, coeffs, history=loop.history, write_slot=write, read_slots=reads)
     return x
+
+
+def _ipndm_loop(model, x, sigmas, extra_args, callback, disable, max_order, variable):
+    """iPNDM in sigma (solvers.pndm.ipndm_weights): x' = x + h sum_j c_j d_{i-j}, the derivatives d = (x - D) /
+    sigma of the last min(i + 1, max_order) steps in the ring; into sigma = 0 x' = D."""
+    max_order = checks.integer("max_order", max_order, 1, MAX_ORDER)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=MAX_ORDER, strict=variable)
+    s = loop.sigmas
+    for i in _steps(len(s) - 1, disable):
+        denoised = loop.denoise(x, i, s[i])
+        weights = ipndm_weights(s, i, max_order, variable)
+        x = loop.update(x, denoised, lms_coeffs(*DENOISED, s[i], weights), i, len(weights) - 1)
+    return x
+
+
+@torch.no_grad()
+def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """iPNDM (ComfyUI's sample_ipndm): Adams-Bashforth's fixed weights (1; 3/2, -1/2; 23/12, -16/12, 5/12;
+    55/24, -59/24, 37/24, -9/24) on the derivative history, x' = x + (sigma' - sigma) sum_j c_j d_{i-j}."""
+    return _ipndm_loop(model, x, sigmas, extra_args, callback, disable, max_order, False)
+
+
+@torch.no_grad()
+def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """iPNDM-v (ComfyUI's sample_ipndm_v): iPNDM with the step-size-dependent weights of
+    solvers.pndm.ipndm_v_weights (sigmas must decrease)."""
+    return _ipndm_loop(model, x, sigmas, extra_args, callback, disable, max_order, True)

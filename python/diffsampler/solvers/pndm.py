@@ -125,3 +125,62 @@ def pndm_plan(schedule: VP, steps: int, prediction: str, *, skip_prk_steps: bool
         stored = call.stored
     return Plan(steps=tuple(plan), history_slots=RING if skip_prk_steps else RING + 2, discrete_time=True,
                 data_prediction=False, uses_state=True)
+
+
+# ---- iPNDM (Zhang & Chen 2023): Adams-Bashforth on the stored outputs, without the pseudo warm-up ----
+
+
+def ipndm_coeffs(alpha: float, sigma: float, alpha_next: float, sigma_next: float, weights) -> UpdateCoeffs:
+    """diffusers' IPNDMScheduler step: m_0 = sigma x + alpha out (its `ets`), E = sum_j w_j m_j,
+    x' = alpha' (x - sigma E) / max(alpha, 1e-8) + sigma' E. At alpha = 0 (t = 1, where sigma = 1 and the
+    first E = m_0 = x) the data term is exactly 0, as diffusers' fp32 x - sigma E is; it is dropped."""
+    w = tuple(float(v) for v in weights)
+    if alpha == 0:
+        if len(w) != 1:
+            raise ValueError("iPNDM: a step at alpha = 0 (t = 1) must be the first of its run")
+        return UpdateCoeffs(p=sigma, q=alpha, a=0.0, b=(sigma_next * w[0],))
+    scale = alpha_next / max(alpha, 1e-8)
+    return UpdateCoeffs(p=sigma, q=alpha, a=scale, b=tuple((sigma_next - scale * sigma) * v for v in w))
+
+
+def ipndm_weights(sigmas, i: int, order: int, variable: bool = False) -> tuple[float, ...]:
+    """(h c_0, ..., h c_{k-1}), h = sigma' - sigma, k = min(i + 1, order), of the iPNDM step
+    x' = x + h sum_j c_j d_{i-j} in sigma (ComfyUI's sample_ipndm): Adams-Bashforth's fixed weights, or with
+    `variable` the step-size-dependent weights of ComfyUI's sample_ipndm_v (ipndm_v_weights). Into sigma' = 0
+    the first-order step (x' = D)."""
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= RING:
+        raise ValueError(f"max_order must be an integer in [1, {RING}], got {order!r}")
+    k = 1 if sigmas[i + 1] == 0 else min(i + 1, order)
+    h = float(sigmas[i + 1]) - float(sigmas[i])
+    steps = [h] + [float(sigmas[i - j]) - float(sigmas[i - j - 1]) for j in range(k - 1)]
+    c = ipndm_v_weights(*steps) if variable and k > 1 else ADAMS_BASHFORTH[k - 1]
+    return tuple(h * v for v in c)
+
+
+def ipndm_v_weights(h0: float, *past: float) -> tuple[float, ...]:
+    """ComfyUI's (after zju-pi/diff-sampler) variable-step iPNDM weights from the step h0 = sigma' - sigma and
+    the past steps h1 = sigma - sigma_{-1}, h2, h3; r = h0 / h1, u = h0 + h1, q = h1 (h1 + h2) / (h2 (h2 + h3)):
+
+        order 2  (1 + r/2, -r/2)
+        T1 = (1 - h0^2 / (3 h1 (h1 + h2))) / 2
+        order 3  (1 + r/2 + T1, -r/2 - (1 + h1/h2) T1, T1 h1/h2)
+        T2 = ((1 - h0 / (3u)) / 2 + (1 - h0 / (2u)) h0 / (6 (u + h2))) h0 u (u + h2) / (h1 (h1 + h2) (h1 + h2 + h3))
+        order 4  (1 + r/2 + T1 + T2, -r/2 - (1 + h1/h2) T1 - (1 + h1/h2 + q) T2,
+                  T1 h1/h2 + (h1/h2 + q (1 + h2/h3)) T2, -T2 q h1/h2)
+
+    On equal steps orders 2 and 3 are Adams-Bashforth's; order 4 is (57, -65, 43, -11) / 24 there, a
+    third-order method (not AB4's (55, -59, 37, -9) / 24), as ComfyUI has it."""
+    r = h0 / past[0]
+    if len(past) == 1:
+        return (1 + r / 2, -r / 2)
+    h1, h2 = past[0], past[1]
+    u = h0 + h1
+    t1 = (1 - h0 / (3 * u) * (h0 * u) / (h1 * (h1 + h2))) / 2
+    if len(past) == 2:
+        return (1 + r / 2 + t1, -r / 2 - (1 + h1 / h2) * t1, t1 * h1 / h2)
+    h3 = past[2]
+    q = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    t2 = ((1 - h0 / (3 * u)) / 2 + (1 - h0 / (2 * u)) * h0 / (6 * (u + h2))) \
+        * (h0 * u * (u + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    return (1 + r / 2 + t1 + t2, -r / 2 - (1 + h1 / h2) * t1 - (1 + h1 / h2 + q) * t2,
+            t1 * h1 / h2 + (h1 / h2 + q * (1 + h2 / h3)) * t2, -t2 * q * h1 / h2)
