@@ -20,7 +20,9 @@ from .dpmv3 import EMS, dpmv3_plan, dpmv3_steps, fit_ems
 from .euler import euler_plan, flow_euler_plan
 from .grid import Grid, continuous_grid
 from .heun import edm_euler_plan, heun_plan
+from .lms import edm_lms_plan, lms_plan
 from .momentum import ghvb_plan, ghvb_steps
+from .pndm import pndm_plan
 from .timeshift import TimeShift
 from .unipc import unipc_plan, unipc_steps
 from .plan import Plan, Step
@@ -90,6 +92,10 @@ SOLVERS: dict[str, SolverSpec] = {
     "ghvb": SolverSpec("generalized heavy-ball momentum (GHVB), order - 1 + beta", {VP: ghvb_plan}, ghvb_steps),
     "euler": SolverSpec("Euler in the VE scale: EulerDiscreteScheduler on VP, Karras' Euler on EDM",
                         {VP: euler_plan, EDM: edm_euler_plan}),
+    "lms": SolverSpec("linear multistep in sigma, order 1-4: LMSDiscreteScheduler on VP, k-diffusion's sample_lms on "
+                      "EDM", {VP: lms_plan, EDM: edm_lms_plan}),
+    "pndm": SolverSpec("PNDM (PNDMScheduler): PLMS with skip_prk_steps (steps + 1 model calls), else a pseudo "
+                       "Runge-Kutta warm-up (steps + 8)", {VP: pndm_plan}),
     "heun": SolverSpec("Karras et al.'s Heun (2 model calls per step but the last)", {EDM: heun_plan}),
     "flow_euler": SolverSpec("flow-matching Euler (FlowMatchEulerDiscreteScheduler)", {Flow: flow_euler_plan}),
     "flow_dpmpp_2m": SolverSpec("DPM-Solver++(2M) on flow sigmas", {Flow: flow_dpm_plan}),
@@ -141,4 +147,4 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
 __all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "Plan", "Step", "Grid", "make_plan", "ddim_plan",
            "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps",
            "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems",
-           "dpmv3_plan", "dpmv3_steps", "continuous_grid"]
+           "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lms_plan", "edm_lms_plan", "pndm_plan"]

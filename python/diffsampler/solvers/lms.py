@@ -20,7 +20,7 @@ import numpy as np
 from numpy.polynomial import polynomial as P
 
 from ..ops import UpdateCoeffs
-from ..schedules import VP, sigma_grid
+from ..schedules import EDM, VP, sigma_grid
 from .euler import _euler_timesteps
 from .plan import Plan, Step, ring_slots
 from .ve import ve_data_coeffs
@@ -85,3 +85,14 @@ def lms_plan(schedule: VP, steps: int, prediction: str, *, order: int = 4, times
                          input_scale=1.0 / math.sqrt(ratios[i] ** 2 + 1)))
     return Plan(steps=tuple(plan), history_slots=MAX_ORDER, discrete_time=False, data_prediction=False,
                 init_scale=init)
+
+
+def edm_lms_plan(schedule: EDM, steps: int, prediction: str, *, order: int = 4) -> Plan:
+    """k-diffusion's sample_lms on the EDM (Karras) sigmas, the model given sigma."""
+    sigmas = schedule.sigmas(steps)
+    plan = []
+    for i, sigma in enumerate(sigmas[:-1]):
+        coeffs, write, reads = lms_step(sigmas, i, prediction, order, i)
+        plan.append(Step(t=sigma, coeffs=coeffs, write_slot=write, read_slots=reads))
+    return Plan(steps=tuple(plan), history_slots=MAX_ORDER, discrete_time=False, data_prediction=False,
+                init_scale=sigmas[0])
