@@ -132,12 +132,10 @@ def pndm_plan(schedule: VP, steps: int, prediction: str, *, skip_prk_steps: bool
 
 def ipndm_coeffs(alpha: float, sigma: float, alpha_next: float, sigma_next: float, weights) -> UpdateCoeffs:
     """diffusers' IPNDMScheduler step: m_0 = sigma x + alpha out (its `ets`), E = sum_j w_j m_j,
-    x' = alpha' (x - sigma E) / max(alpha, 1e-8) + sigma' E. At alpha = 0 (t = 1, where sigma = 1 and the
-    first E = m_0 = x) the data term is exactly 0, as diffusers' fp32 x - sigma E is; it is dropped."""
+    x' = alpha' (x - sigma E) / max(alpha, 1e-8) + sigma' E. At alpha = 0 (t = 1, sigma = 1) the first step's
+    E = m_0 = x makes the data term exactly 0, as diffusers' fp32 x - sigma E is: it is dropped there."""
     w = tuple(float(v) for v in weights)
-    if alpha == 0:
-        if len(w) != 1:
-            raise ValueError("iPNDM: a step at alpha = 0 (t = 1) must be the first of its run")
+    if alpha == 0 and len(w) == 1:
         return UpdateCoeffs(p=sigma, q=alpha, a=0.0, b=(sigma_next * w[0],))
     scale = alpha_next / max(alpha, 1e-8)
     return UpdateCoeffs(p=sigma, q=alpha, a=scale, b=tuple((sigma_next - scale * sigma) * v for v in w))
