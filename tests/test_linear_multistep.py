@@ -3,7 +3,6 @@
 on analytic targets."""
 
 import math
-import warnings
 
 import diffusers
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from scipy import integrate
 
 import diffsampler as ds
-import diffsampler.integrations.diffusers  # noqa: F401
+from diffsampler.integrations import diffusers as fused
 from diffsampler.integrations import kdiffusion as K
 from diffsampler.solvers.lms import lms_weights
 from diffsampler.targets import GaussianMixture
@@ -110,7 +109,7 @@ def test_lms_discrete_img2img_start_late():
 def test_lms_discrete_returns_the_data_prediction():
     model = make_model()
     outs = []
-    for cls in (ds.integrations.diffusers.LMSDiscreteScheduler, diffusers.LMSDiscreteScheduler):
+    for cls in (fused.LMSDiscreteScheduler, diffusers.LMSDiscreteScheduler):
         sched = cls(**SD, prediction_type="v_prediction")
         sched.set_timesteps(5)
         t = sched.timesteps[0]
@@ -180,15 +179,15 @@ def test_inside_pndm_pipeline(skip_prk_steps):
     pipe = diffusers.PNDMPipeline(unet=_tiny_unet(), scheduler=diffusers.PNDMScheduler(skip_prk_steps=skip_prk_steps))
     expected = pipe(batch_size=2, num_inference_steps=10, output_type="np",
                     generator=torch.Generator().manual_seed(0)).images
-    ds.integrations.diffusers.accelerate(pipe, verbose=False)
-    assert isinstance(pipe.scheduler, ds.integrations.diffusers.PNDMScheduler)
+    fused.accelerate(pipe, verbose=False)
+    assert isinstance(pipe.scheduler, fused.PNDMScheduler)
     got = pipe(batch_size=2, num_inference_steps=10, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert abs(got - expected).max() <= 1e-5
 
 
 def test_pndm_rejects_sample_prediction_as_diffusers_does():
-    sched = ds.integrations.diffusers.PNDMScheduler(prediction_type="sample")
+    sched = fused.PNDMScheduler(prediction_type="sample")
     sched.set_timesteps(5)
     with pytest.raises(ValueError, match="must be one of `epsilon` or `v_prediction`"):
         sched.step(X, sched.timesteps[0], X)
@@ -198,14 +197,16 @@ AB = {1: [1], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -
 
 
 def ipndm_v_by_the_equations(h_n, h_n_1, h_n_2=None, h_n_3=None):
-    """ComfyUI's sample_ipndm_v weights, written from its equations (h_n = t_next - t_cur, h_n_1 = t_cur - t_prev, ...)."""
+    """ComfyUI's sample_ipndm_v weights, written from its equations (h_n = t_next - t_cur,
+    h_n_1 = t_cur - t_prev, ...)."""
     if h_n_2 is None:
         return [(2 + h_n / h_n_1) / 2, -(h_n / h_n_1) / 2]
     temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
     if h_n_3 is None:
         return [(2 + h_n / h_n_1) / 2 + temp1, -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1, temp1 * h_n_1 / h_n_2]
     ratio = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
-    temp2 = ((1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))) \
+    temp2 = ((1 - h_n / (3 * (h_n + h_n_1))) / 2
+             + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))) \
         * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
     return [(2 + h_n / h_n_1) / 2 + temp1 + temp2,
             -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 - (1 + h_n_1 / h_n_2 + ratio) * temp2,
@@ -295,7 +296,8 @@ def test_ipndm_discrete_img2img_start_late():
 LMS_SOLVER_CASES = [(dict(), dict()), (dict(use_karras_sigmas=True), dict(sigmas="karras")),
                     (dict(use_beta_sigmas=True), dict(sigmas="beta")),
                     (dict(prediction_type="v_prediction"), dict(prediction="v")),
-                    (dict(timestep_spacing="leading", steps_offset=1), dict(timestep_spacing="leading", steps_offset=1))]
+                    (dict(timestep_spacing="leading", steps_offset=1),
+                     dict(timestep_spacing="leading", steps_offset=1))]
 
 
 @pytest.mark.parametrize("config, options", LMS_SOLVER_CASES, ids=str)
@@ -317,7 +319,8 @@ def test_lms_solver_on_edm_is_sample_lms(order):
     assert max_rel(got, K.sample_lms(denoiser, x * sigmas[0], sigmas, disable=True, order=order)) <= 1e-10
 
 
-PNDM_SOLVER_CASES = [dict(skip_prk_steps=True), dict(), dict(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1),
+PNDM_SOLVER_CASES = [dict(skip_prk_steps=True), dict(),
+                     dict(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1),
                      dict(set_alpha_to_one=True, timestep_spacing="trailing"), dict(prediction_type="v_prediction")]
 
 
