@@ -124,10 +124,15 @@ def test_lms_discrete_order_above_the_ring_runs_diffusers_step():
     assert max_rel(ours, theirs) == 0
 
 
-@pytest.mark.parametrize("order", [0, 1.5])
+@pytest.mark.parametrize("order", [0, 1.5, 5])
 def test_lms_bad_order(order):
     with pytest.raises(ValueError, match="order must be an integer"):
         K.sample_lms(denoiser, SIGMAS[0] * torch.ones(1, 4, 2, 2, dtype=torch.float64), SIGMAS, order=order)
+    if order != 5:  # the drop-in runs diffusers' step above 4
+        sched = fused.LMSDiscreteScheduler(**SD)
+        sched.set_timesteps(4)
+        with pytest.raises(ValueError, match="order must be an integer"):
+            sched.step(X, sched.timesteps[0], X, order=order)
 
 
 S0, S1, LAM, MU = 2.0, 0.2, 0.5, 0.3  # dx/dsigma = LAM (S0 - sigma)^4 (x - MU) from S0 to S1

@@ -21,7 +21,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .. import ops
+from .. import checks, ops
 from ..graphs import CapturedForward
 from ..lml import correction_weights, mixing
 from ..solvers.ddim import ddim_coeffs
@@ -310,7 +310,8 @@ class LMSDiscreteScheduler(diffusers.LMSDiscreteScheduler):
         self._fused_sigmas = tuple(self.sigmas.double().tolist())
 
     def step(self, model_output, timestep, sample, order=4, return_dict=True):
-        if isinstance(order, int) and not isinstance(order, bool) and order > LMS_MAX_ORDER:
+        order = checks.integer("order", order, 1)
+        if order > LMS_MAX_ORDER:
             warnings.warn(f"diffsampler LMSDiscreteScheduler: order {order} > {LMS_MAX_ORDER} (the fused op's "
                           f"history reads), running diffusers' own step()")
             return super().step(model_output, timestep, sample, order=order, return_dict=return_dict)
