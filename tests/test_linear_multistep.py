@@ -135,6 +135,13 @@ def test_lms_bad_order(order):
             sched.step(X, sched.timesteps[0], X, order=order)
 
 
+@pytest.mark.parametrize("sampler", [K.sample_lms, K.sample_ipndm_v])
+def test_lagrange_weights_need_decreasing_sigmas(sampler):
+    """The weights divide by the differences of past sigmas: a repeated sigma is refused (k-diffusion: NaN)."""
+    with pytest.raises(ValueError, match="sigmas must be decreasing"):
+        sampler(denoiser, torch.ones(1, 4, 2, 2, dtype=torch.float64), [2.0, 1.0, 1.0, 0.5, 0.0], disable=True)
+
+
 S0, S1, LAM, MU = 2.0, 0.2, 0.5, 0.3  # dx/dsigma = LAM (S0 - sigma)^4 (x - MU) from S0 to S1
 
 
