@@ -137,7 +137,8 @@ def test_lms_bad_order(order):
 
 @pytest.mark.parametrize("sampler", [K.sample_lms, K.sample_ipndm_v])
 def test_lagrange_weights_need_decreasing_sigmas(sampler):
-    """The weights divide by the differences of past sigmas: a repeated sigma is refused (k-diffusion: NaN)."""
+    """The weights divide by the differences of past sigmas (k-diffusion and ComfyUI divide by zero there): a
+    repeated sigma is refused."""
     with pytest.raises(ValueError, match="sigmas must be decreasing"):
         sampler(denoiser, torch.ones(1, 4, 2, 2, dtype=torch.float64), [2.0, 1.0, 1.0, 0.5, 0.0], disable=True)
 
