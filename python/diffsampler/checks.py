@@ -163,6 +163,11 @@ SOLVER_OPTIONS: dict[str, Callable] = {
     "steps_offset": lambda v: integer("steps_offset", v, 0),
     "disable_corrector": lambda v: integers("disable_corrector", v, 0),
     "dc_ratios": lambda v: None if v is None else reals("dc_ratios", v),
+    "s_noise": lambda v: real("s_noise", v, "[0, inf)"),
+    "gamma": lambda v: real("gamma", v, "[0, 1]"),
+    "max_stage": lambda v: integer("max_stage", v, 1),
+    "original_steps": lambda v: integer("original_steps", v, 1),
+    "timestep_scaling": lambda v: real("timestep_scaling", v, "(0, inf)"),
     **{name: (lambda v, name=name: flag(name, v)) for name in _FLAGS},
 }
 

@@ -15,7 +15,7 @@ from .solvers import Plan, SolverSpec, make_plan, solver_spec
 def sample(
     model: Callable[..., torch.Tensor],
     x: torch.Tensor,
-    steps: int = 20,
+    steps: int | None = 20,
     solver: str = "dpmpp_2m",
     schedule=None,
     prediction: str | None = None,

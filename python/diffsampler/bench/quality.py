@@ -25,6 +25,7 @@ from diffsampler.bench import cli
 from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.bench.plots import pyplot, save
 from diffsampler.solvers import Grid, dpm_steps, deis_steps, ghvb_steps, unipc_steps
+from diffsampler.solvers.res import res_multistep_plan
 from diffsampler.targets import GaussianMixture, sliced_wasserstein
 
 SIGMA_MAX, SIGMA_MIN = 14.6, 0.03
@@ -58,6 +59,8 @@ SOLVERS = [
     Solver("deis_3", 3, _multistep(deis_steps, order=3)),
     Solver("ghvb_1.5", None, _multistep(ghvb_steps, order=2, beta=0.5), "GHVB order 2, beta 0.5 (paper: 1.5)"),
     Solver("ghvb_2.8", None, _multistep(ghvb_steps, order=3, beta=0.8), "GHVB order 3, beta 0.8 (paper: 2.8)"),
+    Solver("res_multistep", 2, lambda grid: res_multistep_plan(grid, len(grid.timesteps), "eps"),
+           "RES 2nd-order exponential multistep in the VE scale (ComfyUI's res_multistep)"),
 ]
 
 TARGETS = {

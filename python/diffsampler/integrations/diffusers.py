@@ -24,7 +24,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import checks, ops
 from ..graphs import CapturedForward
 from ..lml import correction_weights, mixing
+from ..noise import BrownianTreeNoiseSampler
+from ..solvers.consistency import lcm_coeffs, tcd_coeffs, tcd_inner_timestep
 from ..solvers.ddim import ddim_coeffs
+from ..solvers.ddpm import ddpm_coeffs, fixed_std, posterior_variance
 from ..solvers.deis import deis_steps
 from ..solvers.dpm import dpm_steps, singlestep_steps
 from ..solvers.euler import flow_euler_coeffs
@@ -32,7 +35,7 @@ from ..solvers.grid import Grid
 from ..solvers.lms import MAX_ORDER as LMS_MAX_ORDER, lms_step
 from ..solvers.pndm import ADAMS_BASHFORTH, RING, ipndm_coeffs, pndm_call, pndm_coeffs
 from ..solvers.unipc import unipc_steps
-from ..solvers.ve import churn, euler_coeffs, ve_data_coeffs
+from ..solvers.ve import churn, dpmpp_sde_coeffs, euler_coeffs, ve_data_coeffs
 
 # the config keys that shape a multistep scheduler's grid (named by the error of a step that divides by zero)
 GRID_CONFIG = ("num_train_timesteps", "timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas",
@@ -113,26 +116,49 @@ class _MultistepMixin:
         return prev
 
 
-class DPMSolverMultistepScheduler(_MultistepMixin, diffusers.DPMSolverMultistepScheduler):
-    """diffusers' DPMSolverMultistepScheduler (all algorithm types, orders 1-3, midpoint / heun, every sigma
-    spacing and final sigma) with the fused update."""
+class _DPMSolverMultistep(_MultistepMixin):
+    """step() of the DPM-Solver multistep schedulers; the inverse one (data to noise) forces no lower order at
+    its last step and refuses the SDE algorithms (diffusers' inverse SDE step takes sqrt(1 - e^{-2h}) with
+    h < 0 and returns NaN, or fails an assertion at third order)."""
+
+    _inverse = False
 
     def _build_plan(self, start: int):
         c = self.config
         return dpm_steps(self._grid(), _prediction(c), algorithm=c.algorithm_type, order=c.solver_order,
                          solver_type=c.solver_type, lower_order_final=c.lower_order_final,
-                         euler_at_final=c.euler_at_final, final_sigma_zero=c.final_sigmas_type == "zero",
-                         start=start, phi3="diffusers")
+                         euler_at_final=c.euler_at_final,
+                         final_sigma_zero=not self._inverse and c.final_sigmas_type == "zero", start=start,
+                         phi3="diffusers")
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
-        if self.config.variance_type in ("learned", "learned_range") and self.config.prediction_type == "epsilon":
+        c = self.config
+        sde = c.algorithm_type.startswith("sde")
+        if self._inverse and sde:
+            raise ValueError(f"{type(self).__name__}: algorithm_type={c.algorithm_type!r} is not supported: an SDE "
+                             f"step from data to noise has noise weight sqrt(1 - e^(-2h)) with h < 0 (diffusers' "
+                             f"step() returns NaN there); use 'dpmsolver++' or 'dpmsolver'")
+        if c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon":
             model_output = model_output[:, :3]
         noise = None
-        if self.config.algorithm_type.startswith("sde"):
+        if sde:
             noise = variance_noise if variance_noise is not None else randn_tensor(
-                model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+                model_output.shape, generator=generator, device=model_output.device,
+                dtype=torch.float32)
         prev = self._fused_step(model_output, timestep, sample, noise)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+class DPMSolverMultistepScheduler(_DPMSolverMultistep, diffusers.DPMSolverMultistepScheduler):
+    """diffusers' DPMSolverMultistepScheduler (all algorithm types, orders 1-3, midpoint / heun, every sigma
+    spacing and final sigma) with the fused update."""
+
+
+class DPMSolverMultistepInverseScheduler(_DPMSolverMultistep, diffusers.DPMSolverMultistepInverseScheduler):
+    """diffusers' DPMSolverMultistepInverseScheduler (inversion for editing: the same solver from data to noise
+    over its ascending grid) with the fused update."""
+
+    _inverse = True
 
 
 class DPMSolverSinglestepScheduler(_MultistepMixin, diffusers.DPMSolverSinglestepScheduler):
@@ -232,6 +258,148 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         lml = self._lml_args(t, sample, model_output, coeffs, eps, direction.scale, clip)
         prev, x0 = _with_prediction(sample, model_output, coeffs, noise=noise if std != 0 else None, clip=clip,
                                     **_threshold_kwargs(c), **lml)
+        if not return_dict:
+            return prev, x0
+        return diffusers.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+def _vp_prediction(config, name: str) -> str:
+    """The prediction of a VP scheduler that takes epsilon, sample or v_prediction only."""
+    pred = _prediction(config)
+    if pred not in ("eps", "x0", "v"):
+        raise ValueError(f"prediction_type given as {config.prediction_type} must be one of `epsilon`, `sample` or "
+                         f"`v_prediction` for {name}")
+    return pred
+
+
+def _clip(config):
+    return config.clip_sample_range if config.clip_sample and not config.thresholding else None
+
+
+class DDPMScheduler(diffusers.DDPMScheduler):
+    """diffusers' DDPMScheduler (every variance type but fixed_large_log, clip_sample, thresholding) with the
+    fused update (solvers.ddpm). The learned variance types form their per-element noise std from the model's
+    variance channels before the fused call; fixed_large_log is refused: diffusers' step() takes the square
+    root of log(beta_t) < 0 there and returns NaN."""
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        c = self.config
+        if self.variance_type == "fixed_large_log":
+            raise ValueError("DDPMScheduler: variance_type='fixed_large_log' is not supported: diffusers' step() "
+                             "takes the square root of log(beta_t) < 0 and returns NaN; use 'fixed_large'")
+        t = int(timestep)
+        prev_t = int(self.previous_timestep(t))
+        learned = self.variance_type in ("learned", "learned_range")
+        predicted_variance = None
+        if learned and model_output.shape[1] == sample.shape[1] * 2:
+            model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
+        ab_t = float(self.alphas_cumprod[t])
+        ab_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else float(self.one)
+        noise, std = None, 0.0
+        if t > 0:
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                 dtype=model_output.dtype)
+            if learned:
+                if predicted_variance is None:
+                    raise ValueError(f"DDPMScheduler: variance_type={self.variance_type!r} needs a model output with "
+                                     f"2 * {sample.shape[1]} channels (the variance after the prediction), got "
+                                     f"{model_output.shape[1]}")
+                noise, std = self._learned_std(predicted_variance, ab_t, ab_prev) * noise, 1.0
+            else:
+                std = fixed_std(self.variance_type, ab_t, ab_prev)
+        coeffs = ddpm_coeffs(_vp_prediction(c, "the DDPMScheduler"), ab_t, ab_prev, std)
+        prev, x0 = _with_prediction(_same_dtype(model_output, sample), model_output, coeffs, noise=noise,
+                                    clip=_clip(c), **_threshold_kwargs(c))
+        if not return_dict:
+            return prev, x0
+        return diffusers.schedulers.scheduling_ddpm.DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _learned_std(self, v, ab_t: float, ab_prev: float) -> torch.Tensor:
+        """The per-element noise std of the learned variance types (solvers.ddpm)."""
+        if self.variance_type == "learned":
+            return v**0.5
+        tilde, beta = posterior_variance(ab_t, ab_prev)
+        frac = (v + 1) / 2
+        return torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(tilde)))
+
+
+class LCMScheduler(diffusers.LCMScheduler):
+    """diffusers' LCMScheduler (eps / sample / v, clip_sample, thresholding, custom timesteps, strength) with
+    the fused update (solvers.consistency.lcm_coeffs): one call gives prev_sample and `denoised`."""
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
+                             "creating the scheduler")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        c, i, t = self.config, self.step_index, int(timestep)
+        prev_t = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t
+        ab_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else float(self.final_alpha_cumprod)
+        last = i == self.num_inference_steps - 1
+        coeffs = lcm_coeffs(_vp_prediction(c, "`LCMScheduler`"), float(self.alphas_cumprod[t]), ab_prev, t,
+                            c.timestep_scaling, last)
+        sample = _same_dtype(model_output, sample)
+        noise = None if last else randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                               dtype=model_output.dtype)
+        denoised = torch.zeros_like(sample)
+        prev = ops.multistep_update(sample, model_output, coeffs, noise=noise, state=denoised, clip=_clip(c),
+                                    **_threshold_kwargs(c))
+        self._step_index += 1
+        if not return_dict:
+            return prev, denoised
+        return diffusers.schedulers.scheduling_lcm.LCMSchedulerOutput(prev_sample=prev, denoised=denoised)
+
+
+class TCDScheduler(diffusers.TCDScheduler):
+    """diffusers' TCDScheduler (eps / sample / v, gamma as step()'s eta, custom timesteps, strength) with the
+    fused update (solvers.consistency.tcd_coeffs): one call gives prev_sample and `pred_noised_sample`. Like
+    diffusers' step(), it neither clips nor thresholds."""
+
+    def step(self, model_output, timestep, sample, eta=0.3, generator=None, return_dict=True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
+                             "creating the scheduler")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"TCDScheduler.step: eta (TCD's gamma) must be in [0, 1], got {eta}")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, t = self.step_index, int(timestep)
+        prev_t = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else 0
+        s = tcd_inner_timestep(prev_t, eta)
+        last = i == self.num_inference_steps - 1
+        ab_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else float(self.final_alpha_cumprod)
+        coeffs = tcd_coeffs(_vp_prediction(self.config, "`TCDScheduler`"), float(self.alphas_cumprod[t]), ab_prev,
+                            float(self.alphas_cumprod[s]), eta, last)
+        sample = _same_dtype(model_output, sample)
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                             dtype=model_output.dtype) if coeffs.c else None
+        noised = torch.zeros_like(sample)
+        prev = ops.multistep_update(sample, model_output, coeffs, noise=noise, state=noised)
+        self._step_index += 1
+        if not return_dict:
+            return prev, noised
+        return diffusers.schedulers.scheduling_tcd.TCDSchedulerOutput(prev_sample=prev, pred_noised_sample=noised)
+
+
+class DDIMInverseScheduler(diffusers.DDIMInverseScheduler):
+    """diffusers' DDIMInverseScheduler (DDIM inversion for editing: x0 and eps at t, then the deterministic DDIM
+    map to the next, noisier timestep; clip_sample) with the fused update."""
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        c = self.config
+        prev_t = int(timestep)
+        t = min(prev_t - c.num_train_timesteps // self.num_inference_steps, c.num_train_timesteps - 1)
+        ab_t = float(self.alphas_cumprod[t]) if t >= 0 else float(self.initial_alpha_cumprod)
+        pred = _vp_prediction(c, "the DDIMInverseScheduler")
+        if pred == "x0" and ab_t == 1:
+            raise ValueError("DDIMInverseScheduler: prediction_type='sample' at alpha_bar = 1 (the first step with "
+                             "set_alpha_to_one=True) gives eps = (x - x0) / 0 (diffusers returns inf / NaN); use "
+                             "set_alpha_to_one=False")
+        coeffs, _ = ddim_coeffs(pred, ab_t,
+                                float(self.alphas_cumprod[prev_t]), 0.0)
+        clip = c.clip_sample_range if c.clip_sample else None
+        prev, x0 = _with_prediction(_same_dtype(model_output, sample), model_output, coeffs, clip=clip)
         if not return_dict:
             return prev, x0
         return diffusers.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -401,6 +569,70 @@ class IPNDMScheduler(diffusers.IPNDMScheduler):
         self._fused_stored += 1
         self._step_index += 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+def _optional_base(name: str):
+    """diffusers' class `name`, or None when it needs a package that is missing (DPMSolverSDEScheduler: torchsde)."""
+    try:
+        return getattr(diffusers, name)
+    except (ImportError, AttributeError):
+        return None
+
+
+if _optional_base("DPMSolverSDEScheduler") is not None:
+    class DPMSolverSDEScheduler(diffusers.DPMSolverSDEScheduler):
+        """diffusers' DPMSolverSDEScheduler (eps / v, every sigma spacing, noise_sampler_seed, s_noise) with the
+        fused update: each interval's two step() calls are the two stages of solvers.ve.dpmpp_sde_coeffs (r = 1/2,
+        eta = 1), the interval's start kept in the fused state; the Brownian-tree noise is diffusers' draws
+        (diffsampler.noise.BrownianTreeNoiseSampler, queried at the same noise levels). Needs torchsde."""
+
+        def set_timesteps(self, *args, **kwargs):
+            super().set_timesteps(*args, **kwargs)
+            self._fused_history = self._fused_state = None
+
+        def step(self, model_output, timestep, sample, return_dict=True, s_noise=1.0):
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            if self.noise_sampler is None:
+                positive = self.sigmas[self.sigmas > 0]
+                self.noise_sampler = BrownianTreeNoiseSampler(sample, positive.min().item(), self.sigmas.max().item(),
+                                                              self.noise_sampler_seed)
+            pred = _prediction(self.config)
+            if pred not in ("eps", "v"):
+                raise NotImplementedError(f"prediction_type not implemented yet: {self.config.prediction_type}")
+            first = self.state_in_first_order
+            i = self.step_index
+            sigma_t, next_t = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
+            sigma, sigma_next = float(sigma_t), float(next_t)
+            sample = _same_dtype(model_output, sample)
+            if sigma_next == 0:
+                coeffs = euler_coeffs(*ve_data_coeffs(pred, sigma), sigma, 0.0)
+                prev, x0 = _with_prediction(sample, model_output, coeffs)
+            else:
+                # the noise levels diffusers queries its tree at: sigma_fn(t_fn(.)) of its float32 sigmas
+                t, t_next = sigma_t.log().neg(), next_t.log().neg()
+                t_mid = t + (t_next - t) * 0.5
+                s_mid = float(t_mid.neg().exp())
+                _, stage1, stage2 = dpmpp_sde_coeffs(sigma, sigma_next, 1.0, 0.5, s_noise,
+                                                     ve_data_coeffs(pred, sigma), ve_data_coeffs(pred, s_mid))
+                if first:
+                    if self._fused_history is None:
+                        self._fused_history = sample.new_empty((2, *sample.shape))
+                        self._fused_state = torch.zeros_like(sample)
+                    noise = self.noise_sampler(t.neg().exp(), t_mid.neg().exp())
+                else:
+                    noise = self.noise_sampler(t.neg().exp(), t_next.neg().exp())
+                noise = noise.to(device=sample.device, dtype=sample.dtype)
+                coeffs, write, reads = (stage1, 0, ()) if first else (stage2, 1, (0,))
+                prev = ops.multistep_update(sample, model_output, coeffs, history=self._fused_history,
+                                            write_slot=write, read_slots=reads, noise=noise if coeffs.c else None,
+                                            state=self._fused_state)
+                x0 = self._fused_history[write].clone()
+                # diffusers' first-order flag: the stored start (here the fused state) and the midpoint sigma
+                self.sample, self.mid_point_sigma = (self._fused_state, t_mid.neg().exp()) if first else (None, None)
+            self._step_index += 1
+            if not return_dict:
+                return prev, x0
+            return diffusers.schedulers.scheduling_dpmsolver_sde.DPMSolverSDESchedulerOutput(
+                prev_sample=prev, pred_original_sample=x0)
 
 
 class _LMRing:
@@ -480,8 +712,10 @@ class DPMSolverMultistepLMScheduler(_LMRing, DPMSolverMultistepScheduler):
 
 FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, DDIMScheduler,
-    EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, LMSDiscreteScheduler,
-    PNDMScheduler, IPNDMScheduler)}
+    EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, DDPMScheduler, LCMScheduler, TCDScheduler,
+    DPMSolverMultistepInverseScheduler, DDIMInverseScheduler, LMSDiscreteScheduler, PNDMScheduler, IPNDMScheduler)}
+if _optional_base("DPMSolverSDEScheduler") is not None:
+    FUSED["DPMSolverSDEScheduler"] = DPMSolverSDEScheduler
 
 
 # the pipeline attributes that hold the denoiser, in the order they are looked for

@@ -6,10 +6,11 @@ denoised x0, x lives in the VE scale (x = x0 + sigma eps, start from noise * sig
 samplers that step in log sigma: dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde), > 0 but the last, which may be 0.
 The coefficients are computed in float64 from the sigmas; each step is one fused call (Heun: two).
 
-Noise: the SDE samplers take k-diffusion's `noise_sampler(sigma, sigma_next)`; without one they draw i.i.d.
-`torch.randn_like(x)` (k-diffusion's default there is a Brownian tree from torchsde: statistically the same
-increments, other bits; pass its BrownianTreeNoiseSampler to reproduce them). Euler and Heun without churn do
-not draw the unused noise k-diffusion draws every step, so the global RNG is left untouched.
+Noise: the SDE samplers take k-diffusion's `noise_sampler(sigma, sigma_next)`; without one they draw from
+k-diffusion's default, a Brownian tree over the sigmas' range (diffsampler.noise.BrownianTreeNoiseSampler: the
+same bits from the same global seed) when torchsde is installed, else i.i.d. `torch.randn_like(x)`. Euler and
+Heun without churn do not draw the unused noise k-diffusion draws every step, so the global RNG is left
+untouched.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from collections.abc import Mapping
 import torch
 
 from .. import checks, ops
+from ..noise import BrownianTreeNoiseSampler, sde_noise_sampler  # noqa: F401 (k-diffusion's name, re-exported)
 from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
 from ..solvers.dpm import history_weights, update_terms
 from ..solvers.lms import MAX_ORDER, lms_coeffs, lms_step
 from ..solvers.pndm import ipndm_weights
+from ..solvers.res import er_noise_scaler, er_sde_coeffs, res_multistep_coeffs
 from ..solvers.ve import churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
 
 DENOISED = (0.0, 1.0)  # (p, q): the model output is the data prediction itself
@@ -152,13 +155,14 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     return x
 
 
-def _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order, solver_type):
+def _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order, solver_type,
+                sde=True):
     """DPM-Solver++(2M / 3M), ODE (eta = 0) or SDE, in k-diffusion's form: x in the VE scale (alpha = 1),
     h = log(sigma / sigma'), the step of solvers.dpm.update_terms with the order of the history there is
     (the first step first order), and x' = D at sigma' = 0."""
     _check_noise(eta, s_noise, noise_sampler)
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=order, strict=True)
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    noise_sampler = sde_noise_sampler(x, sigmas, noise_sampler) if sde else None
     algorithm = "sde-dpmsolver++" if eta else "dpmsolver++"
     s = loop.sigmas
     hs = []  # step sizes in t = -log sigma of the steps taken so far
@@ -184,7 +188,7 @@ def _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, n
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """DPM-Solver++(2M) in k-diffusion's form: x' = (sigma'/sigma) x - (e^{-h} - 1) ((1 + 1/(2r)) D -
     1/(2r) D_old), r = h_last / h (first order at the first step and into sigma = 0)."""
-    return _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, 2, "midpoint")
+    return _dpmpp_loop(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, 2, "midpoint", sde=False)
 
 
 @torch.no_grad()
@@ -212,7 +216,7 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
     _check_noise(eta, s_noise, noise_sampler)
     checks.real("r", r, "(0, 1]")
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    noise_sampler = sde_noise_sampler(x, sigmas, noise_sampler)
     s = loop.sigmas
     state = torch.zeros_like(x)
     for i in _steps(len(s) - 1, disable):
@@ -231,18 +235,31 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
     return x
 
 
-@torch.no_grad()
-def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
-    """Linear multistep (solvers.lms): x' = x + sum_j c_j d_{i-j} over the derivatives d = (x - D) / sigma of
-    the last min(i + 1, order) steps, c_j the exact integrals of the Lagrange basis through their sigmas."""
-    order = checks.integer("order", order, 1, MAX_ORDER)
-    loop = _Loop(model, x, sigmas, extra_args, callback, slots=MAX_ORDER, strict=order > 1)
+def _multistep_history_loop(loop, x, coeffs_of, noise_sampler, disable):
+    """Steps whose coefficients coeffs_of(i) -> (UpdateCoeffs, n_reads) read the last n_reads data predictions
+    from the ring; noise from noise_sampler where c != 0."""
     s = loop.sigmas
     for i in _steps(len(s) - 1, disable):
         denoised = loop.denoise(x, i, s[i])
-        coeffs, write, reads = lms_step(s, i, "x0", order, i)
-        x = ops.multistep_update(x, denoised, coeffs, history=loop.history, write_slot=write, read_slots=reads)
+        coeffs, n_hist = coeffs_of(i)
+        noise = noise_sampler(s[i], s[i + 1]) if coeffs.c else None
+        x = loop.update(x, denoised, coeffs, i, n_hist, noise=noise)
     return x
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+    """Linear multistep (solvers.lms): x' = x + sum_j c_j d_{i-j} over the derivatives d = (x - D) / sigma of
+    the last min(i + 1, order) steps (the ring), c_j the exact integrals of the Lagrange basis through their
+    sigmas."""
+    order = checks.integer("order", order, 1, MAX_ORDER)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=MAX_ORDER, strict=order > 1)
+
+    def coeffs_of(i):
+        coeffs, _, reads = lms_step(loop.sigmas, i, "x0", order, i)
+        return coeffs, len(reads)
+
+    return _multistep_history_loop(loop, x, coeffs_of, None, disable)
 
 
 def _ipndm_loop(model, x, sigmas, extra_args, callback, disable, max_order, variable):
@@ -250,12 +267,12 @@ def _ipndm_loop(model, x, sigmas, extra_args, callback, disable, max_order, vari
     sigma of the last min(i + 1, max_order) steps in the ring; into sigma = 0 x' = D."""
     max_order = checks.integer("max_order", max_order, 1, MAX_ORDER)
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=MAX_ORDER, strict=variable)
-    s = loop.sigmas
-    for i in _steps(len(s) - 1, disable):
-        denoised = loop.denoise(x, i, s[i])
-        weights = ipndm_weights(s, i, max_order, variable)
-        x = loop.update(x, denoised, lms_coeffs(*DENOISED, s[i], weights), i, len(weights) - 1)
-    return x
+
+    def coeffs_of(i):
+        weights = ipndm_weights(loop.sigmas, i, max_order, variable)
+        return lms_coeffs(*DENOISED, loop.sigmas[i], weights), len(weights) - 1
+
+    return _multistep_history_loop(loop, x, coeffs_of, None, disable)
 
 
 @torch.no_grad()
@@ -270,3 +287,53 @@ def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=Non
     """iPNDM-v (ComfyUI's sample_ipndm_v): iPNDM with the step-size-dependent weights of
     solvers.pndm.ipndm_v_weights (sigmas must decrease)."""
     return _ipndm_loop(model, x, sigmas, extra_args, callback, disable, max_order, True)
+
+
+@torch.no_grad()
+def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0,
+                         noise_sampler=None, eta=0.0):
+    """RES second-order exponential multistep (solvers.res.res_multistep_coeffs), ComfyUI's res_multistep; eta > 0
+    is its ancestral variant (noise from noise_sampler, default randn_like)."""
+    _check_noise(eta, s_noise, noise_sampler)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s, prev = loop.sigmas, [None]
+
+    def coeffs_of(i):
+        coeffs, down = res_multistep_coeffs(DENOISED, s[i], s[i + 1], eta, s_noise, prev[0])
+        prev[0] = (s[i], down)
+        return coeffs, len(coeffs.b) - 1
+
+    return _multistep_history_loop(loop, x, coeffs_of, noise_sampler, disable)
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                   s_noise=1.0, noise_sampler=None):
+    """sample_res_multistep with eta = 1 (ComfyUI's res_multistep_ancestral)."""
+    return sample_res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta)
+
+
+@torch.no_grad()
+def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, noise_sampler=None,
+                  noise_scaler=None, max_stage=3):
+    """ER-SDE-Solver (solvers.res.er_sde_coeffs) in the VE scale (lambda = sigma), ComfyUI's er_sde: stages up
+    to max_stage, noise_scaler(lambda) the noise function (default l (e^{l^0.3} + 10))."""
+    _check_noise(0.0, s_noise, noise_sampler)
+    checks.optional_callable("noise_scaler", noise_scaler, "noise_scaler(lambda)")
+    if max_stage not in (1, 2, 3):
+        raise ValueError(f"max_stage must be 1, 2 or 3, got {max_stage!r}")
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=3)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    scaler = er_noise_scaler if noise_scaler is None else noise_scaler
+    s = loop.sigmas
+
+    def coeffs_of(i):
+        if s[i + 1] == 0:
+            return UpdateCoeffs(*DENOISED, a=0.0, b=(1.0,)), 0
+        stage = min(max_stage, i + 1)
+        coeffs = er_sde_coeffs(DENOISED, [s[i - k] for k in range(stage)], s[i + 1], 1.0, 1.0, stage, s_noise,
+                               scaler)
+        return coeffs, stage - 1
+
+    return _multistep_history_loop(loop, x, coeffs_of, noise_sampler, disable)

@@ -15,17 +15,20 @@ from ..models import check_prediction
 from ..schedules import EDM, VP, Flow, VPContinuous
 from .ddim import ddim_plan
 from .deis import deis_plan, deis_steps
+from .consistency import lcm_plan, tcd_plan
 from .dpm import dpm_plan, dpm_steps, flow_dpm_plan
 from .dpmv3 import EMS, dpmv3_plan, dpmv3_steps, fit_ems
-from .euler import euler_plan, flow_euler_plan
+from .euler import euler_grid_plan, euler_plan, flow_euler_plan
+from .explicit import explicit_schedule
 from .grid import Grid, continuous_grid
 from .heun import edm_euler_plan, heun_plan
-from .lms import edm_lms_plan, lms_plan
+from .lms import lms_plan
 from .momentum import ghvb_plan, ghvb_steps
 from .pndm import pndm_plan
 from .timeshift import TimeShift
 from .unipc import unipc_plan, unipc_steps
 from .plan import Plan, Step
+from .res import er_sde_plan, res_multistep_plan
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class SolverSpec:
     @property
     def schedules(self) -> tuple[type, ...]:
         """The schedule types the solver runs on."""
-        return tuple(self.plans) + ((VPContinuous,) if self.grid_steps is not None else ())
+        return tuple(k for k in self.plans if k is not Grid) + ((VPContinuous,) if self.grid_steps is not None else ())
 
     def default_schedule(self):
         """Flow() for the flow solvers, EDM() for those that run on EDM only, else VP.scaled_linear()."""
@@ -91,14 +94,22 @@ SOLVERS: dict[str, SolverSpec] = {
                        deis_steps, grid_final="eps"),
     "ghvb": SolverSpec("generalized heavy-ball momentum (GHVB), order - 1 + beta", {VP: ghvb_plan}, ghvb_steps),
     "euler": SolverSpec("Euler in the VE scale: EulerDiscreteScheduler on VP, Karras' Euler on EDM",
-                        {VP: euler_plan, EDM: edm_euler_plan}),
+                        {VP: euler_plan, EDM: edm_euler_plan, Grid: euler_grid_plan}),
     "lms": SolverSpec("linear multistep in sigma, order 1-4: LMSDiscreteScheduler on VP, k-diffusion's sample_lms on "
-                      "EDM", {VP: lms_plan, EDM: edm_lms_plan}),
+                      "EDM", {VP: lms_plan, EDM: lms_plan, Grid: lms_plan}),
     "pndm": SolverSpec("PNDM (PNDMScheduler): PLMS with skip_prk_steps (steps + 1 model calls), else a pseudo "
                        "Runge-Kutta warm-up (steps + 8)", {VP: pndm_plan}),
     "heun": SolverSpec("Karras et al.'s Heun (2 model calls per step but the last)", {EDM: heun_plan}),
     "flow_euler": SolverSpec("flow-matching Euler (FlowMatchEulerDiscreteScheduler)", {Flow: flow_euler_plan}),
     "flow_dpmpp_2m": SolverSpec("DPM-Solver++(2M) on flow sigmas", {Flow: flow_dpm_plan}),
+    "lcm": SolverSpec("LCM multistep sampling of a latent consistency model (LCMScheduler); renoises every step",
+                      {VP: lcm_plan}),
+    "tcd": SolverSpec("TCD strategic stochastic sampling (TCDScheduler), gamma: the stochasticity (0: deterministic)",
+                      {VP: tcd_plan}),
+    "res_multistep": SolverSpec("RES second-order exponential multistep in the VE scale (ComfyUI's res_multistep); "
+                                "eta > 0: its ancestral variant", {VP: res_multistep_plan, EDM: res_multistep_plan, Grid: res_multistep_plan}),
+    "er_sde": SolverSpec("ER-SDE-Solver-3 (extended reverse-time SDE, ComfyUI's er_sde); on Flow its CONST form",
+                         {VP: er_sde_plan, EDM: er_sde_plan, Flow: er_sde_plan, Grid: er_sde_plan}),
     "dpmv3": SolverSpec("DPM-Solver-v3: needs ems (fit_ems or EMS.constant); ends at sigma_min / eps",
                         {VP: dpmv3_plan}, dpmv3_steps, grid_final="eps"),
 }
@@ -122,6 +133,12 @@ def describe() -> str:
 def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> Plan:
     """The Plan of `solver` on `schedule` with `steps` model calls; options are the solver's keywords."""
     spec = solver_spec(solver)
+    explicit = options.get("sigmas")
+    if explicit is not None and not isinstance(explicit, str):
+        options = {k: v for k, v in options.items() if k != "sigmas"}
+        schedule, steps = explicit_schedule(schedule, explicit, steps)
+        if isinstance(schedule, Grid):
+            return _grid_plan(solver, spec, schedule, steps, prediction, options)
     if not isinstance(schedule, spec.schedules):
         names = " or ".join(f"diffsampler.schedules.{w.__name__}" for w in spec.schedules)
         raise ValueError(f"solver {solver!r} needs a {names} schedule (VP.linear(), VP.scaled_linear(), "
@@ -144,7 +161,24 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
         raise ValueError(f"solver {solver!r}: {err}") from None
 
 
+def _grid_plan(solver: str, spec: SolverSpec, grid: Grid, steps: int, prediction: str, options: dict) -> Plan:
+    """The plan over explicit VP sigmas: the solver's Grid builder (its grid_steps, or a plans entry for Grid)."""
+    build = spec.plans.get(Grid)
+    if build is None and spec.grid_steps is None:
+        raise ValueError(f"solver {solver!r} does not take sigmas= a list on a VP schedule (it runs on its own "
+                         f"grid); solvers that do: {', '.join(n for n, s in SOLVERS.items() if Grid in s.plans or s.grid_steps)}")
+    check_prediction(prediction)
+    options = {**spec.presets, **checks.solver_options(options)}
+    try:
+        if build is not None:
+            return build(grid, steps, prediction, **options)
+        return spec.grid_steps(grid, prediction, **options)
+    except TypeError as err:
+        raise ValueError(f"solver {solver!r}: {err}") from None
+
+
 __all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "Plan", "Step", "Grid", "make_plan", "ddim_plan",
            "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps",
            "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems",
-           "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lms_plan", "edm_lms_plan", "pndm_plan"]
+           "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan",
+           "res_multistep_plan", "er_sde_plan", "lms_plan", "pndm_plan"]

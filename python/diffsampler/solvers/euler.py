@@ -8,41 +8,33 @@ FlowMatchEulerDiscreteScheduler (flow matching).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..ops import UpdateCoeffs
-from ..schedules import VP, Flow, discrete_timesteps, sigma_grid
+from ..schedules import VP, Flow
 from .plan import Direction, Plan, Step
 from .ve import euler_coeffs, ve_data_coeffs
-
-
-def _euler_timesteps(schedule: VP, steps: int, spacing: str, steps_offset: int) -> np.ndarray:
-    """EulerDiscreteScheduler's float timesteps: linspace is not rounded, the others are the DDIM grids."""
-    n = schedule.num_train_timesteps
-    if spacing == "linspace":
-        discrete_timesteps(n, steps, spacing)  # checks steps
-        return np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
-    return discrete_timesteps(n, steps, spacing, steps_offset).astype(np.float32)
+from .grid import Grid
+from .ve_grid import grid_ve_grid, to_vp_scale, vp_ve_grid
 
 
 def euler_plan(schedule: VP, steps: int, prediction: str, *, timestep_spacing: str = "linspace",
                steps_offset: int = 0, sigmas: str = "default", final_sigmas_type: str = "zero") -> Plan:
-    if final_sigmas_type not in ("zero", "sigma_min"):
-        raise ValueError(f"final_sigmas_type must be one of ('zero', 'sigma_min'), got {final_sigmas_type!r}")
-    timesteps, ratios = sigma_grid(schedule, _euler_timesteps(schedule, steps, timestep_spacing, steps_offset),
-                                   sigmas, endpoints="grid")
-    timesteps = timesteps.astype(np.float32)
-    last = 0.0 if final_sigmas_type == "zero" else schedule.sigma_ratio(0)
-    ratios = [float(np.float32(r)) for r in list(ratios) + [last]]
-    init = max(ratios) if timestep_spacing in ("linspace", "trailing") else math.sqrt(max(ratios) ** 2 + 1)
+    grid = vp_ve_grid(schedule, steps, timestep_spacing, steps_offset, sigmas, final_sigmas_type)
+    plan = [Step(t=grid.times[i], coeffs=euler_coeffs(*ve_data_coeffs(prediction, sigma), sigma, grid.sigmas[i + 1]),
+                 input_scale=grid.input_scales[i]) for i, sigma in enumerate(grid.sigmas[:-1])]
+    return Plan(steps=tuple(plan), history_slots=0, discrete_time=False, init_scale=grid.init_scale)
+
+
+def euler_grid_plan(grid: Grid, steps: int, prediction: str) -> Plan:
+    """The VE-scale Euler step over any VP Grid (x_T and the result in the VP scale, solvers.ve_grid)."""
+    g = grid_ve_grid(grid)
     plan = []
-    for i, t in enumerate(timesteps):
-        sigma = ratios[i]
-        coeffs = euler_coeffs(*ve_data_coeffs(prediction, sigma), sigma, ratios[i + 1])
-        plan.append(Step(t=float(t), coeffs=coeffs, input_scale=1.0 / math.sqrt(sigma * sigma + 1)))
-    return Plan(steps=tuple(plan), history_slots=0, discrete_time=False, init_scale=init)
+    for i, sigma in enumerate(g.sigmas[:-1]):
+        coeffs = euler_coeffs(*ve_data_coeffs(prediction, sigma), sigma, g.sigmas[i + 1])
+        plan.append(Step(t=g.times[i], coeffs=to_vp_scale(coeffs, g.final_alpha) if i == steps - 1 else coeffs,
+                         input_scale=g.input_scales[i]))
+    return Plan(steps=tuple(plan), history_slots=0, discrete_time=False, init_scale=g.init_scale)
 
 
 def flow_euler_plan(schedule: Flow, steps: int, prediction: str) -> Plan:

@@ -13,17 +13,15 @@ takes x' = x + sum_j c_j m_j.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 from numpy.polynomial import polynomial as P
 
 from ..ops import UpdateCoeffs
-from ..schedules import EDM, VP, sigma_grid
-from .euler import _euler_timesteps
 from .plan import Plan, Step, ring_slots
 from .ve import ve_data_coeffs
+from .ve_grid import to_vp_scale, ve_grid
 
 MAX_ORDER = 4  # the current derivative and 3 history reads (ops.MAX_HISTORY_READS)
 
@@ -70,29 +68,17 @@ def lms_step(sigmas: Sequence[float], i: int, prediction: str, order: int, taken
     return lms_coeffs(*ve_data_coeffs(prediction, sigmas[i]), sigmas[i], weights), write, reads
 
 
-def lms_plan(schedule: VP, steps: int, prediction: str, *, order: int = 4, timestep_spacing: str = "linspace",
-             steps_offset: int = 0, sigmas: str = "default") -> Plan:
-    """LMSDiscreteScheduler's loop: its sigma grid (karras / exponential / beta spacings), model input
-    x / sqrt(sigma^2 + 1), x_T scaled by init_noise_sigma."""
-    timesteps, ratios = sigma_grid(schedule, _euler_timesteps(schedule, steps, timestep_spacing, steps_offset),
-                                   sigmas, endpoints="grid")
-    ratios = [float(np.float32(r)) for r in list(ratios) + [0.0]]
-    init = max(ratios) if timestep_spacing in ("linspace", "trailing") else math.sqrt(max(ratios) ** 2 + 1)
+def lms_plan(schedule, steps: int, prediction: str, *, order: int = 4, **grid) -> Plan:
+    """The LMS loop on the VE-scale grid (solvers.ve_grid): on VP LMSDiscreteScheduler's (its sigma spacings,
+    the model input x / sqrt(sigma^2 + 1), x_T scaled by init_noise_sigma), on EDM k-diffusion's Karras sigmas
+    (sample_lms), on a VP Grid its points."""
+    g = ve_grid(schedule, steps, **grid)
     plan = []
-    for i, t in enumerate(timesteps):
-        coeffs, write, reads = lms_step(ratios, i, prediction, order, i)
-        plan.append(Step(t=float(np.float32(t)), coeffs=coeffs, write_slot=write, read_slots=reads,
-                         input_scale=1.0 / math.sqrt(ratios[i] ** 2 + 1)))
+    for i in range(steps):
+        coeffs, write, reads = lms_step(g.sigmas, i, prediction, order, i)
+        if i == steps - 1:
+            coeffs = to_vp_scale(coeffs, g.final_alpha)
+        plan.append(Step(t=g.times[i], coeffs=coeffs, write_slot=write, read_slots=reads,
+                         input_scale=g.input_scales[i]))
     return Plan(steps=tuple(plan), history_slots=MAX_ORDER, discrete_time=False, data_prediction=False,
-                init_scale=init)
-
-
-def edm_lms_plan(schedule: EDM, steps: int, prediction: str, *, order: int = 4) -> Plan:
-    """k-diffusion's sample_lms on the EDM (Karras) sigmas, the model given sigma."""
-    sigmas = schedule.sigmas(steps)
-    plan = []
-    for i, sigma in enumerate(sigmas[:-1]):
-        coeffs, write, reads = lms_step(sigmas, i, prediction, order, i)
-        plan.append(Step(t=sigma, coeffs=coeffs, write_slot=write, read_slots=reads))
-    return Plan(steps=tuple(plan), history_slots=MAX_ORDER, discrete_time=False, data_prediction=False,
-                init_scale=sigmas[0])
+                init_scale=g.init_scale)

@@ -66,15 +66,23 @@ def ancestral_split(sigma_from: float, sigma_to: float, eta: float) -> tuple[flo
     return (sigma_to**2 - up**2) ** 0.5, up
 
 
-def dpmpp_sde_coeffs(sigma: float, sigma_next: float, eta: float, r: float, s_noise: float
+def dpmpp_sde_midpoint(sigma: float, sigma_next: float, r: float) -> float:
+    """sigma(t + r h) of a DPM-Solver++ SDE step, t = -log sigma."""
+    return sigma * math.exp(-r * (math.log(sigma) - math.log(sigma_next)))
+
+
+def dpmpp_sde_coeffs(sigma: float, sigma_next: float, eta: float, r: float, s_noise: float,
+                     data: tuple[float, float] = (0.0, 1.0), data2: tuple[float, float] | None = None
                      ) -> tuple[float, UpdateCoeffs, UpdateCoeffs]:
-    """(sigma of the intermediate call, stage 1, stage 2) of a DPM-Solver++ SDE step (sigma_next > 0) on a
-    denoiser (p = 0, q = 1). Stage 1 writes D into history slot 0 and keeps the start in the state; stage 2
-    writes slot 1 and reads slot 0; noise where c != 0."""
-    s_mid = sigma * math.exp(-r * (math.log(sigma) - math.log(sigma_next)))  # sigma(t + r h)
+    """(sigma of the intermediate call, stage 1, stage 2) of a DPM-Solver++ SDE step (sigma_next > 0); data,
+    data2: the (p, q) of D at sigma and of D2 at the intermediate sigma (default: a denoiser, p = 0, q = 1).
+    Stage 1 writes D into history slot 0 and keeps the start in the state; stage 2 writes slot 1 and reads
+    slot 0; noise where c != 0."""
+    s_mid = dpmpp_sde_midpoint(sigma, sigma_next, r)
     down, up = ancestral_split(sigma, s_mid, eta)
-    first = euler_coeffs(0.0, 1.0, sigma, down, c=up * s_noise, state=KEEP_START)
+    first = euler_coeffs(*data, sigma, down, c=up * s_noise, state=KEEP_START)
     down, up = ancestral_split(sigma, sigma_next, eta)
     w, fac = 1.0 - down / sigma, 1 / (2 * r)
-    second = UpdateCoeffs(p=0.0, q=1.0, a=0.0, b=(w * fac, w * (1 - fac)), g=down / sigma, c=up * s_noise)
+    p2, q2 = data2 or data
+    second = UpdateCoeffs(p=p2, q=q2, a=0.0, b=(w * fac, w * (1 - fac)), g=down / sigma, c=up * s_noise)
     return s_mid, first, second

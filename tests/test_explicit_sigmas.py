@@ -1,0 +1,68 @@
+"""sigmas= an explicit noise-level list (Align Your Steps, ComfyUI grids) for the solvers of ds.sample: the
+anchors' results on the same lists, the default grids reproduced when passed explicitly, and the errors."""
+
+import diffusers
+import pytest
+import torch
+
+import diffsampler as ds
+from diffsampler import sigma_grids
+from diffsampler.integrations import kdiffusion as K
+from diffsampler.targets import GaussianMixture
+from test_sample import SD, make_model, max_rel
+
+X = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+VP = ds.schedules.VP.scaled_linear()
+AYS = sigma_grids.ays("SD1", 10).tolist()
+
+
+def test_euler_on_explicit_sigmas_is_diffusers_euler_with_custom_sigmas():
+    model = make_model()
+    sched = diffusers.EulerDiscreteScheduler(**SD, timestep_spacing="leading")  # init sigma sqrt(s^2 + 1)
+    sched.set_timesteps(sigmas=AYS)  # the list with its final sigma, as here
+    x = X * sched.init_noise_sigma
+    for t in sched.timesteps:
+        x = sched.step(model(sched.scale_model_input(x, t), t), t, x).prev_sample
+    got = ds.sample(model, X, steps=None, solver="euler", schedule=VP, sigmas=AYS)
+    assert max_rel(got, x) <= 1e-5
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc", "ddim", "res_multistep"])
+def test_multistep_solvers_on_a_sigma_list_converge_to_the_same_sample(solver):
+    """Any grid ends at the same ODE solution: a 10-step AYS list and a 100-step one interpolated from it."""
+    target = GaussianMixture.random(dim=8, modes=3, seed=0)
+    model = target.model(VP, "eps")
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = ds.sample(model, x, steps=400, solver="dpmpp_2m", schedule=VP)
+    errs = [float((ds.sample(model, x, steps=None, solver=solver, schedule=VP, sigmas=sigma_grids.ays("SD1", n).tolist())
+                   - ref).norm() / ref.norm()) for n in (10, 40)]
+    assert errs[1] < errs[0] / 4 and errs[1] < 0.01, errs
+
+
+def test_edm_and_flow_lists_are_the_grids_the_solvers_use():
+    edm = ds.schedules.EDM()
+    model = lambda x, s: torch.tanh(x) * 0.5  # noqa: E731 (an x0 model)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ds.sample(model, x, steps=12, solver="heun", schedule=edm, prediction="x0"),
+                       ds.sample(model, x, steps=None, solver="heun", schedule=edm, prediction="x0",
+                                 sigmas=edm.sigmas(12)))
+    ays = sigma_grids.ays("SVD", 6).double()
+    got = ds.sample(model, x.double(), steps=None, solver="heun", schedule=edm, prediction="x0", sigmas=ays)
+    want = K.sample_heun(lambda x, s: model(x, s), x.double() * float(ays[0]), ays, disable=True)
+    assert max_rel(got, want) <= 1e-10
+    flow = ds.schedules.Flow(shift=3.0)
+    v = lambda x, t: x * 0.3  # noqa: E731
+    assert torch.equal(ds.sample(v, x, steps=8, solver="flow_euler", schedule=flow),
+                       ds.sample(v, x, steps=None, solver="flow_euler", schedule=flow, sigmas=flow.sigmas(8).tolist()))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(solver="dpmpp_2m", steps=7, sigmas=AYS), "does not match sigmas"),
+    (dict(solver="dpmpp_2m", steps=None, sigmas=[1.0, 2.0, 0.0]), "non-increasing"),
+    (dict(solver="lcm", steps=None, sigmas=AYS), "does not take sigmas= a list"),
+    (dict(solver="flow_euler", steps=None, sigmas=[2.0, 1.0, 0.0], schedule=ds.schedules.Flow()), "flow times"),
+])
+def test_bad_lists(kwargs, match):
+    kwargs = {"schedule": VP, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ds.sample(make_model(), X, **kwargs)
