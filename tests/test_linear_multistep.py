@@ -332,6 +332,20 @@ def test_lms_solver_on_edm_is_sample_lms(order):
     assert max_rel(got, K.sample_lms(denoiser, x * sigmas[0], sigmas, disable=True, order=order)) <= 1e-10
 
 
+def test_lms_solver_on_an_explicit_sigma_list_is_sample_lms():
+    sigmas = [14.6, 6.0, 2.5, 1.1, 0.4, 0.1, 0.0]
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = ds.sample(denoiser, x, steps=None, solver="lms", schedule=ds.schedules.EDM(), prediction="x0",
+                    sigmas=sigmas, order=3)
+    expected = K.sample_lms(denoiser, x * sigmas[0], sigmas, disable=True, order=3)
+    assert max_rel(got, expected) <= 1e-10
+
+
+def test_pndm_solver_refuses_an_explicit_sigma_list():
+    with pytest.raises(ValueError, match="solver 'pndm' does not take sigmas= a list"):
+        ds.sample(make_model(), X, steps=None, solver="pndm", sigmas=[10.0, 1.0, 0.0])
+
+
 PNDM_SOLVER_CASES = [dict(skip_prk_steps=True), dict(),
                      dict(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1),
                      dict(set_alpha_to_one=True, timestep_spacing="trailing"), dict(prediction_type="v_prediction")]
