@@ -341,6 +341,17 @@ def test_lms_solver_on_an_explicit_sigma_list_is_sample_lms():
     assert max_rel(got, expected) <= 1e-10
 
 
+def test_lms_thresholds_the_data_prediction(backend):
+    """The ring holds derivatives (a noise prediction, eps_of): thresholding acts on the x0 they imply, so
+    first-order LMS with thresholding is Euler with thresholding."""
+    model, x = make_model(), 3 * X
+    kw = dict(steps=8, schedule=ds.schedules.VP.scaled_linear(), threshold_ratio=0.9, threshold_max=1.2,
+              backend=backend)
+    got = ds.sample(model, x, solver="lms", order=1, **kw)
+    assert max_rel(got, ds.sample(model, x, solver="euler", **kw)) <= 1e-5
+    assert max_rel(got, ds.sample(model, x, solver="lms", order=1, **{**kw, "threshold_ratio": None})) > 1e-3
+
+
 def test_pndm_solver_refuses_an_explicit_sigma_list():
     with pytest.raises(ValueError, match="solver 'pndm' does not take sigmas= a list"):
         ds.sample(make_model(), X, steps=None, solver="pndm", sigmas=[10.0, 1.0, 0.0])
