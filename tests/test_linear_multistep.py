@@ -372,6 +372,14 @@ def test_pndm_solver_matches_diffusers(config, backend):
     assert max_rel(got, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("skip_prk_steps, calls", [(True, 11), (False, 19)])
+def test_pndm_solver_model_calls(skip_prk_steps, calls):
+    plan = ds.solvers.make_plan("pndm", ds.schedules.VP.scaled_linear(), 10, "eps", skip_prk_steps=skip_prk_steps)
+    sched = diffusers.PNDMScheduler(**SD, skip_prk_steps=skip_prk_steps)
+    sched.set_timesteps(10)
+    assert len(plan.steps) == calls and plan.timesteps == [float(t) for t in sched.timesteps]
+
+
 @pytest.mark.parametrize("kw, match", [(dict(solver="pndm", steps=3), "PRK warm-up needs steps >= 4"),
                                        (dict(solver="lms", order=5, steps=6), "order must be an integer in"),
                                        (dict(solver="pndm", prediction="x0"), "PNDM takes prediction 'eps' or 'v'")])

@@ -98,7 +98,7 @@ SOLVERS: dict[str, SolverSpec] = {
     "lms": SolverSpec("linear multistep in sigma, order 1-4: LMSDiscreteScheduler on VP, k-diffusion's sample_lms on "
                       "EDM", {VP: lms_plan, EDM: lms_plan, Grid: lms_plan}),
     "pndm": SolverSpec("PNDM (PNDMScheduler): PLMS with skip_prk_steps (steps + 1 model calls), else a pseudo "
-                       "Runge-Kutta warm-up (steps + 8)", {VP: pndm_plan}),
+                       "Runge-Kutta warm-up (steps + 9)", {VP: pndm_plan}),
     "heun": SolverSpec("Karras et al.'s Heun (2 model calls per step but the last)", {EDM: heun_plan}),
     "flow_euler": SolverSpec("flow-matching Euler (FlowMatchEulerDiscreteScheduler)", {Flow: flow_euler_plan}),
     "flow_dpmpp_2m": SolverSpec("DPM-Solver++(2M) on flow sigmas", {Flow: flow_dpm_plan}),

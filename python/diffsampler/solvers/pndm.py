@@ -108,7 +108,7 @@ def pndm_timesteps(n_train: int, steps: int, spacing: str = "leading", steps_off
 
 def pndm_plan(schedule: VP, steps: int, prediction: str, *, skip_prk_steps: bool = False,
               timestep_spacing: str = "leading", steps_offset: int = 0, set_alpha_to_one: bool = False) -> Plan:
-    """PNDMScheduler's loop (model calls: steps + 1 with skip_prk_steps, else steps + 8)."""
+    """PNDMScheduler's loop (model calls: steps + 1 with skip_prk_steps, else steps + 9)."""
     if not skip_prk_steps and steps < 4:
         raise ValueError(f"PNDM's PRK warm-up needs steps >= 4, got steps={steps} (or pass skip_prk_steps=True)")
     if skip_prk_steps and steps < 2:
