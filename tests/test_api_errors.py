@@ -139,7 +139,7 @@ def denoiser(x, sigma):
 
 
 KD_SAMPLERS = [kd.sample_euler, kd.sample_heun, kd.sample_dpmpp_2m, kd.sample_dpmpp_2m_sde, kd.sample_dpmpp_3m_sde,
-               kd.sample_dpmpp_sde]
+               kd.sample_dpmpp_sde, kd.sample_lms, kd.sample_ipndm, kd.sample_ipndm_v]
 
 
 @pytest.mark.parametrize("sampler", KD_SAMPLERS)
@@ -176,7 +176,7 @@ def test_kdiffusion_log_sigma_samplers_need_decreasing_sigmas(x, sampler):
         sampler(denoiser, x, [2.0, 1.0, 1.0, 0.5, 0.0], disable=True)
 
 
-@pytest.mark.parametrize("sampler", [kd.sample_euler, kd.sample_heun, kd.sample_dpmpp_sde])
+@pytest.mark.parametrize("sampler", [kd.sample_euler, kd.sample_heun, kd.sample_dpmpp_sde, kd.sample_ipndm])
 def test_kdiffusion_repeated_sigma_is_a_zero_step(x, sampler):
     torch.manual_seed(0)
     out = sampler(denoiser, x, [2.0, 1.0, 1.0, 0.0], disable=True)

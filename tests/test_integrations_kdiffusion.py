@@ -156,7 +156,8 @@ def test_euler_churn_draws_the_same_noise():
 
 
 @pytest.mark.parametrize("sampler", ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
-                                     "sample_dpmpp_3m_sde", "sample_dpmpp_sde"])
+                                     "sample_dpmpp_3m_sde", "sample_dpmpp_sde", "sample_lms", "sample_ipndm",
+                                     "sample_ipndm_v"])
 def test_calling_convention(sampler):
     """model(x, sigma * s_in, **extra_args); callback dicts before each update; fp32 runs the fused kernel."""
     seen = []

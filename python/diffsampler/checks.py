@@ -153,7 +153,7 @@ def sigmas(values, strict: bool = False) -> list[float]:
 # the numeric and boolean options of the solvers (diffsampler.sample's keywords; the others are names, checked
 # by the solver): option -> its check
 _FLAGS = ("set_alpha_to_one", "lower_order_final", "euler_at_final", "predict_x0", "corrector", "predictor_pseudo",
-          "corrector_pseudo")
+          "corrector_pseudo", "skip_prk_steps")
 SOLVER_OPTIONS: dict[str, Callable] = {
     "eta": lambda v: real("eta", v, "[0, inf)"),
     "s_noise": lambda v: real("s_noise", v, "[0, inf)"),

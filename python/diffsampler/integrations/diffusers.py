@@ -21,7 +21,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .. import ops
+from .. import checks, ops
 from ..graphs import CapturedForward
 from ..lml import correction_weights, mixing
 from ..noise import BrownianTreeNoiseSampler
@@ -33,6 +33,8 @@ from ..solvers.deis import deis_steps
 from ..solvers.dpm import dpm_steps, singlestep_steps
 from ..solvers.euler import flow_euler_coeffs
 from ..solvers.grid import Grid
+from ..solvers.lms import MAX_ORDER as LMS_MAX_ORDER, lms_step
+from ..solvers.pndm import ADAMS_BASHFORTH, RING, ipndm_coeffs, pndm_call, pndm_coeffs
 from ..solvers.unipc import unipc_steps
 from ..solvers.ve import (ancestral_split, churn, dpmpp_sde_coeffs, edm_data_coeffs, euler_coeffs, heun_coeffs,
                           ve_data_coeffs)
@@ -467,6 +469,108 @@ class FlowMatchEulerDiscreteScheduler(diffusers.FlowMatchEulerDiscreteScheduler)
             prev_sample=prev)
 
 
+class LMSDiscreteScheduler(diffusers.LMSDiscreteScheduler):
+    """diffusers' LMSDiscreteScheduler (eps / x0 / v, every sigma spacing, step orders 1-4) with the fused
+    update (solvers.lms): the derivatives list is a ring of 4 history slots. A step of order > 4 runs
+    diffusers' own step()."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fused_history, self._fused_taken = None, 0
+        self._fused_sigmas = tuple(self.sigmas.double().tolist())
+
+    def step(self, model_output, timestep, sample, order=4, return_dict=True):
+        order = checks.integer("order", order, 1)
+        if order > LMS_MAX_ORDER:
+            warnings.warn(f"diffsampler LMSDiscreteScheduler: order {order} > {LMS_MAX_ORDER} (the fused op's "
+                          f"history reads), running diffusers' own step()")
+            return super().step(model_output, timestep, sample, order=order, return_dict=return_dict)
+        if not self.is_scale_input_called:
+            warnings.warn("The `scale_model_input` function should be called before `step` to ensure correct "
+                          "denoising. See `StableDiffusionPipeline` for a usage example.")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, sigma = self.step_index, self._fused_sigmas[self.step_index]
+        p, q = ve_data_coeffs(_prediction(self.config), sigma)
+        coeffs, write, reads = lms_step(self._fused_sigmas, i, _prediction(self.config), order, self._fused_taken)
+        sample = _same_dtype(model_output, sample)
+        if self._fused_history is None:
+            self._fused_history = sample.new_empty((LMS_MAX_ORDER, *sample.shape))
+        prev = ops.multistep_update(sample, model_output, coeffs, history=self._fused_history, write_slot=write,
+                                    read_slots=reads)
+        x0 = sample * p + model_output * q
+        self._fused_taken += 1
+        self._step_index += 1
+        if not return_dict:
+            return prev, x0
+        return diffusers.schedulers.scheduling_lms_discrete.LMSDiscreteSchedulerOutput(prev_sample=prev,
+                                                                                       pred_original_sample=x0)
+
+
+class PNDMScheduler(diffusers.PNDMScheduler):
+    """diffusers' PNDMScheduler (PLMS with skip_prk_steps, else the PRK warm-up; epsilon / v_prediction) with the
+    fused update (solvers.pndm): the stored outputs are a ring of history slots, the kept start the state."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fused_history = self._fused_state = None
+        self._fused_stored = 0
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        c = self.config
+        prediction = {"epsilon": "eps", "v_prediction": "v"}.get(c.prediction_type)
+        if prediction is None:
+            raise ValueError(f"prediction_type given as {c.prediction_type} must be one of `epsilon` or "
+                             f"`v_prediction`")
+        prk = not c.skip_prk_steps and self.counter < len(self.prk_timesteps)
+        if not c.skip_prk_steps and not prk and self._fused_stored < 3:
+            raise ValueError(f"{self.__class__} can only be run AFTER scheduler has been run in 'prk' mode for at "
+                             f"least 12 iterations")
+        call = pndm_call(self.counter, int(timestep), c.num_train_timesteps // self.num_inference_steps,
+                         self._fused_stored, bool(c.skip_prk_steps), self.prk_timesteps)
+        ab = self.alphas_cumprod
+        ab_prev = float(ab[call.t_prev]) if call.t_prev >= 0 else float(self.final_alpha_cumprod)
+        coeffs = pndm_coeffs(prediction, float(ab[call.t]), ab_prev, call)
+        sample = _same_dtype(model_output, sample)
+        if self._fused_history is None:
+            self._fused_history = sample.new_empty((RING + (0 if c.skip_prk_steps else 2), *sample.shape))
+            self._fused_state = torch.zeros_like(sample)
+        prev = ops.multistep_update(sample, model_output, coeffs, history=self._fused_history,
+                                    write_slot=call.write_slot, read_slots=call.read_slots, state=self._fused_state)
+        self._fused_stored = call.stored
+        self.counter += 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+class IPNDMScheduler(diffusers.IPNDMScheduler):
+    """diffusers' IPNDMScheduler with the fused update (solvers.pndm.ipndm_coeffs): its `ets` are a ring of 4
+    history slots, Adams-Bashforth over the ones stored since set_timesteps."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fused_history, self._fused_stored = None, 0
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, n = self.step_index, min(self._fused_stored + 1, RING)
+        coeffs = ipndm_coeffs(float(self.alphas[i]), float(self.betas[i]), float(self.alphas[i + 1]),
+                              float(self.betas[i + 1]), ADAMS_BASHFORTH[n - 1])
+        sample = _same_dtype(model_output, sample)
+        if self._fused_history is None:
+            self._fused_history = sample.new_empty((RING, *sample.shape))
+        stored = self._fused_stored
+        prev = ops.multistep_update(sample, model_output, coeffs, history=self._fused_history,
+                                    write_slot=stored % RING, read_slots=[(stored - j) % RING for j in range(1, n)])
+        self._fused_stored += 1
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 def _optional_base(name: str):
     """diffusers' class `name`, or None when it needs a package that is missing (DPMSolverSDEScheduler: torchsde)."""
     try:
@@ -809,7 +913,8 @@ FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, DDIMScheduler,
     EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, DDPMScheduler, LCMScheduler, TCDScheduler,
     DPMSolverMultistepInverseScheduler, DDIMInverseScheduler, EulerAncestralDiscreteScheduler, EDMEulerScheduler,
-    HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, FlowMatchHeunDiscreteScheduler)}
+    HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+    LMSDiscreteScheduler, PNDMScheduler, IPNDMScheduler)}
 if _optional_base("DPMSolverSDEScheduler") is not None:
     FUSED["DPMSolverSDEScheduler"] = DPMSolverSDEScheduler
 

@@ -26,6 +26,8 @@ from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
 from ..solvers.ancestral import dpm2_step, dpmpp_2s_ancestral_step, euler_ancestral_step
 from ..solvers.dpm import history_weights, update_terms
+from ..solvers.lms import MAX_ORDER, lms_coeffs, lms_step
+from ..solvers.pndm import ipndm_weights
 from ..solvers.res import er_noise_scaler, er_sde_coeffs, res_multistep_coeffs
 from ..solvers.ve import ancestral_split, churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
 
@@ -286,6 +288,48 @@ def _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_nois
         z = noise_sampler(s[i], s[i + 1]) if draws(s[i + 1], step) else None
         x = loop.ancestral(x, denoised, step, state, z)
     return x
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+    """Linear multistep (solvers.lms): x' = x + sum_j c_j d_{i-j} over the derivatives d = (x - D) / sigma of
+    the last min(i + 1, order) steps (the ring), c_j the exact integrals of the Lagrange basis through their
+    sigmas."""
+    order = checks.integer("order", order, 1, MAX_ORDER)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=MAX_ORDER, strict=order > 1)
+
+    def coeffs_of(i):
+        coeffs, _, reads = lms_step(loop.sigmas, i, "x0", order, i)
+        return coeffs, len(reads)
+
+    return _multistep_history_loop(loop, x, coeffs_of, None, disable)
+
+
+def _ipndm_loop(model, x, sigmas, extra_args, callback, disable, max_order, variable):
+    """iPNDM in sigma (solvers.pndm.ipndm_weights): x' = x + h sum_j c_j d_{i-j}, the derivatives d = (x - D) /
+    sigma of the last min(i + 1, max_order) steps in the ring; into sigma = 0 x' = D."""
+    max_order = checks.integer("max_order", max_order, 1, MAX_ORDER)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=MAX_ORDER, strict=variable)
+
+    def coeffs_of(i):
+        weights = ipndm_weights(loop.sigmas, i, max_order, variable)
+        return lms_coeffs(*DENOISED, loop.sigmas[i], weights), len(weights) - 1
+
+    return _multistep_history_loop(loop, x, coeffs_of, None, disable)
+
+
+@torch.no_grad()
+def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """iPNDM (ComfyUI's sample_ipndm): Adams-Bashforth's fixed weights (1; 3/2, -1/2; 23/12, -16/12, 5/12;
+    55/24, -59/24, 37/24, -9/24) on the derivative history, x' = x + (sigma' - sigma) sum_j c_j d_{i-j}."""
+    return _ipndm_loop(model, x, sigmas, extra_args, callback, disable, max_order, False)
+
+
+@torch.no_grad()
+def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """iPNDM-v (ComfyUI's sample_ipndm_v): iPNDM with the step-size-dependent weights of
+    solvers.pndm.ipndm_v_weights (sigmas must decrease)."""
+    return _ipndm_loop(model, x, sigmas, extra_args, callback, disable, max_order, True)
 
 
 @torch.no_grad()

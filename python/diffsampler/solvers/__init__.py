@@ -23,7 +23,9 @@ from .euler import euler_grid_plan, euler_plan, flow_euler_plan
 from .explicit import explicit_schedule
 from .grid import Grid, continuous_grid
 from .heun import edm_euler_plan, heun_plan
+from .lms import lms_plan
 from .momentum import ghvb_plan, ghvb_steps
+from .pndm import pndm_plan
 from .timeshift import TimeShift
 from .unipc import unipc_plan, unipc_steps
 from .plan import Plan, Step
@@ -94,6 +96,10 @@ SOLVERS: dict[str, SolverSpec] = {
     "ghvb": SolverSpec("generalized heavy-ball momentum (GHVB), order - 1 + beta", {VP: ghvb_plan}, ghvb_steps),
     "euler": SolverSpec("Euler in the VE scale: EulerDiscreteScheduler on VP, Karras' Euler on EDM",
                         {VP: euler_plan, EDM: edm_euler_plan, Grid: euler_grid_plan}),
+    "lms": SolverSpec("linear multistep in sigma, order 1-4: LMSDiscreteScheduler on VP, k-diffusion's sample_lms on "
+                      "EDM", {VP: lms_plan, EDM: lms_plan, Grid: lms_plan}),
+    "pndm": SolverSpec("PNDM (PNDMScheduler): PLMS with skip_prk_steps (steps + 1 model calls), else a pseudo "
+                       "Runge-Kutta warm-up (steps + 9)", {VP: pndm_plan}),
     "heun": SolverSpec("Karras et al.'s Heun (2 model calls per step but the last)", {EDM: heun_plan}),
     "euler_ancestral": SolverSpec("ancestral Euler (eta, s_noise): EulerAncestralDiscreteScheduler on VP, "
                                   "k-diffusion's on EDM, ComfyUI's RF variant on Flow",
@@ -198,4 +204,4 @@ __all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "steps_for_nfe", 
            "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps",
            "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems",
            "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan", "res_multistep_plan",
-           "er_sde_plan", "euler_ancestral_plan", "dpm2_plan", "dpmpp_2s_ancestral_plan"]
+           "er_sde_plan", "euler_ancestral_plan", "dpm2_plan", "dpmpp_2s_ancestral_plan", "lms_plan", "pndm_plan"]
