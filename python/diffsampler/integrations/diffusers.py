@@ -163,6 +163,35 @@ class DPMSolverMultistepInverseScheduler(_DPMSolverMultistep, diffusers.DPMSolve
     _inverse = True
 
 
+class EDMDPMSolverMultistepScheduler(_MultistepMixin, diffusers.EDMDPMSolverMultistepScheduler):
+    """diffusers' EDMDPMSolverMultistepScheduler (DPM-Solver++ in the VE scale, alpha = 1, on EDM's
+    preconditioned x0 = c_skip x + c_out out; karras / exponential sigmas, orders 1-3, midpoint / heun,
+    dpmsolver++ and sde-dpmsolver++ up to order 2, both final sigmas) with the fused update."""
+
+    def _grid(self) -> Grid:
+        return Grid(timesteps=tuple(self.timesteps.tolist()), sigmas=tuple(self.sigmas.double().tolist()), ve=True,
+                    discrete=False)
+
+    def _build_plan(self, start: int):
+        c = self.config
+        if c.algorithm_type == "sde-dpmsolver++" and c.solver_order == 3:
+            raise ValueError(f"{type(self).__name__}: solver_order=3 with algorithm_type='sde-dpmsolver++' has no "
+                             f"third-order update (diffusers' step() fails there); use solver_order <= 2")
+        return dpm_steps(self._grid(), "x0", algorithm=c.algorithm_type, order=c.solver_order,
+                         solver_type=c.solver_type, lower_order_final=c.lower_order_final,
+                         euler_at_final=c.euler_at_final, final_sigma_zero=c.final_sigmas_type == "zero",
+                         start=start, phi3="diffusers",
+                         precondition=lambda sigma: edm_data_coeffs(c.prediction_type, sigma, c.sigma_data))
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        noise = None
+        if self.config.algorithm_type == "sde-dpmsolver++":
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                 dtype=model_output.dtype)
+        prev = self._fused_step(model_output, timestep, sample, noise)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
 class DPMSolverSinglestepScheduler(_MultistepMixin, diffusers.DPMSolverSinglestepScheduler):
     """diffusers' DPMSolverSinglestepScheduler (orders 1-3, midpoint / heun, dpmsolver(++) and SDE) with the
     fused update; a macro step's start sample is the fused op's state."""
@@ -914,7 +943,7 @@ FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, DDPMScheduler, LCMScheduler, TCDScheduler,
     DPMSolverMultistepInverseScheduler, DDIMInverseScheduler, EulerAncestralDiscreteScheduler, EDMEulerScheduler,
     HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
-    LMSDiscreteScheduler, PNDMScheduler, IPNDMScheduler)}
+    LMSDiscreteScheduler, PNDMScheduler, IPNDMScheduler, EDMDPMSolverMultistepScheduler)}
 if _optional_base("DPMSolverSDEScheduler") is not None:
     FUSED["DPMSolverSDEScheduler"] = DPMSolverSDEScheduler
 

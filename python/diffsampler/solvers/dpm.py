@@ -34,7 +34,8 @@ def update_terms(algorithm: str, solver_type: str, order: int, alpha_s, sigma_s,
     phi terms per variant (em = e^{-h} - 1, e2 = 1 - e^{-h_eta}, ep = e^{h} - 1); "heun" and order 3 use the
     exact first-order phi for D1, "midpoint" half of the D0 weight. sde-dpmsolver++ takes the noise scale
     eta (k-diffusion's; 1: the SDE, 0: the ODE): h_eta = (1 + eta) h, a = (sigma_t / sigma_s) e^{-eta h},
-    c = sigma_t sqrt(1 - e^{-2 eta h}).
+    c = sigma_t sqrt(1 - e^{-2 eta h}) (0 for h < 0: EDM's float32 grid ends a rounding below its final
+    sigma_min, a step diffusers' float32 lambdas make of length 0).
 
     The D2 weight of the third-order steps (`phi3`). D2 = (D1_0 - D1_1) / (r0 + r1) estimates h^2 x0''/2, so
     the Taylor expansion of the exponential integrator asks for 2 alpha_t int_0^h w(u) u^2/2 du / h^2, with
@@ -54,7 +55,7 @@ def update_terms(algorithm: str, solver_type: str, order: int, alpha_s, sigma_s,
         h_eta = h + eta * h
         e2 = -math.expm1(-h_eta)
         a, c0 = sigma_t / sigma_s * math.exp(-eta * h), alpha_t * e2
-        c = sigma_t * math.sqrt(-math.expm1(-2.0 * eta * h))
+        c = sigma_t * math.sqrt(max(0.0, -math.expm1(-2.0 * eta * h)))
         if order > 1:
             c1 = 0.5 * c0 if order == 2 and solver_type == "midpoint" else alpha_t * (e2 / (-h_eta) + 1.0)
         if order > 2:
@@ -106,7 +107,7 @@ def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpm
 def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", order: int = 2,
               solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
               final_sigma_zero: bool | None = None, start: int = 0, phi3: str = "k-diffusion",
-              momentum: float | None = None) -> Plan:
+              momentum: float | None = None, precondition=None) -> Plan:
     """The DPM-Solver multistep Plan over any Grid (the drop-in scheduler passes diffusers' own grid); the
     loop starts at step `start` (img2img), where the history is empty. final_sigma_zero (default: the grid
     ends at sigma = 0): the last step is first order, as diffusers' final_sigmas_type="zero".
@@ -114,7 +115,10 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
     momentum = beta: heavy-ball momentum on the second-order steps of DPM-Solver++ 2M (Wizadwongsa et al.
     2023): v = (1 - beta) v + beta D (v = D at the first second-order step), D = D0 + D1 / 2, and
     x_t = (sigma_t / sigma_s) x - alpha_t (e^{-h} - 1) v; v is the fused op's state, first-order steps are
-    unchanged (as the paper's MomentumDPMSolverMultistepScheduler)."""
+    unchanged (as the paper's MomentumDPMSolverMultistepScheduler).
+
+    precondition: sigma -> (p, q) of the data prediction x0 = p x + q out at each grid sigma, in place of
+    `prediction`'s conversion (EDM's x0 = c_skip x + c_out out: solvers.ve.edm_data_coeffs); DPM-Solver++ only."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if final_sigma_zero is None:
@@ -134,6 +138,9 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
             raise ValueError("momentum is defined for DPM-Solver++ 2M (midpoint) only, as in the paper")
         if not 0 < momentum <= 1:
             raise ValueError(f"momentum (beta) must be in (0, 1], got {momentum}")
+    if precondition is not None and not algorithm.endswith("++"):
+        raise ValueError(f"precondition gives a data prediction: algorithm must be 'dpmsolver++' or "
+                         f"'sde-dpmsolver++', got {algorithm!r}")
     convert = data_coeffs if algorithm.endswith("++") else noise_coeffs
     n = len(grid)
     plan = []
@@ -146,7 +153,7 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
             this_order = min(this_order, 2)
         (alpha_s, sigma_s), (alpha_t, sigma_t) = grid.alpha_sigma(i), grid.alpha_sigma(i + 1)
         h = grid.lam(i + 1) - grid.lam(i)
-        p, q = convert(prediction, alpha_s, sigma_s)
+        p, q = precondition(grid.sigmas[i]) if precondition else convert(prediction, alpha_s, sigma_s)
         eps_of = None if algorithm.endswith("++") else (alpha_s, sigma_s)
         write, reads = ring_slots(i, this_order, order)
         undefined = None if h == 0 else grid.repeated(range(i - this_order + 1, i + 1))

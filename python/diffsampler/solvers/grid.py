@@ -16,16 +16,20 @@ FINAL_SIGMAS = ("zero", "sigma_min", "last")
 class Grid:
     """Model times t_0..t_{n-1} and sigma ratios sigma_0..sigma_n (sigma_n: where the last step lands).
 
-    VP: alpha = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha; flow sigmas: alpha = 1 - sigma, sigma_t = sigma.
+    VP: alpha = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha; flow sigmas: alpha = 1 - sigma, sigma_t = sigma;
+    VE (x = x0 + sigma eps, EDM's schedulers): alpha = 1, sigma_t = sigma.
     lambda = log(alpha / sigma_t) (+inf at sigma = 0).
     """
 
     timesteps: tuple
     sigmas: tuple[float, ...]
     flow: bool = False
+    ve: bool = False
     discrete: bool = True  # the model gets integer training timesteps (else float times)
 
     def __post_init__(self):
+        if self.flow and self.ve:
+            raise ValueError("a Grid is VP, flow or VE: flow and ve cannot both be set")
         if len(self.sigmas) != len(self.timesteps) + 1:
             raise ValueError("a Grid has one sigma more than timesteps (the final one)")
 
@@ -47,6 +51,8 @@ class Grid:
 
     def alpha_sigma(self, i: int) -> tuple[float, float]:
         s = self.sigmas[i]
+        if self.ve:
+            return 1.0, s
         return (1.0 - s, s) if self.flow else sigma_to_alpha_sigma(s)
 
     def lam(self, i: int) -> float:
