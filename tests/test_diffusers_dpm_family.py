@@ -7,7 +7,7 @@ import torch
 
 from diffsampler.integrations import diffusers as fused
 from diffsampler.solvers.grid import Grid
-from test_integrations_diffusers import X, both
+from test_integrations_diffusers import X, both, run
 from test_sample import make_model, max_rel
 
 EDM_DPM_CONFIGS = [
@@ -22,6 +22,17 @@ EDM_DPM_CONFIGS = [
     dict(algorithm_type="sde-dpmsolver++", solver_type="heun", sigma_schedule="exponential", solver_order=1),
     dict(algorithm_type="sde-dpmsolver++", final_sigmas_type="sigma_min"),  # the last step goes up a rounding
 ]
+
+
+COSINE_DPM_CONFIGS = [
+    dict(),
+    dict(solver_order=1),
+    dict(solver_type="heun", sigma_schedule="karras"),
+    dict(prediction_type="epsilon", sigma_data=0.5, sigma_max=80.0, sigma_min=0.002, rho=5.0,
+         sigma_schedule="karras"),
+    dict(lower_order_final=False, euler_at_final=True),
+]
+brownian = pytest.mark.filterwarnings("ignore:Should have:UserWarning")  # torchsde: queries a rounding outside
 
 
 def test_ve_grid_has_alpha_one():
@@ -72,7 +83,37 @@ def test_edm_sample_prediction_raises_as_diffusers():
             scheduler.step(X, t, X)
 
 
-@pytest.mark.parametrize("name", ["EDMDPMSolverMultistepScheduler"])
+@brownian
+@pytest.mark.parametrize("config", COSINE_DPM_CONFIGS, ids=str)
+@pytest.mark.parametrize("steps", [7, 20])
+def test_cosine_dpmsolver_multistep(config, steps):
+    pytest.importorskip("torchsde")
+    ours, theirs = both("CosineDPMSolverMultistepScheduler", config, make_model(), X, steps, seed=1, scale_input=True)
+    assert max_rel(ours, theirs) <= 1e-5
+
+
+@brownian
+def test_cosine_dpmsolver_noise_is_the_generators():
+    """Another seed gives another Brownian path: the comparison above sees the noise."""
+    pytest.importorskip("torchsde")
+    results = []
+    for cls, seed in ((fused.CosineDPMSolverMultistepScheduler, 1), (diffusers.CosineDPMSolverMultistepScheduler, 2)):
+        generator = torch.Generator().manual_seed(seed)
+        results.append(run(cls(), make_model(), X, 7, dict(generator=generator), scale_input=True))
+    assert max_rel(*results) > 1e-2
+
+
+@brownian
+def test_cosine_third_order_is_refused():
+    pytest.importorskip("torchsde")
+    scheduler = fused.CosineDPMSolverMultistepScheduler(solver_order=3)
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[0]
+    with pytest.raises(ValueError, match="solver_order <= 2"):
+        scheduler.step(X, t, X)
+
+
+@pytest.mark.parametrize("name", ["EDMDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler"])
 def test_in_fused(name):
     assert fused.FUSED[name] is getattr(fused, name)
     assert issubclass(fused.FUSED[name], getattr(diffusers, name))

@@ -163,31 +163,59 @@ class DPMSolverMultistepInverseScheduler(_DPMSolverMultistep, diffusers.DPMSolve
     _inverse = True
 
 
-class EDMDPMSolverMultistepScheduler(_MultistepMixin, diffusers.EDMDPMSolverMultistepScheduler):
-    """diffusers' EDMDPMSolverMultistepScheduler (DPM-Solver++ in the VE scale, alpha = 1, on EDM's
-    preconditioned x0 = c_skip x + c_out out; karras / exponential sigmas, orders 1-3, midpoint / heun,
-    dpmsolver++ and sde-dpmsolver++ up to order 2, both final sigmas) with the fused update."""
+class _EDMDPMSolver(_MultistepMixin):
+    """step() of diffusers' EDM-preconditioned DPM-Solver++ schedulers: DPM-Solver++ over a VE Grid (alpha = 1,
+    sigma_t = sigma) on the data prediction x0 = c_skip x + c_out out (solvers.ve.edm_data_coeffs)."""
+
+    def _algorithm(self) -> str:
+        return self.config.algorithm_type
 
     def _grid(self) -> Grid:
         return Grid(timesteps=tuple(self.timesteps.tolist()), sigmas=tuple(self.sigmas.double().tolist()), ve=True,
                     discrete=False)
 
     def _build_plan(self, start: int):
-        c = self.config
-        if c.algorithm_type == "sde-dpmsolver++" and c.solver_order == 3:
+        c, algorithm = self.config, self._algorithm()
+        if algorithm == "sde-dpmsolver++" and c.solver_order == 3:
             raise ValueError(f"{type(self).__name__}: solver_order=3 with algorithm_type='sde-dpmsolver++' has no "
                              f"third-order update (diffusers' step() fails there); use solver_order <= 2")
-        return dpm_steps(self._grid(), "x0", algorithm=c.algorithm_type, order=c.solver_order,
-                         solver_type=c.solver_type, lower_order_final=c.lower_order_final,
-                         euler_at_final=c.euler_at_final, final_sigma_zero=c.final_sigmas_type == "zero",
-                         start=start, phi3="diffusers",
+        return dpm_steps(self._grid(), "x0", algorithm=algorithm, order=c.solver_order, solver_type=c.solver_type,
+                         lower_order_final=c.lower_order_final, euler_at_final=c.euler_at_final,
+                         final_sigma_zero=c.final_sigmas_type == "zero", start=start, phi3="diffusers",
                          precondition=lambda sigma: edm_data_coeffs(c.prediction_type, sigma, c.sigma_data))
+
+
+class EDMDPMSolverMultistepScheduler(_EDMDPMSolver, diffusers.EDMDPMSolverMultistepScheduler):
+    """diffusers' EDMDPMSolverMultistepScheduler (karras / exponential sigmas, eps / v, orders 1-3, midpoint /
+    heun, dpmsolver++ and sde-dpmsolver++ up to order 2, both final sigmas, thresholding) with the fused update."""
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         noise = None
         if self.config.algorithm_type == "sde-dpmsolver++":
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                  dtype=model_output.dtype)
+        prev = self._fused_step(model_output, timestep, sample, noise)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+class CosineDPMSolverMultistepScheduler(_EDMDPMSolver, diffusers.CosineDPMSolverMultistepScheduler):
+    """diffusers' CosineDPMSolverMultistepScheduler (Stable Audio: SDE-DPM-Solver++ orders 1-2 on EDM's
+    preconditioning, the model given atan(sigma) 2 / pi) with the fused update; its Brownian-tree noise is
+    diffusers' draws (diffsampler.noise.BrownianTreeNoiseSampler seeded by the generator, queried at the same
+    sigmas). Needs torchsde."""
+
+    def _algorithm(self) -> str:
+        return "sde-dpmsolver++"
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self.noise_sampler is None:
+            seed = None if generator is None else [g.initial_seed() for g in generator] \
+                if isinstance(generator, list) else generator.initial_seed()
+            self.noise_sampler = BrownianTreeNoiseSampler(model_output, self.config.sigma_min, self.config.sigma_max,
+                                                          seed)
+        noise = self.noise_sampler(self.sigmas[self.step_index], self.sigmas[self.step_index + 1])
         prev = self._fused_step(model_output, timestep, sample, noise)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
@@ -943,7 +971,8 @@ FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, DDPMScheduler, LCMScheduler, TCDScheduler,
     DPMSolverMultistepInverseScheduler, DDIMInverseScheduler, EulerAncestralDiscreteScheduler, EDMEulerScheduler,
     HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
-    LMSDiscreteScheduler, PNDMScheduler, IPNDMScheduler, EDMDPMSolverMultistepScheduler)}
+    LMSDiscreteScheduler, PNDMScheduler, IPNDMScheduler, EDMDPMSolverMultistepScheduler,
+    CosineDPMSolverMultistepScheduler)}
 if _optional_base("DPMSolverSDEScheduler") is not None:
     FUSED["DPMSolverSDEScheduler"] = DPMSolverSDEScheduler
 
