@@ -34,6 +34,7 @@ from ..solvers.dpm import dpm_steps, singlestep_steps
 from ..solvers.euler import flow_euler_coeffs
 from ..solvers.grid import Grid
 from ..solvers.lms import MAX_ORDER as LMS_MAX_ORDER, lms_step
+from ..solvers.sa_solver import sa_steps
 from ..solvers.pndm import ADAMS_BASHFORTH, RING, ipndm_coeffs, pndm_call, pndm_coeffs
 from ..solvers.unipc import unipc_steps
 from ..solvers.ve import (ancestral_split, churn, dpmpp_sde_coeffs, edm_data_coeffs, euler_coeffs, heun_coeffs,
@@ -273,6 +274,31 @@ class DEISMultistepScheduler(_MultistepMixin, diffusers.DEISMultistepScheduler):
 
     def step(self, model_output, timestep, sample, return_dict=True):
         prev = self._fused_step(model_output, timestep, sample)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+class SASolverScheduler(_MultistepMixin, diffusers.SASolverScheduler):
+    """diffusers' SASolverScheduler (predictor / corrector orders 1-4, tau_func, data_prediction /
+    noise_prediction, every sigma spacing) with the predictor and the corrector in one fused call per step
+    (solvers.sa_solver). Thresholding acts on x0 with noise_prediction too (diffusers' step() fails there)."""
+
+    def _build_plan(self, start: int):
+        c = self.config
+        prediction = _prediction(c)
+        if c.algorithm_type == "noise_prediction" and prediction == "flow":
+            raise ValueError("prediction_type 'flow_prediction' needs algorithm_type='data_prediction'")
+        taus = [float(self.tau_func(t)) for t in self.timesteps]
+        return sa_steps(self._grid(), prediction, taus, predictor_order=c.predictor_order,
+                        corrector_order=c.corrector_order, predict_x0=self.predict_x0,
+                        lower_order_final=c.lower_order_final, start=start)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        c = self.config
+        if c.variance_type in ("learned", "learned_range") and c.prediction_type == "epsilon":
+            model_output = model_output[:, :3]
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                             dtype=model_output.dtype)
+        prev = self._fused_step(model_output, timestep, sample, noise)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
@@ -972,7 +998,7 @@ FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     DPMSolverMultistepInverseScheduler, DDIMInverseScheduler, EulerAncestralDiscreteScheduler, EDMEulerScheduler,
     HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
     LMSDiscreteScheduler, PNDMScheduler, IPNDMScheduler, EDMDPMSolverMultistepScheduler,
-    CosineDPMSolverMultistepScheduler)}
+    CosineDPMSolverMultistepScheduler, SASolverScheduler)}
 if _optional_base("DPMSolverSDEScheduler") is not None:
     FUSED["DPMSolverSDEScheduler"] = DPMSolverSDEScheduler
 
