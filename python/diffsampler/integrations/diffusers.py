@@ -288,7 +288,7 @@ class SASolverScheduler(_MultistepMixin, diffusers.SASolverScheduler):
         if c.algorithm_type == "noise_prediction" and prediction == "flow":
             raise ValueError("prediction_type 'flow_prediction' needs algorithm_type='data_prediction'")
         taus = [float(self.tau_func(t)) for t in self.timesteps]
-        return sa_steps(self._grid(), prediction, taus, predictor_order=c.predictor_order,
+        return sa_steps(self._grid(), prediction, tau=taus, predictor_order=c.predictor_order,
                         corrector_order=c.corrector_order, predict_x0=self.predict_x0,
                         lower_order_final=c.lower_order_final, start=start)
 

@@ -30,6 +30,7 @@ from .timeshift import TimeShift
 from .unipc import unipc_plan, unipc_steps
 from .plan import Plan, Step
 from .res import er_sde_plan, res_multistep_plan
+from .sa_solver import sa_plan, sa_steps
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ SOLVERS: dict[str, SolverSpec] = {
                         {VP: unipc_plan}, unipc_steps),
     "deis": SolverSpec("DEIS log-rho multistep (DEISMultistepScheduler); ends at a sigma > 0", {VP: deis_plan},
                        deis_steps, grid_final="eps"),
+    "sa_solver": SolverSpec("SA-Solver stochastic Adams predictor-corrector (SASolverScheduler), tau: the "
+                            "stochasticity (0: the ODE); ends at a sigma > 0", {VP: sa_plan}, sa_steps,
+                            grid_final="eps"),
     "ghvb": SolverSpec("generalized heavy-ball momentum (GHVB), order - 1 + beta", {VP: ghvb_plan}, ghvb_steps),
     "euler": SolverSpec("Euler in the VE scale: EulerDiscreteScheduler on VP, Karras' Euler on EDM",
                         {VP: euler_plan, EDM: edm_euler_plan, Grid: euler_grid_plan}),
@@ -204,4 +208,5 @@ __all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "steps_for_nfe", 
            "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps",
            "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems",
            "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan", "res_multistep_plan",
-           "er_sde_plan", "euler_ancestral_plan", "dpm2_plan", "dpmpp_2s_ancestral_plan", "lms_plan", "pndm_plan"]
+           "er_sde_plan", "euler_ancestral_plan", "dpm2_plan", "dpmpp_2s_ancestral_plan", "lms_plan", "pndm_plan",
+           "sa_plan", "sa_steps"]

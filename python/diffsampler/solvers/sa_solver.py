@@ -25,7 +25,8 @@ import numpy as np
 
 from ..models import data_coeffs, noise_coeffs
 from ..ops import StateRow, UpdateCoeffs
-from .grid import Grid
+from ..schedules import VP
+from .grid import Grid, multistep_grid
 from .plan import Plan, Step
 
 MAX_ORDER = 4
@@ -70,10 +71,21 @@ def sa_update(grid: Grid, s: int, t: int, nodes: list[int], tau: float, predict_
     return a, dict(zip(nodes, weights)), noise
 
 
-def sa_steps(grid: Grid, prediction: str, taus, *, predictor_order: int = 2, corrector_order: int = 2,
+def sa_plan(schedule: VP, steps: int, prediction: str, *, tau: float = 1.0, predictor_order: int = 2,
+            corrector_order: int = 2, predict_x0: bool = True, lower_order_final: bool = True,
+            timestep_spacing: str = "linspace", steps_offset: int = 0, sigmas: str = "default") -> Plan:
+    """The SA-Solver Plan on a VP schedule, diffusers' SASolverScheduler grid: the last step lands on the smallest
+    training sigma (default sigmas) or stays at the grid's last sigma (the other spacings)."""
+    grid = multistep_grid(schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+                          sigmas=sigmas, final_sigmas_type="sigma_min" if sigmas == "default" else "last")
+    return sa_steps(grid, prediction, tau=tau, predictor_order=predictor_order, corrector_order=corrector_order,
+                    predict_x0=predict_x0, lower_order_final=lower_order_final)
+
+
+def sa_steps(grid: Grid, prediction: str, *, tau=1.0, predictor_order: int = 2, corrector_order: int = 2,
              predict_x0: bool = True, lower_order_final: bool = True, start: int = 0) -> Plan:
-    """The SA-Solver Plan over any Grid (the drop-in passes diffusers' own), taus: each step's tau; the loop
-    starts at step `start` (img2img). Orders warm up as diffusers': the predictor of step i interpolates
+    """The SA-Solver Plan over any Grid (the drop-in passes diffusers' own); tau: a constant >= 0 or one per step
+    (diffusers' tau_func at each timestep); the loop starts at step `start` (img2img). Orders warm up as diffusers': the predictor of step i interpolates
     min(predictor_order, i - start + 1) predictions, the corrector of step i + 1 min(corrector_order,
     i - start + 2) (capped at max(predictor_order, corrector_order - 1) + 1), and with lower_order_final the
     last steps lower them to the steps left."""
@@ -81,8 +93,12 @@ def sa_steps(grid: Grid, prediction: str, taus, *, predictor_order: int = 2, cor
         if order not in range(1, MAX_ORDER + 1):
             raise ValueError(f"{name} must be 1, 2, 3 or 4, got {order}")
     n = len(grid)
-    if len(taus) != n:
-        raise ValueError(f"taus must have one tau per step ({n}), got {len(taus)}")
+    taus = [float(tau)] * n if isinstance(tau, (int, float)) else [float(v) for v in tau]
+    if len(taus) != n or min(taus) < 0:
+        raise ValueError(f"tau must be a number >= 0 or one per step ({n}), got {tau!r}")
+    if grid.sigmas[-1] == 0:
+        raise ValueError("sa_solver's exponential integrals need a final sigma > 0: give the grid a final sigma > 0 "
+                         "(on VPContinuous final='eps')")
     convert = data_coeffs if predict_x0 else noise_coeffs
     slots, cap = max(predictor_order, corrector_order), max(predictor_order, corrector_order - 1)
     plan, corrector = [], None  # corrector: (order, tau) of the next step's corrector
@@ -92,12 +108,12 @@ def sa_steps(grid: Grid, prediction: str, taus, *, predictor_order: int = 2, cor
         p_nodes = list(range(i, i - p_order, -1))
         c_nodes = list(range(i, i - corrector[0], -1)) if corrector and i > start else []
         undefined = grid.repeated(p_nodes) or (c_nodes and grid.repeated(c_nodes))
-        tau = float(taus[i])
+        tau_i = taus[i]
         if undefined:
             plan.append(Step(t=t, coeffs=None, write_slot=i % slots, undefined=undefined))
             corrector = None
             continue
-        a, p_w, noise = sa_update(grid, i, i + 1, p_nodes, tau, predict_x0)
+        a, p_w, noise = sa_update(grid, i, i + 1, p_nodes, tau_i, predict_x0)
         c_w = sa_update(grid, i - 1, i, c_nodes, corrector[1], predict_x0)[1] if c_nodes else {}
         weights = {j: a * c_w.get(j, 0.0) + p_w.get(j, 0.0) for j in set(c_w) | set(p_w)}
         reads = sorted((j for j in weights if j != i), reverse=True)
@@ -112,6 +128,6 @@ def sa_steps(grid: Grid, prediction: str, taus, *, predictor_order: int = 2, cor
             coeffs = UpdateCoeffs(p=p, q=q, a=a, b=b, c=noise, state=state, eps_of=eps_of)
         plan.append(Step(t=t, coeffs=coeffs, write_slot=i % slots, read_slots=tuple(j % slots for j in reads)))
         c_order = min(corrector_order, n - i + 1) if lower_order_final else corrector_order
-        corrector = (min(c_order, warm + 2), tau)
+        corrector = (min(c_order, warm + 2), tau_i)
     return Plan(steps=tuple(plan), history_slots=slots, discrete_time=grid.discrete, data_prediction=predict_x0,
                 uses_state=True)
