@@ -87,10 +87,12 @@ class _MultistepMixin:
                           f"{self.num_inference_steps} with {config} repeats a sigma: use fewer steps or another "
                           f"timestep_spacing")
 
+    _ve = False  # the scheduler's sigmas are VE noise levels, alpha = 1 (EDM's schedulers)
+
     def _grid(self) -> Grid:
         flow = bool(getattr(self.config, "use_flow_sigmas", False))
         return Grid(timesteps=tuple(self.timesteps.tolist()), sigmas=tuple(self.sigmas.double().tolist()),
-                    flow=flow)
+                    flow=flow, ve=self._ve, discrete=not self._ve)
 
     def _fused_step(self, model_output, timestep, sample, noise=None):
         if self.num_inference_steps is None:
@@ -168,12 +170,10 @@ class _EDMDPMSolver(_MultistepMixin):
     """step() of diffusers' EDM-preconditioned DPM-Solver++ schedulers: DPM-Solver++ over a VE Grid (alpha = 1,
     sigma_t = sigma) on the data prediction x0 = c_skip x + c_out out (solvers.ve.edm_data_coeffs)."""
 
+    _ve = True
+
     def _algorithm(self) -> str:
         return self.config.algorithm_type
-
-    def _grid(self) -> Grid:
-        return Grid(timesteps=tuple(self.timesteps.tolist()), sigmas=tuple(self.sigmas.double().tolist()), ve=True,
-                    discrete=False)
 
     def _build_plan(self, start: int):
         c, algorithm = self.config, self._algorithm()
