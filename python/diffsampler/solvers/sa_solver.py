@@ -85,10 +85,10 @@ def sa_plan(schedule: VP, steps: int, prediction: str, *, tau: float = 1.0, pred
 def sa_steps(grid: Grid, prediction: str, *, tau=1.0, predictor_order: int = 2, corrector_order: int = 2,
              predict_x0: bool = True, lower_order_final: bool = True, start: int = 0) -> Plan:
     """The SA-Solver Plan over any Grid (the drop-in passes diffusers' own); tau: a constant >= 0 or one per step
-    (diffusers' tau_func at each timestep); the loop starts at step `start` (img2img). Orders warm up as diffusers': the predictor of step i interpolates
-    min(predictor_order, i - start + 1) predictions, the corrector of step i + 1 min(corrector_order,
-    i - start + 2) (capped at max(predictor_order, corrector_order - 1) + 1), and with lower_order_final the
-    last steps lower them to the steps left."""
+    (diffusers' tau_func at each timestep); the loop starts at step `start` (img2img). Orders warm up as
+    diffusers': with w = min(i - start, max(predictor_order, corrector_order - 1)), the predictor of step i
+    interpolates min(predictor_order, w + 1) predictions and the corrector of step i + 1 min(corrector_order,
+    w + 2); lower_order_final lowers them to the steps left."""
     for name, order in (("predictor_order", predictor_order), ("corrector_order", corrector_order)):
         if order not in range(1, MAX_ORDER + 1):
             raise ValueError(f"{name} must be 1, 2, 3 or 4, got {order}")
@@ -120,7 +120,9 @@ def sa_steps(grid: Grid, prediction: str, *, tau=1.0, predictor_order: int = 2, 
         b = (weights[i],) + tuple(weights[j] for j in reads)
         p, q = convert(prediction, *grid.alpha_sigma(i))
         eps_of = None if predict_x0 else grid.alpha_sigma(i)
-        if c_nodes:  # x_c = state + sum_j c_w[j] m_j;  x' = a x_c + sum_j p_w[j] m_j + noise z;  state' = a x_c + noise z
+        # x_c = state + sum_j c_w[j] m_j (x without a corrector), x' = a x_c + sum_j p_w[j] m_j + noise z,
+        # state' = a x_c + noise z
+        if c_nodes:
             state = StateRow(a=0.0, b=tuple(a * c_w.get(j, 0.0) for j in [i, *reads]), c=noise, g=a)
             coeffs = UpdateCoeffs(p=p, q=q, a=0.0, b=b, c=noise, g=a, state=state, eps_of=eps_of)
         else:
