@@ -104,6 +104,19 @@ def test_cosine_dpmsolver_noise_is_the_generators():
 
 
 @brownian
+def test_cosine_final_sigma_min_is_refused():
+    """diffusers' step() queries its Brownian tree below sigma_min on the last step there (RecursionError)."""
+    pytest.importorskip("torchsde")
+    with pytest.raises(RecursionError):
+        run(diffusers.CosineDPMSolverMultistepScheduler(final_sigmas_type="sigma_min"), make_model(), X, 5,
+            dict(generator=torch.Generator().manual_seed(1)), scale_input=True)
+    scheduler = fused.CosineDPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
+    scheduler.set_timesteps(5)
+    with pytest.raises(ValueError, match="final_sigmas_type='zero'"):
+        scheduler.step(X, scheduler.timesteps[0], X)
+
+
+@brownian
 def test_cosine_third_order_is_refused():
     pytest.importorskip("torchsde")
     scheduler = fused.CosineDPMSolverMultistepScheduler(solver_order=3)

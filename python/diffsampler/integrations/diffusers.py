@@ -203,12 +203,16 @@ class CosineDPMSolverMultistepScheduler(_EDMDPMSolver, diffusers.CosineDPMSolver
     """diffusers' CosineDPMSolverMultistepScheduler (Stable Audio: SDE-DPM-Solver++ orders 1-2 on EDM's
     preconditioning, the model given atan(sigma) 2 / pi) with the fused update; its Brownian-tree noise is
     diffusers' draws (diffsampler.noise.BrownianTreeNoiseSampler seeded by the generator, queried at the same
-    sigmas). Needs torchsde."""
+    sigmas). Needs torchsde. final_sigmas_type="sigma_min" is refused (diffusers' step() fails there)."""
 
     def _algorithm(self) -> str:
         return "sde-dpmsolver++"
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        if self.config.final_sigmas_type == "sigma_min":
+            raise ValueError(f"{type(self).__name__}: final_sigmas_type='sigma_min' is not supported: the last step "
+                             f"queries the Brownian tree below its sigma_min (diffusers' step() recurses without end "
+                             f"in torchsde there); use final_sigmas_type='zero'")
         if self.step_index is None:
             self._init_step_index(timestep)
         if self.noise_sampler is None:
