@@ -29,6 +29,7 @@ from ..solvers.dpm import history_weights, update_terms
 from ..solvers.lms import MAX_ORDER, lms_coeffs, lms_step
 from ..solvers.pndm import ipndm_weights
 from ..solvers.res import er_noise_scaler, er_sde_coeffs, res_multistep_coeffs
+from ..solvers.restart import intervals, restart_calls
 from ..solvers.ve import ancestral_split, churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
 
 DENOISED = (0.0, 1.0)  # (p, q): the model output is the data prediction itself
@@ -448,3 +449,37 @@ def sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args=None, callback=Non
     step_of = lambda sigma, nxt: dpmpp_2s_ancestral_step(_denoised, sigma, nxt, eta, s_noise, flow=True)
     return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
                            lambda nxt, step: nxt > 0 and eta > 0, flow=True)
+
+
+@torch.no_grad()
+def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, restart_list=None):
+    """Restart sampling (solvers.restart), as its authors' restart_sampler: Heun steps, and at each restart point
+    t_min a jump back to t_max with fresh noise (torch.randn_like, drawn where they draw it), K times;
+    restart_list {t_min: [n, K, t_max]}, None: their default for >= 20 steps."""
+    checks.real("s_noise", s_noise, "[0, inf)")
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
+    pairs = intervals(loop.sigmas, restart_list)
+    calls = restart_calls(pairs, lambda s: DENOISED, s_noise)
+    state = torch.zeros_like(x)
+    interval = 0
+    for sigma, coeffs, write, reads in _progress(calls, disable):
+        denoised = loop.model(x, sigma * loop.s_in, **loop.extra_args)
+        if write == 0:  # the first call of an interval: the authors' callback
+            if loop.callback is not None:
+                loop.callback({"x": x, "i": interval, "sigma": pairs[interval][1], "sigma_hat": sigma,
+                               "denoised": denoised})
+            interval += 1
+        noise = torch.randn_like(x) if coeffs.c else None
+        x = ops.multistep_update(x, denoised, coeffs, history=loop.history, write_slot=write, read_slots=reads,
+                                 noise=noise, state=state)
+    return x
+
+
+def _progress(items, disable):
+    if disable:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, disable=disable)

@@ -30,6 +30,7 @@ from .timeshift import TimeShift
 from .unipc import unipc_plan, unipc_steps
 from .plan import Plan, Step
 from .res import er_sde_plan, res_multistep_plan
+from .restart import restart_plan
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,8 @@ SOLVERS: dict[str, SolverSpec] = {
                                 "eta > 0: its ancestral variant", {VP: res_multistep_plan, EDM: res_multistep_plan, Grid: res_multistep_plan}),
     "er_sde": SolverSpec("ER-SDE-Solver-3 (extended reverse-time SDE, ComfyUI's er_sde); on Flow its CONST form",
                          {VP: er_sde_plan, EDM: er_sde_plan, Flow: er_sde_plan, Grid: er_sde_plan}),
+    "restart": SolverSpec("Restart sampling (Heun with re-noising jumps t_min -> t_max, K times), its authors' "
+                          "default restart for >= 20 steps", {EDM: restart_plan}),
     "dpmv3": SolverSpec("DPM-Solver-v3: needs ems (fit_ems or EMS.constant); ends at sigma_min / eps",
                         {VP: dpmv3_plan}, dpmv3_steps, grid_final="eps"),
 }
@@ -204,4 +207,5 @@ __all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "steps_for_nfe", 
            "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps",
            "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems",
            "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan", "res_multistep_plan",
-           "er_sde_plan", "euler_ancestral_plan", "dpm2_plan", "dpmpp_2s_ancestral_plan", "lms_plan", "pndm_plan"]
+           "er_sde_plan", "euler_ancestral_plan", "dpm2_plan", "dpmpp_2s_ancestral_plan", "lms_plan", "pndm_plan",
+           "restart_plan"]
