@@ -24,8 +24,9 @@ from diffsampler.bench import cli
 from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.bench.plots import pyplot, save
 
-SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "euler", "res_multistep", "dpm_2", "dpmpp_2m_sde",
+SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "euler", "lms", "pndm", "res_multistep", "dpm_2", "dpmpp_2m_sde",
            "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "lcm", "tcd")
+STOCHASTIC = ("dpmpp_2m_sde", "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "lcm", "tcd")
 NFES = (5, 10, 20)
 REFERENCE = ("dpmpp_2m", 100)
 OPTIONS = dict(timestep_spacing="trailing")  # one grid for every solver, starting at the last training timestep
@@ -63,10 +64,12 @@ def _plot(rows: list[dict], grid: torch.Tensor, path: Path) -> None:
     from matplotlib.ticker import NullLocator
 
     fig, (ax, img) = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw=dict(width_ratios=(1.4, 1)))
-    for solver in SOLVERS:
+    for k, solver in enumerate(SOLVERS):  # one colour each (tab20), dashed for the stochastic ones
         mine = [r for r in rows if r["solver"] == solver and r["nfe"] in NFES]
+        stochastic = solver in STOCHASTIC
         ax.errorbar([r["nfe"] for r in mine], [r["fd_mean"] for r in mine], yerr=[r["fd_std"] for r in mine],
-                    marker="o", capsize=3, label=solver)
+                    marker="os^vD<>"[k % 7], capsize=3, label=solver, color=plt.cm.tab20(k % 20),
+                    linestyle="--" if stochastic else "-")
     for r, style in zip(rows[-2:], (":", "--")):
         label = "data (train vs held-out)" if r["solver"] == "data" else f"{r['solver']}, NFE {r['nfe']}"
         ax.axhline(r["fd_mean"], color="gray", linestyle=style, label=label)
@@ -77,7 +80,7 @@ def _plot(rows: list[dict], grid: torch.Tensor, path: Path) -> None:
     ax.set_xlabel("NFE")
     ax.set_ylabel("FD to held-out digits (classifier features)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     img.imshow(grid, cmap="gray_r", vmin=-1, vmax=1)
     img.set_title(f"{REFERENCE[0]}, NFE 10", fontsize=9)
     img.axis("off")

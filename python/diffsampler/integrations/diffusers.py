@@ -923,9 +923,24 @@ if _optional_base("DPMSolverSDEScheduler") is not None:
 DENOISERS = ("unet", "transformer")
 
 
+def unfused_reason(name: str, config) -> str | None:
+    """Why diffusers' scheduler `name` with `config` keeps its own step() (None: the drop-in fuses it)."""
+    c = config
+    pred, alg = c.get("prediction_type"), c.get("algorithm_type", "")
+    if name == "DDPMScheduler" and c.get("variance_type") == "fixed_large_log":
+        return "variance_type='fixed_large_log' (diffusers' step() returns NaN there: sqrt of log(beta_t) < 0)"
+    if name == "DPMSolverMultistepInverseScheduler" and alg.startswith("sde"):
+        return f"algorithm_type={alg!r} (an SDE step from data to noise: diffusers' step() returns NaN there)"
+    if name in ("EulerAncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                "DPMSolverSDEScheduler") and pred == "sample":
+        return "prediction_type='sample' (diffusers' step() does not implement it either)"
+    return None
+
+
 def accelerate(pipe, verbose: bool = True, cuda_graph: bool = False):
     """Replace `pipe.scheduler` by its fused drop-in (same config); returns the new scheduler, or the old one
-    (with a message) when there is none for its class.
+    (with a message) when there is none for its class or its config is one the drop-in does not fuse
+    (unfused_reason, named in the message).
 
     With cuda_graph=True the denoiser's forward (`pipe.unet`, else `pipe.transformer`) is also captured in a
     CUDA graph per input shape and replayed at every step (graphs.CapturedForward; the pipeline's code is
@@ -942,6 +957,9 @@ def accelerate(pipe, verbose: bool = True, cuda_graph: bool = False):
     if type(old) in FUSED.values():
         message = f"diffsampler: {name} is already the fused scheduler"
         new = old
+    elif name in FUSED and unfused_reason(name, old.config):
+        new = old
+        message = f"diffsampler: {name} kept (not fused): {unfused_reason(name, old.config)}"
     elif name in FUSED:
         new = FUSED[name].from_config(old.config)
         pipe.scheduler = new
