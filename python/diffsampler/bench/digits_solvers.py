@@ -23,9 +23,10 @@ from diffsampler import digits
 from diffsampler.bench import cli
 from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.bench.plots import pyplot, save
+from diffsampler.bench.quality import AS_USED
 
-SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "euler", "lms", "pndm", "res_multistep", "dpm_2", "dpmpp_2m_sde",
-           "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "lcm", "tcd")
+SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "euler", "lms", "pndm", "res_multistep", "dpm_2",
+           "dpmpp_2m_sde", "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "lcm", "tcd")
 STOCHASTIC = ("dpmpp_2m_sde", "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "lcm", "tcd")
 NFES = (5, 10, 20)
 REFERENCE = ("dpmpp_2m", 100)
@@ -36,6 +37,7 @@ def sample_digits(model: digits.Denoiser, solver: str, nfe: int, n: int, seed: i
     """n digits (n, 64) from `solver` with `nfe` model calls, x_T drawn from `seed`."""
     x_T = torch.randn(n, digits.PIXELS, generator=torch.Generator().manual_seed(seed))
     options = OPTIONS if "timestep_spacing" in ds.solvers.SOLVERS[solver].options() else {}
+    options = {**options, **AS_USED.get(solver, {})}
     steps = ds.solvers.steps_for_nfe(solver, model.schedule, nfe, model.prediction, **options)
     with torch.no_grad():
         return ds.sample(model, x_T, steps=steps, solver=solver, schedule=model.schedule,

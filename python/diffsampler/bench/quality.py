@@ -174,6 +174,7 @@ def dpmv3_comparison(target: GaussianMixture, nfes=(5, 10, 20), n: int = 512, fi
 
 
 CATALOGUE_NFES = (5, 10, 20)
+AS_USED = {"pndm": {"skip_prk_steps": True}}  # the options pipelines ship with (Stable Diffusion 1.x's PNDM config)
 
 
 def catalogue_solvers() -> list[str]:
@@ -194,6 +195,7 @@ def catalogue(target: GaussianMixture, nfes=CATALOGUE_NFES, n: int = 512, seed: 
     rows = []
     for solver in catalogue_solvers():
         options = {"timestep_spacing": "trailing"} if "timestep_spacing" in ds.solvers.SOLVERS[solver].options() else {}
+        options.update(AS_USED.get(solver, {}))
         row = dict(solver=solver, nfes=list(nfes), steps=[], ode_error=[], sliced_w2=[], options=options)
         for nfe in nfes:
             steps = ds.solvers.steps_for_nfe(solver, schedule, nfe, "eps", **options)

@@ -407,24 +407,31 @@ class DDIMInverseScheduler(diffusers.DDIMInverseScheduler):
         return diffusers.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
+def _churned_start(sched, timestep, model_output, sample, s_churn, s_tmin, s_tmax, s_noise, generator):
+    """(sample, sigma, sigma_hat) at the start of an Euler-type step: diffusers' integer-index check, the step
+    index, and Karras' churn (noise added before the conversion, a separate pass, as in diffusers)."""
+    if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+        raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                         f"`{type(sched).__bases__[-1].__name__}.step()` is not supported. Make sure to pass one of "
+                         f"the `scheduler.timesteps` as a timestep.")
+    if sched.step_index is None:
+        sched._init_step_index(timestep)
+    sigma = float(sched.sigmas[sched.step_index])
+    sigma_hat, weight = churn(sigma, len(sched.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise)
+    sample = _same_dtype(model_output, sample)
+    if weight:
+        sample = sample + randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                                       generator=generator) * weight
+    return sample, sigma, sigma_hat
+
+
 class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
     """diffusers' EulerDiscreteScheduler (eps / x0 / v, every sigma spacing, s_churn) with the fused update."""
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                             "`EulerDiscreteScheduler.step()` is not supported. Make sure to pass one of the "
-                             "`scheduler.timesteps` as a timestep.")
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma = float(self.sigmas[self.step_index])
-        sigma_hat, weight = churn(sigma, len(self.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise)
-        sample = _same_dtype(model_output, sample)
-        if weight:  # churn: noise added before the conversion (a separate pass, as in diffusers)
-            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                                 generator=generator)
-            sample = sample + noise * weight
+        sample, sigma, sigma_hat = _churned_start(self, timestep, model_output, sample, s_churn, s_tmin, s_tmax,
+                                                  s_noise, generator)
         pred = _prediction(self.config)
         if pred not in ("eps", "x0", "v"):
             raise ValueError(f"prediction_type {self.config.prediction_type!r} is not supported by Euler")
@@ -670,18 +677,8 @@ class EDMEulerScheduler(diffusers.EDMEulerScheduler):
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True, pred_original_sample=None):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                             "`EDMEulerScheduler.step()` is not supported. Make sure to pass one of the "
-                             "`scheduler.timesteps` as a timestep.")
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma = float(self.sigmas[self.step_index])
-        sigma_hat, weight = churn(sigma, len(self.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise)
-        sample = _same_dtype(model_output, sample)
-        if weight:  # churn: noise added before the conversion (a separate pass, as in diffusers)
-            sample = sample + randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                                           generator=generator) * weight
+        sample, sigma, sigma_hat = _churned_start(self, timestep, model_output, sample, s_churn, s_tmin, s_tmax,
+                                                  s_noise, generator)
         if pred_original_sample is None:
             out, (p, q) = model_output, edm_data_coeffs(self.config.prediction_type, sigma_hat, self.config.sigma_data)
         else:
