@@ -24,13 +24,13 @@ from .. import checks, ops
 from ..noise import BrownianTreeNoiseSampler, sde_noise_sampler  # noqa: F401 (k-diffusion's name, re-exported)
 from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
-from ..solvers.ancestral import dpm2_step, dpmpp_2s_ancestral_step, euler_ancestral_step
+from ..solvers.ancestral import dpm2_ancestral_step, dpm2_step, dpmpp_2s_ancestral_step, euler_ancestral_step
 from ..solvers.dpm import history_weights, update_terms
 from ..solvers.lms import MAX_ORDER, lms_coeffs, lms_step
 from ..solvers.pndm import ipndm_weights
 from ..solvers.res import er_noise_scaler, er_sde_coeffs, res_multistep_coeffs
 from ..solvers.restart import intervals, restart_calls
-from ..solvers.ve import ancestral_split, churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
+from ..solvers.ve import churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
 
 DENOISED = (0.0, 1.0)  # (p, q): the model output is the data prediction itself
 
@@ -424,11 +424,19 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
                            noise_sampler=None):
     """Ancestral DPM-2: the DPM-2 step to sigma_down, then + s_noise sigma_up z (no noise where sigma_down = 0,
     an Euler step there, as k-diffusion)."""
-    def step_of(sigma, nxt):
-        down, up = ancestral_split(sigma, nxt, eta)
-        return dpm2_step(_denoised, sigma, down, noise=s_noise * up)
+    step_of = lambda sigma, nxt: dpm2_ancestral_step(_denoised, sigma, nxt, eta, s_noise)
     return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
                            lambda nxt, step: not isinstance(step, UpdateCoeffs))
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                              noise_sampler=None):
+    """ComfyUI's flow (CONST) ancestral DPM-2: the DPM-2 step to sigma_down, then x' = k x + s_noise w z
+    (solvers.ancestral.dpm2_ancestral_step); z drawn wherever the step is not the Euler one, as ComfyUI."""
+    step_of = lambda sigma, nxt: dpm2_ancestral_step(_denoised, sigma, nxt, eta, s_noise, flow=True)
+    return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
+                           lambda nxt, step: not isinstance(step, UpdateCoeffs), flow=True)
 
 
 @torch.no_grad()

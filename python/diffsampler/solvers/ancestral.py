@@ -16,6 +16,7 @@ Euler step in sigma has the same form (d = (x - D) / sigma is the velocity eps -
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -24,7 +25,7 @@ from ..ops import UpdateCoeffs
 from ..schedules import EDM, Flow, sigma_to_t
 from .ve_grid import vp_ve_grid
 from .plan import Plan, Step
-from .ve import KEEP_START, ancestral_split, euler_coeffs, ve_data_coeffs
+from .ve import KEEP_START, ancestral_split, euler_coeffs, scaled_result, ve_data_coeffs
 
 
 def log_midpoint(sigma: float, sigma_to: float) -> float:
@@ -97,6 +98,22 @@ def dpm2_step(convert, sigma: float, sigma_to: float, noise: float = 0.0) -> Upd
         return euler_coeffs(p, q, sigma, 0.0)
     mid = log_midpoint(sigma, sigma_to)
     return (mid, *dpm2_coeffs(p, q, *convert(mid), sigma, mid, sigma_to, noise=noise))
+
+
+def dpm2_ancestral_step(convert, sigma: float, sigma_next: float, eta: float, s_noise: float,
+                        flow: bool = False) -> UpdateCoeffs | TwoCalls:
+    """An ancestral DPM-2 step: k-diffusion's (the DPM-2 step to sigma_down, + s_noise sigma_up z) or ComfyUI's RF
+    one (the DPM-2 step to sigma_down, then x' = k x + s_noise w z, rf_ancestral_split); the Euler step where
+    sigma_down = 0, without noise."""
+    if not flow:
+        down, up = ancestral_split(sigma, sigma_next, eta)
+        return dpm2_step(convert, sigma, down, noise=s_noise * up)
+    down, k, w = rf_ancestral_split(sigma, sigma_next, eta) if sigma_next > 0 else (0.0, 1.0, 0.0)
+    step = dpm2_step(convert, sigma, down)
+    if down == 0:
+        return step
+    mid, first, second = step
+    return mid, first, dataclasses.replace(scaled_result(second, k), c=s_noise * w)
 
 
 def dpmpp_2s_ancestral_step(convert, sigma: float, sigma_next: float, eta: float, s_noise: float,
