@@ -20,7 +20,7 @@ from .consistency import lcm_plan, tcd_plan
 from .dpm import dpm_plan, dpm_steps, flow_dpm_plan
 from .dpmv3 import EMS, dpmv3_plan, dpmv3_steps, fit_ems
 from .euler import euler_grid_plan, euler_plan, flow_euler_plan
-from .explicit import explicit_schedule
+from .explicit import ExplicitVP, explicit_schedule, vp_grid
 from .grid import Grid, continuous_grid
 from .heun import edm_euler_plan, heun_plan
 from .lms import lms_plan
@@ -41,6 +41,8 @@ class SolverSpec:
     grid_steps: builder(grid, prediction, **options) over a continuous_grid, for VPContinuous schedules (None:
         the solver does not run on them); grid_final: where that grid ends ("zero": sigma = 0, "eps": t = eps).
     presets: options every builder of the name gets (keyword arguments of sample() override them).
+    explicit_vp: the VP builder reads a sigmas= list (an ExplicitVP schedule); else such a list runs on the
+        Grid builders.
     """
 
     about: str
@@ -48,6 +50,7 @@ class SolverSpec:
     grid_steps: Callable[..., Plan] | None = None
     grid_final: str = "zero"
     presets: Mapping[str, object] = field(default_factory=dict)
+    explicit_vp: bool = False  # its VP builder takes sigmas= lists itself (solvers.explicit.ExplicitVP)
 
     @property
     def schedules(self) -> tuple[type, ...]:
@@ -104,13 +107,15 @@ SOLVERS: dict[str, SolverSpec] = {
     "heun": SolverSpec("Karras et al.'s Heun (2 model calls per step but the last)", {EDM: heun_plan}),
     "euler_ancestral": SolverSpec("ancestral Euler (eta, s_noise): EulerAncestralDiscreteScheduler on VP, "
                                   "k-diffusion's on EDM, ComfyUI's RF variant on Flow",
-                                  {VP: euler_ancestral_plan, EDM: euler_ancestral_plan, Flow: euler_ancestral_plan}),
+                                  {VP: euler_ancestral_plan, EDM: euler_ancestral_plan, Flow: euler_ancestral_plan},
+                                  explicit_vp=True),
     "dpm_2": SolverSpec("DPM-2, midpoint in log sigma (2 model calls per step but the last): KDPM2DiscreteScheduler "
-                        "on VP, k-diffusion's sample_dpm_2 on EDM", {VP: dpm2_plan, EDM: dpm2_plan}),
+                        "on VP, k-diffusion's sample_dpm_2 on EDM", {VP: dpm2_plan, EDM: dpm2_plan},
+                        explicit_vp=True),
     "dpmpp_2s_ancestral": SolverSpec("ancestral DPM-Solver++(2S) (eta, s_noise; 2 model calls per step but the "
                                      "last): k-diffusion's on VP / EDM, ComfyUI's RF variant on Flow",
                                      {VP: dpmpp_2s_ancestral_plan, EDM: dpmpp_2s_ancestral_plan,
-                                      Flow: dpmpp_2s_ancestral_plan}),
+                                      Flow: dpmpp_2s_ancestral_plan}, explicit_vp=True),
     "flow_euler": SolverSpec("flow-matching Euler (FlowMatchEulerDiscreteScheduler)", {Flow: flow_euler_plan}),
     "flow_dpmpp_2m": SolverSpec("DPM-Solver++(2M) on flow sigmas", {Flow: flow_dpm_plan}),
     "lcm": SolverSpec("LCM multistep sampling of a latent consistency model (LCMScheduler); renoises every step",
@@ -150,8 +155,8 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
     if explicit is not None and not isinstance(explicit, str):
         options = {k: v for k, v in options.items() if k != "sigmas"}
         schedule, steps = explicit_schedule(schedule, explicit, steps)
-        if isinstance(schedule, Grid):
-            return _grid_plan(solver, spec, schedule, steps, prediction, options)
+        if isinstance(schedule, ExplicitVP) and not spec.explicit_vp:
+            return _grid_plan(solver, spec, vp_grid(schedule, schedule.explicit), steps, prediction, options)
     if not isinstance(schedule, spec.schedules):
         names = " or ".join(f"diffsampler.schedules.{w.__name__}" for w in spec.schedules)
         raise ValueError(f"solver {solver!r} needs a {names} schedule (VP.linear(), VP.scaled_linear(), "

@@ -23,7 +23,8 @@ import numpy as np
 
 from ..ops import UpdateCoeffs
 from ..schedules import EDM, Flow, sigma_to_t
-from .ve_grid import vp_ve_grid
+from .explicit import ExplicitVP, vp_grid
+from .ve_grid import grid_ve_grid, vp_ve_grid
 from .plan import Plan, Step
 from .ve import KEEP_START, ancestral_split, euler_coeffs, scaled_result, ve_data_coeffs
 
@@ -152,10 +153,12 @@ class _Grid:
         elif isinstance(schedule, EDM):
             self.sigmas = schedule.sigmas(steps)
             self.init_scale = self.sigmas[0]
-        else:
-            grid = vp_ve_grid(schedule, steps, timestep_spacing, steps_offset)
+        else:  # a sigmas= list: its Grid's points (x_T and the result in the VP scale), else diffusers' Euler grid
+            grid = (grid_ve_grid(vp_grid(schedule, schedule.explicit)) if isinstance(schedule, ExplicitVP)
+                    else vp_ve_grid(schedule, steps, timestep_spacing, steps_offset))
             self.train = (((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5).numpy()
             self.timesteps, self.sigmas, self.init_scale = list(grid.times), list(grid.sigmas), grid.init_scale
+            self.final_alpha = grid.final_alpha
         if not isinstance(schedule, Flow):
             ve_data_coeffs(prediction, 1.0)  # checks the prediction
 
@@ -173,6 +176,10 @@ class _Grid:
         return Step(t=t, coeffs=coeffs, input_scale=1.0 / math.sqrt(sigma * sigma + 1), **kw)
 
     def plan(self, steps: list[Step], two_calls: bool) -> Plan:
+        """The Plan; a sigmas= list ending above 0 returns its result in the VP scale (scaled_result)."""
+        final = getattr(self, "final_alpha", 1.0)
+        if final != 1.0:
+            steps[-1] = dataclasses.replace(steps[-1], coeffs=scaled_result(steps[-1].coeffs, final))
         return Plan(steps=tuple(steps), history_slots=1 if two_calls else 0, discrete_time=False,
                     init_scale=self.init_scale, uses_state=two_calls)
 
