@@ -66,3 +66,30 @@ def test_bad_lists(kwargs, match):
     kwargs = {"schedule": VP, **kwargs}
     with pytest.raises(ValueError, match=match):
         ds.sample(make_model(), X, **kwargs)
+
+
+@pytest.mark.parametrize("solver, fn", [("euler_ancestral", K.sample_euler_ancestral),
+                                        ("dpmpp_2s_ancestral", K.sample_dpmpp_2s_ancestral)])
+def test_ancestral_solvers_on_a_vp_list_are_the_kdiffusion_functions(solver, fn):
+    """euler_ancestral + Align Your Steps on SD (a common ComfyUI pick): k-diffusion's function on the same list
+    with the eps model wrapped as its denoiser, the same noise draws (ds.sample's generator, float32)."""
+    import numpy as np
+
+    from diffsampler.schedules import sigma_to_t
+    from test_res_er_sde import GeneratorNoise
+
+    target = GaussianMixture.random(dim=8, modes=3, seed=0)
+    model = target.model(VP, "eps")
+    log_train = np.log((((1 - VP.alphas_cumprod.double()) / VP.alphas_cumprod.double()) ** 0.5).numpy())
+
+    def denoiser(x, sigma):
+        s = float(sigma[0])
+        t = torch.tensor(float(sigma_to_t(np.array(s), log_train)), dtype=torch.float64)
+        return x - s * model(x / (s * s + 1) ** 0.5, t)
+
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ays = torch.tensor(AYS, dtype=torch.float64)
+    got = ds.sample(model, x, steps=None, solver=solver, schedule=VP, sigmas=AYS,
+                    generator=torch.Generator().manual_seed(4))
+    want = fn(denoiser, x * (1 + ays[0] ** 2) ** 0.5, ays, disable=True, noise_sampler=GeneratorNoise(x.shape, 4))
+    assert max_rel(got, want) <= 1e-10

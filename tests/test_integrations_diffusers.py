@@ -256,3 +256,23 @@ def test_unipc_zero_length_final_step(order):
                   solver_order=order)
     ours, theirs = both("UniPCMultistepScheduler", config, make_model(), X, 10)
     assert max_rel(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("scheduler, reason", [
+    (diffusers.DDPMScheduler(variance_type="fixed_large_log"), "fixed_large_log"),
+    (diffusers.DPMSolverMultistepInverseScheduler(algorithm_type="sde-dpmsolver++"), "sde-dpmsolver"),
+    (diffusers.EulerAncestralDiscreteScheduler(prediction_type="sample"), "prediction_type='sample'"),
+], ids=lambda v: type(v).__name__ if not isinstance(v, str) else v)
+def test_accelerate_keeps_the_configs_it_does_not_fuse_and_says_why(scheduler, reason, capsys):
+    pipe = diffusers.DDPMPipeline(unet=_tiny_unet(), scheduler=scheduler)
+    assert fused.accelerate(pipe) is scheduler and pipe.scheduler is scheduler
+    out = capsys.readouterr().out
+    assert "kept (not fused)" in out and reason in out
+
+
+def test_accelerate_picks_every_drop_in(capsys):
+    for name, cls in fused.FUSED.items():
+        base = getattr(diffusers, name)
+        pipe = diffusers.DDPMPipeline(unet=_tiny_unet(), scheduler=base())
+        assert isinstance(fused.accelerate(pipe), cls), name
+        assert f"replaced diffusers.{name}" in capsys.readouterr().out

@@ -122,6 +122,33 @@ def dpmpp_2s_ancestral_rf_eq(x, sigmas, eta, noise):
     return x
 
 
+def dpm_2_ancestral_rf_eq(x, sigmas, eta, noise):
+    """ComfyUI's sample_dpm_2_ancestral_RF: the DPM-2 step (midpoint in log sigma) to sigma_down, then the flow
+    renoising x = ratio x + renoise z; an Euler step where sigma_down = 0."""
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        down, ratio, renoise = rf_split(s, s_next, eta) if s_next > 0 else (0.0, 1.0, 0.0)
+        denoised = call(x, s)
+        d = (x - denoised) / s
+        if down == 0:
+            x = x + d * (down - s)
+            continue
+        mid = math.exp((math.log(s) + math.log(down)) / 2)
+        x2 = x + d * (mid - s)
+        d2 = (x2 - call(x2, mid)) / mid
+        x = ratio * (x + d2 * (down - s)) + noise(s, s_next) * renoise
+    return x
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
+def test_dpm_2_ancestral_rf_follows_comfyui(eta):
+    x = start() / SIGMAS[0]
+    noise = ListNoise(x.shape, 12)
+    got = K.sample_dpm_2_ancestral_RF(denoiser, x, FLOW_SIGMAS, disable=True, eta=eta, noise_sampler=noise)
+    assert close(got, dpm_2_ancestral_rf_eq(x, FLOW_SIGMAS, eta, ListNoise(x.shape, 12)))
+    assert noise.used == len(FLOW_SIGMAS) - 2  # drawn at every DPM-2 step, as ComfyUI (renoise 0 at eta 0)
+
+
 @pytest.mark.parametrize("eta", [1.0, 0.5])
 def test_euler_ancestral_follows_its_equations(eta):
     x = start()
@@ -251,7 +278,7 @@ def test_diffusers_k_schedulers_run_the_same_sampler(name, sampler):
 
 @pytest.mark.parametrize("sampler", ["sample_euler_ancestral", "sample_dpm_2", "sample_dpm_2_ancestral",
                                      "sample_dpmpp_2s_ancestral", "sample_euler_ancestral_RF",
-                                     "sample_dpmpp_2s_ancestral_RF"])
+                                     "sample_dpmpp_2s_ancestral_RF", "sample_dpm_2_ancestral_RF"])
 def test_calling_convention(sampler):
     """model(x, sigma * s_in, **extra_args); one callback per step; fp32 runs the fused kernel."""
     seen = []

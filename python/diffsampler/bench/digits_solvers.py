@@ -23,9 +23,11 @@ from diffsampler import digits
 from diffsampler.bench import cli
 from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.bench.plots import pyplot, save
+from diffsampler.bench.quality import AS_USED
 
-SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "euler", "res_multistep", "dpm_2", "dpmpp_2m_sde",
-           "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "lcm", "tcd")
+SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "euler", "lms", "pndm", "res_multistep", "dpm_2",
+           "dpmpp_2m_sde", "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "lcm", "tcd")
+STOCHASTIC = ("dpmpp_2m_sde", "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "lcm", "tcd")
 NFES = (5, 10, 20)
 REFERENCE = ("dpmpp_2m", 100)
 OPTIONS = dict(timestep_spacing="trailing")  # one grid for every solver, starting at the last training timestep
@@ -35,6 +37,7 @@ def sample_digits(model: digits.Denoiser, solver: str, nfe: int, n: int, seed: i
     """n digits (n, 64) from `solver` with `nfe` model calls, x_T drawn from `seed`."""
     x_T = torch.randn(n, digits.PIXELS, generator=torch.Generator().manual_seed(seed))
     options = OPTIONS if "timestep_spacing" in ds.solvers.SOLVERS[solver].options() else {}
+    options = {**options, **AS_USED.get(solver, {})}
     steps = ds.solvers.steps_for_nfe(solver, model.schedule, nfe, model.prediction, **options)
     with torch.no_grad():
         return ds.sample(model, x_T, steps=steps, solver=solver, schedule=model.schedule,
@@ -63,10 +66,12 @@ def _plot(rows: list[dict], grid: torch.Tensor, path: Path) -> None:
     from matplotlib.ticker import NullLocator
 
     fig, (ax, img) = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw=dict(width_ratios=(1.4, 1)))
-    for solver in SOLVERS:
+    for k, solver in enumerate(SOLVERS):  # one colour each (tab20), dashed for the stochastic ones
         mine = [r for r in rows if r["solver"] == solver and r["nfe"] in NFES]
+        stochastic = solver in STOCHASTIC
         ax.errorbar([r["nfe"] for r in mine], [r["fd_mean"] for r in mine], yerr=[r["fd_std"] for r in mine],
-                    marker="o", capsize=3, label=solver)
+                    marker="os^vD<>"[k % 7], capsize=3, label=solver, color=plt.cm.tab20(k % 20),
+                    linestyle="--" if stochastic else "-")
     for r, style in zip(rows[-2:], (":", "--")):
         label = "data (train vs held-out)" if r["solver"] == "data" else f"{r['solver']}, NFE {r['nfe']}"
         ax.axhline(r["fd_mean"], color="gray", linestyle=style, label=label)
@@ -77,7 +82,7 @@ def _plot(rows: list[dict], grid: torch.Tensor, path: Path) -> None:
     ax.set_xlabel("NFE")
     ax.set_ylabel("FD to held-out digits (classifier features)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     img.imshow(grid, cmap="gray_r", vmin=-1, vmax=1)
     img.set_title(f"{REFERENCE[0]}, NFE 10", fontsize=9)
     img.axis("off")

@@ -1,5 +1,5 @@
 """`python -m diffsampler.bench report [--write docs/benchmarks.md] [--size 8,4,128,128] [--plots]`: the page of
-benchmark tables (docs/benchmarks.md) from the committed results in bench/results/ (step, loop, serve, quality,
+benchmark tables (docs/benchmarks.md) from the committed results in bench/results/ (step, drop-ins, loop, serve, quality,
 dpmv3, digits, lml, resample, SMC-overhead and pipeline JSON); --plots redraws the PNG beside each step / loop /
 resample JSON."""
 
@@ -48,6 +48,38 @@ def quality_table(path: Path, target: str) -> str:
             lines += ["", f"DC-Solver on {name.split(':')[0]} (median relative error at sigma = 0, UniPC -> "
                       "UniPC + compensation): " + ", ".join(f"NFE {r['nfe']}: {r['unipc']:.4f} -> {r['dc_unipc']:.4f}"
                                                              for r in rows)]
+    return "\n".join(lines)
+
+
+def catalogue_table(path: Path, target: str) -> str:
+    """Every VP solver as users run it (bench quality's catalogue), or '' when the run has none."""
+    rows = json.loads(path.read_text())["results"].get(target + ":catalogue")
+    if not rows:
+        return ""
+    nfes = rows[0]["nfes"]
+    lines = [f"Every solver of `ds.sample` on Stable Diffusion's schedule as a user runs it ({target}, diffusers' "
+             "trailing grid, as many steps as fit in the NFE): sliced W2 to exact samples, and the median ODE error "
+             "against a 999-step DDIM run for the deterministic ones:", "",
+             "| solver | " + " | ".join(f"W2 @{n}" for n in nfes) + " | " + " | ".join(f"ODE err @{n}" for n in nfes)
+             + " |", "|---|" + "---|" * (2 * len(nfes))]
+    for r in rows[:-1]:
+        errs = " | ".join("sde" if e is None else f"{e:.1e}" for e in r["ode_error"])
+        lines.append(f"| {r['solver']} | " + " | ".join(f"{v:.4f}" for v in r["sliced_w2"]) + f" | {errs} |")
+    lines += ["", f"Exact against exact samples (the floor at this sample size): {rows[-1]['sliced_w2'][0]:.4f}."]
+    return "\n".join(lines)
+
+
+def dropins_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    r0 = data["rows"][0]
+    lines = [f"{m['device']} ({m['threads']} threads), torch {m['torch']}, diffusers {m['diffusers']}, "
+             f"{m['date'][:10]}, size {tuple(r0['size'])} {r0['dtype']} (`{path}`):", "",
+             "| scheduler | step() calls | fused [µs] | diffusers [µs] | speed-up | floor / fused |",
+             "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['scheduler']} | {r['calls']} | {r['fused_seconds'] * 1e6:.0f} | "
+                     f"{r['diffusers_seconds'] * 1e6:.0f} | {r['speedup']:.1f}x | {r['floor_fraction']:.2f} |")
     return "\n".join(lines)
 
 
@@ -207,6 +239,9 @@ SECTIONS = [
     ("step-*.json", "Step overhead (`bench step`)",
      "The solver update alone (no model) on the fused backend against the diffusers scheduler's `step()` for the "
      "same step, and against the memory floor: a copy moving the same bytes on the same device.", step_table),
+    ("dropins-*.json", "Every diffusers drop-in (`bench step --dropins`)",
+     "A whole 20-step loop of `step()` calls of each drop-in against diffusers' own class on one fixed model "
+     "output (model excluded, `set_timesteps` included), per call.", dropins_table),
     ("loop-*.json", "Whole loops (`bench loop`)",
      "A 20-step loop with a one-op denoiser (`tanh`), so the sampler's own overhead shows, against diffusers' "
      "scheduler loop; ops per step counted with a TorchDispatchMode.", loop_table),
@@ -254,6 +289,8 @@ def page(root: Path, size: list[int], target: str) -> str:
         for path in paths:
             args = {step_table: (size,), quality_table: (target,)}.get(table, ())
             lines += [table(path, *args), ""]
+            if table is quality_table and catalogue_table(path, target):
+                lines += [catalogue_table(path, target), ""]
     return "\n".join(lines)
 
 

@@ -161,6 +161,70 @@ def run(device: torch.device, sizes, dtypes, solvers, out_dir: Path | None, min_
     return result
 
 
+DROPIN_STEPS = 20
+
+
+def dropin_loop(cls, size, dtype, device):
+    """A callable running a whole DROPIN_STEPS-step loop of scheduler class `cls` (set_timesteps and every step()
+    on one fixed model output, no model), and its number of step() calls."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    sched = cls(**{k: v for k, v in SD.items() if k in params})
+    g = torch.Generator(device=device).manual_seed(0)
+    x, out = (torch.randn(size, generator=g, device=device).to(dtype) for _ in range(2))
+    sched.set_timesteps(DROPIN_STEPS, device=device)
+    calls = len(sched.timesteps)
+
+    def loop():
+        sched.set_timesteps(DROPIN_STEPS, device=device)
+        sched.is_scale_input_called = True  # the Euler-type classes' warning: their input scaling is not timed
+        y = x
+        for t in sched.timesteps:
+            y = sched.step(out, t, y).prev_sample
+        return y
+
+    return loop, calls
+
+
+def dropin_rows(device: torch.device, size, dtype_name: str, min_time: float) -> list[dict]:
+    """Every drop-in of integrations.diffusers against diffusers' own class: a whole loop of step() calls each
+    (model excluded), per call, and the floor of the least a step moves (read x and the output, write x')."""
+    from diffsampler.integrations.diffusers import FUSED
+    import diffusers
+
+    dtype = DTYPES[dtype_name]
+    n_bytes = 3 * torch.Size(size).numel() * torch.empty((), dtype=dtype).element_size()
+    floor = n_bytes / copy_bandwidth(device, n_bytes, min_time=min_time)
+    rows = []
+    print(f"{'scheduler':<36}{'calls':>6}{'fused [us]':>12}{'diffusers [us]':>16}{'speed-up':>10}{'floor/fused':>13}")
+    for name in sorted(FUSED):
+        fused, calls = dropin_loop(FUSED[name], size, dtype, device)
+        theirs, _ = dropin_loop(getattr(diffusers, name), size, dtype, device)
+        t_fused = measure(fused, device, min_time=min_time) / calls
+        t_theirs = measure(theirs, device, min_time=min_time) / calls
+        rows.append(dict(scheduler=name, calls=calls, size=list(size), dtype=dtype_name, fused_seconds=t_fused,
+                         diffusers_seconds=t_theirs, speedup=t_theirs / t_fused, floor_seconds=floor,
+                         floor_fraction=floor / t_fused))
+        print(f"{name:<36}{calls:>6}{t_fused * 1e6:>12.1f}{t_theirs * 1e6:>16.1f}{t_theirs / t_fused:>9.1f}x"
+              f"{floor / t_fused:>13.2f}")
+    return rows
+
+
+def run_dropins(device: torch.device, size, dtype_name: str, out_dir: Path | None, min_time: float) -> dict:
+    record = machine_record(device)
+    print(f"device: {record['device']} ({record['threads']} threads), torch {record['torch']}; every drop-in's "
+          f"{DROPIN_STEPS}-step loop of step() calls against diffusers', per call, size {tuple(size)} {dtype_name}")
+    rows = dropin_rows(device, size, dtype_name, min_time)
+    result = dict(benchmark="dropins", machine=record, steps=DROPIN_STEPS,
+                  note="per step() call of a whole loop (set_timesteps included, model excluded) against diffusers' "
+                       "class; floor = a copy moving 3 tensors (x and the output read, x' written)", rows=rows)
+    if out_dir is not None:
+        path = write_json(out_dir / f"dropins-{slug(record['device'])}.json", result)
+        print(f"wrote {path}")
+    return result
+
+
 def main(argv=None) -> None:
     ap = cli.parser("step", __doc__)
     ap.add_argument("--device", type=cli.device, default=cli.default_device())
@@ -174,7 +238,13 @@ def main(argv=None) -> None:
     ap.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                     help="rotate operand copies past the L2 (default: on for CUDA, off on a CPU)")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON ('' for none)")
+    ap.add_argument("--dropins", action="store_true",
+                    help="instead: every diffusers drop-in's loop of step() calls against diffusers' class, at the "
+                         "first --sizes and --dtypes (dropins-*.json)")
     args = ap.parse_args(argv)
+    if args.dropins:
+        return run_dropins(args.device, args.sizes[0], args.dtypes[0], Path(args.out) if args.out else None,
+                           args.min_time)
     rotate = args.device.type == "cuda" if args.rotate is None else args.rotate
     run(args.device, args.sizes, args.dtypes, args.solvers, Path(args.out) if args.out else None, args.min_time,
         rotate)

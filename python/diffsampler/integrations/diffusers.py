@@ -494,24 +494,31 @@ class DDIMInverseScheduler(diffusers.DDIMInverseScheduler):
         return diffusers.schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
+def _churned_start(sched, timestep, model_output, sample, s_churn, s_tmin, s_tmax, s_noise, generator):
+    """(sample, sigma, sigma_hat) at the start of an Euler-type step: diffusers' integer-index check, the step
+    index, and Karras' churn (noise added before the conversion, a separate pass, as in diffusers)."""
+    if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+        raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                         f"`{type(sched).__bases__[-1].__name__}.step()` is not supported. Make sure to pass one of "
+                         f"the `scheduler.timesteps` as a timestep.")
+    if sched.step_index is None:
+        sched._init_step_index(timestep)
+    sigma = float(sched.sigmas[sched.step_index])
+    sigma_hat, weight = churn(sigma, len(sched.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise)
+    sample = _same_dtype(model_output, sample)
+    if weight:
+        sample = sample + randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                                       generator=generator) * weight
+    return sample, sigma, sigma_hat
+
+
 class EulerDiscreteScheduler(diffusers.EulerDiscreteScheduler):
     """diffusers' EulerDiscreteScheduler (eps / x0 / v, every sigma spacing, s_churn) with the fused update."""
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                             "`EulerDiscreteScheduler.step()` is not supported. Make sure to pass one of the "
-                             "`scheduler.timesteps` as a timestep.")
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma = float(self.sigmas[self.step_index])
-        sigma_hat, weight = churn(sigma, len(self.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise)
-        sample = _same_dtype(model_output, sample)
-        if weight:  # churn: noise added before the conversion (a separate pass, as in diffusers)
-            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                                 generator=generator)
-            sample = sample + noise * weight
+        sample, sigma, sigma_hat = _churned_start(self, timestep, model_output, sample, s_churn, s_tmin, s_tmax,
+                                                  s_noise, generator)
         pred = _prediction(self.config)
         if pred not in ("eps", "x0", "v"):
             raise ValueError(f"prediction_type {self.config.prediction_type!r} is not supported by Euler")
@@ -757,18 +764,8 @@ class EDMEulerScheduler(diffusers.EDMEulerScheduler):
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True, pred_original_sample=None):
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                             "`EDMEulerScheduler.step()` is not supported. Make sure to pass one of the "
-                             "`scheduler.timesteps` as a timestep.")
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma = float(self.sigmas[self.step_index])
-        sigma_hat, weight = churn(sigma, len(self.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise)
-        sample = _same_dtype(model_output, sample)
-        if weight:  # churn: noise added before the conversion (a separate pass, as in diffusers)
-            sample = sample + randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                                           generator=generator) * weight
+        sample, sigma, sigma_hat = _churned_start(self, timestep, model_output, sample, s_churn, s_tmin, s_tmax,
+                                                  s_noise, generator)
         if pred_original_sample is None:
             out, (p, q) = model_output, edm_data_coeffs(self.config.prediction_type, sigma_hat, self.config.sigma_data)
         else:
@@ -1011,9 +1008,24 @@ if _optional_base("DPMSolverSDEScheduler") is not None:
 DENOISERS = ("unet", "transformer")
 
 
+def unfused_reason(name: str, config) -> str | None:
+    """Why diffusers' scheduler `name` with `config` keeps its own step() (None: the drop-in fuses it)."""
+    c = config
+    pred, alg = c.get("prediction_type"), c.get("algorithm_type", "")
+    if name == "DDPMScheduler" and c.get("variance_type") == "fixed_large_log":
+        return "variance_type='fixed_large_log' (diffusers' step() returns NaN there: sqrt of log(beta_t) < 0)"
+    if name == "DPMSolverMultistepInverseScheduler" and alg.startswith("sde"):
+        return f"algorithm_type={alg!r} (an SDE step from data to noise: diffusers' step() returns NaN there)"
+    if name in ("EulerAncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                "DPMSolverSDEScheduler") and pred == "sample":
+        return "prediction_type='sample' (diffusers' step() does not implement it either)"
+    return None
+
+
 def accelerate(pipe, verbose: bool = True, cuda_graph: bool = False):
     """Replace `pipe.scheduler` by its fused drop-in (same config); returns the new scheduler, or the old one
-    (with a message) when there is none for its class.
+    (with a message) when there is none for its class or its config is one the drop-in does not fuse
+    (unfused_reason, named in the message).
 
     With cuda_graph=True the denoiser's forward (`pipe.unet`, else `pipe.transformer`) is also captured in a
     CUDA graph per input shape and replayed at every step (graphs.CapturedForward; the pipeline's code is
@@ -1030,6 +1042,9 @@ def accelerate(pipe, verbose: bool = True, cuda_graph: bool = False):
     if type(old) in FUSED.values():
         message = f"diffsampler: {name} is already the fused scheduler"
         new = old
+    elif name in FUSED and unfused_reason(name, old.config):
+        new = old
+        message = f"diffsampler: {name} kept (not fused): {unfused_reason(name, old.config)}"
     elif name in FUSED:
         new = FUSED[name].from_config(old.config)
         pipe.scheduler = new

@@ -24,12 +24,13 @@ from .. import checks, ops
 from ..noise import BrownianTreeNoiseSampler, sde_noise_sampler  # noqa: F401 (k-diffusion's name, re-exported)
 from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
-from ..solvers.ancestral import dpm2_step, dpmpp_2s_ancestral_step, euler_ancestral_step
+from ..solvers.ancestral import dpm2_ancestral_step, dpm2_step, dpmpp_2s_ancestral_step, euler_ancestral_step
 from ..solvers.dpm import history_weights, update_terms
 from ..solvers.lms import MAX_ORDER, lms_coeffs, lms_step
 from ..solvers.pndm import ipndm_weights
 from ..solvers.res import er_noise_scaler, er_sde_coeffs, res_multistep_coeffs
-from ..solvers.ve import ancestral_split, churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
+from ..solvers.restart import intervals, restart_calls
+from ..solvers.ve import churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
 
 DENOISED = (0.0, 1.0)  # (p, q): the model output is the data prediction itself
 
@@ -423,11 +424,19 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
                            noise_sampler=None):
     """Ancestral DPM-2: the DPM-2 step to sigma_down, then + s_noise sigma_up z (no noise where sigma_down = 0,
     an Euler step there, as k-diffusion)."""
-    def step_of(sigma, nxt):
-        down, up = ancestral_split(sigma, nxt, eta)
-        return dpm2_step(_denoised, sigma, down, noise=s_noise * up)
+    step_of = lambda sigma, nxt: dpm2_ancestral_step(_denoised, sigma, nxt, eta, s_noise)
     return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
                            lambda nxt, step: not isinstance(step, UpdateCoeffs))
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                              noise_sampler=None):
+    """ComfyUI's flow (CONST) ancestral DPM-2: the DPM-2 step to sigma_down, then x' = k x + s_noise w z
+    (solvers.ancestral.dpm2_ancestral_step); z drawn wherever the step is not the Euler one, as ComfyUI."""
+    step_of = lambda sigma, nxt: dpm2_ancestral_step(_denoised, sigma, nxt, eta, s_noise, flow=True)
+    return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
+                           lambda nxt, step: not isinstance(step, UpdateCoeffs), flow=True)
 
 
 @torch.no_grad()
@@ -448,3 +457,37 @@ def sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args=None, callback=Non
     step_of = lambda sigma, nxt: dpmpp_2s_ancestral_step(_denoised, sigma, nxt, eta, s_noise, flow=True)
     return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
                            lambda nxt, step: nxt > 0 and eta > 0, flow=True)
+
+
+@torch.no_grad()
+def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, restart_list=None):
+    """Restart sampling (solvers.restart), as its authors' restart_sampler: Heun steps, and at each restart point
+    t_min a jump back to t_max with fresh noise (torch.randn_like, drawn where they draw it), K times;
+    restart_list {t_min: [n, K, t_max]}, None: their default for >= 20 steps."""
+    checks.real("s_noise", s_noise, "[0, inf)")
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
+    pairs = intervals(loop.sigmas, restart_list)
+    calls = restart_calls(pairs, lambda s: DENOISED, s_noise)
+    state = torch.zeros_like(x)
+    interval = 0
+    for sigma, coeffs, write, reads in _progress(calls, disable):
+        denoised = loop.model(x, sigma * loop.s_in, **loop.extra_args)
+        if write == 0:  # the first call of an interval: the authors' callback
+            if loop.callback is not None:
+                loop.callback({"x": x, "i": interval, "sigma": pairs[interval][1], "sigma_hat": sigma,
+                               "denoised": denoised})
+            interval += 1
+        noise = torch.randn_like(x) if coeffs.c else None
+        x = ops.multistep_update(x, denoised, coeffs, history=loop.history, write_slot=write, read_slots=reads,
+                                 noise=noise, state=state)
+    return x
+
+
+def _progress(items, disable):
+    if disable:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, disable=disable)

@@ -20,7 +20,7 @@ from .consistency import lcm_plan, tcd_plan
 from .dpm import dpm_plan, dpm_steps, flow_dpm_plan
 from .dpmv3 import EMS, dpmv3_plan, dpmv3_steps, fit_ems
 from .euler import euler_grid_plan, euler_plan, flow_euler_plan
-from .explicit import explicit_schedule
+from .explicit import ExplicitVP, explicit_schedule, vp_grid
 from .grid import Grid, continuous_grid
 from .heun import edm_euler_plan, heun_plan
 from .lms import lms_plan
@@ -30,6 +30,7 @@ from .timeshift import TimeShift
 from .unipc import unipc_plan, unipc_steps
 from .plan import Plan, Step
 from .res import er_sde_plan, res_multistep_plan
+from .restart import restart_plan
 from .sa_solver import sa_plan, sa_steps
 
 
@@ -41,6 +42,8 @@ class SolverSpec:
     grid_steps: builder(grid, prediction, **options) over a continuous_grid, for VPContinuous schedules (None:
         the solver does not run on them); grid_final: where that grid ends ("zero": sigma = 0, "eps": t = eps).
     presets: options every builder of the name gets (keyword arguments of sample() override them).
+    explicit_vp: the VP builder reads a sigmas= list (an ExplicitVP schedule); else such a list runs on the
+        Grid builders.
     """
 
     about: str
@@ -48,6 +51,7 @@ class SolverSpec:
     grid_steps: Callable[..., Plan] | None = None
     grid_final: str = "zero"
     presets: Mapping[str, object] = field(default_factory=dict)
+    explicit_vp: bool = False  # its VP builder takes sigmas= lists itself (solvers.explicit.ExplicitVP)
 
     @property
     def schedules(self) -> tuple[type, ...]:
@@ -107,13 +111,15 @@ SOLVERS: dict[str, SolverSpec] = {
     "heun": SolverSpec("Karras et al.'s Heun (2 model calls per step but the last)", {EDM: heun_plan}),
     "euler_ancestral": SolverSpec("ancestral Euler (eta, s_noise): EulerAncestralDiscreteScheduler on VP, "
                                   "k-diffusion's on EDM, ComfyUI's RF variant on Flow",
-                                  {VP: euler_ancestral_plan, EDM: euler_ancestral_plan, Flow: euler_ancestral_plan}),
+                                  {VP: euler_ancestral_plan, EDM: euler_ancestral_plan, Flow: euler_ancestral_plan},
+                                  explicit_vp=True),
     "dpm_2": SolverSpec("DPM-2, midpoint in log sigma (2 model calls per step but the last): KDPM2DiscreteScheduler "
-                        "on VP, k-diffusion's sample_dpm_2 on EDM", {VP: dpm2_plan, EDM: dpm2_plan}),
+                        "on VP, k-diffusion's sample_dpm_2 on EDM", {VP: dpm2_plan, EDM: dpm2_plan},
+                        explicit_vp=True),
     "dpmpp_2s_ancestral": SolverSpec("ancestral DPM-Solver++(2S) (eta, s_noise; 2 model calls per step but the "
                                      "last): k-diffusion's on VP / EDM, ComfyUI's RF variant on Flow",
                                      {VP: dpmpp_2s_ancestral_plan, EDM: dpmpp_2s_ancestral_plan,
-                                      Flow: dpmpp_2s_ancestral_plan}),
+                                      Flow: dpmpp_2s_ancestral_plan}, explicit_vp=True),
     "flow_euler": SolverSpec("flow-matching Euler (FlowMatchEulerDiscreteScheduler)", {Flow: flow_euler_plan}),
     "flow_dpmpp_2m": SolverSpec("DPM-Solver++(2M) on flow sigmas", {Flow: flow_dpm_plan}),
     "lcm": SolverSpec("LCM multistep sampling of a latent consistency model (LCMScheduler); renoises every step",
@@ -124,6 +130,8 @@ SOLVERS: dict[str, SolverSpec] = {
                                 "eta > 0: its ancestral variant", {VP: res_multistep_plan, EDM: res_multistep_plan, Grid: res_multistep_plan}),
     "er_sde": SolverSpec("ER-SDE-Solver-3 (extended reverse-time SDE, ComfyUI's er_sde); on Flow its CONST form",
                          {VP: er_sde_plan, EDM: er_sde_plan, Flow: er_sde_plan, Grid: er_sde_plan}),
+    "restart": SolverSpec("Restart sampling (Heun with re-noising jumps t_min -> t_max, K times), its authors' "
+                          "default restart for >= 20 steps", {EDM: restart_plan}),
     "dpmv3": SolverSpec("DPM-Solver-v3: needs ems (fit_ems or EMS.constant); ends at sigma_min / eps",
                         {VP: dpmv3_plan}, dpmv3_steps, grid_final="eps"),
 }
@@ -151,8 +159,8 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
     if explicit is not None and not isinstance(explicit, str):
         options = {k: v for k, v in options.items() if k != "sigmas"}
         schedule, steps = explicit_schedule(schedule, explicit, steps)
-        if isinstance(schedule, Grid):
-            return _grid_plan(solver, spec, schedule, steps, prediction, options)
+        if isinstance(schedule, ExplicitVP) and not spec.explicit_vp:
+            return _grid_plan(solver, spec, vp_grid(schedule, schedule.explicit), steps, prediction, options)
     if not isinstance(schedule, spec.schedules):
         names = " or ".join(f"diffsampler.schedules.{w.__name__}" for w in spec.schedules)
         raise ValueError(f"solver {solver!r} needs a {names} schedule (VP.linear(), VP.scaled_linear(), "
@@ -209,4 +217,4 @@ __all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "steps_for_nfe", 
            "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems",
            "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan", "res_multistep_plan",
            "er_sde_plan", "euler_ancestral_plan", "dpm2_plan", "dpmpp_2s_ancestral_plan", "lms_plan", "pndm_plan",
-           "sa_plan", "sa_steps"]
+           "restart_plan", "sa_plan", "sa_steps"]

@@ -16,15 +16,17 @@ Euler step in sigma has the same form (d = (x - D) / sigma is the velocity eps -
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
 from ..ops import UpdateCoeffs
 from ..schedules import EDM, Flow, sigma_to_t
-from .ve_grid import vp_ve_grid
+from .explicit import ExplicitVP, vp_grid
+from .ve_grid import grid_ve_grid, vp_ve_grid
 from .plan import Plan, Step
-from .ve import KEEP_START, ancestral_split, euler_coeffs, ve_data_coeffs
+from .ve import KEEP_START, ancestral_split, euler_coeffs, scaled_result, ve_data_coeffs
 
 
 def log_midpoint(sigma: float, sigma_to: float) -> float:
@@ -99,6 +101,22 @@ def dpm2_step(convert, sigma: float, sigma_to: float, noise: float = 0.0) -> Upd
     return (mid, *dpm2_coeffs(p, q, *convert(mid), sigma, mid, sigma_to, noise=noise))
 
 
+def dpm2_ancestral_step(convert, sigma: float, sigma_next: float, eta: float, s_noise: float,
+                        flow: bool = False) -> UpdateCoeffs | TwoCalls:
+    """An ancestral DPM-2 step: k-diffusion's (the DPM-2 step to sigma_down, + s_noise sigma_up z) or ComfyUI's RF
+    one (the DPM-2 step to sigma_down, then x' = k x + s_noise w z, rf_ancestral_split); the Euler step where
+    sigma_down = 0, without noise."""
+    if not flow:
+        down, up = ancestral_split(sigma, sigma_next, eta)
+        return dpm2_step(convert, sigma, down, noise=s_noise * up)
+    down, k, w = rf_ancestral_split(sigma, sigma_next, eta) if sigma_next > 0 else (0.0, 1.0, 0.0)
+    step = dpm2_step(convert, sigma, down)
+    if down == 0:
+        return step
+    mid, first, second = step
+    return mid, first, dataclasses.replace(scaled_result(second, k), c=s_noise * w)
+
+
 def dpmpp_2s_ancestral_step(convert, sigma: float, sigma_next: float, eta: float, s_noise: float,
                             flow: bool = False) -> UpdateCoeffs | TwoCalls:
     """An ancestral DPM-Solver++(2S) step, k-diffusion's (VE scale) or ComfyUI's RF one (flow); the Euler step
@@ -135,10 +153,12 @@ class _Grid:
         elif isinstance(schedule, EDM):
             self.sigmas = schedule.sigmas(steps)
             self.init_scale = self.sigmas[0]
-        else:
-            grid = vp_ve_grid(schedule, steps, timestep_spacing, steps_offset)
+        else:  # a sigmas= list: its Grid's points (x_T and the result in the VP scale), else diffusers' Euler grid
+            grid = (grid_ve_grid(vp_grid(schedule, schedule.explicit)) if isinstance(schedule, ExplicitVP)
+                    else vp_ve_grid(schedule, steps, timestep_spacing, steps_offset))
             self.train = (((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5).numpy()
             self.timesteps, self.sigmas, self.init_scale = list(grid.times), list(grid.sigmas), grid.init_scale
+            self.final_alpha = grid.final_alpha
         if not isinstance(schedule, Flow):
             ve_data_coeffs(prediction, 1.0)  # checks the prediction
 
@@ -156,6 +176,10 @@ class _Grid:
         return Step(t=t, coeffs=coeffs, input_scale=1.0 / math.sqrt(sigma * sigma + 1), **kw)
 
     def plan(self, steps: list[Step], two_calls: bool) -> Plan:
+        """The Plan; a sigmas= list ending above 0 returns its result in the VP scale (scaled_result)."""
+        final = getattr(self, "final_alpha", 1.0)
+        if final != 1.0:
+            steps[-1] = dataclasses.replace(steps[-1], coeffs=scaled_result(steps[-1].coeffs, final))
         return Plan(steps=tuple(steps), history_slots=1 if two_calls else 0, discrete_time=False,
                     init_scale=self.init_scale, uses_state=two_calls)
 

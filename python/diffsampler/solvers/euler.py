@@ -13,9 +13,9 @@ import numpy as np
 from ..ops import UpdateCoeffs
 from ..schedules import VP, Flow
 from .plan import Direction, Plan, Step
-from .ve import euler_coeffs, ve_data_coeffs
+from .ve import euler_coeffs, scaled_result, ve_data_coeffs
 from .grid import Grid
-from .ve_grid import grid_ve_grid, to_vp_scale, vp_ve_grid
+from .ve_grid import grid_ve_grid, vp_ve_grid
 
 
 def euler_plan(schedule: VP, steps: int, prediction: str, *, timestep_spacing: str = "linspace",
@@ -32,7 +32,7 @@ def euler_grid_plan(grid: Grid, steps: int, prediction: str) -> Plan:
     plan = []
     for i, sigma in enumerate(g.sigmas[:-1]):
         coeffs = euler_coeffs(*ve_data_coeffs(prediction, sigma), sigma, g.sigmas[i + 1])
-        plan.append(Step(t=g.times[i], coeffs=to_vp_scale(coeffs, g.final_alpha) if i == steps - 1 else coeffs,
+        plan.append(Step(t=g.times[i], coeffs=scaled_result(coeffs, g.final_alpha) if i == steps - 1 else coeffs,
                          input_scale=g.input_scales[i]))
     return Plan(steps=tuple(plan), history_slots=0, discrete_time=False, init_scale=g.init_scale)
 

@@ -3,8 +3,9 @@
     EDM:  the list is the solver's Karras sigmas (VE sigma; the model gets sigma);
     Flow: the list is the flow sigmas t (x = (1 - t) x0 + t eps);
     VP:   the list holds sigma ratios sigma_t / alpha_t; the model gets each sigma's fractional training
-          timestep (log-sigma interpolation, as diffusers' sigma_to_t), and the solver runs on that Grid
-          (the multistep solvers, and the VE-scale ones that take a Grid).
+          timestep (log-sigma interpolation, as diffusers' sigma_to_t): the solver runs on that Grid (the
+          multistep solvers, and the VE-scale ones that take a Grid) or on the ExplicitVP schedule itself (the
+          solvers whose SolverSpec says explicit_vp).
 The list is descending, positive but its last entry, which may be 0; steps = len(sigmas) - 1 (sample()'s
 default steps=20 gives way to it; any other steps must agree).
 """
@@ -48,6 +49,18 @@ class ExplicitFlow(Flow):
         return f"Flow(sigmas={list(self.explicit)})"
 
 
+class ExplicitVP(VP):
+    """A discrete VP schedule with a given list of sigma ratios: the VE-scale solvers that build their own
+    steps on a VP schedule (the ancestral ones) read `explicit`; the others run on its Grid (vp_grid)."""
+
+    def __init__(self, base: VP, sigmas: tuple[float, ...]):
+        super().__init__(base.betas)
+        self.explicit = sigmas
+
+    def __repr__(self) -> str:
+        return f"VP(sigmas={list(self.explicit)})"
+
+
 def vp_grid(schedule: VP, sigmas: tuple[float, ...]) -> Grid:
     """The Grid of explicit sigma ratios on a discrete VP schedule: fractional model timesteps."""
     ab = schedule.alphas_cumprod.double()
@@ -69,5 +82,5 @@ def explicit_schedule(schedule, sigmas, steps: int):
             raise ValueError(f"sigmas on a Flow schedule are flow times in [0, 1], got sigmas[0] = {sigmas[0]}")
         return ExplicitFlow(schedule, sigmas), len(sigmas) - 1
     if isinstance(schedule, VP):
-        return vp_grid(schedule, sigmas), len(sigmas) - 1
+        return ExplicitVP(schedule, sigmas), len(sigmas) - 1
     raise ValueError(f"sigmas= a list needs a VP, EDM or Flow schedule, got {schedule!r}")

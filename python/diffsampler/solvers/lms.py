@@ -20,8 +20,8 @@ from numpy.polynomial import polynomial as P
 
 from ..ops import UpdateCoeffs
 from .plan import Plan, Step, ring_slots
-from .ve import ve_data_coeffs
-from .ve_grid import to_vp_scale, ve_grid
+from .ve import scaled_result, ve_data_coeffs
+from .ve_grid import ve_grid
 
 MAX_ORDER = 4  # the current derivative and 3 history reads (ops.MAX_HISTORY_READS)
 
@@ -77,7 +77,7 @@ def lms_plan(schedule, steps: int, prediction: str, *, order: int = 4, **grid) -
     for i in range(steps):
         coeffs, write, reads = lms_step(g.sigmas, i, prediction, order, i)
         if i == steps - 1:
-            coeffs = to_vp_scale(coeffs, g.final_alpha)
+            coeffs = scaled_result(coeffs, g.final_alpha)
         plan.append(Step(t=g.times[i], coeffs=coeffs, write_slot=write, read_slots=reads,
                          input_scale=g.input_scales[i]))
     return Plan(steps=tuple(plan), history_slots=MAX_ORDER, discrete_time=False, data_prediction=False,

@@ -24,8 +24,8 @@ import torch
 from ..ops import UpdateCoeffs
 from ..schedules import Flow
 from .plan import Plan, Step
-from .ve import ancestral_split, euler_coeffs, ve_data_coeffs
-from .ve_grid import to_vp_scale, ve_grid
+from .ve import ancestral_split, euler_coeffs, scaled_result, ve_data_coeffs
+from .ve_grid import ve_grid
 
 
 def phi_1(h: float) -> float:
@@ -104,7 +104,7 @@ def res_multistep_plan(schedule, steps: int, prediction: str, *, eta: float = 0.
                                             s_noise, prev)
         reads = ((i - 1) % 2,) if len(coeffs.b) == 2 else ()
         if i == steps - 1:
-            coeffs = to_vp_scale(coeffs, g.final_alpha)
+            coeffs = scaled_result(coeffs, g.final_alpha)
         plan.append(Step(t=g.times[i], coeffs=coeffs, write_slot=i % 2, read_slots=reads,
                          input_scale=g.input_scales[i]))
         prev = (sigma, down)
@@ -149,7 +149,7 @@ def er_sde_plan(schedule, steps: int, prediction: str, *, s_noise: float = 1.0, 
                                    alphas[i + 1], stage, s_noise)
             reads = tuple((i - k) % 3 for k in range(1, stage))
         if i == steps - 1:
-            coeffs = to_vp_scale(coeffs, final_alpha)
+            coeffs = scaled_result(coeffs, final_alpha)
         plan.append(Step(t=times[i], coeffs=coeffs, write_slot=i % 3, read_slots=reads, input_scale=scales[i]))
     return Plan(steps=tuple(plan), history_slots=3, discrete_time=False, init_scale=init)
 

@@ -18,6 +18,7 @@ solvers and k-diffusion sample; D = p x + q out is the data prediction, d = (x -
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from ..ops import StateRow, UpdateCoeffs
@@ -60,6 +61,15 @@ def heun_coeffs(p: float, q: float, p2: float, q2: float, sigma: float, sigma_ne
     r, r2 = (sigma_next - sigma) / sigma, (sigma_next - sigma) / sigma_next
     second = UpdateCoeffs(p=p2, q=q2, a=r2 / 2, b=(-r2 / 2, -r / 2), g=1.0 + r / 2)
     return euler_coeffs(p, q, sigma, sigma_next, state=KEEP_START), second
+
+
+def scaled_result(coeffs: UpdateCoeffs, k: float) -> UpdateCoeffs:
+    """The step whose result is k x' (every term of x' times k; m_0 and the state row unchanged): a VE-scale
+    result taken back to the VP scale (k = alpha), or ComfyUI's flow ancestral rescale."""
+    if k == 1.0:
+        return coeffs
+    return dataclasses.replace(coeffs, a=k * coeffs.a, e=k * coeffs.e, b=tuple(k * v for v in coeffs.b),
+                               c=k * coeffs.c, g=k * coeffs.g)
 
 
 def churn(sigma: float, n: int, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float

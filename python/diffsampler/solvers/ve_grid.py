@@ -2,7 +2,7 @@
 on a VP schedule EulerDiscreteScheduler's grid (model times, sigmas, the model input scaled by
 1 / sqrt(sigma^2 + 1), x_T by init_noise_sigma), on an EDM schedule Karras' sigmas (the model gets sigma), on
 any VP Grid its points (x_T and the model input in the VP scale: x_VE = x / alpha, and back at the end when the
-grid stops at a sigma > 0, folded into the last step's coefficients by `to_vp_scale`)."""
+grid stops at a sigma > 0, folded into the last step's coefficients by solvers.ve.scaled_result)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ops import UpdateCoeffs
 from ..schedules import EDM, VP, discrete_timesteps, sigma_grid
 from .grid import Grid
 
@@ -61,15 +60,6 @@ def grid_ve_grid(grid: Grid) -> VEGrid:
     alphas = [grid.alpha_sigma(i)[0] for i in range(len(grid.sigmas))]
     return VEGrid(times=tuple(grid.timesteps), sigmas=tuple(grid.sigmas), input_scales=tuple(alphas[:-1]),
                   init_scale=1.0 / alphas[0], final_alpha=alphas[-1])
-
-
-def to_vp_scale(coeffs: UpdateCoeffs, alpha: float) -> UpdateCoeffs:
-    """The step whose result is alpha x' (the VE sample at the grid's last sigma taken back to the VP scale)."""
-    if alpha == 1.0:
-        return coeffs
-    return UpdateCoeffs(p=coeffs.p, q=coeffs.q, a=alpha * coeffs.a, b=tuple(alpha * v for v in coeffs.b),
-                        e=alpha * coeffs.e, c=alpha * coeffs.c, g=alpha * coeffs.g, state=coeffs.state, r=coeffs.r,
-                        eps_of=coeffs.eps_of)
 
 
 def ve_grid(schedule, steps: int, **options) -> VEGrid:
