@@ -26,8 +26,8 @@ from diffsampler.bench.plots import pyplot, save
 from diffsampler.bench.quality import AS_USED
 
 SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "euler", "lms", "pndm", "res_multistep", "dpm_2",
-           "dpmpp_2m_sde", "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "lcm", "tcd")
-STOCHASTIC = ("dpmpp_2m_sde", "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "lcm", "tcd")
+           "dpmpp_2m_sde", "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "sa_solver", "lcm", "tcd")
+STOCHASTIC = ("dpmpp_2m_sde", "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "sa_solver", "lcm", "tcd")
 NFES = (5, 10, 20)
 REFERENCE = ("dpmpp_2m", 100)
 OPTIONS = dict(timestep_spacing="trailing")  # one grid for every solver, starting at the last training timestep
