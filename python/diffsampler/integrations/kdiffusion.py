@@ -29,7 +29,9 @@ from ..solvers.dpm import history_weights, update_terms
 from ..solvers.lms import MAX_ORDER, lms_coeffs, lms_step
 from ..solvers.pndm import ipndm_weights
 from ..solvers.res import er_noise_scaler, er_sde_coeffs, res_multistep_coeffs
-from ..solvers.ve import ancestral_split, churn, dpmpp_sde_coeffs, euler_coeffs, heun_coeffs
+from ..solvers.seeds import seeds_2_step, seeds_3_step
+from ..solvers.ve import ancestral_split, churn, dpmpp_sde_coeffs, euler_coeffs, gradient_estimation_coeffs, \
+    heun_coeffs, heunpp2_step, lcm_coeffs
 
 DENOISED = (0.0, 1.0)  # (p, q): the model output is the data prediction itself
 
@@ -448,3 +450,128 @@ def sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args=None, callback=Non
     step_of = lambda sigma, nxt: dpmpp_2s_ancestral_step(_denoised, sigma, nxt, eta, s_noise, flow=True)
     return _ancestral_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of,
                            lambda nxt, step: nxt > 0 and eta > 0, flow=True)
+
+
+def _calls(loop, x, denoised, sigmas, calls, state, noise_sampler=None):
+    """One step of several fused calls: call k combines the model output at sigmas[k] (call 0: denoised, the
+    step's first), call 0 writes history slot 0, a later one slot 1, and a call with two b entries reads slot 0;
+    with a noise_sampler every call draws noise_sampler(sigmas[k], sigmas[k + 1]) (as ComfyUI, weight 0 or not)."""
+    for k, coeffs in enumerate(calls):
+        if k:
+            denoised = loop.model(x, sigmas[k] * loop.s_in, **loop.extra_args)
+        z = noise_sampler(sigmas[k], sigmas[k + 1]) if noise_sampler is not None else None
+        x = ops.multistep_update(x, denoised, coeffs, history=loop.history, write_slot=min(k, 1),
+                                 read_slots=[0] if len(coeffs.b) == 2 else [], noise=z, state=state)
+    return x
+
+
+def _lcm(model, x, sigmas, extra_args, callback, disable, noise_sampler, s_noise, s_noise_end, noise_clip_std,
+         flow):
+    checks.real("s_noise", s_noise, "[0, inf)")
+    s_end = s_noise if s_noise_end is None else checks.real("s_noise_end", s_noise_end, "[0, inf)")
+    clip = checks.real("noise_clip_std", noise_clip_std, "[0, inf)")
+    checks.optional_callable("noise_sampler", noise_sampler, "noise_sampler(sigma, sigma_next)")
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=0)
+    if flow:
+        _flow_sigmas(loop)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s = loop.sigmas
+    n = len(s) - 1
+    for i in _steps(n, disable):
+        denoised = loop.denoise(x, i, s[i])
+        weight = s_noise + (s_end - s_noise) * (i / (n - 1) if n > 1 else 0.0)
+        z = noise_sampler(s[i], s[i + 1]) if s[i + 1] > 0 else None
+        if z is not None and clip > 0:
+            bound = float(clip * z.std())
+            z = z.clamp(-bound, bound)
+        x = loop.update(x, denoised, lcm_coeffs(*DENOISED, s[i + 1], weight if z is not None else 0.0, flow), i,
+                        noise=z)
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, s_noise=1.0,
+               s_noise_end=None, noise_clip_std=0.0):
+    """LCM's multistep consistency sampling (ComfyUI's sample_lcm): x' = D + s sigma' z, s from s_noise to
+    s_noise_end linearly over the steps, z clamped to +- noise_clip_std std(z) when that is > 0."""
+    return _lcm(model, x, sigmas, extra_args, callback, disable, noise_sampler, s_noise, s_noise_end,
+                noise_clip_std, False)
+
+
+@torch.no_grad()
+def sample_lcm_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, s_noise=1.0,
+                  s_noise_end=None, noise_clip_std=0.0):
+    """sample_lcm in ComfyUI's flow (CONST) form: x' = (1 - sigma') D + s sigma' z."""
+    return _lcm(model, x, sigmas, extra_args, callback, disable, noise_sampler, s_noise, s_noise_end,
+                noise_clip_std, True)
+
+
+@torch.no_grad()
+def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                   s_tmax=float("inf"), s_noise=1.0):
+    """Heun++ (ComfyUI's sample_heunpp2; solvers.ve.heunpp2_step): up to 3 model calls per step, the derivatives
+    along the Euler chain over the next grid sigmas weighed by sigma_k / (m sigma_0); churn as sample_euler's."""
+    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
+    s = loop.sigmas
+    state = torch.zeros_like(x)
+    for i in _steps(len(s) - 1, disable):
+        x, sigma_hat = _churned(x, s, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = loop.denoise(x, i, sigma_hat, sigma_hat)
+        x = _calls(loop, x, denoised, *heunpp2_step(_denoised, sigma_hat, s, i), state)
+    return x
+
+
+@torch.no_grad()
+def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.0):
+    """Gradient estimation (Permenter & Yuan 2024; ComfyUI's sample_gradient_estimation):
+    x' = x + (sigma' - sigma) (ge_gamma d - (ge_gamma - 1) d_prev), the derivatives d in the fused history."""
+    ge_gamma = checks.real("ge_gamma", ge_gamma)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
+    s = loop.sigmas
+
+    def coeffs_of(i):
+        coeffs = gradient_estimation_coeffs(*DENOISED, s[i], s[i + 1], ge_gamma, i == 0)
+        return coeffs, len(coeffs.b) - 1
+
+    return _multistep_history_loop(loop, x, coeffs_of, None, disable)
+
+
+def _seeds_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of):
+    """The SEEDS steps step_of(sigma, sigma_next) -> (sigmas, calls) (solvers.seeds); x' = D into sigma' = 0."""
+    _check_noise(eta, s_noise, noise_sampler)
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=2, strict=True)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s = loop.sigmas
+    state = torch.zeros_like(x)
+    for i in _steps(len(s) - 1, disable):
+        denoised = loop.denoise(x, i, s[i])
+        if s[i + 1] == 0:
+            x = loop.update(x, denoised, euler_coeffs(*DENOISED, s[i], 0.0), i)
+            continue
+        chain, calls = step_of(s[i], s[i + 1])
+        x = _calls(loop, x, denoised, chain, calls, state, noise_sampler if eta > 0 and s_noise > 0 else None)
+    return x
+
+
+@torch.no_grad()
+def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                   noise_sampler=None, r=0.5, solver_type="phi_1"):
+    """SEEDS-2 (ComfyUI's sample_seeds_2; solvers.seeds): two stages in lambda = -log sigma, the second at
+    sigma e^{-r h}; solver_type 'phi_1' or 'phi_2' (the weights of its second stage)."""
+    checks.real("r", r, "(0, 1]")
+    if solver_type not in ("phi_1", "phi_2"):
+        raise ValueError(f"solver_type must be 'phi_1' or 'phi_2', got {solver_type!r}")
+    step_of = lambda sigma, nxt: seeds_2_step(_denoised, sigma, nxt, eta, s_noise, r, solver_type)
+    return _seeds_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of)
+
+
+@torch.no_grad()
+def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                   noise_sampler=None, r_1=1 / 3, r_2=2 / 3):
+    """SEEDS-3 (ComfyUI's sample_seeds_3; solvers.seeds): three stages, at sigma e^{-r_1 h} and sigma e^{-r_2 h}."""
+    r_1, r_2 = checks.real("r_1", r_1, "(0, 1)"), checks.real("r_2", r_2, "(0, 1]")
+    if not r_1 < r_2:
+        raise ValueError(f"r_1 must be below r_2 (the stages in order), got r_1 = {r_1}, r_2 = {r_2}")
+    step_of = lambda sigma, nxt: seeds_3_step(_denoised, sigma, nxt, eta, s_noise, r_1, r_2)
+    return _seeds_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of)

@@ -1,0 +1,278 @@
+"""ComfyUI's further k-diffusion-style samplers (LCM, Heun++, gradient estimation, SEEDS): their published update
+equations written out in float64 with the same noise draws, the convergence order of the ODE solvers on an exact
+Gaussian-mixture denoiser, and bad input."""
+
+import functools
+import math
+
+import pytest
+import torch
+
+from diffsampler.integrations import kdiffusion as K
+from diffsampler.targets import GaussianMixture
+from test_integrations_kdiffusion import SIGMAS, ListNoise, close, denoiser, start
+
+FLOW_SIGMAS = torch.linspace(0.98, 0, 11, dtype=torch.float64)
+
+
+def call(x, sigma):
+    return denoiser(x, torch.full((x.shape[0],), float(sigma), dtype=x.dtype))
+
+
+def d_of(x, sigma):
+    return (x - call(x, sigma)) / sigma
+
+
+def lcm_eq(x, sigmas, noise, flow=False, s_noise=1.0, s_noise_end=None):
+    n = len(sigmas) - 1
+    for i in range(n):
+        s_next = float(sigmas[i + 1])
+        x = call(x, sigmas[i])
+        if s_next > 0:
+            end = s_noise if s_noise_end is None else s_noise_end
+            w = s_noise + (end - s_noise) * (i / (n - 1))
+            x = ((1 - s_next) * x if flow else x) + s_next * w * noise(sigmas[i], s_next)
+    return x
+
+
+def heunpp2_eq(x, sigmas):
+    sig = [float(v) for v in sigmas]
+    for i in range(len(sig) - 1):
+        d, dt = d_of(x, sig[i]), sig[i + 1] - sig[i]
+        if sig[i + 1] == sig[-1]:
+            x = x + d * dt
+            continue
+        x1 = x + d * dt
+        d1 = d_of(x1, sig[i + 1])
+        if sig[i + 2] == sig[-1]:
+            w1 = sig[i + 1] / (2 * sig[0])
+            x = x + ((1 - w1) * d + w1 * d1) * dt
+            continue
+        x2 = x1 + d1 * (sig[i + 2] - sig[i + 1])
+        d2 = d_of(x2, sig[i + 2])
+        w1, w2 = sig[i + 1] / (3 * sig[0]), sig[i + 2] / (3 * sig[0])
+        x = x + ((1 - w1 - w2) * d + w1 * d1 + w2 * d2) * dt
+    return x
+
+
+def gradient_estimation_eq(x, sigmas, gamma=2.0):
+    d_prev = None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = d_of(x, s)
+        if s_next == 0:
+            x = x - s * d
+        else:
+            x = x + d * (s_next - s)
+            if d_prev is not None:
+                x = x + (gamma - 1) * (d - d_prev) * (s_next - s)
+        d_prev = d
+    return x
+
+
+def seeds_eq(x, sigmas, rs, weights, eta, noise, s_noise=1.0):
+    """The exponential Runge-Kutta stages of SEEDS in lambda = -log sigma (data prediction, VE scale): stage k at
+    sigma e^{-r_k h}, x_k = e^{-r_k h (1 + eta)} x + sigma_k (sum_j A_kj(h) D_j) / sigma_k + sigma_k s_noise W_k,
+    with W the Ornstein-Uhlenbeck path over the stages; weights(he) -> the rows A (one per stage after the first
+    and x'), each a list of the weights of D_0, D_1, ..."""
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        D = [call(x, s)]
+        if s_next == 0:
+            x = D[0]
+            continue
+        h = math.log(s / s_next)
+        he = h * (1 + eta)
+        grid = [0.0, *rs, 1.0]
+        W = torch.zeros_like(x)
+        for k, row in enumerate(weights(he), start=1):
+            sk = s * math.exp(-grid[k] * h)
+            dr = grid[k] - grid[k - 1]
+            if eta > 0 and s_noise > 0:
+                W = W * math.exp(-dr * h * eta) + math.sqrt(1 - math.exp(-2 * dr * h * eta)) * noise(
+                    s * math.exp(-grid[k - 1] * h), sk)
+            xk = math.exp(-grid[k] * he) * x + sum(a * Dj for a, Dj in zip(row, D)) + sk * s_noise * W
+            if k == len(grid) - 1:
+                x = xk
+            else:
+                D.append(call(xk, sk))
+    return x
+
+
+def phi1(u):  # u phi_1(-u)
+    return 1 - math.exp(-u)
+
+
+def phi2(u):  # u phi_2(-u)
+    return (math.exp(-u) - 1 + u) / u
+
+
+def seeds_2_weights(r, solver_type):
+    def weights(he):
+        first = [[phi1(r * he)]]
+        if solver_type == "phi_1":
+            return first + [[phi1(he) * (1 - 1 / (2 * r)), phi1(he) / (2 * r)]]
+        return first + [[phi1(he) - phi2(he) / r, phi2(he) / r]]
+    return weights
+
+
+def seeds_3_weights(r1, r2):
+    def weights(he):
+        a = r2 / r1 * phi2(r2 * he)
+        return [[phi1(r1 * he)], [phi1(r2 * he) - a, a], [phi1(he) - phi2(he) / r2, 0.0, phi2(he) / r2]]
+    return weights
+
+
+def test_lcm_is_its_equation():
+    x = start()
+    got = K.sample_lcm(denoiser, x, SIGMAS, disable=True, noise_sampler=ListNoise(x.shape, 12))
+    assert close(got, lcm_eq(x, SIGMAS, ListNoise(x.shape, 12)))
+    got = K.sample_lcm(denoiser, x, SIGMAS, disable=True, noise_sampler=ListNoise(x.shape, 12), s_noise=0.5,
+                       s_noise_end=1.5)
+    assert close(got, lcm_eq(x, SIGMAS, ListNoise(x.shape, 12), s_noise=0.5, s_noise_end=1.5))
+    xf = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = K.sample_lcm_RF(denoiser, xf, FLOW_SIGMAS, disable=True, noise_sampler=ListNoise(x.shape, 12))
+    assert close(got, lcm_eq(xf, FLOW_SIGMAS, ListNoise(x.shape, 12), flow=True))
+
+
+def test_lcm_noise_clip():
+    x = start()
+    noise = ListNoise(x.shape, 12)
+    got = K.sample_lcm(denoiser, x, SIGMAS, disable=True, noise_sampler=noise, noise_clip_std=0.5)
+    clipped = ListNoise(x.shape, 12)
+    clipped.draws = [z.clamp(-0.5 * float(z.std()), 0.5 * float(z.std())) for z in clipped.draws]
+    assert close(got, lcm_eq(x, SIGMAS, clipped))
+
+
+def test_heunpp2_is_its_equation():
+    x = start()
+    calls = []
+    counted = lambda x, sigma: calls.append(1) or denoiser(x, sigma)  # noqa: E731
+    got = K.sample_heunpp2(counted, x, SIGMAS, disable=True)
+    assert close(got, heunpp2_eq(x, SIGMAS))
+    assert len(calls) == 3 * (len(SIGMAS) - 3) + 2 + 1
+
+
+def test_gradient_estimation_is_its_equation():
+    x = start()
+    for gamma in (2.0, 1.5):
+        got = K.sample_gradient_estimation(denoiser, x, SIGMAS, disable=True, ge_gamma=gamma)
+        assert close(got, gradient_estimation_eq(x, SIGMAS, gamma))
+
+
+@pytest.mark.parametrize("eta, s_noise, r, solver_type", [(0.0, 1.0, 0.5, "phi_1"), (1.0, 1.0, 0.5, "phi_1"),
+                                                          (0.7, 0.8, 0.4, "phi_2"), (1.0, 1.0, 1.0, "phi_2")])
+def test_seeds_2_is_its_equation(eta, s_noise, r, solver_type):
+    x = start()
+    got = K.sample_seeds_2(denoiser, x, SIGMAS, disable=True, eta=eta, s_noise=s_noise, r=r,
+                           solver_type=solver_type, noise_sampler=ListNoise(x.shape, 30))
+    want = seeds_eq(x, SIGMAS, [r], seeds_2_weights(r, solver_type), eta, ListNoise(x.shape, 30), s_noise)
+    assert close(got, want)
+
+
+@pytest.mark.parametrize("eta, s_noise, r_1, r_2", [(0.0, 1.0, 1 / 3, 2 / 3), (1.0, 1.0, 1 / 3, 2 / 3),
+                                                    (0.5, 0.7, 0.25, 0.6)])
+def test_seeds_3_is_its_equation(eta, s_noise, r_1, r_2):
+    x = start()
+    got = K.sample_seeds_3(denoiser, x, SIGMAS, disable=True, eta=eta, s_noise=s_noise, r_1=r_1, r_2=r_2,
+                           noise_sampler=ListNoise(x.shape, 40))
+    want = seeds_eq(x, SIGMAS, [r_1, r_2], seeds_3_weights(r_1, r_2), eta, ListNoise(x.shape, 40), s_noise)
+    assert close(got, want)
+
+
+def test_seeds_2_without_noise_is_dpmpp_2s():
+    """SEEDS-2's ODE step with r = 1/2 and phi_1 weights is DPM-Solver++(2S): x' = (sigma'/sigma) x + (1 -
+    sigma'/sigma) D_mid."""
+    x = start()
+    got = K.sample_seeds_2(denoiser, x, SIGMAS, disable=True, eta=0.0)
+    assert close(got, K.sample_dpmpp_2s_ancestral(denoiser, x, SIGMAS, disable=True, eta=0.0))
+
+
+def test_fused_float32():
+    """The fused CPU kernel (float32) gives the float64 equations' numbers."""
+    x = start()
+    xf = x.float()
+    model = lambda x, s: denoiser(x, s)  # noqa: E731
+
+    def noise(n):
+        draws = ListNoise(x.shape, n)
+        return lambda s, s_next: draws(s, s_next).float()
+    cases = [(K.sample_lcm(model, xf, SIGMAS.float(), disable=True, noise_sampler=noise(12)),
+              lcm_eq(x, SIGMAS.float().double(), ListNoise(x.shape, 12))),
+             (K.sample_heunpp2(model, xf, SIGMAS.float(), disable=True), heunpp2_eq(x, SIGMAS.float().double())),
+             (K.sample_gradient_estimation(model, xf, SIGMAS.float(), disable=True),
+              gradient_estimation_eq(x, SIGMAS.float().double())),
+             (K.sample_seeds_3(model, xf, SIGMAS.float(), disable=True, noise_sampler=noise(40)),
+              seeds_eq(x, SIGMAS.float().double(), [1 / 3, 2 / 3], seeds_3_weights(1 / 3, 2 / 3), 1.0,
+                       ListNoise(x.shape, 40)))]
+    for got, want in cases:
+        assert got.dtype == torch.float32 and close(got.double(), want, 1e-5)
+
+
+TARGET = GaussianMixture.random(dim=8, modes=3, seed=2)
+
+
+def exact(x, sigma):
+    return TARGET.posterior_mean(x, torch.ones_like(sigma), sigma)
+
+
+def grid(n):
+    return K.get_sigmas_karras(n, 0.02, 20.0).double()
+
+
+X0 = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=1)
+def reference():
+    return K.sample_heun(exact, X0 * grid(2000)[0], grid(2000), disable=True)
+
+
+def ode_errors(fn, steps, **kw):
+    x0, ref = X0, reference()
+    errors = []
+    for n in steps:
+        s = grid(n)
+        errors.append(float((fn(exact, x0 * s[0], s, disable=True, **kw) - ref).norm() / ref.norm()))
+    return errors
+
+
+def orders(errors):
+    return [math.log(errors[k] / errors[k + 1]) / math.log(2) for k in range(len(errors) - 1)]
+
+
+@pytest.mark.parametrize("fn, kw, steps, band", [
+    (K.sample_seeds_2, dict(eta=0.0), (20, 40, 80), (1.7, 2.3)),
+    (K.sample_seeds_2, dict(eta=0.0, r=1.0, solver_type="phi_2"), (20, 40, 80), (1.7, 2.3)),
+    (K.sample_seeds_3, dict(eta=0.0), (20, 40, 80), (2.5, 3.4)),
+    (K.sample_gradient_estimation, dict(ge_gamma=1.5), (20, 40, 80), (1.7, 2.3)),  # Adams-Bashforth 2's weights
+    (K.sample_gradient_estimation, {}, (40, 80, 160), (0.8, 1.3)),  # gamma = 2 extrapolates d to sigma'
+    (K.sample_heunpp2, {}, (40, 80, 160), (0.8, 1.3)),  # its weights tend to Euler's as sigma / sigma_0 -> 0
+])
+def test_ode_order(fn, kw, steps, band):
+    p = orders(ode_errors(fn, steps, **kw))
+    assert all(band[0] < v < band[1] for v in p), p
+
+
+def test_bad_input():
+    x = start()
+    with pytest.raises(ValueError, match="solver_type"):
+        K.sample_seeds_2(denoiser, x, SIGMAS, disable=True, solver_type="phi_3")
+    with pytest.raises(ValueError, match="r_1"):
+        K.sample_seeds_3(denoiser, x, SIGMAS, disable=True, r_1=0.7, r_2=0.5)
+    with pytest.raises(ValueError, match="r"):
+        K.sample_seeds_2(denoiser, x, SIGMAS, disable=True, r=0.0)
+    with pytest.raises(ValueError, match="eta"):
+        K.sample_seeds_3(denoiser, x, SIGMAS, disable=True, eta=-1.0)
+    with pytest.raises(ValueError, match="ge_gamma"):
+        K.sample_gradient_estimation(denoiser, x, SIGMAS, disable=True, ge_gamma=float("nan"))
+    with pytest.raises(ValueError, match="s_noise_end"):
+        K.sample_lcm(denoiser, x, SIGMAS, disable=True, s_noise_end=-1.0)
+    with pytest.raises(ValueError, match="noise_clip_std"):
+        K.sample_lcm(denoiser, x, SIGMAS, disable=True, noise_clip_std=-1.0)
+    with pytest.raises(ValueError, match="sigmas"):
+        K.sample_lcm_RF(denoiser, x, SIGMAS, disable=True)  # flow sigmas are in [0, 1]
+    with pytest.raises(ValueError, match="s_churn"):
+        K.sample_heunpp2(denoiser, x, SIGMAS, disable=True, s_churn=-1.0)
+    with pytest.raises(ValueError, match="sigmas"):
+        K.sample_seeds_2(denoiser, x, torch.tensor([2.0, 2.0, 0.0]), disable=True)  # steps in log sigma
