@@ -276,3 +276,61 @@ def test_bad_input():
         K.sample_heunpp2(denoiser, x, SIGMAS, disable=True, s_churn=-1.0)
     with pytest.raises(ValueError, match="sigmas"):
         K.sample_seeds_2(denoiser, x, torch.tensor([2.0, 2.0, 0.0]), disable=True)  # steps in log sigma
+
+
+def guided(x, sigma, scale=3.0):
+    """A CFG++ model: (the guided D = U + scale (C - U), the unconditional U) of two denoisers."""
+    uncond, cond = denoiser(x, sigma), denoiser(x, sigma, scale=1.3)
+    return uncond + scale * (cond - uncond), uncond
+
+
+def euler_cfg_pp_eq(x, sigmas):
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        D, U = guided(x, torch.full((x.shape[0],), s, dtype=x.dtype))
+        x = D + s_next * (x - U) / s
+    return x
+
+
+def dpmpp_2m_cfg_pp_eq(x, sigmas):
+    U_prev = None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        D, U = guided(x, torch.full((x.shape[0],), s, dtype=x.dtype))
+        if s_next == 0:
+            x = D
+        else:
+            h = math.log(s / s_next)
+            x = math.exp(-h) * (x - U) + D
+            if U_prev is not None:
+                r = math.log(float(sigmas[i - 1]) / s) / h
+                x = x - math.expm1(-h) / (2 * r) * (D - U_prev)
+        U_prev = U
+    return x
+
+
+def test_cfg_pp_is_its_equation():
+    x = start()
+    seen = []
+    got = K.sample_euler_cfg_pp(guided, x, SIGMAS, disable=True, callback=lambda info: seen.append(info["denoised"]))
+    assert close(got, euler_cfg_pp_eq(x, SIGMAS))
+    assert len(seen) == len(SIGMAS) - 1 and close(seen[-1], got)  # the guided D, x' = D into sigma' = 0
+    assert close(K.sample_dpmpp_2m_cfg_pp(guided, x, SIGMAS, disable=True), dpmpp_2m_cfg_pp_eq(x, SIGMAS))
+    xf = x.float()
+    got = K.sample_dpmpp_2m_cfg_pp(guided, xf, SIGMAS.float(), disable=True)  # the fused CPU kernel
+    assert got.dtype == torch.float32 and close(got.double(), dpmpp_2m_cfg_pp_eq(x, SIGMAS.float().double()), 1e-5)
+
+
+def test_cfg_pp_without_guidance_is_the_plain_sampler():
+    """With D = U (scale 0) CFG++ is the plain sampler."""
+    x = start()
+    plain = lambda x, sigma: (denoiser(x, sigma), denoiser(x, sigma))  # noqa: E731
+    assert close(K.sample_euler_cfg_pp(plain, x, SIGMAS, disable=True),
+                 K.sample_euler(denoiser, x, SIGMAS, disable=True))
+    assert close(K.sample_dpmpp_2m_cfg_pp(plain, x, SIGMAS, disable=True),
+                 K.sample_dpmpp_2m(denoiser, x, SIGMAS, disable=True))
+
+
+def test_cfg_pp_bad_model():
+    with pytest.raises(ValueError, match="uncond_denoised"):
+        K.sample_euler_cfg_pp(denoiser, start(), SIGMAS, disable=True)

@@ -25,6 +25,7 @@ from ..noise import BrownianTreeNoiseSampler, sde_noise_sampler  # noqa: F401 (k
 from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
 from ..solvers.ancestral import dpm2_step, dpmpp_2s_ancestral_step, euler_ancestral_step
+from ..solvers.cfg_pp import dpmpp_2m_cfg_pp_coeffs, euler_cfg_pp_coeffs
 from ..solvers.dpm import history_weights, update_terms
 from ..solvers.lms import MAX_ORDER, lms_coeffs, lms_step
 from ..solvers.pndm import ipndm_weights
@@ -575,3 +576,46 @@ def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=Non
         raise ValueError(f"r_1 must be below r_2 (the stages in order), got r_1 = {r_1}, r_2 = {r_2}")
     step_of = lambda sigma, nxt: seeds_3_step(_denoised, sigma, nxt, eta, s_noise, r_1, r_2)
     return _seeds_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of)
+
+
+def _guided(loop, x, i):
+    """(D, U) of a CFG++ model call: model(x, sigma, **extra_args) returns the guided and the unconditional data
+    predictions (denoised, uncond_denoised); the callback gets the guided one."""
+    out = loop.model(x, loop.sigmas[i] * loop.s_in, **loop.extra_args)
+    if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+        raise ValueError(f"model: the CFG++ samplers take a model returning the tuple (denoised, uncond_denoised), "
+                         f"got {type(out).__name__}")
+    if loop.callback is not None:
+        loop.callback({"x": x, "i": i, "sigma": loop.sigmas[i], "sigma_hat": loop.sigmas[i], "denoised": out[0]})
+    return out
+
+
+def _cfg_pp_loop(model, x, sigmas, extra_args, callback, disable, coeffs_of, strict=False):
+    """coeffs_of(sigmas, i) -> (UpdateCoeffs, n_reads) of solvers.cfg_pp: out = U (into the ring), state = D
+    (read only)."""
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=2, strict=strict)
+    for i in _steps(len(loop.sigmas) - 1, disable):
+        denoised, uncond = _guided(loop, x, i)
+        coeffs, n_hist = coeffs_of(loop.sigmas, i)
+        x = loop.update(x, uncond, coeffs, i, n_hist, state=denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Euler CFG++ (ComfyUI's sample_euler_cfg_pp): x' = D + sigma' (x - U) / sigma; model returns
+    (denoised, uncond_denoised)."""
+    return _cfg_pp_loop(model, x, sigmas, extra_args, callback, disable,
+                        lambda s, i: (euler_cfg_pp_coeffs(s[i], s[i + 1]), 0))
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """DPM-Solver++(2M) CFG++ (ComfyUI's sample_dpmpp_2m_cfg_pp; solvers.cfg_pp): x' = e^{-h} x + D - e^{-h} U -
+    expm1(-h) / (2 r) (D - U_prev); model returns (denoised, uncond_denoised)."""
+    def coeffs_of(s, i):
+        h_prev = math.log(s[i - 1] / s[i]) if i > 0 else None
+        coeffs = dpmpp_2m_cfg_pp_coeffs(s[i], s[i + 1], h_prev)
+        return coeffs, len(coeffs.b) - 1
+
+    return _cfg_pp_loop(model, x, sigmas, extra_args, callback, disable, coeffs_of, strict=True)

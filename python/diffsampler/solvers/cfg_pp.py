@@ -1,0 +1,35 @@
+"""CFG++ (Chung et al. 2024) steps in the VE scale, as ComfyUI's samplers take them: the guided data prediction
+D (classifier-free guidance's) and the unconditional one U; the step renoises along U's direction.
+
+    Euler CFG++              x' = D + sigma' (x - U) / sigma   (x' = D into sigma' = 0)
+    DPM-Solver++(2M) CFG++   x' = e^{-h} x + D - e^{-h} U - expm1(-h) / (2 r) (D - U_prev),  h = log(sigma / sigma'),
+                             r = h_prev / h;  the first step and the step into sigma' = 0 without the last term
+
+The fused call takes out = U (m_0 = U, written to history) and the guided D as its read-only state s (g = its
+weight), so neither prediction is copied.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..ops import UpdateCoeffs
+
+UNCOND = (0.0, 1.0)  # (p, q): m_0 = U, the model's unconditional data prediction
+
+
+def euler_cfg_pp_coeffs(sigma: float, sigma_next: float) -> UpdateCoeffs:
+    r = sigma_next / sigma
+    return UpdateCoeffs(*UNCOND, a=r, b=(-r,), g=1.0)
+
+
+def dpmpp_2m_cfg_pp_coeffs(sigma: float, sigma_next: float, h_prev: float | None) -> UpdateCoeffs:
+    """h_prev: the previous step's h (None at the first step); a second-order step reads U_prev from history."""
+    if sigma_next == 0:
+        return UpdateCoeffs(*UNCOND, a=0.0, b=(0.0,), g=1.0)
+    h = math.log(sigma / sigma_next)
+    decay = math.exp(-h)
+    if h_prev is None:
+        return UpdateCoeffs(*UNCOND, a=decay, b=(-decay,), g=1.0)
+    w = math.expm1(-h) / (2 * h_prev / h)
+    return UpdateCoeffs(*UNCOND, a=decay, b=(-decay, w), g=1.0 - w)
