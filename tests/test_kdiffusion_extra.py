@@ -334,3 +334,51 @@ def test_cfg_pp_without_guidance_is_the_plain_sampler():
 def test_cfg_pp_bad_model():
     with pytest.raises(ValueError, match="uncond_denoised"):
         K.sample_euler_cfg_pp(denoiser, start(), SIGMAS, disable=True)
+
+
+def dpm_solver_eq(x, t, t_next, order, r1=None):
+    """k-diffusion's DPMSolver steps (Lu et al. 2022) in t = -log sigma with eps = (x - D) / sigma."""
+    sig = lambda t: math.exp(-t)  # noqa: E731
+    eps = lambda x, t: d_of(x, sig(t))  # noqa: E731
+    h = t_next - t
+    e0 = eps(x, t)
+    if order == 1:
+        return x - sig(t_next) * math.expm1(h) * e0
+    r1 = r1 or (1 / 2 if order == 2 else 1 / 3)
+    u1 = x - sig(t + r1 * h) * math.expm1(r1 * h) * e0
+    e1 = eps(u1, t + r1 * h)
+    if order == 2:
+        return x - sig(t_next) * math.expm1(h) * e0 - sig(t_next) / (2 * r1) * math.expm1(h) * (e1 - e0)
+    r2 = 2 / 3
+    u2 = x - sig(t + r2 * h) * math.expm1(r2 * h) * e0 - sig(t + r2 * h) * (r2 / r1) * (
+        math.expm1(r2 * h) / (r2 * h) - 1) * (e1 - e0)
+    e2 = eps(u2, t + r2 * h)
+    return x - sig(t_next) * math.expm1(h) * e0 - sig(t_next) / r2 * (math.expm1(h) / h - 1) * (e2 - e0)
+
+
+def dpm_fast_eq(x, sigma_min, sigma_max, n, eta=0.0, noise=None):
+    m = n // 3 + 1
+    orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
+    ts = torch.linspace(-math.log(sigma_max), -math.log(sigma_min), m + 1, dtype=torch.float64).tolist()
+    for i, order in enumerate(orders):
+        s, s_next = math.exp(-ts[i]), math.exp(-ts[i + 1])
+        down, up = s_next, 0.0
+        if eta:
+            up0 = min(s_next, eta * math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
+            down = max(math.sqrt(s_next**2 - up0**2), sigma_min)
+            up = math.sqrt(max(s_next**2 - down**2, 0.0))
+        x = dpm_solver_eq(x, ts[i], -math.log(down), order)
+        if eta:
+            x = x + up * noise(s, s_next)
+    return x
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 9, 10])
+def test_dpm_fast_is_its_equation(n):
+    x = start()
+    calls = []
+    counted = lambda x, sigma: calls.append(1) or denoiser(x, sigma)  # noqa: E731
+    got = K.sample_dpm_fast(counted, x, 0.03, 14.6, n, disable=True)
+    assert close(got, dpm_fast_eq(x, 0.03, 14.6, n)) and len(calls) == n
+    got = K.sample_dpm_fast(denoiser, x, 0.03, 14.6, n, disable=True, eta=0.8, noise_sampler=ListNoise(x.shape, 9))
+    assert close(got, dpm_fast_eq(x, 0.03, 14.6, n, eta=0.8, noise=ListNoise(x.shape, 9)))

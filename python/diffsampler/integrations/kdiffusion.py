@@ -27,6 +27,7 @@ from ..schedules import karras_sigmas
 from ..solvers.ancestral import dpm2_step, dpmpp_2s_ancestral_step, euler_ancestral_step
 from ..solvers.cfg_pp import dpmpp_2m_cfg_pp_coeffs, euler_cfg_pp_coeffs
 from ..solvers.dpm import history_weights, update_terms
+from ..solvers.dpm_single import dpm_solver_step, fast_orders
 from ..solvers.lms import MAX_ORDER, lms_coeffs, lms_step
 from ..solvers.pndm import ipndm_weights
 from ..solvers.res import er_noise_scaler, er_sde_coeffs, res_multistep_coeffs
@@ -453,16 +454,16 @@ def sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args=None, callback=Non
                            lambda nxt, step: nxt > 0 and eta > 0, flow=True)
 
 
-def _calls(loop, x, denoised, sigmas, calls, state, noise_sampler=None):
+def _calls(loop, x, denoised, sigmas, calls, state, noises=()):
     """One step of several fused calls: call k combines the model output at sigmas[k] (call 0: denoised, the
-    step's first), call 0 writes history slot 0, a later one slot 1, and a call with two b entries reads slot 0;
-    with a noise_sampler every call draws noise_sampler(sigmas[k], sigmas[k + 1]) (as ComfyUI, weight 0 or not)."""
+    step's first), writes history slot k (the last slot for any later k), reads slots 0 .. n - 1 with n + 1 b
+    entries, and adds noises[k] (None or missing: no noise)."""
     for k, coeffs in enumerate(calls):
         if k:
             denoised = loop.model(x, sigmas[k] * loop.s_in, **loop.extra_args)
-        z = noise_sampler(sigmas[k], sigmas[k + 1]) if noise_sampler is not None else None
-        x = ops.multistep_update(x, denoised, coeffs, history=loop.history, write_slot=min(k, 1),
-                                 read_slots=[0] if len(coeffs.b) == 2 else [], noise=z, state=state)
+        z = noises[k] if k < len(noises) else None
+        x = ops.multistep_update(x, denoised, coeffs, history=loop.history, write_slot=min(k, loop.slots - 1),
+                                 read_slots=list(range(len(coeffs.b) - 1)), noise=z, state=state)
     return x
 
 
@@ -551,7 +552,9 @@ def _seeds_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, n
             x = loop.update(x, denoised, euler_coeffs(*DENOISED, s[i], 0.0), i)
             continue
         chain, calls = step_of(s[i], s[i + 1])
-        x = _calls(loop, x, denoised, chain, calls, state, noise_sampler if eta > 0 and s_noise > 0 else None)
+        noises = [noise_sampler(chain[k], chain[k + 1]) for k in range(len(calls))] if eta > 0 and s_noise > 0 \
+            else ()  # drawn as ComfyUI does, weight 0 or not (r = 1)
+        x = _calls(loop, x, denoised, chain, calls, state, noises)
     return x
 
 
@@ -619,3 +622,56 @@ def sample_dpmpp_2m_cfg_pp(model, x, sigmas, extra_args=None, callback=None, dis
         return coeffs, len(coeffs.b) - 1
 
     return _cfg_pp_loop(model, x, sigmas, extra_args, callback, disable, coeffs_of, strict=True)
+
+
+def _dpm_range(sigma_min, sigma_max) -> tuple[float, float]:
+    lo, hi = checks.real("sigma_min", sigma_min, "(0, inf)"), checks.real("sigma_max", sigma_max, "(0, inf)")
+    if not lo < hi:
+        raise ValueError(f"sigma_min must be below sigma_max, got {lo} and {hi}")
+    return lo, hi
+
+
+def _dpm_noise(sigma: float, sigma_next: float, eta: float, sigma_min: float) -> tuple[float, float]:
+    """(the sigma the deterministic step goes to, the noise weight) of k-diffusion's DPMSolver with eta:
+    max(sigma_down, sigma_min) and sqrt(sigma'^2 - that^2)."""
+    if not eta:
+        return sigma_next, 0.0
+    down = max(ancestral_split(sigma, sigma_next, eta)[0], sigma_min)
+    return down, math.sqrt(max(sigma_next**2 - down**2, 0.0))
+
+
+class _DPMSolverLoop(_Loop):
+    """_Loop with k-diffusion's DPMSolver callback: {'x', 'i', 't', 't_up', 'denoised', 'sigma', 'sigma_hat',
+    ...} (sigma = e^{-t})."""
+
+    def denoise_at(self, x, sigma, info):
+        denoised = self.model(x, sigma * self.s_in, **self.extra_args)
+        if self.callback is not None:
+            t = -math.log(sigma)
+            self.callback({"sigma": sigma, "sigma_hat": sigma, "x": x, "t": t, "t_up": t, "denoised": denoised,
+                           **info})
+        return denoised
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.0,
+                    s_noise=1.0, noise_sampler=None):
+    """DPM-Solver-fast (k-diffusion's; solvers.dpm_single): n model calls over floor(n / 3) + 1 steps uniform
+    in t = -log sigma from sigma_max to sigma_min, orders 3, ..., 3 and then (2, 1) or n % 3; eta > 0 steps to
+    max(sigma_down, sigma_min) and adds s_noise sqrt(sigma'^2 - that^2) z."""
+    lo, hi = _dpm_range(sigma_min, sigma_max)
+    n = checks.integer("n", n, 1)
+    _check_noise(eta, s_noise, noise_sampler)
+    orders = fast_orders(n)
+    ts = torch.linspace(-math.log(hi), -math.log(lo), len(orders) + 1, dtype=torch.float64).tolist()
+    sig = [math.exp(-t) for t in ts]
+    loop = _DPMSolverLoop(model, x, sig, extra_args, callback, slots=3, strict=True)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    state = torch.zeros_like(x)
+    for i in _steps(len(orders), disable):
+        to, up = _dpm_noise(sig[i], sig[i + 1], eta, lo)
+        denoised = loop.denoise_at(x, sig[i], {"i": i})
+        chain, calls = dpm_solver_step(_denoised, sig[i], to, orders[i], noise=up * s_noise)
+        noises = [None] * (len(calls) - 1) + [noise_sampler(sig[i], sig[i + 1])] if eta else ()
+        x = _calls(loop, x, denoised, chain, calls, state, noises)
+    return x
