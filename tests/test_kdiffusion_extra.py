@@ -382,3 +382,85 @@ def test_dpm_fast_is_its_equation(n):
     assert close(got, dpm_fast_eq(x, 0.03, 14.6, n)) and len(calls) == n
     got = K.sample_dpm_fast(denoiser, x, 0.03, 14.6, n, disable=True, eta=0.8, noise_sampler=ListNoise(x.shape, 9))
     assert close(got, dpm_fast_eq(x, 0.03, 14.6, n, eta=0.8, noise=ListNoise(x.shape, 9)))
+
+
+def dpm_adaptive_eq(x, sigma_min, sigma_max, order=3, rtol=0.05, atol=0.0078, h=0.05, pid=(0.0, 1.0, 0.0),
+                    safety=0.81, eta=0.0, noise=None):
+    """k-diffusion's adaptive DPM-Solver written out: the embedded pair, the error norm and its PID controller."""
+    k = 1.5 if eta else order
+    b = [(pid[0] + pid[1] + pid[2]) / k, -(pid[0] + 2 * pid[2]) / k, pid[2] / k]
+    errs, s, t_end, x_prev = None, -math.log(sigma_max), -math.log(sigma_min), x
+    info = dict(n_accept=0, n_reject=0)
+    while s < t_end - 1e-5:
+        t = min(t_end, s + h)
+        t_to, up = t, 0.0
+        if eta:
+            sig, sig_next = math.exp(-s), math.exp(-t)
+            up0 = min(sig_next, eta * math.sqrt(sig_next**2 * (sig**2 - sig_next**2) / sig**2))
+            t_to = min(t_end, -math.log(math.sqrt(sig_next**2 - up0**2)))
+            up = math.sqrt(max(sig_next**2 - math.exp(-2 * t_to), 0.0))
+        if order == 2:
+            low, high = dpm_solver_eq(x, s, t_to, 1), dpm_solver_eq(x, s, t_to, 2)
+        else:
+            low, high = dpm_solver_eq(x, s, t_to, 2, r1=1 / 3), dpm_solver_eq(x, s, t_to, 3)
+        delta = torch.maximum(torch.tensor(atol, dtype=x.dtype), rtol * torch.maximum(low.abs(), x_prev.abs()))
+        inv = 1 / (float(torch.linalg.norm((low - high) / delta)) / x.numel() ** 0.5 + 1e-8)
+        errs = [inv, inv, inv] if errs is None else [inv, errs[1], errs[2]]
+        factor = 1 + math.atan(errs[0] ** b[0] * errs[1] ** b[1] * errs[2] ** b[2] - 1)
+        h *= factor
+        if factor >= safety:
+            errs = [errs[0], errs[0], errs[1]]
+            x_prev, x, s = low, high + (up * noise(math.exp(-s), math.exp(-t)) if eta else 0), t
+            info["n_accept"] += 1
+        else:
+            info["n_reject"] += 1
+    return x, info
+
+
+@pytest.mark.parametrize("order, kw", [(3, {}), (2, {}), (3, dict(rtol=0.01, atol=0.001, h_init=0.5)),
+                                       (3, dict(pcoeff=0.3, icoeff=0.6, dcoeff=0.2, h_init=1.0))])
+def test_dpm_adaptive_is_its_equation(order, kw):
+    x = start()
+    got, info = K.sample_dpm_adaptive(denoiser, x, 0.03, 14.6, disable=True, order=order, return_info=True, **kw)
+    eq_kw = dict(rtol=kw.get("rtol", 0.05), atol=kw.get("atol", 0.0078), h=kw.get("h_init", 0.05),
+                 pid=(kw.get("pcoeff", 0.0), kw.get("icoeff", 1.0), kw.get("dcoeff", 0.0)))
+    want, want_info = dpm_adaptive_eq(x, 0.03, 14.6, order, **eq_kw)
+    assert close(got, want) and info["n_accept"] == want_info["n_accept"] and \
+        info["n_reject"] == want_info["n_reject"] and info["nfe"] == order * info["steps"], (info, want_info)
+    assert close(K.sample_dpm_adaptive(denoiser, x, 0.03, 14.6, disable=True, order=order, **kw), got, 0)
+
+
+def test_dpm_adaptive_with_noise():
+    x = start()
+    got = K.sample_dpm_adaptive(denoiser, x, 0.03, 14.6, disable=True, eta=0.7, noise_sampler=ListNoise(x.shape, 99))
+    want, _ = dpm_adaptive_eq(x, 0.03, 14.6, eta=0.7, noise=ListNoise(x.shape, 99))
+    assert close(got, want)
+
+
+def test_dpm_bad_input():
+    x = start()
+    with pytest.raises(ValueError, match="sigma_min"):
+        K.sample_dpm_fast(denoiser, x, 0.0, 14.6, 10, disable=True)
+    with pytest.raises(ValueError, match="sigma_min must be below"):
+        K.sample_dpm_adaptive(denoiser, x, 14.6, 0.03, disable=True)
+    with pytest.raises(ValueError, match="n"):
+        K.sample_dpm_fast(denoiser, x, 0.03, 14.6, 0, disable=True)
+    with pytest.raises(ValueError, match="order"):
+        K.sample_dpm_adaptive(denoiser, x, 0.03, 14.6, disable=True, order=1)
+    with pytest.raises(ValueError, match="h_init"):
+        K.sample_dpm_adaptive(denoiser, x, 0.03, 14.6, disable=True, h_init=0.0)
+    with pytest.raises(ValueError, match="atol"):
+        K.sample_dpm_adaptive(denoiser, x, 0.03, 14.6, disable=True, atol=0.0)
+
+
+def test_dpm_adaptive_tolerance_and_order():
+    """Tighter tolerances take more steps and land closer to the exact ODE solution; DPM-Solver-fast is third order."""
+    x = X0 * 20.0
+    ref = K.sample_heun(exact, x, grid(3000)[:-1], disable=True)
+    err = lambda y: float((y - ref).norm() / ref.norm())  # noqa: E731
+    loose, info_loose = K.sample_dpm_adaptive(exact, x, 0.02, 20.0, disable=True, return_info=True)
+    tight, info_tight = K.sample_dpm_adaptive(exact, x, 0.02, 20.0, disable=True, rtol=1e-3, atol=1e-4,
+                                              return_info=True)
+    assert info_tight["n_accept"] > info_loose["n_accept"] and err(tight) < err(loose) / 10
+    p = orders([err(K.sample_dpm_fast(exact, x, 0.02, 20.0, n, disable=True)) for n in (29, 59, 119)])
+    assert all(2.6 < v < 3.5 for v in p), p

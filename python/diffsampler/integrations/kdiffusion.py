@@ -27,7 +27,7 @@ from ..schedules import karras_sigmas
 from ..solvers.ancestral import dpm2_step, dpmpp_2s_ancestral_step, euler_ancestral_step
 from ..solvers.cfg_pp import dpmpp_2m_cfg_pp_coeffs, euler_cfg_pp_coeffs
 from ..solvers.dpm import history_weights, update_terms
-from ..solvers.dpm_single import dpm_solver_step, fast_orders
+from ..solvers.dpm_single import PIDStepSize, dpm_solver_step, fast_orders
 from ..solvers.lms import MAX_ORDER, lms_coeffs, lms_step
 from ..solvers.pndm import ipndm_weights
 from ..solvers.res import er_noise_scaler, er_sde_coeffs, res_multistep_coeffs
@@ -675,3 +675,57 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
         noises = [None] * (len(calls) - 1) + [noise_sampler(sig[i], sig[i + 1])] if eta else ()
         x = _calls(loop, x, denoised, chain, calls, state, noises)
     return x
+
+
+def _relative_error(x_low, x_high, x_prev, rtol, atol) -> float:
+    """k-diffusion's error estimate: the RMS of (x_low - x_high) / max(atol, rtol max(|x_low|, |x_prev|))."""
+    scale = torch.maximum(torch.maximum(x_low.abs(), x_prev.abs()) * rtol, x_low.new_tensor(atol))
+    return float(torch.linalg.norm((x_low - x_high) / scale)) / x_low.numel() ** 0.5
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None, disable=None, order=3,
+                        rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81,
+                        eta=0.0, s_noise=1.0, noise_sampler=None, return_info=False):
+    """DPM-Solver-12 / 23 (k-diffusion's adaptive DPM-Solver): from sigma_max to sigma_min in t = -log sigma,
+    each attempt a step of `order` (2 or 3) with the embedded lower order in the fused state, the error estimate
+    (one reduction) and solvers.dpm_single.PIDStepSize on the host; eta as sample_dpm_fast's (the noise, one
+    more fused call, on accepted steps). Returns x, or (x, info) with info's steps, nfe, n_accept, n_reject."""
+    lo, hi = _dpm_range(sigma_min, sigma_max)
+    if order not in (2, 3):
+        raise ValueError(f"order must be 2 or 3, got {order!r}")
+    rtol, atol = checks.real("rtol", rtol, "[0, inf)"), checks.real("atol", atol, "(0, inf)")
+    h_init = checks.real("h_init", h_init, "(-inf, inf)")
+    if h_init == 0:
+        raise ValueError("h_init must not be 0 (the first step size in t = -log sigma)")
+    coeffs = [checks.real(name, v) for name, v in (("pcoeff", pcoeff), ("icoeff", icoeff), ("dcoeff", dcoeff))]
+    accept_safety = checks.real("accept_safety", accept_safety)
+    _check_noise(eta, s_noise, noise_sampler)
+    loop = _DPMSolverLoop(model, x, [hi, lo], extra_args, callback, slots=3, strict=True)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s, t_end = -math.log(hi), -math.log(lo)
+    pid = PIDStepSize(abs(h_init), *coeffs, 1.5 if eta else order, accept_safety)
+    info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
+    buffers, x_prev = [torch.zeros_like(x), torch.zeros_like(x)], x
+    while s < t_end - 1e-5:
+        t = min(t_end, s + pid.h)
+        to, up = _dpm_noise(math.exp(-s), math.exp(-t), eta, lo)
+        denoised = loop.model(x, math.exp(-s) * loop.s_in, **loop.extra_args)
+        chain, calls = dpm_solver_step(_denoised, math.exp(-s), to, order, embedded=True)
+        x_high = _calls(loop, x, denoised, chain, calls, buffers[0])
+        error = _relative_error(buffers[0], x_high, x_prev, rtol, atol)
+        if pid.propose_step(error):
+            x_prev, buffers = buffers[0], buffers[::-1]
+            if eta:
+                noise = UpdateCoeffs(p=0.0, q=0.0, a=1.0, b=(0.0,), e=up * s_noise)
+                x_high = ops.multistep_update(x_high, noise_sampler(math.exp(-s), math.exp(-t)), noise)
+            x, s = x_high, t
+            info["n_accept"] += 1
+        else:
+            info["n_reject"] += 1
+        info["nfe"] += order
+        info["steps"] += 1
+        if loop.callback is not None:
+            loop.callback({"sigma": math.exp(-s), "sigma_hat": math.exp(-s), "x": x, "i": info["steps"] - 1, "t": s,
+                           "t_up": s, "denoised": denoised, "error": error, "h": pid.h, **info})
+    return (x, info) if return_info else x

@@ -61,3 +61,26 @@ def fast_orders(nfe: int) -> list[int]:
     """DPM-Solver-fast's orders of its floor(nfe / 3) + 1 steps (uniform in t), nfe model calls in all."""
     m = nfe // 3 + 1
     return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+
+
+class PIDStepSize:
+    """The step-size controller of k-diffusion's adaptive DPM-Solver (host floats): with the inverse errors
+    e_k = 1 / (error_k + eps) of this and the last two accepted steps, the factor
+    f = 1 + atan(e_0^{b_1} e_1^{b_2} e_2^{b_3} - 1), b_1 = (P + I + D) / order, b_2 = -(P + 2 D) / order,
+    b_3 = D / order; h *= f, and the step is accepted where f >= accept_safety."""
+
+    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float, accept_safety: float,
+                 eps: float = 1e-8):
+        self.h, self.accept_safety, self.eps = h, accept_safety, eps
+        self.b = ((pcoeff + icoeff + dcoeff) / order, -(pcoeff + 2 * dcoeff) / order, dcoeff / order)
+        self.errs: list[float] = []
+
+    def propose_step(self, error: float) -> bool:
+        inv = 1 / (error + self.eps)
+        self.errs = [inv, *(self.errs[1:] or [inv, inv])]
+        factor = 1 + math.atan(math.prod(e**b for e, b in zip(self.errs, self.b)) - 1)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.errs = [inv, self.errs[0], self.errs[1]]
+        self.h *= factor
+        return accept
