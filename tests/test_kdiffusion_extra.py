@@ -248,6 +248,9 @@ def orders(errors):
     (K.sample_gradient_estimation, dict(ge_gamma=1.5), (20, 40, 80), (1.7, 2.3)),  # Adams-Bashforth 2's weights
     (K.sample_gradient_estimation, {}, (40, 80, 160), (0.8, 1.3)),  # gamma = 2 extrapolates d to sigma'
     (K.sample_heunpp2, {}, (40, 80, 160), (0.8, 1.3)),  # its weights tend to Euler's as sigma / sigma_0 -> 0
+    (K.sample_deis, dict(max_order=2), (20, 40, 80), (1.7, 2.3)),
+    (K.sample_deis, dict(max_order=3), (20, 40, 80), (2.3, 3.4)),
+    (K.sample_deis, dict(max_order=3, deis_mode="rhoab"), (20, 40, 80), (2.3, 3.4)),
 ])
 def test_ode_order(fn, kw, steps, band):
     p = orders(ode_errors(fn, steps, **kw))
@@ -464,3 +467,41 @@ def test_dpm_adaptive_tolerance_and_order():
     assert info_tight["n_accept"] > info_loose["n_accept"] and err(tight) < err(loose) / 10
     p = orders([err(K.sample_dpm_fast(exact, x, 0.02, 20.0, n, disable=True)) for n in (29, 59, 119)])
     assert all(2.6 < v < 3.5 for v in p), p
+
+
+def deis_eq(x, sigmas, max_order, mode):
+    """DEIS's AB step x' = x + int d dsigma with d the Lagrange polynomial through the last derivatives, in the
+    VP time of the linear-beta schedule through sigma(1e-3) = 0.002, sigma(1) = 80 ('tab') or in sigma
+    ('rhoab'), integrated over sigma by scipy's quad."""
+    from scipy.integrate import quad
+
+    bd = 2 * (math.log(0.002**2 + 1) / 1e-3 - math.log(80.0**2 + 1)) / (1e-3 - 1)
+    bm = math.log(80.0**2 + 1) - bd / 2  # sigma(tau) = sqrt(e^{bd tau^2 / 2 + bm tau} - 1), inverted:
+    tau_of = lambda s: (math.sqrt(bm**2 + 2 * bd * math.log(s**2 + 1)) - bm) / bd  # noqa: E731
+    var = tau_of if mode == "tab" else (lambda s: s)
+    sig = [float(v) for v in sigmas]
+    ds = []
+    for i in range(len(sig) - 1):
+        ds.insert(0, d_of(x, sig[i]))
+        k = 1 if sig[i + 1] == 0 else min(i + 1, max_order)
+        nodes = [var(sig[i - j]) for j in range(k)]
+        for j in range(k):
+            basis = lambda u, j=j: math.prod((u - n) / (nodes[j] - n) for l, n in enumerate(nodes) if l != j)  # noqa
+            c = quad(lambda s: basis(var(s)), sig[i], sig[i + 1], epsabs=0, epsrel=1e-13)[0]  # d sigma
+            x = x + c * ds[j]
+    return x
+
+
+@pytest.mark.parametrize("max_order, mode", [(3, "tab"), (2, "tab"), (4, "tab"), (3, "rhoab")])
+def test_deis_is_its_equation(max_order, mode):
+    x = start()
+    got = K.sample_deis(denoiser, x, SIGMAS, disable=True, max_order=max_order, deis_mode=mode)
+    assert close(got, deis_eq(x, SIGMAS, max_order, mode))
+
+
+def test_deis_bad_input():
+    x = start()
+    with pytest.raises(ValueError, match="deis_mode"):
+        K.sample_deis(denoiser, x, SIGMAS, disable=True, deis_mode="bogus")
+    with pytest.raises(ValueError, match="max_order"):
+        K.sample_deis(denoiser, x, SIGMAS, disable=True, max_order=5)

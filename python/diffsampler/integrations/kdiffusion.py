@@ -26,6 +26,7 @@ from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
 from ..solvers.ancestral import dpm2_step, dpmpp_2s_ancestral_step, euler_ancestral_step
 from ..solvers.cfg_pp import dpmpp_2m_cfg_pp_coeffs, euler_cfg_pp_coeffs
+from ..solvers.deis_ab import DEIS_MODES, deis_ab_weights
 from ..solvers.dpm import history_weights, update_terms
 from ..solvers.dpm_single import PIDStepSize, dpm_solver_step, fast_orders
 from ..solvers.lms import MAX_ORDER, lms_coeffs, lms_step
@@ -729,3 +730,20 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
             loop.callback({"sigma": math.exp(-s), "sigma_hat": math.exp(-s), "x": x, "i": info["steps"] - 1, "t": s,
                            "t_up": s, "denoised": denoised, "error": error, "h": pid.h, **info})
     return (x, info) if return_info else x
+
+
+@torch.no_grad()
+def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode="tab"):
+    """DEIS (ComfyUI's sample_deis; solvers.deis_ab): x' = x + sum_j C_j d_{i-j} over the last min(i + 1,
+    max_order) derivatives in the fused ring, C_j the integrals of DEIS's Lagrange basis in the VP time
+    ('tab') or in sigma ('rhoab'); Euler into sigma' = 0."""
+    max_order = checks.integer("max_order", max_order, 1, MAX_ORDER)
+    if deis_mode not in DEIS_MODES:
+        raise ValueError(f"deis_mode must be one of {DEIS_MODES}, got {deis_mode!r}")
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=MAX_ORDER, strict=max_order > 1)
+
+    def coeffs_of(i):
+        weights = deis_ab_weights(loop.sigmas, i, max_order, deis_mode)
+        return lms_coeffs(*DENOISED, loop.sigmas[i], weights), len(weights) - 1
+
+    return _multistep_history_loop(loop, x, coeffs_of, None, disable)
