@@ -505,3 +505,24 @@ def test_deis_bad_input():
         K.sample_deis(denoiser, x, SIGMAS, disable=True, deis_mode="bogus")
     with pytest.raises(ValueError, match="max_order"):
         K.sample_deis(denoiser, x, SIGMAS, disable=True, max_order=5)
+
+
+@pytest.mark.parametrize("sampler", ["sample_lcm", "sample_heunpp2", "sample_gradient_estimation", "sample_seeds_2",
+                                     "sample_seeds_3", "sample_deis", "sample_euler_cfg_pp",
+                                     "sample_dpmpp_2m_cfg_pp"])
+def test_calling_convention(sampler):
+    """model(x, sigma * s_in, **extra_args); one callback dict per step, with the guided D for CFG++."""
+    seen = []
+    model = guided if "cfg_pp" in sampler else denoiser
+    got = getattr(K, sampler)(model, start().float(), SIGMAS.float(), extra_args={"scale": 0.9}, disable=True,
+                              callback=seen.append)
+    assert [d["i"] for d in seen] == list(range(len(SIGMAS) - 1))
+    assert set(seen[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"} and seen[0]["sigma"] == float(SIGMAS[0])
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+
+
+def test_dpm_fast_callback():
+    """k-diffusion's DPMSolver callback: per step, with t = -log sigma."""
+    seen = []
+    K.sample_dpm_fast(denoiser, start(), 0.03, 14.6, 7, disable=True, callback=seen.append)
+    assert [d["i"] for d in seen] == [0, 1, 2] and {"t", "t_up", "sigma", "denoised"} <= set(seen[0])

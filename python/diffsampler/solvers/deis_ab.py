@@ -5,7 +5,7 @@ max_order) derivatives (k = 1, Euler, into sigma' = 0), with
     tab     C_j = int_{tau_i}^{tau_{i+1}} sigma'(tau) L_j(tau) d tau,  L_j the Lagrange basis through tau_{i-l}, in
             the time tau of the linear-beta VP schedule sigma(tau) = sqrt(e^{beta_d tau^2 / 2 + beta_min tau} - 1)
             fitted to sigma(eps_s = 1e-3) = 0.002, sigma(1) = 80 (the integral by 64-point Gauss-Legendre;
-            ComfyUI sums 10000 points, to about 1e-4 of the weights)
+            ComfyUI sums 10000 points, to about 1e-5 of the weights)
     rhoab   C_j = int_{sigma_i}^{sigma_{i+1}} L_j(sigma) d sigma, the Lagrange basis in sigma itself (the LMS weights)
 """
 
