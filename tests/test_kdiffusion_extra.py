@@ -324,6 +324,32 @@ def test_cfg_pp_is_its_equation():
     assert got.dtype == torch.float32 and close(got.double(), dpmpp_2m_cfg_pp_eq(x, SIGMAS.float().double()), 1e-5)
 
 
+def gradient_estimation_cfg_pp_eq(x, sigmas, gamma=2.0):
+    d_prev = None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        D, U = guided(x, torch.full((x.shape[0],), s, dtype=x.dtype))
+        d = (x - U) / s
+        if s_next == 0:
+            x = D
+        else:
+            x = D + d * s_next
+            if d_prev is not None:
+                x = x + (gamma - 1) * (d - d_prev) * (s_next - s)
+        d_prev = d
+    return x
+
+
+def test_gradient_estimation_cfg_pp_is_its_equation():
+    x = start()
+    for gamma in (2.0, 1.5):
+        got = K.sample_gradient_estimation_cfg_pp(guided, x, SIGMAS, disable=True, ge_gamma=gamma)
+        assert close(got, gradient_estimation_cfg_pp_eq(x, SIGMAS, gamma))
+    plain = lambda x, sigma: (denoiser(x, sigma), denoiser(x, sigma))  # noqa: E731
+    assert close(K.sample_gradient_estimation(plain, x, SIGMAS, disable=True, cfg_pp=True),
+                 K.sample_gradient_estimation(denoiser, x, SIGMAS, disable=True))
+
+
 def test_cfg_pp_without_guidance_is_the_plain_sampler():
     """With D = U (scale 0) CFG++ is the plain sampler."""
     x = start()
@@ -509,7 +535,7 @@ def test_deis_bad_input():
 
 @pytest.mark.parametrize("sampler", ["sample_lcm", "sample_heunpp2", "sample_gradient_estimation", "sample_seeds_2",
                                      "sample_seeds_3", "sample_deis", "sample_euler_cfg_pp",
-                                     "sample_dpmpp_2m_cfg_pp"])
+                                     "sample_dpmpp_2m_cfg_pp", "sample_gradient_estimation_cfg_pp"])
 def test_calling_convention(sampler):
     """model(x, sigma * s_in, **extra_args); one callback dict per step, with the guided D for CFG++."""
     seen = []

@@ -526,18 +526,30 @@ def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=Non
 
 
 @torch.no_grad()
-def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.0):
+def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.0,
+                               cfg_pp=False):
     """Gradient estimation (Permenter & Yuan 2024; ComfyUI's sample_gradient_estimation):
-    x' = x + (sigma' - sigma) (ge_gamma d - (ge_gamma - 1) d_prev), the derivatives d in the fused history."""
+    x' = x + (sigma' - sigma) (ge_gamma d - (ge_gamma - 1) d_prev), the derivatives d in the fused history;
+    cfg_pp: its CFG++ form (model returns (denoised, uncond_denoised), d = (x - U) / sigma, x' = D + sigma' d +
+    (ge_gamma - 1) (sigma' - sigma) (d - d_prev))."""
     ge_gamma = checks.real("ge_gamma", ge_gamma)
+    coeffs_of = lambda s, i: _history_coeffs(  # noqa: E731
+        gradient_estimation_coeffs(*DENOISED, s[i], s[i + 1], ge_gamma, i == 0, cfg_pp=bool(cfg_pp)))
+    if cfg_pp:
+        return _cfg_pp_loop(model, x, sigmas, extra_args, callback, disable, coeffs_of)
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
-    s = loop.sigmas
+    return _multistep_history_loop(loop, x, lambda i: coeffs_of(loop.sigmas, i), None, disable)
 
-    def coeffs_of(i):
-        coeffs = gradient_estimation_coeffs(*DENOISED, s[i], s[i + 1], ge_gamma, i == 0)
-        return coeffs, len(coeffs.b) - 1
 
-    return _multistep_history_loop(loop, x, coeffs_of, None, disable)
+@torch.no_grad()
+def sample_gradient_estimation_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.0):
+    """sample_gradient_estimation with cfg_pp=True (ComfyUI's name)."""
+    return sample_gradient_estimation(model, x, sigmas, extra_args, callback, disable, ge_gamma, cfg_pp=True)
+
+
+def _history_coeffs(coeffs):
+    """(coeffs, the history reads its b makes)."""
+    return coeffs, len(coeffs.b) - 1
 
 
 def _seeds_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, step_of):

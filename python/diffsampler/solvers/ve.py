@@ -137,12 +137,15 @@ def heunpp2_step(convert, sigma: float, sigmas, i: int) -> tuple[list[float], li
 
 
 def gradient_estimation_coeffs(p: float, q: float, sigma: float, sigma_next: float, ge_gamma: float,
-                               first: bool) -> UpdateCoeffs:
+                               first: bool, cfg_pp: bool = False) -> UpdateCoeffs:
     """The step with m_0 = d = (x - D) / sigma (the history keeps the derivatives); a step not `first` reads
-    the previous d."""
+    the previous d. cfg_pp (solvers.cfg_pp's convention: out = U, the state s = the guided D): d = (x - U) /
+    sigma and x' = s + sigma' d + (gamma - 1) (sigma' - sigma) (d - d_prev) (x' = s into sigma' = 0)."""
     pd, qd = (1.0 - p) / sigma, -q / sigma
     if sigma_next == 0:
-        return UpdateCoeffs(p=pd, q=qd, a=1.0, b=(-sigma,))
+        return UpdateCoeffs(p=pd, q=qd, a=0.0, b=(0.0,), g=1.0) if cfg_pp else \
+            UpdateCoeffs(p=pd, q=qd, a=1.0, b=(-sigma,))
     dt = sigma_next - sigma
-    b = (dt,) if first else (ge_gamma * dt, (1.0 - ge_gamma) * dt)
-    return UpdateCoeffs(p=pd, q=qd, a=1.0, b=b)
+    extra = 0.0 if first else (ge_gamma - 1.0) * dt  # the weight of d - d_prev
+    b = (sigma_next + extra if cfg_pp else dt + extra,) + (() if first else (-extra,))
+    return UpdateCoeffs(p=pd, q=qd, a=0.0 if cfg_pp else 1.0, b=b, g=1.0 if cfg_pp else 0.0)
