@@ -287,12 +287,24 @@ def guided(x, sigma, scale=3.0):
     return uncond + scale * (cond - uncond), uncond
 
 
-def euler_cfg_pp_eq(x, sigmas):
+def euler_cfg_pp_eq(x, sigmas, eta=0.0, noise=None, s_noise=1.0):
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         D, U = guided(x, torch.full((x.shape[0],), s, dtype=x.dtype))
-        x = D + s_next * (x - U) / s
+        up = min(s_next, eta * math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
+        x = D + math.sqrt(s_next**2 - up**2) * (x - U) / s
+        if up > 0:
+            x = x + s_noise * up * noise(s, s_next)
     return x
+
+
+def test_euler_ancestral_cfg_pp_is_its_equation():
+    x = start()
+    got = K.sample_euler_ancestral_cfg_pp(guided, x, SIGMAS, disable=True, eta=0.8, s_noise=0.9,
+                                          noise_sampler=ListNoise(x.shape, 12))
+    assert close(got, euler_cfg_pp_eq(x, SIGMAS, 0.8, ListNoise(x.shape, 12), 0.9))
+    assert close(K.sample_euler_ancestral_cfg_pp(guided, x, SIGMAS, disable=True, eta=0.0),
+                 K.sample_euler_cfg_pp(guided, x, SIGMAS, disable=True))
 
 
 def dpmpp_2m_cfg_pp_eq(x, sigmas):

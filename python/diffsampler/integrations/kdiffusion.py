@@ -606,15 +606,29 @@ def _guided(loop, x, i):
     return out
 
 
-def _cfg_pp_loop(model, x, sigmas, extra_args, callback, disable, coeffs_of, strict=False):
+def _cfg_pp_loop(model, x, sigmas, extra_args, callback, disable, coeffs_of, strict=False, noise_sampler=None):
     """coeffs_of(sigmas, i) -> (UpdateCoeffs, n_reads) of solvers.cfg_pp: out = U (into the ring), state = D
-    (read only)."""
+    (read only); noise from noise_sampler where c != 0."""
     loop = _Loop(model, x, sigmas, extra_args, callback, slots=2, strict=strict)
-    for i in _steps(len(loop.sigmas) - 1, disable):
+    s = loop.sigmas
+    for i in _steps(len(s) - 1, disable):
         denoised, uncond = _guided(loop, x, i)
-        coeffs, n_hist = coeffs_of(loop.sigmas, i)
-        x = loop.update(x, uncond, coeffs, i, n_hist, state=denoised)
+        coeffs, n_hist = coeffs_of(s, i)
+        noise = noise_sampler(s[i], s[i + 1]) if coeffs.c else None
+        x = loop.update(x, uncond, coeffs, i, n_hist, noise=noise, state=denoised)
     return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                  s_noise=1.0, noise_sampler=None):
+    """Ancestral Euler CFG++ (ComfyUI's sample_euler_ancestral_cfg_pp; solvers.cfg_pp): x' = D + sigma_down
+    (x - U) / sigma + s_noise sigma_up z; model returns (denoised, uncond_denoised)."""
+    _check_noise(eta, s_noise, noise_sampler)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    return _cfg_pp_loop(model, x, sigmas, extra_args, callback, disable,
+                        lambda s, i: (euler_cfg_pp_coeffs(s[i], s[i + 1], eta, s_noise), 0),
+                        noise_sampler=noise_sampler)
 
 
 @torch.no_grad()
