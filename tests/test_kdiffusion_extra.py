@@ -180,6 +180,14 @@ def test_seeds_3_is_its_equation(eta, s_noise, r_1, r_2):
     assert close(got, want)
 
 
+def test_exp_heun_2_x0_is_seeds_2_at_r_1():
+    x = start()
+    want = seeds_eq(x, SIGMAS, [1.0], seeds_2_weights(1.0, "phi_2"), 0.0, None)
+    assert close(K.sample_exp_heun_2_x0(denoiser, x, SIGMAS, disable=True), want)
+    got = K.sample_exp_heun_2_x0_sde(denoiser, x, SIGMAS, disable=True, eta=0.6, noise_sampler=ListNoise(x.shape, 30))
+    assert close(got, seeds_eq(x, SIGMAS, [1.0], seeds_2_weights(1.0, "phi_2"), 0.6, ListNoise(x.shape, 30)))
+
+
 def test_seeds_2_without_noise_is_dpmpp_2s():
     """SEEDS-2's ODE step with r = 1/2 and phi_1 weights is DPM-Solver++(2S): x' = (sigma'/sigma) x + (1 -
     sigma'/sigma) D_mid."""

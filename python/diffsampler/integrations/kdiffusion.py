@@ -584,6 +584,21 @@ def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=Non
 
 
 @torch.no_grad()
+def sample_exp_heun_2_x0(model, x, sigmas, extra_args=None, callback=None, disable=None, solver_type="phi_2"):
+    """The exponential Heun method in data prediction (ComfyUI's): sample_seeds_2 with r = 1, no noise."""
+    return sample_seeds_2(model, x, sigmas, extra_args, callback, disable, eta=0.0, s_noise=0.0, r=1.0,
+                          solver_type=solver_type)
+
+
+@torch.no_grad()
+def sample_exp_heun_2_x0_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                             noise_sampler=None, solver_type="phi_2"):
+    """Its stochastic form (ComfyUI's): sample_seeds_2 with r = 1."""
+    return sample_seeds_2(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r=1.0,
+                          solver_type=solver_type)
+
+
+@torch.no_grad()
 def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                    noise_sampler=None, r_1=1 / 3, r_2=2 / 3):
     """SEEDS-3 (ComfyUI's sample_seeds_3; solvers.seeds): three stages, at sigma e^{-r_1 h} and sigma e^{-r_2 h}."""
