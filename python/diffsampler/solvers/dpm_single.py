@@ -3,10 +3,11 @@ k-diffusion's DPMSolver steps it (sample_dpm_fast, sample_dpm_adaptive): t = -lo
 stage sigmas sigma_k = sigma e^{-r_k h}.
 
     order 1   x' = x - sigma' E eps
-    order 2   u_1 = x - sigma_1 expm1(r_1 h) eps;  x' = x - sigma' E eps - sigma' E / (2 r_1) (eps_1 - eps)   (r_1 = 1/2)
+    order 2   u_1 = x - sigma_1 expm1(r_1 h) eps;  x' = x - sigma' E eps - sigma' E / (2 r_1) (eps_1 - eps)
+              (r_1 = 1/2)
     order 3   u_1 as order 2's (r_1 = 1/3);  u_2 = x - sigma_2 expm1(r_2 h) eps - sigma_2 (r_2 / r_1)
-              (expm1(r_2 h) / (r_2 h) - 1) (eps_1 - eps);  x' = x - sigma' E eps - sigma' / r_2 (E / h - 1) (eps_2 - eps)
-              (r_2 = 2/3)
+              (expm1(r_2 h) / (r_2 h) - 1) (eps_1 - eps);
+              x' = x - sigma' E eps - sigma' / r_2 (E / h - 1) (eps_2 - eps)   (r_2 = 2/3)
     adaptive  the embedded lower-order result x_low (order 1 in order 2's step, order 2 with r_1 = 1/3 in order
               3's) is made in the fused state beside x' = x_high.
 
