@@ -213,8 +213,13 @@ def test_fused_float32():
              (K.sample_seeds_3(model, xf, SIGMAS.float(), disable=True, noise_sampler=noise(40)),
               seeds_eq(x, SIGMAS.float().double(), [1 / 3, 2 / 3], seeds_3_weights(1 / 3, 2 / 3), 1.0,
                        ListNoise(x.shape, 40)))]
+    cases += [(K.sample_dpm_fast(model, xf, 0.03, 14.6, 9, disable=True), dpm_fast_eq(x, 0.03, 14.6, 9)),
+              (K.sample_deis(model, xf, SIGMAS.float(), disable=True), deis_eq(x, SIGMAS.float().double(), 3, "tab"))]
     for got, want in cases:
         assert got.dtype == torch.float32 and close(got.double(), want, 1e-5)
+    # the embedded pair in the state rows; the step sizes follow the float32 error estimates
+    got = K.sample_dpm_adaptive(model, xf, 0.03, 14.6, disable=True)
+    assert got.dtype == torch.float32 and close(got.double(), dpm_adaptive_eq(x, 0.03, 14.6)[0], 1e-4)
 
 
 TARGET = GaussianMixture.random(dim=8, modes=3, seed=2)
