@@ -375,6 +375,36 @@ def test_gradient_estimation_cfg_pp_is_its_equation():
                  K.sample_gradient_estimation(denoiser, x, SIGMAS, disable=True))
 
 
+def res_multistep_cfg_pp_eq(x, sigmas, eta=0.0, noise=None):
+    """ComfyUI's RES multistep CFG++: the exponential second-order step of U from x + D - U (Zhang et al.'s
+    b1 = phi_1 - phi_2 / c2, b2 = phi_2 / c2), the Euler step x' = D + sigma_down (x - U) / sigma."""
+    U_prev, prev = None, None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        D, U = guided(x, torch.full((x.shape[0],), s, dtype=x.dtype))
+        up = min(s_next, eta * math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
+        down = math.sqrt(s_next**2 - up**2)
+        if down == 0 or U_prev is None:
+            x = D + down * (x - U) / s
+        else:
+            h = math.log(s / down)
+            c2 = (math.log(prev[1]) - math.log(prev[0])) / h  # (t_prev - t_prev_down) / h, t = -log sigma
+            phi1, phi2 = -math.expm1(-h) / h, (-math.expm1(-h) / h - 1) / -h
+            x = math.exp(-h) * (x + D - U) + h * ((phi1 - phi2 / c2) * U + phi2 / c2 * U_prev)
+        if s_next > 0 and up > 0:
+            x = x + up * noise(s, s_next)
+        U_prev, prev = U, (s, down)
+    return x
+
+
+def test_res_multistep_cfg_pp_is_its_equation():
+    x = start()
+    assert close(K.sample_res_multistep_cfg_pp(guided, x, SIGMAS, disable=True), res_multistep_cfg_pp_eq(x, SIGMAS))
+    got = K.sample_res_multistep_ancestral_cfg_pp(guided, x, SIGMAS, disable=True, eta=0.7,
+                                                  noise_sampler=ListNoise(x.shape, 12))
+    assert close(got, res_multistep_cfg_pp_eq(x, SIGMAS, 0.7, ListNoise(x.shape, 12)))
+
+
 def test_cfg_pp_without_guidance_is_the_plain_sampler():
     """With D = U (scale 0) CFG++ is the plain sampler."""
     x = start()
@@ -383,6 +413,8 @@ def test_cfg_pp_without_guidance_is_the_plain_sampler():
                  K.sample_euler(denoiser, x, SIGMAS, disable=True))
     assert close(K.sample_dpmpp_2m_cfg_pp(plain, x, SIGMAS, disable=True),
                  K.sample_dpmpp_2m(denoiser, x, SIGMAS, disable=True))
+    assert close(K.sample_res_multistep_cfg_pp(plain, x, SIGMAS, disable=True),
+                 K.sample_res_multistep(denoiser, x, SIGMAS, disable=True))
 
 
 def test_cfg_pp_bad_model():
@@ -560,7 +592,8 @@ def test_deis_bad_input():
 
 @pytest.mark.parametrize("sampler", ["sample_lcm", "sample_heunpp2", "sample_gradient_estimation", "sample_seeds_2",
                                      "sample_seeds_3", "sample_deis", "sample_euler_cfg_pp",
-                                     "sample_dpmpp_2m_cfg_pp", "sample_gradient_estimation_cfg_pp"])
+                                     "sample_dpmpp_2m_cfg_pp", "sample_gradient_estimation_cfg_pp",
+                                     "sample_res_multistep_cfg_pp"])
 def test_calling_convention(sampler):
     """model(x, sigma * s_in, **extra_args); one callback dict per step, with the guided D for CFG++."""
     seen = []

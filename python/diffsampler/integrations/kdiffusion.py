@@ -788,3 +788,31 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         return lms_coeffs(*DENOISED, loop.sigmas[i], weights), len(weights) - 1
 
     return _multistep_history_loop(loop, x, coeffs_of, None, disable)
+
+
+def _res_cfg_pp(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler):
+    _check_noise(eta, s_noise, noise_sampler)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    prev = [None]
+
+    def coeffs_of(s, i):
+        coeffs, down = res_multistep_coeffs(DENOISED, s[i], s[i + 1], eta, s_noise, prev[0], cfg_pp=True)
+        prev[0] = (s[i], down)
+        return _history_coeffs(coeffs)
+
+    return _cfg_pp_loop(model, x, sigmas, extra_args, callback, disable, coeffs_of, noise_sampler=noise_sampler)
+
+
+@torch.no_grad()
+def sample_res_multistep_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0,
+                                noise_sampler=None):
+    """RES multistep CFG++ (ComfyUI's; solvers.res.res_multistep_coeffs with cfg_pp): the RES step of U from
+    x + D - U, the Euler step x' = D + (sigma_down / sigma) (x - U); model returns (denoised, uncond_denoised)."""
+    return _res_cfg_pp(model, x, sigmas, extra_args, callback, disable, 0.0, s_noise, noise_sampler)
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                          s_noise=1.0, noise_sampler=None):
+    """sample_res_multistep_cfg_pp with eta (ComfyUI's res_multistep_ancestral_cfg_pp)."""
+    return _res_cfg_pp(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler)
