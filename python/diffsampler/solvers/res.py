@@ -17,6 +17,7 @@ defines them; h = log(sigma / sigma_down), t = -log sigma.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -37,20 +38,26 @@ def phi_2(h: float) -> float:
 
 
 def res_multistep_coeffs(data: tuple[float, float], sigma: float, sigma_next: float, eta: float, s_noise: float,
-                         prev: tuple[float, float] | None) -> tuple[UpdateCoeffs, float]:
+                         prev: tuple[float, float] | None, cfg_pp: bool = False) -> tuple[UpdateCoeffs, float]:
     """(the step, its sigma_down); prev: (sigma, sigma_down) of the step before (None at the first), the
-    step reads that step's D from history when it is second order (len(b) == 2)."""
+    step reads that step's D from history when it is second order (len(b) == 2). cfg_pp: ComfyUI's CFG++ form
+    in solvers.cfg_pp's convention (D the model's unconditional prediction U, the state s the guided one):
+    the Euler step x' = s + (sigma_down / sigma) (x - U), the second-order one from x + s - U."""
     down, up = ancestral_split(sigma, sigma_next, eta)
     c = s_noise * up if sigma_next > 0 else 0.0
     if down == 0 or prev is None:
-        return euler_coeffs(*data, sigma, down, c=c), down
+        step = euler_coeffs(*data, sigma, down, c=c)
+        return (replace(step, b=(-step.a,), g=1.0) if cfg_pp else step), down
     t, t_next = -math.log(sigma), -math.log(down)
     t_prev, t_old = -math.log(prev[0]), -math.log(prev[1])
     h = t_next - t
     c2 = (t_prev - t_old) / h
     p1, p2 = phi_1(-h), phi_2(-h)
     b1, b2 = (p1 - p2 / c2, p2 / c2) if c2 != 0 else (0.0, 0.0)  # ComfyUI's nan_to_num
-    return UpdateCoeffs(p=data[0], q=data[1], a=math.exp(-h), b=(h * b1, h * b2), c=c), down
+    a = math.exp(-h)
+    if cfg_pp:
+        return UpdateCoeffs(p=data[0], q=data[1], a=a, b=(h * b1 - a, h * b2), g=a, c=c), down
+    return UpdateCoeffs(p=data[0], q=data[1], a=a, b=(h * b1, h * b2), c=c), down
 
 
 def er_noise_scaler(lam: torch.Tensor) -> torch.Tensor:

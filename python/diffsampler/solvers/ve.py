@@ -14,6 +14,13 @@ solvers and k-diffusion sample; D = p x + q out is the data prediction, d = (x -
     DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde, two calls per step, h = log(sigma / sigma'),
                      fac = 1 / (2 r)): an ancestral Euler step to sigma(t + r h), then from the start s
                      x' = (sigma_down / sigma) s + (1 - sigma_down / sigma) ((1 - fac) D + fac D2) + sigma_up z
+    LCM              x' = k D + s_noise sigma' z  (k = 1; flow, CONST: k = 1 - sigma')
+    Heun++ (heunpp2) x' = x + (sigma_1 - sigma) (w_0 d + w_1 d_1 [+ w_2 d_2]), d_k the derivatives at the Euler
+                     chain x_1 = x + (sigma_1 - sigma) d, x_2 = x_1 + (sigma_2 - sigma_1) d_1 over the next grid
+                     sigmas, w_k = sigma_k / (m sigma_0) (k >= 1, m the number of calls), w_0 = 1 - sum; the call
+                     count m = 3, or 2 before the last interval, 1 (Euler) on it
+    gradient estimation (Permenter & Yuan 2024)  x' = x + (sigma' - sigma) (gamma d - (gamma - 1) d_prev), the
+                     first step Euler, x' = D into sigma' = 0
 """
 
 from __future__ import annotations
@@ -108,3 +115,47 @@ def dpmpp_sde_coeffs(sigma: float, sigma_next: float, eta: float, r: float, s_no
     p2, q2 = data2 or data
     second = UpdateCoeffs(p=p2, q=q2, a=0.0, b=(w * fac, w * (1 - fac)), g=down / sigma, c=up * s_noise)
     return s_mid, first, second
+
+
+def lcm_coeffs(p: float, q: float, sigma_next: float, s_noise: float, flow: bool = False) -> UpdateCoeffs:
+    """x' = D + s_noise sigma' z, or (flow) x' = (1 - sigma') D + s_noise sigma' z."""
+    return UpdateCoeffs(p=p, q=q, a=0.0, b=(1.0 - sigma_next if flow else 1.0,), c=s_noise * sigma_next)
+
+
+def heunpp2_step(convert, sigma: float, sigmas, i: int) -> tuple[list[float], list[UpdateCoeffs]]:
+    """(the model sigmas, the fused calls) of Heun++ step i from sigma (sigma_i, or its churned sigma_hat) over
+    the grid `sigmas`; convert(sigma) -> (p, q). Call 0 writes D into history slot 0 and keeps the start in the
+    state; a call with two b entries reads slot 0; the three-call step's second call rewrites the state to the
+    part of x' that the start, D and d_1 make."""
+    s = [sigma, *sigmas[i + 1:i + 3]]
+    end = sigmas[-1]
+    if s[1] == end:
+        return s[:1], [euler_coeffs(*convert(sigma), sigma, s[1])]
+    m = 2 if s[2] == end else 3
+    dt = s[1] - sigma
+    w = [s[k] / (m * sigmas[0]) for k in range(1, m)]
+    w = [1.0 - sum(w), *w]
+    first = euler_coeffs(*convert(sigma), sigma, s[1], state=KEEP_START)
+    r0, r1 = w[0] * dt / sigma, w[1] * dt / s[1]  # the weights of d and d_1 in x' - s
+    part = dict(a=r1, b=(-r1, -r0), g=1.0 + r0)  # s + r0 (s - D) + r1 (x_1 - D_1)
+    if m == 2:
+        return s[:2], [first, UpdateCoeffs(*convert(s[1]), **part)]
+    h1 = (s[2] - s[1]) / s[1]
+    second = UpdateCoeffs(*convert(s[1]), a=1.0 + h1, b=(-h1, 0.0), state=StateRow(**part))
+    r2 = w[2] * dt / s[2]
+    return s, [first, second, UpdateCoeffs(*convert(s[2]), a=r2, b=(-r2,), g=1.0)]
+
+
+def gradient_estimation_coeffs(p: float, q: float, sigma: float, sigma_next: float, ge_gamma: float,
+                               first: bool, cfg_pp: bool = False) -> UpdateCoeffs:
+    """The step with m_0 = d = (x - D) / sigma (the history keeps the derivatives); a step not `first` reads
+    the previous d. cfg_pp (solvers.cfg_pp's convention: out = U, the state s = the guided D): d = (x - U) /
+    sigma and x' = s + sigma' d + (gamma - 1) (sigma' - sigma) (d - d_prev) (x' = s into sigma' = 0)."""
+    pd, qd = (1.0 - p) / sigma, -q / sigma
+    if sigma_next == 0:
+        return UpdateCoeffs(p=pd, q=qd, a=0.0, b=(0.0,), g=1.0) if cfg_pp else \
+            UpdateCoeffs(p=pd, q=qd, a=1.0, b=(-sigma,))
+    dt = sigma_next - sigma
+    extra = 0.0 if first else (ge_gamma - 1.0) * dt  # the weight of d - d_prev
+    b = (sigma_next + extra if cfg_pp else dt + extra,) + (() if first else (-extra,))
+    return UpdateCoeffs(p=pd, q=qd, a=0.0 if cfg_pp else 1.0, b=b, g=1.0 if cfg_pp else 0.0)
