@@ -128,3 +128,12 @@ def test_linear_quadratic():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_kdiffusion_names():
+    from diffsampler.integrations import kdiffusion as K
+
+    assert torch.equal(K.get_sigmas_exponential(7, 0.03, 14.6), G.exponential(7, 0.03, 14.6))
+    ref = torch.linspace(math.log(14.6), math.log(0.03), 7).exp()  # k-diffusion's formula
+    assert torch.equal(K.get_sigmas_exponential(7, 0.03, 14.6)[:-1], ref)
+    assert K.get_sigmas_polyexponential is G.polyexponential and K.get_sigmas_laplace is G.laplace

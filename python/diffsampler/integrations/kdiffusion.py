@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .. import checks, ops
+from .. import checks, ops, sigma_grids
 from ..noise import BrownianTreeNoiseSampler, sde_noise_sampler  # noqa: F401 (k-diffusion's name, re-exported)
 from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
@@ -49,9 +49,10 @@ def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu"):
     return _zero_appended(torch.as_tensor(karras_sigmas(sigma_min, sigma_max, n, rho), dtype=torch.float32)).to(device)
 
 
-def get_sigmas_exponential(n, sigma_min, sigma_max, device="cpu"):
-    """n sigmas uniform in log sigma, then 0."""
-    return _zero_appended(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, device=device).exp())
+# k-diffusion's and ComfyUI's other grids, by their names (diffsampler.sigma_grids)
+get_sigmas_exponential = sigma_grids.exponential
+get_sigmas_polyexponential = sigma_grids.polyexponential
+get_sigmas_laplace = sigma_grids.laplace
 
 
 def get_sigmas_vp(n, beta_d=19.9, beta_min=0.1, eps_s=1e-3, device="cpu"):
