@@ -75,6 +75,16 @@ class _MultistepMixin:
     def _lml_args(self, step, sample, model_output) -> dict:
         return {}
 
+    def _noised_step(self, model_output, timestep, sample, generator, return_dict):
+        """The fused step with diffusers' randn_tensor noise (the output's dtype) for algorithm_type
+        "sde-dpmsolver++", as a SchedulerOutput or a tuple."""
+        noise = None
+        if self.config.algorithm_type == "sde-dpmsolver++":
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                 dtype=model_output.dtype)
+        prev = self._fused_step(model_output, timestep, sample, noise)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
     def _threshold_args(self) -> dict:
         return _threshold_kwargs(self.config)
 
@@ -191,12 +201,7 @@ class EDMDPMSolverMultistepScheduler(_EDMDPMSolver, diffusers.EDMDPMSolverMultis
     heun, dpmsolver++ and sde-dpmsolver++ up to order 2, both final sigmas, thresholding) with the fused update."""
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        noise = None
-        if self.config.algorithm_type == "sde-dpmsolver++":
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                 dtype=model_output.dtype)
-        prev = self._fused_step(model_output, timestep, sample, noise)
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+        return self._noised_step(model_output, timestep, sample, generator, return_dict)
 
 
 class CosineDPMSolverMultistepScheduler(_EDMDPMSolver, diffusers.CosineDPMSolverMultistepScheduler):
@@ -237,12 +242,7 @@ class DPMSolverSinglestepScheduler(_MultistepMixin, diffusers.DPMSolverSingleste
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         if self.config.variance_type in ("learned", "learned_range") and self.config.prediction_type == "epsilon":
             model_output = model_output[:, :3]
-        noise = None
-        if self.config.algorithm_type == "sde-dpmsolver++":
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                 dtype=model_output.dtype)
-        prev = self._fused_step(model_output, timestep, sample, noise)
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+        return self._noised_step(model_output, timestep, sample, generator, return_dict)
 
 
 class UniPCMultistepScheduler(_MultistepMixin, diffusers.UniPCMultistepScheduler):
