@@ -114,3 +114,30 @@ def test_restart_against_heun_at_the_same_model_calls():
 def test_bad_restart(restart, match):
     with pytest.raises(ValueError, match=match):
         ds.sample(denoiser, start(), steps=24, solver="restart", schedule=EDM, prediction="x0", restart=restart)
+
+
+def test_restart_on_vp_is_sample_restart_on_its_sigmas():
+    """On Stable Diffusion's schedule: the Euler grid's sigmas in the VE scale, the model at each sigma's
+    fractional timestep: sample_restart on the same sigmas with the eps model wrapped as its denoiser."""
+    import numpy as np
+
+    from diffsampler.schedules import sigma_to_t
+    from diffsampler.solvers.ve_grid import VEPoints
+
+    vp = ds.schedules.VP.scaled_linear()
+    target = GaussianMixture.random(dim=8, modes=3, seed=0)
+    model = target.model(vp, "eps")
+    log_train = np.log((((1 - vp.alphas_cumprod.double()) / vp.alphas_cumprod.double()) ** 0.5).numpy())
+    points = VEPoints(vp, 24, "eps")
+    grid_t = dict(zip(points.sigmas[:-1], points.timesteps))
+
+    def denoiser(x, sigma):
+        s = float(sigma[0])
+        t = grid_t.get(s, float(sigma_to_t(np.array(s), log_train)))
+        return x - s * model(x / (s * s + 1) ** 0.5, torch.tensor(t, dtype=torch.float64)).to(x.dtype)
+
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    got = ds.sample(model, x, steps=24, solver="restart", schedule=vp, generator=torch.Generator().manual_seed(6))
+    torch.manual_seed(6)  # randn_like(x float32): the same draws as ds.sample's seeded generator
+    want = K.sample_restart(denoiser, x * points.init_scale, torch.tensor(points.sigmas), disable=True)
+    assert close(got, want, 1e-5)

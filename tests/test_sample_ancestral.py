@@ -110,7 +110,7 @@ def test_vp_dpmpp_2s_ancestral_is_k_diffusion():
     plan = ds.solvers.make_plan("dpmpp_2s_ancestral", vp, 10, "eps")
     log_train = np.log((((1 - vp.alphas_cumprod) / vp.alphas_cumprod) ** 0.5).numpy())
     grid_t = {}  # the grid's own (float) timesteps where sample() uses them
-    sigmas = [s for s in ds.solvers.ancestral._Grid(vp, 10, "eps").sigmas]
+    sigmas = [s for s in ds.solvers.ve_grid.VEPoints(vp, 10, "eps").sigmas]
     for i, sigma in enumerate(sigmas[:-1]):
         grid_t[sigma] = plan.steps[2 * i].t
 

@@ -131,7 +131,8 @@ SOLVERS: dict[str, SolverSpec] = {
     "er_sde": SolverSpec("ER-SDE-Solver-3 (extended reverse-time SDE, ComfyUI's er_sde); on Flow its CONST form",
                          {VP: er_sde_plan, EDM: er_sde_plan, Flow: er_sde_plan, Grid: er_sde_plan}),
     "restart": SolverSpec("Restart sampling (Heun with re-noising jumps t_min -> t_max, K times), its authors' "
-                          "default restart for >= 20 steps", {EDM: restart_plan}),
+                          "default restart for >= 20 steps; on VP the Euler grid in the VE scale",
+                          {EDM: restart_plan, VP: restart_plan}, explicit_vp=True),
     "dpmv3": SolverSpec("DPM-Solver-v3: needs ems (fit_ems or EMS.constant); ends at sigma_min / eps",
                         {VP: dpmv3_plan}, dpmv3_steps, grid_final="eps"),
 }

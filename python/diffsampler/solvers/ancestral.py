@@ -19,14 +19,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
-
 from ..ops import UpdateCoeffs
-from ..schedules import EDM, Flow, sigma_to_t
-from .explicit import ExplicitVP, vp_grid
-from .ve_grid import grid_ve_grid, vp_ve_grid
-from .plan import Plan, Step
-from .ve import KEEP_START, ancestral_split, euler_coeffs, scaled_result, ve_data_coeffs
+from ..schedules import Flow
+from .plan import Plan
+from .ve import KEEP_START, ancestral_split, euler_coeffs, scaled_result
+from .ve_grid import VEPoints
 
 
 def log_midpoint(sigma: float, sigma_to: float) -> float:
@@ -138,64 +135,19 @@ def dpmpp_2s_ancestral_step(convert, sigma: float, sigma_next: float, eta: float
 # Plans of diffsampler.sample: `steps` intervals on a VP (diffusers' Euler grid, the VE scale x / alpha), EDM or
 # Flow schedule; the two-call methods take two model calls per interval but an Euler step into sigma = 0.
 
-class _Grid:
-    """The sigmas (then 0) of a schedule family, the model time and input scale at any sigma, x_T's scale and
-    the conversion (p, q) of the model output to D."""
-
-    def __init__(self, schedule, steps: int, prediction: str, timestep_spacing: str = "linspace",
-                 steps_offset: int = 0):
-        self.schedule, self.prediction = schedule, prediction
-        if isinstance(schedule, Flow):
-            if prediction != "flow":
-                raise ValueError(f"the flow solvers take prediction 'flow' (the velocity eps - x0), got "
-                                 f"{prediction!r}")
-            self.sigmas, self.init_scale = [float(s) for s in schedule.sigmas(steps)], 1.0
-        elif isinstance(schedule, EDM):
-            self.sigmas = schedule.sigmas(steps)
-            self.init_scale = self.sigmas[0]
-        else:  # a sigmas= list: its Grid's points (x_T and the result in the VP scale), else diffusers' Euler grid
-            grid = (grid_ve_grid(vp_grid(schedule, schedule.explicit)) if isinstance(schedule, ExplicitVP)
-                    else vp_ve_grid(schedule, steps, timestep_spacing, steps_offset))
-            self.train = (((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5).numpy()
-            self.timesteps, self.sigmas, self.init_scale = list(grid.times), list(grid.sigmas), grid.init_scale
-            self.final_alpha = grid.final_alpha
-        if not isinstance(schedule, Flow):
-            ve_data_coeffs(prediction, 1.0)  # checks the prediction
-
-    def coeffs(self, sigma: float) -> tuple[float, float]:
-        return (1.0, -sigma) if isinstance(self.schedule, Flow) else ve_data_coeffs(self.prediction, sigma)
-
-    def step(self, sigma: float, coeffs: UpdateCoeffs, i: int | None = None, **kw) -> Step:
-        """The step calling the model at sigma (at grid point i: its own timestep)."""
-        if isinstance(self.schedule, Flow):
-            return Step(t=float(np.float32(sigma) * np.float32(self.schedule.num_train_timesteps)), coeffs=coeffs,
-                        **kw)
-        if isinstance(self.schedule, EDM):
-            return Step(t=sigma, coeffs=coeffs, **kw)
-        t = self.timesteps[i] if i is not None else float(sigma_to_t(np.array(sigma), np.log(self.train)))
-        return Step(t=t, coeffs=coeffs, input_scale=1.0 / math.sqrt(sigma * sigma + 1), **kw)
-
-    def plan(self, steps: list[Step], two_calls: bool) -> Plan:
-        """The Plan; a sigmas= list ending above 0 returns its result in the VP scale (scaled_result)."""
-        final = getattr(self, "final_alpha", 1.0)
-        if final != 1.0:
-            steps[-1] = dataclasses.replace(steps[-1], coeffs=scaled_result(steps[-1].coeffs, final))
-        return Plan(steps=tuple(steps), history_slots=1 if two_calls else 0, discrete_time=False,
-                    init_scale=self.init_scale, uses_state=two_calls)
-
 
 def euler_ancestral_plan(schedule, steps: int, prediction: str, *, eta: float = 1.0, s_noise: float = 1.0,
                          timestep_spacing: str = "linspace", steps_offset: int = 0) -> Plan:
     """Ancestral Euler: EulerAncestralDiscreteScheduler's on VP (eta = 1), k-diffusion's on EDM, ComfyUI's
     sample_euler_ancestral_RF on Flow."""
-    grid = _Grid(schedule, steps, prediction, timestep_spacing, steps_offset)
+    grid = VEPoints(schedule, steps, prediction, timestep_spacing, steps_offset)
     s, flow = grid.sigmas, isinstance(schedule, Flow)
     plan = [grid.step(s[i], euler_ancestral_step(grid.coeffs, s[i], s[i + 1], eta, s_noise, flow), i)
             for i in range(steps)]
     return grid.plan(plan, two_calls=False)
 
 
-def _two_call_plan(grid: _Grid, step_of) -> Plan:
+def _two_call_plan(grid: VEPoints, step_of) -> Plan:
     """step_of(i) -> the UpdateCoeffs of a one-call step or the TwoCalls of interval i."""
     plan = []
     for i, sigma in enumerate(grid.sigmas[:-1]):
@@ -212,7 +164,7 @@ def dpm2_plan(schedule, steps: int, prediction: str, *, timestep_spacing: str = 
               steps_offset: int = 0) -> Plan:
     """DPM-2: KDPM2DiscreteScheduler's on VP, k-diffusion's sample_dpm_2 on EDM (2 model calls per step but
     the last)."""
-    grid = _Grid(schedule, steps, prediction, timestep_spacing, steps_offset)
+    grid = VEPoints(schedule, steps, prediction, timestep_spacing, steps_offset)
     s = grid.sigmas
     return _two_call_plan(grid, lambda i: dpm2_step(grid.coeffs, s[i], s[i + 1]))
 
@@ -221,6 +173,6 @@ def dpmpp_2s_ancestral_plan(schedule, steps: int, prediction: str, *, eta: float
                             timestep_spacing: str = "linspace", steps_offset: int = 0) -> Plan:
     """Ancestral DPM-Solver++(2S): k-diffusion's sample_dpmpp_2s_ancestral on VP (the Euler grid) and EDM,
     ComfyUI's sample_dpmpp_2s_ancestral_RF on Flow."""
-    grid = _Grid(schedule, steps, prediction, timestep_spacing, steps_offset)
+    grid = VEPoints(schedule, steps, prediction, timestep_spacing, steps_offset)
     s, flow = grid.sigmas, isinstance(schedule, Flow)
     return _two_call_plan(grid, lambda i: dpmpp_2s_ancestral_step(grid.coeffs, s[i], s[i + 1], eta, s_noise, flow))

@@ -18,9 +18,10 @@ import numpy as np
 
 from .. import checks
 from ..ops import UpdateCoeffs
-from ..schedules import EDM, karras_sigmas
-from .plan import Plan, Step
-from .ve import euler_coeffs, heun_coeffs, ve_data_coeffs
+from ..schedules import karras_sigmas
+from .plan import Plan
+from .ve import euler_coeffs, heun_coeffs
+from .ve_grid import VEPoints
 
 
 def _karras(n: int, lo: float, hi: float) -> list[float]:
@@ -90,9 +91,14 @@ def restart_calls(pairs, prediction_of, s_noise: float) -> list[tuple[float, Upd
     return calls
 
 
-def restart_plan(schedule: EDM, steps: int, prediction: str, *, restart=None, s_noise: float = 1.0) -> Plan:
-    """On an EDM schedule: Karras' sigmas (the model gets sigma), `steps` intervals with the default restart."""
-    pairs = intervals(schedule.sigmas(steps), restart)
-    calls = restart_calls(pairs, lambda s: ve_data_coeffs(prediction, s), s_noise)
-    plan = [Step(t=sigma, coeffs=coeffs, write_slot=w, read_slots=r) for sigma, coeffs, w, r in calls]
-    return Plan(steps=tuple(plan), history_slots=2, discrete_time=False, init_scale=pairs[0][0], uses_state=True)
+def restart_plan(schedule, steps: int, prediction: str, *, restart=None, s_noise: float = 1.0,
+                 timestep_spacing: str = "linspace", steps_offset: int = 0) -> Plan:
+    """On an EDM schedule (Karras' sigmas, the model gets sigma) or a VP one (EulerDiscreteScheduler's grid in
+    the VE scale, the model at each sigma's fractional timestep): `steps` intervals with the default restart."""
+    points = VEPoints(schedule, steps, prediction, timestep_spacing, steps_offset)
+    on_grid = {sigma: i for i, sigma in enumerate(points.sigmas[:-1])}
+    calls = restart_calls(intervals(points.sigmas, restart), points.coeffs, s_noise)
+    plan = [points.step(sigma, coeffs, on_grid.get(sigma), write_slot=w, read_slots=r)
+            for sigma, coeffs, w, r in calls]
+    return Plan(steps=tuple(plan), history_slots=2, discrete_time=False, init_scale=points.init_scale,
+                uses_state=True)

@@ -6,13 +6,18 @@ grid stops at a sigma > 0, folded into the last step's coefficients by solvers.v
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..schedules import EDM, VP, discrete_timesteps, sigma_grid
+from ..ops import UpdateCoeffs
+from ..schedules import EDM, VP, Flow, discrete_timesteps, sigma_grid, sigma_to_t
+from .explicit import ExplicitVP, vp_grid
 from .grid import Grid
+from .plan import Plan, Step
+from .ve import scaled_result, ve_data_coeffs
 
 
 @dataclass(frozen=True)
@@ -75,3 +80,50 @@ def ve_grid(schedule, steps: int, **options) -> VEGrid:
             raise TypeError(f"got unexpected keyword argument(s) {sorted(options)} on an EDM schedule")
         return edm_ve_grid(schedule, steps)
     return vp_ve_grid(schedule, steps, **options)
+
+
+class VEPoints:
+    """The plan points of the VE-scale solvers that call the model between grid points (two-call, restart): the
+    sigmas (then 0) of a VP (diffusers' Euler grid, or a sigmas= list), EDM or Flow schedule, the model time and
+    input scale at any sigma, x_T's scale and the conversion (p, q) of the model output to D."""
+
+    def __init__(self, schedule, steps: int, prediction: str, timestep_spacing: str = "linspace",
+                 steps_offset: int = 0):
+        self.schedule, self.prediction = schedule, prediction
+        if isinstance(schedule, Flow):
+            if prediction != "flow":
+                raise ValueError(f"the flow solvers take prediction 'flow' (the velocity eps - x0), got "
+                                 f"{prediction!r}")
+            self.sigmas, self.init_scale = [float(s) for s in schedule.sigmas(steps)], 1.0
+        elif isinstance(schedule, EDM):
+            self.sigmas = schedule.sigmas(steps)
+            self.init_scale = self.sigmas[0]
+        else:  # a sigmas= list: its Grid's points (x_T and the result in the VP scale), else diffusers' Euler grid
+            grid = (grid_ve_grid(vp_grid(schedule, schedule.explicit)) if isinstance(schedule, ExplicitVP)
+                    else vp_ve_grid(schedule, steps, timestep_spacing, steps_offset))
+            self.train = (((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5).numpy()
+            self.timesteps, self.sigmas, self.init_scale = list(grid.times), list(grid.sigmas), grid.init_scale
+            self.final_alpha = grid.final_alpha
+        if not isinstance(schedule, Flow):
+            ve_data_coeffs(prediction, 1.0)  # checks the prediction
+
+    def coeffs(self, sigma: float) -> tuple[float, float]:
+        return (1.0, -sigma) if isinstance(self.schedule, Flow) else ve_data_coeffs(self.prediction, sigma)
+
+    def step(self, sigma: float, coeffs: UpdateCoeffs, i: int | None = None, **kw) -> Step:
+        """The step calling the model at sigma (at grid point i: its own timestep)."""
+        if isinstance(self.schedule, Flow):
+            return Step(t=float(np.float32(sigma) * np.float32(self.schedule.num_train_timesteps)), coeffs=coeffs,
+                        **kw)
+        if isinstance(self.schedule, EDM):
+            return Step(t=sigma, coeffs=coeffs, **kw)
+        t = self.timesteps[i] if i is not None else float(sigma_to_t(np.array(sigma), np.log(self.train)))
+        return Step(t=t, coeffs=coeffs, input_scale=1.0 / math.sqrt(sigma * sigma + 1), **kw)
+
+    def plan(self, steps: list[Step], two_calls: bool) -> Plan:
+        """The Plan; a sigmas= list ending above 0 returns its result in the VP scale (scaled_result)."""
+        final = getattr(self, "final_alpha", 1.0)
+        if final != 1.0:
+            steps[-1] = dataclasses.replace(steps[-1], coeffs=scaled_result(steps[-1].coeffs, final))
+        return Plan(steps=tuple(steps), history_slots=1 if two_calls else 0, discrete_time=False,
+                    init_scale=self.init_scale, uses_state=two_calls)
