@@ -2,8 +2,6 @@
 torch (float64), ds.sample's "restart" against it, its reduction to Heun, and sampling quality on an exact
 mixture against Heun at the same number of model calls."""
 
-import math
-
 import pytest
 import torch
 
