@@ -26,7 +26,7 @@ from diffsampler.bench.plots import pyplot, save
 from diffsampler.bench.quality import AS_USED
 
 SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "euler", "lms", "pndm", "res_multistep", "dpm_2",
-           "dpmpp_2m_sde", "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "sa_solver", "lcm", "tcd")
+           "restart", "dpmpp_2m_sde", "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "sa_solver", "lcm", "tcd")
 STOCHASTIC = ("dpmpp_2m_sde", "euler_ancestral", "dpmpp_2s_ancestral", "er_sde", "sa_solver", "lcm", "tcd")
 NFES = (5, 10, 20)
 REFERENCE = ("dpmpp_2m", 100)
