@@ -83,6 +83,11 @@ class VP:
         ab = self.alphas_cumprod[int(t)]
         return float(((1 - ab) / ab) ** 0.5)
 
+    def train_sigmas(self) -> torch.Tensor:
+        """sigma_t / alpha_t at every training timestep, ascending, in float32 as diffusers holds them."""
+        ab = self.alphas_cumprod
+        return ((1 - ab) / ab) ** 0.5
+
     def alpha_sigma_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_t, sigma_t for a tensor of integer timesteps (on t's device, float64)."""
         ab = self.alphas_cumprod.to(device=t.device, dtype=torch.float64)[t.long()]
@@ -145,7 +150,7 @@ def sigma_grid(schedule: VP, timesteps: np.ndarray, kind: str = "default", *,
     """
     if kind not in SIGMA_SPACINGS:
         raise ValueError(f"sigmas must be one of {SIGMA_SPACINGS}, got {kind!r}")
-    train = (((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5).numpy()  # float32, as diffusers
+    train = schedule.train_sigmas().numpy()
     grid = np.interp(timesteps, np.arange(len(train)), train)
     if kind == "default":
         return timesteps, grid

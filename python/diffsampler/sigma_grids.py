@@ -107,8 +107,7 @@ class ModelSigmas:
 
     def __init__(self, schedule, multiplier: float = 1000.0):
         if isinstance(schedule, VP):
-            ab = schedule.alphas_cumprod
-            self.sigmas = (((1 - ab) / ab) ** 0.5).float()
+            self.sigmas = schedule.train_sigmas()
             self.flow = None
         elif isinstance(schedule, Flow):
             n = schedule.num_train_timesteps

@@ -673,7 +673,9 @@ def _optional_base(name: str):
         return None
 
 
-if _optional_base("DPMSolverSDEScheduler") is not None:
+HAS_SDE_SCHEDULER = _optional_base("DPMSolverSDEScheduler") is not None  # diffusers' class needs torchsde
+
+if HAS_SDE_SCHEDULER:
     class DPMSolverSDEScheduler(diffusers.DPMSolverSDEScheduler):
         """diffusers' DPMSolverSDEScheduler (eps / v, every sigma spacing, noise_sampler_seed, s_noise) with the
         fused update: each interval's two step() calls are the two stages of solvers.ve.dpmpp_sde_coeffs (r = 1/2,
@@ -1000,7 +1002,7 @@ FUSED = {cls.__bases__[-1].__name__: cls for cls in (
     HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
     LMSDiscreteScheduler, PNDMScheduler, IPNDMScheduler, EDMDPMSolverMultistepScheduler,
     CosineDPMSolverMultistepScheduler, SASolverScheduler)}
-if _optional_base("DPMSolverSDEScheduler") is not None:
+if HAS_SDE_SCHEDULER:
     FUSED["DPMSolverSDEScheduler"] = DPMSolverSDEScheduler
 
 

@@ -65,14 +65,19 @@ def default_noise_sampler(x):
     return lambda sigma, sigma_next: torch.randn_like(x)
 
 
-def _steps(n: int, disable):
+def _progress(items, disable):
+    """items, with a tqdm progress bar unless disabled (or tqdm is missing)."""
     if disable:
-        return range(n)
+        return items
     try:
-        from tqdm.auto import trange
+        from tqdm.auto import tqdm
     except ImportError:
-        return range(n)
-    return trange(n, disable=disable)
+        return items
+    return tqdm(items, disable=disable)
+
+
+def _steps(n: int, disable):
+    return _progress(range(n), disable)
 
 
 class _Loop:
@@ -487,16 +492,6 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
         x = ops.multistep_update(x, denoised, coeffs, history=loop.history, write_slot=write, read_slots=reads,
                                  noise=noise, state=state)
     return x
-
-
-def _progress(items, disable):
-    if disable:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, disable=disable)
 
 
 def _calls(loop, x, denoised, sigmas, calls, state, noises=()):

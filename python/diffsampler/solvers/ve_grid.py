@@ -94,14 +94,14 @@ class VEPoints:
             if prediction != "flow":
                 raise ValueError(f"the flow solvers take prediction 'flow' (the velocity eps - x0), got "
                                  f"{prediction!r}")
-            self.sigmas, self.init_scale = [float(s) for s in schedule.sigmas(steps)], 1.0
+            self.sigmas, self.init_scale, self.final_alpha = [float(s) for s in schedule.sigmas(steps)], 1.0, 1.0
         elif isinstance(schedule, EDM):
             self.sigmas = schedule.sigmas(steps)
-            self.init_scale = self.sigmas[0]
+            self.init_scale, self.final_alpha = self.sigmas[0], 1.0
         else:  # a sigmas= list: its Grid's points (x_T and the result in the VP scale), else diffusers' Euler grid
             grid = (grid_ve_grid(vp_grid(schedule, schedule.explicit)) if isinstance(schedule, ExplicitVP)
                     else vp_ve_grid(schedule, steps, timestep_spacing, steps_offset))
-            self.train = (((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5).numpy()
+            self.log_train = np.log(schedule.train_sigmas().numpy())
             self.timesteps, self.sigmas, self.init_scale = list(grid.times), list(grid.sigmas), grid.init_scale
             self.final_alpha = grid.final_alpha
         if not isinstance(schedule, Flow):
@@ -117,13 +117,12 @@ class VEPoints:
                         **kw)
         if isinstance(self.schedule, EDM):
             return Step(t=sigma, coeffs=coeffs, **kw)
-        t = self.timesteps[i] if i is not None else float(sigma_to_t(np.array(sigma), np.log(self.train)))
+        t = self.timesteps[i] if i is not None else float(sigma_to_t(np.array(sigma), self.log_train))
         return Step(t=t, coeffs=coeffs, input_scale=1.0 / math.sqrt(sigma * sigma + 1), **kw)
 
     def plan(self, steps: list[Step], two_calls: bool) -> Plan:
         """The Plan; a sigmas= list ending above 0 returns its result in the VP scale (scaled_result)."""
-        final = getattr(self, "final_alpha", 1.0)
-        if final != 1.0:
-            steps[-1] = dataclasses.replace(steps[-1], coeffs=scaled_result(steps[-1].coeffs, final))
+        if self.final_alpha != 1.0:
+            steps[-1] = dataclasses.replace(steps[-1], coeffs=scaled_result(steps[-1].coeffs, self.final_alpha))
         return Plan(steps=tuple(steps), history_slots=1 if two_calls else 0, discrete_time=False,
                     init_scale=self.init_scale, uses_state=two_calls)
