@@ -56,7 +56,8 @@ class SolverSpec:
     @property
     def schedules(self) -> tuple[type, ...]:
         """The schedule types the solver runs on."""
-        return tuple(k for k in self.plans if k is not Grid) + ((VPContinuous,) if self.grid_steps is not None else ())
+        kinds = tuple(k for k in self.plans if k is not Grid)
+        return kinds + ((VPContinuous,) if self.grid_steps is not None else ())
 
     def default_schedule(self):
         """Flow() for the flow solvers, EDM() for those that run on EDM only, else VP.scaled_linear()."""
@@ -127,7 +128,8 @@ SOLVERS: dict[str, SolverSpec] = {
     "tcd": SolverSpec("TCD strategic stochastic sampling (TCDScheduler), gamma: the stochasticity (0: deterministic)",
                       {VP: tcd_plan}),
     "res_multistep": SolverSpec("RES second-order exponential multistep in the VE scale (ComfyUI's res_multistep); "
-                                "eta > 0: its ancestral variant", {VP: res_multistep_plan, EDM: res_multistep_plan, Grid: res_multistep_plan}),
+                                "eta > 0: its ancestral variant",
+                                {VP: res_multistep_plan, EDM: res_multistep_plan, Grid: res_multistep_plan}),
     "er_sde": SolverSpec("ER-SDE-Solver-3 (extended reverse-time SDE, ComfyUI's er_sde); on Flow its CONST form",
                          {VP: er_sde_plan, EDM: er_sde_plan, Flow: er_sde_plan, Grid: er_sde_plan}),
     "restart": SolverSpec("Restart sampling (Heun with re-noising jumps t_min -> t_max, K times), its authors' "
@@ -154,15 +156,21 @@ def describe() -> str:
 
 
 def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> Plan:
-    """The Plan of `solver` on `schedule` with `steps` model calls; options are the solver's keywords."""
+    """The Plan of `solver` on `schedule` with `steps` model calls; options are the solver's keywords (sigmas= a
+    list: solvers.explicit; on VP it runs on the list's Grid unless the solver's VP builder takes it)."""
     spec = solver_spec(solver)
     explicit = options.get("sigmas")
     if explicit is not None and not isinstance(explicit, str):
         options = {k: v for k, v in options.items() if k != "sigmas"}
         schedule, steps = explicit_schedule(schedule, explicit, steps)
         if isinstance(schedule, ExplicitVP) and not spec.explicit_vp:
-            return _grid_plan(solver, spec, vp_grid(schedule, schedule.explicit), steps, prediction, options)
-    if not isinstance(schedule, spec.schedules):
+            schedule = vp_grid(schedule, schedule.explicit)
+    if isinstance(schedule, Grid):
+        if Grid not in spec.plans and spec.grid_steps is None:
+            takes = ", ".join(n for n, s in SOLVERS.items() if Grid in s.plans or s.grid_steps or s.explicit_vp)
+            raise ValueError(f"solver {solver!r} does not take sigmas= a list on a VP schedule (it runs on its own "
+                             f"grid); solvers that do: {takes}")
+    elif not isinstance(schedule, spec.schedules):
         names = " or ".join(f"diffsampler.schedules.{w.__name__}" for w in spec.schedules)
         raise ValueError(f"solver {solver!r} needs a {names} schedule (VP.linear(), VP.scaled_linear(), "
                          f"VP.cosine(), VP(betas), VPContinuous(), Flow(shift), EDM()), got {schedule!r}")
@@ -175,9 +183,10 @@ def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> 
     options = {**spec.presets, **options}
     try:
         if isinstance(schedule, VPContinuous):
-            grid = continuous_grid(schedule, steps, options.pop("spacing", "logsnr"),
-                                   options.pop("final", spec.grid_final))
-            return spec.grid_steps(grid, prediction, **options)
+            schedule = continuous_grid(schedule, steps, options.pop("spacing", "logsnr"),
+                                       options.pop("final", spec.grid_final))
+        if isinstance(schedule, Grid) and Grid not in spec.plans:
+            return spec.grid_steps(schedule, prediction, **options)
         build = next(b for kind, b in spec.plans.items() if isinstance(schedule, kind))
         return build(schedule, steps, prediction, **options)
     except TypeError as err:  # an option the solver does not take
@@ -197,25 +206,9 @@ def steps_for_nfe(solver: str, schedule, nfe: int, prediction: str, **options) -
     raise ValueError(f"solver {solver!r} has no plan of at most {nfe} model calls with these options")
 
 
-def _grid_plan(solver: str, spec: SolverSpec, grid: Grid, steps: int, prediction: str, options: dict) -> Plan:
-    """The plan over explicit VP sigmas: the solver's Grid builder (its grid_steps, or a plans entry for Grid)."""
-    build = spec.plans.get(Grid)
-    if build is None and spec.grid_steps is None:
-        raise ValueError(f"solver {solver!r} does not take sigmas= a list on a VP schedule (it runs on its own "
-                         f"grid); solvers that do: {', '.join(n for n, s in SOLVERS.items() if Grid in s.plans or s.grid_steps)}")
-    check_prediction(prediction)
-    options = {**spec.presets, **checks.solver_options(options)}
-    try:
-        if build is not None:
-            return build(grid, steps, prediction, **options)
-        return spec.grid_steps(grid, prediction, **options)
-    except TypeError as err:
-        raise ValueError(f"solver {solver!r}: {err}") from None
-
-
-__all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "steps_for_nfe", "Plan", "Step", "Grid", "make_plan", "ddim_plan",
-           "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan", "dpm_steps", "unipc_steps",
-           "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS", "fit_ems",
-           "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan", "res_multistep_plan",
+__all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "steps_for_nfe", "Plan", "Step", "Grid", "make_plan",
+           "ddim_plan", "dpm_plan", "euler_plan", "flow_euler_plan", "unipc_plan", "deis_plan", "dpm_steps",
+           "unipc_steps", "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS",
+           "fit_ems", "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan", "res_multistep_plan",
            "er_sde_plan", "euler_ancestral_plan", "dpm2_plan", "dpmpp_2s_ancestral_plan", "lms_plan", "pndm_plan",
            "restart_plan", "sa_plan", "sa_steps"]
