@@ -30,6 +30,7 @@ def sample(
     time_shift=None,
     lml=None,
     cuda_graph: bool | str = False,
+    mu: torch.Tensor | None = None,
     **solver_options,
 ) -> torch.Tensor:
     """Integrate from x (pure noise at the first timestep) to a sample, calling ``model(x, t)`` once per step.
@@ -63,6 +64,8 @@ def sample(
         capture one step and replay it per step, its coefficients read by step index on the device
         (diffsampler.graphs; no NaN check, noise from the default generator); eager with a logged reason where
         it cannot.
+    mu: the condition of a ``MeanReverting`` schedule (solver "mrs"; the degraded image of IR-SDE), broadcast to
+        x's shape: x_T = mu + sigma_T x.
     """
     checks.model(model)
     checks.sample_tensor(x)
@@ -74,11 +77,13 @@ def sample(
 
         if generator is not None:
             raise ValueError("cuda_graph=True draws noise from the default CUDA generator; generator must be None")
+        if mu is not None:
+            raise ValueError("cuda_graph does not take mu (mean-reverting sampling); run it eagerly")
         capture = "loop" if cuda_graph is True else cuda_graph
         return CapturedSampler(model, steps, solver, schedule, prediction, capture=capture, **options)(x)
     check_nan = check_nan and not torch.compiler.is_compiling()
     model, plan, options = prepare(model, steps, solver, schedule, prediction, dict(options, check_nan=check_nan))
-    return run_plan(model, x, plan, generator=generator, progress=progress, desc=f"diffsampler {solver}",
+    return run_plan(model, x, plan, generator=generator, progress=progress, desc=f"diffsampler {solver}", mu=mu,
                     **options)
 
 
@@ -104,6 +109,12 @@ def prepare(model, steps, solver, schedule, prediction, options: dict):
             raise ValueError(f"time_shift needs integer training timesteps; solver {solver!r} has none")
         model = time_shift.wrap(model, schedule)
     thresholding = update.get("threshold_ratio") is not None
+    if plan.mean_state:
+        used = [k for k in ("clip", "threshold_ratio", "lml") if update.get(k) is not None] + (
+            ["time_shift"] if time_shift is not None else [])
+        if used:
+            raise ValueError(f"solver {solver!r} (mean-reverting) does not take {', '.join(used)}: its history "
+                             "holds the data prediction less a multiple of mu")
     if not plan.data_prediction:  # a noise-prediction history: the op thresholds the x0 it implies (eps_of)
         if thresholding and not all(s.coeffs is not None and s.coeffs.eps_of is not None for s in plan.steps):
             raise ValueError(f"threshold_ratio acts on a data prediction; solver {solver!r} keeps neither one nor "
@@ -224,7 +235,7 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
              generator: torch.Generator | None = None, progress: bool = False, desc: str = "diffsampler",
              return_state: bool = False, times: torch.Tensor | None = None, ranges: bool = False,
              tensor_coeffs: list | None = None, lml=None, lml_time_scale: float | None = None, lml_schedule=None,
-             lml_prediction: str = "eps", **update_options):
+             lml_prediction: str = "eps", mu: torch.Tensor | None = None, **update_options):
     """The loop of any Plan: per step, out = model(input_scale * x, t) and one fused update.
 
     update_options go to every ops.multistep_update call (clip, threshold_ratio, threshold_max, backend);
@@ -237,15 +248,20 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
     lml: a diffsampler.LML applied to every step (lml_time_scale: the T of its freeze option, default the
         largest model time of the plan; lml_schedule and
         lml_prediction: the schedule and model output of its corrector mode).
+    mu: the condition of a mean-reverting plan (Plan.mean_state): the read-only state, x_T = mu + init_scale x.
     """
     checks.model(model)
     checks.sample_tensor(x)
     check_nan = checks.flag("check_nan", update_options.pop("check_nan", True))
     plan.check_defined()
     history = x.new_empty((plan.history_slots, *x.shape)) if plan.history_slots else None
-    state = torch.zeros_like(x) if plan.uses_state else None
+    state = mean_state(mu, x) if plan.mean_state else (torch.zeros_like(x) if plan.uses_state else None)
+    if mu is not None and not plan.mean_state:
+        raise ValueError("mu is the condition of a mean-reverting schedule (solver 'mrs'); this plan has none")
     if plan.init_scale != 1.0:
         x = x * plan.init_scale
+    if plan.mean_state:
+        x = x + state
     times = model_times(plan, x) if times is None else times
     tensor_coeffs = plan.upload_tensor_coeffs(x) if tensor_coeffs is None else tensor_coeffs
     lml_run = None
@@ -275,6 +291,19 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
         with span(i, "update"):
             x = update(i, step, x, out)
     return (x, state) if return_state else x
+
+
+def mean_state(mu, x: torch.Tensor) -> torch.Tensor:
+    """The condition mu of a mean-reverting plan as its state: x's shape, dtype and device, contiguous."""
+    if not isinstance(mu, torch.Tensor):
+        raise ValueError(f"a mean-reverting plan needs mu= a tensor (the condition x_T reverts to), got "
+                         f"{type(mu).__name__}")
+    if mu.device != x.device or not mu.is_floating_point():
+        raise ValueError(f"mu must be a floating tensor on x's device {x.device}, got {mu.dtype} on {mu.device}")
+    try:
+        return mu.to(x.dtype).expand(x.shape).contiguous()
+    except RuntimeError:
+        raise ValueError(f"mu of shape {tuple(mu.shape)} does not broadcast to x's shape {tuple(x.shape)}") from None
 
 
 def _update_fn(history, state, generator, tensor_coeffs, lml_run, options: dict):

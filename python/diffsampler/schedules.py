@@ -259,3 +259,76 @@ class VPContinuous:
 
     def __repr__(self) -> str:
         return f"VPContinuous(beta_min={self.beta_min}, beta_max={self.beta_min + self.beta_d}, eps={self.eps})"
+
+
+class MeanReverting:
+    """Mean-reverting diffusion (IR-SDE, Luo et al. 2023): dx = theta_t (mu - x) dt + sigma_inf sqrt(2 theta_t) dW,
+    so x_t = mu + alpha_t (x0 - mu) + sigma_t eps with
+
+        alpha_t = exp(-theta_bar_t),  sigma_t = sigma_inf sqrt(1 - alpha_t^2),  theta_bar_t = int_0^t theta.
+
+    theta per unit of t is IR-SDE's: `theta_schedule` "cosine" | "linear" | "constant" over t = 0..T
+    (num_train_timesteps), scaled so that alpha_T = eps. theta_bar is IR-SDE's cumulative sum at integer t and
+    linear between them (theta piecewise constant), so alpha_t and sigma_t keep their identity at every t. y = x - mu
+    in units of sigma_inf is a VP process: y / sigma_inf = alpha_t y0 / sigma_inf + sqrt(1 - alpha_t^2) eps
+    (`sigma_ratio`: its sigma / alpha). sigma_inf: IR-SDE's max_sigma (its max_sigma = 50 means 50 / 255)."""
+
+    THETA_SCHEDULES = ("cosine", "linear", "constant")
+
+    def __init__(self, sigma_inf: float = 50 / 255, num_train_timesteps: int = 100, theta_schedule: str = "cosine",
+                 eps: float = 0.005):
+        if not (isinstance(sigma_inf, (int, float)) and sigma_inf > 0 and math.isfinite(sigma_inf)):
+            raise ValueError(f"sigma_inf must be a finite number > 0, got {sigma_inf!r}")
+        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+        if theta_schedule not in self.THETA_SCHEDULES:
+            raise ValueError(f"theta_schedule must be one of {self.THETA_SCHEDULES}, got {theta_schedule!r}")
+        if not (isinstance(eps, (int, float)) and 0 < eps < 1):
+            raise ValueError(f"eps (alpha at t = T) must be in (0, 1), got {eps!r}")
+        self.sigma_inf, self.num_train_timesteps = float(sigma_inf), num_train_timesteps
+        self.theta_schedule, self.eps = theta_schedule, float(eps)
+        thetas = self._thetas(num_train_timesteps, theta_schedule)
+        cumsum = np.cumsum(thetas)
+        self.dt = -math.log(eps) / cumsum[-1]
+        self.thetas = thetas * self.dt  # theta per unit of t
+        self.theta_bars = cumsum * self.dt  # theta_bar at t = 0..T
+
+    @staticmethod
+    def _thetas(n: int, kind: str) -> np.ndarray:
+        """IR-SDE's T + 1 thetas (before its dt scaling)."""
+        if kind == "constant":
+            return np.ones(n + 1)
+        if kind == "linear":
+            scale = 1000 / (n + 1)
+            return np.linspace(scale * 1e-4, scale * 0.02, n + 1)
+        x = np.linspace(0, n + 2, n + 3) / (n + 2)
+        ac = np.cos((x + 0.008) / 1.008 * math.pi / 2) ** 2
+        return 1 - (ac / ac[0])[1:-1]
+
+    def theta_bar(self, t: float) -> float:
+        t = float(t)
+        if not 0 <= t <= self.num_train_timesteps:
+            raise ValueError(f"t must be in [0, {self.num_train_timesteps}], got {t}")
+        return float(np.interp(t, np.arange(self.num_train_timesteps + 1), self.theta_bars))
+
+    def alpha_sigma(self, t: float) -> tuple[float, float]:
+        """alpha_t, sigma_t of x_t = mu + alpha_t (x0 - mu) + sigma_t eps."""
+        alpha = math.exp(-self.theta_bar(t))
+        return alpha, self.sigma_inf * math.sqrt(-math.expm1(-2 * self.theta_bar(t)))
+
+    def sigma_ratio(self, t: float) -> float:
+        """sqrt(1 - alpha_t^2) / alpha_t: the VP sigma ratio of (x - mu) / sigma_inf."""
+        return math.sqrt(math.expm1(2 * self.theta_bar(t)))
+
+    def alpha_sigma_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_t, sigma_t for a tensor of times in [0, T] (float64, on t's device)."""
+        knots = torch.arange(self.num_train_timesteps + 1, dtype=torch.float64, device=t.device)
+        bars = torch.as_tensor(self.theta_bars, dtype=torch.float64, device=t.device)
+        t = t.double().clamp(0, self.num_train_timesteps)
+        i = t.floor().long().clamp(max=self.num_train_timesteps - 1)
+        bar = bars[i] + (t - knots[i]) * (bars[i + 1] - bars[i])
+        return torch.exp(-bar), self.sigma_inf * torch.sqrt(-torch.expm1(-2 * bar))
+
+    def __repr__(self) -> str:
+        return (f"MeanReverting(sigma_inf={self.sigma_inf:.6g}, num_train_timesteps={self.num_train_timesteps}, "
+                f"theta_schedule={self.theta_schedule!r}, eps={self.eps})")

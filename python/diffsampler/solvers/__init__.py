@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 
 from .. import checks
 from ..models import check_prediction
-from ..schedules import EDM, VP, Flow, VPContinuous
+from ..schedules import EDM, VP, Flow, MeanReverting, VPContinuous
 from .ancestral import dpm2_plan, dpmpp_2s_ancestral_plan, euler_ancestral_plan
 from .ddim import ddim_plan
 from .deis import deis_plan, deis_steps
@@ -25,6 +25,7 @@ from .grid import Grid, continuous_grid
 from .heun import edm_euler_plan, heun_plan
 from .lms import lms_plan
 from .momentum import ghvb_plan, ghvb_steps
+from .mrs import mrs_plan
 from .pndm import pndm_plan
 from .timeshift import TimeShift
 from .unipc import unipc_plan, unipc_steps
@@ -60,9 +61,10 @@ class SolverSpec:
         return kinds + ((VPContinuous,) if self.grid_steps is not None else ())
 
     def default_schedule(self):
-        """Flow() for the flow solvers, EDM() for those that run on EDM only, else VP.scaled_linear()."""
+        """Flow() for the flow solvers, EDM() for those that run on EDM only, MeanReverting() for mrs, else
+        VP.scaled_linear()."""
         first = next(iter(self.plans))
-        return {Flow: Flow, EDM: EDM}.get(first, VP.scaled_linear)()
+        return {Flow: Flow, EDM: EDM, MeanReverting: MeanReverting}.get(first, VP.scaled_linear)()
 
     @staticmethod
     def default_prediction(schedule) -> str:
@@ -135,6 +137,9 @@ SOLVERS: dict[str, SolverSpec] = {
     "restart": SolverSpec("Restart sampling (Heun with re-noising jumps t_min -> t_max, K times), its authors' "
                           "default restart for >= 20 steps; on VP the Euler grid in the VE scale",
                           {EDM: restart_plan, VP: restart_plan}, explicit_vp=True),
+    "mrs": SolverSpec("MR Sampler for mean-reverting (IR-SDE) models: DPM-Solver(++) ODE (order 1-3) or SDE (sde=True, "
+                      "1-2) steps on x - mu; needs mu= (the condition) and a MeanReverting schedule",
+                      {MeanReverting: mrs_plan}),
     "dpmv3": SolverSpec("DPM-Solver-v3: needs ems (fit_ems or EMS.constant); ends at sigma_min / eps",
                         {VP: dpmv3_plan}, dpmv3_steps, grid_final="eps"),
 }

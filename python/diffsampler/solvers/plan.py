@@ -56,6 +56,7 @@ class Plan:
     data_prediction: bool = True  # m0 is the data prediction (False: noise prediction, DPM-Solver's dpmsolver)
     init_scale: float = 1.0  # x_T = init_scale * N(0, I) (diffusers' init_noise_sigma)
     uses_state: bool = False  # the steps read / rewrite a state tensor (zeros at the start)
+    mean_state: bool = False  # the state is the condition mu of a mean-reverting schedule: x_T = mu + init_scale z
 
     @property
     def timesteps(self) -> list[float]:
