@@ -109,6 +109,16 @@ def loop_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def nfe_tables(path: Path) -> str:
+    from diffsampler.bench import nfe
+
+    data = json.loads(path.read_text())
+    titles = {"mrs": "Mean-reverting restoration (MR Sampler against IR-SDE's Euler-Maruyama sampler), sliced W2 to "
+                     "the exact posterior"}
+    return "\n\n".join(f"{titles[part]} (`{path}`):\n\n{nfe.TABLES[part](res)}"
+                        for part, res in data["results"].items())
+
+
 def lml_table(path: Path) -> str:
     data = json.loads(path.read_text())
     m = data["machine"]
@@ -257,6 +267,9 @@ SECTIONS = [
     ("digits-*.json", "Learned score: 8x8 digits (`bench digits`)",
      "Fréchet distance of a classifier's features of 1000 samples to the held-out digits, per solver and NFE.",
      digits_table),
+    ("nfe-*.json", "Fewer model calls (`bench nfe`)",
+     "Error against NFE with and without each method that cuts model calls, on targets with exact answers, "
+     "held-out seeds.", nfe_tables),
     ("lml-*.json", "LML (`bench lml`)",
      "LML settings chosen on tuning seeds and reported on test seeds, and the cost of its step.", lml_table),
     ("resample-*.json", "Resampling (`bench resample`)",
