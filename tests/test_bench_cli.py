@@ -59,11 +59,19 @@ def test_step_accepts_torch_dtype_names(tmp_path):
     (("quality", "--targets", "ring-3d"), "--targets"),
     (("smc", "--ks", "4,x"), "--ks"),
     (("report", "--size", "8;4"), "--size"),
+    (("nfe", "--parts", "mrs,usf"), "--parts"),
 ])
 def test_bad_values_are_argparse_errors(args, option):
     r = bench(*args)
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert f"error: argument {option}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_nfe_writes_its_table(tmp_path):
+    r = bench("nfe", "--parts", "mrs", "--n", "200", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(next(tmp_path.glob("nfe-*.json")).read_text())["results"]["mrs"]
+    assert set(res["methods"]) >= {"MRS ODE 2", "IR-SDE Euler-Maruyama"} and (tmp_path / "nfe.png").exists()
 
 
 def test_unknown_subcommand():
