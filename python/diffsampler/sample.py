@@ -45,7 +45,8 @@ def sample(
         for heun / euler.
     prediction: what the model returns: "eps" | "x0" | "v" | "flow" | "score" (default "eps", "flow" for the
         flow solvers).
-    solver: a name of ``diffsampler.solvers.SOLVERS``; ``print(diffsampler.solvers.describe())`` lists each
+    solver: a name of ``diffsampler.solvers.SOLVERS`` or a ``diffsampler.solvers.usf.Plan`` (which carries its
+        own grid: steps and schedule are then not used); ``print(diffsampler.solvers.describe())`` lists each
         with its schedule types and options (keyword arguments of sample()). The discrete-VP solvers' defaults
         are those of the diffusers scheduler they follow; "heun" and "euler" on an ``EDM()`` are Karras et
         al.'s (the model gets sigma and returns the denoised x0 by default).
@@ -83,7 +84,7 @@ def sample(
         return CapturedSampler(model, steps, solver, schedule, prediction, capture=capture, **options)(x)
     check_nan = check_nan and not torch.compiler.is_compiling()
     model, plan, options = prepare(model, steps, solver, schedule, prediction, dict(options, check_nan=check_nan))
-    return run_plan(model, x, plan, generator=generator, progress=progress, desc=f"diffsampler {solver}", mu=mu,
+    return run_plan(model, x, plan, generator=generator, progress=progress, desc=f"diffsampler {getattr(solver, 'name', solver)}", mu=mu,
                     **options)
 
 
@@ -138,7 +139,10 @@ def prepare(model, steps, solver, schedule, prediction, options: dict):
 
 
 def _defaults(solver, schedule, prediction):
-    """sample()'s defaults: schedule None -> the solver's default schedule, prediction None -> the schedule's."""
+    """sample()'s defaults: schedule None -> the solver's default schedule, prediction None -> the schedule's
+    (a usf.Plan has its own grid: prediction None -> "eps")."""
+    if not isinstance(solver, str):
+        return schedule, "eps" if prediction is None else prediction
     if schedule is None:
         schedule = solver_spec(solver).default_schedule()
     return schedule, SolverSpec.default_prediction(schedule) if prediction is None else prediction

@@ -33,6 +33,7 @@ from .plan import Plan, Step
 from .res import er_sde_plan, res_multistep_plan
 from .restart import restart_plan
 from .sa_solver import sa_plan, sa_steps
+from . import usf
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ SOLVERS: dict[str, SolverSpec] = {
 
 def solver_spec(solver: str) -> SolverSpec:
     if not isinstance(solver, str) or solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)} or a diffsampler.solvers.usf.Plan, got "
+                         f"{solver!r}")
     return SOLVERS[solver]
 
 
@@ -162,7 +164,13 @@ def describe() -> str:
 
 def make_plan(solver: str, schedule, steps: int, prediction: str, **options) -> Plan:
     """The Plan of `solver` on `schedule` with `steps` model calls; options are the solver's keywords (sigmas= a
-    list: solvers.explicit; on VP it runs on the list's Grid unless the solver's VP builder takes it)."""
+    list: solvers.explicit; on VP it runs on the list's Grid unless the solver's VP builder takes it). A
+    usf.Plan carries its own grid: schedule and steps are not used, and it takes no options."""
+    if isinstance(solver, usf.Plan):
+        if options:
+            raise ValueError(f"a usf.Plan takes no solver options (its StepSpecs hold them), got {sorted(options)}")
+        check_prediction(prediction)
+        return solver.to_plan(prediction)
     spec = solver_spec(solver)
     explicit = options.get("sigmas")
     if explicit is not None and not isinstance(explicit, str):
@@ -216,4 +224,4 @@ __all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "steps_for_nfe", 
            "unipc_steps", "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS",
            "fit_ems", "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan", "res_multistep_plan",
            "er_sde_plan", "euler_ancestral_plan", "dpm2_plan", "dpmpp_2s_ancestral_plan", "lms_plan", "pndm_plan",
-           "restart_plan", "sa_plan", "sa_steps"]
+           "restart_plan", "sa_plan", "sa_steps", "usf"]
