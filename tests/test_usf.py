@@ -296,3 +296,46 @@ GRID = Grid.from_sigmas(SIGMAS)
 def test_bad_arguments(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_eps_plan_lands_on_sigma_zero():
+    """The first-order noise-prediction step to sigma = 0 is its limit x_s / alpha_s - rho_s eps: DDIM, as the
+    data-prediction one."""
+    sched = VP.linear()
+    model, x = TARGET.model(sched, "eps"), noise()
+    eps, data = usf.dpmpp_2m(6, sched), usf.dpmpp_2m(6, sched)
+    eps = usf.Plan([StepSpec(1, "eps")] * 6, eps.grid)
+    data = usf.Plan([StepSpec(1, "x0")] * 6, data.grid)
+    assert rel(ds.sample(model, x, solver=eps), ds.sample(model, x, solver=data)) < 1e-12
+
+
+def search_setup():
+    sched = VP.linear()
+    return sched, TARGET.model(sched, "eps"), noise(32, seed=10), noise(256, seed=11)
+
+
+def test_search_beats_dpmpp_2m_on_held_out_samples():
+    from diffsampler.solvers.usf_search import median_relative_error
+
+    sched, model, fit, held_out = search_setup()
+    plan, log = usf.search(model, fit, sched, 5, budget=40, seed=0)
+    assert plan.nfe == 5 and log["evaluations"] == 40
+    assert log["model_calls"] == 500 + 5 * 40  # the reference, then nfe calls per evaluated plan
+    assert log["best_metric"] == min(e["metric"] for e in log["entries"])
+    ref = ds.sample(model, held_out, 500, solver="dpmpp_2m", schedule=sched)
+    searched = median_relative_error(ds.sample(model, held_out, solver=plan), ref)
+    fixed = median_relative_error(ds.sample(model, held_out, 5, solver="dpmpp_2m", schedule=sched), ref)
+    assert searched < 0.9 * fixed, (searched, fixed)
+    again, _ = usf.search(model, fit, sched, 5, budget=40, seed=0)
+    assert again == plan  # deterministic given the seed
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(schedule="vp"), "schedule"), (dict(nfe=1), "nfe"), (dict(budget=0), "budget"),
+    (dict(metric="l2"), "metric"), (dict(reference_steps=3), "reference_steps")])
+def test_bad_search_arguments(kwargs, match):
+    sched, model, fit, _ = search_setup()
+    args = dict(model=model, x_fit=fit, schedule=sched, nfe=5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        usf.search(**args)

@@ -187,7 +187,8 @@ def step_weights(grid: Grid, spec: StepSpec, s: int, t: int, points) -> tuple[fl
         w = {s: -alpha_t * math.expm1(-h)}
     else:
         a, scale, z = alpha_t / alpha_s, -sigma_t, h
-        w = {s: -sigma_t * math.expm1(h)}
+        # sigma_t e^h = alpha_t sigma_s / alpha_s: the first-order step to sigma = 0 is x_s / alpha_s - rho_s eps
+        w = {s: -sigma_t * math.expm1(h) if sigma_t > 0 else -alpha_t * sigma_s / alpha_s}
     for n, d in enumerate(spec.derivatives, start=1):
         js = [points(p) for p in d.points]
         coeff = scale * h ** (n + 1) * phi(n + 1, z) * relaxation_factor(d, h, spec.prediction)
@@ -232,9 +233,9 @@ class Plan:
         if self.afs and (steps[0].order != 1 or n < 2):
             raise ValueError("afs: the analytical first step is first order (steps[0].order = 1) and needs a "
                              "second step")
-        if math.isinf(lams[-1]) and (steps[-1].order != 1 or steps[-1].prediction != "x0"):
-            raise ValueError("the last step lands on sigma = 0 (infinite lambda): it must be order 1 with prediction "
-                             "'x0'; or end the grid at a sigma > 0")
+        if math.isinf(lams[-1]) and steps[-1].order != 1:
+            raise ValueError("the last step lands on sigma = 0 (infinite lambda): it must be order 1; or end the grid "
+                             "at a sigma > 0")
         for i, spec in enumerate(steps):
             for rel in _relative_points(spec):
                 if i + 1 + rel < 0:
@@ -388,3 +389,11 @@ def deis(steps: int, order: int = 2, schedule: VP | None = None, **grid_options)
     n = len(grid)
     orders = _orders(n, order, (1, 2) if n < 15 else ())
     return Plan(tuple(_taylor(k, "eps") for k in orders), grid, name=f"usf deis{order}")
+
+
+def search(model, x_fit, schedule: VP, nfe: int, budget: int = 64, metric=None, seed: int = 0, **options):
+    """S3's predictor-based evolutionary search of a USF plan with `nfe` model calls on a discrete VP schedule:
+    returns (Plan, log). See solvers.usf_search.search for the options and the log."""
+    from .usf_search import search as s3
+
+    return s3(model, x_fit, schedule, nfe, budget, metric, seed, **options)
