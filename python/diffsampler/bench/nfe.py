@@ -7,6 +7,13 @@ posterior p(x0 | mu). The MR Sampler (solver "mrs": ODE orders 1-3, SDE orders 1
 against IR-SDE's own Euler-Maruyama reverse SDE (its sampler, `em_ir_sde`) at each NFE: sliced W2 of 16000
 samples to 16000 exact posterior samples (seeds the runs never see), and for the ODEs the relative error against a
 1000-step third-order run from the same x_T.
+
+Part "usf": USF plans found by S3's search (solvers.usf.search) at NFE 4, 5, 6, 8 and 10 on the exact eps model of
+Gaussian mixtures (8-D random, 2-D ring) under VP.linear(), fitted on 32 x_T and measured on held-out x_T the
+search never saw: median relative ODE error against a 999-step DPM-Solver++(2M) run from the same x_T and sliced
+W2 to exact samples, against the best fixed solver at the same NFE (DPM-Solver++ 2M / 3M, UniPC bh1 / bh2, DEIS,
+each on the default, Karras and uniform-logSNR sigmas), with the search's cost in model calls and the NFE the best
+fixed solver needs to match the searched plan's error.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.schedules import MeanReverting
 from diffsampler.targets import GaussianMixture, sliced_wasserstein
 
-PARTS = ("mrs",)
+PARTS = ("mrs", "usf")
+USF_NFES = (4, 5, 6, 8, 10)
+FIXED_NFES = (4, 5, 6, 8, 10, 12, 15, 20, 25, 30)
 MRS_NFES = (5, 10, 20, 50, 100)
 EM_NFES = (5, 10, 20, 50, 100, 200, 500)
 NOISE_SEED, EXACT_SEED, SDE_SEED = 0, 1, 2
@@ -97,6 +106,83 @@ def mrs_part(n: int = 16000, dim: int = 16) -> dict:
                 methods=methods, em_nfe_to_match=match)
 
 
+def usf_targets() -> dict:
+    return {"gmm-8d": GaussianMixture.random(dim=8, modes=4, seed=1), "ring-2d": GaussianMixture.ring()}
+
+
+FIXED = [(f"{name} {sig}", name, dict(kw, sigmas=sig)) for name, kw in
+         (("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", dict(variant="bh1")), ("unipc", dict(variant="bh2")),
+          ("deis", {})) for sig in ("default", "karras", "lu")]
+
+
+def usf_part(n: int = 16000, fit: int = 32, budget: int = 64) -> dict:
+    from diffsampler.solvers import usf
+    from diffsampler.solvers.usf_search import median_relative_error
+
+    schedule = ds.schedules.VP.linear()
+    out = {}
+    for tname, target in usf_targets().items():
+        model = target.model(schedule, "eps")
+        x_fit = torch.randn(fit, target.dim, generator=torch.Generator().manual_seed(NOISE_SEED + 10),
+                            dtype=torch.float64)
+        z = torch.randn(n, target.dim, generator=torch.Generator().manual_seed(NOISE_SEED), dtype=torch.float64)
+        exact = target.sample(n, torch.Generator().manual_seed(EXACT_SEED))
+        reference = ds.sample(model, z, 999, solver="dpmpp_2m", schedule=schedule)
+        measure = lambda x: dict(ode_error=median_relative_error(x, reference),  # noqa: E731
+                                 sliced_w2=sliced_wasserstein(x, exact))
+        fixed = {label: {nfe: measure(ds.sample(model, z, nfe, solver=name, schedule=schedule, **kw))
+                         for nfe in FIXED_NFES} for label, name, kw in FIXED}
+        rows = []
+        for nfe in USF_NFES:
+            t0 = time.perf_counter()
+            plan, log = usf.search(model, x_fit, schedule, nfe, budget=budget, seed=0)
+            seconds = time.perf_counter() - t0
+            got = measure(ds.sample(model, z, solver=plan))
+            best = min(fixed, key=lambda k: fixed[k][nfe]["ode_error"])
+            match = next((m for m in FIXED_NFES if min(f[m]["ode_error"] for f in fixed.values())
+                          <= got["ode_error"]), None)
+            rows.append(dict(nfe=nfe, searched=got, best_fixed=best, fixed=fixed[best][nfe],
+                             fixed_nfe_to_match=match, search_model_calls=log["model_calls"],
+                             search_sample_evaluations=log["model_calls"] * fit, search_seconds=seconds,
+                             evaluations=log["evaluations"], fit_metric=log["best_metric"],
+                             plan=dict(timesteps=list(plan.grid.timesteps), afs=plan.afs,
+                                       prediction=plan.steps[0].prediction,
+                                       orders=[s.order for s in plan.steps],
+                                       correctors=[s.corrector is not None for s in plan.steps])))
+        out[tname] = dict(dim=target.dim, rows=rows, fit_samples=fit, budget=budget,
+                          best_fixed_by_nfe={m: min(f[m]["ode_error"] for f in fixed.values()) for m in FIXED_NFES})
+    return dict(schedule=repr(schedule), samples=n, targets=out)
+
+
+def usf_table(res: dict) -> str:
+    lines = ["| target | NFE | searched ODE err | best fixed (ODE err) | searched W2 | fixed W2 | fixed NFE to match "
+             "| search cost (model calls, x 32 samples) |", "|---|---|---|---|---|---|---|---|"]
+    for tname, t in res["targets"].items():
+        for r in t["rows"]:
+            match = r["fixed_nfe_to_match"] or f"> {max(FIXED_NFES)}"
+            lines.append(f"| {tname} | {r['nfe']} | {r['searched']['ode_error']:.4f} | {r['best_fixed']} "
+                         f"({r['fixed']['ode_error']:.4f}) | {r['searched']['sliced_w2']:.4f} | "
+                         f"{r['fixed']['sliced_w2']:.4f} | {match} | {r['search_model_calls']} |")
+    lines += ["", "ODE error: median over held-out x_T of the relative error against a 999-step DPM-Solver++(2M) run "
+              "from the same x_T; the search cost includes its 500-step reference on the fit samples."]
+    return "\n".join(lines)
+
+
+def usf_plot(ax, res: dict) -> None:
+    for tname, t in res["targets"].items():
+        rows = t["rows"]
+        line = ax.plot([r["nfe"] for r in rows], [r["searched"]["ode_error"] for r in rows], marker="o",
+                       label=f"{tname} USF searched")[0]
+        fixed = t["best_fixed_by_nfe"]
+        ax.plot([int(k) for k in fixed], list(fixed.values()), ls="--", color=line.get_color(),
+                label=f"{tname} best fixed")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("median relative ODE error (held-out x_T)")
+    ax.set_title("USF search (S3) against the best fixed solver")
+    ax.legend(fontsize=7)
+
+
 def table(res: dict) -> str:
     nfes = sorted({r["nfe"] for rows in res["methods"].values() for r in rows})
     lines = ["| method | " + " | ".join(f"W2 @{n}" for n in nfes) + " | Euler-Maruyama NFE to match @10, @20 |",
@@ -124,8 +210,8 @@ def plot(ax, res: dict) -> None:
     ax.legend(fontsize=7)
 
 
-TABLES = {"mrs": table}
-PLOTS = {"mrs": plot}
+TABLES = {"mrs": table, "usf": usf_table}
+PLOTS = {"mrs": plot, "usf": usf_plot}
 
 
 def main(argv=None) -> None:
@@ -139,7 +225,7 @@ def main(argv=None) -> None:
     results = {}
     for part in args.parts:
         t0 = time.perf_counter()
-        results[part] = {"mrs": mrs_part}[part](n=args.n)
+        results[part] = {"mrs": mrs_part, "usf": usf_part}[part](n=args.n)
         print(f"{part} ({time.perf_counter() - t0:.0f} s)\n{TABLES[part](results[part])}", flush=True)
     if args.out:
         import json

@@ -114,7 +114,8 @@ def nfe_tables(path: Path) -> str:
 
     data = json.loads(path.read_text())
     titles = {"mrs": "Mean-reverting restoration (MR Sampler against IR-SDE's Euler-Maruyama sampler), sliced W2 to "
-                     "the exact posterior"}
+                     "the exact posterior",
+              "usf": "USF plans found by S3's search against the best fixed solver at the same NFE, held-out x_T"}
     return "\n\n".join(f"{titles[part]} (`{path}`):\n\n{nfe.TABLES[part](res)}"
                         for part, res in data["results"].items())
 

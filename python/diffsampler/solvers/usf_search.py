@@ -253,8 +253,9 @@ def search(model, x_fit: torch.Tensor, schedule: VP, nfe: int, budget: int = 64,
         log.append(dict(generation=generation, metric=archive[g], predicted=predicted, model_calls=calls[0],
                         plan=plan))
 
-    start = [dpmpp_2m(nfe, schedule), dpmpp_3m(nfe, schedule), unipc(nfe, "bh1", schedule=schedule),
-             unipc(nfe, "bh2", schedule=schedule)]
+    start = [p for sigmas in ("default", "lu", "karras") for p in (
+        dpmpp_2m(nfe, schedule, sigmas=sigmas), dpmpp_3m(nfe, schedule, sigmas=sigmas),
+        unipc(nfe, "bh1", schedule=schedule, sigmas=sigmas), unipc(nfe, "bh2", schedule=schedule, sigmas=sigmas))]
     seeds = [space.fix(space.genome(p)) for p in start]
     while len(seeds) < len(start) + parents:  # the presets and mutants of them
         seeds.append(space.mutate(rng.choice(seeds[:len(start)]), rng))
