@@ -292,6 +292,8 @@ GRID = Grid.from_sigmas(SIGMAS)
      "no solver options"),
     (lambda: ds.sample(TARGET.model(None), noise(), solver=object()), "usf.Plan"),
     (lambda: usf.unipc(6, "bh3"), "variant"),
+    (lambda: ds.sample(TARGET.model(None), noise(), solver=usf.Plan([StepSpec(1)] * 8, GRID),
+                       time_shift=ds.solvers.TimeShift()), "schedule="),
 ])
 def test_bad_arguments(build, match):
     with pytest.raises(ValueError, match=match):

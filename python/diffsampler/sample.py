@@ -100,6 +100,8 @@ def prepare(model, steps, solver, schedule, prediction, options: dict):
     options.pop("generator", None)
     plan = cached_plan(solver, schedule, steps, prediction, tuple(options.items()))
     if time_shift is not None or update.get("lml") is not None:
+        if not isinstance(solver, str) and schedule is None:
+            raise ValueError("time_shift and lml with a usf.Plan need schedule= (the schedule of the plan's grid)")
         schedule, prediction = _defaults(solver, schedule, prediction)
     if time_shift is not None:
         from .solvers import TimeShift
