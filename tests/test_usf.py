@@ -324,6 +324,8 @@ def test_search_beats_dpmpp_2m_on_held_out_samples():
     assert plan.nfe == 5 and log["evaluations"] == 40
     assert log["model_calls"] == 500 + 5 * 40  # the reference, then nfe calls per evaluated plan
     assert log["best_metric"] == min(e["metric"] for e in log["entries"])
+    later = [e for e in log["entries"] if e["generation"] > 0]
+    assert later and all(e["predicted"] is not None for e in later)  # children chosen by the predictor
     ref = ds.sample(model, held_out, 500, solver="dpmpp_2m", schedule=sched)
     searched = median_relative_error(ds.sample(model, held_out, solver=plan), ref)
     fixed = median_relative_error(ds.sample(model, held_out, 5, solver="dpmpp_2m", schedule=sched), ref)

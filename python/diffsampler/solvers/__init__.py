@@ -148,8 +148,8 @@ SOLVERS: dict[str, SolverSpec] = {
 
 def solver_spec(solver: str) -> SolverSpec:
     if not isinstance(solver, str) or solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {sorted(SOLVERS)} or a diffsampler.solvers.usf.Plan, got "
-                         f"{solver!r}")
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r} (or a diffsampler.solvers.usf.Plan "
+                         "object)")
     return SOLVERS[solver]
 
 
