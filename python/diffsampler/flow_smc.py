@@ -24,8 +24,8 @@ sampling".
 
 Each transition is one fused update (`sde_step`: ops.multistep_update with a step row per sample, the
 coefficients of solver "flow_sde"); rewards, Tweedie estimates and resampling are torch ops. The loops have a
-fixed trip count and decide on the device
-(`torch.where`, ``ops.resample``); the only host syncs are the one-time checks of the first reward (finite).
+fixed trip count and decide on the device (`torch.where`, ``ops.resample``); the only host syncs are the
+one-time checks of the first reward (finite).
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ import math
 
 import numpy as np
 
-from .. import checks
 from ..ops import StateRow, UpdateCoeffs
 from ..schedules import Flow
 from .plan import Plan, Step
