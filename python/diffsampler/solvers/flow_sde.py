@@ -17,9 +17,9 @@ first call writes x^ + h/2 K(x^, t) into the state; its noise z is folded into t
 second call of the previous interval), and the first interval's into x_T's scale sqrt(1 + 2 w(t_0) h_0) (the
 same law as x_T + sqrt(2 w h) z).
 
-diffusion forms in SiT's time tau = 1 - t (its linear path x = tau x1 + (1 - tau) x0), norm = diffusion_norm:
-constant n; sbdm n t / (1 - t) (SiT's n (sigma^2 alpha'/alpha - sigma sigma')); sigma n t; linear n t;
-decreasing (1 - n cos(pi t))^2 / 4; increasing-decreasing n sin(pi t)^2.
+diffusion forms: SiT's values at its time tau = 1 - t (its linear path x = tau x1 + (1 - tau) x0), written in t,
+n = diffusion_norm: constant n; sbdm n t / (1 - t) (SiT's n (sigma^2 alpha'/alpha - sigma sigma')); sigma n t;
+linear n t; decreasing (1 - n cos(pi t))^2 / 4; increasing-decreasing n sin(pi t)^2.
 The grid (SiT's check_interval for a velocity model): uniform in tau from tau_0 = sample_eps ("sbdm", infinite
 at t = 1; else 0) to tau_1 = 1 - last_step_size (1 - sample_eps without a last step) over `steps` points,
 i.e. t_i from 1 - tau_0 to 1 - tau_1, shifted as Flow(shift) shifts (end points kept); sigmas= a list: its
