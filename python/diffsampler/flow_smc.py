@@ -134,7 +134,7 @@ def diffusion_coefficient(diffusion, t: torch.Tensor) -> torch.Tensor:
     return diffusion * t.double() ** 2
 
 
-def step_rows(x: torch.Tensor, t, t_next, g, path=LINEAR) -> torch.Tensor:
+def sde_step_rows(x: torch.Tensor, t, t_next, g, path=LINEAR) -> torch.Tensor:
     """The (B, step_row.WIDTH) float64 rows of `sde_step` for ops.multistep_update: per sample
     x' = a x + e v + c z with (a, e) = solvers.flow_sde.drift_coeffs(alpha, sigma, alpha', sigma', w, dt),
     w = gamma^2 / 2, c = gamma sqrt(dt), and m_0 = the Tweedie estimate (sigma' x - sigma v) / D."""
@@ -159,10 +159,10 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, t, t_next, g, path=LINEAR,
     score = flow_score(v, x, t, path); the argument g is the diffusion coefficient gamma(t) (diffusion_coefficient),
     g = 0 (noise may be None) the Euler step of the ODE. t, t_next, g: scalars or one per row. It is the
     fused step of solver "flow_sde" with w = gamma^2 / 2 (one ops.multistep_update with a row per sample,
-    `step_rows`). Returns x's dtype."""
+    `sde_step_rows`). Returns x's dtype."""
     v = v.to(x.dtype)
     noise = None if noise is None else noise.to(x.dtype)
-    return ops.multistep_update(x, v, step_rows(x, t, t_next, g, path), noise=noise, check_nan=False,
+    return ops.multistep_update(x, v, sde_step_rows(x, t, t_next, g, path), noise=noise, check_nan=False,
                                 backend=backend)
 
 
