@@ -114,7 +114,8 @@ def nfe_tables(path: Path) -> str:
 
     data = json.loads(path.read_text())
     titles = {"mrs": "Mean-reverting restoration (MR Sampler against IR-SDE's Euler-Maruyama sampler), sliced W2 to "
-                     "the exact posterior"}
+                     "the exact posterior",
+              "flow_sde": "Flow SDE samplers against the flow ODE solvers at equal model calls, sliced W2 to exact samples"}
     return "\n\n".join(f"{titles[part]} (`{path}`):\n\n{nfe.TABLES[part](res)}"
                         for part, res in data["results"].items())
 
