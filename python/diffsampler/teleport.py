@@ -19,6 +19,7 @@ import torch
 from . import checks
 from .schedules import EDM, VP, Flow, VPContinuous
 from .solvers import SolverSpec, solver_spec
+from .solvers.dpm import flow_dpm_plan, flow_dpm_sigmas
 from .solvers.grid import Grid, continuous_grid, multistep_grid
 
 GRID_OPTIONS = ("timestep_spacing", "steps_offset", "sigmas", "final_sigmas_type")  # the VP grid's own options
@@ -111,7 +112,8 @@ class GaussianTeleport:
 
 
 def solver_grid(solver: str, schedule, steps, options: dict):
-    """(Grid of the solver's points, is it given as a sigmas= list): EDM's Karras / Flow's sigmas, a sigmas= list,
+    """(Grid of the solver's points, is it given as a sigmas= list): EDM's Karras / Flow's sigmas (flow_dpmpp_2m's
+    own), a sigmas= list,
     a VPContinuous grid, or on a discrete VP schedule the multistep schedulers' grid (integer timesteps;
     options timestep_spacing, steps_offset, sigmas, final_sigmas_type)."""
     spec = solver_spec(solver)
@@ -119,6 +121,8 @@ def solver_grid(solver: str, schedule, steps, options: dict):
     if isinstance(schedule, (EDM, Flow)) or (explicit is not None and not isinstance(explicit, str)):
         if explicit is not None and not isinstance(explicit, str):
             sigmas = checks.sigmas(explicit)
+        elif spec.plans.get(Flow) is flow_dpm_plan:
+            sigmas = flow_dpm_sigmas(schedule, checks.integer("steps", steps, 1))
         else:
             sigmas = [float(s) for s in schedule.sigmas(checks.integer("steps", steps, 1))]
         if not isinstance(schedule, (EDM, Flow, VP)):
