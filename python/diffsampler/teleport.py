@@ -18,7 +18,7 @@ import torch
 
 from . import checks
 from .schedules import EDM, VP, Flow, VPContinuous
-from .solvers import SolverSpec, solver_spec
+from .solvers import SOLVERS, SolverSpec, solver_spec
 from .solvers.dpm import flow_dpm_plan, flow_dpm_sigmas
 from .solvers.grid import Grid, continuous_grid, multistep_grid
 
@@ -135,19 +135,13 @@ def solver_grid(solver: str, schedule, steps, options: dict):
                                options.get("final", spec.grid_final)), False
     if isinstance(schedule, VP):
         if Grid not in spec.plans and spec.grid_steps is None:
-            takes = ", ".join(n for n, s in _grid_solvers())
+            takes = ", ".join(n for n, s in SOLVERS.items() if Grid in s.plans or s.grid_steps is not None)
             raise ValueError(f"teleport on a discrete VP schedule runs the remaining steps on a Grid; solver "
                              f"{solver!r} does not take one (solvers that do: {takes}; or use an EDM schedule)")
         final = spec.presets.get("final_sigmas_type", "zero" if spec.grid_final == "zero" else "sigma_min")
         grid = {k: options[k] for k in GRID_OPTIONS if k in options}
         return multistep_grid(schedule, steps, **{"final_sigmas_type": final, **grid}), False
     raise ValueError(f"teleport needs a VP, VPContinuous, EDM or Flow schedule, got {schedule!r}")
-
-
-def _grid_solvers():
-    from .solvers import SOLVERS
-
-    return [(n, s) for n, s in SOLVERS.items() if Grid in s.plans or s.grid_steps is not None]
 
 
 def teleported(teleport, skip, x: torch.Tensor, solver: str, schedule, prediction, steps, options: dict):
@@ -168,6 +162,7 @@ def teleported(teleport, skip, x: torch.Tensor, solver: str, schedule, predictio
     x = teleport.apply(x * scale0 if scale0 != 1.0 else x, grid.alpha_sigma(0), grid.alpha_sigma(skip)) / scale
     if listed:
         return x, schedule, prediction, None, dict(options, sigmas=list(grid.sigmas[skip:]))
-    options = {k: v for k, v in options.items() if k not in GRID_OPTIONS + ("spacing", "final")}
+    used = ("spacing", "final") if isinstance(schedule, VPContinuous) else GRID_OPTIONS  # the grid's, now in it
+    options = {k: v for k, v in options.items() if k not in used}
     rest = Grid(timesteps=grid.timesteps[skip:], sigmas=grid.sigmas[skip:], discrete=grid.discrete)
     return x, rest, prediction, len(rest), options
