@@ -123,18 +123,34 @@ CASES = [("vp", "dpmpp_2m"), ("vp", "euler"), ("vpc", "dpmpp_2m"), ("vpc", "unip
          ("edm", "restart"), ("flow", "flow_euler"), ("flow", "flow_dpmpp_2m")]
 
 
+def low_rank_gaussian(seed: int = 0):
+    """(mean, covariance, its GaussianTeleport) of U diag(4, 1) U^T + 0.3 (I - U U^T) in 6-D."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=F64))
+    u, lam, rest = q[:, :2], torch.tensor([4.0, 1.0], dtype=F64), 0.3
+    mu = torch.randn(6, generator=gen, dtype=F64)
+    cov = u @ torch.diag(lam) @ u.T + rest * (torch.eye(6, dtype=F64) - u @ u.T)
+    return mu, cov, ds.GaussianTeleport(mu, lam, u, rest_var=rest)
+
+
+@pytest.mark.parametrize("structure", ["full", "low-rank"])
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 @pytest.mark.parametrize("kind, solver", CASES)
-def test_the_first_model_call_gets_the_exact_ode_solution_at_the_skip_point(kind, solver, dtype):
+def test_the_first_model_call_gets_the_exact_ode_solution_at_the_skip_point(kind, solver, dtype, structure):
     """Through ds.sample: the model's first input is the Gaussian's exact PF-ODE solution from x_T to grid point
-    skip, at that point's model time (float64 to 1e-10, float32 to 1e-6)."""
-    mu, cov = gaussian(0)
+    skip, at that point's model time (float64 to 1e-10, float32 to 1e-6); a full covariance, and a rank-2 one
+    plus an isotropic remainder."""
+    if structure == "full":
+        mu, cov = gaussian(0)
+        tp = exact_teleport(mu, cov)
+    else:
+        mu, cov, tp = low_rank_gaussian(0)
     schedule, prediction, model = models(mu, cov)[kind]
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1), dtype=F64)
     steps, skip = 24 if solver == "restart" else 12, 4
     times, points = grid_points(kind, steps, solver)
     record, calls = recorded(model)
-    ds.sample(record, x.to(dtype), steps, solver, schedule, prediction, teleport=exact_teleport(mu, cov), skip=skip)
+    ds.sample(record, x.to(dtype), steps, solver, schedule, prediction, teleport=tp, skip=skip)
     x_t = exact_flow(mu, cov, x * (points[0][1] if kind == "edm" else 1.0), points[0], points[skip])
     got, t = calls[0]
     assert float(t) == pytest.approx(times[skip], rel=1e-12 if dtype == F64 else 1e-6, abs=1e-12)
