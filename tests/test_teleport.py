@@ -322,6 +322,12 @@ def test_bad_arguments():
         ds.sample(model, torch.randn(2, 5, dtype=F64), 10, "dpmpp_2m", VP, teleport=tp, skip=2)
     with pytest.raises(ValueError, match="solver 'restart' does not take one"):
         ds.sample(model, x, 10, "restart", VP, teleport=tp, skip=2)
+    with pytest.raises(ValueError, match="sigmas= a list needs a VP, EDM or Flow schedule"):
+        ds.sample(model, x, None, "dpmpp_2m", VPC, teleport=tp, skip=1, sigmas=[2.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        ds.sample(model, x, None, "dpmpp_2m", VP, teleport=tp, skip=1)
+    with pytest.raises(ValueError, match=r"skip must be an integer in \[0, 1\]"):
+        ds.sample(models(mu, cov)["edm"][2], x, None, "heun", EDM, "x0", teleport=tp, skip=2, sigmas=[5.0, 1.0, 0.0])
     with pytest.raises(ValueError, match="does not combine with time_shift or lml"):
         ds.sample(model, x, 10, "dpmpp_2m", VP, teleport=tp, skip=2, lml=ds.LML())
     samples = torch.randn(10, 6, dtype=F64)

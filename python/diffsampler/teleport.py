@@ -112,21 +112,22 @@ class GaussianTeleport:
 
 
 def solver_grid(solver: str, schedule, steps, options: dict):
-    """(Grid of the solver's points, is it given as a sigmas= list): EDM's Karras / Flow's sigmas (flow_dpmpp_2m's
-    own), a sigmas= list,
-    a VPContinuous grid, or on a discrete VP schedule the multistep schedulers' grid (integer timesteps;
-    options timestep_spacing, steps_offset, sigmas, final_sigmas_type)."""
+    """(the Grid of the solver's points, whether the rest runs as a sigmas= list): a sigmas= list itself, EDM's
+    Karras sigmas, Flow's sigmas (flow_dpmpp_2m's own grid), a VPContinuous grid, or on a discrete VP schedule
+    the multistep schedulers' grid (integer timesteps; options timestep_spacing, steps_offset, sigmas,
+    final_sigmas_type)."""
     spec = solver_spec(solver)
     explicit = options.get("sigmas")
-    if isinstance(schedule, (EDM, Flow)) or (explicit is not None and not isinstance(explicit, str)):
-        if explicit is not None and not isinstance(explicit, str):
+    listed = explicit is not None and not isinstance(explicit, str)
+    if listed or isinstance(schedule, (EDM, Flow)):
+        if not isinstance(schedule, (EDM, Flow, VP)):
+            raise ValueError(f"sigmas= a list needs a VP, EDM or Flow schedule, got {schedule!r}")
+        if listed:
             sigmas = checks.sigmas(explicit)
         elif spec.plans.get(Flow) is flow_dpm_plan:
             sigmas = flow_dpm_sigmas(schedule, checks.integer("steps", steps, 1))
         else:
             sigmas = [float(s) for s in schedule.sigmas(checks.integer("steps", steps, 1))]
-        if not isinstance(schedule, (EDM, Flow, VP)):
-            raise ValueError(f"sigmas= a list needs a VP, EDM or Flow schedule, got {schedule!r}")
         return Grid(timesteps=tuple(sigmas[:-1]), sigmas=tuple(sigmas), flow=isinstance(schedule, Flow),
                     ve=isinstance(schedule, EDM), discrete=False), True
     steps = checks.integer("steps", steps, 1)
