@@ -59,6 +59,7 @@ def test_step_accepts_torch_dtype_names(tmp_path):
     (("quality", "--targets", "ring-3d"), "--targets"),
     (("smc", "--ks", "4,x"), "--ks"),
     (("report", "--size", "8;4"), "--size"),
+    (("teleport", "--nfe-max", "0"), "--nfe-max"),
 ])
 def test_bad_values_are_argparse_errors(args, option):
     r = bench(*args)
