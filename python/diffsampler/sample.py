@@ -10,6 +10,7 @@ import torch
 
 from . import checks, ops
 from .solvers import Plan, SolverSpec, make_plan, solver_spec
+from .teleport import teleported
 
 
 def sample(
@@ -31,6 +32,8 @@ def sample(
     lml=None,
     cuda_graph: bool | str = False,
     mu: torch.Tensor | None = None,
+    teleport=None,
+    skip: int | None = None,
     **solver_options,
 ) -> torch.Tensor:
     """Integrate from x (pure noise at the first timestep) to a sample, calling ``model(x, t)`` once per step.
@@ -66,10 +69,21 @@ def sample(
         it cannot.
     mu: the condition of a ``MeanReverting`` schedule (solver "mrs"; the degraded image of IR-SDE), broadcast to
         x's shape: x_T = mu + sigma_T x.
+    teleport, skip: a ``diffsampler.GaussianTeleport`` and the number of the solver's leading steps it replaces:
+        x_T is moved in closed form along the probability-flow ODE of that Gaussian to the solver's grid point
+        `skip`, and the solver runs over the rest of its grid (diffsampler.teleport; on a discrete VP
+        schedule the grid is the multistep schedulers' one, for the solvers that run on a Grid).
     """
     checks.model(model)
     checks.sample_tensor(x)
     checks.sampling_options(clip, threshold_ratio, threshold_max, check_nan, generator)
+    if teleport is not None:
+        if time_shift is not None or lml is not None:
+            raise ValueError("teleport does not combine with time_shift or lml")
+        x, schedule, prediction, steps, solver_options = teleported(teleport, skip, x, solver, schedule, prediction,
+                                                                    steps, solver_options)
+    elif skip is not None:
+        raise ValueError(f"skip={skip!r} needs teleport= a diffsampler.GaussianTeleport")
     options = dict(time_shift=time_shift, lml=lml, clip=clip, threshold_ratio=threshold_ratio, threshold_max=threshold_max,
                    backend=backend, **solver_options)
     if cuda_graph:

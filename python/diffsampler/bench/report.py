@@ -1,6 +1,6 @@
 """`python -m diffsampler.bench report [--write docs/benchmarks.md] [--size 8,4,128,128] [--plots]`: the page of
 benchmark tables (docs/benchmarks.md) from the committed results in bench/results/ (step, drop-ins, loop, serve, quality,
-dpmv3, digits, lml, resample, SMC-overhead and pipeline JSON); --plots redraws the PNG beside each step / loop /
+dpmv3, digits, teleport, lml, resample, SMC-overhead and pipeline JSON); --plots redraws the PNG beside each step / loop /
 resample JSON."""
 
 from __future__ import annotations
@@ -245,6 +245,29 @@ def pipeline_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def teleport_table(path: Path) -> str:
+    """Gaussian teleportation at equal NFE (bench teleport): the error (FD on digits) per skip fraction at a few
+    NFE, and the teleported NFE that reaches the plain solver's error."""
+    data = json.loads(path.read_text())
+    m, fractions = data["machine"], data["fractions"]
+    shown = (5, 7, 9, 10, 15, 20, 21, 29, 30)
+    lines = [f"{m['device']} ({m['threads']} threads), torch {m['torch']}, {m['date'][:10]}; median ODE error "
+             f"on the 64-D mixture ({data['samples']} x_T), FD of {data['digits_n']} digits on the learned score "
+             f"(mean of 3 seeds) (`{path}`):", "",
+             "| target | solver | NFE | " + " | ".join("no teleport" if f == 0 else f"skip {f:.0%}" for f in fractions)
+             + " | teleported NFE at equal quality |", "|---|---|---|" + "---|" * (len(fractions) + 1)]
+    saved = {(s["target"], s["solver"], s["nfe"]): s["teleport_nfe"] for s in data["nfe_saved"]}
+    cells = defaultdict(dict)
+    for r in data["rows"]:
+        if r["nfe"] in shown:
+            cells[(r["target"], r["solver"], r["nfe"])][r["fraction"]] = r.get("error", r.get("fd"))
+    for (target, solver, nfe), row in cells.items():
+        equal = saved.get((target, solver, nfe))
+        lines.append(f"| {target} | {solver} | {nfe} | " + " | ".join(f"{row[f]:.3g}" for f in fractions)
+                     + f" | {'-' if equal is None else equal} |")
+    return "\n".join(lines)
+
+
 # (glob, title, what is measured, table) in page order; the discussion of each lives on the topic pages
 SECTIONS = [
     ("step-*.json", "Step overhead (`bench step`)",
@@ -271,6 +294,9 @@ SECTIONS = [
     ("nfe-*.json", "Fewer model calls (`bench nfe`)",
      "Error against NFE with and without each method that cuts model calls, on targets with exact answers, "
      "held-out seeds.", nfe_tables),
+    ("teleport-*.json", "Gaussian teleportation (`bench teleport`)",
+     "The first steps of a longer grid replaced by the closed-form ODE solution of the data's Gaussian fit, at "
+     "the same model calls as the plain solver.", teleport_table),
     ("lml-*.json", "LML (`bench lml`)",
      "LML settings chosen on tuning seeds and reported on test seeds, and the cost of its step.", lml_table),
     ("resample-*.json", "Resampling (`bench resample`)",
