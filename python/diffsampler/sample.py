@@ -34,6 +34,7 @@ def sample(
     mu: torch.Tensor | None = None,
     teleport=None,
     skip: int | None = None,
+    guidance=None,
     **solver_options,
 ) -> torch.Tensor:
     """Integrate from x (pure noise at the first timestep) to a sample, calling ``model(x, t)`` once per step.
@@ -73,6 +74,9 @@ def sample(
         x_T is moved in closed form along the probability-flow ODE of that Gaussian to the solver's grid point
         `skip`, and the solver runs over the rest of its grid (diffsampler.teleport; on a discrete VP
         schedule the grid is the multistep schedulers' one, for the solvers that run on a Grid).
+    guidance: a ``diffsampler.guidance.Guidance``: every model output moved along grad_x log p(y | x_t) (a
+        classifier's, or a function's of the Tweedie estimate), scaled by its schedule; the solver steps on the
+        guided output.
     """
     checks.model(model)
     checks.sample_tensor(x)
@@ -91,12 +95,14 @@ def sample(
 
         if generator is not None:
             raise ValueError("cuda_graph=True draws noise from the default CUDA generator; generator must be None")
-        if mu is not None:
-            raise ValueError("cuda_graph does not take mu (mean-reverting sampling); run it eagerly")
+        if mu is not None or guidance is not None:
+            raise ValueError("cuda_graph does not take mu (mean-reverting sampling) or guidance; run it eagerly")
         capture = "loop" if cuda_graph is True else cuda_graph
         return CapturedSampler(model, steps, solver, schedule, prediction, capture=capture, **options)(x)
     check_nan = check_nan and not torch.compiler.is_compiling()
     model, plan, options = prepare(model, steps, solver, schedule, prediction, dict(options, check_nan=check_nan))
+    if guidance is not None:
+        model = guided(guidance, model, plan, solver, schedule, prediction, solver_options)
     return run_plan(model, x, plan, generator=generator, progress=progress, desc=f"diffsampler {solver}", mu=mu,
                     **options)
 
@@ -149,6 +155,22 @@ def prepare(model, steps, solver, schedule, prediction, options: dict):
     else:
         update.pop("lml", None)
     return model, plan, update
+
+
+def guided(guidance, model, plan: Plan, solver: str, schedule, prediction, solver_options: dict):
+    """The model with `guidance` applied to every output (diffsampler.guidance), on the solver's schedule."""
+    from .guidance import Guidance
+    from .schedules import VP
+
+    if not isinstance(guidance, Guidance):
+        raise ValueError(f"guidance must be a diffsampler.guidance.Guidance, got {type(guidance).__name__}")
+    schedule, prediction = _defaults(solver, schedule, prediction)
+    explicit = solver_options.get("sigmas")
+    if isinstance(schedule, VP) and (not plan.discrete_time or (explicit is not None and not isinstance(explicit, str))):
+        raise ValueError(f"guidance on a VP schedule needs the model's integer training timesteps; solver {solver!r} "
+                         "gives it fractional times here (a sigmas= list, or the Euler-type grid): use a multistep "
+                         "solver on VP, or an EDM / Flow schedule")
+    return guidance.wrap(model, schedule, prediction)
 
 
 def _defaults(solver, schedule, prediction):

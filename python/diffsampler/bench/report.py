@@ -120,6 +120,12 @@ def nfe_tables(path: Path) -> str:
                         for part, res in data["results"].items())
 
 
+def guidance_table(path: Path) -> str:
+    from diffsampler.bench import guidance
+
+    return f"`{path}`:\n\n" + guidance.table(json.loads(path.read_text())["minority"])
+
+
 def lml_table(path: Path) -> str:
     data = json.loads(path.read_text())
     m = data["machine"]
@@ -297,6 +303,9 @@ SECTIONS = [
     ("teleport-*.json", "Gaussian teleportation (`bench teleport`)",
      "The first steps of a longer grid replaced by the closed-form ODE solution of the data's Gaussian fit, at "
      "the same model calls as the plain solver.", teleport_table),
+    ("guidance-*.json", "Minority guidance (`bench guidance`)",
+     "Classifier guidance toward the rarest minority-score class on a mixture whose mode shares are known.",
+     guidance_table),
     ("lml-*.json", "LML (`bench lml`)",
      "LML settings chosen on tuning seeds and reported on test seeds, and the cost of its step.", lml_table),
     ("resample-*.json", "Resampling (`bench resample`)",
