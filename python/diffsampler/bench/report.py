@@ -123,7 +123,10 @@ def nfe_tables(path: Path) -> str:
 def guidance_table(path: Path) -> str:
     from diffsampler.bench import guidance
 
-    return f"`{path}`:\n\n" + guidance.table(json.loads(path.read_text())["minority"])
+    data = json.loads(path.read_text())
+    return (f"`{path}`:\n\n" + guidance.table(data["minority"]) + "\n\nInverse problems (8-D mixture prior, "
+            "y = A x0 + N(0, 0.1^2)): sliced W2 to the exact posterior against NFE, guided by the exact likelihood "
+            "and by the first-order Tweedie (DPS-style) one:\n\n" + guidance.inverse_table(data["inverse"]))
 
 
 def lml_table(path: Path) -> str:
@@ -303,8 +306,9 @@ SECTIONS = [
     ("teleport-*.json", "Gaussian teleportation (`bench teleport`)",
      "The first steps of a longer grid replaced by the closed-form ODE solution of the data's Gaussian fit, at "
      "the same model calls as the plain solver.", teleport_table),
-    ("guidance-*.json", "Minority guidance (`bench guidance`)",
-     "Classifier guidance toward the rarest minority-score class on a mixture whose mode shares are known.",
+    ("guidance-*.json", "Guidance (`bench guidance`)",
+     "Classifier guidance toward the rarest minority-score class on a mixture whose mode shares are known; "
+     "linear inverse problems whose posterior is exact.",
      guidance_table),
     ("lml-*.json", "LML (`bench lml`)",
      "LML settings chosen on tuning seeds and reported on test seeds, and the cost of its step.", lml_table),
