@@ -60,6 +60,8 @@ def test_step_accepts_torch_dtype_names(tmp_path):
     (("smc", "--ks", "4,x"), "--ks"),
     (("report", "--size", "8;4"), "--size"),
     (("nfe", "--parts", "mrs,teleport"), "--parts"),
+    (("guidance", "--n", "0"), "--n"),
+    (("teleport", "--nfe-max", "0"), "--nfe-max"),
 ])
 def test_bad_values_are_argparse_errors(args, option):
     r = bench(*args)

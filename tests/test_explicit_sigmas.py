@@ -56,6 +56,26 @@ def test_edm_and_flow_lists_are_the_grids_the_solvers_use():
                        ds.sample(v, x, steps=None, solver="flow_euler", schedule=flow, sigmas=flow.sigmas(8).tolist()))
 
 
+def test_flow_dpmpp_2m_runs_on_a_sigma_list():
+    """Its own grid passed as a list gives the same sample; another list is the grid it runs on (model times
+    t N truncated to integers, as its own grid's); a list from sigma 1 (lambda -inf) is refused."""
+    import numpy as np
+
+    flow = ds.schedules.Flow(shift=3.0)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    times = []
+    v = lambda x, t: times.append(int(t)) or x * 0.3  # noqa: E731
+    own = np.flip(flow.shifted(1.0 - np.linspace(1, 1 / 1000, 9)))[:-1].tolist() + [0.0]
+    assert torch.equal(ds.sample(v, x, steps=8, solver="flow_dpmpp_2m", schedule=flow),
+                       ds.sample(v, x, steps=None, solver="flow_dpmpp_2m", schedule=flow, sigmas=own))
+    times.clear()
+    other = flow.sigmas(6).tolist()[1:]
+    ds.sample(v, x, steps=None, solver="flow_dpmpp_2m", schedule=flow, sigmas=other)
+    assert times == [int(s * 1000) for s in other[:-1]]
+    with pytest.raises(ValueError, match="flow_dpmpp_2m needs sigmas below 1"):
+        ds.sample(v, x, steps=None, solver="flow_dpmpp_2m", schedule=flow, sigmas=flow.sigmas(6).tolist())
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(solver="dpmpp_2m", steps=7, sigmas=AYS), "does not match sigmas"),
     (dict(solver="dpmpp_2m", steps=None, sigmas=[1.0, 2.0, 0.0]), "non-increasing"),

@@ -98,7 +98,7 @@ def test_padded_reads_change_nothing_when_the_ring_holds_data():
                                                              history=history.clone(), backend="cpu"))
 
 
-@pytest.mark.parametrize("solver", [s for s in ds.solvers.SOLVERS if s != "dpmv3"] + ["unipc_dc"])
+@pytest.mark.parametrize("solver", [s for s in ds.solvers.SOLVERS if s not in ("dpmv3", "mrs")] + ["unipc_dc"])
 def test_indexed_loop_is_run_plan(solver):
     """Whole loops of every solver but DPM-Solver-v3 (and UniPC with DC-Solver's compensation): bitwise equal
     to run_plan on the C++ CPU backend."""
@@ -119,6 +119,12 @@ def test_indexed_loop_is_run_plan(solver):
     got = run_indexed(model, x, plan, generator=g2, backend="cpu")
     assert torch.isfinite(want).all()
     assert torch.equal(got, want)
+
+
+def test_indexed_loop_refuses_mean_reverting_plans():
+    _, plan, _ = prepare(None, 8, "mrs", None, None, {})
+    with pytest.raises(ValueError, match="mean-reverting plan"):
+        run_indexed(lambda x, t: x, torch.randn(4, 2), plan, backend="cpu")
 
 
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc", "dpmpp_2m_sde"])

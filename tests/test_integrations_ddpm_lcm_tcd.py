@@ -43,6 +43,20 @@ def test_ddpm(config, steps):
     assert_same("DDPMScheduler", config, steps)
 
 
+@pytest.mark.parametrize("config", [dict(), dict(variance_type="fixed_large")], ids=str)
+def test_ddpm_every_training_step(config):
+    """Each of the 1000 steps from diffusers' own trajectory: at the smallest t, beta_t = 1 - abar_t / abar_prev
+    cancels, and diffusers forms it in float32 (1e-4 relative), which the drop-in reproduces (diffusers'
+    test_full_loop_with_noise checks the last two steps)."""
+    a, b = (getattr(m, "DDPMScheduler")(**{**SD, **config}) for m in (fused, diffusers))
+    model, x = make_model(), X
+    for i, t in enumerate(b.timesteps):
+        out = model(x, t)
+        got = a.step(out, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        x = b.step(out, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        assert max_rel(got, x) <= 2e-6, (int(t), max_rel(got, x))
+
+
 def variance_model(kind):
     """A model with 2C output channels: the prediction, then the variance channels (learned: a positive variance;
     learned_range: a mixing value in [-1, 1])."""

@@ -49,6 +49,21 @@ def test_dpmsolver_multistep_inverse(config, steps):
     assert max_rel(a, b) <= 1e-5
 
 
+def test_dpmsolver_multistep_inverse_with_repeated_timesteps_dropped():
+    """As many steps as training timesteps: diffusers drops the repeated ones and keeps more sigmas than steps
+    (its own test_timesteps steps there), the drop-in steps over the sigmas step() reads (the first 10 steps,
+    before the grid repeats a sigma, where both divide by zero)."""
+    xs = []
+    for cls in (fused.DPMSolverMultistepInverseScheduler, diffusers.DPMSolverMultistepInverseScheduler):
+        sched = cls(**{**SD, "num_train_timesteps": 25})
+        sched.set_timesteps(25)
+        x, model = X, make_model()
+        for t in sched.timesteps[:10]:
+            x = sched.step(model(x, t), t, x).prev_sample
+        xs.append(x)
+    assert len(sched.sigmas) > len(sched.timesteps) + 1 and max_rel(*xs) <= 1e-5
+
+
 def test_ddim_inverse_sample_prediction_at_alpha_one_is_refused():
     b, _ = loop(diffusers.DDIMInverseScheduler, 7, prediction_type="sample")
     assert not torch.isfinite(b).all()

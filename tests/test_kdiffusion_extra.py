@@ -320,6 +320,39 @@ def test_euler_ancestral_cfg_pp_is_its_equation():
                  K.sample_euler_cfg_pp(guided, x, SIGMAS, disable=True))
 
 
+def dpmpp_2s_ancestral_cfg_pp_eq(x, sigmas, eta=1.0, noise=None, s_noise=1.0):
+    """ComfyUI's sample_dpmpp_2s_ancestral_cfg_pp written out (t = -log sigma, r = 1/2)."""
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        D, U = guided(x, torch.full((x.shape[0],), s, dtype=x.dtype))
+        up = min(s_next, eta * math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
+        down = math.sqrt(s_next**2 - up**2)
+        if down == 0:
+            x = D
+        else:
+            t, t_next = -math.log(s), -math.log(down)
+            h = t_next - t
+            s_mid = math.exp(-(t + 0.5 * h))
+            x2 = (s_mid / s) * (x + (D - U)) - math.expm1(-0.5 * h) * D
+            D2, _ = guided(x2, torch.full((x.shape[0],), s_mid, dtype=x.dtype))
+            x = (down / s) * (x + (D - U)) - math.expm1(-h) * D2
+        if s_next > 0:
+            x = x + noise(s, s_next) * s_noise * up
+    return x
+
+
+def test_dpmpp_2s_ancestral_cfg_pp_is_its_equation():
+    x = start()
+    for eta in (1.0, 0.5, 0.0):
+        got = K.sample_dpmpp_2s_ancestral_cfg_pp(guided, x, SIGMAS, disable=True, eta=eta, s_noise=0.9,
+                                                 noise_sampler=ListNoise(x.shape, 12))
+        assert close(got, dpmpp_2s_ancestral_cfg_pp_eq(x, SIGMAS, eta, ListNoise(x.shape, 12), 0.9)), eta
+    xf = x.float()
+    got = K.sample_dpmpp_2s_ancestral_cfg_pp(guided, xf, SIGMAS.float(), disable=True, eta=0.0)  # the fused kernel
+    want = dpmpp_2s_ancestral_cfg_pp_eq(x, SIGMAS.float().double(), 0.0, ListNoise(x.shape, 12))
+    assert close(got.double(), want, 1e-5)
+
+
 def dpmpp_2m_cfg_pp_eq(x, sigmas):
     U_prev = None
     for i in range(len(sigmas) - 1):

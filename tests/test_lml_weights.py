@@ -56,9 +56,12 @@ def test_non_contiguous_inputs():
     wide = torch.zeros(8, 4, 4, dtype=torch.float64)
     wide[::2] = gram
     assert not gram_t.is_contiguous() and not mix_t.is_contiguous() and not wide[::2].is_contiguous()
-    ref = reference.lml_weights(gram, mix, 0.1, 1.0)
+    contiguous = ds.ops.lml_weights(gram, mix, 0.1, 1.0, backend="cpu")
+    # the Gram's directions span norms 1e-2..1e2 (condition up to 1e8): float64 agrees with the reference to
+    # ~1e-12 but not always below it; the strides must not change a bit
+    assert rel_err(contiguous, reference.lml_weights(gram, mix, 0.1, 1.0)) < 1e-10
     for matrix, c in [(gram_t, mix_t), (wide[::2], mix)]:
-        assert rel_err(ds.ops.lml_weights(matrix, c, 0.1, 1.0, backend="cpu"), ref) < 1e-12
+        assert torch.equal(ds.ops.lml_weights(matrix, c, 0.1, 1.0, backend="cpu"), contiguous)
 
 
 def test_degenerate_grams_give_zero_weights():

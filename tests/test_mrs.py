@@ -243,6 +243,10 @@ def test_bad_input():
         ds.sample(model, noise(), 5, mu=MU, solver="mrs", schedule=ds.schedules.VP.linear())
     with pytest.raises(ValueError, match="cuda_graph does not take mu"):
         ds.sample(model, noise(), 5, mu=MU, cuda_graph=True, **kw)
+    from diffsampler.serve import BatchSampler
+
+    with pytest.raises(ValueError, match="mean-reverting requests"):
+        BatchSampler(model, 2, (DIM,), dtype=torch.float64).submit(noise(1)[0], 10, "mrs", SCHEDULE)
     for bad in (dict(sigma_inf=0.0), dict(num_train_timesteps=1), dict(theta_schedule="sigmoid"), dict(eps=1.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             MeanReverting(**bad)

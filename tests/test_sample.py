@@ -635,9 +635,10 @@ def test_sample_builds_each_plan_once():
 def test_every_registered_solver_runs_on_each_of_its_schedules():
     """The registry is the one list of solver names: each builds a plan on every schedule type it names
     (on its defaults), and describe() has a line per name."""
-    from diffsampler.schedules import EDM, VP, Flow, VPContinuous
+    from diffsampler.schedules import EDM, VP, Flow, MeanReverting, VPContinuous
 
-    schedules = {VP: VP.scaled_linear(), EDM: EDM(), Flow: Flow(shift=3.0), VPContinuous: VPContinuous()}
+    schedules = {VP: VP.scaled_linear(), EDM: EDM(), Flow: Flow(shift=3.0), VPContinuous: VPContinuous(),
+                 MeanReverting: MeanReverting()}
     lines = ds.solvers.describe().splitlines()
     assert [line.split()[0] for line in lines] == list(ds.solvers.SOLVERS)
     for name, spec in ds.solvers.SOLVERS.items():

@@ -168,6 +168,9 @@ SOLVER_OPTIONS: dict[str, Callable] = {
     "max_stage": lambda v: integer("max_stage", v, 1),
     "original_steps": lambda v: integer("original_steps", v, 1),
     "timestep_scaling": lambda v: real("timestep_scaling", v, "(0, inf)"),
+    "diffusion_norm": lambda v: real("diffusion_norm", v, "[0, inf)"),
+    "last_step_size": lambda v: real("last_step_size", v, "(0, 1)"),
+    "sample_eps": lambda v: real("sample_eps", v, "[0, 1)"),
     **{name: (lambda v, name=name: flag(name, v)) for name in _FLAGS},
 }
 

@@ -22,8 +22,10 @@ sampling".
 - `best_of_n`, `smc` (potential exp((r_t - r_{t-1}) / temperature), resampling by ``ops.resample``) and
   `rollover_budget_forcing` take G groups of K particles, group-major (row n K + k) like `diffsampler.smc`.
 
-The per-step math is torch ops (no fused kernel). The loops have a fixed trip count and decide on the device
-(`torch.where`, ``ops.resample``); the only host syncs are the one-time checks of the first reward (finite).
+Each transition is one fused update (`sde_step`: ops.multistep_update with a step row per sample, the
+coefficients of solver "flow_sde"); rewards, Tweedie estimates and resampling are torch ops. The loops have a
+fixed trip count and decide on the device (`torch.where`, ``ops.resample``); the only host syncs are the
+one-time checks of the first reward (finite).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from . import checks, ops
+from . import checks, ops, step_row
+from .solvers.flow_sde import drift_coeffs
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Reward = Callable[[torch.Tensor], torch.Tensor]
@@ -131,21 +134,36 @@ def diffusion_coefficient(diffusion, t: torch.Tensor) -> torch.Tensor:
     return diffusion * t.double() ** 2
 
 
+def sde_step_rows(x: torch.Tensor, t, t_next, g, path=LINEAR) -> torch.Tensor:
+    """The (B, step_row.WIDTH) float64 rows of `sde_step` for ops.multistep_update: per sample
+    x' = a x + e v + c z with (a, e) = solvers.flow_sde.drift_coeffs(alpha, sigma, alpha', sigma', w, dt),
+    w = gamma^2 / 2, c = gamma sqrt(dt), and m_0 = the Tweedie estimate (sigma' x - sigma v) / D."""
+    t, t_next, gamma = _times(t, x), _times(t_next, x), _times(g, x)
+    batch = (x.shape[0],)
+    alpha, sigma, d_alpha, d_sigma = (c.expand(batch) for c in path.coefficients(t))
+    dt, w = (t - t_next).expand(batch), (0.5 * gamma * gamma).expand(batch)
+    det = alpha * d_sigma - sigma * d_alpha
+    rows = torch.zeros(x.shape[0], step_row.WIDTH, dtype=torch.float64, device=x.device)
+    rows[:, step_row.A], rows[:, step_row.E] = drift_coeffs(alpha, sigma, d_alpha, d_sigma, w, dt)
+    rows[:, step_row.C] = gamma.expand(batch) * dt.sqrt()
+    rows[:, step_row.P], rows[:, step_row.Q] = d_sigma / det, -sigma / det
+    return rows
+
+
 def sde_step(x: torch.Tensor, v: torch.Tensor, t, t_next, g, path=LINEAR,
-             noise: torch.Tensor | None = None) -> torch.Tensor:
+             noise: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """One Euler-Maruyama step from t to t_next < t of the reverse SDE with the flow ODE's marginals,
 
         x' = x - dt (v - gamma^2 / 2 score) + gamma sqrt(dt) z,    dt = t - t_next,
 
     score = flow_score(v, x, t, path); the argument g is the diffusion coefficient gamma(t) (diffusion_coefficient),
-    g = 0 (noise may be None) the Euler step of the ODE. t, t_next, g: scalars or one per row. Returns float32."""
-    t, t_next, gamma = _times(t, x), _times(t_next, x), _times(g, x)
-    dt = t - t_next
-    drift = v.float() - _rows(0.5 * gamma * gamma, x) * flow_score(v, x, t, path)
-    out = x.float() - _rows(dt, x) * drift
-    if noise is not None:
-        out = out + _rows(gamma * dt.sqrt(), x) * noise.float()
-    return out
+    g = 0 (noise may be None) the Euler step of the ODE. t, t_next, g: scalars or one per row. It is the
+    fused step of solver "flow_sde" with w = gamma^2 / 2 (one ops.multistep_update with a row per sample,
+    `sde_step_rows`). Returns x's dtype."""
+    v = v.to(x.dtype)
+    noise = None if noise is None else noise.to(x.dtype)
+    return ops.multistep_update(x, v, sde_step_rows(x, t, t_next, g, path), noise=noise, check_nan=False,
+                                backend=backend)
 
 
 def to_vp(model: Model, steps: int, beta_min: float = 0.1, beta_max: float = 20.0):

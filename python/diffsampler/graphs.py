@@ -47,6 +47,9 @@ class IndexedLoop:
         plan.check_defined()
         if any(s.coeffs is None or s.tensor_coeffs is not None for s in plan.steps):
             raise ValueError("IndexedLoop: the plan has DPM-Solver-v3 steps (ems_update), which are not indexed")
+        if plan.mean_state:
+            raise ValueError("IndexedLoop: a mean-reverting plan (solver 'mrs') needs its condition mu as the state; "
+                             "run it with sample() / run_plan()")
         self.plan, self.clip, self.backend = plan, clip, backend
         self.table = ops.step_table([s.coeffs for s in plan.steps], [s.write_slot for s in plan.steps],
                                     [s.read_slots for s in plan.steps], plan.history_slots, plan.uses_state,

@@ -10,6 +10,7 @@ import torch
 
 from . import checks, ops
 from .solvers import Plan, SolverSpec, make_plan, solver_spec
+from .teleport import teleported
 
 
 def sample(
@@ -31,6 +32,9 @@ def sample(
     lml=None,
     cuda_graph: bool | str = False,
     mu: torch.Tensor | None = None,
+    teleport=None,
+    skip: int | None = None,
+    guidance=None,
     **solver_options,
 ) -> torch.Tensor:
     """Integrate from x (pure noise at the first timestep) to a sample, calling ``model(x, t)`` once per step.
@@ -67,10 +71,24 @@ def sample(
         it cannot.
     mu: the condition of a ``MeanReverting`` schedule (solver "mrs"; the degraded image of IR-SDE), broadcast to
         x's shape: x_T = mu + sigma_T x.
+    teleport, skip: a ``diffsampler.GaussianTeleport`` and the number of the solver's leading steps it replaces:
+        x_T is moved in closed form along the probability-flow ODE of that Gaussian to the solver's grid point
+        `skip`, and the solver runs over the rest of its grid (diffsampler.teleport; on a discrete VP
+        schedule the grid is the multistep schedulers' one, for the solvers that run on a Grid).
+    guidance: a ``diffsampler.guidance.Guidance``: every model output moved along grad_x log p(y | x_t) (a
+        classifier's, or a function's of the Tweedie estimate), scaled by its schedule; the solver steps on the
+        guided output.
     """
     checks.model(model)
     checks.sample_tensor(x)
     checks.sampling_options(clip, threshold_ratio, threshold_max, check_nan, generator)
+    if teleport is not None:
+        if time_shift is not None or lml is not None:
+            raise ValueError("teleport does not combine with time_shift or lml")
+        x, schedule, prediction, steps, solver_options = teleported(teleport, skip, x, solver, schedule, prediction,
+                                                                    steps, solver_options)
+    elif skip is not None:
+        raise ValueError(f"skip={skip!r} needs teleport= a diffsampler.GaussianTeleport")
     options = dict(time_shift=time_shift, lml=lml, clip=clip, threshold_ratio=threshold_ratio, threshold_max=threshold_max,
                    backend=backend, **solver_options)
     if cuda_graph:
@@ -78,14 +96,16 @@ def sample(
 
         if generator is not None:
             raise ValueError("cuda_graph=True draws noise from the default CUDA generator; generator must be None")
-        if mu is not None:
-            raise ValueError("cuda_graph does not take mu (mean-reverting sampling); run it eagerly")
+        if mu is not None or guidance is not None:
+            raise ValueError("cuda_graph does not take mu (mean-reverting sampling) or guidance; run it eagerly")
         capture = "loop" if cuda_graph is True else cuda_graph
         return CapturedSampler(model, steps, solver, schedule, prediction, capture=capture, **options)(x)
     check_nan = check_nan and not torch.compiler.is_compiling()
     model, plan, options = prepare(model, steps, solver, schedule, prediction, dict(options, check_nan=check_nan))
-    return run_plan(model, x, plan, generator=generator, progress=progress, desc=f"diffsampler {getattr(solver, 'name', solver)}", mu=mu,
-                    **options)
+    if guidance is not None:
+        model = guided(guidance, model, plan, solver, schedule, prediction, solver_options)
+    return run_plan(model, x, plan, generator=generator, progress=progress,
+                    desc=f"diffsampler {getattr(solver, 'name', solver)}", mu=mu, **options)
 
 
 UPDATE_OPTIONS = ("clip", "threshold_ratio", "threshold_max", "check_nan", "backend", "lml")
@@ -138,6 +158,22 @@ def prepare(model, steps, solver, schedule, prediction, options: dict):
     else:
         update.pop("lml", None)
     return model, plan, update
+
+
+def guided(guidance, model, plan: Plan, solver: str, schedule, prediction, solver_options: dict):
+    """The model with `guidance` applied to every output (diffsampler.guidance), on the solver's schedule."""
+    from .guidance import Guidance
+    from .schedules import VP
+
+    if not isinstance(guidance, Guidance):
+        raise ValueError(f"guidance must be a diffsampler.guidance.Guidance, got {type(guidance).__name__}")
+    schedule, prediction = _defaults(solver, schedule, prediction)
+    explicit = solver_options.get("sigmas")
+    if isinstance(schedule, VP) and (not plan.discrete_time or (explicit is not None and not isinstance(explicit, str))):
+        raise ValueError(f"guidance on a VP schedule needs the model's integer training timesteps; solver {solver!r} "
+                         "gives it fractional times here (a sigmas= list, or the Euler-type grid): use a multistep "
+                         "solver on VP, or an EDM / Flow schedule")
+    return guidance.wrap(model, schedule, prediction)
 
 
 def _defaults(solver, schedule, prediction):

@@ -113,6 +113,9 @@ class BatchSampler:
         plan.check_defined()
         if any(s.coeffs is None or s.tensor_coeffs is not None for s in plan.steps):
             raise ValueError("BatchSampler: DPM-Solver-v3's steps (ems_update) are not indexed; pick another solver")
+        if plan.mean_state:
+            raise ValueError("BatchSampler: mean-reverting requests (solver 'mrs') are not supported; run them with "
+                             "sample()")
         if self.discrete is not None and plan.discrete_time != self.discrete:
             raise ValueError("BatchSampler: every request's model times must be discrete (training timesteps) or "
                              "every one continuous: the model gets one time tensor")

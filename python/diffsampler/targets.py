@@ -106,6 +106,37 @@ class GaussianMixture:
         comp_mean = self.means + gain[..., None] * resid
         return (r[..., None] * comp_mean).sum(1)
 
+    def linear_likelihood(self, x: torch.Tensor, alpha, sigma, A: torch.Tensor, y: torch.Tensor,
+                          noise_std: float) -> torch.Tensor:
+        """log p(y | x_t = x) per row for y = A x0 + N(0, noise_std^2 I) (A: an (m, dim) matrix, y: (m,)):
+        sum_k r_k(x) N(y; A m_k(x), noise_std^2 I + c_k A A^T), with x0 | x_t, k ~ N(m_k, c_k I). Differentiable
+        in x: its gradient is the exact guidance of the inverse problem."""
+        x = x.double()
+        alpha = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
+        A, y = A.double(), y.double()
+        log_joint, var = self._noised_log_joint(x, alpha, sigma)
+        log_r = torch.log_softmax(log_joint, dim=1)  # (n, K)
+        gain = alpha * self.stds**2 / var  # (n or 1, K)
+        m = self.means + gain[..., None] * (x[:, None, :] - alpha[..., None] * self.means)  # (n, K, dim)
+        c = (self.stds**2 * sigma**2 / var).expand(x.shape[0], -1)  # (n, K)
+        eye = torch.eye(A.shape[0], dtype=torch.float64)
+        cov = noise_std**2 * eye + c[..., None, None] * (A @ A.T)  # (n, K, m, m)
+        dist = torch.distributions.MultivariateNormal(m @ A.T, covariance_matrix=cov)
+        return torch.logsumexp(log_r + dist.log_prob(y), dim=1)
+
+    def linear_posterior(self, A: torch.Tensor, y: torch.Tensor, noise_std: float):
+        """p(x0 | y) for y = A x0 + N(0, noise_std^2 I): (weights, means (K, dim), covariances (K, dim, dim)),
+        a mixture of full-covariance Gaussians; `sample_full_mixture` draws from it."""
+        A, y = A.double(), y.double()
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        s2 = self.stds**2
+        covs = torch.linalg.inv(eye / s2[:, None, None] + (A.T @ A) / noise_std**2)
+        means = (covs @ (self.means / s2[:, None] + A.T @ y / noise_std**2)[..., None])[..., 0]
+        marg = s2[:, None, None] * (A @ A.T) + noise_std**2 * torch.eye(A.shape[0], dtype=torch.float64)
+        logw = self.weights.log() + torch.distributions.MultivariateNormal(self.means @ A.T, marg).log_prob(y)
+        return torch.softmax(logw, 0), means, covs
+
     def model(self, schedule=None, prediction: str = "eps"):
         """The exact denoiser model(x, t) -> prediction, x of shape (n, dim) in any float dtype (computed in
         float64, returned in x's dtype). t: integer timesteps of the discrete VP `schedule`, or with
@@ -145,6 +176,14 @@ class GaussianMixture:
             return ((x.double() - x0) / t).to(x.dtype)
 
         return model
+
+
+def sample_full_mixture(weights: torch.Tensor, means: torch.Tensor, covs: torch.Tensor, n: int,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """n draws (float64) of sum_k weights[k] N(means[k], covs[k])."""
+    k = torch.multinomial(weights, n, replacement=True, generator=generator)
+    z = torch.randn(n, means.shape[1], generator=generator, dtype=torch.float64)
+    return means[k] + (torch.linalg.cholesky(covs)[k] @ z[..., None])[..., 0]
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:

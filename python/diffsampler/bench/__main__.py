@@ -1,14 +1,15 @@
 """python -m diffsampler.bench <subcommand> [options]; subcommands: step, loop, quality, lml, resample,
-resample_dist, digits, smc, serve, pipeline, nfe, report."""
+resample_dist, digits, smc, serve, pipeline, nfe, teleport, guidance, report."""
 
 import sys
 
-from . import digits_solvers, lml, loop, nfe, pipeline, quality, report, resample, resample_dist, serve, smc, step
+from . import (digits_solvers, guidance, lml, loop, nfe, pipeline, quality, report, resample, resample_dist, serve, smc,
+               step, teleport)
 
 SUBCOMMANDS = {"step": step.main, "loop": loop.main, "quality": quality.main, "lml": lml.main,
                "resample": resample.main, "resample_dist": resample_dist.main, "digits": digits_solvers.main,
                "smc": smc.main, "serve": serve.main, "pipeline": pipeline.main, "nfe": nfe.main,
-               "report": report.main}
+               "teleport": teleport.main, "guidance": guidance.main, "report": report.main}
 
 
 def main(argv=None) -> None:

@@ -8,6 +8,11 @@ against IR-SDE's own Euler-Maruyama reverse SDE (its sampler, `em_ir_sde`) at ea
 samples to 16000 exact posterior samples (seeds the runs never see), and for the ODEs the relative error against a
 1000-step third-order run from the same x_T.
 
+Part "flow_sde": SiT's SDE samplers of a flow model (solver "flow_sde": diffusion forms, Euler-Maruyama and the
+stochastic Heun, last steps) against the flow ODE solvers (flow_euler, flow_dpmpp_2m) at equal model calls
+(`solvers.steps_for_nfe`), on the exact velocity of a 16-D, 8-mode Gaussian mixture: sliced W2 of 8000 samples to
+8000 exact ones.
+
 Part "usf": USF plans found by S3's search (solvers.usf.search) at NFE 4, 5, 6, 8 and 10 on the exact eps model of
 Gaussian mixtures (8-D random, 2-D ring) under VP.linear(), fitted on 32 x_T and measured on held-out x_T the
 search never saw: median relative ODE error against a 999-step DPM-Solver++(2M) run from the same x_T and sliced
@@ -30,7 +35,7 @@ from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.schedules import MeanReverting
 from diffsampler.targets import GaussianMixture, sliced_wasserstein
 
-PARTS = ("mrs", "usf")
+PARTS = ("mrs", "flow_sde", "usf")
 USF_NFES = (4, 5, 6, 8, 10)
 FIXED_NFES = (4, 5, 6, 8, 10, 12, 15, 20, 25, 30)
 MRS_NFES = (5, 10, 20, 50, 100)
@@ -183,6 +188,68 @@ def usf_plot(ax, res: dict) -> None:
     ax.legend(fontsize=7)
 
 
+FLOW_METHODS = {
+    "flow_euler (ODE)": ("flow_euler", {}),
+    "flow_dpmpp_2m (ODE)": ("flow_dpmpp_2m", {}),
+    "SDE sigma, Euler-Maruyama": ("flow_sde", dict(diffusion="sigma")),
+    "SDE sigma, EM, Tweedie last": ("flow_sde", dict(diffusion="sigma", last_step="tweedie")),
+    "SDE sigma, Heun": ("flow_sde", dict(diffusion="sigma", method="heun")),
+    "SDE sbdm (sample_eps 0.04), EM": ("flow_sde", dict(diffusion="sbdm", sample_eps=0.04)),
+    "SDE decreasing, EM": ("flow_sde", dict(diffusion="decreasing")),
+    "SDE increasing-decreasing, EM": ("flow_sde", dict(diffusion="increasing-decreasing")),
+}
+FLOW_NFES = (5, 10, 20, 50)
+
+
+def flow_sde_part(n: int = 8000, dim: int = 16) -> dict:
+    from diffsampler.schedules import Flow
+    from diffsampler.solvers import steps_for_nfe
+
+    target = GaussianMixture.random(dim=dim, modes=8, seed=3)
+    velocity = target.flow_model()
+    model = lambda x, t: velocity(x, t / 1000)  # noqa: E731  the Flow solvers' model time is 1000 t
+    z = torch.randn(n, dim, generator=torch.Generator().manual_seed(NOISE_SEED), dtype=torch.float64)
+    exact = target.sample(n, torch.Generator().manual_seed(EXACT_SEED))
+    floor = sum(sliced_wasserstein(target.sample(n, torch.Generator().manual_seed(EXACT_SEED + k)), exact)
+                for k in (100, 101, 102)) / 3
+    methods = {}
+    for name, (solver, kw) in FLOW_METHODS.items():
+        rows = []
+        for nfe in FLOW_NFES:
+            steps = steps_for_nfe(solver, Flow(), nfe, "flow", **kw)
+            x = ds.sample(model, z, steps, solver, Flow(), "flow", generator=torch.Generator().manual_seed(SDE_SEED),
+                          **kw)
+            rows.append(dict(nfe=nfe, steps=steps, sliced_w2=sliced_wasserstein(x, exact)))
+        methods[name] = rows
+    return dict(dim=dim, modes=8, samples=n, floor=floor, methods=methods)
+
+
+def flow_table(res: dict) -> str:
+    lines = ["| method | " + " | ".join(f"W2 @{n}" for n in FLOW_NFES) + " |", "|---|" + "---|" * len(FLOW_NFES)]
+    for name, rows in res["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['sliced_w2']:.4f}" for r in rows) + " |")
+    lines += ["", f"Exact against independent exact samples (the estimator's floor, mean of 3): {res['floor']:.4f}."]
+    return "\n".join(lines)
+
+
+def w2_plot(ax, res: dict, title: str, ylabel: str, dashed: str) -> None:
+    """Sliced W2 against NFE per method (log-log), the methods whose name holds `dashed` dashed, the floor dotted."""
+    for name, rows in res["methods"].items():
+        ax.plot([r["nfe"] for r in rows], [r["sliced_w2"] for r in rows], marker="o", label=name,
+                ls="--" if dashed in name else "-")
+    ax.axhline(res["floor"], color="gray", ls=":", label="exact vs exact")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
+def flow_plot(ax, res: dict) -> None:
+    w2_plot(ax, res, f"flow SDE samplers, {res['dim']}-D mixture", "sliced W2 to exact samples", "ODE")
+
+
 def table(res: dict) -> str:
     nfes = sorted({r["nfe"] for rows in res["methods"].values() for r in rows})
     lines = ["| method | " + " | ".join(f"W2 @{n}" for n in nfes) + " | Euler-Maruyama NFE to match @10, @20 |",
@@ -198,26 +265,18 @@ def table(res: dict) -> str:
 
 
 def plot(ax, res: dict) -> None:
-    for name, rows in res["methods"].items():
-        ax.plot([r["nfe"] for r in rows], [r["sliced_w2"] for r in rows], marker="o", label=name,
-                ls="--" if "Euler" in name else "-")
-    ax.axhline(res["floor"], color="gray", ls=":", label="exact vs exact")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("NFE")
-    ax.set_ylabel("sliced W2 to the exact posterior")
-    ax.set_title(f"mean-reverting restoration, {res['dim']}-D")
-    ax.legend(fontsize=7)
+    w2_plot(ax, res, f"mean-reverting restoration, {res['dim']}-D", "sliced W2 to the exact posterior", "Euler")
 
 
-TABLES = {"mrs": table, "usf": usf_table}
-PLOTS = {"mrs": plot, "usf": usf_plot}
+TABLES = {"mrs": table, "flow_sde": flow_table, "usf": usf_table}
+PLOTS = {"mrs": plot, "flow_sde": flow_plot, "usf": usf_plot}
+RUNS = {"mrs": mrs_part, "flow_sde": flow_sde_part, "usf": usf_part}
 
 
 def main(argv=None) -> None:
     ap = cli.parser("nfe", __doc__)
     ap.add_argument("--parts", type=cli.listed(cli.choice(PARTS, "part")), default=",".join(PARTS))
-    ap.add_argument("--n", type=cli.positive_int, default=16000, help="samples per run")
+    ap.add_argument("--n", type=cli.positive_int, default=None, help="samples per run (default: each part's)")
     ap.add_argument("--out", default="bench/results", help="directory of the JSON and PNG ('' for none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -225,7 +284,7 @@ def main(argv=None) -> None:
     results = {}
     for part in args.parts:
         t0 = time.perf_counter()
-        results[part] = {"mrs": mrs_part, "usf": usf_part}[part](n=args.n)
+        results[part] = RUNS[part](**({} if args.n is None else dict(n=args.n)))
         print(f"{part} ({time.perf_counter() - t0:.0f} s)\n{TABLES[part](results[part])}", flush=True)
     if args.out:
         import json

@@ -1,6 +1,6 @@
 """`python -m diffsampler.bench report [--write docs/benchmarks.md] [--size 8,4,128,128] [--plots]`: the page of
 benchmark tables (docs/benchmarks.md) from the committed results in bench/results/ (step, drop-ins, loop, serve, quality,
-dpmv3, digits, lml, resample, SMC-overhead and pipeline JSON); --plots redraws the PNG beside each step / loop /
+dpmv3, digits, teleport, lml, resample, SMC-overhead and pipeline JSON); --plots redraws the PNG beside each step / loop /
 resample JSON."""
 
 from __future__ import annotations
@@ -115,9 +115,19 @@ def nfe_tables(path: Path) -> str:
     data = json.loads(path.read_text())
     titles = {"mrs": "Mean-reverting restoration (MR Sampler against IR-SDE's Euler-Maruyama sampler), sliced W2 to "
                      "the exact posterior",
+              "flow_sde": "Flow SDE samplers against the flow ODE solvers at equal model calls, sliced W2 to exact samples",
               "usf": "USF plans found by S3's search against the best fixed solver at the same NFE, held-out x_T"}
     return "\n\n".join(f"{titles[part]} (`{path}`):\n\n{nfe.TABLES[part](res)}"
                         for part, res in data["results"].items())
+
+
+def guidance_table(path: Path) -> str:
+    from diffsampler.bench import guidance
+
+    data = json.loads(path.read_text())
+    return (f"`{path}`:\n\n" + guidance.table(data["minority"]) + "\n\nInverse problems (8-D mixture prior, "
+            "y = A x0 + N(0, 0.1^2)): sliced W2 to the exact posterior against NFE, guided by the exact likelihood "
+            "and by the first-order Tweedie (DPS-style) one:\n\n" + guidance.inverse_table(data["inverse"]))
 
 
 def lml_table(path: Path) -> str:
@@ -245,6 +255,29 @@ def pipeline_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def teleport_table(path: Path) -> str:
+    """Gaussian teleportation at equal NFE (bench teleport): the error (FD on digits) per skip fraction at a few
+    NFE, and the teleported NFE that reaches the plain solver's error."""
+    data = json.loads(path.read_text())
+    m, fractions = data["machine"], data["fractions"]
+    shown = (5, 7, 9, 10, 15, 20, 21, 29, 30)
+    lines = [f"{m['device']} ({m['threads']} threads), torch {m['torch']}, {m['date'][:10]}; median ODE error "
+             f"on the 64-D mixture ({data['samples']} x_T), FD of {data['digits_n']} digits on the learned score "
+             f"(mean of 3 seeds) (`{path}`):", "",
+             "| target | solver | NFE | " + " | ".join("no teleport" if f == 0 else f"skip {f:.0%}" for f in fractions)
+             + " | teleported NFE at equal quality |", "|---|---|---|" + "---|" * (len(fractions) + 1)]
+    saved = {(s["target"], s["solver"], s["nfe"]): s["teleport_nfe"] for s in data["nfe_saved"]}
+    cells = defaultdict(dict)
+    for r in data["rows"]:
+        if r["nfe"] in shown:
+            cells[(r["target"], r["solver"], r["nfe"])][r["fraction"]] = r.get("error", r.get("fd"))
+    for (target, solver, nfe), row in cells.items():
+        equal = saved.get((target, solver, nfe))
+        lines.append(f"| {target} | {solver} | {nfe} | " + " | ".join(f"{row[f]:.3g}" for f in fractions)
+                     + f" | {'-' if equal is None else equal} |")
+    return "\n".join(lines)
+
+
 # (glob, title, what is measured, table) in page order; the discussion of each lives on the topic pages
 SECTIONS = [
     ("step-*.json", "Step overhead (`bench step`)",
@@ -271,6 +304,13 @@ SECTIONS = [
     ("nfe-*.json", "Fewer model calls (`bench nfe`)",
      "Error against NFE with and without each method that cuts model calls, on targets with exact answers, "
      "held-out seeds.", nfe_tables),
+    ("teleport-*.json", "Gaussian teleportation (`bench teleport`)",
+     "The first steps of a longer grid replaced by the closed-form ODE solution of the data's Gaussian fit, at "
+     "the same model calls as the plain solver.", teleport_table),
+    ("guidance-*.json", "Guidance (`bench guidance`)",
+     "Classifier guidance toward the rarest minority-score class on a mixture whose mode shares are known; "
+     "linear inverse problems whose posterior is exact.",
+     guidance_table),
     ("lml-*.json", "LML (`bench lml`)",
      "LML settings chosen on tuning seeds and reported on test seeds, and the cost of its step.", lml_table),
     ("resample-*.json", "Resampling (`bench resample`)",

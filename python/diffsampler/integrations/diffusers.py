@@ -100,9 +100,12 @@ class _MultistepMixin:
     _ve = False  # the scheduler's sigmas are VE noise levels, alpha = 1 (EDM's schedulers)
 
     def _grid(self) -> Grid:
+        """The scheduler's grid: its timesteps and the sigmas its step() reads (sigmas[i], sigmas[i + 1]; the
+        inverse scheduler keeps more sigmas than that where it drops repeated timesteps)."""
         flow = bool(getattr(self.config, "use_flow_sigmas", False))
-        return Grid(timesteps=tuple(self.timesteps.tolist()), sigmas=tuple(self.sigmas.double().tolist()),
-                    flow=flow, ve=self._ve, discrete=not self._ve)
+        sigmas = self.sigmas.double().tolist()[:len(self.timesteps) + 1]
+        return Grid(timesteps=tuple(self.timesteps.tolist()), sigmas=tuple(sigmas), flow=flow, ve=self._ve,
+                    discrete=not self._ve)
 
     def _fused_step(self, model_output, timestep, sample, noise=None):
         if self.num_inference_steps is None:

@@ -25,7 +25,7 @@ from ..noise import BrownianTreeNoiseSampler, sde_noise_sampler  # noqa: F401 (k
 from ..ops import UpdateCoeffs
 from ..schedules import karras_sigmas
 from ..solvers.ancestral import dpm2_ancestral_step, dpm2_step, dpmpp_2s_ancestral_step, euler_ancestral_step
-from ..solvers.cfg_pp import dpmpp_2m_cfg_pp_coeffs, euler_cfg_pp_coeffs
+from ..solvers.cfg_pp import dpmpp_2m_cfg_pp_coeffs, dpmpp_2s_ancestral_cfg_pp_coeffs, euler_cfg_pp_coeffs
 from ..solvers.deis_ab import DEIS_MODES, deis_ab_weights
 from ..solvers.dpm import history_weights, update_terms
 from ..solvers.dpm_single import PIDStepSize, dpm_solver_step, fast_orders
@@ -683,6 +683,33 @@ def sample_euler_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=No
     return _cfg_pp_loop(model, x, sigmas, extra_args, callback, disable,
                         lambda s, i: (euler_cfg_pp_coeffs(s[i], s[i + 1], eta, s_noise), 0),
                         noise_sampler=noise_sampler)
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                     s_noise=1.0, noise_sampler=None):
+    """ComfyUI's DPM-Solver++(2S) ancestral CFG++ (solvers.cfg_pp.dpmpp_2s_ancestral_cfg_pp_coeffs): two calls per
+    step (the second at sigma_mid = sqrt(sigma sigma_down), its guided D_2 used), + s_noise sigma_up z where
+    sigma' > 0; model returns (denoised, uncond_denoised)."""
+    _check_noise(eta, s_noise, noise_sampler)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    loop = _Loop(model, x, sigmas, extra_args, callback, slots=2)
+    s = loop.sigmas
+    for i in _steps(len(s) - 1, disable):
+        denoised, uncond = _guided(loop, x, i)
+        first, second, sigma_mid = dpmpp_2s_ancestral_cfg_pp_coeffs(s[i], s[i + 1], eta, s_noise)
+        if second is None:
+            noise = noise_sampler(s[i], s[i + 1]) if s[i + 1] > 0 else None
+            x = ops.multistep_update(x, denoised, first, noise=noise if first.c else None)
+            continue
+        x2 = ops.multistep_update(x, denoised, first, history=loop.history, write_slot=0, state=uncond)
+        denoised_2 = loop.model(x2, sigma_mid * loop.s_in, **loop.extra_args)
+        if not (isinstance(denoised_2, tuple) and len(denoised_2) == 2):
+            raise ValueError("model: the CFG++ samplers take a model returning the tuple (denoised, uncond_denoised)")
+        noise = noise_sampler(s[i], s[i + 1]) if s[i + 1] > 0 else None
+        x = ops.multistep_update(x2, denoised_2[0], second, history=loop.history, write_slot=1, read_slots=[0],
+                                 noise=noise if second.c else None)
+    return x
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from .consistency import lcm_plan, tcd_plan
 from .dpm import dpm_plan, dpm_steps, flow_dpm_plan
 from .dpmv3 import EMS, dpmv3_plan, dpmv3_steps, fit_ems
 from .euler import euler_grid_plan, euler_plan, flow_euler_plan
+from .flow_sde import flow_sde_plan
 from .explicit import ExplicitVP, explicit_schedule, vp_grid
 from .grid import Grid, continuous_grid
 from .heun import edm_euler_plan, heun_plan
@@ -126,6 +127,8 @@ SOLVERS: dict[str, SolverSpec] = {
                                       Flow: dpmpp_2s_ancestral_plan}, explicit_vp=True),
     "flow_euler": SolverSpec("flow-matching Euler (FlowMatchEulerDiscreteScheduler)", {Flow: flow_euler_plan}),
     "flow_dpmpp_2m": SolverSpec("DPM-Solver++(2M) on flow sigmas", {Flow: flow_dpm_plan}),
+    "flow_sde": SolverSpec("SiT's SDE sampler of flow models (diffusion form w(t), Euler-Maruyama or stochastic "
+                           "Heun, last step mean / tweedie / euler)", {Flow: flow_sde_plan}),
     "lcm": SolverSpec("LCM multistep sampling of a latent consistency model (LCMScheduler); renoises every step",
                       {VP: lcm_plan}),
     "tcd": SolverSpec("TCD strategic stochastic sampling (TCDScheduler), gamma: the stochasticity (0: deterministic)",
@@ -224,4 +227,4 @@ __all__ = ["SOLVERS", "SolverSpec", "solver_spec", "describe", "steps_for_nfe", 
            "unipc_steps", "deis_steps", "ghvb_plan", "ghvb_steps", "heun_plan", "edm_euler_plan", "TimeShift", "EMS",
            "fit_ems", "dpmv3_plan", "dpmv3_steps", "continuous_grid", "lcm_plan", "tcd_plan", "res_multistep_plan",
            "er_sde_plan", "euler_ancestral_plan", "dpm2_plan", "dpmpp_2s_ancestral_plan", "lms_plan", "pndm_plan",
-           "restart_plan", "sa_plan", "sa_steps", "usf"]
+           "restart_plan", "sa_plan", "sa_steps", "flow_sde_plan", "usf"]

@@ -182,27 +182,41 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
                 data_prediction=algorithm.endswith("++"), uses_state=momentum is not None)
 
 
+def flow_dpm_sigmas(schedule, steps: int) -> list[float]:
+    """flow_dpmpp_2m's own grid: the shifted linspace(1, 1/N, steps + 1) without its end, then 0."""
+    import numpy as np
+
+    t = 1.0 - np.linspace(1, 1 / schedule.num_train_timesteps, steps + 1)
+    return [float(v) for v in np.flip(schedule.shifted(t))[:-1]] + [0.0]
+
+
 def flow_dpm_plan(schedule, steps: int, prediction: str, *, order: int = 2, solver_type: str = "midpoint",
                   final_sigmas_type: str = "zero", lower_order_final: bool = True,
                   euler_at_final: bool = False) -> Plan:
     """DPM-Solver++ on a flow-matching schedule (alpha = 1 - t, sigma = t), as diffusers'
     DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction"):
     the grid is the shifted linspace(1, 1/N, steps + 1) without its end, the model is given t N truncated to
-    an integer (diffusers casts it to int64)."""
+    an integer (diffusers casts it to int64). A sigmas= list (solvers.explicit) is the grid itself."""
     import numpy as np
 
+    from .explicit import ExplicitFlow
     from .grid import Grid
 
     if final_sigmas_type != "zero":
         raise ValueError("flow_dpmpp_2m supports final_sigmas_type='zero' only")
     n_train = schedule.num_train_timesteps
-    t = 1.0 - np.linspace(1, 1 / n_train, steps + 1)
-    sigmas = np.flip(schedule.shifted(t))[:-1].copy()
+    if isinstance(schedule, ExplicitFlow):
+        sigmas, final = np.asarray(schedule.explicit[:-1], dtype=np.float64), float(schedule.explicit[-1])
+        if sigmas[0] >= 1:
+            raise ValueError(f"flow_dpmpp_2m needs sigmas below 1 (lambda = log((1 - s) / s) is -inf at s = 1), "
+                             f"got sigmas[0] = {sigmas[0]}")
+    else:
+        sigmas, final = np.asarray(flow_dpm_sigmas(schedule, steps)[:-1]), 0.0
     times = (sigmas * n_train).astype(np.int64)
     grid = Grid(timesteps=tuple(int(v) for v in times),
-                sigmas=tuple(float(np.float32(s)) for s in list(sigmas) + [0.0]), flow=True)
+                sigmas=tuple(float(np.float32(s)) for s in list(sigmas) + [final]), flow=True)
     return dpm_steps(grid, prediction, algorithm="dpmsolver++", order=order, solver_type=solver_type,
-                     lower_order_final=lower_order_final, euler_at_final=euler_at_final, final_sigma_zero=True)
+                     lower_order_final=lower_order_final, euler_at_final=euler_at_final, final_sigma_zero=final == 0)
 
 
 def singlestep_steps(grid: Grid, prediction: str, order_list, *, algorithm: str = "dpmsolver++",
