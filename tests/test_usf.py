@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import diffsampler as ds
+from diffsampler.guidance import Guidance
 from diffsampler.schedules import VP
 from diffsampler.solvers import Grid, usf
 from diffsampler.solvers.usf import Derivative, StepSpec
@@ -294,6 +295,8 @@ GRID = Grid.from_sigmas(SIGMAS)
     (lambda: usf.unipc(6, "bh3"), "variant"),
     (lambda: ds.sample(TARGET.model(None), noise(), solver=usf.Plan([StepSpec(1)] * 8, GRID),
                        time_shift=ds.solvers.TimeShift()), "schedule="),
+    (lambda: ds.sample(TARGET.model(None), noise(), solver=usf.Plan([StepSpec(1)] * 8, GRID),
+                       guidance=Guidance(lambda x, t: torch.zeros_like(x))), "schedule="),
 ])
 def test_bad_arguments(build, match):
     with pytest.raises(ValueError, match=match):

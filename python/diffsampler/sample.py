@@ -167,6 +167,8 @@ def guided(guidance, model, plan: Plan, solver: str, schedule, prediction, solve
 
     if not isinstance(guidance, Guidance):
         raise ValueError(f"guidance must be a diffsampler.guidance.Guidance, got {type(guidance).__name__}")
+    if not isinstance(solver, str) and schedule is None:
+        raise ValueError("guidance with a usf.Plan needs schedule= (the schedule of the plan's grid)")
     schedule, prediction = _defaults(solver, schedule, prediction)
     explicit = solver_options.get("sigmas")
     if isinstance(schedule, VP) and (not plan.discrete_time or (explicit is not None and not isinstance(explicit, str))):
