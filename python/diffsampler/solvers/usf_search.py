@@ -182,6 +182,13 @@ class Space:
         return np.array(out)
 
 
+def eps_taylor(plan: Plan) -> Plan:
+    """The plan's orders as plain Taylor steps of the noise prediction on its grid (DEIS, landing on sigma = 0)."""
+    specs = tuple(StepSpec(s.order, "eps", tuple(Derivative(tuple(range(-2, -s.order - 1, -1)))
+                                                 for _ in range(s.order - 1))) for s in plan.steps)
+    return Plan(specs, plan.grid, name="usf eps taylor")
+
+
 def _pick(rng: random.Random, probs: dict):
     u, total = rng.random(), 0.0
     for key, p in probs.items():
@@ -255,7 +262,8 @@ def search(model, x_fit: torch.Tensor, schedule: VP, nfe: int, budget: int = 64,
 
     start = [p for sigmas in ("default", "lu", "karras") for p in (
         dpmpp_2m(nfe, schedule, sigmas=sigmas), dpmpp_3m(nfe, schedule, sigmas=sigmas),
-        unipc(nfe, "bh1", schedule=schedule, sigmas=sigmas), unipc(nfe, "bh2", schedule=schedule, sigmas=sigmas))]
+        unipc(nfe, "bh1", schedule=schedule, sigmas=sigmas), unipc(nfe, "bh2", schedule=schedule, sigmas=sigmas),
+        eps_taylor(dpmpp_2m(nfe, schedule, sigmas=sigmas)), eps_taylor(dpmpp_3m(nfe, schedule, sigmas=sigmas)))]
     seeds = [space.fix(space.genome(p)) for p in start]
     while len(seeds) < len(start) + parents:  # the presets and mutants of them
         seeds.append(space.mutate(rng.choice(seeds[:len(start)]), rng))
