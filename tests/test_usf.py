@@ -332,7 +332,7 @@ def test_search_beats_dpmpp_2m_on_held_out_samples():
     ref = ds.sample(model, held_out, 500, solver="dpmpp_2m", schedule=sched)
     searched = median_relative_error(ds.sample(model, held_out, solver=plan), ref)
     fixed = median_relative_error(ds.sample(model, held_out, 5, solver="dpmpp_2m", schedule=sched), ref)
-    assert searched < 0.9 * fixed, (searched, fixed)
+    assert searched < 0.7 * fixed, (searched, fixed)
     again, _ = usf.search(model, fit, sched, 5, budget=40, seed=0)
     assert again == plan  # deterministic given the seed
 
