@@ -121,9 +121,9 @@ class Guidance:
                 raise ValueError(f"the guidance gradient must have x's shape {tuple(x.shape)}, got {tuple(g.shape)}")
             if w == 0:
                 return out
-            kappa = output_shift(prediction, alpha, sigma)
+            kappa = w * output_shift(prediction, alpha, sigma)  # on t's device: no host sync
             kappa = kappa.reshape(-1, *[1] * (x.dim() - 1)) if kappa.dim() else kappa
-            return (out.double() + (w * kappa) * g.double()).to(out.dtype)
+            return torch.addcmul(out, kappa.to(device=out.device, dtype=out.dtype), g.to(out.dtype))  # one pass
 
         return guided
 
