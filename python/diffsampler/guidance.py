@@ -102,12 +102,11 @@ class Guidance:
             w = self.scale_at(t)
             alpha, sigma = alpha_sigma_of(schedule, t)
             if self.log_likelihood is not None:
-                if t.dim() != 0:
-                    raise ValueError("Guidance.on_x0 takes one model time for the batch (a 0-dim t)")
                 with torch.enable_grad():
                     xg = x.detach().requires_grad_(True)
                     out = model(xg, t)
-                    p, q = data_coeffs(prediction, float(alpha), float(sigma))
+                    rows = lambda v: (v.reshape(-1, *[1] * (x.dim() - 1)) if v.dim() else v).to(xg)  # noqa: E731
+                    p, q = data_coeffs(prediction, rows(alpha), rows(sigma))  # tensors: no host sync
                     ll = self.log_likelihood(p * xg + q * out)
                     if ll.shape != (x.shape[0],):
                         raise ValueError(f"log_likelihood must return one value per sample, shape ({x.shape[0]},), "
