@@ -100,6 +100,8 @@ class Guidance:
 
         def guided(x, t):
             w = self.scale_at(t)
+            if w == 0:  # no gradient to compute
+                return model(x, t)
             alpha, sigma = alpha_sigma_of(schedule, t)
             if self.log_likelihood is not None:
                 with torch.enable_grad():
@@ -118,8 +120,6 @@ class Guidance:
                 g = self.grad(x, t)
             if g.shape != x.shape:
                 raise ValueError(f"the guidance gradient must have x's shape {tuple(x.shape)}, got {tuple(g.shape)}")
-            if w == 0:
-                return out
             kappa = w * output_shift(prediction, alpha, sigma)  # on t's device: no host sync
             kappa = kappa.reshape(-1, *[1] * (x.dim() - 1)) if kappa.dim() else kappa
             return torch.addcmul(out, kappa.to(device=out.device, dtype=out.dtype), g.to(out.dtype))  # one pass
