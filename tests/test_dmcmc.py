@@ -194,6 +194,23 @@ def test_noise_classifier_training():
     assert exact < trained < exact + 0.25 and trained < math.log(16) - 0.5, (trained, exact)
 
 
+def test_vp_denoiser_at_training_sigmas():
+    """vp_denoiser of an exact VP noise prediction equals the exact VE denoiser at each training sigma ratio."""
+    schedule = ds.schedules.VP.linear()
+
+    def eps(x, t):  # the exact noise prediction at integer timesteps, one per row
+        alpha, sigma = (v[:, None] for v in schedule.alpha_sigma_at(t.round().long()))
+        return (x - alpha * MIX8.posterior_mean(x, alpha, sigma)) / sigma
+
+    D = dmcmc.vp_denoiser(eps, schedule)
+    t = torch.tensor([10, 200, 500, 999, 0, 640])
+    sigma = schedule.train_sigmas().double()[t]
+    x = MIX8.sample(6, torch.Generator().manual_seed(0)) + sigma[:, None] * torch.randn(
+        6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = MIX8.posterior_mean(x, 1.0, sigma)
+    assert ((D(x, sigma) - want).norm() / want.norm()).item() < 1e-6  # train_sigmas are float32 ratios
+
+
 def test_noise_levels():
     s = dmcmc.noise_levels(50.0, 0.01, 1000)
     assert len(s) == 1000 and abs(s[0] - 50.0) < 1e-9

@@ -109,6 +109,28 @@ def exact_classifier(target, sigmas, log_prior=None):
     return classifier
 
 
+def vp_denoiser(model, schedule):
+    """The VE denoiser D(x, sigma) of a noise-prediction model(x_t, t) on a discrete VP `schedule` (a
+    schedules.VP): x_t = alpha x with alpha = 1 / sqrt(1 + sigma^2), at the fractional training timestep whose
+    sigma ratio sigma_t / alpha_t is sigma (linear in log sigma between training timesteps), and
+    D = x - sigma eps(x_t, t). sigma: a (B,) tensor or a scalar; returned in x's dtype."""
+    checks.model(model)
+    log_train = schedule.train_sigmas().double().log()
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        logs, grid = s.log(), log_train.to(x.device)
+        i = torch.searchsorted(grid, logs).clamp(1, len(grid) - 1)
+        t = (i - 1) + ((logs - grid[i - 1]) / (grid[i] - grid[i - 1])).clamp(0, 1)
+        view = (-1, *[1] * (x.dim() - 1))
+        alpha = (1 + s * s).rsqrt().view(view)
+        eps = model((alpha * x.double()).to(x.dtype), t.to(torch.float64 if x.dtype == torch.float64 else
+                                                            torch.float32))
+        return (x.double() - s.view(view) * eps.double()).to(x.dtype)
+
+    return denoiser
+
+
 class DLG:
     """Denoising Langevin Gibbs: ``dlg = DLG(model, classifier, sigmas)``, ``dlg.init(x)``, then
     ``x0, nfe = dlg.sample()`` per round (or ``dlg.run(rounds)``).
