@@ -302,7 +302,7 @@ class DLG:
 def train_noise_classifier(x0: torch.Tensor, sigmas, *, iters: int = 2000, batch: int = 256, width: int = 128,
                            lr: float = 2e-3, seed: int = 0) -> torch.nn.Module:
     """A small MLP p(l | x) trained as the authors train theirs: cross-entropy on (x0 + sigma_l z, l), l uniform
-    over the levels, x0 drawn from `x0` (n, ...). Its input is (x / r, log r) with r the rms of x (the levels
+    over the levels, x0 drawn from `x0` (n, ...); seeded by `seed`. Its input is (x / r, log r) with r the rms of x (the levels
     span orders of magnitude). Returns the module in eval mode: classifier(x) -> logits (B, L)."""
     checks.sample_tensor(x0, "x0")
     sig = torch.tensor(checks.sigmas(sigmas, strict=True), dtype=torch.float32)
@@ -311,8 +311,11 @@ def train_noise_classifier(x0: torch.Tensor, sigmas, *, iters: int = 2000, batch
     iters, batch = checks.integer("iters", iters, 1), checks.integer("batch", batch, 1)
     width, lr = checks.integer("width", width, 1), checks.real("lr", lr, "(0, inf)")
     data = x0.detach().float().reshape(x0.shape[0], -1).cpu()
-    net = NoiseClassifier(data.shape[1], len(sig), width)
-    gen = torch.Generator().manual_seed(checks.integer("seed", seed))
+    seed = checks.integer("seed", seed)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, the global RNG untouched
+        torch.manual_seed(seed)
+        net = NoiseClassifier(data.shape[1], len(sig), width)
+    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for i in range(iters):
         for group in opt.param_groups:
