@@ -226,7 +226,7 @@ def test_bad_arguments():
         (dict(eta=[0.1, 0.2, 0.3]), "eta"), (dict(eta="big"), "eta"), (dict(n_langevin=0), "n_langevin"),
         (dict(gibbs="max"), "gibbs"), (dict(solver="nope"), "solver"), (dict(solver="mrs"), "mrs"),
         (dict(steps=0), "steps"), (dict(sigma_min=0.5), "sigma_min"), (dict(rho=-1), "rho"),
-        (dict(tweedie=0.0), "tweedie"), (dict(prediction="logits"), "prediction"), (dict(generator=1), "generator"),
+        (dict(tweedie=0.0), "tweedie"), (dict(prediction="logits"), "prediction"), (dict(prediction="v"), "prediction"), (dict(generator=1), "generator"),
         (dict(solver="heun", bogus=1), "bogus"),
     ]
     for change, word in bad:
@@ -273,3 +273,19 @@ def test_a_round_dispatches_fixed_ops_without_sync(gibbs):
     assert ops["aten::where"] == 3 and ops["aten::mm"] == 3
     assert ops.get("aten::argmax" if gibbs == "argmax" else "aten::multinomial") == 3
     assert not {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal"} & set(ops)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "score"])
+def test_noise_and_score_models_give_the_denoisers_round(prediction):
+    """A round with an eps or score model equals the round with the denoiser it implies (same noise)."""
+    D = ve_model(MIX8)
+    convert = {"eps": lambda x, t: (x - D(x, t)) / t[:, None], "score": lambda x, t: (D(x, t) - x) / t[:, None] ** 2}
+    sigmas = dmcmc.noise_levels(10.0, 0.05, 20)
+    x = MIX8.sample(16, torch.Generator().manual_seed(0)) + 0.4 * torch.randn(
+        16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for model, pred in ((D, "x0"), (convert[prediction], prediction)):
+        d = dmcmc.DLG(model, dmcmc.exact_classifier(MIX8, sigmas), sigmas, eta=0.01, n_langevin=3,
+                      solver="dpmpp_2m", steps=4, prediction=pred, generator=torch.Generator().manual_seed(2))
+        runs.append(d.init(x).sample()[0])
+    assert (runs[0] - runs[1]).abs().max().item() < 1e-10

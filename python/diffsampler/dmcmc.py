@@ -30,6 +30,7 @@ from .schedules import EDM, karras_sigmas
 from .solvers import Grid, Plan, make_plan, solver_spec
 
 GIBBS = ("argmax", "sample", "fixed")
+VE_PREDICTIONS = ("x0", "eps", "score")
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,9 @@ class DLG:
             raise ValueError(f"sigma_min must be below the smallest level {self.sigmas[-1]}, got {self.sigma_min}")
         self.rho = checks.real("rho", rho, "(0, inf)")
         self.tweedie = checks.optional_real("tweedie", tweedie, "(0, inf)")
-        self.prediction = check_prediction(prediction)
+        if check_prediction(prediction) not in VE_PREDICTIONS:
+            raise ValueError(f"prediction must be one of {VE_PREDICTIONS} (a VE model, alpha = 1), got {prediction!r}")
+        self.prediction = prediction
         checks.generator(generator)
         self.generator, self.backend = generator, backend
         plans = [denoise_plan(solver, denoise_grid(s, self.sigma_min, self.steps, self.rho), prediction,
