@@ -252,6 +252,8 @@ def test_bad_arguments():
         dmcmc.exact_classifier(RING, s, log_prior=[0.0])
     with pytest.raises(ValueError, match="sigma_min"):
         dmcmc.noise_levels(1.0, 2.0)
+    with pytest.raises(ValueError, match="schedule"):
+        dmcmc.vp_denoiser(m, ds.schedules.EDM())
     with pytest.raises(ValueError, match="sigmas"):
         dmcmc.train_noise_classifier(torch.zeros(4, 2), [1.0, 0.0])
 

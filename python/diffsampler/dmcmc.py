@@ -26,7 +26,7 @@ import torch
 from . import checks, error_flags, ops
 from .models import check_prediction, data_coeffs
 from .sample import scale_table, scaled_input, time_table
-from .schedules import EDM, karras_sigmas
+from .schedules import EDM, VP, karras_sigmas
 from .solvers import Grid, Plan, make_plan, solver_spec
 
 GIBBS = ("argmax", "sample", "fixed")
@@ -116,6 +116,8 @@ def vp_denoiser(model, schedule):
     sigma ratio sigma_t / alpha_t is sigma (linear in log sigma between training timesteps), and
     D = x - sigma eps(x_t, t). sigma: a (B,) tensor or a scalar; returned in x's dtype."""
     checks.model(model)
+    if not isinstance(schedule, VP):
+        raise ValueError(f"schedule must be a discrete diffsampler.schedules.VP, got {schedule!r}")
     log_train = schedule.train_sigmas().double().log()
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
