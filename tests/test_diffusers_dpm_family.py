@@ -4,7 +4,6 @@ full loops, fp32 max relative difference <= 1e-5, the same noise from the same g
 import math
 
 import diffusers
-
 import pytest
 import torch
 
