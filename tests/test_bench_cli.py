@@ -76,6 +76,15 @@ def test_nfe_writes_its_table(tmp_path):
     assert set(res["methods"]) >= {"MRS ODE 2", "IR-SDE Euler-Maruyama"} and (tmp_path / "nfe.png").exists()
 
 
+def test_nfe_dmcmc_part(tmp_path):
+    r = bench("nfe", "--parts", "dmcmc", "--n", "200", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(next(tmp_path.glob("nfe-*.json")).read_text())["results"]["dmcmc"]
+    assert set(res["methods"]) == {"dpmpp_2m alone", "heun alone", "DLG + dpmpp_2m"}
+    assert all(r["nfe"] == r["score_calls"] + r["classifier_calls"] for r in res["methods"]["DLG + dpmpp_2m"])
+    assert "| DLG + dpmpp_2m | 1 | 2 | 4 (3 + 1) |" in r.stdout
+
+
 def test_unknown_subcommand():
     r = bench("stepp")
     assert r.returncode == 2 and "unknown subcommand 'stepp'" in r.stderr and "Traceback" not in r.stderr

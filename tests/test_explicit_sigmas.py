@@ -76,10 +76,29 @@ def test_flow_dpmpp_2m_runs_on_a_sigma_list():
         ds.sample(v, x, steps=None, solver="flow_dpmpp_2m", schedule=flow, sigmas=flow.sigmas(6).tolist())
 
 
+@pytest.mark.parametrize("solver, steps", [("lcm", 4), ("tcd", 4), ("dpm_2m", 10), ("dpm_3m", 10)])
+def test_own_grid_as_a_list_is_the_own_grid(solver, steps):
+    """The consistency samplers' training timesteps and DPM-Solver's (noise prediction, ending at sigma_min)
+    grid, passed as sigma lists: the same plan (DPM-Solver's to float32 rounding of its sigmas)."""
+    plan = ds.solvers.make_plan(solver, VP, steps, "eps")
+    times = [s.t for s in plan.steps]
+    final = 0.0 if solver in ("lcm", "tcd") else VP.sigma_ratio(0)
+    listed = ds.solvers.make_plan(solver, VP, None, "eps", sigmas=[VP.sigma_ratio(t) for t in times] + [final])
+    if solver in ("lcm", "tcd"):
+        assert listed == plan
+    else:  # the list runs on its Grid, whose model times are the sigmas' fractional timesteps: the same points
+        assert [round(s.t) for s in listed.steps] == times
+        assert max(abs(a.coeffs.a - b.coeffs.a) + sum(abs(u - v) for u, v in zip(a.coeffs.b, b.coeffs.b))
+                   for a, b in zip(listed.steps, plan.steps)) < 1e-5
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(solver="dpmpp_2m", steps=7, sigmas=AYS), "does not match sigmas"),
     (dict(solver="dpmpp_2m", steps=None, sigmas=[1.0, 2.0, 0.0]), "non-increasing"),
-    (dict(solver="lcm", steps=None, sigmas=AYS), "does not take sigmas= a list"),
+    (dict(solver="pndm", steps=None, sigmas=AYS), "does not take sigmas= a list"),
+    (dict(solver="lcm", steps=None, sigmas=AYS[:-1]), "ends at 0"),
+    (dict(solver="lcm", steps=None, sigmas=[14.6, 14.59, 0.0]), "repeated training timesteps"),
+    (dict(solver="dpm_2m", steps=None, sigmas=AYS), "cannot land on sigma = 0"),
     (dict(solver="flow_euler", steps=None, sigmas=[2.0, 1.0, 0.0], schedule=ds.schedules.Flow()), "flow times"),
 ])
 def test_bad_lists(kwargs, match):

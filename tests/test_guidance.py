@@ -117,6 +117,16 @@ def test_minority_score_classes_and_guidance_raise_the_rare_share():
     assert abs(plain - 0.04) < 0.015 and guided > 0.4, (plain, guided)
 
 
+def test_exact_model_with_one_time_per_row():
+    """targets.GaussianMixture.model with a time per sample is each row's own call (guidance's per-sample kappa)."""
+    sch = VP.linear()
+    x, t = torch.randn(3, DIM, dtype=torch.float64), torch.tensor([10, 500, 900])
+    for prediction in ("eps", "x0", "v", "score"):
+        model = PRIOR.model(sch, prediction)
+        rows = torch.stack([model(x[i:i + 1], t[i])[0] for i in range(3)])
+        assert torch.allclose(model(x, t), rows, atol=1e-12)
+
+
 def test_bad_input():
     sch = VP.linear()
     model = PRIOR.model(sch)

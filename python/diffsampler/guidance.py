@@ -100,14 +100,15 @@ class Guidance:
 
         def guided(x, t):
             w = self.scale_at(t)
+            if w == 0:  # no gradient to compute
+                return model(x, t)
             alpha, sigma = alpha_sigma_of(schedule, t)
             if self.log_likelihood is not None:
-                if t.dim() != 0:
-                    raise ValueError("Guidance.on_x0 takes one model time for the batch (a 0-dim t)")
                 with torch.enable_grad():
                     xg = x.detach().requires_grad_(True)
                     out = model(xg, t)
-                    p, q = data_coeffs(prediction, float(alpha), float(sigma))
+                    rows = lambda v: (v.reshape(-1, *[1] * (x.dim() - 1)) if v.dim() else v).to(xg)  # noqa: E731
+                    p, q = data_coeffs(prediction, rows(alpha), rows(sigma))  # tensors: no host sync
                     ll = self.log_likelihood(p * xg + q * out)
                     if ll.shape != (x.shape[0],):
                         raise ValueError(f"log_likelihood must return one value per sample, shape ({x.shape[0]},), "
@@ -119,11 +120,9 @@ class Guidance:
                 g = self.grad(x, t)
             if g.shape != x.shape:
                 raise ValueError(f"the guidance gradient must have x's shape {tuple(x.shape)}, got {tuple(g.shape)}")
-            if w == 0:
-                return out
-            kappa = output_shift(prediction, alpha, sigma)
+            kappa = w * output_shift(prediction, alpha, sigma)  # on t's device: no host sync
             kappa = kappa.reshape(-1, *[1] * (x.dim() - 1)) if kappa.dim() else kappa
-            return (out.double() + (w * kappa) * g.double()).to(out.dtype)
+            return torch.addcmul(out, kappa.to(device=out.device, dtype=out.dtype), g.to(out.dtype))  # one pass
 
         return guided
 

@@ -27,9 +27,11 @@ def data_coeffs(prediction: str, alpha: float, sigma: float) -> tuple[float, flo
         v:     x0 = alpha x - sigma v                 (VP: alpha^2 + sigma^2 = 1)
         flow:  x0 = x - t v,  t = sigma               (x_t = (1 - t) x0 + t eps, v = eps - x0)
         score: x0 = (x + sigma^2 score) / alpha
+
+    alpha, sigma: numbers, or tensors (then p, q are tensors, and alpha = 0 is not checked: no host sync).
     """
     check_prediction(prediction)
-    if alpha == 0 and prediction in ("eps", "score"):
+    if not isinstance(alpha, torch.Tensor) and alpha == 0 and prediction in ("eps", "score"):
         raise ValueError(f"prediction {prediction!r} gives no data prediction at alpha_t = 0 (zero terminal SNR); "
                          "use a 'v' or 'x0' model there")
     if prediction == "eps":

@@ -153,6 +153,8 @@ class GaussianMixture:
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             alpha, sigma = alpha_sigma(t)
             x0 = self.posterior_mean(x, alpha, sigma)
+            if alpha.dim():  # one time per row
+                alpha, sigma = alpha.reshape(-1, 1), sigma.reshape(-1, 1)
             xd = x.double()
             out = {
                 "x0": lambda: x0,

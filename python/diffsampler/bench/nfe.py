@@ -13,6 +13,16 @@ stochastic Heun, last steps) against the flow ODE solvers (flow_euler, flow_dpmp
 (`solvers.steps_for_nfe`), on the exact velocity of a 16-D, 8-mode Gaussian mixture: sliced W2 of 8000 samples to
 8000 exact ones.
 
+Part "dmcmc": Denoising Langevin Gibbs (`diffsampler.dmcmc.DLG`, exact denoiser and exact noise-level classifier
+over 200 levels from 80 to 0.01) on an 8-D, 4-mode Gaussian mixture: per round each of 2000 persistent chains
+takes n Langevin-Gibbs steps and is denoised by K steps of dpmpp_2m (k-diffusion's form on the VE grid) from its
+own level; the round's NFE per sample counts the score calls (n + K) and the classifier calls (n). The chains
+start once as the authors start them (a 20-step dpmpp_2m sample plus 0.5 noise, then 30 Langevin-Gibbs steps;
+81 calls per chain, not counted in a round). Against dpmpp_2m and heun alone from sigma = 80 on the same Karras
+grid: sliced W2 of each batch to 2000 exact samples (mean over 3 rounds for DLG). The same on the learned digits
+score (its VP noise prediction as a VE denoiser, a trained noise-level classifier): Fréchet distance of 1000
+samples to the held-out digits.
+
 Part "usf": USF plans found by S3's search (solvers.usf.search) at NFE 4, 5, 6, 8 and 10 on the exact eps model of
 Gaussian mixtures (8-D random, 2-D ring) under VP.linear(), fitted on 32 x_T and measured on held-out x_T the
 search never saw: median relative ODE error against a 999-step DPM-Solver++(2M) run from the same x_T and sliced
@@ -36,7 +46,7 @@ from diffsampler.bench.common import machine_record, slug, write_json
 from diffsampler.schedules import MeanReverting
 from diffsampler.targets import GaussianMixture, sliced_wasserstein
 
-PARTS = ("mrs", "flow_sde", "usf")
+PARTS = ("mrs", "flow_sde", "dmcmc", "usf")
 USF_NFES = (4, 5, 6, 8, 10)
 FIXED_NFES = (4, 5, 6, 8, 10, 12, 15, 20, 25, 30)
 MRS_NFES = (5, 10, 20, 50, 100)
@@ -294,9 +304,153 @@ def plot(ax, res: dict) -> None:
     w2_plot(ax, res, f"mean-reverting restoration, {res['dim']}-D", "sliced W2 to the exact posterior", "Euler")
 
 
-TABLES = {"mrs": table, "flow_sde": flow_table, "usf": usf_table}
-PLOTS = {"mrs": plot, "flow_sde": flow_plot, "usf": usf_plot}
-RUNS = {"mrs": mrs_part, "flow_sde": flow_sde_part, "usf": usf_part}
+DMCMC_ALONE_NFES = (3, 5, 8, 10, 15, 20, 30, 40)
+DMCMC_CONFIGS = ((1, 2), (1, 3), (2, 3), (2, 5), (3, 5), (3, 8), (5, 8), (5, 10))  # (Langevin steps, K)
+DMCMC_ETA, DMCMC_ROUNDS = 0.002, 3
+
+
+def dmcmc_part(n: int = 2000, dim: int = 8) -> dict:
+    from diffsampler import dmcmc
+    from diffsampler.sample import run_plan
+
+    target = GaussianMixture.random(dim=dim, modes=4, seed=0)
+    model = lambda x, t: target.posterior_mean(x, 1.0, t).to(x.dtype)  # noqa: E731  D(x, sigma), VE
+    sigmas = dmcmc.noise_levels(80.0, 0.01, 200)
+    classifier = dmcmc.exact_classifier(target, sigmas)
+    exact = target.sample(n, torch.Generator().manual_seed(EXACT_SEED))
+    floor = sum(sliced_wasserstein(target.sample(n, torch.Generator().manual_seed(EXACT_SEED + k)), exact)
+                for k in (100, 101, 102)) / 3
+    z = torch.randn(n, dim, generator=torch.Generator().manual_seed(NOISE_SEED), dtype=torch.float64)
+
+    def alone(solver: str, steps: int) -> tuple[torch.Tensor, int]:
+        plan = dmcmc.denoise_plan(solver, dmcmc.denoise_grid(80.0, 0.01, steps, 7.0), "x0", {})
+        return run_plan(model, 80.0 * z / plan.init_scale, plan), len(plan.steps)
+
+    methods = {}
+    for solver in ("dpmpp_2m", "heun"):
+        rows = []
+        for nfe in DMCMC_ALONE_NFES:
+            x, calls = alone(solver, nfe if solver == "dpmpp_2m" else (nfe + 1) // 2)
+            rows.append(dict(nfe=calls, score_calls=calls, classifier_calls=0, sliced_w2=sliced_wasserstein(x, exact)))
+        methods[f"{solver} alone"] = rows
+    start, _ = alone("dpmpp_2m", 20)
+    start = start + 0.5 * torch.randn(n, dim, generator=torch.Generator().manual_seed(SDE_SEED), dtype=torch.float64)
+    warm = dmcmc.DLG(model, classifier, sigmas, eta=DMCMC_ETA, generator=torch.Generator().manual_seed(SDE_SEED))
+    warm.init(start)
+    warm.langevin(30)
+    def mode(x):  # each sample's most likely mixture component
+        return target._noised_log_joint(x, torch.ones(()), torch.zeros(()))[0].argmax(1)
+
+    rows = []
+    for n_langevin, steps in DMCMC_CONFIGS:
+        dlg = dmcmc.DLG(model, classifier, sigmas, eta=DMCMC_ETA, n_langevin=n_langevin, solver="dpmpp_2m",
+                        steps=steps, generator=torch.Generator().manual_seed(SDE_SEED + 1))
+        dlg.init(warm.x, warm.level)
+        w2, modes = [], []
+        for _ in range(DMCMC_ROUNDS):
+            x0, nfe = dlg.sample()
+            w2.append(sliced_wasserstein(x0, exact))
+            modes.append(mode(x0))
+        rows.append(dict(nfe=nfe.total, score_calls=nfe.score, classifier_calls=nfe.classifier, langevin=n_langevin,
+                         steps=steps, sliced_w2=sum(w2) / len(w2), rounds=w2,
+                         median_level_sigma=sigmas[int(dlg.level.median())],
+                         mode_changed=(modes[-1] != modes[0]).double().mean().item()))
+    methods["DLG + dpmpp_2m"] = rows
+    return dict(dim=dim, modes=4, samples=n, levels=len(sigmas), eta=DMCMC_ETA, warmup_calls=20 + 1 + 2 * 30,
+                floor=floor, methods=methods, digits=dmcmc_digits(min(n, 1000)))
+
+
+def dmcmc_digits(n: int) -> dict:
+    """DLG on the learned digits score (diffsampler.digits' VP noise prediction as a VE denoiser,
+    dmcmc.vp_denoiser) with a trained noise-level classifier (dmcmc.train_noise_classifier, 200 levels from 80
+    to 0.02): Fréchet distance of each batch of n to the held-out digits."""
+    from diffsampler import digits, dmcmc
+    from diffsampler.sample import run_plan
+
+    net = digits.denoiser()
+    model = dmcmc.vp_denoiser(net, net.schedule)
+    split = digits.load_digits()
+    sigmas = dmcmc.noise_levels(80.0, 0.02, 200)
+    levels = dmcmc.train_noise_classifier(split.train_x, sigmas, iters=2000)
+    classifier = lambda x: levels(x).detach()  # noqa: E731
+    z = torch.randn(n, digits.PIXELS, generator=torch.Generator().manual_seed(NOISE_SEED))
+    fd = lambda x: digits.frechet_distance(x.float(), split.held_x)  # noqa: E731
+
+    def alone(steps: int):
+        plan = dmcmc.denoise_plan("dpmpp_2m", dmcmc.denoise_grid(80.0, 0.015, steps, 7.0), "x0", {})
+        with torch.no_grad():
+            return run_plan(model, 80.0 * z / plan.init_scale, plan, check_nan=False)
+
+    methods = {"dpmpp_2m alone": [dict(nfe=k, score_calls=k, classifier_calls=0, fd=fd(alone(k)))
+                                  for k in DMCMC_ALONE_NFES]}
+    start = alone(20) + 0.5 * torch.randn(n, digits.PIXELS, generator=torch.Generator().manual_seed(SDE_SEED))
+    rows = []
+    with torch.no_grad():
+        warm = dmcmc.DLG(model, classifier, sigmas, eta=DMCMC_ETA, generator=torch.Generator().manual_seed(SDE_SEED))
+        warm.init(start)
+        warm.langevin(30)
+        for n_langevin, steps in DMCMC_CONFIGS:
+            dlg = dmcmc.DLG(model, classifier, sigmas, eta=DMCMC_ETA, n_langevin=n_langevin, solver="dpmpp_2m",
+                            steps=steps, sigma_min=0.015, generator=torch.Generator().manual_seed(SDE_SEED + 1))
+            dlg.init(warm.x, warm.level)
+            scores = []
+            for _ in range(DMCMC_ROUNDS):
+                x0, nfe = dlg.sample()
+                scores.append(fd(x0))
+            rows.append(dict(nfe=nfe.total, score_calls=nfe.score, classifier_calls=nfe.classifier,
+                             langevin=n_langevin, steps=steps, fd=sum(scores) / len(scores), rounds=scores,
+                             median_level_sigma=sigmas[int(dlg.level.median())]))
+    methods["DLG + dpmpp_2m"] = rows
+    floor = fd(split.train_x[:n])
+    return dict(samples=n, floor=floor, methods=methods)
+
+
+def dmcmc_table(res: dict) -> str:
+    lines = ["| method | Langevin steps n | denoising K | NFE per sample (score + classifier) | sliced W2 | "
+             "median chain sigma | chains changing mode, first to last round |", "|---|---|---|---|---|---|---|"]
+    for name, rows in res["methods"].items():
+        for r in rows:
+            sigma = f"{r['median_level_sigma']:.3f}" if "median_level_sigma" in r else ""
+            moved = f"{100 * r['mode_changed']:.1f} %" if "mode_changed" in r else ""
+            lines.append(f"| {name} | {r.get('langevin', '')} | {r.get('steps', '')} | {r['nfe']} "
+                         f"({r['score_calls']} + {r['classifier_calls']}) | {r['sliced_w2']:.4f} | {sigma} | {moved} |")
+    lines += ["", f"Exact against independent exact samples (the estimator's floor, mean of 3): {res['floor']:.4f}. "
+              f"DLG's chains cost {res['warmup_calls']} calls each once (their start), not counted per round; "
+              f"Langevin eta = {res['eta']}, {res['levels']} levels. The last column: the fraction of chains whose "
+              f"last round's sample lies in another mixture component than their first round's ({DMCMC_ROUNDS} "
+              "rounds): how far the chains travel."]
+    if "digits" in res:
+        dg = res["digits"]
+        lines += ["", f"Learned digits (Fréchet distance of {dg['samples']} samples to the held-out digits; the "
+                  "digits' VP noise prediction as a VE denoiser, a trained noise-level classifier):", "",
+                  "| method | Langevin steps n | denoising K | NFE per sample (score + classifier) | FD |",
+                  "|---|---|---|---|---|"]
+        for name, rows in dg["methods"].items():
+            for r in rows:
+                lines.append(f"| {name} | {r.get('langevin', '')} | {r.get('steps', '')} | {r['nfe']} "
+                             f"({r['score_calls']} + {r['classifier_calls']}) | {r['fd']:.2f} |")
+        lines += ["", f"{dg['samples']} training digits against the held-out ones (the metric's floor): "
+                  f"{dg['floor']:.2f}."]
+    return "\n".join(lines)
+
+
+def dmcmc_plot(ax, res: dict) -> None:
+    for name, rows in res["methods"].items():
+        rows = sorted(rows, key=lambda r: r["nfe"])
+        ax.plot([r["nfe"] for r in rows], [r["sliced_w2"] for r in rows], marker="o", label=name,
+                ls="-" if name.startswith("DLG") else "--")
+    ax.axhline(res["floor"], color="gray", ls=":", label="exact vs exact")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE per sample (score + classifier calls)")
+    ax.set_ylabel("sliced W2 to exact samples")
+    ax.set_title(f"Denoising MCMC, {res['dim']}-D mixture")
+    ax.legend(fontsize=7)
+
+
+TABLES = {"mrs": table, "flow_sde": flow_table, "dmcmc": dmcmc_table, "usf": usf_table}
+PLOTS = {"mrs": plot, "flow_sde": flow_plot, "dmcmc": dmcmc_plot, "usf": usf_plot}
+RUNS = {"mrs": mrs_part, "flow_sde": flow_sde_part, "dmcmc": dmcmc_part, "usf": usf_part}
 
 
 def main(argv=None) -> None:

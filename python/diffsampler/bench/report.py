@@ -116,6 +116,8 @@ def nfe_tables(path: Path) -> str:
     titles = {"mrs": "Mean-reverting restoration (MR Sampler against IR-SDE's Euler-Maruyama sampler), sliced W2 to "
                      "the exact posterior",
               "flow_sde": "Flow SDE samplers against the flow ODE solvers at equal model calls, sliced W2 to exact samples",
+              "dmcmc": "Denoising MCMC (DLG + dpmpp_2m, exact classifier) against the solver alone, sliced W2 to exact "
+                       "samples by NFE per sample",
               "usf": "USF plans found by S3's search against the best fixed solver at the same NFE, held-out x_T"}
     return "\n\n".join(f"{titles[part]} (`{path}`):\n\n{nfe.TABLES[part](res)}"
                         for part, res in data["results"].items())

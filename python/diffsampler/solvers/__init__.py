@@ -83,9 +83,10 @@ class SolverSpec:
         return sorted(names - set(self.presets))
 
 
-def _dpm(algorithm: str, order: int, about: str, continuous: bool = True, **presets) -> SolverSpec:
-    return SolverSpec(about, {VP: dpm_plan}, dpm_steps if continuous else None,
-                      presets=dict(algorithm=algorithm, order=order, **presets))
+def _dpm(algorithm: str, order: int, about: str) -> SolverSpec:
+    """A DPM-Solver name; the noise-prediction ones (dpmsolver) end at a sigma > 0 (sigma_min, t = eps)."""
+    return SolverSpec(about, {VP: dpm_plan}, dpm_steps, grid_final="zero" if algorithm.endswith("++") else "eps",
+                      presets=dict(algorithm=algorithm, order=order))
 
 
 SOLVERS: dict[str, SolverSpec] = {
@@ -95,10 +96,8 @@ SOLVERS: dict[str, SolverSpec] = {
     "dpmpp_3m": _dpm("dpmsolver++", 3, "DPM-Solver++(3M)"),
     "dpmpp_2m_sde": _dpm("sde-dpmsolver++", 2, "SDE-DPM-Solver++(2M), draws noise every step"),
     "dpmpp_3m_sde": _dpm("sde-dpmsolver++", 3, "SDE-DPM-Solver++(3M)"),
-    "dpm_2m": _dpm("dpmsolver", 2, "DPM-Solver(2M), noise prediction; ends at sigma_min", False,
-                   final_sigmas_type="sigma_min"),
-    "dpm_3m": _dpm("dpmsolver", 3, "DPM-Solver(3M), noise prediction; ends at sigma_min", False,
-                   final_sigmas_type="sigma_min"),
+    "dpm_2m": _dpm("dpmsolver", 2, "DPM-Solver(2M), noise prediction; ends at sigma_min"),
+    "dpm_3m": _dpm("dpmsolver", 3, "DPM-Solver(3M), noise prediction; ends at sigma_min"),
     "unipc": SolverSpec("UniPC predictor-corrector (UniPCMultistepScheduler); DC-Solver with dc_ratios",
                         {VP: unipc_plan}, unipc_steps),
     "deis": SolverSpec("DEIS log-rho multistep (DEISMultistepScheduler); ends at a sigma > 0", {VP: deis_plan},
@@ -130,9 +129,9 @@ SOLVERS: dict[str, SolverSpec] = {
     "flow_sde": SolverSpec("SiT's SDE sampler of flow models (diffusion form w(t), Euler-Maruyama or stochastic "
                            "Heun, last step mean / tweedie / euler)", {Flow: flow_sde_plan}),
     "lcm": SolverSpec("LCM multistep sampling of a latent consistency model (LCMScheduler); renoises every step",
-                      {VP: lcm_plan}),
+                      {VP: lcm_plan}, explicit_vp=True),
     "tcd": SolverSpec("TCD strategic stochastic sampling (TCDScheduler), gamma: the stochasticity (0: deterministic)",
-                      {VP: tcd_plan}),
+                      {VP: tcd_plan}, explicit_vp=True),
     "res_multistep": SolverSpec("RES second-order exponential multistep in the VE scale (ComfyUI's res_multistep); "
                                 "eta > 0: its ancestral variant",
                                 {VP: res_multistep_plan, EDM: res_multistep_plan, Grid: res_multistep_plan}),

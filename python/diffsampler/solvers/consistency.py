@@ -22,6 +22,7 @@ from .. import checks
 from ..models import data_coeffs, noise_coeffs
 from ..ops import StateRow, UpdateCoeffs
 from ..schedules import VP
+from .explicit import vp_grid
 from .plan import Plan, Step
 
 SIGMA_DATA = 0.5
@@ -70,9 +71,25 @@ def tcd_inner_timestep(prev_t: int, gamma: float) -> int:
     return int(np.floor(np.float32(1 - gamma) * np.float32(prev_t)))
 
 
+def plan_timesteps(schedule: VP, steps: int, original_steps: int) -> np.ndarray:
+    """The LCM / TCD grid, or a sigmas= list's training timesteps (ExplicitVP: each sigma ratio's timestep,
+    rounded; the list ends at 0, where the last step returns the denoised sample)."""
+    explicit = getattr(schedule, "explicit", None)
+    if explicit is None:
+        return lcm_timesteps(schedule.num_train_timesteps, steps, original_steps)
+    if explicit[-1] != 0:
+        raise ValueError(f"lcm / tcd: a sigmas= list ends at 0 (the last step returns the denoised sample), got "
+                         f"sigmas[-1] = {explicit[-1]}")
+    t = np.round(vp_grid(schedule, explicit).timesteps).astype(np.int64)
+    if len(np.unique(t)) != len(t):
+        raise ValueError(f"lcm / tcd: the sigmas= list gives repeated training timesteps {t.tolist()} (each sigma's "
+                         "timestep, rounded); space the sigmas further apart")
+    return t
+
+
 def lcm_plan(schedule: VP, steps: int, prediction: str, *, original_steps: int = 50,
              timestep_scaling: float = 10.0) -> Plan:
-    timesteps = lcm_timesteps(schedule.num_train_timesteps, steps, original_steps)
+    timesteps = plan_timesteps(schedule, steps, original_steps)
     plan = []
     for i, t in enumerate(timesteps):
         last = i == len(timesteps) - 1
@@ -84,7 +101,7 @@ def lcm_plan(schedule: VP, steps: int, prediction: str, *, original_steps: int =
 
 def tcd_plan(schedule: VP, steps: int, prediction: str, *, gamma: float = 0.3, original_steps: int = 50) -> Plan:
     checks.real("gamma", gamma, "[0, 1]")
-    timesteps = lcm_timesteps(schedule.num_train_timesteps, steps, original_steps)
+    timesteps = plan_timesteps(schedule, steps, original_steps)
     plan = []
     for i, t in enumerate(timesteps):
         last = i == len(timesteps) - 1

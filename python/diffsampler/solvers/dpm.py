@@ -90,11 +90,13 @@ def history_weights(order: int, c0: float, c1: float, c2: float, r0: float, r1: 
 
 def dpm_plan(schedule: VP, steps: int, prediction: str, *, algorithm: str = "dpmsolver++", order: int = 2,
              solver_type: str = "midpoint", timestep_spacing: str = "linspace", steps_offset: int = 0,
-             sigmas: str = "default", final_sigmas_type: str = "zero", lower_order_final: bool = True,
+             sigmas: str = "default", final_sigmas_type: str | None = None, lower_order_final: bool = True,
              euler_at_final: bool = False, phi3: str = "k-diffusion", momentum: float | None = None) -> Plan:
     """The DPM-Solver multistep Plan on a VP schedule. `sigmas`: "default" (the training sigmas at the spaced
     timesteps), "karras", "exponential", "beta" or "lu" (uniform logSNR), as diffusers' use_*_sigmas options.
     `phi3`: the D2 weight of third-order steps, "k-diffusion" | "diffusers" | "taylor" (see update_terms)."""
+    if final_sigmas_type is None:  # diffusers' default "zero"; the noise-prediction algorithms end at sigma_min
+        final_sigmas_type = "zero" if algorithm.endswith("++") else "sigma_min"
     if final_sigmas_type == "last":
         raise ValueError("final_sigmas_type must be one of ('zero', 'sigma_min'), got 'last'")
     grid = multistep_grid(schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
@@ -128,7 +130,8 @@ def dpm_steps(grid: Grid, prediction: str, *, algorithm: str = "dpmsolver++", or
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
     if not algorithm.endswith("++") and final_sigma_zero:
-        raise ValueError(f"algorithm {algorithm!r} (noise prediction) needs final_sigmas_type='sigma_min'")
+        raise ValueError(f"algorithm {algorithm!r} (noise prediction) cannot land on sigma = 0: it needs a grid ending "
+                         f"at a sigma > 0 (final_sigmas_type='sigma_min'; a sigmas= list: a last entry > 0)")
     if order == 3 and algorithm == "sde-dpmsolver":
         raise ValueError("sde-dpmsolver has no third-order update (diffusers neither); use order <= 2")
     if phi3 not in PHI3:
