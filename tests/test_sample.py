@@ -562,13 +562,7 @@ def test_continuous_vp_schedule():
     # k-diffusion computes exp(.) - 1 in float32: 2e-4 off at t = eps, where diffsampler uses expm1 in float64
     assert torch.allclose(torch.tensor(grid.sigmas, dtype=torch.float64), get_sigmas_vp(10)[:-1].double(), rtol=1e-3)
     assert abs(sch.t_of_lambda(-math.log(sch.sigma_ratio(0.37))) - 0.37) < 1e-12
-    target = TARGETS["smooth-16d"]()
-
-    def model(x, t):
-        alpha = torch.tensor([math.exp(sch.log_alpha(float(t)))], dtype=torch.float64)
-        sigma = (1 - alpha**2).sqrt()
-        return ((x - alpha * target.posterior_mean(x, alpha, sigma)) / sigma).to(x.dtype)
-
+    model = TARGETS["smooth-16d"]().model(sch)
     x = torch.randn(128, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     truth = ds.sample(model, x, steps=400, solver="unipc", order=3, schedule=sch, final="eps")
     err = lambda n, solver: ((ds.sample(model, x, steps=n, solver=solver, schedule=sch, final="eps") - truth)

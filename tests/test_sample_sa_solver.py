@@ -51,13 +51,7 @@ def test_sa_solver_ode_convergence_order(predictor_order, corrector_order, order
     """tau = 0 on VPContinuous (exact mixture denoiser): the error against a 400-step UniPC-3 reference falls as
     steps^-order, order the corrector's number of interpolation nodes."""
     sch = ds.schedules.VPContinuous()
-    target = TARGETS["smooth-16d"]()
-
-    def model(x, t):
-        alpha = torch.tensor([math.exp(sch.log_alpha(float(t)))], dtype=torch.float64)
-        sigma = (1 - alpha**2).sqrt()
-        return ((x - alpha * target.posterior_mean(x, alpha, sigma)) / sigma).to(x.dtype)
-
+    model = TARGETS["smooth-16d"]().model(sch)
     x = torch.randn(128, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     truth = ds.sample(model, x, steps=400, solver="unipc", order=3, schedule=sch, final="eps")
 

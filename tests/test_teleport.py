@@ -66,14 +66,11 @@ def rk4_flow(mu, cov, x, start, end, n=200):
 
 def models(mu, cov):
     """The exact model of the Gaussian on each schedule: (schedule, prediction, model(x, t))."""
-    def vp(x, t):
-        a, s = VP.alpha_sigma_at(t)
-        return ((x.double() - a * posterior_mean(mu, cov, x, a, s)) / s).to(x.dtype)
-
-    def vpc(x, t):
-        a = math.exp(VPC.log_alpha(float(t)))
-        s = math.sqrt(1 - a * a)
-        return ((x.double() - a * posterior_mean(mu, cov, x, a, s)) / s).to(x.dtype)
+    def eps_on(schedule):
+        def eps(x, t):
+            a, s = schedule.alpha_sigma_at(t)
+            return ((x.double() - a * posterior_mean(mu, cov, x, a, s)) / s).to(x.dtype)
+        return eps
 
     def edm(x, t):
         return posterior_mean(mu, cov, x, 1.0, float(t)).to(x.dtype)
@@ -82,7 +79,8 @@ def models(mu, cov):
         s = float(t) / 1000
         return ((x.double() - posterior_mean(mu, cov, x, 1 - s, s)) / s).to(x.dtype)
 
-    return {"vp": (VP, "eps", vp), "vpc": (VPC, "eps", vpc), "edm": (EDM, "x0", edm), "flow": (FLOW, "flow", flow)}
+    return {"vp": (VP, "eps", eps_on(VP)), "vpc": (VPC, "eps", eps_on(VPC)), "edm": (EDM, "x0", edm),
+            "flow": (FLOW, "flow", flow)}
 
 
 def grid_points(kind: str, steps: int, solver: str = ""):
@@ -286,10 +284,7 @@ def test_on_the_mixture_teleport_lowers_the_ode_error_at_equal_model_calls(mixtu
     1.98 -> 0.56, 15 NFE 0.34 -> 0.17); skipping half the logSNR grid hits the Gaussian approximation's floor
     (0.019 at 20 NFE), worse than the plain 20-step dpmpp_2m."""
     target, tp, x = mixture
-    eps = lambda x, t: (x - math.exp(VPC.log_alpha(float(t))) * post(x, t)) / sig(t)  # noqa: E731
-    sig = lambda t: math.sqrt(-math.expm1(2 * VPC.log_alpha(float(t))))  # noqa: E731
-    post = lambda x, t: target.posterior_mean(x, torch.tensor(math.exp(VPC.log_alpha(float(t)))),  # noqa: E731
-                                              torch.tensor(sig(t)))
+    eps = target.model(VPC)
     ref = ds.sample(eps, x, 200, "dpmpp_2m", VPC, "eps")
     plain, tele = mixture_errors("dpmpp_2m", VPC, "eps", eps, x, ref, tp, 12, 0.3)
     assert tele < plain / 3, (plain, tele)

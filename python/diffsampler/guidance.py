@@ -40,8 +40,7 @@ def alpha_sigma_of(schedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if isinstance(schedule, VP):
         return schedule.alpha_sigma_at(t.round().long())
     if isinstance(schedule, VPContinuous):
-        alpha = torch.exp(-0.25 * schedule.beta_d * t * t - 0.5 * schedule.beta_min * t)
-        return alpha, torch.sqrt(-torch.expm1(2 * torch.log(alpha)))
+        return schedule.alpha_sigma_at(t)
     if isinstance(schedule, EDM):
         return torch.ones_like(t), t
     if isinstance(schedule, Flow):

@@ -240,6 +240,11 @@ class VPContinuous:
         """sigma_t / alpha_t = sqrt(e^{-2 log alpha} - 1) (k-diffusion's get_sigmas_vp)."""
         return math.sqrt(math.expm1(-2.0 * self.log_alpha(t)))
 
+    def alpha_sigma_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_t, sigma_t = sqrt(1 - alpha_t^2) for a tensor of times (float64, on t's device)."""
+        log_alpha = self.log_alpha(t.double())
+        return torch.exp(log_alpha), torch.sqrt(-torch.expm1(2 * log_alpha))
+
     def t_of_lambda(self, lam: float) -> float:
         """The t with lambda = log(alpha / sigma) = lam: solve the quadratic in t of log(1 + e^{-2 lam})."""
         log_alpha = -0.5 * math.log1p(math.exp(-2.0 * lam))

@@ -139,7 +139,8 @@ class GaussianMixture:
 
     def model(self, schedule=None, prediction: str = "eps"):
         """The exact denoiser model(x, t) -> prediction, x of shape (n, dim) in any float dtype (computed in
-        float64, returned in x's dtype). t: integer timesteps of the discrete VP `schedule`, or with
+        float64, returned in x's dtype). t: integer timesteps of the discrete VP `schedule` (continuous times of a
+        VPContinuous one), or with
         schedule=None the VP sigma ratio sigma_t / alpha_t itself (continuous-time grids, Grid.from_sigmas)."""
         check_prediction(prediction)
 

@@ -14,7 +14,6 @@ calls (over the fractions) that reach its error.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from pathlib import Path
@@ -30,16 +29,6 @@ from diffsampler.targets import GaussianMixture
 FRACTIONS = (0.0, 0.15, 0.3, 0.5)
 VPC, EDM = ds.schedules.VPContinuous(), ds.schedules.EDM()
 DIGIT_NFES = (5, 10, 20)
-
-
-def vpc_eps(target: GaussianMixture):
-    """The mixture's exact noise prediction at VPContinuous time t."""
-    def model(x, t):
-        alpha = math.exp(VPC.log_alpha(float(t)))
-        sigma = math.sqrt(1 - alpha * alpha)
-        x0 = target.posterior_mean(x, torch.tensor(alpha), torch.tensor(sigma))
-        return ((x.double() - alpha * x0) / sigma).to(x.dtype)
-    return model
 
 
 def edm_x0(target: GaussianMixture):
@@ -141,7 +130,7 @@ def main(argv=None) -> None:
     target = GaussianMixture.random(dim=64, modes=8, seed=0)
     tp = ds.GaussianTeleport.fit(target.sample(20000, torch.Generator().manual_seed(1)))
     x = torch.randn(args.samples, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    rows = mixture_rows("dpmpp_2m", VPC, "eps", vpc_eps(target), x, tp, range(3, args.nfe_max + 1))
+    rows = mixture_rows("dpmpp_2m", VPC, "eps", target.model(VPC), x, tp, range(3, args.nfe_max + 1))
     rows += mixture_rows("heun", EDM, "x0", edm_x0(target), x, tp, range(3, args.nfe_max + 1, 2))
     saved = nfe_saved([r for r in rows if r["solver"] == "dpmpp_2m"], "error")
     saved += nfe_saved([r for r in rows if r["solver"] == "heun"], "error")
