@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checks, error_flags, ops
+from . import checks, classifiers, error_flags, ops
 from .models import check_prediction, data_coeffs
 from .sample import scale_table, scaled_input, time_table
 from .schedules import EDM, VP, karras_sigmas
@@ -317,22 +317,14 @@ def train_noise_classifier(x0: torch.Tensor, sigmas, *, iters: int = 2000, batch
     width, lr = checks.integer("width", width, 1), checks.real("lr", lr, "(0, inf)")
     data = x0.detach().float().reshape(x0.shape[0], -1).cpu()
     seed = checks.integer("seed", seed)
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights, the global RNG untouched
-        torch.manual_seed(seed)
-        net = NoiseClassifier(data.shape[1], len(sig), width)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for i in range(iters):
-        for group in opt.param_groups:
-            group["lr"] = lr * (1 - i / iters)
+
+    def noised(gen):  # (x0 + sigma_l z, l), l uniform over the levels
         xb = data[torch.randint(0, len(data), (batch,), generator=gen)]
         y = torch.randint(0, len(sig), (batch,), generator=gen)
-        xb = xb + sig[y, None] * torch.randn(xb.shape, generator=gen)
-        loss = torch.nn.functional.cross_entropy(net(xb), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
+        return (xb + sig[y, None] * torch.randn(xb.shape, generator=gen),), y
+
+    return classifiers.train(lambda: NoiseClassifier(data.shape[1], len(sig), width), noised, iters, lr, seed,
+                             decay=True)
 
 
 class NoiseClassifier(torch.nn.Module):

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from . import checks
+from . import checks, classifiers
 from .guidance import Guidance
 from .models import check_prediction, data_coeffs
 from .schedules import VP
@@ -77,23 +77,18 @@ def train_classifier(x0: torch.Tensor, labels: torch.Tensor, schedule: VP, num_c
     steps, batch = checks.integer("steps", steps, 1), checks.integer("batch", batch, 1)
     if labels.shape != (x0.shape[0],):
         raise ValueError(f"labels must have one entry per sample, shape ({x0.shape[0]},), got {tuple(labels.shape)}")
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = NoisyClassifier(x0[0].numel(), num_classes, schedule.num_train_timesteps)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
     abar = schedule.alphas_cumprod.double()
     data = x0.flatten(1).float()
-    for _ in range(steps):
+
+    def noised(gen):  # (x_t, t) at uniform random timesteps, and the samples' classes
         idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
         t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=gen)
         a = abar[t].sqrt().float()[:, None]
         s = (1 - abar[t]).sqrt().float()[:, None]
-        xt = a * data[idx] + s * torch.randn(data[idx].shape, generator=gen)
-        loss = torch.nn.functional.cross_entropy(net(xt, t), labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
+        return (a * data[idx] + s * torch.randn(data[idx].shape, generator=gen), t), labels[idx]
+
+    return classifiers.train(lambda: NoisyClassifier(x0[0].numel(), num_classes, schedule.num_train_timesteps),
+                             noised, steps, lr, seed)
 
 
 def minority_guidance(classifier: Callable, target: int, scale: float = 1.0) -> Guidance:
