@@ -11,19 +11,21 @@ at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out
                                 const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
                                 const c10::optional<at::Tensor>& state, const c10::optional<at::Tensor>& dirs,
                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
-                                const c10::optional<at::Tensor>& dir_weights);
+                                const c10::optional<at::Tensor>& dir_weights, const c10::optional<at::Tensor>& guide);
 at::Tensor multistep_update_indexed_cpu(const at::Tensor& x, const at::Tensor& model_out,
                                         const c10::optional<at::Tensor>& history, const at::Tensor& table,
                                         const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
                                         const c10::optional<at::Tensor>& noise, double clip,
                                         const c10::optional<at::Tensor>& state,
-                                        const c10::optional<at::Tensor>& status);
+                                        const c10::optional<at::Tensor>& status,
+                                        const c10::optional<at::Tensor>& guide);
 at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const c10::optional<at::Tensor>& history,
                         at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
-                        at::ArrayRef<double> dir_coeffs);
+                        at::ArrayRef<double> dir_coeffs, const c10::optional<at::Tensor>& guide);
 at::Tensor multistep_update_functional_cpu(const at::Tensor& x, const at::Tensor& model_out,
                                            at::ArrayRef<double> coeffs, const c10::optional<at::Tensor>& noise,
-                                           double clip, bool thresholding);
+                                           double clip, bool thresholding,
+                                           const c10::optional<at::Tensor>& guide);
 }
 
 TORCH_LIBRARY(diffsampler, m) {
@@ -61,7 +63,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       {"R", DS_ROW_R}, {"G", DS_ROW_G}, {"SA", DS_ROW_SA}, {"SE", DS_ROW_SE}, {"SC", DS_ROW_SC},
       {"SG", DS_ROW_SG}, {"SB", DS_ROW_SB}, {"WRITES_STATE", DS_ROW_WRITES_STATE},
       {"THR_RATIO", DS_ROW_THR_RATIO}, {"THR_MAX", DS_ROW_THR_MAX}, {"THR_HX", DS_ROW_THR_HX},
-      {"THR_HM", DS_ROW_THR_HM}, {"WIDTH", DS_ROW_WIDTH}};
+      {"THR_HM", DS_ROW_THR_HM}, {"GUIDE", DS_ROW_GUIDE}, {"WIDTH", DS_ROW_WIDTH}};
   for (const auto& [name, offset] : fields) row[name] = offset;
   m.attr("ROW_LAYOUT") = row;
   m.attr("SLOTS_WIDTH") = DS_SLOTS_WIDTH;

@@ -47,7 +47,7 @@ struct Layout {
   ds_update_tensors t{};
   ds_update_coeffs k{};
   ds_dtype dtype;
-  at::Tensor x, out, m0_slot, m0, state, dirs;
+  at::Tensor x, out, m0_slot, m0, state, dirs, guide;
   std::vector<at::Tensor> keep;
 };
 
@@ -104,6 +104,14 @@ Layout prepare(const char* op, const at::Tensor& x_in, const at::Tensor& out_in,
   return l;
 }
 
+// The guide d (out + gw d in every use of out; gw from the row): a contiguous view or copy.
+void prepare_guide(Layout& l, const c10::optional<at::Tensor>& guide) {
+  if (!guide.has_value()) return;
+  check_operand(*guide, l.x, "guide");
+  l.guide = guide->contiguous();
+  l.t.guide = l.guide.data_ptr();
+}
+
 // LML's ring of directions and its row: dirs (R, *x.shape), dir_coeffs [da, de, db_0..db_k].
 void prepare_dirs(Layout& l, const at::Tensor& dirs, int64_t dir_slot, at::ArrayRef<double> dir_coeffs) {
   const auto& x = l.x;
@@ -135,10 +143,12 @@ at::Tensor run_multistep_update(const at::Tensor& x_in, const at::Tensor& out_in
                                 const c10::optional<at::Tensor>& noise_in, double clip, bool thresholding,
                                 const c10::optional<at::Tensor>& state_in, const c10::optional<at::Tensor>& dirs_in,
                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
-                                const c10::optional<at::Tensor>& dir_weights_in, const UpdateLaunch& launch) {
+                                const c10::optional<at::Tensor>& dir_weights_in,
+                                const c10::optional<at::Tensor>& guide, const UpdateLaunch& launch) {
   TORCH_CHECK(!history.has_value() || write_slot >= 0, "multistep_update: write_slot must be >= 0, got ",
               write_slot);
   Layout l = prepare("multistep_update", x_in, out_in, history, write_slot, read_slots, coeffs, clip);
+  prepare_guide(l, guide);
   auto& t = l.t;
   auto& k = l.k;
   const auto& x = l.x;
@@ -204,7 +214,8 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor
                                         const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
                                         const c10::optional<at::Tensor>& noise_in, double clip,
                                         const c10::optional<at::Tensor>& state,
-                                        const c10::optional<at::Tensor>& status, const UpdateLaunch& launch) {
+                                        const c10::optional<at::Tensor>& status,
+                                        const c10::optional<at::Tensor>& guide, const UpdateLaunch& launch) {
   const auto dev = x_in.device();
   TORCH_CHECK(table.dim() == 2 && table.size(1) == DS_ROW_WIDTH && table.scalar_type() == at::kDouble &&
                   table.is_contiguous() && table.device() == dev,
@@ -228,6 +239,7 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor
   TORCH_CHECK(n_reads == 0 || history.has_value(), "multistep_update_indexed: n_reads > 0 needs a history");
   Layout l = prepare("multistep_update_indexed", x_in, out_in, c10::nullopt, -1, {},
                      std::vector<double>(DS_ROW_WIDTH, 0.0), clip);
+  prepare_guide(l, guide);
   auto& t = l.t;
   l.k.n_reads = static_cast<int>(n_reads);
   t.table = table.data_ptr<double>();
@@ -267,8 +279,10 @@ at::Tensor run_multistep_update_indexed(const at::Tensor& x_in, const at::Tensor
 
 at::Tensor run_lml_gram(const at::Tensor& x_in, const at::Tensor& out_in, const c10::optional<at::Tensor>& history,
                         at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
-                        at::ArrayRef<double> dir_coeffs, const GramLaunch& launch) {
+                        at::ArrayRef<double> dir_coeffs, const c10::optional<at::Tensor>& guide,
+                        const GramLaunch& launch) {
   Layout l = prepare("lml_gram", x_in, out_in, history, -1, read_slots, coeffs, clip);
+  prepare_guide(l, guide);
   prepare_dirs(l, dirs, 0, dir_coeffs);
   const int64_t m = 1 + l.k.n_dirs;
   auto gram = at::zeros({l.x.size(0), m, m}, l.x.options().dtype(at::kDouble));

@@ -22,6 +22,13 @@ inline LanesF clamp_lanes(LanesF v, float bound) {
   return v > bound ? bound : v;
 }
 
+// The model output of elements [i, i + kLanes) as the update sees it: out + gw guide when a guide is given.
+template <typename T, typename Load>
+inline LanesF guided_out(Load load, const T* out, const T* guide, float gw, int64_t i) {
+  const LanesF o = load(out + i);
+  return guide != nullptr ? o + gw * load(guide + i) : o;
+}
+
 // Elements [begin, end) with the phase's math; s = the threshold bound of the (single) sample they lie in.
 // kState: 0 no state, 1 state read (x' += g s), 2 state read and rewritten with its own row.
 // kDirs > 0: LML in the same loop (phase FULL), w = the sample's 1 + kDirs weights.
@@ -35,11 +42,12 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   const T* __restrict__ r1 = static_cast<const T*>(t.reads[1]);
   const T* __restrict__ r2 = static_cast<const T*>(t.reads[2]);
   const T* __restrict__ z = static_cast<const T*>(t.noise);
+  const T* __restrict__ guide = static_cast<const T*>(t.guide);
   T* __restrict__ m0_out = static_cast<T*>(t.m0);
   T* __restrict__ st = static_cast<T*>(t.state);
   T* __restrict__ x_next = static_cast<T*>(t.x_next);
   // Locals, not k's fields: the stores below could alias k as far as the compiler knows.
-  const float p = k.p, q = k.q, a = k.a, e = k.e, c = k.c, g = k.g;
+  const float p = k.p, q = k.q, a = k.a, e = k.e, c = k.c, g = k.g, gw = k.gw;
   const float r0w = k.r[0], r1w = k.r[1], r2w = k.r[2];
   const float b0 = k.b[0], b1 = k.b[1], b2 = k.b[2], b3 = k.b[3];
   const float sa = k.sa, se = k.se, sc = k.sc, sg = k.sg;
@@ -57,7 +65,7 @@ void update_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   // the range through a buffer, with the same conversions).
   auto lanes = [&](int64_t i, auto load, auto store) {
     const LanesF xi = load(x + i);
-    const LanesF oi = load(out + i);
+    const LanesF oi = guided_out(load, out, guide, gw, i);
     const LanesF h0 = kReads > 0 ? load(r0 + i) : LanesF{};
     const LanesF h1 = kReads > 1 ? load(r1 + i) : LanesF{};
     const LanesF h2 = kReads > 2 ? load(r2 + i) : LanesF{};
@@ -199,6 +207,7 @@ void lml_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begi
   const T* __restrict__ x = static_cast<const T*>(t.x);
   const T* __restrict__ out = static_cast<const T*>(t.out);
   const T* __restrict__ m0s = static_cast<const T*>(t.m0);
+  const T* __restrict__ guide = static_cast<const T*>(t.guide);
   const T* reads[DS_MAX_READS] = {};
   for (int j = 0; j < kReads; ++j) reads[j] = static_cast<const T*>(t.reads[j]);
   T* dirs[DS_MAX_DIRS] = {};
@@ -209,10 +218,10 @@ void lml_run(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t begi
   float db[DS_MAX_READS], wd[DS_MAX_DIRS];
   for (int j = 0; j < DS_MAX_READS; ++j) db[j] = k.db[j + 1];
   for (int j = 0; j < DS_MAX_DIRS; ++j) wd[j] = j < kDirs ? w[1 + j] : 0.0f;
-  const float w0 = w[0];
+  const float w0 = w[0], gw = k.gw;
   for_lanes(begin, end, [&](int64_t i, auto load, auto store) {
     const LanesF xi = load(x + i);
-    const LanesF oi = load(out + i);
+    const LanesF oi = guided_out(load, out, guide, gw, i);
     LanesF h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
     for (int j = 0; j < kReads; ++j) h[j] = load(reads[j] + i);
     LanesF m0;
@@ -270,6 +279,8 @@ void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   constexpr int kP = kM * (kM + 1) / 2;  // the upper triangle, row by row
   const T* __restrict__ x = static_cast<const T*>(t.x);
   const T* __restrict__ out = static_cast<const T*>(t.out);
+  const T* __restrict__ guide = static_cast<const T*>(t.guide);
+  const float gw = k.gw;
   const T* reads[DS_MAX_READS] = {};
   for (int j = 0; j < kReads; ++j) reads[j] = static_cast<const T*>(t.reads[j]);
   const T* dirs[DS_MAX_DIRS] = {};
@@ -282,7 +293,7 @@ void gram_chunk(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t b
   LanesD sums[2][kP] = {};  // the low and high halves: independent chains
   auto lanes = [&](int64_t i, auto load, auto) {  // the products of elements [i, i + kLanes)
     LanesF v[kM];
-    const LanesF xi = load(x + i), oi = load(out + i);
+    const LanesF xi = load(x + i), oi = guided_out(load, out, guide, gw, i);
     LanesF h[DS_MAX_READS > 0 ? DS_MAX_READS : 1];
     for (int j = 0; j < kReads; ++j) h[j] = load(reads[j] + i);
     v[0] = cx * xi + co * oi;
@@ -418,11 +429,10 @@ at::Tensor multistep_update_cpu(const at::Tensor& x, const at::Tensor& model_out
                                 const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
                                 const c10::optional<at::Tensor>& state, const c10::optional<at::Tensor>& dirs,
                                 int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
-                                const c10::optional<at::Tensor>& dir_weights) {
+                                const c10::optional<at::Tensor>& dir_weights, const c10::optional<at::Tensor>& guide) {
   TORCH_CHECK(x.device().is_cpu(), "multistep_update_cpu: x must be a CPU tensor, got ", x.device());
   return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding,
-                              state, dirs, dir_slot, dir_coeffs, dir_weights,
-                              launch_cpu);
+                              state, dirs, dir_slot, dir_coeffs, dir_weights, guide, launch_cpu);
 }
 
 at::Tensor multistep_update_indexed_cpu(const at::Tensor& x, const at::Tensor& model_out,
@@ -430,24 +440,26 @@ at::Tensor multistep_update_indexed_cpu(const at::Tensor& x, const at::Tensor& m
                                         const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
                                         const c10::optional<at::Tensor>& noise, double clip,
                                         const c10::optional<at::Tensor>& state,
-                                        const c10::optional<at::Tensor>& status) {
+                                        const c10::optional<at::Tensor>& status,
+                                        const c10::optional<at::Tensor>& guide) {
   TORCH_CHECK(x.device().is_cpu(), "multistep_update_indexed_cpu: x must be a CPU tensor, got ", x.device());
   return run_multistep_update_indexed(x, model_out, history, table, slots, step, n_reads, noise, clip, state,
-                                      status, launch_cpu);
+                                      status, guide, launch_cpu);
 }
 
 at::Tensor lml_gram_cpu(const at::Tensor& x, const at::Tensor& model_out, const c10::optional<at::Tensor>& history,
                         at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
-                        at::ArrayRef<double> dir_coeffs) {
+                        at::ArrayRef<double> dir_coeffs, const c10::optional<at::Tensor>& guide) {
   TORCH_CHECK(x.device().is_cpu(), "lml_gram_cpu: x must be a CPU tensor, got ", x.device());
-  return run_lml_gram(x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs, gram_cpu);
+  return run_lml_gram(x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs, guide, gram_cpu);
 }
 
 at::Tensor multistep_update_functional_cpu(const at::Tensor& x, const at::Tensor& model_out,
                                            at::ArrayRef<double> coeffs, const c10::optional<at::Tensor>& noise,
-                                           double clip, bool thresholding) {
+                                           double clip, bool thresholding,
+                                           const c10::optional<at::Tensor>& guide) {
   TORCH_CHECK(x.device().is_cpu(), "multistep_update_functional_cpu: x must be a CPU tensor, got ", x.device());
-  return run_multistep_update_functional(x, model_out, coeffs, noise, clip, thresholding, launch_cpu);
+  return run_multistep_update_functional(x, model_out, coeffs, noise, clip, thresholding, guide, launch_cpu);
 }
 
 }  // namespace diffsampler

@@ -39,28 +39,28 @@ at::Tensor multistep_update_cuda(const at::Tensor& x, const at::Tensor& model_ou
                                  const c10::optional<at::Tensor>& noise, double clip, bool thresholding,
                                  const c10::optional<at::Tensor>& state, const c10::optional<at::Tensor>& dirs,
                                  int64_t dir_slot, at::ArrayRef<double> dir_coeffs,
-                                 const c10::optional<at::Tensor>& dir_weights) {
+                                 const c10::optional<at::Tensor>& dir_weights, const c10::optional<at::Tensor>& guide) {
   TORCH_CHECK(x.is_cuda(), "multistep_update_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   return run_multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding,
-                              state, dirs, dir_slot, dir_coeffs, dir_weights,
-                              cuda_launch(x));
+                              state, dirs, dir_slot, dir_coeffs, dir_weights, guide, cuda_launch(x));
 }
 
 at::Tensor lml_gram_cuda(const at::Tensor& x, const at::Tensor& model_out, const c10::optional<at::Tensor>& history,
                          at::IntArrayRef read_slots, at::ArrayRef<double> coeffs, double clip, const at::Tensor& dirs,
-                         at::ArrayRef<double> dir_coeffs) {
+                         at::ArrayRef<double> dir_coeffs, const c10::optional<at::Tensor>& guide) {
   TORCH_CHECK(x.is_cuda(), "lml_gram_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  return run_lml_gram(x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs, cuda_gram_launch(x));
+  return run_lml_gram(x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs, guide, cuda_gram_launch(x));
 }
 
 at::Tensor multistep_update_functional_cuda(const at::Tensor& x, const at::Tensor& model_out,
                                             at::ArrayRef<double> coeffs, const c10::optional<at::Tensor>& noise,
-                                            double clip, bool thresholding) {
+                                            double clip, bool thresholding,
+                                           const c10::optional<at::Tensor>& guide) {
   TORCH_CHECK(x.is_cuda(), "multistep_update_functional_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  return run_multistep_update_functional(x, model_out, coeffs, noise, clip, thresholding, cuda_launch(x));
+  return run_multistep_update_functional(x, model_out, coeffs, noise, clip, thresholding, guide, cuda_launch(x));
 }
 
 at::Tensor multistep_update_indexed_cuda(const at::Tensor& x, const at::Tensor& model_out,
@@ -68,11 +68,12 @@ at::Tensor multistep_update_indexed_cuda(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& slots, const at::Tensor& step, int64_t n_reads,
                                          const c10::optional<at::Tensor>& noise, double clip,
                                          const c10::optional<at::Tensor>& state,
-                                         const c10::optional<at::Tensor>& status) {
+                                         const c10::optional<at::Tensor>& status,
+                                        const c10::optional<at::Tensor>& guide) {
   TORCH_CHECK(x.is_cuda(), "multistep_update_indexed_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   return run_multistep_update_indexed(x, model_out, history, table, slots, step, n_reads, noise, clip, state,
-                                      status, cuda_launch(x));
+                                      status, guide, cuda_launch(x));
 }
 
 }  // namespace

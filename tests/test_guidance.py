@@ -87,7 +87,8 @@ def test_on_x0_is_the_gradient_through_the_tweedie_estimate():
     x = torch.randn(5, DIM, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     t = torch.tensor(400)
     ll = lambda x0: -((x0 - Y) ** 2).sum(1) / (2 * TAU**2)  # noqa: E731
-    got = Guidance.on_x0(ll, scale=1.0).wrap(model, sch, "eps")(x, t)
+    out, g, w = Guidance.on_x0(ll, scale=1.0).bind(model, sch, "eps")(x, t, 400)
+    got = out + w * g
     a, s = alpha_sigma_of(sch, t)
     k = a * S0**2 / (a * a * S0**2 + s * s)
     m = MEAN + k * (x - a * MEAN)
@@ -151,3 +152,92 @@ def test_bad_input():
         minority.minority_score(x, model, sch, 1000)
     with pytest.raises(ValueError, match="out of range"):
         ds.sample(model, x, 5, guidance=minority.minority_guidance(lambda x, t: torch.zeros(len(x), 3), 5))
+
+
+# ---- the guide term inside the fused op: out + w guide, in the same pass ----
+
+
+def _hand_guided(model, schedule, prediction, grad, scale):
+    """model(x, t) returning out + scale kappa g, the guided output written out (the op's guide term undone)."""
+    def guided(x, t):
+        a, s = (v.double() for v in alpha_sigma_of(schedule, t))
+        return model(x, t) + scale * output_shift(prediction, a, s).to(x) * grad(x, t)
+
+    return guided
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc", "dpmpp_3m", "dpmv3", "lml", "lml_corrector"])
+def test_fused_guide_equals_the_guided_output(solver):
+    """sample(guidance=) with the guide inside the op equals the solver run on the hand-guided model (float64):
+    multistep solvers with a state, DPM-Solver-v3's ems steps (the guide added first), LML's direction and
+    corrector modes (its Gram and its Langevin steps see the guided output too)."""
+    sch = VP.linear()
+    model = PRIOR.model(sch, "eps")
+    z = torch.randn(64, DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kw = dict(schedule=sch, prediction="eps", backend="reference")
+    if solver == "dpmv3":
+        from diffsampler.solvers.dpmv3 import fit_ems
+
+        kw["ems"] = fit_ems(model, z[:32], sch, points=30)
+    if solver.startswith("lml"):
+        kw["lml"] = ds.LML(rank=2, mode="corrector", n_steps=1) if solver == "lml_corrector" else ds.LML(rank=2)
+        solver = "ddim"
+    g = exact_grad(sch)
+    seed = lambda: torch.Generator().manual_seed(2)  # noqa: E731  (the corrector's Langevin noise)
+    got = ds.sample(model, z, 10, solver=solver, guidance=Guidance(g, scale=0.7), generator=seed(), **kw)
+    want = ds.sample(_hand_guided(model, sch, "eps", g, 0.7), z, 10, solver=solver, generator=seed(), **kw)
+    assert (got - want).abs().max() < 1e-10 * want.abs().max()
+
+
+def test_guide_operand_on_every_backend_with_per_sample_rows(backend):
+    """Per-sample rows with their own guide weights (step_row.GUIDE) on the indexed kernel: the guided output
+    out + w_b guide, written out, through the float64 reference without a guide."""
+    gen = torch.Generator().manual_seed(5)
+    x, out, guide = (torch.randn(3, 4, 5, generator=gen) for _ in range(3))
+    coeffs = [ds.ops.UpdateCoeffs(p=0.2 * b, q=1.0, a=0.9, b=(0.4, 0.1), e=0.3) for b in range(3)]
+    rows = ds.ops.step_rows(coeffs)
+    w = torch.tensor([0.5, -1.25, 2.0], dtype=torch.float64)
+    rows[:, ds.step_row.GUIDE] = w
+    history = torch.randn(2, *x.shape, generator=gen)
+    h_ref = history.double().clone()
+    want = ds.ops.multistep_update(x.double(), out.double() + w.view(-1, 1, 1) * guide.double(), rows, history=h_ref,
+                                   write_slot=0, read_slots=[1], backend="reference")
+    h = history.clone()
+    got = ds.ops.multistep_update(x, out, rows, history=h, write_slot=0, read_slots=[1], guide=guide, backend=backend)
+    assert (got.double() - want).abs().max() < 1e-5
+    assert (h.double() - h_ref).abs().max() < 1e-5
+    no_guide = ds.ops.multistep_update(x, out, rows, history=history.clone(), write_slot=0, read_slots=[1],
+                                       backend=backend)  # the rows' guide weights need a guide operand
+    assert (no_guide - got).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(guide_scale=0.5), "guide is required: guide_scale is not 0"),
+    (dict(guide=torch.zeros(2, 3), guide_scale=1.0), r"guide must have shape \(2, 4\)"),
+    (dict(guide=torch.zeros(2, 4, dtype=torch.float64), guide_scale=1.0), "guide must have x's dtype"),
+    (dict(guide=torch.zeros(2, 4), guide_scale=float("nan")), "guide_scale must be a finite number"),
+    (dict(guide=torch.zeros(2, 4), guide_scale=True), "guide_scale must be a finite number"),
+])
+def test_guide_bad_input(kwargs, match):
+    x = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match=match):
+        ds.ops.multistep_update(x, x.clone(), ds.ops.UpdateCoeffs(p=0.0, q=1.0, a=1.0, b=(0.5,)), **kwargs)
+
+
+def test_guide_sharing_a_written_buffer_is_refused():
+    x = torch.zeros(2, 4)
+    history = torch.zeros(2, 2, 4)
+    with pytest.raises(ValueError, match="guide shares memory with history"):
+        ds.ops.multistep_update(x, x.clone(), ds.ops.UpdateCoeffs(p=0.0, q=1.0, a=1.0, b=(0.5,)), history=history,
+                                write_slot=0, guide=history[0], guide_scale=1.0)
+    rows = ds.ops.step_rows([ds.ops.UpdateCoeffs(p=0.0, q=1.0, a=1.0, b=(0.5,))] * 2)
+    with pytest.raises(ValueError, match="guide_scale is a per-sample rows' own field"):
+        ds.ops.multistep_update(x, x.clone(), rows, guide=x.clone(), guide_scale=1.0)
+
+
+def test_nan_guidance_gradient_is_caught():
+    sch = VP.linear()
+    z = torch.randn(4, DIM, dtype=torch.float64)
+    bad = Guidance(lambda x, t: torch.full_like(x, float("nan")))
+    with pytest.raises(ValueError, match="the guidance gradient contains non-finite values"):
+        ds.sample(PRIOR.model(sch, "eps"), z, 5, schedule=sch, guidance=bad)

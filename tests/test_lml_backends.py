@@ -97,6 +97,8 @@ VARIANTS = {  # lml_case options; "history": False forces n_reads = 0
     "noncontig": dict(noncontig=True),
     "state_row": dict(state=2),
     "no_noise_state_read": dict(noise=False, state=1),
+    "guide": dict(guide=True, clip=0.7),
+    "guide_state_row_threshold": dict(guide=True, state=2, threshold=True),
 }
 RANKS_READS = [(1, 0), (2, 1), (3, 2), (4, 3), (4, 0), (1, 3), (5, 1), (6, 2)]  # 6: DS_MAX_DIRS
 

@@ -42,8 +42,9 @@ def _operand(shape, dtype, gen, noncontig):
     return view
 
 
-# Positions of multistep_update's schema arguments in a case (LML's dirs, dir_slot, dir_coeffs, dir_weights follow).
-HISTORY, COEFFS, CLIP, STATE = 2, 5, 7, 9
+# Positions of multistep_update's schema arguments in a case (LML's dirs, dir_slot, dir_coeffs, dir_weights follow,
+# then the guide).
+HISTORY, COEFFS, CLIP, STATE, GUIDE = 2, 5, 7, 9, 14
 
 
 def writes_state(args) -> bool:
@@ -52,9 +53,10 @@ def writes_state(args) -> bool:
 
 
 def make_case(shape, dtype, n_reads=2, noise=True, noncontig=False, clip=0.0, threshold=False, slots=None, seed=0,
-              state=0, threshold_coeffs=(0.9, 1.6, 0.0, 1.0)):
+              state=0, threshold_coeffs=(0.9, 1.6, 0.0, 1.0), guide=False):
     """Operands and the step row of one multistep_update call, as the positional arguments of the schema
-    (x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, state).
+    (x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, state), and with guide
+    the 15 of a guided call (no LML: dirs None, then a random guide and the row's guide weight).
     state: 0 none, 1 a state read (x' += g s), 2 a state read and rewritten with its own row.
     threshold_coeffs: the row's [ratio, max_value, hx, hm] in a thresholded case (hx, hm: the history value
     hx x + hm x0)."""
@@ -78,12 +80,17 @@ def make_case(shape, dtype, n_reads=2, noise=True, noncontig=False, clip=0.0, th
         row[step_row.THR_RATIO:step_row.THR_HM + 1] = [float(v) for v in threshold_coeffs]
     z = _operand(shape, dtype, gen, noncontig) if noise else None
     s = _operand(shape, dtype, gen, noncontig) if state else None
-    return [x, out, history, write_slot, read_slots, row, z, clip, threshold, s]
+    if not guide:
+        return [x, out, history, write_slot, read_slots, row, z, clip, threshold, s]
+    row[step_row.GUIDE] = u(1)[0]
+    return [x, out, history, write_slot, read_slots, row, z, clip, threshold, s, None, 0, [], None,
+            _operand(shape, dtype, gen, noncontig)]
 
 
 VARIANTS = ["noncontig", "clip", "threshold", "threshold_no_history", "no_history", "state_read", "state_row",
             "state_row_threshold", "state_noncontig", "threshold_eps", "threshold_eps_no_history",
-            "threshold_quantile0", "threshold_max_below_1"]
+            "threshold_quantile0", "threshold_max_below_1", "guide", "guide_noncontig", "guide_threshold_eps",
+            "guide_state_row_no_history"]
 # the thresholded data prediction mapped to a noise prediction (hx, hm) = (1 / sigma, -alpha / sigma), and the
 # bounds diffusers allows: quantile 0 (the smallest |x0|, clamped to >= 1) and sample_max_value < 1 (s = max)
 THRESHOLD_VARIANTS = {"threshold_eps": (0.9, 1.6, 1.25, -0.75), "threshold_quantile0": (0.0, 1.6, 0.0, 1.0),
@@ -93,6 +100,14 @@ VARIANT_SHAPES = [(1,), (7,), (3, 5, 7, 11), (2, 4, 9, 9)]
 
 def variant_case(shape, dtype, variant: str, seed: int):
     """The operands of one named variant (VARIANTS) of the update, shared by every backend's tests."""
+    if variant.startswith("guide"):  # out + w guide in every term: with clip, thresholding, a state row
+        args = make_case(shape, dtype, 0 if variant.endswith("no_history") else 2, noncontig="noncontig" in variant,
+                         clip=0.8 if variant == "guide" else 0.0, threshold="threshold" in variant, slots=4,
+                         seed=seed, state=2 if "state" in variant else 0, guide=True,
+                         threshold_coeffs=THRESHOLD_VARIANTS["threshold_eps"])
+        if variant.endswith("no_history"):
+            args[2] = None
+        return args
     if variant == "noncontig":
         return make_case(shape, dtype, 2, noncontig=True, seed=seed)
     if variant == "clip":
@@ -161,7 +176,8 @@ def backend_op(op: str, backend: str):
 
 
 SAMPLE_KWARGS = [dict(), dict(threshold=True, slots=4), dict(noise=False), dict(n_reads=0, history=False),
-                 dict(state=1), dict(state=2), dict(noncontig=True, state=2, clip=0.8)]
+                 dict(state=1), dict(state=2), dict(noncontig=True, state=2, clip=0.8), dict(guide=True),
+                 dict(guide=True, n_reads=0, history=False), dict(guide=True, state=2, threshold=True, slots=4)]
 
 
 def update_samples(shape=(2, 3, 5), dtypes=DTYPES, seed=7):
@@ -224,13 +240,13 @@ DIRS, DIR_SLOT, DIR_COEFFS, DIR_WEIGHTS = 10, 11, 12, 13
 
 
 def lml_case(shape, dtype, rank, n_reads, seed, *, history=True, clip=0.0, threshold=False, weights="float32",
-             noncontig=False, noise=True, state=0):
+             noncontig=False, noise=True, state=0, guide=False):
     """multistep_update's 14 positional arguments with a random ring of `rank` directions (a strided view when
-    noncontig) and random per-sample weights (float32, float64 or None: d is only recorded)."""
+    noncontig) and random per-sample weights (float32, float64 or None: d is only recorded); 15 with a guide."""
     assert history or n_reads == 0
     slots = max(n_reads + 1, 4 if threshold else 1)
     args = make_case(shape, dtype, n_reads, noise=noise, noncontig=noncontig, clip=clip, threshold=threshold,
-                     slots=slots, seed=seed, state=state)
+                     slots=slots, seed=seed, state=state, guide=guide)
     if not history:
         args[2] = None
     gen = torch.Generator().manual_seed(seed + 1)
@@ -242,15 +258,17 @@ def lml_case(shape, dtype, rank, n_reads, seed, *, history=True, clip=0.0, thres
     w = None
     if weights is not None:
         w = torch.randn((shape[0], rank + 1), generator=gen, dtype=torch.float64).to(getattr(torch, weights))
-    return args + [dirs, rng.randrange(rank), dir_coeffs, w]
+    return args[:STATE + 1] + [dirs, rng.randrange(rank), dir_coeffs, w] + args[GUIDE:]
 
 
 def gram_args(args):
-    """lml_gram's arguments (x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs) of an update case."""
-    return [args[0], args[1], args[2], args[4], args[5], args[7], args[DIRS], args[DIR_COEFFS]]
+    """lml_gram's arguments (x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs, and the guide of a
+    guided case) of an update case."""
+    return [args[0], args[1], args[2], args[4], args[5], args[7], args[DIRS], args[DIR_COEFFS]] + args[GUIDE:]
 
 
-LML_SAMPLE_KWARGS = [dict(), dict(state=2, threshold=True), dict(weights=None, history=False), dict(noncontig=True)]
+LML_SAMPLE_KWARGS = [dict(), dict(state=2, threshold=True), dict(weights=None, history=False), dict(noncontig=True),
+                     dict(guide=True, clip=0.7)]
 
 
 def lml_samples(shape=(2, 3, 5), dtypes=DTYPES, seed=7):

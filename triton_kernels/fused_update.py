@@ -25,7 +25,7 @@ ROW = {name: tl.constexpr(offset) for name, offset in step_row.LAYOUT.items()}
 ROW_P, ROW_Q, ROW_A, ROW_E, ROW_C = ROW["P"], ROW["Q"], ROW["A"], ROW["E"], ROW["C"]
 ROW_B, ROW_R, ROW_G, ROW_SA, ROW_SE, ROW_SC, ROW_SG, ROW_SB = (ROW[n] for n in ("B", "R", "G", "SA", "SE", "SC",
                                                                                  "SG", "SB"))
-ROW_WRITES_STATE, ROW_WIDTH = ROW["WRITES_STATE"], ROW["WIDTH"]
+ROW_WRITES_STATE, ROW_GUIDE, ROW_WIDTH = ROW["WRITES_STATE"], ROW["GUIDE"], ROW["WIDTH"]
 SLOTS_WIDTH = tl.constexpr(step_row.SLOTS_WIDTH)
 ERR_STEP, ERR_SLOT = tl.constexpr(error_flags.BITS["step"]), tl.constexpr(error_flags.BITS["slot"])
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,6 +42,15 @@ def _load_reads(r0_ptr, r1_ptr, r2_ptr, offs, mask, N_READS: tl.constexpr):
     if N_READS > 2:
         h2 = tl.load(r2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return h0, h1, h2
+
+
+@triton.jit
+def _guided_out(out_ptr, guide_ptr, gw, offs, mask, HAS_GUIDE: tl.constexpr):
+    """The model output at offs in fp32 as the update sees it: out + gw guide when HAS_GUIDE, 0 where masked."""
+    ov = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GUIDE:
+        ov += gw * tl.load(guide_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return ov
 
 
 @triton.jit
@@ -80,14 +89,14 @@ def _row_field(row, offset: tl.constexpr):
 @triton.jit
 def _load_row(row):
     """The step row at pointer `row` (float64, diffsampler.step_row) as fp32 scalars, in the kernel's order:
-    (p, q, a, e, c, g, b0..b3, r0..r2, sa, se, sc, sg, sb0..sb3, writes_state)."""
+    (p, q, a, e, c, g, b0..b3, r0..r2, sa, se, sc, sg, sb0..sb3, writes_state, guide)."""
     return (_row_field(row, ROW_P), _row_field(row, ROW_Q), _row_field(row, ROW_A), _row_field(row, ROW_E),
             _row_field(row, ROW_C), _row_field(row, ROW_G),
             _row_field(row, ROW_B), _row_field(row, ROW_B + 1), _row_field(row, ROW_B + 2), _row_field(row, ROW_B + 3),
             _row_field(row, ROW_R), _row_field(row, ROW_R + 1), _row_field(row, ROW_R + 2),
             _row_field(row, ROW_SA), _row_field(row, ROW_SE), _row_field(row, ROW_SC), _row_field(row, ROW_SG),
             _row_field(row, ROW_SB), _row_field(row, ROW_SB + 1), _row_field(row, ROW_SB + 2),
-            _row_field(row, ROW_SB + 3), _row_field(row, ROW_WRITES_STATE))
+            _row_field(row, ROW_SB + 3), _row_field(row, ROW_WRITES_STATE), _row_field(row, ROW_GUIDE))
 
 
 @triton.jit
@@ -107,15 +116,15 @@ def _slot_error(j, n_slots, USED: tl.constexpr):
 @triton.jit
 def _multistep_update_kernel(
     x_ptr, out_ptr, r0_ptr, r1_ptr, r2_ptr, z_ptr, s_ptr, m0_ptr, x_next_ptr, scale_ptr,
-    d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, dw_ptr, w_ptr,
+    d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, dw_ptr, w_ptr, guide_ptr,
     n, per_sample,
     p, q, a, e, c, g, b0, b1, b2, b3, r0, r1, r2, clip, hx, hm,
-    sa, se, sc, sg, sb0, sb1, sb2, sb3, writes_state,
+    sa, se, sc, sg, sb0, sb1, sb2, sb3, writes_state, gw,
     da, de, db0, db1, db2, db3,
     table_ptr, slots_ptr, step_ptr, hist_ptr, n_steps, n_slots, status_ptr,
     N_READS: tl.constexpr, HAS_NOISE: tl.constexpr, STATE: tl.constexpr, WRITE_M0: tl.constexpr,
     CLIP: tl.constexpr, PHASE: tl.constexpr, N_DIRS: tl.constexpr, WEIGHTS: tl.constexpr, BLOCK: tl.constexpr,
-    INDEXED: tl.constexpr, PER_SAMPLE_STEPS: tl.constexpr,
+    INDEXED: tl.constexpr, PER_SAMPLE_STEPS: tl.constexpr, HAS_GUIDE: tl.constexpr,
 ):
     # elements [start, end): the whole tensor, or with per-sample steps sample program_id(1)'s
     start, end = 0, n
@@ -128,7 +137,7 @@ def _multistep_update_kernel(
         err = tl.where((i >= 0) & (i < n_steps), 0, ERR_STEP)
         i = tl.minimum(tl.maximum(i, 0), n_steps - 1)
         (p, q, a, e, c, g, b0, b1, b2, b3, r0, r1, r2, sa, se, sc, sg, sb0, sb1, sb2, sb3,
-         writes_state) = _load_row(table_ptr + i * ROW_WIDTH)
+         writes_state, gw) = _load_row(table_ptr + i * ROW_WIDTH)
         slot = slots_ptr + i * SLOTS_WIDTH
         w, j0, j1, j2 = tl.load(slot), tl.load(slot + 1), tl.load(slot + 2), tl.load(slot + 3)
         err |= _slot_error(w, n_slots, WRITE_M0)
@@ -143,7 +152,7 @@ def _multistep_update_kernel(
     offs = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < end
     xv = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-    ov = tl.load(out_ptr + offs, mask=mask).to(tl.float32)
+    ov = _guided_out(out_ptr, guide_ptr, gw, offs, mask, HAS_GUIDE)
     h0, h1, h2 = _load_reads(r0_ptr, r1_ptr, r2_ptr, offs, mask, N_READS)
     if PHASE == 2:
         s = tl.load(scale_ptr + offs // per_sample, mask=mask, other=1.0)
@@ -196,8 +205,9 @@ def _multistep_update_kernel(
                 tl.store(s_ptr + offs, sacc.to(s_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(phase, x, out, reads, noise, state, m0, x_next, scale, coeffs, clip, lml=None, indexed=None):
-    """One kernel launch with the step row `coeffs` (step_row.fields: its hx, hm serve the threshold phase);
+def _launch(phase, x, out, reads, noise, state, m0, x_next, scale, coeffs, clip, lml=None, indexed=None, guide=None):
+    """One kernel launch with the step row `coeffs` (step_row.fields: its hx, hm serve the threshold phase, its
+    guide weight the guide, out + w guide, when one is given);
     lml = (ring slots, the slot written, dir_coeffs, weights or None) or None; indexed = (table, slots, step,
     history or None, status): the row and the read/m0 pointers come from the device, the step and slots clamped
     into range (flagged in status); a step of B entries gives each sample its own row (a grid row per sample)."""
@@ -209,7 +219,8 @@ def _launch(phase, x, out, reads, noise, state, m0, x_next, scale, coeffs, clip,
             scale if scale is not None else dummy]
     slots, written, dir_coeffs, weights = lml if lml is not None else ([], dummy, [], None)
     da, de, *db = list(dir_coeffs) + [0.0] * (6 - len(dir_coeffs))  # [da, de, db_0..db_3]
-    lml_ptrs = [*slots, *[dummy] * (6 - len(slots)), written, weights if weights is not None else dummy]
+    lml_ptrs = [*slots, *[dummy] * (6 - len(slots)), written, weights if weights is not None else dummy,
+                guide if guide is not None else dummy]
     table, slot_table, step, history, status = indexed if indexed is not None else (dummy, dummy, dummy, None, None)
     writes_state = indexed is not None or k.writes_state != 0  # indexed: each step's row decides on the device
     per_sample = max(n // x.shape[0], 1)
@@ -218,18 +229,18 @@ def _launch(phase, x, out, reads, noise, state, m0, x_next, scale, coeffs, clip,
     torch.library.wrap_triton(_multistep_update_kernel)[grid](
         x, out, *ptrs, *lml_ptrs, n, per_sample,
         k.p, k.q, k.a, k.e, k.c, k.g, *k.b, *k.r, clip, k.hx, k.hm,
-        k.sa, k.se, k.sc, k.sg, *k.sb, k.writes_state,
+        k.sa, k.se, k.sc, k.sg, *k.sb, k.writes_state, k.guide,
         da, de, db[0], db[1], db[2], db[3],
         table, slot_table, step, history if history is not None else dummy, table.shape[0],
         history.shape[0] if history is not None else 1, status if status is not None else dummy,
         N_READS=len(reads), HAS_NOISE=noise is not None, STATE=0 if state is None else (2 if writes_state else 1),
         WRITE_M0=m0 is not None, CLIP=clip > 0, PHASE=phase, N_DIRS=len(slots), WEIGHTS=weights is not None,
-        BLOCK=BLOCK, INDEXED=indexed is not None, PER_SAMPLE_STEPS=per_sample_steps,
+        BLOCK=BLOCK, INDEXED=indexed is not None, PER_SAMPLE_STEPS=per_sample_steps, HAS_GUIDE=guide is not None,
     )
 
 
 def _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, state, dirs=None,
-            dir_slot=0, dir_coeffs=None, dir_weights=None):
+            dir_slot=0, dir_coeffs=None, dir_weights=None, guide=None):
     """The fused multistep update on Triton; the semantics of reference.multistep_update (coeffs: the step row)."""
     if x.dtype not in STORAGE_DTYPES:
         raise ValueError(f"the triton backend stores float32, float16 or bfloat16; x has dtype {x.dtype}")
@@ -243,6 +254,7 @@ def _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, 
     x, out = x.contiguous(), model_out.contiguous()
     reads = [history[r].contiguous() for r in read_slots] if history is not None else []
     noise = noise.contiguous() if noise is not None else None
+    guide = guide.contiguous() if guide is not None else None
     s = state.contiguous() if state is not None else None
     slot = history[write_slot] if history is not None else None
     m0 = None
@@ -259,11 +271,11 @@ def _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, 
     common = (x, out, reads, noise, s, m0, x_next)
     if x.numel() > 0:
         if thresholding:
-            _launch(PHASE_CONVERT, *common, None, coeffs, clip)
+            _launch(PHASE_CONVERT, *common, None, coeffs, clip, guide=guide)
             scale = reference.threshold_scale(m0.float(), k.ratio, k.max_value).float().contiguous()
-            _launch(PHASE_THRESHOLD, *common, scale, coeffs, clip, lml)
+            _launch(PHASE_THRESHOLD, *common, scale, coeffs, clip, lml, guide=guide)
         else:
-            _launch(PHASE_FULL, *common, None, coeffs, clip, lml)
+            _launch(PHASE_FULL, *common, None, coeffs, clip, lml, guide=guide)
     if slot is not None and m0 is not slot:
         slot.copy_(m0)
     if lml is not None and not dirs[dir_slot].is_contiguous():
@@ -279,46 +291,49 @@ def multistep_update_triton(
     coeffs: list[float], noise: torch.Tensor | None, clip: float, thresholding: bool,
     state: torch.Tensor | None = None, dirs: Optional[torch.Tensor] = None, dir_slot: int = 0,
     dir_coeffs: Optional[list[float]] = None, dir_weights: Optional[torch.Tensor] = None,
+    guide: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     return _update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, state, dirs,
-                   dir_slot, dir_coeffs, dir_weights)
+                   dir_slot, dir_coeffs, dir_weights, guide)
 
 
 @torch.library.triton_op("diffsampler::multistep_update_functional_triton", mutates_args=())
 def multistep_update_functional_triton(x: torch.Tensor, model_out: torch.Tensor, coeffs: list[float],
-                                 noise: torch.Tensor | None, clip: float, thresholding: bool) -> torch.Tensor:
+                                      noise: torch.Tensor | None, clip: float, thresholding: bool,
+                                      guide: torch.Tensor | None = None) -> torch.Tensor:
     """Without history or state: a functional op (see csrc/multistep_update.h, kMultistepUpdateFunctionalSchema)."""
-    return _update(x, model_out, None, 0, [], coeffs, noise, clip, thresholding, None)
+    return _update(x, model_out, None, 0, [], coeffs, noise, clip, thresholding, None, guide=guide)
 
 
 def multistep_update(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding, state=None,
-                     dirs=None, dir_slot=0, dir_coeffs=(), dir_weights=None):
+                     dirs=None, dir_slot=0, dir_coeffs=(), dir_weights=None, guide=None):
     """Entry point with the reference's signature: the registered op, the functional one when there is neither
     history nor state nor LML's ring."""
     if history is None and state is None and dirs is None:
         return torch.ops.diffsampler.multistep_update_functional_triton(x, model_out, list(coeffs), noise, clip,
-                                                                  thresholding)
+                                                                        thresholding, guide)
     return torch.ops.diffsampler.multistep_update_triton(x, model_out, history, write_slot, list(read_slots),
                                                          list(coeffs), noise, clip, thresholding, state, dirs,
-                                                         dir_slot, list(dir_coeffs), dir_weights)
+                                                         dir_slot, list(dir_coeffs), dir_weights, guide)
 
 
 @torch.library.triton_op("diffsampler::multistep_update_indexed_triton", mutates_args={"history", "state", "status"})
 def multistep_update_indexed(x: torch.Tensor, model_out: torch.Tensor, history: torch.Tensor | None,
                              table: torch.Tensor, slots: torch.Tensor, step: torch.Tensor, n_reads: int,
                              noise: torch.Tensor | None, clip: float, state: torch.Tensor | None,
-                             status: torch.Tensor | None = None) -> torch.Tensor:
+                             status: torch.Tensor | None = None, guide: torch.Tensor | None = None) -> torch.Tensor:
     """reference.multistep_update_indexed on Triton: the row and slots are loaded (and clamped, flagged in
     status) by the kernel itself."""
     if x.dtype not in STORAGE_DTYPES:
         raise ValueError(f"the triton backend stores float32, float16 or bfloat16; x has dtype {x.dtype}")
     x, out = x.contiguous(), model_out.contiguous()
     noise = noise.contiguous() if noise is not None else None
+    guide = guide.contiguous() if guide is not None else None
     if status is None:  # the kernel always records; nobody reads this one
         status = torch.zeros(1, dtype=torch.int32, device=x.device)
     x_next = torch.empty_like(x)
     reads = [x] * n_reads  # placeholders: the kernel points them at the step's slots
     if x.numel() > 0:  # the kernel loads each step's row: the host row is a placeholder
         _launch(PHASE_FULL, x, out, reads, noise, state, history, x_next, None, [0.0] * step_row.WIDTH, clip,
-                indexed=(table, slots, step.reshape(-1).contiguous(), history, status))
+                indexed=(table, slots, step.reshape(-1).contiguous(), history, status), guide=guide)
     return x_next

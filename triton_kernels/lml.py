@@ -16,7 +16,7 @@ import triton.language as tl
 
 from diffsampler import step_row
 
-from .fused_update import STORAGE_DTYPES, _data_prediction, _direction, _load_reads
+from .fused_update import STORAGE_DTYPES, _data_prediction, _direction, _guided_out, _load_reads
 
 BLOCK = 1024
 
@@ -32,10 +32,10 @@ def _entry(base, a: tl.constexpr, c: tl.constexpr, M: tl.constexpr, va, vc):
 
 @triton.jit
 def _lml_gram_kernel(
-    x_ptr, out_ptr, r0_ptr, r1_ptr, r2_ptr, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, partial_ptr,
+    x_ptr, out_ptr, r0_ptr, r1_ptr, r2_ptr, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, partial_ptr, guide_ptr,
     per_sample, chunks,
-    p, q, r0, r1, r2, clip, da, de, db0, db1, db2, db3,
-    N_READS: tl.constexpr, N_DIRS: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+    p, q, r0, r1, r2, clip, da, de, db0, db1, db2, db3, gw,
+    N_READS: tl.constexpr, N_DIRS: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr, HAS_GUIDE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // chunks
@@ -44,7 +44,7 @@ def _lml_gram_kernel(
     mask = local < per_sample
     offs = b * per_sample + local
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    ov = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    ov = _guided_out(out_ptr, guide_ptr, gw, offs, mask, HAS_GUIDE)
     h0, h1, h2 = _load_reads(r0_ptr, r1_ptr, r2_ptr, offs, mask, N_READS)
     m0 = _data_prediction(xv, ov, h0, h1, h2, p, q, r0, r1, r2, clip, N_READS, CLIP)
     d = _direction(xv, ov, m0, h0, h1, h2, da, de, db0, db1, db2, db3, N_READS)  # 0 past the sample's end
@@ -93,13 +93,15 @@ def _lml_gram_kernel(
 
 @torch.library.triton_op("diffsampler::lml_gram_triton", mutates_args=())
 def lml_gram_triton(x: torch.Tensor, model_out: torch.Tensor, history: Optional[torch.Tensor], read_slots: list[int],
-                    coeffs: list[float], clip: float, dirs: torch.Tensor, dir_coeffs: list[float]) -> torch.Tensor:
+                    coeffs: list[float], clip: float, dirs: torch.Tensor, dir_coeffs: list[float],
+                    guide: Optional[torch.Tensor] = None) -> torch.Tensor:
     """LML's Gram on Triton; the semantics of reference.lml_gram (float64, shape (B, 1 + R, 1 + R))."""
     if x.dtype not in STORAGE_DTYPES:
         raise ValueError(f"the triton backend stores float32, float16 or bfloat16; x has dtype {x.dtype}")
     batch, n_dirs = x.shape[0], dirs.shape[0]
     per_sample = x.numel() // batch
     x, out = x.contiguous(), model_out.contiguous()
+    guide = guide.contiguous() if guide is not None else None
     reads = [history[r].contiguous() for r in read_slots] if history is not None else []
     slots = [d.contiguous() for d in dirs.unbind(0)]
     k = len(reads)
@@ -110,14 +112,14 @@ def lml_gram_triton(x: torch.Tensor, model_out: torch.Tensor, history: Optional[
     partial = torch.zeros((batch, chunks, n_dirs + 1, n_dirs + 1), dtype=torch.float64, device=x.device)
     if per_sample > 0:
         torch.library.wrap_triton(_lml_gram_kernel)[(batch * chunks,)](
-            x, out, *reads, *[x] * (3 - k), *slots, *[x] * (6 - n_dirs), partial,
-            per_sample, chunks, p, q, r[0], r[1], r[2], clip, da, de, db[0], db[1], db[2], db[3],
-            N_READS=k, N_DIRS=n_dirs, CLIP=clip > 0, BLOCK=BLOCK,
+            x, out, *reads, *[x] * (3 - k), *slots, *[x] * (6 - n_dirs), partial, guide if guide is not None else x,
+            per_sample, chunks, p, q, r[0], r[1], r[2], clip, da, de, db[0], db[1], db[2], db[3], row.guide,
+            N_READS=k, N_DIRS=n_dirs, CLIP=clip > 0, BLOCK=BLOCK, HAS_GUIDE=guide is not None,
         )
     return partial.sum(dim=1)
 
 
-def lml_gram(x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs):
+def lml_gram(x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs, guide=None):
     """Entry point with the reference's signature: the registered op."""
     return torch.ops.diffsampler.lml_gram_triton(x, model_out, history, list(read_slots), list(coeffs), clip, dirs,
-                                                 list(dir_coeffs))
+                                                 list(dir_coeffs), guide)

@@ -59,6 +59,17 @@ __device__ __forceinline__ void store(void* base, int64_t i, const float (&in)[N
   }
 }
 
+// out += gw guide over N elements when a guide is given (a warp-uniform branch: the pointer is per launch).
+template <typename T, int N>
+__device__ __forceinline__ void add_guide(const ds_update_tensors& t, const ds_update_coeffs& k, int64_t i,
+                                          float (&out)[N]) {
+  if (t.guide == nullptr) return;
+  float d[N];
+  load<T, N>(t.guide, i, d);
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = fmaf(k.gw, d[j], out[j]);
+}
+
 // N elements of each of the kReads history reads.
 template <int kReads, int N>
 using Hist = float[kReads > 0 ? kReads : 1][N];
@@ -135,6 +146,7 @@ __device__ __forceinline__ void update(const ds_update_tensors& t, const ds_upda
   Hist<kReads, N> hist;
   load<T, N>(t.x, i, x);
   load<T, N>(t.out, i, out);
+  add_guide<T, N>(t, k, i, out);
 #pragma unroll
   for (int r = 0; r < kReads; ++r) load<T, N>(t.reads[r], i, hist[r]);
   if constexpr (kPhase == DS_PHASE_THRESHOLD) {
@@ -223,7 +235,7 @@ template <typename T, int kReads, bool kNoise, int kState, bool kWriteM0, int kP
 cudaError_t launch(const ds_update_tensors& t, const ds_update_coeffs& k, cudaStream_t stream) {
   const bool lml = kPhase != DS_PHASE_CONVERT && k.n_dirs > 0;
   bool packed = aligned16(t.x) && aligned16(t.out) && aligned16(t.noise) && aligned16(t.state) &&
-                aligned16(t.m0) && aligned16(t.x_next);
+                aligned16(t.m0) && aligned16(t.x_next) && aligned16(t.guide);
   for (int r = 0; r < k.n_reads; ++r) packed = packed && aligned16(t.reads[r]);
   if (t.table != nullptr) {  // the slots are only known on the device: every one must be aligned
     packed = packed && aligned16(t.history) && (t.n * static_cast<int64_t>(sizeof(T))) % 16 == 0;
@@ -339,6 +351,12 @@ __global__ void __launch_bounds__(kGramThreads)
     Hist<kReads, N> hist;
     load_guarded<T, N>(t.x, i, end, packed, x);
     load_guarded<T, N>(t.out, i, end, packed, out);
+    if (t.guide != nullptr) {  // out += gw guide (zeros past end stay zeros)
+      float d[N];
+      load_guarded<T, N>(t.guide, i, end, packed, d);
+#pragma unroll
+      for (int j = 0; j < N; ++j) out[j] = fmaf(k.gw, d[j], out[j]);
+    }
 #pragma unroll
     for (int r = 0; r < kReads; ++r) load_guarded<T, N>(t.reads[r], i, end, packed, hist[r]);
 #pragma unroll
@@ -409,7 +427,7 @@ cudaError_t gram_launch(const ds_update_tensors& t, const ds_update_coeffs& k, d
     if (k.n_dirs > kDirs) return gram_launch<T, kReads, kDirs + 1>(t, k, gram, scratch, stream);
   }
   // Packs never straddle samples or chunks when per_sample is a multiple of the pack (kGramChunk always is).
-  bool packed = t.per_sample % Pack<T>::kSize == 0 && aligned16(t.x) && aligned16(t.out);
+  bool packed = t.per_sample % Pack<T>::kSize == 0 && aligned16(t.x) && aligned16(t.out) && aligned16(t.guide);
   for (int r = 0; r < kReads; ++r) packed = packed && aligned16(t.reads[r]);
   for (int r = 0; r < kDirs; ++r) packed = packed && aligned16(t.dirs[r]);
   const int64_t batch = t.n / t.per_sample;

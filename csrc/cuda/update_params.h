@@ -1,5 +1,6 @@
 // Plain-data parameters of the fused multistep update, shared by the CPU kernel and the CUDA launcher.
 // No torch or CUDA headers. Math (design.md section 2), per element i of sample b = i / per_sample, in fp32:
+//   out = out + gw d   when a guide d is given (guidance's term; every use of out below sees it)
 //   m0 = p x + q out + sum_{j<n_reads} r[j] read_j;  m0 = clamp(m0, -clip, clip) if clip > 0
 //   x' = a x + e out + b0 m0 + sum_{j<n_reads} b[j+1] read_j + c z + g s
 //   s' = sa x + se out + sb0 m0 + sum_{j<n_reads} sb[j+1] read_j + sc z + sg s   (state_row; written over s)
@@ -31,7 +32,7 @@ extern "C" {
 
 // The step row, one fixed-width float64 layout for every call (its one definition: python/diffsampler/step_row.py;
 // exported as diffsampler._C.ROW_LAYOUT): [p, q, a, e, c, b_0..b_3, r_1..r_3, g, sa, se, sc, sg, sb_0..sb_3,
-// writes_state, ratio, max_value, hx, hm]. Eager calls pass one row; an indexed table is (steps, DS_ROW_WIDTH).
+// writes_state, ratio, max_value, hx, hm, guide]. Eager calls pass one row; an indexed table is (steps, DS_ROW_WIDTH).
 #define DS_ROW_P 0
 #define DS_ROW_Q 1
 #define DS_ROW_A 2
@@ -50,7 +51,8 @@ extern "C" {
 #define DS_ROW_THR_MAX (DS_ROW_WRITES_STATE + 2)
 #define DS_ROW_THR_HX (DS_ROW_WRITES_STATE + 3)
 #define DS_ROW_THR_HM (DS_ROW_WRITES_STATE + 4)
-#define DS_ROW_WIDTH (DS_ROW_THR_HM + 1)
+#define DS_ROW_GUIDE (DS_ROW_THR_HM + 1)
+#define DS_ROW_WIDTH (DS_ROW_GUIDE + 1)
 #define DS_SLOTS_WIDTH (1 + DS_MAX_READS)
 
 #ifdef __CUDACC__
@@ -78,6 +80,7 @@ typedef struct {
   float clip;                 // <= 0: off
   float hx, hm;               // DS_PHASE_THRESHOLD: the history value hx x + hm x0 of the thresholded x0
   float g;                    // weight of the state s in x' (s read when tensors.state != NULL)
+  float gw;                   // weight of the guide in out (read when tensors.guide != NULL)
   int state_row;              // 1: s' (the sa..sg row) is computed and written over s (row's writes_state)
   float sa, se, sc, sg;
   float sb[DS_MAX_READS + 1];
@@ -92,6 +95,7 @@ typedef struct {
   const void* out;
   const void* reads[DS_MAX_READS];  // history slots read, n_reads of them
   const void* noise;                // NULL: no noise term
+  const void* guide;                // NULL: no guide term (out + gw guide)
   void* state;                      // NULL: no state term; read, and written over when state_row
   void* m0;                         // history slot written (NULL: not stored; required by the threshold phases)
   void* x_next;                     // unused in DS_PHASE_CONVERT
@@ -132,6 +136,7 @@ static inline DS_HOST_DEVICE void ds_load_row(const double* row, ds_update_coeff
   k->state_row = row[DS_ROW_WRITES_STATE] != 0.0;
   k->hx = (float)row[DS_ROW_THR_HX];
   k->hm = (float)row[DS_ROW_THR_HM];
+  k->gw = (float)row[DS_ROW_GUIDE];
 }
 
 // Indexed steps: loads the row *t->step into k (ds_load_row) and points reads[] and m0 at its history slots

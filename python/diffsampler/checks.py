@@ -100,16 +100,17 @@ def sample_tensor(value, name: str = "x") -> torch.Tensor:
     return value
 
 
-def model_output(out, x: torch.Tensor, step: int, t) -> None:
-    """The model's output at a loop step: a tensor of x's shape and, unless it is a meta tensor, finite.
-    The finiteness check is one reduction and a host sync."""
+def model_output(out, x: torch.Tensor, step: int, t, what: str = "model_out") -> None:
+    """The model's output (or `what` else the loop computed from the model) at a loop step: a tensor of x's shape
+    and, unless it is a meta tensor, finite. The finiteness check is one reduction and a host sync."""
     where = f"at step {step} (t = {t})"
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"the model must return a tensor of x's shape {tuple(x.shape)}, got {got} {where}")
+        source = "the model must return" if what == "model_out" else f"{what} must be"
+        raise ValueError(f"{source} a tensor of x's shape {tuple(x.shape)}, got {got} {where}")
     if not out.is_meta and not bool(torch.isfinite(out).all()):
-        raise ValueError(f"model_out contains non-finite values (NaN or inf) {where}: the model diverged or got bad input; pass "
-                         "check_nan=False to skip this check")
+        raise ValueError(f"{what} contains non-finite values (NaN or inf) {where}: the model diverged or got bad "
+                         "input; pass check_nan=False to skip this check")
 
 
 def _entries(name: str, values) -> list:

@@ -9,7 +9,8 @@ The guided score is score + w g; in the model's own output form (x_t = alpha x0 
 
 g comes from a classifier on x_t (`Guidance.classifier`: log p(y | x_t) by autograd) or from a function of the
 Tweedie estimate x0(x_t) (`Guidance.on_x0`: autograd through the model, as DPS), or any callable. The solver then
-steps on the guided output; its history holds the guided data predictions.
+steps on the guided output, which the fused update forms itself (its guide operand: out + w g in the same pass);
+its history holds the guided data predictions.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def alpha_sigma_of(schedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 class Guidance:
     """grad(x, t) -> g = grad_x log p(y | x_t) (x's shape), or log_likelihood(x0) -> (B,) whose gradient through the
     model's Tweedie estimate is g (`on_x0`); scaled by `scale`: a number or a callable of the model time t (a 0-dim
-    tensor) returning one."""
+    float64 CPU tensor) returning one."""
 
     def __init__(self, grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, scale=1.0, *,
                  log_likelihood: Callable[[torch.Tensor], torch.Tensor] | None = None):
@@ -92,22 +93,24 @@ class Guidance:
         w = self.scale(t) if callable(self.scale) else self.scale
         return checks.real("scale(t)", float(w))
 
-    def wrap(self, model: Callable, schedule, prediction: str) -> Callable:
-        """model(x, t) returning the guided output."""
+    def bind(self, model: Callable, schedule, prediction: str) -> Callable:
+        """call(x, t, t_host) -> (out, g, w): the model output at (x, t), the gradient g and its weight
+        w = scale(t) kappa in the output, so that the guided output is out + w g (the fused update adds it: its
+        guide operand). t_host: t as a host number (w is computed on the host from it: no sync)."""
         check_prediction(prediction)
         alpha_sigma_of(schedule, torch.zeros(()))  # refuses other schedules now
 
-        def guided(x, t):
-            w = self.scale_at(t)
+        def call(x, t, t_host):
+            t_cpu = torch.tensor(float(t_host), dtype=torch.float64)
+            w = self.scale_at(t_cpu)
             if w == 0:  # no gradient to compute
-                return model(x, t)
-            alpha, sigma = alpha_sigma_of(schedule, t)
+                return model(x, t), None, 0.0
+            alpha, sigma = (float(v) for v in alpha_sigma_of(schedule, t_cpu))
             if self.log_likelihood is not None:
                 with torch.enable_grad():
                     xg = x.detach().requires_grad_(True)
                     out = model(xg, t)
-                    rows = lambda v: (v.reshape(-1, *[1] * (x.dim() - 1)) if v.dim() else v).to(xg)  # noqa: E731
-                    p, q = data_coeffs(prediction, rows(alpha), rows(sigma))  # tensors: no host sync
+                    p, q = data_coeffs(prediction, alpha, sigma)
                     ll = self.log_likelihood(p * xg + q * out)
                     if ll.shape != (x.shape[0],):
                         raise ValueError(f"log_likelihood must return one value per sample, shape ({x.shape[0]},), "
@@ -117,13 +120,13 @@ class Guidance:
             else:
                 out = model(x, t)
                 g = self.grad(x, t)
-            if g.shape != x.shape:
-                raise ValueError(f"the guidance gradient must have x's shape {tuple(x.shape)}, got {tuple(g.shape)}")
-            kappa = w * output_shift(prediction, alpha, sigma)  # on t's device: no host sync
-            kappa = kappa.reshape(-1, *[1] * (x.dim() - 1)) if kappa.dim() else kappa
-            return torch.addcmul(out, kappa.to(device=out.device, dtype=out.dtype), g.to(out.dtype))  # one pass
+            if not isinstance(g, torch.Tensor) or g.shape != x.shape:
+                got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                raise ValueError(f"the guidance gradient must have x's shape {tuple(x.shape)}, got {got}")
+            kappa = float(output_shift(prediction, *torch.tensor([alpha, sigma], dtype=torch.float64)))
+            return out, g.to(out.dtype), w * kappa
 
-        return guided
+        return call
 
     def __repr__(self) -> str:
         kind = "on_x0" if self.log_likelihood is not None else "grad"

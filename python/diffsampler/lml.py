@@ -185,23 +185,26 @@ class LMLRun:
         """The mixing matrix of step i (direction mode: lml.mixing; corrector: lml.corrector_mixing)."""
         return self._mix[self._key(i)]
 
-    def update_args(self, i: int, step: Step, x: torch.Tensor, out: torch.Tensor, history, clip, backend) -> dict:
+    def update_args(self, i: int, step: Step, x: torch.Tensor, out: torch.Tensor, history, clip, backend,
+                    guide=None, guide_scale: float = 0.0) -> dict:
         """ops.multistep_update's dirs arguments for step i (one lml_gram pass and a tiny solve when active;
-        in corrector mode the direction is only recorded)."""
+        in corrector mode the direction is only recorded); guide: the update's guide (out + guide_scale guide)."""
         d = step.lml_direction()
         dir_coeffs = [d.x, d.out, *d.b]
         weights = None
         if self.active[i] and not self.corrector:
             gram = ops.lml_gram(x, out, step.coeffs, self.dirs, dir_coeffs, history=history,
-                                read_slots=step.read_slots, clip=clip, backend=backend)
+                                read_slots=step.read_slots, clip=clip, guide=guide, guide_scale=guide_scale,
+                                backend=backend)
             weights = correction_weights(gram, self.mixing(i), self.lml.damping, d.scale, backend)
         if self.corrector:
             weights = torch.zeros(x.shape[0], self.dirs.shape[0] + 1, dtype=torch.float64, device=x.device)
         return dict(dirs=self.dirs, dir_slot=i % self.slots, dir_coeffs=dir_coeffs, dir_weights=weights)
 
-    def correct(self, i: int, step: Step, x: torch.Tensor, model, t: torch.Tensor, generator, backend):
+    def correct(self, i: int, step: Step, x: torch.Tensor, evaluate, generator, backend):
         """Corrector mode: n_steps preconditioned Langevin steps at the noise level of step i (a model call, a
-        Gram pass and one fused update each); x unchanged on frozen levels."""
+        Gram pass and one fused update each); x unchanged on frozen levels. evaluate(x) -> (out, guide, w): the
+        model output at step i's time, with guidance's term out + w guide (guide None: none)."""
         if not self.active[i]:
             return x
         from .models import data_coeffs
@@ -215,11 +218,11 @@ class LMLRun:
         step_alpha = 1.0 - float(self.schedule.betas[ts])
         z = self.dirs[-1]
         for _ in range(self.lml.n_steps):
-            out = model(x, t)
+            out, guide, gw = evaluate(x)
             z.copy_(torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32))
-            gram = ops.lml_gram(x, out, plain, self.dirs, score, backend=backend)
+            gram = ops.lml_gram(x, out, plain, self.dirs, score, guide=guide, guide_scale=gw, backend=backend)
             w = corrector_weights(gram, mix, self.lml.damping, self.lml.snr, step_alpha)
             # x += W_0 s + sum_j W_j dirs[j]; the update records s over the used noise slot
             x = ops.multistep_update(x, out, plain, dirs=self.dirs, dir_slot=self.slots, dir_coeffs=score,
-                                     dir_weights=w, check_nan=False, backend=backend)
+                                     dir_weights=w, guide=guide, guide_scale=gw, check_nan=False, backend=backend)
         return x

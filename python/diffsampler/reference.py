@@ -52,6 +52,11 @@ def threshold(m0: torch.Tensor, x: torch.Tensor, k: step_row.Fields) -> torch.Te
     return m0 if (k.hx, k.hm) == (0.0, 1.0) else k.hx * x + k.hm * m0
 
 
+def guided(out: torch.Tensor, guide: torch.Tensor | None, w) -> torch.Tensor:
+    """The model output as the update sees it: out + w guide (guidance's term), or out without a guide."""
+    return out if guide is None else out + w * guide.to(out.dtype)
+
+
 def data_prediction(x, out, reads, p, q, r, clip):
     """m_0 = p x + q out + sum_i r_i m_i, clamped to [-clip, clip] if clip > 0 (before any thresholding)."""
     m0 = p * x + q * out
@@ -88,10 +93,12 @@ def multistep_update(
     dir_slot: int = 0,
     dir_coeffs: list[float] = (),
     dir_weights: torch.Tensor | None = None,
+    guide: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One fused solver step (design.md section 2), with LML's low-rank direction correction; coeffs is the
     step row (diffsampler.step_row, WIDTH entries):
 
+        out  = out + w guide                                 if a guide is given (w: the row's guide weight)
         m_0  = p x + q out + sum_i r_i m_i                   data prediction (r: GHVB, DC-Solver; else 0)
         m_0  = clamp(m_0, -clip, clip)                       if clip > 0
         m_0  = hx x + hm clamp(m_0, -s_b, s_b) / s_b         if thresholding (see threshold)
@@ -109,7 +116,7 @@ def multistep_update(
     k = step_row.fields(coeffs)
     if k.writes_state and state is None:
         raise ValueError("coeffs rewrites the state (its writes_state entry is set): state is required")
-    xf, of = x.to(cd), model_out.to(cd)
+    xf, of = x.to(cd), guided(model_out.to(cd), guide, k.guide)
     reads = [history[slot].to(cd) for slot in read_slots]
     m0 = data_prediction(xf, of, reads, k.p, k.q, k.r, clip)
     if thresholding:
@@ -145,7 +152,8 @@ def clamp_index(i: torch.Tensor, n: int, status: torch.Tensor | None, bit: int) 
     return clamped
 
 
-def multistep_update_indexed(x, model_out, history, table, slots, step, n_reads, noise, clip, state, status=None):
+def multistep_update_indexed(x, model_out, history, table, slots, step, n_reads, noise, clip, state, status=None,
+                             guide=None):
     """multistep_update with the step row (diffsampler.step_row) and history slots read on the device from row
     `step` of table (steps, step_row.WIDTH) float64 and of slots (steps, 1 + MAX_HISTORY_READS) int64
     ([write_slot, read_0, read_1, read_2]). step has one element (every sample takes that row) or B (sample b
@@ -163,7 +171,7 @@ def multistep_update_indexed(x, model_out, history, table, slots, step, n_reads,
     if history is not None:
         slot = clamp_index(slot, history.shape[0], status, ERROR_BITS["slot"])
     samples = torch.arange(batch, device=x.device)
-    xf, of = x.to(cd), model_out.to(cd)
+    xf, of = x.to(cd), guided(model_out.to(cd), guide, k.guide)
     reads = [history[slot[:, 1 + j], samples].to(cd) for j in range(n_reads)]
     m0 = data_prediction(xf, of, reads, k.p, k.q, k.r, clip)
     z = noise.to(cd) if noise is not None else None
@@ -195,17 +203,18 @@ def lml_gram(
     clip: float,
     dirs: torch.Tensor,
     dir_coeffs: list[float],
+    guide: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample Gram matrix of LML's directions, float64 of shape (B, 1 + R, 1 + R):
 
         Gram[b] = V_b^T V_b,   V_b = [d_n, dirs[0], ..., dirs[R-1]] restricted to sample b
 
     with d_n the raw direction of this step (multistep_update's dir_coeffs row, m_0 computed as there from the
-    step row coeffs, clip included). Sums run over all non-batch dimensions.
+    step row coeffs, clip and the guide included). Sums run over all non-batch dimensions.
     """
     cd = compute_dtype(x.dtype)
     k = step_row.fields(coeffs)
-    xf, of = x.to(cd), model_out.to(cd)
+    xf, of = x.to(cd), guided(model_out.to(cd), guide, k.guide)
     reads = [history[slot].to(cd) for slot in read_slots]
     m0 = data_prediction(xf, of, reads, k.p, k.q, k.r, clip)
     d_n = direction(xf, of, m0, reads, dir_coeffs)

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from . import checks, ops
+from . import checks, ops, reference
 from .solvers import Plan, SolverSpec, make_plan, solver_spec
 from .teleport import teleported
 
@@ -102,10 +102,10 @@ def sample(
         return CapturedSampler(model, steps, solver, schedule, prediction, capture=capture, **options)(x)
     check_nan = check_nan and not torch.compiler.is_compiling()
     model, plan, options = prepare(model, steps, solver, schedule, prediction, dict(options, check_nan=check_nan))
-    if guidance is not None:
-        model = guided(guidance, model, plan, solver, schedule, prediction, solver_options)
+    guide = guided(guidance, model, plan, solver, schedule, prediction, solver_options) if guidance is not None \
+        else None
     return run_plan(model, x, plan, generator=generator, progress=progress,
-                    desc=f"diffsampler {getattr(solver, 'name', solver)}", mu=mu, **options)
+                    desc=f"diffsampler {getattr(solver, 'name', solver)}", mu=mu, guide=guide, **options)
 
 
 UPDATE_OPTIONS = ("clip", "threshold_ratio", "threshold_max", "check_nan", "backend", "lml")
@@ -161,7 +161,8 @@ def prepare(model, steps, solver, schedule, prediction, options: dict):
 
 
 def guided(guidance, model, plan: Plan, solver: str, schedule, prediction, solver_options: dict):
-    """The model with `guidance` applied to every output (diffsampler.guidance), on the solver's schedule."""
+    """`guidance` bound to the model on the solver's schedule: call(x, t, t_host) -> (out, g, w), the guided
+    output out + w g (diffsampler.guidance.Guidance.bind)."""
     from .guidance import Guidance
     from .schedules import VP
 
@@ -175,7 +176,7 @@ def guided(guidance, model, plan: Plan, solver: str, schedule, prediction, solve
         raise ValueError(f"guidance on a VP schedule needs the model's integer training timesteps; solver {solver!r} "
                          "gives it fractional times here (a sigmas= list, or the Euler-type grid): use a multistep "
                          "solver on VP, or an EDM / Flow schedule")
-    return guidance.wrap(model, schedule, prediction)
+    return guidance.bind(model, schedule, prediction)
 
 
 def _defaults(solver, schedule, prediction):
@@ -279,7 +280,7 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
              generator: torch.Generator | None = None, progress: bool = False, desc: str = "diffsampler",
              return_state: bool = False, times: torch.Tensor | None = None, ranges: bool = False,
              tensor_coeffs: list | None = None, lml=None, lml_time_scale: float | None = None, lml_schedule=None,
-             lml_prediction: str = "eps", mu: torch.Tensor | None = None, **update_options):
+             lml_prediction: str = "eps", mu: torch.Tensor | None = None, guide=None, **update_options):
     """The loop of any Plan: per step, out = model(input_scale * x, t) and one fused update.
 
     update_options go to every ops.multistep_update call (clip, threshold_ratio, threshold_max, backend);
@@ -293,6 +294,8 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
         largest model time of the plan; lml_schedule and
         lml_prediction: the schedule and model output of its corrector mode).
     mu: the condition of a mean-reverting plan (Plan.mean_state): the read-only state, x_T = mu + init_scale x.
+    guide: guidance's call(x, t, t_host) -> (out, g, w) in place of the model (sample's `guided`): the update
+        takes g as its guide operand, out + w g inside the fused op.
     """
     checks.model(model)
     checks.sample_tensor(x)
@@ -314,10 +317,16 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
 
         lml_run = LMLRun(lml, plan, x, lml_time_scale, lml_schedule, lml_prediction)
     update = _update_fn(history, state, generator, tensor_coeffs, lml_run, update_options)
+
+    def evaluate(i: int, step, x: torch.Tensor):  # (out, guide, its weight)
+        if guide is None:
+            return model(x, times[i]), None, 0.0
+        return guide(x, times[i], step.t)
+
     correct = None
     if lml_run is not None and lml_run.corrector:
         backend = update_options.get("backend", "auto")
-        correct = lambda i, step, x: lml_run.correct(i, step, x, model, times[i], generator, backend)
+        correct = lambda i, step, x: lml_run.correct(i, step, x, lambda y: evaluate(i, step, y), generator, backend)
     span = _Ranges(x.is_cuda) if ranges else _no_range
     steps = plan.steps
     if progress:
@@ -329,11 +338,13 @@ def run_plan(model: Callable[..., torch.Tensor], x: torch.Tensor, plan: Plan, *,
             with span(i, "corrector"):
                 x = correct(i, step, x)
         with span(i, "model"):
-            out = model(x * step.input_scale if step.input_scale != 1.0 else x, times[i])
+            out, g, w = evaluate(i, step, x * step.input_scale if step.input_scale != 1.0 else x)
             if check_nan:
                 checks.model_output(out, x, i, step.t)
+                if g is not None:
+                    checks.model_output(g, x, i, step.t, "the guidance gradient")
         with span(i, "update"):
-            x = update(i, step, x, out)
+            x = update(i, step, x, out, g, w)
     return (x, state) if return_state else x
 
 
@@ -351,28 +362,31 @@ def mean_state(mu, x: torch.Tensor) -> torch.Tensor:
 
 
 def _update_fn(history, state, generator, tensor_coeffs, lml_run, options: dict):
-    """The update of one step, chosen once per loop: update(i, step, x, out) -> x'. The fused multistep
-    update (with LML's direction arguments when lml_run is set), or DPM-Solver-v3's ems_update on the steps
-    with tensor coefficients. The loop checks the model output (check_nan), the ops do not."""
+    """The update of one step, chosen once per loop: update(i, step, x, out, guide, w) -> x' (guide: guidance's
+    term, out + w guide; None: none). The fused multistep update (with LML's direction arguments when lml_run is
+    set), or DPM-Solver-v3's ems_update on the steps with tensor coefficients (which adds the guide to out
+    first: ems_update takes none). The loop checks the model output (check_nan), the ops do not."""
     options = dict(options, check_nan=False)
 
     def noise_of(x):
         # drawn in float32 as diffusers does, so a seed gives the same noise in every storage dtype
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
-    def fused(i, step, x, out):
+    def fused(i, step, x, out, guide, w):
         z = noise_of(x) if step.needs_noise else None
         return ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
-                                    read_slots=step.read_slots, noise=z, state=state, **options)
+                                    read_slots=step.read_slots, noise=z, state=state, guide=guide, guide_scale=w,
+                                    **options)
 
     if lml_run is not None:
         clip, backend = options.get("clip"), options.get("backend", "auto")
 
-        def with_lml(i, step, x, out):
-            extra = lml_run.update_args(i, step, x, out, history, clip, backend)
+        def with_lml(i, step, x, out, guide, w):
+            extra = lml_run.update_args(i, step, x, out, history, clip, backend, guide, w)
             z = noise_of(x) if step.needs_noise else None
             return ops.multistep_update(x, out, step.coeffs, history=history, write_slot=step.write_slot,
-                                        read_slots=step.read_slots, noise=z, state=state, **extra, **options)
+                                        read_slots=step.read_slots, noise=z, state=state, guide=guide,
+                                        guide_scale=w, **extra, **options)
 
         return with_lml
     if tensor_coeffs is None:
@@ -381,10 +395,10 @@ def _update_fn(history, state, generator, tensor_coeffs, lml_run, options: dict)
         raise ValueError("clip / threshold_ratio act on a data prediction; this plan's steps (ems_update) keep none")
     ems_options = {k: options[k] for k in ("check_nan", "backend") if k in options}
 
-    def ems(i, step, x, out):  # DPM-Solver-v3
+    def ems(i, step, x, out, guide, w):  # DPM-Solver-v3
         if tensor_coeffs[i] is None:
-            return fused(i, step, x, out)
-        return ops.ems_update(x, out, tensor_coeffs[i], history=history, write_slot=step.write_slot,
+            return fused(i, step, x, out, guide, w)
+        return ops.ems_update(x, reference.guided(out, guide, w), tensor_coeffs[i], history=history, write_slot=step.write_slot,
                               read_slots=step.read_slots, state=state, **ems_options)
 
     return ems

@@ -1,5 +1,6 @@
 """The step row: every coefficient one fused step reads, in one fixed-width float64 layout (the one definition).
 
+    out = out + w d                                         (the guide d, when one is given: guidance's term)
     m_0 = p x + q out + sum_{i>=1} r_i m_i                 (then clip, then thresholding when the op's flag is on:
     m_0 = hx x + hm clamp(m_0, -s_b, s_b) / s_b,  s_b = clamp(quantile(|m_0|, ratio), 1, max_value) per sample)
     x'  = a x + e out + sum_{i>=0} b_i m_i + c z + g s
@@ -29,12 +30,13 @@ SA, SE, SC, SG = G + 1, G + 2, G + 3, G + 4
 SB = SG + 1  # sb_0..sb_MAX_READS
 WRITES_STATE = SB + MAX_READS + 1  # 1.0: s' is written over the state; 0.0: the state is only read
 THR_RATIO, THR_MAX, THR_HX, THR_HM = WRITES_STATE + 1, WRITES_STATE + 2, WRITES_STATE + 3, WRITES_STATE + 4
-WIDTH = THR_HM + 1
+GUIDE = THR_HM + 1  # w, the guide's weight in out (used when a guide is given)
+WIDTH = GUIDE + 1
 SLOTS_WIDTH = 1 + MAX_READS  # a step table's slots row: [write_slot, read_0, .., read_{MAX_READS-1}]
 
 LAYOUT = {"P": P, "Q": Q, "A": A, "E": E, "C": C, "B": B, "R": R, "G": G, "SA": SA, "SE": SE, "SC": SC, "SG": SG,
           "SB": SB, "WRITES_STATE": WRITES_STATE, "THR_RATIO": THR_RATIO, "THR_MAX": THR_MAX, "THR_HX": THR_HX,
-          "THR_HM": THR_HM, "WIDTH": WIDTH}
+          "THR_HM": THR_HM, "GUIDE": GUIDE, "WIDTH": WIDTH}
 
 
 def _pad(values, n: int) -> list[float]:
@@ -49,6 +51,7 @@ def row(coeffs, writes_state: bool | None = None, threshold: tuple[float, float]
     threshold: (ratio, max_value) of dynamic thresholding, or None (fields ratio = max = hx = 0, hm = 1). With
     coeffs.eps_of = (alpha, sigma) m_0 is a noise prediction: the row converts to x0 = (x - sigma eps) / alpha
     (p, q, r scaled) and maps the thresholded x0 back with eps = hx x + hm x0 = (x - alpha x0) / sigma.
+    The guide weight w is 0 (with_guide sets it: it changes from call to call).
     """
     writes_state = coeffs.state is not None if writes_state is None else bool(writes_state)
     p, q, r = float(coeffs.p), float(coeffs.q), _pad(coeffs.r, MAX_READS)
@@ -65,7 +68,7 @@ def row(coeffs, writes_state: bool | None = None, threshold: tuple[float, float]
     else:
         s_row = [float(s.a), float(s.e), float(s.c), float(s.g)] + _pad(s.b, MAX_READS + 1)
     out = [p, q, float(coeffs.a), float(coeffs.e), float(coeffs.c), *_pad(coeffs.b, MAX_READS + 1), *r,
-           float(coeffs.g), *s_row, 1.0 if writes_state else 0.0, *[float(v) for v in thr]]
+           float(coeffs.g), *s_row, 1.0 if writes_state else 0.0, *[float(v) for v in thr], 0.0]
     assert len(out) == WIDTH
     return out
 
@@ -85,6 +88,11 @@ def cached_row(coeffs, writes_state: bool | None = None,
         return _cached(coeffs, writes_state, threshold)
     except TypeError:  # unhashable fields (lists): no cache
         return tuple(row(coeffs, writes_state, threshold))
+
+
+def with_guide(r, w: float) -> tuple[float, ...]:
+    """Step row r with the guide weight w (out = out + w d, d the op's guide operand)."""
+    return (*r[:GUIDE], float(w), *r[GUIDE + 1:])
 
 
 class Fields(NamedTuple):
@@ -108,6 +116,7 @@ class Fields(NamedTuple):
     max_value: object
     hx: object
     hm: object
+    guide: object
 
 
 def fields(r) -> Fields:
@@ -116,4 +125,4 @@ def fields(r) -> Fields:
     return Fields(r[P], r[Q], r[A], r[E], r[C], tuple(r[B + j] for j in range(MAX_READS + 1)),
                   tuple(r[R + j] for j in range(MAX_READS)), r[G], r[SA], r[SE], r[SC], r[SG],
                   tuple(r[SB + j] for j in range(MAX_READS + 1)), r[WRITES_STATE], r[THR_RATIO], r[THR_MAX],
-                  r[THR_HX], r[THR_HM])
+                  r[THR_HX], r[THR_HM], r[GUIDE])

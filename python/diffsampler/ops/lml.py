@@ -11,7 +11,7 @@ from .. import step_row
 from .backends import BACKEND_NAMES, _select_backend, _status
 from .operands import _check_history, _check_x, _indices
 from .registry import run
-from .update import MAX_DIRECTIONS, UpdateCoeffs, _check_coeffs, _check_dir_args
+from .update import MAX_DIRECTIONS, UpdateCoeffs, _check_coeffs, _check_dir_args, _check_guide
 
 def lml_gram(
     x: torch.Tensor,
@@ -23,12 +23,15 @@ def lml_gram(
     history: torch.Tensor | None = None,
     read_slots: Sequence[int] = (),
     clip: float | None = None,
+    guide: torch.Tensor | None = None,
+    guide_scale: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """LML's per-sample Gram matrix, float64 of shape (B, 1 + R, 1 + R): Gram[b] = V_b^T V_b with
     V = [d, dirs[0], ..., dirs[R-1]] and d = da x + de out + db[0] m_0 + sum_i db[i] history[read_slots[i-1]],
-    m_0 as multistep_update computes it (clip included, no thresholding). One read-only pass; sums over all
-    non-batch dimensions in a fixed order (reproducible run to run).
+    m_0 as multistep_update computes it (clip and the guide, out + guide_scale guide, included; no
+    thresholding). One read-only pass; sums over all non-batch dimensions in a fixed order (reproducible run to
+    run).
     """
     read_slots = _indices("read_slots", read_slots)
     _check_x(x, model_out)
@@ -37,8 +40,11 @@ def lml_gram(
     if dirs is None:
         raise ValueError("dirs is required (LML's ring of directions)")
     _check_dir_args(x, read_slots, dirs, 0, dir_coeffs, None)
-    args = (x, model_out, history, read_slots, step_row.cached_row(coeffs), float(clip or 0.0), dirs,
-            [float(v) for v in dir_coeffs])
+    _check_guide(guide, guide_scale, x)
+    row = step_row.cached_row(coeffs)
+    if guide is not None:
+        row = step_row.with_guide(row, guide_scale)
+    args = (x, model_out, history, read_slots, row, float(clip or 0.0), dirs, [float(v) for v in dir_coeffs], guide)
     return run("lml_gram", _select_backend(backend, x), *args)
 
 

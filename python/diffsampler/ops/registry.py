@@ -35,7 +35,7 @@ def _like_x(x, *args, **kwargs):
     return x.new_empty(x.shape)
 
 
-def _gram_fake(x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs):
+def _gram_fake(x, model_out, history, read_slots, coeffs, clip, dirs, dir_coeffs, guide=None):
     m = dirs.shape[0] + 1
     return x.new_empty((x.shape[0], m, m), dtype=torch.float64)
 
@@ -59,10 +59,10 @@ def _resample_move_fake(particles, ancestors, resampled, status=None):
 
 
 def _update_functional_args(x, model_out, history, write_slot, read_slots, coeffs, noise, clip, thresholding,
-                            state, *lml):
+                            state=None, dirs=None, dir_slot=0, dir_coeffs=(), dir_weights=None, guide=None):
     """multistep_update_functional's arguments when nothing is written in place (no history, state or LML)."""
-    if history is None and state is None and not lml:
-        return x, model_out, coeffs, noise, clip, thresholding
+    if history is None and state is None and dirs is None:
+        return x, model_out, coeffs, noise, clip, thresholding, guide
     return None
 
 

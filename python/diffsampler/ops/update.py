@@ -5,6 +5,7 @@ with their argument checks."""
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -128,11 +129,14 @@ def multistep_update(
     dir_slot: int = 0,
     dir_coeffs: Sequence[float] = (),
     dir_weights: torch.Tensor | None = None,
+    guide: torch.Tensor | None = None,
+    guide_scale: float = 0.0,
     check_nan: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
     """One fused solver step: convert, optionally clip / threshold, update, write history; returns x'.
 
+        out = out + guide_scale guide              (guide given: guidance's term, in every use of out below)
         m_0 = p x + q out + sum_i r[i-1] history[read_slots[i-1]]   (raw output -> data prediction)
         m_0 = clamp(m_0, -clip, clip)              (clip)
         m_0 = clamp(m_0, -s, s) / s,  s = clamp(quantile(|m_0|, threshold_ratio), 1, threshold_max) per sample
@@ -158,13 +162,15 @@ def multistep_update(
     Heterogeneous batches: coeffs may instead be a (B, step_row.WIDTH) float64 tensor on x's device, one step
     row per sample (ops.step_rows, or rows computed on the device), with the same history slots for every
     sample; history and state must then be contiguous, and neither thresholding nor LML applies. The rows are
-    device data, so their noise and state terms apply where noise / state are given and are dropped otherwise.
+    device data, so their noise, state and guide terms apply where noise / state / guide are given and are
+    dropped otherwise (each row's guide weight is its step_row.GUIDE entry; guide_scale must stay 0).
     """
     write_slot, read_slots, dir_slot = _index("write_slot", write_slot), _indices("read_slots", read_slots), \
         _index("dir_slot", dir_slot)
+    _check_guide(guide, guide_scale, x, per_sample_rows=isinstance(coeffs, torch.Tensor))
     if isinstance(coeffs, torch.Tensor):
         return _update_rows(x, model_out, coeffs, history, write_slot, read_slots, noise, clip, threshold_ratio,
-                            state, dirs, check_nan, backend)
+                            state, dirs, guide, check_nan, backend)
     _check_update_args(x, model_out, coeffs, history, write_slot, read_slots, noise, clip, threshold_ratio,
                        threshold_max, state, check_nan)
     lml = _check_dir_args(x, read_slots, dirs, dir_slot, dir_coeffs, dir_weights)
@@ -172,14 +178,28 @@ def multistep_update(
                        "state": state if coeffs.state is not None else None,
                        "dirs[dir_slot]": (dirs, dir_slot) if lml else None},
                       {"x": x, "model_out": model_out, "noise": noise, "state": state, "dir_weights": dir_weights,
-                       **{f"history[{r}]": (history, r) for r in read_slots},
+                       "guide": guide, **{f"history[{r}]": (history, r) for r in read_slots},
                        **{f"dirs[{j}]": (dirs, j) for j in range(dirs.shape[0] if lml else 0) if j != dir_slot}})
     thresholding = threshold_ratio is not None
     row = step_row.cached_row(coeffs, threshold=(threshold_ratio, threshold_max) if thresholding else None)
-    args = (x, model_out, history, int(write_slot), read_slots, row, noise, float(clip or 0.0), thresholding, state)
-    if lml:
-        args += (dirs, int(dir_slot), [float(v) for v in dir_coeffs], dir_weights)
+    if guide is not None:
+        row = step_row.with_guide(row, guide_scale)
+    args = (x, model_out, history, int(write_slot), read_slots, row, noise, float(clip or 0.0), thresholding, state,
+            dirs, int(dir_slot), [float(v) for v in dir_coeffs], dir_weights, guide)
     return run("multistep_update", _select_backend(backend, x), *args)
+
+
+def _check_guide(guide, guide_scale, x, per_sample_rows: bool = False) -> None:
+    """guide: None or a tensor like x; guide_scale a finite number, 0 without a guide or with per-sample rows
+    (whose guide weights are their own)."""
+    if guide is not None:
+        _check_like("guide", guide, x)
+    if isinstance(guide_scale, bool) or not isinstance(guide_scale, numbers.Real) or not math.isfinite(guide_scale):
+        raise ValueError(f"guide_scale must be a finite number, got {guide_scale!r}")
+    if guide_scale != 0 and guide is None:
+        raise ValueError("guide is required: guide_scale is not 0")
+    if guide_scale != 0 and per_sample_rows:
+        raise ValueError("guide_scale is a per-sample rows' own field (step_row.GUIDE): leave guide_scale at 0")
 
 
 def step_rows(coeffs: Sequence[UpdateCoeffs], device: torch.device | str = "cpu",
@@ -203,7 +223,7 @@ def _shared_slots(write_slot: int, read_slots: tuple[int, ...], batch: int, devi
 
 
 def _update_rows(x, model_out, rows, history, write_slot, read_slots, noise, clip, threshold_ratio, state, dirs,
-                 check_nan, backend) -> torch.Tensor:
+                 guide, check_nan, backend) -> torch.Tensor:
     """multistep_update with one step row per sample: the indexed op over the rows, sample b taking row b."""
     _check_x(x, model_out)
     if not (rows.dtype == torch.float64 and tuple(rows.shape) == (x.shape[0], step_row.WIDTH)
@@ -224,7 +244,7 @@ def _update_rows(x, model_out, rows, history, write_slot, read_slots, noise, cli
     table = StepTable(rows.contiguous(), slots, len(read_slots), state is not None,
                       history.shape[0] if history is not None else None)
     return multistep_update_indexed(x, model_out, table, step, history=history, noise=noise, clip=clip, state=state,
-                                    backend=backend)
+                                    guide=guide, backend=backend)
 
 
 def _check_dir_args(x, read_slots, dirs, dir_slot, dir_coeffs, dir_weights) -> bool:
@@ -345,6 +365,7 @@ def multistep_update_indexed(
     clip: float | None = None,
     state: torch.Tensor | None = None,
     status: torch.Tensor | None = None,
+    guide: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """multistep_update with the coefficients and history slots of step `step` (an int64 tensor on x's device)
@@ -353,7 +374,7 @@ def multistep_update_indexed(
     slots (history[slot, b]), a batch whose samples are at different steps (diffsampler.serve).
 
     history (contiguous, zeros before the first step: reads without weight must be finite) and state are
-    written in place. No NaN check, no host sync; thresholding and LML are not supported here.
+    written in place. guide (x's shape): out + w guide replaces out, w the row's step_row.GUIDE entry. No NaN check, no host sync; thresholding and LML are not supported here.
 
     A step outside the table, or a table slot outside the history, is only known on the device: the kernel
     clamps it into range and sets a bit of `status` (error_flags.new(); None: error_flags.default(x.device)),
@@ -370,6 +391,8 @@ def multistep_update_indexed(
     status = error_flags.validate(status, x.device)
     if noise is not None:
         _check_like("noise", noise, x)
+    if guide is not None:
+        _check_like("guide", guide, x)
     if table.state != (state is not None):
         raise ValueError(f"state must be {'given' if table.state else 'None'}: the table was made with "
                          f"state={table.state}")
@@ -380,9 +403,10 @@ def multistep_update_indexed(
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be > 0 or None, got {clip}")
     _check_no_overlap({"history": history, "state": state}, {"x": x, "model_out": model_out, "noise": noise,
-                                                               "step": step, "table.coeffs": table.coeffs})
+                                                               "guide": guide, "step": step,
+                                                               "table.coeffs": table.coeffs})
     args = (x, model_out, history, table.coeffs, table.slots, step, table.n_reads, noise, float(clip or 0.0), state,
-            status)
+            status, guide)
     name = _select_backend(backend, x)
     x_next = run("multistep_update_indexed", name, *args)
     _check_cpu_status(name, status)
