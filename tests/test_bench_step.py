@@ -26,3 +26,14 @@ def test_step_bench_writes_rows(tmp_path):
     impls = {(r["solver"], r["impl"]) for r in rows}
     assert {("dpmpp_2m", "cpu"), ("dpmpp_2m", "diffusers"), ("ghvb", "cpu")} <= impls
     assert all(r["seconds"] > 0 and r["operand_copies"] > 1 for r in rows)
+
+
+def test_guided_step_bench_writes_both_forms(tmp_path):
+    step.main(["--device", "cpu", "--guided", "--sizes", "2,3,5", "--dtypes", "fp32,bf16", "--min-time", "0.01",
+               "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("guided-step-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["dtype"], r["impl"]) for r in rows} == {(d, i) for d in ("fp32", "bf16")
+                                                       for i in ("guide operand", "addcmul + op")}
+    assert all(r["seconds"] > 0 and r["bytes_moved_one_pass"] == 6 * 30 * (4 if r["dtype"] == "fp32" else 2)
+               for r in rows)
