@@ -25,7 +25,7 @@ TESTS_ENV = "DIFFSAMPLER_DIFFUSERS_TESTS"
 HOW_TO_RUN = (f"set {TESTS_ENV} to a diffusers checkout's tests/ directory (at a commit close to the installed "
               f"diffusers {diffusers.__version__}) to run diffusers' scheduler tests on the drop-ins, e.g. "
               f"`git clone https://github.com/huggingface/diffusers /tmp/diffusers && {TESTS_ENV}=/tmp/diffusers/tests "
-              f"python -m pytest -q tests/test_diffusers_suite.py` (or scripts/diffusers_suite.sh /tmp/diffusers)")
+              f"python -m pytest -q -s tests/test_diffusers_suite.py` (or scripts/diffusers_suite.sh /tmp/diffusers)")
 # what the scheduler tests import from a checkout's tests/
 NEEDED = ("__init__.py", "testing_utils.py", "others/__init__.py", "others/test_utils.py", "schedulers/__init__.py")
 COMMON = "test_schedulers.py"  # the tests that cover several classes at once
