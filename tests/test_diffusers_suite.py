@@ -74,11 +74,12 @@ def _tests_dir() -> Path:
     return tests
 
 
-def _start(classes: str, files: list, report: Path) -> subprocess.Popen:
+def _start(classes: str, tests: Path, files: list, report: Path) -> subprocess.Popen:
+    """pytest on `files` of the checkout whose tests/ is `tests`, on the classes named, writing a junit report."""
     path = [str(PLUGIN_DIR), str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]
     env = {**os.environ, "DIFFSAMPLER_DIFFUSERS_SUITE": classes, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, path))}
-    rootdir = files[0].parent.parent.parent
+    rootdir = tests.parent  # the test modules import as tests.schedulers.*
     cmd = [sys.executable, "-m", "pytest", *map(str, files), "-p", "diffusers_swap", "-p", "no:cacheprovider",
            f"--rootdir={rootdir}", "--tb=short", "-o", "junit_family=xunit1", f"--junitxml={report}",
            "-W", "ignore::DeprecationWarning"]
@@ -91,7 +92,8 @@ def _outcomes(report: Path) -> dict:
     for case in ET.parse(report).iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
         bad = [child for child in case if child.tag in ("failure", "error", "skipped")]
-        outcomes[Path(case.get("file", "")).name, name] = (bad[0].tag, bad[0].get("message", "")) if bad else ("passed", "")
+        result = (bad[0].tag, bad[0].get("message", "")) if bad else ("passed", "")
+        outcomes[Path(case.get("file", "")).name, name] = result
     return outcomes
 
 
@@ -111,7 +113,7 @@ def suite(tmp_path_factory):
     files = [tests / "schedulers" / name for name in (COMMON, *filter(None, TEST_FILES.values()))]
     files = [file for file in files if file.is_file()]
     reports = {classes: tmp_path_factory.mktemp("diffusers_suite") / f"{classes}.xml" for classes in SUITES}
-    runs = {classes: _start(classes, files, reports[classes]) for classes in SUITES}
+    runs = {classes: _start(classes, tests, files, reports[classes]) for classes in SUITES}
     outcomes = {}
     for classes, proc in runs.items():
         log, _ = proc.communicate(timeout=1200)
@@ -134,7 +136,8 @@ def test_diffusers_scheduler_tests_pass_on_the_drop_ins(suite, file):
     runs = {classes: {name: result for (in_file, name), result in outcomes[classes].items() if in_file == file}
             for classes in SUITES}
     upstream = sorted(name for name, (kind, _) in runs["diffusers"].items() if kind == "passed")
-    assert upstream, f"no test of schedulers/{file} passed on diffusers {diffusers.__version__} itself: {runs['diffusers']}"
+    assert upstream, (f"no test of schedulers/{file} passed on diffusers {diffusers.__version__} itself: "
+                      f"{runs['diffusers']}")
     broken = {name: runs["diffsampler"].get(name, ("missing", "")) for name in upstream
               if runs["diffsampler"].get(name, ("missing",))[0] != "passed"}
     assert not broken, (f"{len(broken)} tests of schedulers/{file} pass on diffusers {diffusers.__version__} but not "
