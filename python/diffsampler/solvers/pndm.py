@@ -192,9 +192,10 @@ def list_transfer(counter: int, skip_prk: bool) -> tuple[float, float]:
 
 def plms_weights(times, i: int, n: int) -> tuple[float, ...]:
     """The variable-step Adams-Bashforth weights w_j (j < n) of the step from times[i] to times[i + 1]: the
-    Lagrange basis polynomials through times[i - j] averaged over the step (lms_weights / the step)."""
+    Lagrange basis polynomials through times[i - j] averaged over the step (lms_weights in
+    u = (tau - times[i]) / (times[i + 1] - times[i]), over [0, 1])."""
     h = float(times[i + 1] - times[i])
-    return tuple(w / h for w in lms_weights(times, i, n))
+    return lms_weights([(float(tau) - float(times[i])) / h for tau in times], i, n)
 
 
 def pndm_list_plan(schedule: VP, prediction: str, skip_prk: bool) -> Plan:
