@@ -12,19 +12,19 @@ Each model call is one transfer from timestep t to t' of a base sample s with an
     PRK    four calls per step (t, t - r/2, t - r/2, t - r, r = n_train // steps) from the kept start s:
            E = e_a, e_b, e_c, then (e_a + 2 e_b + 2 e_c + e_d) / 6; e_a is stored for the PLMS steps after
 
-A sigmas= list (sigma ratios s_0 > ... > s_N on a VP schedule, ab_i = 1 / (1 + s_i^2), a final 0: ab = 1): the
-transfer is DDIM's between any two noise levels, so it holds on any grid; only E assumes equal steps. The calls
-are the own grid's at the list's points, their model timesteps t_i = sigma_to_t(s_i) (a final 0 has none: the
-step into it is as long in t as the step before, as the own grid's final step into the final alpha). PLMS's
-Adams-Bashforth weights are the variable-step ones in t (on equal steps the table above):
+A sigmas= list (sigma ratios sigma_0 > ... > sigma_N on a VP schedule, ab_i = 1 / (1 + sigma_i^2); a final 0:
+ab = 1): the transfer is DDIM's between any two noise levels, so it holds on any grid; only E assumes equal
+steps. The calls are the own grid's at the list's points, their model timesteps t_i = sigma_to_t(sigma_i) (a
+final 0 has none: the step into it is as long in t as the step before, as the own grid's final step into the
+final alpha). PLMS's Adams-Bashforth weights are the variable-step ones in t (on equal steps the table above):
 
     E = sum_j w_j e_{n-j},   w_j = int_{t_n}^{t_{n+1}} L_j(tau) dtau / (t_{n+1} - t_n),
     L_j the Lagrange basis polynomial through the stored outputs' timesteps t_n, t_{n-1}, ...
 
 and PRK's half steps go to the midpoint model time (t_n + t_{n+1}) / 2, whose alpha_bar is the schedule's
 (log-sigma interpolation, schedules.t_to_sigma). E averages eps over t where the exact step averages it over
-the sigma ratio s (x' / alpha' = s / alpha + int eps ds), a local error (s'' de/dt / 12) h^3: second order
-wherever s is not linear in t.
+r = sigma / alpha (x' / alpha' = x / alpha + int eps dr): a local error r''(t) eps'(t) h^3 / 12 in the step h
+in t, second order wherever r is not linear in t (as on the own grid).
 
 The raw outputs are the fused op's m_0 (p = 0, q = 1), the stored ones a ring of 4 history slots (PRK's two
 mid-step outputs two more); the kept start is the fused state.
@@ -165,12 +165,12 @@ def list_times(schedule: VP, sigmas) -> np.ndarray:
     t = sigma_to_t(np.asarray(sigmas, dtype=np.float64), log_train_sigmas(schedule))
     if sigmas[-1] == 0:
         t[-1] = 2 * t[-2] - t[-3]
-    for i in range(len(t) - 1):
-        if t[i + 1] >= t[i]:
-            raise ValueError(f"pndm: sigmas[{i}] = {sigmas[i]} and sigmas[{i + 1}] = {sigmas[i + 1]} give the same "
-                             f"training timestep {t[i]:g} (sigmas outside the training range [{schedule.sigma_ratio(0):.4g}, "
-                             f"{schedule.sigma_ratio(schedule.num_train_timesteps - 1):.4g}] clamp to its ends); "
-                             "PLMS's weights need decreasing timesteps")
+    same = np.flatnonzero(np.diff(t) >= 0)
+    if same.size:
+        i, low, high = same[0], schedule.sigma_ratio(0), schedule.sigma_ratio(schedule.num_train_timesteps - 1)
+        raise ValueError(f"pndm: sigmas[{i}] = {sigmas[i]} and sigmas[{i + 1}] = {sigmas[i + 1]} give the same "
+                         f"training timestep {t[i]:g} (sigmas outside the training range [{low:.4g}, {high:.4g}] "
+                         "clamp to its ends); PLMS's weights need decreasing timesteps")
     return t
 
 
@@ -195,7 +195,7 @@ def plms_weights(times, i: int, n: int) -> tuple[float, ...]:
     Lagrange basis polynomials through times[i - j] averaged over the step (lms_weights in
     u = (tau - times[i]) / (times[i + 1] - times[i]), over [0, 1])."""
     h = float(times[i + 1] - times[i])
-    return lms_weights([(float(tau) - float(times[i])) / h for tau in times], i, n)
+    return lms_weights([(float(times[k]) - float(times[i])) / h for k in range(i - n + 1, i + 2)], n - 1, n)
 
 
 def pndm_list_plan(schedule: VP, prediction: str, skip_prk: bool) -> Plan:
