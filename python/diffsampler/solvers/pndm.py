@@ -24,7 +24,7 @@ final alpha). PLMS's Adams-Bashforth weights are the variable-step ones in t (on
 and PRK's half steps go to the midpoint model time (t_n + t_{n+1}) / 2, whose alpha_bar is the schedule's
 (log-sigma interpolation, schedules.t_to_sigma). E averages eps over t where the exact step averages it over
 r = sigma / alpha (x' / alpha' = x / alpha + int eps dr): a local error r''(t) eps'(t) h^3 / 12 in the step h
-in t, second order wherever r is not linear in t (as on the own grid).
+in t, second order wherever r is not linear in t (on the own grid too).
 
 The raw outputs are the fused op's m_0 (p = 0, q = 1), the stored ones a ring of 4 history slots (PRK's two
 mid-step outputs two more); the kept start is the fused state.
@@ -64,9 +64,9 @@ class Call(NamedTuple):
 
 
 def pndm_slots(counter: int, t: float, t_prev: float, stored: int, skip_prk: bool,
-               plms_weights: Callable[[int], tuple[float, ...]]) -> Call:
+               weights_of: Callable[[int], tuple[float, ...]]) -> Call:
     """Call `counter` from t to t_prev, `stored` outputs kept so far, as PNDMScheduler.step dispatches it;
-    plms_weights(n): PLMS's weights on the current and the n - 1 last stored outputs."""
+    weights_of(n): PLMS's weights on the current and the n - 1 last stored outputs."""
     if not skip_prk and counter < PRK_CALLS:
         stage, block = counter % 4, counter // 4
         if stage == 0:
@@ -78,7 +78,7 @@ def pndm_slots(counter: int, t: float, t_prev: float, stored: int, skip_prk: boo
     if counter == 1:  # the same timestep again: the mean of both outputs, from the first call's start
         return Call(t, t_prev, (1 / 2, 1 / 2), 1, (0,), True, False, stored)
     n = min(stored + 1, RING)
-    return Call(t, t_prev, plms_weights(n), stored % RING, tuple((stored - j) % RING for j in range(1, n)), False,
+    return Call(t, t_prev, weights_of(n), stored % RING, tuple((stored - j) % RING for j in range(1, n)), False,
                 counter == 0, stored + 1)
 
 
