@@ -352,11 +352,6 @@ def test_lms_thresholds_the_data_prediction(backend):
     assert max_rel(got, ds.sample(model, x, solver="lms", order=1, **{**kw, "threshold_ratio": None})) > 1e-3
 
 
-def test_pndm_solver_refuses_an_explicit_sigma_list():
-    with pytest.raises(ValueError, match="solver 'pndm' does not take sigmas= a list"):
-        ds.sample(make_model(), X, steps=None, solver="pndm", sigmas=[10.0, 1.0, 0.0])
-
-
 PNDM_SOLVER_CASES = [dict(skip_prk_steps=True), dict(),
                      dict(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1),
                      dict(set_alpha_to_one=True, timestep_spacing="trailing"), dict(prediction_type="v_prediction")]

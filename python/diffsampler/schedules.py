@@ -116,6 +116,12 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 
+def t_to_sigma(t: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The sigma ratio at fractional training timesteps t: log sigma interpolated linearly between the two
+    neighbouring training sigmas (the inverse of sigma_to_t on [0, N - 1]; clamped to the grid)."""
+    return np.exp(np.interp(t, np.arange(len(log_sigmas)), log_sigmas))
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
     ramp = np.linspace(0, 1, n)

@@ -111,7 +111,7 @@ SOLVERS: dict[str, SolverSpec] = {
     "lms": SolverSpec("linear multistep in sigma, order 1-4: LMSDiscreteScheduler on VP, k-diffusion's sample_lms on "
                       "EDM", {VP: lms_plan, EDM: lms_plan, Grid: lms_plan}),
     "pndm": SolverSpec("PNDM (PNDMScheduler): PLMS with skip_prk_steps (steps + 1 model calls), else a pseudo "
-                       "Runge-Kutta warm-up (steps + 9)", {VP: pndm_plan}),
+                       "Runge-Kutta warm-up (steps + 9)", {VP: pndm_plan}, explicit_vp=True),
     "heun": SolverSpec("Karras et al.'s Heun (2 model calls per step but the last)", {EDM: heun_plan}),
     "euler_ancestral": SolverSpec("ancestral Euler (eta, s_noise): EulerAncestralDiscreteScheduler on VP, "
                                   "k-diffusion's on EDM, ComfyUI's RF variant on Flow",

@@ -61,11 +61,15 @@ class ExplicitVP(VP):
         return f"VP(sigmas={list(self.explicit)})"
 
 
+def log_train_sigmas(schedule: VP) -> np.ndarray:
+    """log(sigma_t / alpha_t) at every training timestep, ascending, in float64 (of the float32 alpha_bar)."""
+    ab = schedule.alphas_cumprod.double()
+    return np.log((((1 - ab) / ab) ** 0.5).numpy())
+
+
 def vp_grid(schedule: VP, sigmas: tuple[float, ...]) -> Grid:
     """The Grid of explicit sigma ratios on a discrete VP schedule: fractional model timesteps."""
-    ab = schedule.alphas_cumprod.double()
-    log_train = np.log((((1 - ab) / ab) ** 0.5).numpy())
-    t = sigma_to_t(np.asarray(sigmas[:-1]), log_train)
+    t = sigma_to_t(np.asarray(sigmas[:-1]), log_train_sigmas(schedule))
     return Grid(timesteps=tuple(float(v) for v in t), sigmas=tuple(sigmas), discrete=False)
 
 

@@ -12,6 +12,20 @@ Each model call is one transfer from timestep t to t' of a base sample s with an
     PRK    four calls per step (t, t - r/2, t - r/2, t - r, r = n_train // steps) from the kept start s:
            E = e_a, e_b, e_c, then (e_a + 2 e_b + 2 e_c + e_d) / 6; e_a is stored for the PLMS steps after
 
+A sigmas= list (sigma ratios sigma_0 > ... > sigma_N on a VP schedule, ab_i = 1 / (1 + sigma_i^2); a final 0:
+ab = 1): the transfer is DDIM's between any two noise levels, so it holds on any grid; only E assumes equal
+steps. The calls are the own grid's at the list's points, their model timesteps t_i = sigma_to_t(sigma_i) (a
+final 0 has none: the step into it is as long in t as the step before, as the own grid's final step into the
+final alpha). PLMS's Adams-Bashforth weights are the variable-step ones in t (on equal steps the table above):
+
+    E = sum_j w_j e_{n-j},   w_j = int_{t_n}^{t_{n+1}} L_j(tau) dtau / (t_{n+1} - t_n),
+    L_j the Lagrange basis polynomial through the stored outputs' timesteps t_n, t_{n-1}, ...
+
+and PRK's half steps go to the midpoint model time (t_n + t_{n+1}) / 2, whose alpha_bar is the schedule's
+(log-sigma interpolation, schedules.t_to_sigma). E averages eps over t where the exact step averages it over
+r = sigma / alpha (x' / alpha' = x / alpha + int eps dr): a local error r''(t) eps'(t) h^3 / 12 in the step h
+in t, second order wherever r is not linear in t (on the own grid too).
+
 The raw outputs are the fused op's m_0 (p = 0, q = 1), the stored ones a ring of 4 history slots (PRK's two
 mid-step outputs two more); the kept start is the fused state.
 """
@@ -19,12 +33,14 @@ mid-step outputs two more); the kept start is the fused state.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from ..ops import UpdateCoeffs
-from ..schedules import VP
+from ..schedules import VP, sigma_to_t, t_to_sigma
+from .explicit import log_train_sigmas
+from .lms import lms_weights
 from .plan import Plan, Step
 from .ve import KEEP_START
 
@@ -35,10 +51,10 @@ PRK_CALLS = 12  # the PRK warm-up: three steps of four calls
 
 
 class Call(NamedTuple):
-    """One PNDM model call: its transfer timesteps, the eps combination over m_0 and the read slots."""
+    """One PNDM model call: its transfer's ends, the eps combination over m_0 and the read slots."""
 
-    t: int  # the timestep of ab in the transfer (diffusers' `timestep` inside _get_prev_sample)
-    t_prev: int  # the target timestep (< 0: the final alpha)
+    t: float  # the transfer's base (own grid: diffusers' `timestep` inside _get_prev_sample; a list: a position)
+    t_prev: float  # its target (own grid: < 0 the final alpha)
     weights: tuple[float, ...]  # on m_0, then on read_slots
     write_slot: int
     read_slots: tuple[int, ...]
@@ -47,13 +63,12 @@ class Call(NamedTuple):
     stored: int  # the stored outputs after this call
 
 
-def pndm_call(counter: int, timestep: int, ratio: int, stored: int, skip_prk: bool, prk_timesteps) -> Call:
-    """Call `counter` of a run at model timestep `timestep` (ratio = n_train // steps), `stored` outputs kept
-    so far, as PNDMScheduler.step dispatches it."""
+def pndm_slots(counter: int, t: float, t_prev: float, stored: int, skip_prk: bool,
+               weights_of: Callable[[int], tuple[float, ...]]) -> Call:
+    """Call `counter` from t to t_prev, `stored` outputs kept so far, as PNDMScheduler.step dispatches it;
+    weights_of(n): PLMS's weights on the current and the n - 1 last stored outputs."""
     if not skip_prk and counter < PRK_CALLS:
         stage, block = counter % 4, counter // 4
-        t = int(prk_timesteps[block * 4])
-        t_prev = timestep - (0 if counter % 2 else ratio // 2)
         if stage == 0:
             return Call(t, t_prev, (1.0,), block % RING, (), False, True, stored + 1)
         if stage < 3:
@@ -61,10 +76,22 @@ def pndm_call(counter: int, timestep: int, ratio: int, stored: int, skip_prk: bo
         return Call(t, t_prev, (1 / 6, 1 / 6, 1 / 3, 1 / 3), stored % RING, ((stored - 1) % RING, *PRK_SLOTS), True,
                     False, stored)
     if counter == 1:  # the same timestep again: the mean of both outputs, from the first call's start
-        return Call(timestep + ratio, timestep, (1 / 2, 1 / 2), 1, (0,), True, False, stored)
+        return Call(t, t_prev, (1 / 2, 1 / 2), 1, (0,), True, False, stored)
     n = min(stored + 1, RING)
-    return Call(timestep, timestep - ratio, ADAMS_BASHFORTH[n - 1], stored % RING,
-                tuple((stored - j) % RING for j in range(1, n)), False, counter == 0, stored + 1)
+    return Call(t, t_prev, weights_of(n), stored % RING, tuple((stored - j) % RING for j in range(1, n)), False,
+                counter == 0, stored + 1)
+
+
+def pndm_call(counter: int, timestep: int, ratio: int, stored: int, skip_prk: bool, prk_timesteps) -> Call:
+    """Call `counter` of a run on the own grid at model timestep `timestep` (ratio = n_train // steps): its
+    transfer's training timesteps as PNDMScheduler.step takes them, PLMS's weights Adams-Bashforth's table."""
+    if not skip_prk and counter < PRK_CALLS:
+        t, t_prev = int(prk_timesteps[counter // 4 * 4]), timestep - (0 if counter % 2 else ratio // 2)
+    elif counter == 1:
+        t, t_prev = timestep + ratio, timestep
+    else:
+        t, t_prev = timestep, timestep - ratio
+    return pndm_slots(counter, t, t_prev, stored, skip_prk, lambda n: ADAMS_BASHFORTH[n - 1])
 
 
 def transfer(ab: float, ab_prev: float) -> tuple[float, float]:
@@ -108,11 +135,14 @@ def pndm_timesteps(n_train: int, steps: int, spacing: str = "leading", steps_off
 
 def pndm_plan(schedule: VP, steps: int, prediction: str, *, skip_prk_steps: bool = False,
               timestep_spacing: str = "leading", steps_offset: int = 0, set_alpha_to_one: bool = False) -> Plan:
-    """PNDMScheduler's loop (model calls: steps + 1 with skip_prk_steps, else steps + 9)."""
+    """PNDMScheduler's loop (model calls: steps + 1 with skip_prk_steps, else steps + 9); on a sigmas= list
+    (an ExplicitVP schedule) the list's grid (pndm_list_plan; the own grid's options are not used)."""
     if not skip_prk_steps and steps < 4:
         raise ValueError(f"PNDM's PRK warm-up needs steps >= 4, got steps={steps} (or pass skip_prk_steps=True)")
     if skip_prk_steps and steps < 2:
         raise ValueError(f"PLMS needs steps >= 2, got steps={steps}")
+    if getattr(schedule, "explicit", None) is not None:
+        return pndm_list_plan(schedule, prediction, skip_prk_steps)
     n = schedule.num_train_timesteps
     timesteps, prk = pndm_timesteps(n, steps, timestep_spacing, steps_offset, skip_prk_steps)
     ab = schedule.alphas_cumprod.double().tolist()
@@ -124,6 +154,72 @@ def pndm_plan(schedule: VP, steps: int, prediction: str, *, skip_prk_steps: bool
         plan.append(Step(t=float(t), coeffs=coeffs, write_slot=call.write_slot, read_slots=call.read_slots))
         stored = call.stored
     return Plan(steps=tuple(plan), history_slots=RING if skip_prk_steps else RING + 2, discrete_time=True,
+                data_prediction=False, uses_state=True)
+
+
+# ---- a sigmas= list: positions i (the list's point i) and i + 1/2 (PRK's midpoints) ----
+
+
+def list_times(schedule: VP, sigmas) -> np.ndarray:
+    """The model timestep t_i of each point of the list (sigma_to_t; a final 0: t_{N-1} - (t_{N-2} - t_{N-1}))."""
+    t = sigma_to_t(np.asarray(sigmas, dtype=np.float64), log_train_sigmas(schedule))
+    if sigmas[-1] == 0:
+        t[-1] = 2 * t[-2] - t[-3]
+    same = np.flatnonzero(np.diff(t) >= 0)
+    if same.size:
+        i, low, high = same[0], schedule.sigma_ratio(0), schedule.sigma_ratio(schedule.num_train_timesteps - 1)
+        raise ValueError(f"pndm: sigmas[{i}] = {sigmas[i]} and sigmas[{i + 1}] = {sigmas[i + 1]} give the same "
+                         f"training timestep {t[i]:g} (sigmas outside the training range [{low:.4g}, {high:.4g}] "
+                         "clamp to its ends); PLMS's weights need decreasing timesteps")
+    return t
+
+
+def list_positions(steps: int, skip_prk: bool) -> list[float]:
+    """The position of each call's model timestep, in PNDMScheduler's order of its timesteps."""
+    if skip_prk:
+        return [0, 1, *range(1, steps)]
+    return [b + h for b in range(3) for h in (0, 0.5, 0.5, 1)] + list(range(3, steps))
+
+
+def list_transfer(counter: int, skip_prk: bool) -> tuple[float, float]:
+    """The positions (t, t_prev) of call `counter`'s transfer."""
+    if not skip_prk and counter < PRK_CALLS:
+        block, stage = divmod(counter, 4)
+        return block, block + (0.5 if stage < 2 else 1)
+    i = max(counter - 1, 0) if skip_prk else counter - PRK_CALLS + 3
+    return i, i + 1
+
+
+def plms_weights(times, i: int, n: int) -> tuple[float, ...]:
+    """The variable-step Adams-Bashforth weights w_j (j < n) of the step from times[i] to times[i + 1]: the
+    Lagrange basis polynomials through times[i - j] averaged over the step (lms_weights in
+    u = (tau - times[i]) / (times[i + 1] - times[i]), over [0, 1])."""
+    h = float(times[i + 1] - times[i])
+    return lms_weights([(float(times[k]) - float(times[i])) / h for k in range(i - n + 1, i + 2)], n - 1, n)
+
+
+def pndm_list_plan(schedule: VP, prediction: str, skip_prk: bool) -> Plan:
+    """PNDMScheduler's loop on the sigmas= list schedule.explicit (the module docstring): fractional model
+    timesteps, the transfers between the list's alpha_bar (and PRK's midpoints'), PLMS's variable-step weights."""
+    sigmas = [float(v) for v in schedule.explicit]
+    times = list_times(schedule, sigmas)
+    log_train = log_train_sigmas(schedule)
+
+    def time_at(p: float) -> float:
+        return float(times[math.floor(p)] + times[math.ceil(p)]) / 2
+
+    def alpha_bar(p: float) -> float:
+        s = sigmas[int(p)] if p == int(p) else float(t_to_sigma(time_at(p), log_train))
+        return 1 / (1 + s * s)
+
+    plan, stored = [], 0
+    for c, p in enumerate(list_positions(len(sigmas) - 1, skip_prk)):
+        t, t_prev = list_transfer(c, skip_prk)
+        call = pndm_slots(c, t, t_prev, stored, skip_prk, lambda n: plms_weights(times, int(t), n))
+        coeffs = pndm_coeffs(prediction, alpha_bar(t), alpha_bar(t_prev), call)
+        plan.append(Step(t=time_at(p), coeffs=coeffs, write_slot=call.write_slot, read_slots=call.read_slots))
+        stored = call.stored
+    return Plan(steps=tuple(plan), history_slots=RING if skip_prk else RING + 2, discrete_time=False,
                 data_prediction=False, uses_state=True)
 
 
