@@ -180,5 +180,5 @@ def test_options_are_checked():
         ds.sample(make_model(), X.float(), steps=4, solver="euler_ancestral", s_noise=-1.0)
     with pytest.raises(ValueError, match="prediction 'flow'"):
         ds.solvers.make_plan("dpmpp_2s_ancestral", Flow(), 4, "eps")
-    with pytest.raises(ValueError, match="solver 'dpm_2' needs a"):
-        ds.solvers.make_plan("dpm_2", Flow(), 4, "flow")
+    with pytest.raises(ValueError, match="solver 'sa_solver' needs a"):
+        ds.solvers.make_plan("sa_solver", Flow(), 4, "flow")

@@ -109,7 +109,7 @@ SOLVERS: dict[str, SolverSpec] = {
     "euler": SolverSpec("Euler in the VE scale: EulerDiscreteScheduler on VP, Karras' Euler on EDM",
                         {VP: euler_plan, EDM: edm_euler_plan, Grid: euler_grid_plan}),
     "lms": SolverSpec("linear multistep in sigma, order 1-4: LMSDiscreteScheduler on VP, k-diffusion's sample_lms on "
-                      "EDM", {VP: lms_plan, EDM: lms_plan, Grid: lms_plan}),
+                      "EDM and (CONST) Flow", {VP: lms_plan, EDM: lms_plan, Flow: lms_plan, Grid: lms_plan}),
     "pndm": SolverSpec("PNDM (PNDMScheduler): PLMS with skip_prk_steps (steps + 1 model calls), else a pseudo "
                        "Runge-Kutta warm-up (steps + 9)", {VP: pndm_plan}, explicit_vp=True),
     "heun": SolverSpec("Karras et al.'s Heun (2 model calls per step but the last)", {EDM: heun_plan}),
@@ -118,7 +118,8 @@ SOLVERS: dict[str, SolverSpec] = {
                                   {VP: euler_ancestral_plan, EDM: euler_ancestral_plan, Flow: euler_ancestral_plan},
                                   explicit_vp=True),
     "dpm_2": SolverSpec("DPM-2, midpoint in log sigma (2 model calls per step but the last): KDPM2DiscreteScheduler "
-                        "on VP, k-diffusion's sample_dpm_2 on EDM", {VP: dpm2_plan, EDM: dpm2_plan},
+                        "on VP, k-diffusion's sample_dpm_2 on EDM and (CONST) Flow",
+                        {VP: dpm2_plan, EDM: dpm2_plan, Flow: dpm2_plan},
                         explicit_vp=True),
     "dpmpp_2s_ancestral": SolverSpec("ancestral DPM-Solver++(2S) (eta, s_noise; 2 model calls per step but the "
                                      "last): k-diffusion's on VP / EDM, ComfyUI's RF variant on Flow",
@@ -132,9 +133,10 @@ SOLVERS: dict[str, SolverSpec] = {
                       {VP: lcm_plan}, explicit_vp=True),
     "tcd": SolverSpec("TCD strategic stochastic sampling (TCDScheduler), gamma: the stochasticity (0: deterministic)",
                       {VP: tcd_plan}, explicit_vp=True),
-    "res_multistep": SolverSpec("RES second-order exponential multistep in the VE scale (ComfyUI's res_multistep); "
-                                "eta > 0: its ancestral variant",
-                                {VP: res_multistep_plan, EDM: res_multistep_plan, Grid: res_multistep_plan}),
+    "res_multistep": SolverSpec("RES second-order exponential multistep in the VE scale (ComfyUI's res_multistep; on "
+                                "Flow its CONST form); eta > 0: its ancestral variant",
+                                {VP: res_multistep_plan, EDM: res_multistep_plan, Flow: res_multistep_plan,
+                                 Grid: res_multistep_plan}),
     "er_sde": SolverSpec("ER-SDE-Solver-3 (extended reverse-time SDE, ComfyUI's er_sde); on Flow its CONST form",
                          {VP: er_sde_plan, EDM: er_sde_plan, Flow: er_sde_plan, Grid: er_sde_plan}),
     "restart": SolverSpec("Restart sampling (Heun with re-noising jumps t_min -> t_max, K times), its authors' "

@@ -72,7 +72,7 @@ def lms_plan(schedule, steps: int, prediction: str, *, order: int = 4, **grid) -
     """The LMS loop on the VE-scale grid (solvers.ve_grid): on VP LMSDiscreteScheduler's (its sigma spacings,
     the model input x / sqrt(sigma^2 + 1), x_T scaled by init_noise_sigma), on EDM k-diffusion's Karras sigmas
     (sample_lms), on a VP Grid its points."""
-    g = ve_grid(schedule, steps, **grid)
+    g = ve_grid(schedule, steps, prediction, **grid)
     plan = []
     for i in range(steps):
         coeffs, write, reads = lms_step(g.sigmas, i, prediction, order, i)

@@ -103,8 +103,13 @@ def _grid_options(timestep_spacing, steps_offset, sigmas, final_sigmas_type) -> 
 def res_multistep_plan(schedule, steps: int, prediction: str, *, eta: float = 0.0, s_noise: float = 1.0,
                        timestep_spacing: str | None = None, steps_offset: int | None = None, sigmas: str | None = None,
                        final_sigmas_type: str | None = None) -> Plan:
-    """On a VP schedule (EulerDiscreteScheduler's grid and its options), an EDM one or a VP Grid."""
-    g = ve_grid(schedule, steps, **_grid_options(timestep_spacing, steps_offset, sigmas, final_sigmas_type))
+    """On a VP schedule (EulerDiscreteScheduler's grid and its options), an EDM one, a VP Grid, or a Flow one (the
+    CONST form: the same steps on the flow sigmas, D = x - sigma v; ODE only)."""
+    if isinstance(schedule, Flow) and eta != 0:
+        raise ValueError(f"res_multistep's ancestral variant (eta={eta}) re-noises in the VE scale and has no flow "
+                         "(CONST) form; use eta=0 on Flow, or euler_ancestral / dpmpp_2s_ancestral (their RF forms)")
+    g = ve_grid(schedule, steps, prediction,
+                **_grid_options(timestep_spacing, steps_offset, sigmas, final_sigmas_type))
     plan, prev = [], None
     for i, sigma in enumerate(g.sigmas[:-1]):
         coeffs, down = res_multistep_coeffs(ve_data_coeffs(prediction, sigma), sigma, g.sigmas[i + 1], eta,
@@ -141,7 +146,7 @@ def er_sde_plan(schedule, steps: int, prediction: str, *, s_noise: float = 1.0, 
         data = [(1.0, -s) for s in sigmas[:-1]]
         scales, init, final_alpha = (1.0,) * steps, 1.0, 1.0
     else:
-        g = ve_grid(schedule, steps, **grid)
+        g = ve_grid(schedule, steps, prediction, **grid)
         sigmas, times, scales, init = list(g.sigmas), g.times, g.input_scales, g.init_scale
         alphas, lams = [1.0] * len(sigmas), sigmas
         final_alpha = g.final_alpha

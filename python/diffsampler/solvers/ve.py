@@ -34,14 +34,17 @@ KEEP_START = StateRow(a=1.0, b=(0.0,))  # the state becomes the step's start x
 
 
 def ve_data_coeffs(prediction: str, sigma: float) -> tuple[float, float]:
-    """(p, q) of D = p x + q out."""
-    if prediction == "eps":
+    """(p, q) of D = p x + q out. "flow": a velocity v = eps - x0 on a Flow schedule, x = (1 - sigma) x0 +
+    sigma eps, D = x - sigma v; there dx/dsigma = v = (x - D) / sigma is the VE scale's ODE, so every VE-scale
+    ODE step integrates the flow ODE (ComfyUI's CONST sampling)."""
+    if prediction in ("eps", "flow"):
         return 1.0, -sigma
     if prediction == "x0":
         return 0.0, 1.0
     if prediction == "v":
         return 1.0 / (sigma * sigma + 1), -sigma / math.sqrt(sigma * sigma + 1)
-    raise ValueError(f"the VE-scale solvers (euler, heun) take prediction 'eps', 'x0' or 'v', got {prediction!r}")
+    raise ValueError(f"the VE-scale solvers (euler, heun) take prediction 'eps', 'x0', 'v' or (on Flow) 'flow', got "
+                     f"{prediction!r}")
 
 
 def edm_data_coeffs(prediction: str, sigma: float, sigma_data: float) -> tuple[float, float]:

@@ -29,6 +29,14 @@ class VEGrid:
     final_alpha: float = 1.0  # the result is final_alpha x at the last sigma (1: the VE scale)
 
 
+def check_prediction(schedule, prediction: str) -> None:
+    """The model outputs the VE-scale solvers convert (ve_data_coeffs): 'flow' on a Flow schedule and only there."""
+    if isinstance(schedule, Flow) != (prediction == "flow"):
+        raise ValueError(f"the VE-scale solvers take prediction 'flow' (the velocity eps - x0) on a Flow schedule "
+                         f"and 'eps', 'x0' or 'v' on the others; got {prediction!r} on {schedule!r}")
+    ve_data_coeffs(prediction, 1.0)
+
+
 def _euler_timesteps(schedule: VP, steps: int, spacing: str, steps_offset: int) -> np.ndarray:
     """EulerDiscreteScheduler's float timesteps: linspace is not rounded, the others are the DDIM grids."""
     n = schedule.num_train_timesteps
@@ -58,6 +66,15 @@ def edm_ve_grid(schedule: EDM, steps: int) -> VEGrid:
                   init_scale=sigmas[0])
 
 
+def flow_ve_grid(schedule: Flow, steps: int) -> VEGrid:
+    """A Flow schedule's sigmas t (x itself: no input or final scale), the model called at t times its
+    num_train_timesteps (float32, as FlowMatchEulerDiscreteScheduler's timesteps)."""
+    sigmas = [float(s) for s in schedule.sigmas(steps)]
+    n = np.float32(schedule.num_train_timesteps)
+    return VEGrid(times=tuple(float(np.float32(s) * n) for s in sigmas[:-1]), sigmas=tuple(sigmas),
+                  input_scales=(1.0,) * steps, init_scale=1.0)
+
+
 def grid_ve_grid(grid: Grid) -> VEGrid:
     """A VP Grid's points: x_T = N(0, I) / alpha_0 (a VP-scale start), the model called on alpha x."""
     if grid.flow:
@@ -67,18 +84,20 @@ def grid_ve_grid(grid: Grid) -> VEGrid:
                   init_scale=1.0 / alphas[0], final_alpha=alphas[-1])
 
 
-def ve_grid(schedule, steps: int, **options) -> VEGrid:
+def ve_grid(schedule, steps: int, prediction: str, **options) -> VEGrid:
     """The grid on a VP schedule (options: timestep_spacing, steps_offset, sigmas, final_sigmas_type), an EDM
-    one or a VP Grid of `steps` steps (no options)."""
+    or Flow one or a VP Grid of `steps` steps (no options), for a model predicting `prediction`."""
+    check_prediction(schedule, prediction)
     if isinstance(schedule, Grid):
         if options or len(schedule.timesteps) != steps:
             raise ValueError(f"a Grid of {len(schedule.timesteps)} steps takes no options, got steps={steps}, "
                              f"{sorted(options)}")
         return grid_ve_grid(schedule)
-    if isinstance(schedule, EDM):
+    if isinstance(schedule, (EDM, Flow)):
         if options:
-            raise TypeError(f"got unexpected keyword argument(s) {sorted(options)} on an EDM schedule")
-        return edm_ve_grid(schedule, steps)
+            raise TypeError(f"got unexpected keyword argument(s) {sorted(options)} on an "
+                            f"{type(schedule).__name__} schedule")
+        return edm_ve_grid(schedule, steps) if isinstance(schedule, EDM) else flow_ve_grid(schedule, steps)
     return vp_ve_grid(schedule, steps, **options)
 
 
@@ -89,11 +108,9 @@ class VEPoints:
 
     def __init__(self, schedule, steps: int, prediction: str, timestep_spacing: str = "linspace",
                  steps_offset: int = 0):
+        check_prediction(schedule, prediction)
         self.schedule, self.prediction = schedule, prediction
         if isinstance(schedule, Flow):
-            if prediction != "flow":
-                raise ValueError(f"the flow solvers take prediction 'flow' (the velocity eps - x0), got "
-                                 f"{prediction!r}")
             self.sigmas, self.init_scale, self.final_alpha = [float(s) for s in schedule.sigmas(steps)], 1.0, 1.0
         elif isinstance(schedule, EDM):
             self.sigmas = schedule.sigmas(steps)
@@ -104,11 +121,9 @@ class VEPoints:
             self.log_train = np.log(schedule.train_sigmas().numpy())
             self.timesteps, self.sigmas, self.init_scale = list(grid.times), list(grid.sigmas), grid.init_scale
             self.final_alpha = grid.final_alpha
-        if not isinstance(schedule, Flow):
-            ve_data_coeffs(prediction, 1.0)  # checks the prediction
 
     def coeffs(self, sigma: float) -> tuple[float, float]:
-        return (1.0, -sigma) if isinstance(self.schedule, Flow) else ve_data_coeffs(self.prediction, sigma)
+        return ve_data_coeffs(self.prediction, sigma)
 
     def step(self, sigma: float, coeffs: UpdateCoeffs, i: int | None = None, **kw) -> Step:
         """The step calling the model at sigma (at grid point i: its own timestep)."""
