@@ -83,6 +83,24 @@ def dropins_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def guided_step_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    lines = [f"{m['device']} ({m['threads']} threads), torch {m['torch']}, {m['date'][:10]}, one "
+             f"{data['rows'][0]['solver']} step (`{path}`):", "",
+             "| size | dtype | guide operand [µs] | addcmul + op [µs] | speed-up | floor [µs] | floor / guide operand |",
+             "|---|---|---|---|---|---|---|"]
+    pairs = {}
+    for r in data["rows"]:
+        pairs.setdefault((tuple(r["size"]), r["dtype"]), {})[r["impl"]] = r
+    for (size, dtype), rows in pairs.items():
+        fused, two = rows["guide operand"], rows["addcmul + op"]
+        lines.append(f"| {size} | {dtype} | {fused['seconds'] * 1e6:.0f} | {two['seconds'] * 1e6:.0f} | "
+                     f"{two['seconds'] / fused['seconds']:.2f}x | {fused['floor_seconds'] * 1e6:.0f} | "
+                     f"{fused['floor_fraction']:.2f} |")
+    return "\n".join(lines)
+
+
 def dpmv3_table(path: Path) -> str:
     """The README's DPM-Solver-v3 table (bench quality --dpmv3)."""
     data = json.loads(path.read_text())
@@ -288,6 +306,10 @@ SECTIONS = [
     ("dropins-*.json", "Every diffusers drop-in (`bench step --dropins`)",
      "A whole 20-step loop of `step()` calls of each drop-in against diffusers' own class on one fixed model "
      "output (model excluded, `set_timesteps` included), per call.", dropins_table),
+    ("guided-step-*.json", "Guidance inside the fused step (`bench step --guided`)",
+     "A guided step with the gradient as the op's guide operand (out + w g in registers) against the guided "
+     "output formed first (`torch.add`) and the plain op on it; the floor is the one-pass form's bytes (the "
+     "model and the gradient's own cost excluded).", guided_step_table),
     ("loop-*.json", "Whole loops (`bench loop`)",
      "A 20-step loop with a one-op denoiser (`tanh`), so the sampler's own overhead shows, against diffusers' "
      "scheduler loop; ops per step counted with a TorchDispatchMode.", loop_table),
