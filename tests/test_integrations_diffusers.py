@@ -276,3 +276,27 @@ def test_accelerate_picks_every_drop_in(capsys):
         pipe = diffusers.DDPMPipeline(unet=_tiny_unet(), scheduler=base())
         assert isinstance(fused.accelerate(pipe), cls), name
         assert f"replaced diffusers.{name}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(fused.FUSED))
+def test_step_does_not_scan_the_model_output(name):
+    """A drop-in's step() dispatches no NaN scan of the model output (diffusers' has none; on a GPU it would make
+    every step wait for the device): no reduction over it among the ops of a whole loop."""
+    import inspect
+
+    from diffsampler.bench.common import OpCounter
+
+    cls = fused.FUSED[name]
+    params = inspect.signature(cls.__init__).parameters
+    sched = cls(**{k: v for k, v in SD.items() if k in params})
+    sched.set_timesteps(6)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    kw = {"generator": torch.Generator().manual_seed(2)} if "generator" in inspect.signature(sched.step).parameters \
+        else {}
+    with OpCounter() as counter:
+        for t in sched.timesteps:
+            x = sched.step(out, t, x, **kw).prev_sample
+    assert torch.isfinite(x).all()
+    scans = {op for op in counter.ops if op in ("aten::aminmax", "aten::isfinite", "aten::isnan")}
+    assert not scans, scans

@@ -46,6 +46,12 @@ GRID_CONFIG = ("num_train_timesteps", "timestep_spacing", "steps_offset", "use_k
 PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 
 
+def _fused_step(x, model_output, coeffs, **kwargs):
+    """ops.multistep_update as a step() runs it: without the NaN scan (diffusers' step() has none, and its
+    reduction would make every step wait for the device)."""
+    return ops.multistep_update(x, model_output, coeffs, check_nan=False, **kwargs)
+
+
 def _prediction(config) -> str:
     if config.prediction_type not in PREDICTIONS:
         raise ValueError(f"prediction_type {config.prediction_type!r} is not supported; "
@@ -126,7 +132,7 @@ class _MultistepMixin:
             self._fused_state = torch.zeros_like(sample)
         if step.needs_noise and noise is not None:
             noise = noise.to(device=sample.device, dtype=sample.dtype)
-        prev = ops.multistep_update(sample, model_output, step.coeffs, history=self._fused_history,
+        prev = _fused_step(sample, model_output, step.coeffs, history=self._fused_history,
                                     write_slot=step.write_slot, read_slots=step.read_slots,
                                     noise=noise if step.needs_noise else None, state=self._fused_state,
                                     **self._threshold_args(), **self._lml_args(step, sample, model_output))
@@ -313,7 +319,7 @@ def _with_prediction(sample, model_output, coeffs, noise=None, **kwargs):
     """x' and the data prediction m0 (written into a fresh one-slot history: schedulers that return
     pred_original_sample hand it to the caller)."""
     m0 = sample.new_empty((1, *sample.shape))
-    prev = ops.multistep_update(sample, model_output, coeffs, history=m0, noise=noise, **kwargs)
+    prev = _fused_step(sample, model_output, coeffs, history=m0, noise=noise, **kwargs)
     return prev, m0[0]
 
 
@@ -435,7 +441,7 @@ class LCMScheduler(diffusers.LCMScheduler):
         noise = None if last else randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                                dtype=model_output.dtype)
         denoised = torch.zeros_like(sample)
-        prev = ops.multistep_update(sample, model_output, coeffs, noise=noise, state=denoised, clip=_clip(c),
+        prev = _fused_step(sample, model_output, coeffs, noise=noise, state=denoised, clip=_clip(c),
                                     **_threshold_kwargs(c))
         self._step_index += 1
         if not return_dict:
@@ -467,7 +473,7 @@ class TCDScheduler(diffusers.TCDScheduler):
         noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                              dtype=model_output.dtype) if coeffs.c else None
         noised = torch.zeros_like(sample)
-        prev = ops.multistep_update(sample, model_output, coeffs, noise=noise, state=noised)
+        prev = _fused_step(sample, model_output, coeffs, noise=noise, state=noised)
         self._step_index += 1
         if not return_dict:
             return prev, noised
@@ -558,7 +564,7 @@ class FlowMatchEulerDiscreteScheduler(diffusers.FlowMatchEulerDiscreteScheduler)
         if self.config.stochastic_sampling:
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         coeffs = flow_euler_coeffs(sigma, sigma_next, stochastic=self.config.stochastic_sampling)
-        prev = ops.multistep_update(sample, model_output, coeffs, noise=noise)
+        prev = _fused_step(sample, model_output, coeffs, noise=noise)
         self._step_index += 1
         if not return_dict:
             return (prev,)
@@ -593,7 +599,7 @@ class LMSDiscreteScheduler(diffusers.LMSDiscreteScheduler):
         sample = _same_dtype(model_output, sample)
         if self._fused_history is None:
             self._fused_history = sample.new_empty((LMS_MAX_ORDER, *sample.shape))
-        prev = ops.multistep_update(sample, model_output, coeffs, history=self._fused_history, write_slot=write,
+        prev = _fused_step(sample, model_output, coeffs, history=self._fused_history, write_slot=write,
                                     read_slots=reads)
         x0 = sample * p + model_output * q
         self._fused_taken += 1
@@ -635,7 +641,7 @@ class PNDMScheduler(diffusers.PNDMScheduler):
         if self._fused_history is None:
             self._fused_history = sample.new_empty((RING + (0 if c.skip_prk_steps else 2), *sample.shape))
             self._fused_state = torch.zeros_like(sample)
-        prev = ops.multistep_update(sample, model_output, coeffs, history=self._fused_history,
+        prev = _fused_step(sample, model_output, coeffs, history=self._fused_history,
                                     write_slot=call.write_slot, read_slots=call.read_slots, state=self._fused_state)
         self._fused_stored = call.stored
         self.counter += 1
@@ -663,7 +669,7 @@ class IPNDMScheduler(diffusers.IPNDMScheduler):
         if self._fused_history is None:
             self._fused_history = sample.new_empty((RING, *sample.shape))
         stored = self._fused_stored
-        prev = ops.multistep_update(sample, model_output, coeffs, history=self._fused_history,
+        prev = _fused_step(sample, model_output, coeffs, history=self._fused_history,
                                     write_slot=stored % RING, read_slots=[(stored - j) % RING for j in range(1, n)])
         self._fused_stored += 1
         self._step_index += 1
@@ -723,7 +729,7 @@ if HAS_SDE_SCHEDULER:
                     noise = self.noise_sampler(t.neg().exp(), t_next.neg().exp())
                 noise = noise.to(device=sample.device, dtype=sample.dtype)
                 coeffs, write, reads = (stage1, 0, ()) if first else (stage2, 1, (0,))
-                prev = ops.multistep_update(sample, model_output, coeffs, history=self._fused_history,
+                prev = _fused_step(sample, model_output, coeffs, history=self._fused_history,
                                             write_slot=write, read_slots=reads, noise=noise if coeffs.c else None,
                                             state=self._fused_state)
                 x0 = self._fused_history[write].clone()
@@ -819,7 +825,7 @@ class _TwoCallMixin:
         reads = (0,) if len(step.b) == 2 else ()
         if noise is not None:
             noise = noise.to(device=sample.device, dtype=sample.dtype)
-        prev = ops.multistep_update(sample, model_output, step, history=self._fused_history, write_slot=stage,
+        prev = _fused_step(sample, model_output, step, history=self._fused_history, write_slot=stage,
                                     read_slots=reads, noise=noise if step.c else None, state=self._fused_state,
                                     clip=clip)
         self._fused_second = not stage
