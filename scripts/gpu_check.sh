@@ -172,6 +172,8 @@ else
   export GPU_CHECK_HEADLINE_SIZE="64,4,128,128"
   step bench-step 120 "${BENCH[@]}" step --device cuda --sizes "8,4,128,128;$GPU_CHECK_HEADLINE_SIZE" \
     --dtypes fp32,bf16 --solvers ddim,dpmpp_2m,unipc --min-time 0.1 --out "$WORK/bench"
+  step bench-guided 60 "${BENCH[@]}" step --device cuda --guided --sizes "8,4,128,128;$GPU_CHECK_HEADLINE_SIZE" \
+    --dtypes fp32,bf16 --min-time 0.1 --out "$WORK/bench"
   step bench-loop 150 "${BENCH[@]}" loop --device cuda --size 8,4,128,128 --solvers dpmpp_2m --steps 20 \
     --min-time 0.3 --out "$WORK/bench"
   step bench-resample 90 "${BENCH[@]}" resample --device cuda --min-time 0.1 --out "$WORK/bench"
