@@ -241,3 +241,22 @@ def test_nan_guidance_gradient_is_caught():
     bad = Guidance(lambda x, t: torch.full_like(x, float("nan")))
     with pytest.raises(ValueError, match="the guidance gradient contains non-finite values"):
         ds.sample(PRIOR.model(sch, "eps"), z, 5, schedule=sch, guidance=bad)
+
+
+@pytest.mark.parametrize("guide,match", [(torch.zeros(2, 3), "guide must have x's shape"),
+                                         (torch.zeros(2, 4, dtype=torch.float16), "guide must have x's dtype")])
+def test_compiled_ops_check_the_guide_themselves(guide, match):
+    """The compiled ops, called directly (no Python checks), refuse a guide unlike x before any kernel runs."""
+    from diffsampler import step_row
+
+    x = torch.zeros(2, 4)
+    row = step_row.row(ds.ops.UpdateCoeffs(p=0.0, q=1.0, a=1.0, b=(0.5,)))
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.diffsampler.multistep_update(x, x.clone(), None, 0, [], row, None, 0.0, False, guide=guide)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.diffsampler.multistep_update_functional(x, x.clone(), row, None, 0.0, False, guide)
+    table = ds.ops.step_table([ds.ops.UpdateCoeffs(p=0.0, q=1.0, a=1.0, b=(0.5,))], [0], [[]], 0, False)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.diffsampler.multistep_update_indexed(x, x.clone(), None, table.coeffs, table.slots,
+                                                       torch.zeros(1, dtype=torch.int64), 0, None, 0.0, None,
+                                                       guide=guide)
