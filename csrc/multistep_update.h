@@ -16,8 +16,8 @@ using UpdateLaunch = std::function<void(ds_dtype, ds_phase, const ds_update_tens
 using GramLaunch = std::function<void(ds_dtype, const ds_update_tensors&, const ds_update_coeffs&, double*)>;
 
 // Schema: kMultistepUpdateSchema. guide (x's shape, optional): out + gw guide replaces out everywhere, gw the
-// row's DS_ROW_GUIDE entry (every op below takes it the same way). coeffs = the step row (update_params.h, DS_ROW_WIDTH entries; reads beyond
-// k = len(read_slots) <= DS_MAX_READS are not used). thresholding: m0 (the data prediction) -> hx x + hm
+// row's DS_ROW_GUIDE entry (every op below takes it the same way). coeffs = the step row (update_params.h,
+// DS_ROW_WIDTH entries; reads beyond k = len(read_slots) <= DS_MAX_READS are not used). thresholding: m0 (the data prediction) -> hx x + hm
 // clamp(m0, -s_b, s_b) / s_b, s_b = threshold_scale(m0, ratio, max_value), all four from the row. The state is
 // read when given (x' += g s) and rewritten when the row's writes_state is set (then it is required).
 // LML: dirs (R, *x.shape) with R <= DS_MAX_DIRS, dir_coeffs = [da, de, db_0, ..., db_k], dir_weights (B, 1 + R).

@@ -34,6 +34,6 @@ def test_guided_step_bench_writes_both_forms(tmp_path):
     (path,) = tmp_path.glob("guided-step-*.json")
     rows = json.loads(path.read_text())["rows"]
     assert {(r["dtype"], r["impl"]) for r in rows} == {(d, i) for d in ("fp32", "bf16")
-                                                       for i in ("guide operand", "addcmul + op")}
+                                                       for i in ("guide operand", "add + op")}
     assert all(r["seconds"] > 0 and r["bytes_moved_one_pass"] == 6 * 30 * (4 if r["dtype"] == "fp32" else 2)
                for r in rows)

@@ -52,7 +52,7 @@ def threshold(m0: torch.Tensor, x: torch.Tensor, k: step_row.Fields) -> torch.Te
     return m0 if (k.hx, k.hm) == (0.0, 1.0) else k.hx * x + k.hm * m0
 
 
-def guided(out: torch.Tensor, guide: torch.Tensor | None, w) -> torch.Tensor:
+def guided_out(out: torch.Tensor, guide: torch.Tensor | None, w) -> torch.Tensor:
     """The model output as the update sees it: out + w guide (guidance's term), or out without a guide."""
     return out if guide is None else out + w * guide.to(out.dtype)
 
@@ -116,7 +116,7 @@ def multistep_update(
     k = step_row.fields(coeffs)
     if k.writes_state and state is None:
         raise ValueError("coeffs rewrites the state (its writes_state entry is set): state is required")
-    xf, of = x.to(cd), guided(model_out.to(cd), guide, k.guide)
+    xf, of = x.to(cd), guided_out(model_out.to(cd), guide, k.guide)
     reads = [history[slot].to(cd) for slot in read_slots]
     m0 = data_prediction(xf, of, reads, k.p, k.q, k.r, clip)
     if thresholding:
@@ -171,7 +171,7 @@ def multistep_update_indexed(x, model_out, history, table, slots, step, n_reads,
     if history is not None:
         slot = clamp_index(slot, history.shape[0], status, ERROR_BITS["slot"])
     samples = torch.arange(batch, device=x.device)
-    xf, of = x.to(cd), guided(model_out.to(cd), guide, k.guide)
+    xf, of = x.to(cd), guided_out(model_out.to(cd), guide, k.guide)
     reads = [history[slot[:, 1 + j], samples].to(cd) for j in range(n_reads)]
     m0 = data_prediction(xf, of, reads, k.p, k.q, k.r, clip)
     z = noise.to(cd) if noise is not None else None
@@ -214,7 +214,7 @@ def lml_gram(
     """
     cd = compute_dtype(x.dtype)
     k = step_row.fields(coeffs)
-    xf, of = x.to(cd), guided(model_out.to(cd), guide, k.guide)
+    xf, of = x.to(cd), guided_out(model_out.to(cd), guide, k.guide)
     reads = [history[slot].to(cd) for slot in read_slots]
     m0 = data_prediction(xf, of, reads, k.p, k.q, k.r, clip)
     d_n = direction(xf, of, m0, reads, dir_coeffs)

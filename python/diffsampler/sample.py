@@ -398,8 +398,8 @@ def _update_fn(history, state, generator, tensor_coeffs, lml_run, options: dict)
     def ems(i, step, x, out, guide, w):  # DPM-Solver-v3
         if tensor_coeffs[i] is None:
             return fused(i, step, x, out, guide, w)
-        return ops.ems_update(x, reference.guided(out, guide, w), tensor_coeffs[i], history=history, write_slot=step.write_slot,
-                              read_slots=step.read_slots, state=state, **ems_options)
+        return ops.ems_update(x, reference.guided_out(out, guide, w), tensor_coeffs[i], history=history,
+                              write_slot=step.write_slot, read_slots=step.read_slots, state=state, **ems_options)
 
     return ems
 

@@ -188,6 +188,11 @@ class Flow:
     def shifted(self, t: np.ndarray) -> np.ndarray:
         return self.shift * t / (1 + (self.shift - 1) * t)
 
+    def model_time(self, t: float) -> float:
+        """The model's time at flow time t: t times num_train_timesteps in float32, as
+        FlowMatchEulerDiscreteScheduler's timesteps."""
+        return float(np.float32(t) * np.float32(self.num_train_timesteps))
+
     def sigmas(self, steps: int) -> np.ndarray:
         """`steps` descending sigmas (= t) then a final 0, in float32 as diffusers holds them."""
         if steps < 1:

@@ -88,13 +88,13 @@ def guided_step_table(path: Path) -> str:
     m = data["machine"]
     lines = [f"{m['device']} ({m['threads']} threads), torch {m['torch']}, {m['date'][:10]}, one "
              f"{data['rows'][0]['solver']} step (`{path}`):", "",
-             "| size | dtype | guide operand [µs] | addcmul + op [µs] | speed-up | floor [µs] | floor / guide operand |",
+             "| size | dtype | guide operand [µs] | add + op [µs] | speed-up | floor [µs] | floor / guide operand |",
              "|---|---|---|---|---|---|---|"]
     pairs = {}
     for r in data["rows"]:
         pairs.setdefault((tuple(r["size"]), r["dtype"]), {})[r["impl"]] = r
     for (size, dtype), rows in pairs.items():
-        fused, two = rows["guide operand"], rows["addcmul + op"]
+        fused, two = rows["guide operand"], rows["add + op"]
         lines.append(f"| {size} | {dtype} | {fused['seconds'] * 1e6:.0f} | {two['seconds'] * 1e6:.0f} | "
                      f"{two['seconds'] / fused['seconds']:.2f}x | {fused['floor_seconds'] * 1e6:.0f} | "
                      f"{fused['floor_fraction']:.2f} |")

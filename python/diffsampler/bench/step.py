@@ -231,8 +231,9 @@ GUIDED_SOLVER = "dpmpp_2m"
 def guided_rows(device: torch.device, sizes, dtype_names, min_time: float) -> list[dict]:
     """A guided DPM-Solver++ 2M step two ways on the fused backend: the gradient as the op's guide operand (one
     pass: x, the output, the gradient and a read in; x' and m0 out: 6 tensors) against the guided output formed
-    first (an addcmul: 3 tensors more) and the plain op on it; the floor of the one-pass form beside each."""
+    first (a torch.add: 3 tensors more) and the plain op on it; the floor of the one-pass form beside each."""
     backend = "cuda" if device.type == "cuda" else "cpu"
+    step = ds.solvers.make_plan(GUIDED_SOLVER, ds.schedules.VP.scaled_linear(), 20, "eps").steps[STEP_INDEX]
     rows = []
     print(f"{'size':<18}{'dtype':<6}{'impl':<16}{'time [us]':>11}{'floor [us]':>11}{'floor/t':>9}")
     for size in sizes:
@@ -240,7 +241,6 @@ def guided_rows(device: torch.device, sizes, dtype_names, min_time: float) -> li
             dtype = DTYPES[dname]
             g = torch.Generator(device=device).manual_seed(0)
             x, out, grad = (torch.randn(size, generator=g, device=device).to(dtype) for _ in range(3))
-            step = ds.solvers.make_plan(GUIDED_SOLVER, ds.schedules.VP.scaled_linear(), 20, "eps").steps[STEP_INDEX]
             history = torch.randn((2, *size), generator=g, device=device).to(dtype)
             n_bytes = (5 + len(step.read_slots)) * x.numel() * x.element_size()  # x, out, guide, reads in; x', m0
             args = dict(history=history, write_slot=step.write_slot, read_slots=step.read_slots, check_nan=False,
@@ -248,7 +248,7 @@ def guided_rows(device: torch.device, sizes, dtype_names, min_time: float) -> li
             impls = {
                 "guide operand": lambda: ds.ops.multistep_update(x, out, step.coeffs, guide=grad, guide_scale=0.3,
                                                                  **args),
-                "addcmul + op": lambda: ds.ops.multistep_update(x, torch.add(out, grad, alpha=0.3), step.coeffs,
+                "add + op": lambda: ds.ops.multistep_update(x, torch.add(out, grad, alpha=0.3), step.coeffs,
                                                                 **args),
             }
             floor = n_bytes / copy_bandwidth(device, n_bytes, min_time=min_time)
@@ -263,7 +263,7 @@ def guided_rows(device: torch.device, sizes, dtype_names, min_time: float) -> li
 def run_guided(device: torch.device, sizes, dtype_names, out_dir: Path | None, min_time: float) -> dict:
     record = machine_record(device)
     print(f"device: {record['device']} ({record['threads']} threads), torch {record['torch']}; a guided "
-          f"{GUIDED_SOLVER} step, the gradient inside the op against an addcmul before it")
+          f"{GUIDED_SOLVER} step, the gradient inside the op against a torch.add before it")
     result = dict(benchmark="guided_step", machine=record, step_index=STEP_INDEX,
                   note="a guided solver step (model and gradient excluded): the guide operand of the fused op vs "
                        "the guided output formed first; floor = a copy moving the one-pass form's bytes",
@@ -291,7 +291,7 @@ def main(argv=None) -> None:
                     help="instead: every diffusers drop-in's loop of step() calls against diffusers' class, at the "
                          "first --sizes and --dtypes (dropins-*.json)")
     ap.add_argument("--guided", action="store_true",
-                    help="instead: a guided step with the gradient inside the op against an addcmul before it, at "
+                    help="instead: a guided step with the gradient inside the op against a torch.add before it, at "
                          "--sizes and --dtypes (guided-step-*.json)")
     args = ap.parse_args(argv)
     if args.guided:

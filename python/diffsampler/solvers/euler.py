@@ -8,7 +8,6 @@ FlowMatchEulerDiscreteScheduler (flow matching).
 
 from __future__ import annotations
 
-import numpy as np
 
 from ..ops import UpdateCoeffs
 from ..schedules import VP, Flow
@@ -41,11 +40,10 @@ def flow_euler_plan(schedule: Flow, steps: int, prediction: str) -> Plan:
     if prediction != "flow":
         raise ValueError(f"solver 'flow_euler' takes prediction 'flow' (the velocity eps - x0), got {prediction!r}")
     sigmas = [float(s) for s in schedule.sigmas(steps)]
-    n = np.float32(schedule.num_train_timesteps)
     plan = []
     for i in range(steps):
         sigma, dt = sigmas[i], sigmas[i + 1] - sigmas[i]
-        plan.append(Step(t=float(np.float32(sigma) * n), coeffs=flow_euler_coeffs(sigma, sigmas[i + 1]),
+        plan.append(Step(t=schedule.model_time(sigma), coeffs=flow_euler_coeffs(sigma, sigmas[i + 1]),
                          direction=Direction(dt, 0.0, 1.0, (0.0,))))
     return Plan(steps=tuple(plan), history_slots=0, discrete_time=False)
 

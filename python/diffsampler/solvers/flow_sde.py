@@ -126,25 +126,23 @@ def flow_sde_plan(schedule: Flow, steps: int, prediction: str, *, diffusion: str
     if method == "heun" and pts[-1] == 0:
         raise ValueError("method 'heun' evaluates the drift at each interval's end, which needs t > 0: the grid "
                          "must end above 0 (a last_step, or sample_eps > 0)")
-    n = float(np.float32(schedule.num_train_timesteps))
-    time = lambda t: float(np.float32(t) * n)  # noqa: E731  the model time, as the other Flow solvers give it
     w = [diffusion_w(diffusion, t, diffusion_norm) for t in pts]
     noise = [math.sqrt(2 * w[i] * (pts[i] - pts[i + 1])) for i in range(len(pts) - 1)] + [0.0]
     plan = []
     for i in range(len(pts) - 1):
         t, nxt, h = pts[i], pts[i + 1], pts[i] - pts[i + 1]
         if method == "euler":
-            plan.append(Step(t=time(t), coeffs=_update(t, *_linear_drift(t, w[i], h), c=noise[i])))
+            plan.append(Step(t=schedule.model_time(t), coeffs=_update(t, *_linear_drift(t, w[i], h), c=noise[i])))
             continue
         a, e = _linear_drift(t, w[i], h)  # x_p = x^ + h K(x^, t); the state x^ + h/2 K(x^, t)
-        plan.append(Step(t=time(t), coeffs=_update(t, a, e, state=_state(t, *_linear_drift(t, w[i], h / 2)))))
+        plan.append(Step(t=schedule.model_time(t), coeffs=_update(t, a, e, state=_state(t, *_linear_drift(t, w[i], h / 2)))))
         a2, e2 = _linear_drift(nxt, w[i + 1], h / 2)  # x' = s + h/2 K(x_p, t') (+ the next interval's noise)
-        plan.append(Step(t=time(nxt), coeffs=_update(nxt, a2 - 1, e2, g=1.0, c=noise[i + 1])))
+        plan.append(Step(t=schedule.model_time(nxt), coeffs=_update(nxt, a2 - 1, e2, g=1.0, c=noise[i + 1])))
     t = pts[-1]
     if last_step == "tweedie":
-        plan.append(Step(t=time(t), coeffs=UpdateCoeffs(p=1.0, q=-t, a=0.0, b=(1.0,))))
+        plan.append(Step(t=schedule.model_time(t), coeffs=UpdateCoeffs(p=1.0, q=-t, a=0.0, b=(1.0,))))
     elif last_step is not None:
-        plan.append(Step(t=time(t), coeffs=_update(t, *_linear_drift(t, w[-1] if last_step == "mean" else 0.0, t))))
+        plan.append(Step(t=schedule.model_time(t), coeffs=_update(t, *_linear_drift(t, w[-1] if last_step == "mean" else 0.0, t))))
     heun = method == "heun"
     init = math.sqrt(1 + noise[0] ** 2) if heun and len(pts) > 1 else 1.0
     return Plan(steps=tuple(plan), history_slots=0, discrete_time=False, init_scale=init, uses_state=heun)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from ..ops import UpdateCoeffs
@@ -140,8 +139,7 @@ def er_sde_plan(schedule, steps: int, prediction: str, *, s_noise: float = 1.0, 
         sigmas = [float(s) for s in schedule.sigmas(steps)]
         if sigmas[0] >= 1:  # a finite lambda: ComfyUI's first sigma at 1e-4 of the way (model time included)
             sigmas[0] = float(schedule.shifted(1 - 1e-4))
-        n = float(np.float32(schedule.num_train_timesteps))
-        times = [float(np.float32(s) * n) for s in sigmas[:-1]]
+        times = [schedule.model_time(s) for s in sigmas[:-1]]
         alphas, lams = [1 - s for s in sigmas], [s / (1 - s) for s in sigmas]
         data = [(1.0, -s) for s in sigmas[:-1]]
         scales, init, final_alpha = (1.0,) * steps, 1.0, 1.0

@@ -70,8 +70,7 @@ def flow_ve_grid(schedule: Flow, steps: int) -> VEGrid:
     """A Flow schedule's sigmas t (x itself: no input or final scale), the model called at t times its
     num_train_timesteps (float32, as FlowMatchEulerDiscreteScheduler's timesteps)."""
     sigmas = [float(s) for s in schedule.sigmas(steps)]
-    n = np.float32(schedule.num_train_timesteps)
-    return VEGrid(times=tuple(float(np.float32(s) * n) for s in sigmas[:-1]), sigmas=tuple(sigmas),
+    return VEGrid(times=tuple(schedule.model_time(s) for s in sigmas[:-1]), sigmas=tuple(sigmas),
                   input_scales=(1.0,) * steps, init_scale=1.0)
 
 
@@ -128,8 +127,7 @@ class VEPoints:
     def step(self, sigma: float, coeffs: UpdateCoeffs, i: int | None = None, **kw) -> Step:
         """The step calling the model at sigma (at grid point i: its own timestep)."""
         if isinstance(self.schedule, Flow):
-            return Step(t=float(np.float32(sigma) * np.float32(self.schedule.num_train_timesteps)), coeffs=coeffs,
-                        **kw)
+            return Step(t=self.schedule.model_time(sigma), coeffs=coeffs, **kw)
         if isinstance(self.schedule, EDM):
             return Step(t=sigma, coeffs=coeffs, **kw)
         t = self.timesteps[i] if i is not None else float(sigma_to_t(np.array(sigma), self.log_train))
